@@ -1,1 +1,173 @@
+//! The browser tab's side of Canopy: picks WebGPU or the CPU backend and runs the shared client
+//! runtime. JavaScript owns the WebSocket and the page; frames go through [`CanopyClient::handle`]
+//! and replies come back through the `send` callback.
 
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use burn::tensor::Device;
+use canopy_core::client::{ClientHost, ClientRuntime};
+use canopy_core::protocol::{Backend, ClientMsg, DeviceInfo, ServerMsg, decode, encode};
+use canopy_core::train::{Host, Progress, predict};
+use js_sys::{Function, Promise, Uint8Array};
+use serde_json::json;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::{JsFuture, future_to_promise};
+
+struct WebHost {
+    send: Function,
+    progress: Function,
+}
+
+fn now_ms() -> f64 {
+    js_sys::Reflect::get(&js_sys::global(), &"performance".into())
+        .ok()
+        .and_then(|p| p.dyn_into::<web_sys::Performance>().ok())
+        .map(|p| p.now())
+        .unwrap_or_else(js_sys::Date::now)
+}
+
+/// Resolves on the next turn of the event loop, so the page can paint and the socket can breathe.
+async fn yield_now() {
+    let p = Promise::new(&mut |resolve, _| {
+        let set_timeout = js_sys::Reflect::get(&js_sys::global(), &"setTimeout".into())
+            .ok()
+            .and_then(|f| f.dyn_into::<Function>().ok());
+        if let Some(f) = set_timeout {
+            let _ = f.call2(&JsValue::NULL, &resolve, &0.into());
+        } else {
+            let _ = resolve.call0(&JsValue::NULL);
+        }
+    });
+    let _ = JsFuture::from(p).await;
+}
+
+impl Host for WebHost {
+    fn now_ms(&self) -> f64 {
+        now_ms()
+    }
+
+    async fn progress(&mut self, p: &Progress) {
+        let v = json!({ "epoch": p.epoch, "epochs": p.epochs, "step": p.step, "steps": p.steps, "loss": p.loss, "samples_per_sec": p.samples_per_sec });
+        let _ = self.progress.call1(&JsValue::NULL, &JsValue::from_str(&v.to_string()));
+        yield_now().await;
+    }
+}
+
+impl ClientHost for WebHost {
+    fn send(&mut self, msg: ClientMsg) {
+        let bytes = encode(&msg);
+        let _ = self.send.call1(&JsValue::NULL, &Uint8Array::from(bytes.as_slice()));
+    }
+}
+
+#[wasm_bindgen]
+pub struct CanopyClient {
+    rt: Rc<RefCell<ClientRuntime<WebHost>>>,
+}
+
+#[wasm_bindgen]
+impl CanopyClient {
+    /// Starts the runtime: WebGPU through burn's async wgpu init when `try_gpu` and the browser
+    /// has an adapter, otherwise burn's CPU backend. `send(Uint8Array)` sends a frame;
+    /// `progress(json)` receives training progress.
+    pub async fn create(name: String, try_gpu: bool, user_agent: String, send: Function, progress: Function) -> CanopyClient {
+        console_error_panic_hook::set_once();
+        let (device, backend, adapter) = if try_gpu {
+            match Device::wgpu_options().init_with_setup_async().await {
+                Ok((device, setup)) => {
+                    let i = setup.adapter.get_info();
+                    let name = [i.name.as_str(), i.driver.as_str(), i.driver_info.as_str()]
+                        .iter()
+                        .filter(|s| !s.is_empty())
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(" / ");
+                    let label = format!("{} ({:?}, vendor {:#x})", if name.is_empty() { "WebGPU adapter" } else { &name }, i.device_type, i.vendor);
+                    (device, Backend::WebGpu, label)
+                }
+                Err(e) => (Device::flex(), Backend::WasmCpu, format!("no WebGPU: {e}")),
+            }
+        } else {
+            (Device::flex(), Backend::WasmCpu, "WebGPU not requested".to_string())
+        };
+        let info = DeviceInfo { backend, adapter, user_agent };
+        let host = WebHost { send, progress };
+        CanopyClient { rt: Rc::new(RefCell::new(ClientRuntime::new(host, device, info, name))) }
+    }
+
+    /// "webgpu" or "cpu".
+    pub fn backend(&self) -> String {
+        self.rt.borrow().info.backend.to_string()
+    }
+
+    pub fn adapter(&self) -> String {
+        self.rt.borrow().info.adapter.clone()
+    }
+
+    /// The hello frame to send when the socket opens (carries the old id after a reconnect).
+    pub fn hello(&self) -> Vec<u8> {
+        encode(&self.rt.borrow().hello())
+    }
+
+    /// Handles one frame from the server. Resolves to a JSON string describing what happened,
+    /// for the page to show. Call it for one frame at a time (the page queues them).
+    pub fn handle(&self, frame: Vec<u8>) -> Promise {
+        let rt = self.rt.clone();
+        future_to_promise(async move {
+            let msg: ServerMsg = match decode(&frame) {
+                Ok(m) => m,
+                Err(e) => return Ok(JsValue::from_str(&json!({ "kind": "bad_frame", "message": e.to_string() }).to_string())),
+            };
+            let summary = match &msg {
+                ServerMsg::Welcome(w) => json!({
+                    "kind": "welcome", "client_id": w.client_id, "run": {
+                        "run_id": w.run.run_id, "strategy": w.run.strategy, "model": w.run.model,
+                        "dataset": w.run.dataset, "partition": w.run.partition, "rounds": w.run.rounds },
+                    "shard": w.shard.index, "train": w.shard.train.len(), "test": w.shard.test.len(),
+                    "classes": w.shard.train.class_counts(),
+                }),
+                ServerMsg::Task(t) => json!({ "kind": "task", "round": t.round, "params": t.model.arch.num_params(), "bytes": frame.len() }),
+                ServerMsg::Wait { round, reason } => json!({ "kind": "wait", "round": round, "reason": reason }),
+                ServerMsg::Error { code, message } => json!({ "kind": "error", "code": format!("{code:?}"), "message": message }),
+                ServerMsg::Bye { reason } => json!({ "kind": "bye", "reason": reason }),
+                ServerMsg::Exchange { round, .. } => json!({ "kind": "exchange", "round": round }),
+            };
+            let mut rt = rt.try_borrow_mut().map_err(|_| JsValue::from_str("handle() called while a task is running"))?;
+            let reply = rt.handle(msg).await;
+            let mut summary = summary;
+            if let Some(reply) = reply {
+                match &reply {
+                    ClientMsg::Result(r) => {
+                        summary["result"] = json!({
+                            "samples": r.samples, "train_loss": r.metrics.train_loss,
+                            "local_accuracy": r.metrics.local_test.accuracy, "local_loss": r.metrics.local_test.loss,
+                            "samples_per_sec": r.metrics.samples_per_sec, "seconds": r.metrics.train_seconds,
+                            "steps": r.metrics.steps,
+                        });
+                    }
+                    ClientMsg::Error { message, .. } => summary["failed"] = json!(message),
+                    _ => {}
+                }
+                let bytes = encode(&reply);
+                summary["reply_bytes"] = json!(bytes.len());
+                let _ = rt.host.send.call1(&JsValue::NULL, &Uint8Array::from(bytes.as_slice()));
+            }
+            Ok(JsValue::from_str(&summary.to_string()))
+        })
+    }
+
+    /// Class probabilities of the latest model for one image (pixels in [0, 1]).
+    pub fn predict(&self, pixels: Vec<f32>) -> Promise {
+        let rt = self.rt.clone();
+        future_to_promise(async move {
+            let (arch, params, device) = {
+                let rt = rt.try_borrow().map_err(|_| JsValue::from_str("busy training"))?;
+                let (a, p) = rt.last_model.clone().ok_or_else(|| JsValue::from_str("no model yet"))?;
+                (a, p, rt.device.clone())
+            };
+            let probs = predict(&arch, &params, &pixels, &device).await.map_err(|e| JsValue::from_str(&e))?;
+            Ok(js_sys::Float32Array::from(probs.as_slice()).into())
+        })
+    }
+}

@@ -44,8 +44,9 @@ impl Dataset {
         self.shape.iter().product()
     }
 
-    /// Builds a dataset from IDX image and label files (each may be gzipped).
-    pub fn from_idx(images: &[u8], labels: &[u8], classes: usize) -> Result<Dataset, DataError> {
+    /// Builds a dataset from IDX image and label files (each may be gzipped). Without `classes`,
+    /// the class count is the largest label plus one (at least 2).
+    pub fn from_idx(images: &[u8], labels: &[u8], classes: Option<usize>) -> Result<Dataset, DataError> {
         let images = gunzip_if_needed(images)?;
         let labels = gunzip_if_needed(labels)?;
         let (img_dims, img_data) = parse_idx(&images)?;
@@ -56,6 +57,7 @@ impl Dataset {
         if lbl_dims.len() != 1 {
             return Err(DataError::Format(format!("labels need 1 dimension, found {}", lbl_dims.len())));
         }
+        let classes = classes.unwrap_or_else(|| 1 + lbl_data.iter().copied().max().unwrap_or(1) as usize).max(2);
         let d = Dataset {
             shape: [1, img_dims[1], img_dims[2]],
             classes,
@@ -176,7 +178,7 @@ mod tests {
     #[test]
     fn idx_round_trip_plain_and_gzip() {
         let (i, l) = tiny();
-        let d = Dataset::from_idx(&i, &l, 3).unwrap();
+        let d = Dataset::from_idx(&i, &l, Some(3)).unwrap();
         assert_eq!(d.len(), 3);
         assert_eq!(d.shape, [1, 2, 2]);
         assert_eq!(d.images[4..8], [4, 5, 6, 7]);
@@ -186,22 +188,22 @@ mod tests {
             e.write_all(b).unwrap();
             e.finish().unwrap()
         };
-        assert_eq!(Dataset::from_idx(&gz(&i), &gz(&l), 3).unwrap(), d);
+        assert_eq!(Dataset::from_idx(&gz(&i), &gz(&l), None).unwrap(), d);
     }
 
     #[test]
     fn idx_errors_are_reported() {
         let (i, l) = tiny();
-        assert!(matches!(Dataset::from_idx(&i[..10], &l, 3), Err(DataError::Format(_))));
-        assert!(matches!(Dataset::from_idx(&i, &write_idx(&[2], &[0, 1]), 3), Err(DataError::Count { .. })));
-        assert!(matches!(Dataset::from_idx(&i, &l, 2), Err(DataError::Label { label: 2, index: 1, .. })));
-        assert!(matches!(Dataset::from_idx(b"hello", &l, 3), Err(DataError::Format(_))));
+        assert!(matches!(Dataset::from_idx(&i[..10], &l, Some(3)), Err(DataError::Format(_))));
+        assert!(matches!(Dataset::from_idx(&i, &write_idx(&[2], &[0, 1]), Some(3)), Err(DataError::Count { .. })));
+        assert!(matches!(Dataset::from_idx(&i, &l, Some(2)), Err(DataError::Label { label: 2, index: 1, .. })));
+        assert!(matches!(Dataset::from_idx(b"hello", &l, Some(3)), Err(DataError::Format(_))));
     }
 
     #[test]
     fn split_is_seeded_and_complete() {
         let (i, l) = tiny();
-        let d = Dataset::from_idx(&i, &l, 3).unwrap();
+        let d = Dataset::from_idx(&i, &l, Some(3)).unwrap();
         let (a, b) = d.split(1.0 / 3.0, 1);
         assert_eq!((a.len(), b.len()), (2, 1));
         assert_eq!(d.split(1.0 / 3.0, 1), (a, b));

