@@ -22,7 +22,7 @@ pub struct ClientRuntime<H: ClientHost> {
     pub client_id: Option<u64>,
     pub run: Option<RunInfo>,
     pub shard: Option<Shard>,
-    /// The last global model received, for "try the model" panels.
+    /// The last global model received (before local training), for "try the model" panels.
     pub last_model: Option<(crate::arch::Arch, Vec<f32>)>,
 }
 
@@ -91,8 +91,8 @@ impl<H: ClientHost> ClientRuntime<H> {
         }
         self.last_model = Some((arch.clone(), start.clone()));
         let mut host = RoundHost { inner: &mut self.host, round: task.round };
-        let (update, samples, mut metrics) = match task.kind {
-            TaskKind::Evaluate => (Update::None, 0, ClientMetrics::default()),
+        let (update, samples, mut metrics, trained) = match task.kind {
+            TaskKind::Evaluate => (Update::None, 0, ClientMetrics::default(), None),
             TaskKind::Train => {
                 let t = train_local(arch, &start, mask.as_deref(), &shard.train, &task.train, &self.device, &mut host).await?;
                 let metrics = ClientMetrics {
@@ -109,11 +109,11 @@ impl<H: ClientHost> ClientRuntime<H> {
                         Update::Delta(Blob::from_f32(&d))
                     }
                 };
-                self.last_model = Some((arch.clone(), t.params));
-                (update, shard.train.len() as u64, metrics)
+                (update, shard.train.len() as u64, metrics, Some(t.params))
             }
         };
-        let model = &self.last_model.as_ref().expect("set above").1;
+        // The local test split measures the model this client ends the task with.
+        let model = trained.as_deref().unwrap_or(&start);
         if !shard.test.is_empty() {
             metrics.local_test = evaluate(arch, model, &shard.test, &self.device).await?;
         }

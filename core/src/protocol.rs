@@ -88,13 +88,17 @@ impl Bits {
     }
 }
 
+/// Named in JSON as its `Display` form (postcard sends the variant index).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Backend {
     /// WebGPU in a browser (a real GPU or a software adapter).
+    #[serde(rename = "webgpu")]
     WebGpu,
     /// burn's CPU backend compiled to wasm.
+    #[serde(rename = "cpu")]
     WasmCpu,
     /// A native client process.
+    #[serde(rename = "native")]
     Native,
 }
 

@@ -70,9 +70,12 @@ impl Trained {
     }
 }
 
-/// Reads back the training loss this often (in steps): each read waits for the device, which
-/// also keeps a WebGPU queue from growing without bound.
+/// Reads back the training loss at least this often (in steps): each read waits for the device,
+/// which keeps a WebGPU queue from growing without bound.
 const REPORT_EVERY: u32 = 8;
+/// ... and at least this often in time, so a page training on the CPU backend (where every step
+/// blocks) gets back to its event loop several times a second.
+const REPORT_MS: f64 = 150.0;
 
 /// Trains from `start` on `data` and returns the new parameters. With `mask`, masked-out
 /// parameters are zeroed after every optimizer step, so an optimizer's momentum cannot revive them.
@@ -131,7 +134,7 @@ pub async fn train_local<H: Host>(
             window_steps += 1;
             samples += batch.len() as u64;
             window_samples += batch.len() as u64;
-            if window_steps == REPORT_EVERY || step == total_steps {
+            if window_steps == REPORT_EVERY || step == total_steps || host.now_ms() - window_t >= REPORT_MS {
                 let sum = read_f32(window_loss.take().unwrap()).await?[0];
                 if !sum.is_finite() {
                     return Err(format!("training diverged at step {step}: loss {sum}"));

