@@ -29,3 +29,7 @@ wasm *ARGS:
 # Native simulated clients against a running server.
 sim URL="ws://127.0.0.1:8080/ws" N="5":
     cargo run -p canopy-server --bin canopy -- sim --url {{URL}} --clients {{N}}
+
+# Speed figures (native training, wire format, aggregation), each against a baseline.
+bench *ARGS:
+    cargo run -p canopy-server --bin canopy -- bench {{ARGS}}

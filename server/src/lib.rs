@@ -1,6 +1,7 @@
 //! Canopy's aggregator: serves the client page and dashboard, talks to clients over WebSockets
 //! and runs the rounds.
 
+pub mod bench;
 pub mod config;
 pub mod datasets;
 pub mod hub;

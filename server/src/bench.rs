@@ -1,0 +1,70 @@
+//! `canopy bench`: speed figures for the native side, printed as a table.
+//! Each row compares against a baseline measured in the same run.
+
+use std::time::Instant;
+
+use burn::tensor::Device;
+use canopy_core::aggregate::weighted_mean;
+use canopy_core::arch::Arch;
+use canopy_core::data::Dataset;
+use canopy_core::protocol::{ServerMsg, decode, encode};
+use canopy_core::state::ModelState;
+use canopy_core::strategy::{StrategyConfig, train_task};
+use canopy_core::train::{Host, Optimizer, Progress, TrainSpec, train_local};
+
+struct Clock(Instant);
+
+impl Host for Clock {
+    fn now_ms(&self) -> f64 {
+        self.0.elapsed().as_secs_f64() * 1000.0
+    }
+    async fn progress(&mut self, _p: &Progress) {}
+}
+
+fn train_rate(model: &str, data: &Dataset, batch: usize) -> f64 {
+    let arch = Arch::preset(model, data.shape, data.classes).expect("preset");
+    let state = ModelState::init(arch.clone(), 1);
+    let spec = TrainSpec { epochs: 1, batch_size: batch, lr: 0.05, optimizer: Optimizer::Sgd { momentum: 0.0 }, seed: 1 };
+    let mut clock = Clock(Instant::now());
+    let t = pollster::block_on(train_local(&arch, &state.params, None, data, &spec, &Device::flex(), &mut clock)).expect("training");
+    t.samples_per_sec()
+}
+
+pub fn run(train: &Dataset) -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    let small = train.select(&(0..train.len().min(2000)).collect::<Vec<_>>());
+    let mlp = train_rate("mlp", &small, 32);
+    rows.push(("native training, mlp, batch 32".into(), format!("{mlp:.0} samples/s (baseline)")));
+    let mlp128 = train_rate("mlp", &small, 128);
+    rows.push(("native training, mlp, batch 128".into(), format!("{mlp128:.0} samples/s ({:.2}× batch 32)", mlp128 / mlp)));
+    let tiny = small.select(&(0..small.len().min(256)).collect::<Vec<_>>());
+    let cnn = train_rate("cnn", &tiny, 32);
+    rows.push(("native training, FedAvg cnn, batch 32".into(), format!("{cnn:.0} samples/s ({:.3}× mlp)", cnn / mlp)));
+
+    let arch = Arch::preset("mlp", train.shape, train.classes).expect("preset");
+    let global = ModelState::init(arch.clone(), 1);
+    let task = ServerMsg::Task(train_task(1, &global, &StrategyConfig::default(), 1, canopy_core::protocol::UploadSpec::Weights));
+    let reps = 50;
+    let t0 = Instant::now();
+    let mut frame = Vec::new();
+    for _ in 0..reps {
+        frame = encode(&task);
+    }
+    let enc = t0.elapsed().as_secs_f64() / reps as f64;
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        let _: ServerMsg = decode(&frame).expect("decode");
+    }
+    let dec = t0.elapsed().as_secs_f64() / reps as f64;
+    let mb = frame.len() as f64 / 1e6;
+    rows.push(("task frame, mlp".into(), format!("{} bytes ({:.3}× raw f32 params)", frame.len(), frame.len() as f64 / (4 * arch.num_params()) as f64)));
+    rows.push(("encode / decode".into(), format!("{:.0} / {:.0} MB/s", mb / enc, mb / dec)));
+
+    let updates: Vec<Vec<f32>> = (0..20).map(|k| global.params.iter().map(|v| v + k as f32 * 1e-3).collect()).collect();
+    let items: Vec<(&[f32], u64)> = updates.iter().map(|u| (u.as_slice(), 100)).collect();
+    let t0 = Instant::now();
+    let _ = weighted_mean(&items);
+    let agg = t0.elapsed().as_secs_f64();
+    rows.push(("FedAvg aggregation, 20 mlp updates".into(), format!("{:.1} ms ({:.0} M params/s)", agg * 1000.0, 20.0 * arch.num_params() as f64 / agg / 1e6)));
+    rows
+}
