@@ -160,6 +160,31 @@ impl Arch {
         flops
     }
 
+    /// FLOPs per sample when pruned weights cost nothing: each dense or conv layer's
+    /// multiply-adds scale with the fraction of its weights the mask keeps.
+    pub fn effective_flops(&self, mask: Option<&[bool]>) -> u64 {
+        let Some(mask) = mask else { return self.flops_per_sample() };
+        let mut density = vec![1.0f64; self.layers.len()];
+        for p in self.params().iter().filter(|p| p.shape.len() > 1) {
+            let kept = mask[p.offset..p.offset + p.len].iter().filter(|k| **k).count();
+            density[p.layer] = kept as f64 / p.len.max(1) as f64;
+        }
+        let mut flops = 0f64;
+        let mut i = 0;
+        let _ = self.walk(|layer, before, after| {
+            flops += match (layer, after) {
+                (Layer::Dense { inputs, units }, _) => 2.0 * (*inputs * *units) as f64 * density[i] + *units as f64,
+                (Layer::Conv { in_channels, kernel, .. }, Act::Image([f, h, w])) => {
+                    (2.0 * (in_channels * kernel * kernel) as f64 * density[i] + 1.0) * (f * h * w) as f64
+                }
+                (Layer::Relu | Layer::MaxPool2 | Layer::GlobalAvgPool, _) => act_len(before) as f64,
+                _ => 0.0,
+            };
+            i += 1;
+        });
+        flops.round() as u64
+    }
+
     /// Bytes of the parameters as f32.
     pub fn model_bytes(&self) -> usize {
         4 * self.num_params()
@@ -271,6 +296,15 @@ mod tests {
         a.layers[3] = Layer::Dense { inputs: 100, units: 200 };
         assert!(matches!(a.validate(), Err(ArchError::Mismatch { layer: 3, .. })));
         assert!(Arch::preset("resnet", [1, 28, 28], 10).is_err());
+    }
+
+    #[test]
+    fn effective_flops_scale_with_density() {
+        let a = Arch { input: [1, 2, 2], classes: 3, layers: vec![Layer::Flatten, Layer::Dense { inputs: 4, units: 3 }] };
+        let mut mask = vec![true; a.num_params()];
+        mask[..6].fill(false);
+        assert_eq!(a.effective_flops(Some(&mask)), 12 + 3);
+        assert_eq!(a.effective_flops(None), a.flops_per_sample());
     }
 
     #[test]

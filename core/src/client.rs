@@ -4,7 +4,8 @@
 
 use burn::tensor::Device;
 
-use crate::protocol::{Blob, ClientMetrics, ClientMsg, DeviceInfo, Hello, PROTOCOL_VERSION, RunInfo, ServerMsg, Task, TaskKind, TaskResult, Update, UploadSpec};
+use crate::codec::{encode_sparse, kept_indices};
+use crate::protocol::{Blob, ClientMetrics, ClientMsg, DeviceInfo, Hello, MaskSpec, PROTOCOL_VERSION, RunInfo, ServerMsg, Task, TaskKind, TaskResult, Update, UploadSpec};
 use crate::partition::Shard;
 use crate::train::{Host, Progress, evaluate, train_local};
 
@@ -24,6 +25,10 @@ pub struct ClientRuntime<H: ClientHost> {
     pub shard: Option<Shard>,
     /// The last global model received (before local training), for "try the model" panels.
     pub last_model: Option<(crate::arch::Arch, Vec<f32>)>,
+    /// The pruning mask last received, with its version: the server sends it only once.
+    pub mask: Option<(u64, Vec<bool>)>,
+    /// Error-feedback residual of top-k uploads, carried from round to round.
+    pub residual: Option<Vec<f32>>,
 }
 
 /// Forwards training progress to the server, tagged with the round.
@@ -45,7 +50,7 @@ impl<H: ClientHost> Host for RoundHost<'_, H> {
 
 impl<H: ClientHost> ClientRuntime<H> {
     pub fn new(host: H, device: Device, info: DeviceInfo, name: String) -> Self {
-        ClientRuntime { host, device, info, name, client_id: None, run: None, shard: None, last_model: None }
+        ClientRuntime { host, device, info, name, client_id: None, run: None, shard: None, last_model: None, mask: None, residual: None }
     }
 
     pub fn hello(&self) -> ClientMsg {
@@ -54,6 +59,7 @@ impl<H: ClientHost> ClientRuntime<H> {
             name: self.name.clone(),
             device: self.info.clone(),
             resume: self.client_id,
+            mask_version: self.mask.as_ref().map(|(v, _)| *v),
         })
     }
 
@@ -78,18 +84,12 @@ impl<H: ClientHost> ClientRuntime<H> {
     }
 
     pub async fn run_task(&mut self, task: Task) -> Result<TaskResult, String> {
-        let shard = self.shard.as_ref().ok_or("task before welcome: no data shard yet")?;
         let arch = &task.model.arch;
         arch.validate().map_err(|e| e.to_string())?;
-        let start = task.model.params.to_f32().map_err(|e| e.to_string())?;
-        if start.len() != arch.num_params() {
-            return Err(format!("model has {} values, architecture needs {}", start.len(), arch.num_params()));
-        }
-        let mask = task.model.mask.as_ref().map(|b| b.unpack()).transpose().map_err(|e| e.to_string())?;
-        if mask.as_ref().is_some_and(|m| m.len() != start.len()) {
-            return Err("mask length does not match the model".into());
-        }
+        let mask = self.resolve_mask(task.model.mask.as_ref(), arch.num_params())?;
+        let start = expand(&task.model.params.to_f32().map_err(|e| e.to_string())?, mask.as_deref(), arch.num_params())?;
         self.last_model = Some((arch.clone(), start.clone()));
+        let shard = self.shard.as_ref().ok_or("task before welcome: no data shard yet")?;
         let mut host = RoundHost { inner: &mut self.host, round: task.round };
         let (update, samples, mut metrics, trained) = match task.kind {
             TaskKind::Evaluate => (Update::None, 0, ClientMetrics::default(), None),
@@ -97,16 +97,19 @@ impl<H: ClientHost> ClientRuntime<H> {
                 let t = train_local(arch, &start, mask.as_deref(), &shard.train, &task.train, &self.device, &mut host).await?;
                 let metrics = ClientMetrics {
                     train_loss: t.mean_loss,
+                    epochs: t.epochs,
                     steps: t.steps,
                     train_seconds: t.seconds,
                     samples_per_sec: t.samples_per_sec(),
                     ..Default::default()
                 };
+                let delta = || -> Vec<f32> { t.params.iter().zip(&start).map(|(a, b)| a - b).collect() };
                 let update = match task.upload {
                     UploadSpec::Weights => Update::Weights(Blob::from_f32(&t.params)),
-                    UploadSpec::Delta => {
-                        let d: Vec<f32> = t.params.iter().zip(&start).map(|(a, b)| a - b).collect();
-                        Update::Delta(Blob::from_f32(&d))
+                    UploadSpec::Delta => Update::Delta(Blob::from_f32(&delta())),
+                    UploadSpec::Sparse { int8, top_k, error_feedback } => {
+                        let residual = if error_feedback { Some(self.residual.get_or_insert_with(Vec::new)) } else { None };
+                        Update::Sparse(encode_sparse(arch, &delta(), mask.as_deref(), int8, top_k, residual))
                     }
                 };
                 (update, shard.train.len() as u64, metrics, Some(t.params))
@@ -117,36 +120,50 @@ impl<H: ClientHost> ClientRuntime<H> {
         if !shard.test.is_empty() {
             metrics.local_test = evaluate(arch, model, &shard.test, &self.device).await?;
         }
-        Ok(TaskResult { round: task.round, samples, update, metrics })
+        let mask_version = self.mask.as_ref().map(|(v, _)| *v);
+        Ok(TaskResult { round: task.round, samples, update, metrics, mask_version })
+    }
+
+    /// The task's mask: sent in full (and cached), or named by a version this client holds.
+    fn resolve_mask(&mut self, spec: Option<&MaskSpec>, len: usize) -> Result<Option<Vec<bool>>, String> {
+        match spec {
+            None => Ok(None),
+            Some(MaskSpec::Full { version, bits }) => {
+                let m = bits.unpack().map_err(|e| e.to_string())?;
+                if m.len() != len {
+                    return Err(format!("mask has {} entries, the model {len}", m.len()));
+                }
+                self.mask = Some((*version, m.clone()));
+                Ok(Some(m))
+            }
+            Some(MaskSpec::Cached { version }) => match &self.mask {
+                Some((v, m)) if v == version && m.len() == len => Ok(Some(m.clone())),
+                _ => {
+                    self.mask = None;
+                    Err(format!("mask version {version} is not cached here; please resend it"))
+                }
+            },
+        }
     }
 }
 
-/// Checks a result against the task it answers; the server rejects results that fail.
-pub fn validate_result(task: &Task, result: &TaskResult, shard_samples: u64) -> Result<(), String> {
-    if result.round != task.round {
-        return Err(format!("result for round {} but the task was round {}", result.round, task.round));
+/// Spreads the kept values over a full-length vector (zeros elsewhere).
+pub fn expand(values: &[f32], mask: Option<&[bool]>, len: usize) -> Result<Vec<f32>, String> {
+    let kept = kept_indices(mask, len);
+    if values.len() != kept.len() {
+        return Err(format!("model has {} values, expected {} (of {len} parameters)", values.len(), kept.len()));
     }
-    let expected = task.model.arch.num_params();
-    let values = match &result.update {
-        Update::None if task.kind == TaskKind::Evaluate => return Ok(()),
-        Update::None => return Err("training task answered without an update".into()),
-        Update::Weights(b) | Update::Delta(b) => b.to_f32().map_err(|e| e.to_string())?,
-    };
-    let wanted = matches!(
-        (&result.update, task.upload),
-        (Update::Weights(_), UploadSpec::Weights) | (Update::Delta(_), UploadSpec::Delta)
-    );
-    if !wanted {
-        return Err(format!("update kind does not match the requested {:?}", task.upload));
+    let mut full = vec![0f32; len];
+    for (&i, v) in kept.iter().zip(values) {
+        full[i as usize] = *v;
     }
-    if values.len() != expected {
-        return Err(format!("update has {} values, the model has {expected}", values.len()));
+    Ok(full)
+}
+
+/// Only the kept entries, in order: what a masked model sends down.
+pub fn compact(values: &[f32], mask: Option<&[bool]>) -> Vec<f32> {
+    match mask {
+        None => values.to_vec(),
+        Some(m) => values.iter().zip(m).filter(|(_, k)| **k).map(|(v, _)| *v).collect(),
     }
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(format!("update value {i} is {} (not finite)", values[i]));
-    }
-    if result.samples == 0 || result.samples > shard_samples {
-        return Err(format!("claims {} samples, the client's shard has {shard_samples}", result.samples));
-    }
-    Ok(())
 }

@@ -4,6 +4,7 @@
 pub mod aggregate;
 pub mod arch;
 pub mod client;
+pub mod codec;
 pub mod data;
 pub mod model;
 pub mod partition;

@@ -127,6 +127,8 @@ pub struct Hello {
     pub device: DeviceInfo,
     /// The id a reconnecting client had, so it keeps its data shard.
     pub resume: Option<u64>,
+    /// Version of the pruning mask the client holds, so the server need not send it again.
+    pub mask_version: Option<u64>,
 }
 
 /// What the run is, for the client page to show.
@@ -151,10 +153,25 @@ pub struct Welcome {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelPayload {
     pub arch: Arch,
-    /// All parameters, f32 little-endian.
+    /// f32 little-endian: every parameter without a mask; with one, only the kept entries in order.
     pub params: Blob,
-    /// Entries outside the mask stay exactly zero during training.
-    pub mask: Option<Bits>,
+    /// Entries outside the mask are zero and stay exactly zero during training.
+    pub mask: Option<MaskSpec>,
+}
+
+/// A pruning mask travels once; afterwards the server names the version the client holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MaskSpec {
+    Full { version: u64, bits: Bits },
+    Cached { version: u64 },
+}
+
+impl MaskSpec {
+    pub fn version(&self) -> u64 {
+        match self {
+            MaskSpec::Full { version, .. } | MaskSpec::Cached { version } => *version,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,12 +183,16 @@ pub enum TaskKind {
 }
 
 /// What the client sends back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum UploadSpec {
     /// The trained parameters.
     Weights,
     /// Trained minus starting parameters.
     Delta,
+    /// The delta on the mask's kept entries only (all entries without a mask), optionally int8
+    /// with one scale per tensor, optionally only the `top_k` fraction largest in magnitude,
+    /// with the rest carried to the next round (error feedback).
+    Sparse { int8: bool, top_k: f32, error_feedback: bool },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -190,12 +211,30 @@ pub enum Update {
     None,
     Weights(Blob),
     Delta(Blob),
+    Sparse(SparseUpdate),
+}
+
+/// Delta entries on the kept positions of the task's mask; see [`crate::codec`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SparseUpdate {
+    /// u32 little-endian, ascending indices into the list of kept entries; `None`: all of them.
+    pub positions: Option<Blob>,
+    pub values: Values,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Values {
+    F32(Blob),
+    /// One i8 per value; value = i8 × scales[tensor of that value].
+    Int8 { scales: Vec<f32>, data: Blob },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClientMetrics {
     pub train_loss: f32,
     pub local_test: Eval,
+    /// Epochs actually run (early stopping may end training sooner).
+    pub epochs: u32,
     pub steps: u32,
     pub train_seconds: f64,
     pub samples_per_sec: f64,
@@ -208,6 +247,8 @@ pub struct TaskResult {
     pub samples: u64,
     pub update: Update,
     pub metrics: ClientMetrics,
+    /// Version of the pruning mask the client now holds.
+    pub mask_version: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -290,9 +331,9 @@ mod tests {
             model: ModelPayload {
                 params: Blob::from_f32(&vec![0.5; arch.num_params()]),
                 arch,
-                mask: Some(Bits::pack(&[true, false, true])),
+                mask: Some(MaskSpec::Full { version: 2, bits: Bits::pack(&[true, false, true]) }),
             },
-            train: TrainSpec { epochs: 1, batch_size: 10, lr: 0.1, optimizer: Optimizer::Sgd { momentum: 0.0 }, seed: 1 },
+            train: TrainSpec { epochs: 1, batch_size: 10, lr: 0.1, optimizer: Optimizer::Sgd { momentum: 0.0 }, seed: 1, patience: 0 },
             upload: UploadSpec::Weights,
             deadline_ms: 1000,
         }
@@ -308,6 +349,7 @@ mod tests {
             name: "tab".into(),
             device: DeviceInfo { backend: Backend::WebGpu, adapter: "swiftshader".into(), user_agent: "x".into() },
             resume: Some(4),
+            mask_version: None,
         });
         assert_eq!(decode::<ClientMsg>(&encode(&hello)).unwrap(), hello);
     }

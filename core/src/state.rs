@@ -12,6 +12,9 @@ pub struct ModelState {
     pub params: Vec<f32>,
     /// Optional pruning mask, same length as `params`; `false` entries are held at zero.
     pub mask: Option<Vec<bool>>,
+    /// Bumped whenever the mask changes, so clients can cache it.
+    #[serde(default)]
+    pub mask_version: u64,
 }
 
 impl ModelState {
@@ -32,7 +35,24 @@ impl ModelState {
                 *v = rng.random_range(-bound..bound);
             }
         }
-        ModelState { arch, params, mask: None }
+        ModelState { arch, params, mask: None, mask_version: 0 }
+    }
+
+    /// Installs a new mask, zeroing what it prunes.
+    pub fn set_mask(&mut self, mask: Vec<bool>) {
+        assert_eq!(mask.len(), self.params.len(), "mask length");
+        for (v, k) in self.params.iter_mut().zip(&mask) {
+            if !k {
+                *v = 0.0;
+            }
+        }
+        self.mask = Some(mask);
+        self.mask_version += 1;
+    }
+
+    /// Fraction of parameters the mask prunes.
+    pub fn sparsity(&self) -> f64 {
+        self.mask.as_ref().map_or(0.0, |m| m.iter().filter(|k| !**k).count() as f64 / m.len().max(1) as f64)
     }
 
     /// The parameters with the mask applied (pruned entries are exactly zero).

@@ -33,6 +33,10 @@ pub struct TrainSpec {
     pub optimizer: Optimizer,
     /// Seeds the batch order, so a rerun of a round sees batches in the same order.
     pub seed: u64,
+    /// Stop early once the epoch's mean training loss has not improved for this many epochs
+    /// (0: always run every epoch).
+    #[serde(default)]
+    pub patience: u32,
 }
 
 /// What a client reports about its own training.
@@ -58,7 +62,9 @@ pub trait Host {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Trained {
     pub params: Vec<f32>,
+    /// Mean training loss of the last epoch run.
     pub mean_loss: f32,
+    pub epochs: u32,
     pub steps: u32,
     pub samples: u64,
     pub seconds: f64,
@@ -112,11 +118,14 @@ pub async fn train_local<H: Host>(
     let t0 = host.now_ms();
     let (mut step, mut samples) = (0u32, 0u64);
     let mut loss_total = 0f64;
+    let (mut best, mut since_best, mut epochs_run, mut last_epoch_loss) = (f64::INFINITY, 0u32, 0u32, 0f64);
     let (mut window_loss, mut window_steps) = (None::<Tensor<1>>, 0u32);
     let (mut window_t, mut window_samples) = (t0, 0u64);
     let mut order: Vec<usize> = (0..data.len()).collect();
     for epoch in 0..spec.epochs {
         order.shuffle(&mut StdRng::seed_from_u64(spec.seed.wrapping_add(epoch as u64)));
+        let (epoch_start_loss, epoch_start_step) = (loss_total, step);
+        let epoch_end = step + steps_per_epoch;
         for batch in order.chunks(spec.batch_size) {
             let (x, y) = batch_tensors(data, batch, &ad);
             let loss = cross_entropy(net.forward(arch, x), y);
@@ -134,7 +143,7 @@ pub async fn train_local<H: Host>(
             window_steps += 1;
             samples += batch.len() as u64;
             window_samples += batch.len() as u64;
-            if window_steps == REPORT_EVERY || step == total_steps || host.now_ms() - window_t >= REPORT_MS {
+            if window_steps == REPORT_EVERY || step == epoch_end || host.now_ms() - window_t >= REPORT_MS {
                 let sum = read_f32(window_loss.take().unwrap()).await?[0];
                 if !sum.is_finite() {
                     return Err(format!("training diverged at step {step}: loss {sum}"));
@@ -155,10 +164,23 @@ pub async fn train_local<H: Host>(
                 window_t = now;
             }
         }
+        epochs_run += 1;
+        last_epoch_loss = (loss_total - epoch_start_loss) / (step - epoch_start_step).max(1) as f64;
+        if spec.patience > 0 {
+            if last_epoch_loss < best - 1e-4 {
+                best = last_epoch_loss;
+                since_best = 0;
+            } else {
+                since_best += 1;
+                if since_best >= spec.patience {
+                    break;
+                }
+            }
+        }
     }
     let params = net.to_flat().await?;
     let seconds = (host.now_ms() - t0) / 1000.0;
-    Ok(Trained { params, mean_loss: (loss_total / step.max(1) as f64) as f32, steps: step, samples, seconds })
+    Ok(Trained { params, mean_loss: last_epoch_loss as f32, epochs: epochs_run, steps: step, samples, seconds })
 }
 
 /// Global loss and accuracy of a model on `data`.

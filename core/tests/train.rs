@@ -44,7 +44,7 @@ fn blocks(n: usize, seed: u64) -> Dataset {
 }
 
 fn spec(optimizer: Optimizer) -> TrainSpec {
-    TrainSpec { epochs: 3, batch_size: 20, lr: 0.05, optimizer, seed: 3 }
+    TrainSpec { epochs: 3, batch_size: 20, lr: 0.05, optimizer, seed: 3, patience: 0 }
 }
 
 #[test]
@@ -97,4 +97,24 @@ fn mask_keeps_pruned_weights_at_zero() {
     assert_eq!(zeros, mask.iter().filter(|k| !**k).count());
     let moved = t.params.iter().zip(&state.params).zip(&mask).filter(|((a, b), k)| **k && a != b).count();
     assert!(moved > arch.num_params() / 2, "surviving weights should train: {moved}");
+}
+
+#[test]
+fn early_stopping_ends_training_when_the_loss_stalls() {
+    let device = Device::flex();
+    let arch = Arch::preset("mlp", [1, 8, 8], 10).unwrap();
+    let state = ModelState::init(arch.clone(), 1);
+    let mut host = TestHost { t0: Instant::now(), reports: vec![] };
+    // A learning rate this small barely moves the loss: patience 1 stops well before 40 epochs.
+    let mut s = spec(Optimizer::Sgd { momentum: 0.0 });
+    s.epochs = 40;
+    s.lr = 1e-7;
+    s.patience = 1;
+    let t = pollster::block_on(train_local(&arch, &state.params, None, &blocks(100, 5), &s, &device, &mut host)).unwrap();
+    assert!(t.epochs < 10, "ran {} epochs", t.epochs);
+    assert_eq!(t.steps, t.epochs * 5);
+    s.patience = 0;
+    s.epochs = 3;
+    let t = pollster::block_on(train_local(&arch, &state.params, None, &blocks(100, 5), &s, &device, &mut host)).unwrap();
+    assert_eq!(t.epochs, 3);
 }

@@ -48,6 +48,9 @@ pub struct DataConfig {
     pub local_test: f64,
     /// For datasets without a test split: fraction held out as the global test set.
     pub test_fraction: f64,
+    /// Fraction of the training data the server keeps as its own validation split (used by
+    /// strategies that tune on data, e.g. AutoFLIP's automatic q; never given to clients).
+    pub validation: f64,
     /// Use at most this many training samples in all (0: all of them); quick runs and tests.
     pub max_train: usize,
     /// Evaluate the global model on at most this many test samples (0: all).
@@ -98,6 +101,7 @@ impl Default for DataConfig {
             shards: 10,
             local_test: 0.1,
             test_fraction: 0.2,
+            validation: 0.05,
             max_train: 0,
             max_test: 2000,
         }

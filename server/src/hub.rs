@@ -26,6 +26,7 @@ pub enum Status {
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     WaitingForClients,
+    Exploring,
     Training,
     Aggregating,
     Done,
@@ -46,6 +47,8 @@ pub struct Client {
     pub bytes_down: u64,
     pub progress: Option<Progress>,
     pub joined_unix_ms: u64,
+    /// The pruning-mask version this client holds.
+    pub mask_version: Option<u64>,
     #[serde(skip)]
     pub tx: Option<UnboundedSender<Vec<u8>>>,
 }
@@ -92,6 +95,7 @@ impl Hub {
                 c.tx = Some(tx);
                 c.status = Status::Idle;
                 c.device = hello.device;
+                c.mask_version = hello.mask_version;
                 id
             }
             None => {
@@ -106,7 +110,7 @@ impl Hub {
                 self.clients.insert(id, Client {
                     id, name, device: hello.device, shard, train_samples, status: Status::Idle, rounds_done: 0,
                     last_round: None, samples_per_sec: 0.0, bytes_up: 0, bytes_down: 0, progress: None,
-                    joined_unix_ms, tx: Some(tx),
+                    joined_unix_ms, mask_version: hello.mask_version, tx: Some(tx),
                 });
                 id
             }

@@ -55,6 +55,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
         train = train.select(&(0..config.data.max_train).collect::<Vec<_>>());
     }
     let test = cap(test, config.data.max_test);
+    let (train, validation) = train.split(config.data.validation, seed ^ 0x5eed);
     let shards = config.data.partition.split(&train, config.data.shards, config.data.local_test, seed);
     let arch = Arch::preset(&config.model, train.shape, train.classes).map_err(|e| e.to_string())?;
     let strategy = strategy::build(&config.strategy.name, &config.strategy.config)?;
@@ -99,6 +100,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
             strategy,
             global,
             test: Arc::new(test),
+            validation: Arc::new(validation),
             rounds: config.run.rounds,
             min_clients: config.run.min_clients,
             min_results: config.run.min_results,

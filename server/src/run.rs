@@ -7,11 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
-use canopy_core::client::validate_result;
 use canopy_core::data::Dataset;
-use canopy_core::protocol::{Blob, ErrorCode, ServerMsg, Task, TaskResult, encode};
+use canopy_core::protocol::{Blob, ErrorCode, MaskSpec, ServerMsg, Task, TaskResult, encode};
 use canopy_core::state::ModelState;
-use canopy_core::strategy::{ClientView, Strategy};
+use canopy_core::strategy::{ClientView, Contribution, RoundContext, Strategy, accept};
 use canopy_core::train::evaluate;
 use rand::{SeedableRng, rngs::StdRng};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -35,6 +34,8 @@ pub struct RoundLoop {
     pub strategy: Box<dyn Strategy>,
     pub global: Arc<Mutex<ModelState>>,
     pub test: Arc<Dataset>,
+    /// The server's own validation split (for strategies that tune on data, never the test set).
+    pub validation: Arc<Dataset>,
     pub rounds: u32,
     pub min_clients: usize,
     pub min_results: usize,
@@ -70,7 +71,15 @@ impl RoundLoop {
             }
             self.set_phase(Phase::Aggregating, round);
             let mut next = global.clone();
-            let outcome = match self.strategy.aggregate(round, &mut next, &results) {
+            let aggregated = {
+                let validation = self.validation.clone();
+                let validate = move |m: &ModelState| {
+                    pollster::block_on(evaluate(&m.arch, &m.masked_params(), &validation, &Device::flex())).unwrap_or_default()
+                };
+                let ctx = RoundContext { rounds: self.rounds, validate: &validate };
+                tokio::task::block_in_place(|| self.strategy.aggregate(round, &mut next, &results, &ctx))
+            };
+            let outcome = match aggregated {
                 Ok(o) => o,
                 Err(e) => {
                     retries += 1;
@@ -94,7 +103,7 @@ impl RoundLoop {
             };
             let record = {
                 let mut hub = self.hub.lock().unwrap();
-                let total: u64 = results.iter().map(|(_, r)| r.samples).sum();
+                let total: u64 = results.iter().map(|c| c.samples).sum();
                 let record = RoundRecord {
                     round,
                     seconds: started.elapsed().as_secs_f64(),
@@ -105,15 +114,15 @@ impl RoundLoop {
                     retries,
                     test_accuracy: eval.accuracy,
                     test_loss: eval.loss,
-                    train_loss: (results.iter().map(|(_, r)| r.metrics.train_loss as f64 * r.samples as f64).sum::<f64>() / total.max(1) as f64) as f32,
-                    local_accuracy: (results.iter().map(|(_, r)| r.metrics.local_test.accuracy as f64).sum::<f64>() / results.len() as f64) as f32,
+                    train_loss: (results.iter().map(|c| c.metrics.train_loss as f64 * c.samples as f64).sum::<f64>() / total.max(1) as f64) as f32,
+                    local_accuracy: (results.iter().map(|c| c.metrics.local_test.accuracy as f64).sum::<f64>() / results.len() as f64) as f32,
                     samples: total,
                     bytes_up: hub.round_bytes_up,
                     bytes_down: hub.round_bytes_down,
                     params: next.arch.num_params(),
                     flops_per_sample: next.arch.flops_per_sample(),
-                    backends: results.iter().map(|(id, _)| hub.clients.get(id).map(|c| c.device.backend.to_string()).unwrap_or_default()).collect(),
-                    participants: results.iter().map(|(id, _)| *id).collect(),
+                    backends: results.iter().map(|c| hub.clients.get(&c.client).map(|cl| cl.device.backend.to_string()).unwrap_or_default()).collect(),
+                    participants: results.iter().map(|c| c.client).collect(),
                     extra: outcome.metrics,
                 };
                 hub.rounds.push(record.clone());
@@ -158,13 +167,21 @@ impl RoundLoop {
 
     fn send_tasks(&mut self, round: u32, tasks: Vec<(u64, Task)>) -> BTreeMap<u64, Task> {
         let mut hub = self.hub.lock().unwrap();
-        hub.phase = Phase::Training;
         hub.round = round;
         hub.round_bytes_up = 0;
         hub.round_bytes_down = 0;
         let mut pending = BTreeMap::new();
+        let phase = self.strategy.phase();
+        hub.phase = if phase == "exploring" { Phase::Exploring } else { Phase::Training };
         for (id, task) in tasks {
-            if hub.send_frame(id, encode(&ServerMsg::Task(task.clone()))) > 0 {
+            // The mask travels once: a client that holds this version gets only its number.
+            let mut wire = task.clone();
+            if let Some(MaskSpec::Full { version, .. }) = &wire.model.mask
+                && hub.clients.get(&id).is_some_and(|c| c.mask_version == Some(*version))
+            {
+                wire.model.mask = Some(MaskSpec::Cached { version: *version });
+            }
+            if hub.send_frame(id, encode(&ServerMsg::Task(wire))) > 0 {
                 hub.set_status(id, Status::Training);
                 if let Some(c) = hub.clients.get_mut(&id) {
                     c.last_round = Some(round);
@@ -180,7 +197,7 @@ impl RoundLoop {
     }
 
     /// Collects results until every sampled client answered, vanished or the deadline passed.
-    async fn collect(&mut self, round: u32, mut pending: BTreeMap<u64, Task>, deadline: Duration) -> (Vec<(u64, TaskResult)>, usize, usize) {
+    async fn collect(&mut self, round: u32, mut pending: BTreeMap<u64, Task>, deadline: Duration) -> (Vec<Contribution>, usize, usize) {
         let until = tokio::time::Instant::now() + deadline;
         let (mut results, mut dropped, mut rejected) = (Vec::new(), 0, 0);
         while !pending.is_empty() {
@@ -202,13 +219,15 @@ impl RoundLoop {
                     let shard_samples = self.hub.lock().unwrap().clients.get(&client).map(|c| c.train_samples).unwrap_or(0);
                     let mut hub = self.hub.lock().unwrap();
                     hub.set_status(client, Status::Idle);
-                    match validate_result(&task, &result, shard_samples) {
-                        Ok(()) => {
+                    let mask_version = result.mask_version;
+                    match accept(client, &task, result, shard_samples) {
+                        Ok(contribution) => {
                             if let Some(c) = hub.clients.get_mut(&client) {
                                 c.rounds_done += 1;
-                                c.samples_per_sec = result.metrics.samples_per_sec;
+                                c.samples_per_sec = contribution.metrics.samples_per_sec;
+                                c.mask_version = mask_version;
                             }
-                            results.push((client, result));
+                            results.push(contribution);
                         }
                         Err(why) => {
                             rejected += 1;
@@ -219,7 +238,12 @@ impl RoundLoop {
                 }
                 Incoming::Failed { client, round: Some(r), message } if r == round && pending.remove(&client).is_some() => {
                     tracing::warn!(round, client, "client could not finish its task: {message}");
-                    self.hub.lock().unwrap().set_status(client, Status::Idle);
+                    let mut hub = self.hub.lock().unwrap();
+                    hub.set_status(client, Status::Idle);
+                    // It may have lost its cached mask: send it in full next time.
+                    if let Some(c) = hub.clients.get_mut(&client) {
+                        c.mask_version = None;
+                    }
                     dropped += 1;
                 }
                 Incoming::Gone { client } if pending.remove(&client).is_some() => {

@@ -2,9 +2,8 @@
 
 use rand::rngs::StdRng;
 
-use super::{ClientView, RoundOutcome, Strategy, StrategyConfig, dense_updates, sample_clients, train_task};
-use crate::aggregate::weighted_mean;
-use crate::protocol::{Task, TaskResult, UploadSpec};
+use super::{ClientView, Contribution, RoundContext, RoundOutcome, Strategy, StrategyConfig, UploadKind, sample_clients, train_task, weighted_values};
+use crate::protocol::{Task, UploadSpec};
 use crate::state::ModelState;
 
 pub struct FedAvg {
@@ -29,10 +28,11 @@ impl Strategy for FedAvg {
             .collect()
     }
 
-    fn aggregate(&mut self, _round: u32, global: &mut ModelState, results: &[(u64, TaskResult)]) -> Result<RoundOutcome, String> {
-        let updates = dense_updates(results)?;
-        let items: Vec<(&[f32], u64)> = updates.iter().map(|(v, n)| (v.as_slice(), *n)).collect();
-        global.params = weighted_mean(&items);
+    fn aggregate(&mut self, _round: u32, global: &mut ModelState, results: &[Contribution], _ctx: &RoundContext) -> Result<RoundOutcome, String> {
+        if results.iter().any(|c| c.kind != UploadKind::Weights) {
+            return Err("fedavg expects weights".into());
+        }
+        global.params = weighted_values(results)?;
         Ok(RoundOutcome::default())
     }
 }

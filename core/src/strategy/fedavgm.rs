@@ -2,9 +2,9 @@
 
 use rand::rngs::StdRng;
 
-use super::{ClientView, RoundOutcome, Strategy, StrategyConfig, dense_updates, sample_clients, train_task};
-use crate::aggregate::{momentum_step, weighted_mean};
-use crate::protocol::{Task, TaskResult, UploadSpec};
+use super::{ClientView, Contribution, RoundContext, RoundOutcome, Strategy, StrategyConfig, UploadKind, sample_clients, train_task, weighted_values};
+use crate::aggregate::momentum_step;
+use crate::protocol::{Task, UploadSpec};
 use crate::state::ModelState;
 
 pub struct FedAvgM {
@@ -30,10 +30,11 @@ impl Strategy for FedAvgM {
             .collect()
     }
 
-    fn aggregate(&mut self, _round: u32, global: &mut ModelState, results: &[(u64, TaskResult)]) -> Result<RoundOutcome, String> {
-        let updates = dense_updates(results)?;
-        let items: Vec<(&[f32], u64)> = updates.iter().map(|(v, n)| (v.as_slice(), *n)).collect();
-        let mean_delta = weighted_mean(&items);
+    fn aggregate(&mut self, _round: u32, global: &mut ModelState, results: &[Contribution], _ctx: &RoundContext) -> Result<RoundOutcome, String> {
+        if results.iter().any(|c| c.kind != UploadKind::Delta) {
+            return Err("fedavgm expects deltas".into());
+        }
+        let mean_delta = weighted_values(results)?;
         if self.velocity.len() != global.params.len() {
             self.velocity = vec![0.0; global.params.len()];
         }

@@ -3,9 +3,11 @@
 //! The server's round loop and the client runtime only know this trait. A strategy is one file;
 //! [`build`] maps a name from the config to one.
 
+mod autoflip;
 mod fedavg;
 mod fedavgm;
 
+pub use autoflip::{AutoFlip, AutoflipConfig};
 pub use fedavg::FedAvg;
 pub use fedavgm::FedAvgM;
 
@@ -14,8 +16,10 @@ use std::collections::BTreeMap;
 use rand::{rngs::StdRng, seq::SliceRandom};
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{Bits, Blob, ModelPayload, Task, TaskKind, TaskResult, Update, UploadSpec};
-use crate::train::TrainSpec;
+use crate::client::compact;
+use crate::codec::decode_sparse;
+use crate::protocol::{Bits, Blob, ClientMetrics, MaskSpec, ModelPayload, Task, TaskKind, TaskResult, Update, UploadSpec};
+use crate::train::{Eval, TrainSpec};
 use crate::state::ModelState;
 use crate::train::Optimizer;
 
@@ -46,6 +50,8 @@ pub struct StrategyConfig {
     /// Server learning rate (FedAvgM).
     pub server_lr: f32,
     pub seed: u64,
+    /// AutoFLIP's settings (`[strategy.autoflip]`).
+    pub autoflip: AutoflipConfig,
 }
 
 impl Default for StrategyConfig {
@@ -61,6 +67,7 @@ impl Default for StrategyConfig {
             server_momentum: 0.9,
             server_lr: 1.0,
             seed: 1,
+            autoflip: AutoflipConfig::default(),
         }
     }
 }
@@ -70,6 +77,31 @@ impl Default for StrategyConfig {
 pub struct RoundOutcome {
     /// Method-specific figures (sparsity, exploration cost...), logged and charted by name.
     pub metrics: BTreeMap<String, f64>,
+}
+
+/// What the server offers a strategy while it aggregates.
+pub struct RoundContext<'a> {
+    /// Rounds in the whole run.
+    pub rounds: u32,
+    /// Loss and accuracy of a model on the server's validation split (never the test set).
+    pub validate: &'a dyn Fn(&ModelState) -> Eval,
+}
+
+/// A validated result, decoded to a full-length vector.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Contribution {
+    pub client: u64,
+    pub samples: u64,
+    /// Trained parameters (`Weights`) or trained minus starting ones (`Delta`, `Sparse`).
+    pub kind: UploadKind,
+    pub values: Vec<f32>,
+    pub metrics: ClientMetrics,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UploadKind {
+    Weights,
+    Delta,
 }
 
 pub trait Strategy: Send {
@@ -84,13 +116,19 @@ pub trait Strategy: Send {
         rng: &mut StdRng,
     ) -> Vec<(u64, Task)>;
 
-    /// Folds validated results (client id, result) into `global`.
+    /// Folds validated, decoded results into `global`.
     fn aggregate(
         &mut self,
         round: u32,
         global: &mut ModelState,
-        results: &[(u64, TaskResult)],
+        results: &[Contribution],
+        ctx: &RoundContext,
     ) -> Result<RoundOutcome, String>;
+
+    /// The phase to show on dashboards ("training", "exploring"...).
+    fn phase(&self) -> &'static str {
+        "training"
+    }
 
     /// Method-specific messages within a round (split learning's per-batch traffic).
     fn exchange(&mut self, _round: u32, _client: u64, _payload: &Blob) -> Result<Option<Blob>, String> {
@@ -99,12 +137,13 @@ pub trait Strategy: Send {
 }
 
 /// Names [`build`] accepts.
-pub const NAMES: &[&str] = &["fedavg", "fedavgm"];
+pub const NAMES: &[&str] = &["fedavg", "fedavgm", "autoflip"];
 
 pub fn build(name: &str, config: &StrategyConfig) -> Result<Box<dyn Strategy>, String> {
     match name {
         "fedavg" => Ok(Box::new(FedAvg::new(config.clone()))),
         "fedavgm" => Ok(Box::new(FedAvgM::new(config.clone()))),
+        "autoflip" => Ok(Box::new(AutoFlip::new(config.clone())?)),
         other => Err(format!("unknown strategy '{other}' (known: {})", NAMES.join(", "))),
     }
 }
@@ -149,11 +188,7 @@ pub fn train_task(round: u32, global: &ModelState, config: &StrategyConfig, clie
     Task {
         round,
         kind: TaskKind::Train,
-        model: ModelPayload {
-            arch: global.arch.clone(),
-            params: Blob::from_f32(&global.params),
-            mask: global.mask.as_deref().map(Bits::pack),
-        },
+        model: model_payload(global),
         train: TrainSpec {
             epochs: config.epochs,
             batch_size: config.batch_size,
@@ -161,21 +196,68 @@ pub fn train_task(round: u32, global: &ModelState, config: &StrategyConfig, clie
             optimizer: config.optimizer.clone(),
             // Different per client and round, reproducible per run.
             seed: config.seed ^ ((round as u64) << 32) ^ client,
+            patience: 0,
         },
         upload,
         deadline_ms: config.deadline_ms,
     }
 }
 
-/// The f32 vectors and weights of results that carry `Update::Weights` or `Update::Delta`.
-pub fn dense_updates(results: &[(u64, TaskResult)]) -> Result<Vec<(Vec<f32>, u64)>, String> {
-    results
-        .iter()
-        .map(|(id, r)| match &r.update {
-            Update::Weights(b) | Update::Delta(b) => {
-                b.to_f32().map(|v| (v, r.samples)).map_err(|e| format!("client {id}: {e}"))
-            }
-            Update::None => Err(format!("client {id} sent no update")),
-        })
-        .collect()
+/// The global model as a task carries it: with a mask, only the kept values (the server swaps
+/// the mask for its version number when the client already holds it).
+pub fn model_payload(global: &ModelState) -> ModelPayload {
+    let mask = global.mask.as_deref();
+    ModelPayload {
+        arch: global.arch.clone(),
+        params: Blob::from_f32(&compact(&global.params, mask)),
+        mask: mask.map(|m| MaskSpec::Full { version: global.mask_version, bits: Bits::pack(m) }),
+    }
+}
+
+/// Checks a result against the task it answers and decodes its update. The server calls this
+/// for every result, so strategies only ever see well-formed, finite, full-length vectors.
+pub fn accept(client: u64, task: &Task, result: TaskResult, shard_samples: u64) -> Result<Contribution, String> {
+    if result.round != task.round {
+        return Err(format!("result for round {} but the task was round {}", result.round, task.round));
+    }
+    let arch = &task.model.arch;
+    let n = arch.num_params();
+    let mask = match &task.model.mask {
+        Some(MaskSpec::Full { bits, .. }) => Some(bits.unpack().map_err(|e| e.to_string())?),
+        Some(MaskSpec::Cached { .. }) => return Err("internal: pending task lost its mask".into()),
+        None => None,
+    };
+    let (kind, values) = match (&result.update, task.upload) {
+        (Update::None, _) if task.kind == TaskKind::Evaluate => (UploadKind::Delta, vec![0.0; n]),
+        (Update::None, _) => return Err("training task answered without an update".into()),
+        (Update::Weights(b), UploadSpec::Weights) => (UploadKind::Weights, b.to_f32().map_err(|e| e.to_string())?),
+        (Update::Delta(b), UploadSpec::Delta) => (UploadKind::Delta, b.to_f32().map_err(|e| e.to_string())?),
+        (Update::Sparse(u), UploadSpec::Sparse { .. }) => (UploadKind::Delta, decode_sparse(arch, u, mask.as_deref())?),
+        _ => return Err(format!("update kind does not match the requested {:?}", task.upload)),
+    };
+    if values.len() != n {
+        return Err(format!("update has {} values, the model has {n}", values.len()));
+    }
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(format!("update value {i} is {} (not finite)", values[i]));
+    }
+    if let Some(m) = &mask {
+        // A masked task's update must keep pruned entries at exactly zero (weights) or unchanged.
+        if let Some(i) = values.iter().zip(m).position(|(v, k)| !k && *v != 0.0) {
+            return Err(format!("update changes pruned parameter {i}"));
+        }
+    }
+    if task.kind == TaskKind::Train && (result.samples == 0 || result.samples > shard_samples) {
+        return Err(format!("claims {} samples, the client's shard has {shard_samples}", result.samples));
+    }
+    Ok(Contribution { client, samples: result.samples, kind, values, metrics: result.metrics })
+}
+
+/// Sample-weighted mean of the contributions' vectors.
+pub fn weighted_values(results: &[Contribution]) -> Result<Vec<f32>, String> {
+    if results.is_empty() {
+        return Err("nothing to aggregate".into());
+    }
+    let items: Vec<(&[f32], u64)> = results.iter().map(|c| (c.values.as_slice(), c.samples)).collect();
+    Ok(crate::aggregate::weighted_mean(&items))
 }

@@ -1,0 +1,351 @@
+//! AutoFLIP: federated loss exploration, then one global informed pruning mask, then masked
+//! training with compressed updates and FedAvgM on the server (METHODS.md, section 1).
+//!
+//! Round 1 is the exploration: sampled clients train from the same base for up to
+//! `explore_epochs` (early stopping on the training loss) and send their deviation. Their mean
+//! squared deviation, min-max scaled within each tensor, is the guidance map G; the lowest-G
+//! fraction q of all parameters is pruned. Later rounds train under the mask, clients upload only
+//! kept entries (int8, optionally top-k with error feedback), and the server keeps an EMA of the
+//! squared deltas so it can re-prune towards a target sparsity as training goes on.
+
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+use super::{ClientView, Contribution, RoundContext, RoundOutcome, Strategy, StrategyConfig, UploadKind, sample_clients, train_task, weighted_values};
+use crate::aggregate::momentum_step;
+use crate::arch::Arch;
+use crate::protocol::{Task, UploadSpec};
+use crate::state::ModelState;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutoflipConfig {
+    /// Fraction of connected clients that explore.
+    pub explore_fraction: f64,
+    /// Upper bound on exploration epochs (the paper's code: 150).
+    pub explore_epochs: u32,
+    /// Early stopping patience on the training loss (the paper's code: 40).
+    pub explore_patience: u32,
+    /// Fraction of all parameters pruned after exploration (the paper: 0.3).
+    pub q: f64,
+    /// Choose q automatically: the largest q on a grid whose pruned model keeps the validation
+    /// loss within `q_tolerance` (relative) of the unpruned one.
+    pub auto_q: bool,
+    pub q_tolerance: f64,
+    /// Start federated training from the exploration-trained weights (the paper) rather than θ₀.
+    pub start_from_explored: bool,
+    /// Upload kept entries as int8 with one scale per tensor.
+    pub int8: bool,
+    /// Upload only this fraction of the kept entries, the largest first (1: all).
+    pub top_k: f32,
+    /// Carry what top-k and int8 leave out into the next round's upload.
+    pub error_feedback: bool,
+    /// Re-prune every this many rounds (0: never) towards `target_sparsity` by the last round.
+    pub reprune_every: u32,
+    pub target_sparsity: f64,
+    /// Decay of the moving average of squared deltas that guides re-pruning.
+    pub ema: f64,
+    /// Client learning rate multiplier per round (the paper: 0.99).
+    pub lr_decay: f64,
+}
+
+impl Default for AutoflipConfig {
+    fn default() -> Self {
+        AutoflipConfig {
+            explore_fraction: 1.0,
+            explore_epochs: 20,
+            explore_patience: 5,
+            q: 0.3,
+            auto_q: false,
+            q_tolerance: 0.05,
+            start_from_explored: true,
+            int8: true,
+            top_k: 1.0,
+            error_feedback: true,
+            reprune_every: 0,
+            target_sparsity: 0.0,
+            ema: 0.9,
+            lr_decay: 0.99,
+        }
+    }
+}
+
+pub struct AutoFlip {
+    config: StrategyConfig,
+    /// Round in which exploration was aggregated (0: not yet).
+    explored_in: u32,
+    base: Vec<f32>,
+    velocity: Vec<f32>,
+    /// Moving average of squared client deltas, per parameter.
+    ema: Vec<f32>,
+    /// Sparsity right after exploration (start of the re-pruning schedule).
+    q0: f64,
+}
+
+impl AutoFlip {
+    pub fn new(config: StrategyConfig) -> Result<Self, String> {
+        let a = &config.autoflip;
+        if !(0.0..1.0).contains(&a.q) || !(0.0..1.0).contains(&a.target_sparsity) {
+            return Err("autoflip q and target_sparsity must lie in [0, 1)".into());
+        }
+        if !(a.top_k > 0.0 && a.top_k <= 1.0) {
+            return Err("autoflip top_k must lie in (0, 1]".into());
+        }
+        Ok(AutoFlip { config, explored_in: 0, base: Vec::new(), velocity: Vec::new(), ema: Vec::new(), q0: 0.0 })
+    }
+
+    fn explore(&mut self, global: &mut ModelState, results: &[Contribution], ctx: &RoundContext) -> Result<RoundOutcome, String> {
+        let a = self.config.autoflip.clone();
+        let n = global.params.len();
+        let mut sq = vec![0f32; n];
+        for c in results {
+            for (s, d) in sq.iter_mut().zip(&c.values) {
+                *s += d * d / results.len() as f32;
+            }
+        }
+        let g = guidance(&global.arch, &sq);
+        let mean_delta = weighted_values(results)?;
+        let start: Vec<f32> = if a.start_from_explored {
+            self.base.iter().zip(&mean_delta).map(|(b, d)| b + d).collect()
+        } else {
+            self.base.clone()
+        };
+        let mut outcome = RoundOutcome::default();
+        let q = if a.auto_q {
+            let q = choose_q(global, &start, &g, a.q_tolerance, ctx, &mut outcome);
+            outcome.metrics.insert("q_auto".into(), q);
+            q
+        } else {
+            a.q
+        };
+        global.params = start;
+        global.set_mask(prune_lowest(&g, q, None));
+        self.q0 = global.sparsity();
+        self.ema = sq;
+        self.velocity = vec![0.0; n];
+        let epochs: f64 = results.iter().map(|c| c.metrics.epochs as f64).sum::<f64>() / results.len() as f64;
+        outcome.metrics.insert("q".into(), q);
+        outcome.metrics.insert("explore_clients".into(), results.len() as f64);
+        outcome.metrics.insert("explore_epochs_mean".into(), epochs);
+        Ok(outcome)
+    }
+
+    fn train(&mut self, round: u32, global: &mut ModelState, results: &[Contribution], ctx: &RoundContext) -> Result<RoundOutcome, String> {
+        let a = self.config.autoflip.clone();
+        let mean_delta = weighted_values(results)?;
+        if self.velocity.len() != global.params.len() {
+            self.velocity = vec![0.0; global.params.len()];
+        }
+        momentum_step(&mut global.params, &mut self.velocity, &mean_delta, self.config.server_momentum, self.config.server_lr);
+        let mask = global.mask.clone().unwrap_or_else(|| vec![true; global.params.len()]);
+        for ((p, v), k) in global.params.iter_mut().zip(self.velocity.iter_mut()).zip(&mask) {
+            if !k {
+                *p = 0.0;
+                *v = 0.0;
+            }
+        }
+        let beta = a.ema as f32;
+        for (i, e) in self.ema.iter_mut().enumerate() {
+            let sq: f32 = results.iter().map(|c| c.values[i] * c.values[i]).sum::<f32>() / results.len() as f32;
+            *e = beta * *e + (1.0 - beta) * sq;
+        }
+        let mut outcome = RoundOutcome::default();
+        let since = round - self.explored_in;
+        if a.reprune_every > 0 && since % a.reprune_every == 0 && a.target_sparsity > global.sparsity() {
+            // Linear schedule from the post-exploration sparsity to the target at the last round.
+            let span = (ctx.rounds - self.explored_in).max(1) as f64;
+            let want = self.q0 + (a.target_sparsity - self.q0) * (since as f64 / span).min(1.0);
+            if want > global.sparsity() {
+                let g = guidance(&global.arch, &self.ema);
+                global.set_mask(prune_lowest(&g, want, Some(&mask)));
+                for (v, k) in self.velocity.iter_mut().zip(global.mask.as_ref().unwrap()) {
+                    if !k {
+                        *v = 0.0;
+                    }
+                }
+                outcome.metrics.insert("repruned".into(), 1.0);
+            }
+        }
+        Ok(outcome)
+    }
+}
+
+impl Strategy for AutoFlip {
+    fn name(&self) -> &'static str {
+        "autoflip"
+    }
+
+    fn phase(&self) -> &'static str {
+        if self.explored_in == 0 { "exploring" } else { "training" }
+    }
+
+    fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
+        let a = &self.config.autoflip;
+        let exploring = self.explored_in == 0;
+        let (fraction, upload) = if exploring {
+            self.base = global.params.clone();
+            (a.explore_fraction, UploadSpec::Sparse { int8: a.int8, top_k: 1.0, error_feedback: false })
+        } else {
+            (self.config.fraction, UploadSpec::Sparse { int8: a.int8, top_k: a.top_k, error_feedback: a.error_feedback })
+        };
+        let mut config = self.config.clone();
+        if exploring {
+            config.epochs = a.explore_epochs;
+        } else {
+            config.lr *= a.lr_decay.powi((round - self.explored_in - 1) as i32);
+        }
+        sample_clients(clients, fraction, self.config.min_fit, rng)
+            .into_iter()
+            .map(|c| {
+                let mut task = train_task(round, global, &config, c.id, upload);
+                if exploring {
+                    task.train.patience = a.explore_patience;
+                }
+                (c.id, task)
+            })
+            .collect()
+    }
+
+    fn aggregate(&mut self, round: u32, global: &mut ModelState, results: &[Contribution], ctx: &RoundContext) -> Result<RoundOutcome, String> {
+        if results.iter().any(|c| c.kind != UploadKind::Delta) {
+            return Err("autoflip expects deltas".into());
+        }
+        let mut outcome = if self.explored_in == 0 {
+            let o = self.explore(global, results, ctx)?;
+            self.explored_in = round;
+            o
+        } else {
+            self.train(round, global, results, ctx)?
+        };
+        mask_metrics(global, &mut outcome);
+        Ok(outcome)
+    }
+}
+
+/// G: per tensor, the values min-max scaled to [0, 1] (a constant tensor maps to 0).
+pub fn guidance(arch: &Arch, sq_mean: &[f32]) -> Vec<f32> {
+    let mut g = sq_mean.to_vec();
+    for p in arch.params() {
+        let t = &mut g[p.offset..p.offset + p.len];
+        let (lo, hi) = t.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), v| (l.min(*v), h.max(*v)));
+        let span = hi - lo;
+        for v in t.iter_mut() {
+            *v = if span > 0.0 { (*v - lo) / span } else { 0.0 };
+        }
+    }
+    g
+}
+
+/// A mask pruning the `q` fraction of all entries with the lowest `g` (one global threshold;
+/// ties go to the lower index). Entries `already` pruned stay pruned and count towards q.
+pub fn prune_lowest(g: &[f32], q: f64, already: Option<&[bool]>) -> Vec<bool> {
+    let n = g.len();
+    let target = ((q * n as f64).floor() as usize).min(n);
+    let mut mask = already.map(|m| m.to_vec()).unwrap_or_else(|| vec![true; n]);
+    let pruned = mask.iter().filter(|k| !**k).count();
+    if target <= pruned {
+        return mask;
+    }
+    let mut order: Vec<usize> = (0..n).filter(|&i| mask[i]).collect();
+    order.sort_by(|&a, &b| g[a].total_cmp(&g[b]).then(a.cmp(&b)));
+    for &i in order.iter().take(target - pruned) {
+        mask[i] = false;
+    }
+    mask
+}
+
+/// The largest q on a 0.1 grid whose pruned model's validation loss stays within `tolerance`
+/// (relative) of the unpruned model's; 0 when even q = 0.1 costs too much.
+fn choose_q(global: &ModelState, start: &[f32], g: &[f32], tolerance: f64, ctx: &RoundContext, outcome: &mut RoundOutcome) -> f64 {
+    let mut probe = ModelState { params: start.to_vec(), ..global.clone() };
+    let dense = (ctx.validate)(&probe).loss as f64;
+    outcome.metrics.insert("q_auto_dense_val_loss".into(), dense);
+    for step in (1..=9).rev() {
+        let q = step as f64 / 10.0;
+        probe.params = start.to_vec();
+        probe.mask = None;
+        probe.set_mask(prune_lowest(g, q, None));
+        let loss = (ctx.validate)(&probe).loss as f64;
+        if loss <= dense * (1.0 + tolerance) {
+            outcome.metrics.insert("q_auto_val_loss".into(), loss);
+            return q;
+        }
+    }
+    0.0
+}
+
+/// Sparsity overall and per weight tensor, and FLOPs with pruned weights skipped.
+pub fn mask_metrics(global: &ModelState, outcome: &mut RoundOutcome) {
+    outcome.metrics.insert("sparsity".into(), global.sparsity());
+    let dense = global.arch.flops_per_sample() as f64;
+    let effective = global.arch.effective_flops(global.mask.as_deref()) as f64;
+    outcome.metrics.insert("effective_flops".into(), effective);
+    outcome.metrics.insert("flops_ratio".into(), effective / dense.max(1.0));
+    if let Some(m) = &global.mask {
+        for p in global.arch.params() {
+            let pruned = m[p.offset..p.offset + p.len].iter().filter(|k| !**k).count();
+            outcome.metrics.insert(format!("sparsity.{}", p.name), pruned as f64 / p.len as f64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::Layer;
+
+    fn arch() -> Arch {
+        Arch { input: [1, 1, 2], classes: 2, layers: vec![Layer::Flatten, Layer::Dense { inputs: 2, units: 2 }] }
+    }
+
+    #[test]
+    fn guidance_is_min_max_per_tensor() {
+        // Two clients' deltas on a 2×2 weight and a 2-entry bias.
+        let d1 = [1.0f32, 0.0, 2.0, 0.0, 0.5, 0.5];
+        let d2 = [1.0f32, 0.0, 0.0, 2.0, 0.5, 0.5];
+        let sq: Vec<f32> = d1.iter().zip(&d2).map(|(a, b)| (a * a + b * b) / 2.0).collect();
+        assert_eq!(sq, vec![1.0, 0.0, 2.0, 2.0, 0.25, 0.25]);
+        let g = guidance(&arch(), &sq);
+        assert_eq!(g, vec![0.5, 0.0, 1.0, 1.0, 0.0, 0.0], "weights scaled within themselves; a flat bias maps to 0");
+    }
+
+    #[test]
+    fn one_global_threshold_prunes_the_lowest() {
+        let g = [0.5f32, 0.0, 1.0, 1.0, 0.0, 0.2];
+        assert_eq!(prune_lowest(&g, 0.5, None), vec![true, false, true, true, false, false]);
+        assert_eq!(prune_lowest(&g, 0.0, None), vec![true; 6]);
+        // Re-pruning keeps what is pruned and adds the next lowest.
+        let m = prune_lowest(&g, 0.34, None);
+        assert_eq!(m, vec![true, false, true, true, false, true]);
+        assert_eq!(prune_lowest(&g, 0.5, Some(&m)), vec![true, false, true, true, false, false]);
+        assert_eq!(prune_lowest(&g, 0.1, Some(&m)), m, "never un-prunes");
+    }
+
+    #[test]
+    fn masked_momentum_keeps_pruned_weights_at_zero() {
+        let mut cfg = StrategyConfig::default();
+        cfg.autoflip.q = 0.5;
+        let mut s = AutoFlip::new(cfg).unwrap();
+        let mut global = ModelState::init(arch(), 1);
+        let clients: Vec<ClientView> = (0..2).map(|id| ClientView { id, samples: 10 }).collect();
+        let mut rng = rand::SeedableRng::seed_from_u64(1);
+        let tasks = s.configure_round(1, &global, &clients, &mut rng);
+        assert_eq!(tasks.len(), 2);
+        assert_eq!(tasks[0].1.train.epochs, 20);
+        let contrib = |client, v: [f32; 6]| Contribution { client, samples: 10, kind: UploadKind::Delta, values: v.to_vec(), metrics: Default::default() };
+        let validate = |_: &ModelState| crate::train::Eval::default();
+        let ctx = RoundContext { rounds: 5, validate: &validate };
+        let r = [contrib(0, [1.0, 0.0, 2.0, 0.0, 0.5, 0.1]), contrib(1, [1.0, 0.0, 0.0, 2.0, 0.5, 0.3])];
+        let out = s.aggregate(1, &mut global, &r, &ctx).unwrap();
+        assert_eq!(out.metrics["sparsity"], 0.5);
+        let mask = global.mask.clone().unwrap();
+        assert_eq!(mask.iter().filter(|k| !**k).count(), 3);
+        assert!(global.params.iter().zip(&mask).all(|(p, k)| *k || *p == 0.0));
+        // A training round: the pruned entries stay zero after the server's momentum step.
+        let tasks = s.configure_round(2, &global, &clients, &mut rng);
+        assert!(matches!(tasks[0].1.upload, UploadSpec::Sparse { int8: true, .. }));
+        let r = [contrib(0, [0.1; 6]), contrib(1, [0.2; 6])];
+        s.aggregate(2, &mut global, &r, &ctx).unwrap();
+        assert!(global.params.iter().zip(&mask).all(|(p, k)| *k || *p == 0.0));
+    }
+}
