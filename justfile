@@ -33,3 +33,8 @@ sim URL="ws://127.0.0.1:8080/ws" N="5":
 # Speed figures (native training, wire format, aggregation), each against a baseline.
 bench *ARGS:
     cargo run -p canopy-server --bin canopy -- bench {{ARGS}}
+
+# FedAvg vs AutoFLIP (and any strategies listed) on the same splits; prints and saves a table.
+compare *ARGS: setup
+    cargo build -p canopy-server --bin canopy
+    "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/compare.toml {{ARGS}}

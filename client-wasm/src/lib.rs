@@ -7,7 +7,7 @@ use std::rc::Rc;
 
 use burn::tensor::Device;
 use canopy_core::client::{ClientHost, ClientRuntime};
-use canopy_core::protocol::{Backend, ClientMsg, DeviceInfo, ServerMsg, decode, encode};
+use canopy_core::protocol::{Backend, ClientMsg, DeviceInfo, MaskSpec, ServerMsg, decode, encode};
 use canopy_core::train::{Host, Progress, predict};
 use js_sys::{Function, Promise, Uint8Array};
 use serde_json::json;
@@ -127,7 +127,13 @@ impl CanopyClient {
                     "shard": w.shard.index, "train": w.shard.train.len(), "test": w.shard.test.len(),
                     "classes": w.shard.train.class_counts(),
                 }),
-                ServerMsg::Task(t) => json!({ "kind": "task", "round": t.round, "params": t.model.arch.num_params(), "bytes": frame.len() }),
+                ServerMsg::Task(t) => json!({
+                    "kind": "task", "round": t.round, "params": t.model.arch.num_params(), "bytes": frame.len(),
+                    "mask": t.model.mask.as_ref().map(|m| match m {
+                        MaskSpec::Full { version, .. } => json!({ "version": version, "sent": true }),
+                        MaskSpec::Cached { version } => json!({ "version": version, "sent": false }),
+                    }),
+                }),
                 ServerMsg::Wait { round, reason } => json!({ "kind": "wait", "round": round, "reason": reason }),
                 ServerMsg::Error { code, message } => json!({ "kind": "error", "code": format!("{code:?}"), "message": message }),
                 ServerMsg::Bye { reason } => json!({ "kind": "bye", "reason": reason }),
@@ -143,7 +149,8 @@ impl CanopyClient {
                             "samples": r.samples, "train_loss": r.metrics.train_loss,
                             "local_accuracy": r.metrics.local_test.accuracy, "local_loss": r.metrics.local_test.loss,
                             "samples_per_sec": r.metrics.samples_per_sec, "seconds": r.metrics.train_seconds,
-                            "steps": r.metrics.steps,
+                            "steps": r.metrics.steps, "epochs": r.metrics.epochs,
+                            "pruned_nonzero": r.metrics.pruned_nonzero, "mask_version": r.mask_version,
                         });
                     }
                     ClientMsg::Error { message, .. } => summary["failed"] = json!(message),

@@ -95,9 +95,11 @@ impl<H: ClientHost> ClientRuntime<H> {
             TaskKind::Evaluate => (Update::None, 0, ClientMetrics::default(), None),
             TaskKind::Train => {
                 let t = train_local(arch, &start, mask.as_deref(), &shard.train, &task.train, &self.device, &mut host).await?;
+                let pruned_nonzero = mask.as_ref().map_or(0, |m| t.params.iter().zip(m).filter(|(v, k)| !**k && **v != 0.0).count() as u64);
                 let metrics = ClientMetrics {
                     train_loss: t.mean_loss,
                     epochs: t.epochs,
+                    pruned_nonzero,
                     steps: t.steps,
                     train_seconds: t.seconds,
                     samples_per_sec: t.samples_per_sec(),

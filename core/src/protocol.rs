@@ -238,6 +238,8 @@ pub struct ClientMetrics {
     pub steps: u32,
     pub train_seconds: f64,
     pub samples_per_sec: f64,
+    /// Pruned parameters that are not exactly zero after training (0 when the mask held).
+    pub pruned_nonzero: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -2,6 +2,7 @@
 //! and runs the rounds.
 
 pub mod bench;
+pub mod compare;
 pub mod config;
 pub mod datasets;
 pub mod hub;

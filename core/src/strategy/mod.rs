@@ -241,6 +241,9 @@ pub fn accept(client: u64, task: &Task, result: TaskResult, shard_samples: u64) 
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         return Err(format!("update value {i} is {} (not finite)", values[i]));
     }
+    if result.metrics.pruned_nonzero > 0 {
+        return Err(format!("the mask was not enforced: {} pruned parameters moved", result.metrics.pruned_nonzero));
+    }
     if let Some(m) = &mask {
         // A masked task's update must keep pruned entries at exactly zero (weights) or unchanged.
         if let Some(i) = values.iter().zip(m).position(|(v, k)| !k && *v != 0.0) {
