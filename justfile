@@ -38,3 +38,8 @@ bench *ARGS:
 compare *ARGS: setup
     cargo build -p canopy-server --bin canopy
     "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/compare.toml {{ARGS}}
+
+# FedAvg vs automatic structured pruning on the small CNN; prints and saves a table.
+compare-structured *ARGS: setup
+    cargo build -p canopy-server --bin canopy
+    "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/structured.toml --strategies fedavg,structured --partitions dirichlet:0.1,shards:2 {{ARGS}}

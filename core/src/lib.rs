@@ -11,4 +11,5 @@ pub mod partition;
 pub mod protocol;
 pub mod state;
 pub mod strategy;
+pub mod surgery;
 pub mod train;

@@ -12,6 +12,9 @@ pub struct CompareArgs {
     /// Base TOML config (strategy settings, model, rounds...).
     #[arg(long, short)]
     pub config: Option<PathBuf>,
+    /// Model for every run (overrides the config).
+    #[arg(long)]
+    pub model: Option<String>,
     /// Strategies to compare, comma separated; the first is the baseline.
     #[arg(long, default_value = "fedavg,autoflip")]
     pub strategies: String,
@@ -60,6 +63,17 @@ impl Row {
     fn extra(&self, key: &str) -> Option<f64> {
         self.rounds.last().and_then(|r| r.extra.get(key).copied())
     }
+    /// (first round, last round) of a per-round figure.
+    fn span<T: Copy + Default>(&self, f: impl Fn(&RoundRecord) -> T) -> (T, T) {
+        (self.rounds.first().map(&f).unwrap_or_default(), self.rounds.last().map(&f).unwrap_or_default())
+    }
+    /// FLOPs per sample of the final model (pruned weights free when a mask says so) over the
+    /// first round's dense model.
+    fn flops_ratio(&self) -> f64 {
+        let (first, _) = self.span(|r| r.flops_per_sample);
+        let last = self.rounds.last().map_or(0.0, |r| r.extra.get("effective_flops").copied().unwrap_or(r.flops_per_sample as f64));
+        last / first.max(1) as f64
+    }
 }
 
 pub async fn run(args: CompareArgs) -> Result<Vec<Row>, String> {
@@ -83,6 +97,9 @@ pub async fn run(args: CompareArgs) -> Result<Vec<Row>, String> {
                 c.server.port = 0;
                 if let Some(r) = args.rounds {
                     c.run.rounds = r;
+                }
+                if let Some(m) = &args.model {
+                    c.model = m.clone();
                 }
                 c.validate()?;
                 eprintln!("== {dataset} / {partition} / {strategy}: {} rounds, {} clients", c.run.rounds, args.clients);
@@ -119,17 +136,18 @@ fn mb(b: u64) -> String {
 
 pub fn markdown(rows: &[Row], target: f32) -> String {
     let mut s = format!(
-        "| dataset | partition | strategy | final acc | best acc | rounds to {:.0}% | MB up | MB down | up vs first | final sparsity | FLOPs vs dense | time s |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| dataset | partition | strategy | final acc | best acc | rounds to {:.0}% | MB up | MB down | up vs first | params first → last | FLOPs last/first | sparsity | step ms first → last | time s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         target * 100.0
     );
     for r in rows {
         let baseline = rows.iter().find(|b| b.dataset == r.dataset && b.partition == r.partition).expect("itself");
         s.push_str(&format!(
-            "| {} | {} | {} | {:.4} | {:.4} | {} | {} | {} | {:.2}× | {} | {} | {:.0} |\n",
+            "| {} | {} | {} | {:.4} | {:.4} | {} | {} | {} | {:.2}× | {} → {} | {:.2} | {} | {:.2} → {:.2} | {:.0} |\n",
             r.dataset, r.partition, r.strategy, r.final_acc(), r.best_acc(), r.to_target(target), mb(r.up()), mb(r.down()),
             r.up() as f64 / baseline.up().max(1) as f64,
+            r.span(|x| x.params).0, r.span(|x| x.params).1, r.flops_ratio(),
             r.extra("sparsity").map_or("0".into(), |v| format!("{v:.2}")),
-            r.extra("flops_ratio").map_or("1.00".into(), |v| format!("{v:.2}")),
+            r.span(|x| x.step_ms).0, r.span(|x| x.step_ms).1,
             r.seconds
         ));
     }
@@ -137,12 +155,13 @@ pub fn markdown(rows: &[Row], target: f32) -> String {
 }
 
 fn csv(rows: &[Row], target: f32) -> String {
-    let mut s = String::from("dataset,partition,strategy,final_accuracy,best_accuracy,rounds_to_target,target,bytes_up,bytes_down,final_sparsity,flops_ratio,seconds\n");
+    let mut s = String::from("dataset,partition,strategy,final_accuracy,best_accuracy,rounds_to_target,target,bytes_up,bytes_down,params_first,params_last,flops_ratio,final_sparsity,step_ms_first,step_ms_last,seconds\n");
     for r in rows {
         s.push_str(&format!(
-            "{},{},{},{:.4},{:.4},{},{target},{},{},{},{},{:.1}\n",
+            "{},{},{},{:.4},{:.4},{},{target},{},{},{},{},{:.4},{},{:.3},{:.3},{:.1}\n",
             r.dataset, r.partition, r.strategy, r.final_acc(), r.best_acc(), r.to_target(target).replace('–', ""), r.up(), r.down(),
-            r.extra("sparsity").unwrap_or(0.0), r.extra("flops_ratio").unwrap_or(1.0), r.seconds
+            r.span(|x| x.params).0, r.span(|x| x.params).1, r.flops_ratio(),
+            r.extra("sparsity").unwrap_or(0.0), r.span(|x| x.step_ms).0, r.span(|x| x.step_ms).1, r.seconds
         ));
     }
     s

@@ -30,6 +30,8 @@ pub struct RoundRecord {
     pub bytes_down: u64,
     pub params: usize,
     pub flops_per_sample: u64,
+    /// Mean local training step time reported by this round's clients, in milliseconds.
+    pub step_ms: f64,
     /// Backends of the clients whose results were aggregated (e.g. "webgpu", "cpu").
     pub backends: Vec<String>,
     pub participants: Vec<u64>,
@@ -37,7 +39,7 @@ pub struct RoundRecord {
     pub extra: BTreeMap<String, f64>,
 }
 
-const COLUMNS: &str = "round,seconds,sampled,results,dropped,rejected,retries,test_accuracy,test_loss,train_loss,local_accuracy,samples,bytes_up,bytes_down,params,flops_per_sample";
+const COLUMNS: &str = "round,seconds,sampled,results,dropped,rejected,retries,test_accuracy,test_loss,train_loss,local_accuracy,samples,bytes_up,bytes_down,params,flops_per_sample,step_ms";
 
 pub fn to_csv(rows: &[RoundRecord]) -> String {
     let extras: Vec<String> = {
@@ -54,9 +56,9 @@ pub fn to_csv(rows: &[RoundRecord]) -> String {
     out.push('\n');
     for r in rows {
         out.push_str(&format!(
-            "{},{:.3},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{}",
+            "{},{:.3},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{},{:.3}",
             r.round, r.seconds, r.sampled, r.results, r.dropped, r.rejected, r.retries, r.test_accuracy, r.test_loss,
-            r.train_loss, r.local_accuracy, r.samples, r.bytes_up, r.bytes_down, r.params, r.flops_per_sample
+            r.train_loss, r.local_accuracy, r.samples, r.bytes_up, r.bytes_down, r.params, r.flops_per_sample, r.step_ms
         ));
         for e in &extras {
             out.push(',');

@@ -119,8 +119,10 @@ impl RoundLoop {
                     samples: total,
                     bytes_up: hub.round_bytes_up,
                     bytes_down: hub.round_bytes_down,
-                    params: next.arch.num_params(),
-                    flops_per_sample: next.arch.flops_per_sample(),
+                    // The model the clients trained this round (a strategy may shrink it after).
+                    params: global.arch.num_params(),
+                    flops_per_sample: global.arch.flops_per_sample(),
+                    step_ms: results.iter().map(|c| 1000.0 * c.metrics.train_seconds / c.metrics.steps.max(1) as f64).sum::<f64>() / results.len() as f64,
                     backends: results.iter().map(|c| hub.clients.get(&c.client).map(|cl| cl.device.backend.to_string()).unwrap_or_default()).collect(),
                     participants: results.iter().map(|c| c.client).collect(),
                     extra: outcome.metrics,

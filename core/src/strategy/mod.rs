@@ -6,8 +6,10 @@
 mod autoflip;
 mod fedavg;
 mod fedavgm;
+mod structured;
 
 pub use autoflip::{AutoFlip, AutoflipConfig};
+pub use structured::{Structured, StructuredConfig};
 pub use fedavg::FedAvg;
 pub use fedavgm::FedAvgM;
 
@@ -52,6 +54,8 @@ pub struct StrategyConfig {
     pub seed: u64,
     /// AutoFLIP's settings (`[strategy.autoflip]`).
     pub autoflip: AutoflipConfig,
+    /// Structured pruning's settings (`[strategy.structured]`).
+    pub structured: StructuredConfig,
 }
 
 impl Default for StrategyConfig {
@@ -68,6 +72,7 @@ impl Default for StrategyConfig {
             server_lr: 1.0,
             seed: 1,
             autoflip: AutoflipConfig::default(),
+            structured: StructuredConfig::default(),
         }
     }
 }
@@ -137,13 +142,14 @@ pub trait Strategy: Send {
 }
 
 /// Names [`build`] accepts.
-pub const NAMES: &[&str] = &["fedavg", "fedavgm", "autoflip"];
+pub const NAMES: &[&str] = &["fedavg", "fedavgm", "autoflip", "structured"];
 
 pub fn build(name: &str, config: &StrategyConfig) -> Result<Box<dyn Strategy>, String> {
     match name {
         "fedavg" => Ok(Box::new(FedAvg::new(config.clone()))),
         "fedavgm" => Ok(Box::new(FedAvgM::new(config.clone()))),
         "autoflip" => Ok(Box::new(AutoFlip::new(config.clone())?)),
+        "structured" => Ok(Box::new(Structured::new(config.clone())?)),
         other => Err(format!("unknown strategy '{other}' (known: {})", NAMES.join(", "))),
     }
 }

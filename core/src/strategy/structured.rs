@@ -1,0 +1,137 @@
+//! Automatic structured pruning (METHODS.md, section 2): FedAvg on the current architecture, and
+//! after each aggregation while pruning is active, every hidden dense or conv layer loses the
+//! units whose L1 norm falls outside μ ± λσ of its layer. The model physically shrinks: the next
+//! tasks carry the narrower architecture and every client rebuilds it.
+
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+use super::{ClientView, Contribution, RoundContext, RoundOutcome, Strategy, StrategyConfig, UploadKind, sample_clients, train_task, weighted_values};
+use crate::protocol::{Task, UploadSpec};
+use crate::state::ModelState;
+use crate::surgery::{keep_within_bounds, shrink, unit_scores};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StructuredConfig {
+    /// Width of the keep band in standard deviations (the paper: 2.2 for FEMNIST, 2.0 for CelebA).
+    pub lambda: f32,
+    /// Never prune a layer below this many units.
+    pub min_units: usize,
+    /// Stop pruning after this many consecutive rounds in which the model did not shrink.
+    pub patience: u32,
+    /// No pruning after this round (the paper: 50).
+    pub prune_until: u32,
+    /// Re-initialise the smaller model instead of copying the surviving weights (the paper's code).
+    pub reinit: bool,
+}
+
+impl Default for StructuredConfig {
+    fn default() -> Self {
+        StructuredConfig { lambda: 2.2, min_units: 4, patience: 3, prune_until: 50, reinit: false }
+    }
+}
+
+pub struct Structured {
+    config: StrategyConfig,
+    stale: u32,
+    stopped: bool,
+}
+
+impl Structured {
+    pub fn new(config: StrategyConfig) -> Result<Self, String> {
+        if !(config.structured.lambda >= 0.0) {
+            return Err("structured lambda must be ≥ 0".into());
+        }
+        Ok(Structured { config, stale: 0, stopped: false })
+    }
+}
+
+impl Strategy for Structured {
+    fn name(&self) -> &'static str {
+        "structured"
+    }
+
+    fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
+        sample_clients(clients, self.config.fraction, self.config.min_fit, rng)
+            .into_iter()
+            .map(|c| (c.id, train_task(round, global, &self.config, c.id, UploadSpec::Weights)))
+            .collect()
+    }
+
+    fn aggregate(&mut self, round: u32, global: &mut ModelState, results: &[Contribution], _ctx: &RoundContext) -> Result<RoundOutcome, String> {
+        if results.iter().any(|c| c.kind != UploadKind::Weights) {
+            return Err("structured pruning expects weights".into());
+        }
+        global.params = weighted_values(results)?;
+        let s = &self.config.structured;
+        let mut outcome = RoundOutcome::default();
+        let active = !self.stopped && round <= s.prune_until;
+        if active {
+            let keep: Vec<Option<Vec<usize>>> = unit_scores(global)
+                .into_iter()
+                .map(|scores| scores.map(|sc| keep_within_bounds(&sc, s.lambda, s.min_units)))
+                .collect();
+            let before = global.arch.num_params();
+            let smaller = shrink(global, &keep);
+            if smaller.arch.num_params() < before {
+                let removed: usize = global.arch.widths().iter().sum::<usize>() - smaller.arch.widths().iter().sum::<usize>();
+                outcome.metrics.insert("pruned_units".into(), removed as f64);
+                *global = if s.reinit { ModelState::init(smaller.arch, self.config.seed ^ round as u64) } else { smaller };
+                self.stale = 0;
+            } else {
+                self.stale += 1;
+                if self.stale >= s.patience {
+                    self.stopped = true;
+                }
+            }
+        }
+        outcome.metrics.insert("pruning_active".into(), (!self.stopped && round < s.prune_until) as u8 as f64);
+        for (i, w) in global.arch.widths().iter().enumerate() {
+            outcome.metrics.insert(format!("width.{i}"), *w as f64);
+        }
+        for p in global.arch.params() {
+            *outcome.metrics.entry(format!("bytes.layers.{}", p.layer)).or_default() += 4.0 * p.len as f64;
+        }
+        Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::Arch;
+
+    #[test]
+    fn prunes_outliers_then_stops_after_patience() {
+        let mut cfg = StrategyConfig::default();
+        cfg.structured.lambda = 1.0;
+        cfg.structured.patience = 2;
+        let mut s = Structured::new(cfg).unwrap();
+        let arch = Arch::preset("mlp", [1, 4, 4], 3).unwrap();
+        let mut global = ModelState::init(arch, 1);
+        let validate = |_: &ModelState| crate::train::Eval::default();
+        let ctx = RoundContext { rounds: 10, validate: &validate };
+        let w = |g: &ModelState| Contribution { client: 0, samples: 5, kind: UploadKind::Weights, values: g.params.clone(), metrics: Default::default() };
+        let before = global.arch.num_params();
+        let r = [w(&global)];
+        let out = s.aggregate(1, &mut global, &r, &ctx).unwrap();
+        assert!(global.arch.num_params() < before, "λ = 1 prunes the tails of random weights");
+        assert!(out.metrics["pruned_units"] > 0.0);
+        assert_eq!(global.params.len(), global.arch.num_params());
+        assert_eq!(*global.arch.widths().last().unwrap(), 3, "the output layer keeps every class");
+        // With λ huge nothing falls outside the band: patience runs out and pruning stops.
+        s.config.structured.lambda = 100.0;
+        let n = global.arch.num_params();
+        let r = [w(&global)];
+        s.aggregate(2, &mut global, &r, &ctx).unwrap();
+        let r = [w(&global)];
+        let out = s.aggregate(3, &mut global, &r, &ctx).unwrap();
+        assert_eq!(global.arch.num_params(), n);
+        assert_eq!(out.metrics["pruning_active"], 0.0);
+        s.config.structured.lambda = 0.1;
+        let r = [w(&global)];
+        s.aggregate(4, &mut global, &r, &ctx).unwrap();
+        assert_eq!(global.arch.num_params(), n, "stopped for good");
+    }
+}
