@@ -65,7 +65,7 @@ function onSummary(json) {
       $('round').textContent = s.round;
       if (s.result) {
         state.roundsDone += 1;
-        state.results.push({ round: s.round, taskBytes: s.bytes, mask: s.mask, uploadBytes: s.reply_bytes, ...s.result });
+        state.results.push({ round: s.round, params: s.params, taskBytes: s.bytes, mask: s.mask, uploadBytes: s.reply_bytes, ...s.result });
         $('done').textContent = state.roundsDone;
         $('acc').textContent = `${(100 * s.result.local_accuracy).toFixed(1)} %`;
         $('loss').textContent = s.result.train_loss.toFixed(4);

@@ -151,6 +151,29 @@ fn autoflip_int8_uploads_are_three_times_smaller_than_fedavg() {
     });
 }
 
+#[test]
+fn structured_pruning_shrinks_the_model_clients_train() {
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = config("structured", 4, 3);
+        c.strategy.name = "structured".into();
+        c.strategy.config.structured.lambda = 1.0;
+        let app = run_with_sims(c, 3).await;
+        let rounds = records(&app);
+        assert_eq!(rounds.len(), 4);
+        // Round 1 trains the full MLP; later rounds train a narrower one, all results accepted.
+        assert_eq!(rounds[0].params, 199_210);
+        assert!(rounds[1].params < rounds[0].params && rounds[3].params < rounds[1].params, "{:?}", rounds.iter().map(|r| r.params).collect::<Vec<_>>());
+        assert!(rounds[3].flops_per_sample < rounds[0].flops_per_sample);
+        assert!(rounds.iter().all(|r| r.results == 3 && r.rejected == 0));
+        assert!(rounds[3].bytes_up < rounds[0].bytes_up, "smaller models, smaller uploads");
+        let global = app.global.lock().unwrap().clone();
+        assert_eq!(global.params.len(), global.arch.num_params());
+        assert_eq!(*global.arch.widths().last().unwrap(), 10);
+        assert!(rounds[3].test_accuracy > 0.6, "{:?}", rounds.iter().map(|r| r.test_accuracy).collect::<Vec<_>>());
+    });
+}
+
 type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>;
 
 fn connect(url: &str) -> Ws {
