@@ -43,3 +43,9 @@ compare *ARGS: setup
 compare-structured *ARGS: setup
     cargo build -p canopy-server --bin canopy
     "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/structured.toml --strategies fedavg,structured --partitions dirichlet:0.1,shards:2 {{ARGS}}
+
+# Training speed in headless Chromium tabs (WebGPU and CPU), full vs pruned widths.
+bench-browser: setup
+    bash scripts/build-wasm.sh
+    cargo build -p canopy-server --bin canopy
+    node tests/browser/bench.mjs

@@ -61,6 +61,17 @@ impl ClientHost for WebHost {
     }
 }
 
+struct BenchHost;
+
+impl Host for BenchHost {
+    fn now_ms(&self) -> f64 {
+        now_ms()
+    }
+    async fn progress(&mut self, _p: &Progress) {
+        yield_now().await;
+    }
+}
+
 #[wasm_bindgen]
 pub struct CanopyClient {
     rt: Rc<RefCell<ClientRuntime<WebHost>>>,
@@ -161,6 +172,39 @@ impl CanopyClient {
                 let _ = rt.host.send.call1(&JsValue::NULL, &Uint8Array::from(bytes.as_slice()));
             }
             Ok(JsValue::from_str(&summary.to_string()))
+        })
+    }
+
+    /// Training speed on this tab's backend, in samples per second: `steps` steps of `model`
+    /// (a preset name) on random 28×28 inputs, with every hidden layer cut to `keep` of its
+    /// units by the same surgery structured pruning uses (1.0: the full model). For benchmarks.
+    pub fn bench(&self, model: String, batch: usize, steps: u32, keep: f32) -> Promise {
+        let rt = self.rt.clone();
+        future_to_promise(async move {
+            let device = rt.try_borrow().map_err(|_| JsValue::from_str("busy training"))?.device.clone();
+            let arch = canopy_core::arch::Arch::preset(&model, [1, 28, 28], 10).map_err(|e| JsValue::from_str(&e.to_string()))?;
+            let mut state = canopy_core::state::ModelState::init(arch, 1);
+            if keep < 1.0 {
+                let cut: Vec<Option<Vec<usize>>> = canopy_core::surgery::unit_scores(&state)
+                    .into_iter()
+                    .map(|s| s.map(|s| (0..((s.len() as f32 * keep).ceil() as usize).max(1)).collect()))
+                    .collect();
+                state = canopy_core::surgery::shrink(&state, &cut);
+            }
+            let n = batch * steps as usize;
+            let images: Vec<u8> = (0..n * 784).map(|i| (i * 7919 % 251) as u8).collect();
+            let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+            let data = canopy_core::data::Dataset { shape: [1, 28, 28], classes: 10, images, labels };
+            let spec = canopy_core::train::TrainSpec {
+                epochs: 1, batch_size: batch, lr: 0.01, optimizer: canopy_core::train::Optimizer::Sgd { momentum: 0.0 }, seed: 1, patience: 0,
+            };
+            let mut host = BenchHost;
+            // One warm-up step (shader compilation on WebGPU), then the timed run.
+            let warm = data.select(&(0..batch).collect::<Vec<_>>());
+            canopy_core::train::train_local(&state.arch, &state.params, None, &warm, &spec, &device, &mut host).await.map_err(|e| JsValue::from_str(&e))?;
+            let t = canopy_core::train::train_local(&state.arch, &state.params, None, &data, &spec, &device, &mut host).await.map_err(|e| JsValue::from_str(&e))?;
+            let v = json!({ "samples_per_sec": t.samples_per_sec(), "params": state.arch.num_params(), "flops": state.arch.flops_per_sample(), "step_ms": 1000.0 * t.seconds / t.steps as f64 });
+            Ok(JsValue::from_str(&v.to_string()))
         })
     }
 

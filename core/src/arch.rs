@@ -76,29 +76,14 @@ impl Arch {
                 Dense { inputs: 200, units: classes },
             ],
             // FedAvg's CNN: two 5×5 convs with pooling, dense 512.
-            "cnn" => vec![
-                Conv { in_channels: c, filters: 32, kernel: 5 },
-                Relu,
-                MaxPool2,
-                Conv { in_channels: 32, filters: 64, kernel: 5 },
-                Relu,
-                MaxPool2,
-                Flatten,
-                Dense { inputs: 64 * (h / 4) * (w / 4), units: 512 },
-                Relu,
-                Dense { inputs: 512, units: classes },
-            ],
-            // The structured-pruning paper's small CNN: global average pooling, dense head.
-            "cnn-small" => vec![
-                Conv { in_channels: c, filters: 32, kernel: 5 },
-                Relu,
-                MaxPool2,
-                Conv { in_channels: 32, filters: 64, kernel: 5 },
-                Relu,
-                MaxPool2,
-                GlobalAvgPool,
-                Dense { inputs: 64, units: classes },
-            ],
+            "cnn" => [
+                conv_stack(c),
+                vec![Flatten, Dense { inputs: 64 * (h / 4) * (w / 4), units: 512 }, Relu, Dense { inputs: 512, units: classes }],
+            ]
+            .concat(),
+            // The structured-pruning paper's small CNN: the same convs, global average pooling,
+            // a dense head.
+            "cnn-small" => [conv_stack(c), vec![GlobalAvgPool, Dense { inputs: 64, units: classes }]].concat(),
             other => return Err(ArchError::Unknown(other.to_string())),
         };
         let arch = Arch { input, classes, layers };
@@ -250,6 +235,19 @@ impl Arch {
             }),
         }
     }
+}
+
+/// Two 5×5 convolutions (32 and 64 filters), each followed by ReLU and 2×2 max pooling.
+fn conv_stack(channels: usize) -> Vec<Layer> {
+    use Layer::*;
+    vec![
+        Conv { in_channels: channels, filters: 32, kernel: 5 },
+        Relu,
+        MaxPool2,
+        Conv { in_channels: 32, filters: 64, kernel: 5 },
+        Relu,
+        MaxPool2,
+    ]
 }
 
 fn act_len(a: Act) -> usize {

@@ -2,25 +2,13 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { root, startServer, launch, openTab, state, artifactsDir } from './harness.mjs';
+import { root, runWithTabs } from './harness.mjs';
 
 test('AutoFLIP prunes half the model and the tabs keep the mask', { timeout: 600_000 }, async () => {
-  const server = await startServer(['--config', join(root, 'tests/browser/autoflip.toml'), '--name', 'browser-autoflip']);
-  const gpu = await launch({ webgpu: true });
-  const cpu = await launch({ webgpu: false });
-  const logs = [];
+  const { states, metrics: m, close } = await runWithTabs(['--config', join(root, 'tests/browser/autoflip.toml'), '--name', 'browser-autoflip'], [{ name: 'gpu-tab', webgpu: true }, { name: 'cpu-tab', webgpu: false }], 'autoflip');
   try {
-    const tabs = [await openTab(gpu, `${server.url}?name=gpu-tab`, logs), await openTab(cpu, `${server.url}?name=cpu-tab`, logs)];
-    let timer;
-    const code = await Promise.race([server.exited, new Promise((r) => { timer = setTimeout(() => r('timeout'), 540_000); })]);
-    clearTimeout(timer);
-    const states = await Promise.all(tabs.map(state));
-    const shots = artifactsDir(server.runDir);
-    await Promise.all(tabs.map((t, i) => t.screenshot({ path: join(shots, `autoflip-tab-${i}.png`) })));
-    assert.equal(code, 0, `server should finish the run\n${server.log().slice(-3000)}\n${logs.join('\n')}`);
     assert.deepEqual(states.map((s) => s.backend), ['webgpu', 'cpu']);
 
-    const m = server.metrics();
     assert.equal(m.rounds.length, 3);
     assert.equal(m.rounds[0].extra.explore_clients, 2, 'both tabs explored');
     for (const r of m.rounds) {
@@ -45,8 +33,6 @@ test('AutoFLIP prunes half the model and the tabs keep the mask', { timeout: 600
     assert.ok(m.rounds[2].test_accuracy > 0.5, `accuracy ${m.rounds.map((r) => r.test_accuracy)}`);
     console.log(`autoflip: accuracy ${m.rounds.map((r) => r.test_accuracy.toFixed(3)).join(' → ')}; up per round ${m.rounds.map((r) => r.bytes_up).join(', ')}`);
   } finally {
-    await gpu.close();
-    await cpu.close();
-    server.proc.kill();
+    await close();
   }
 });

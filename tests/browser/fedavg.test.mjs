@@ -2,38 +2,20 @@
 // back to the CPU backend because their browser has no WebGPU adapter.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { join } from 'node:path';
-import { startServer, launch, openTab, state, waitFor, artifactsDir } from './harness.mjs';
+import { runWithTabs } from './harness.mjs';
 
 test('three browser tabs train a model together with FedAvg', { timeout: 600_000 }, async () => {
-  const server = await startServer([
+  const { pages: tabs, states, metrics: m, close } = await runWithTabs([
     '--rounds', '3', '--shards', '3', '--min-clients', '3', '--clients-per-round', '3',
     '--partition', 'iid', '--max-train', '3000', '--epochs', '1', '--batch-size', '32', '--lr', '0.1', '--name', 'browser-fedavg',
-  ]);
-  const gpu = await launch({ webgpu: true });
-  const cpu = await launch({ webgpu: false });
-  const logs = [];
+  ], [{ name: 'gpu-tab', webgpu: true }, { name: 'cpu-tab-1', webgpu: false }, { name: 'cpu-tab-2', webgpu: false }], 'fedavg');
   try {
-    const tabs = [
-      await openTab(gpu, `${server.url}?name=gpu-tab`, logs),
-      await openTab(cpu, `${server.url}?name=cpu-tab-1`, logs),
-      await openTab(cpu, `${server.url}?name=cpu-tab-2`, logs),
-    ];
-    let timer;
-    const code = await Promise.race([server.exited, new Promise((r) => { timer = setTimeout(() => r('timeout'), 540_000); })]);
-    clearTimeout(timer);
-    const states = await Promise.all(tabs.map(state));
-    const shots = artifactsDir(server.runDir);
-    await Promise.all(tabs.map((t, i) => t.screenshot({ path: join(shots, `tab-${i}.png`) })));
-    assert.equal(code, 0, `server should finish the run\n${server.log().slice(-3000)}\n${logs.join('\n')}`);
-
     // Each tab reported the backend it really used.
     assert.equal(states[0].backend, 'webgpu', `tab 0: ${states[0].adapter}`);
     assert.equal(states[1].backend, 'cpu');
     assert.equal(states[2].backend, 'cpu');
     assert.match(states[1].adapter, /no WebGPU/);
 
-    const m = server.metrics();
     assert.equal(m.rounds.length, 3);
     for (const r of m.rounds) {
       assert.equal(r.results, 3, `round ${r.round}: every tab's result was aggregated`);
@@ -64,8 +46,6 @@ test('three browser tabs train a model together with FedAvg', { timeout: 600_000
     const sps = (name) => m.clients.find((c) => c.name === name).samples_per_sec.toFixed(0);
     console.log(`samples/s: webgpu ${sps('gpu-tab')}, cpu ${sps('cpu-tab-1')}; bytes/round up ${last.bytes_up} down ${last.bytes_down}; accuracy ${m.rounds.map((r) => r.test_accuracy.toFixed(3)).join(' → ')}`);
   } finally {
-    await gpu.close();
-    await cpu.close();
-    server.proc.kill();
+    await close();
   }
 });

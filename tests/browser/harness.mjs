@@ -67,3 +67,34 @@ export async function waitFor(fn, timeoutMs, what) {
     await new Promise((r) => setTimeout(r, 250));
   }
 }
+
+// Starts a server with `serverArgs`, opens one tab per entry of `tabs` ({ name, webgpu }), waits
+// for the run to end, screenshots every tab into the run folder, and checks the server exited 0.
+// Returns the pages (still open: call `close()` when done), their states and the run's metrics.
+export async function runWithTabs(serverArgs, tabs, shotPrefix) {
+  const server = await startServer(serverArgs);
+  const browsers = {};
+  const logs = [];
+  const close = async () => {
+    await Promise.all(Object.values(browsers).map((b) => b.close()));
+    server.proc.kill();
+  };
+  try {
+    const pages = [];
+    for (const t of tabs) {
+      browsers[t.webgpu] ??= await launch({ webgpu: t.webgpu });
+      pages.push(await openTab(browsers[t.webgpu], `${server.url}?name=${t.name}`, logs));
+    }
+    let timer;
+    const code = await Promise.race([server.exited, new Promise((r) => { timer = setTimeout(() => r('timeout'), 540_000); })]);
+    clearTimeout(timer);
+    const states = await Promise.all(pages.map(state));
+    const shots = artifactsDir(server.runDir);
+    await Promise.all(pages.map((p, i) => p.screenshot({ path: join(shots, `${shotPrefix}-tab-${i}.png`) })));
+    if (code !== 0) throw new Error(`server did not finish the run (${code})\n${server.log().slice(-3000)}\n${logs.join('\n')}`);
+    return { server, pages, states, metrics: server.metrics(), close };
+  } catch (e) {
+    await close();
+    throw e;
+  }
+}

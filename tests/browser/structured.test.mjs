@@ -3,25 +3,13 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { root, startServer, launch, openTab, state, artifactsDir } from './harness.mjs';
+import { root, runWithTabs } from './harness.mjs';
 
 test('structured pruning shrinks the model the tabs train', { timeout: 600_000 }, async () => {
-  const server = await startServer(['--config', join(root, 'tests/browser/structured.toml'), '--name', 'browser-structured']);
-  const gpu = await launch({ webgpu: true });
-  const cpu = await launch({ webgpu: false });
-  const logs = [];
+  const { states, metrics: m, close } = await runWithTabs(['--config', join(root, 'tests/browser/structured.toml'), '--name', 'browser-structured'], [{ name: 'gpu-tab', webgpu: true }, { name: 'cpu-tab', webgpu: false }], 'structured');
   try {
-    const tabs = [await openTab(gpu, `${server.url}?name=gpu-tab`, logs), await openTab(cpu, `${server.url}?name=cpu-tab`, logs)];
-    let timer;
-    const code = await Promise.race([server.exited, new Promise((r) => { timer = setTimeout(() => r('timeout'), 540_000); })]);
-    clearTimeout(timer);
-    const states = await Promise.all(tabs.map(state));
-    const shots = artifactsDir(server.runDir);
-    await Promise.all(tabs.map((t, i) => t.screenshot({ path: join(shots, `structured-tab-${i}.png`) })));
-    assert.equal(code, 0, `server should finish the run\n${server.log().slice(-3000)}\n${logs.join('\n')}`);
     assert.deepEqual(states.map((s) => s.backend), ['webgpu', 'cpu']);
 
-    const m = server.metrics();
     assert.equal(m.rounds.length, 3);
     const params = m.rounds.map((r) => r.params);
     assert.ok(params[1] < params[0] && params[2] < params[1], `server model shrinks: ${params}`);
@@ -38,8 +26,6 @@ test('structured pruning shrinks the model the tabs train', { timeout: 600_000 }
     const stepMs = (s) => s.results.map((r) => (1000 * r.seconds / r.steps).toFixed(2));
     console.log(`structured: params ${params.join(' → ')}; step ms webgpu ${stepMs(states[0]).join(' → ')}, cpu ${stepMs(states[1]).join(' → ')}`);
   } finally {
-    await gpu.close();
-    await cpu.close();
-    server.proc.kill();
+    await close();
   }
 });
