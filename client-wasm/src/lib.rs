@@ -7,6 +7,7 @@ use std::rc::Rc;
 
 use burn::tensor::Device;
 use canopy_core::client::{ClientHost, ClientRuntime};
+use canopy_core::state::ModelState;
 use canopy_core::protocol::{Backend, ClientMsg, DeviceInfo, ServerMsg, decode, encode};
 use canopy_core::train::{Host, Progress, predict};
 use js_sys::{Function, Promise, Uint8Array};
@@ -61,9 +62,34 @@ impl ClientHost for WebHost {
     }
 }
 
+/// Digits the student drew and labelled in this tab. They join the local training split and
+/// never leave the tab: only model updates are sent, as for the rest of the shard.
+#[derive(Default)]
+struct OwnDigits {
+    samples: Vec<(Vec<u8>, u8)>,
+    /// How many of `samples` are already in the runtime's current shard.
+    applied: usize,
+    /// Training samples of the shard the server dealt us; the aggregation weight we report
+    /// stays at this, since the server checks results against it.
+    server_train: u64,
+}
+
+impl OwnDigits {
+    fn apply(&mut self, rt: &mut ClientRuntime<WebHost>) {
+        if let Some(shard) = rt.shard.as_mut() {
+            for (px, label) in &self.samples[self.applied..] {
+                shard.train.images.extend_from_slice(px);
+                shard.train.labels.push(*label);
+            }
+            self.applied = self.samples.len();
+        }
+    }
+}
+
 #[wasm_bindgen]
 pub struct CanopyClient {
     rt: Rc<RefCell<ClientRuntime<WebHost>>>,
+    own: Rc<RefCell<OwnDigits>>,
 }
 
 #[wasm_bindgen]
@@ -93,7 +119,7 @@ impl CanopyClient {
         };
         let info = DeviceInfo { backend, adapter, user_agent };
         let host = WebHost { send, progress };
-        CanopyClient { rt: Rc::new(RefCell::new(ClientRuntime::new(host, device, info, name))) }
+        CanopyClient { rt: Rc::new(RefCell::new(ClientRuntime::new(host, device, info, name))), own: Rc::default() }
     }
 
     /// "webgpu" or "cpu".
@@ -114,6 +140,7 @@ impl CanopyClient {
     /// for the page to show. Call it for one frame at a time (the page queues them).
     pub fn handle(&self, frame: Vec<u8>) -> Promise {
         let rt = self.rt.clone();
+        let own = self.own.clone();
         future_to_promise(async move {
             let msg: ServerMsg = match decode(&frame) {
                 Ok(m) => m,
@@ -134,8 +161,20 @@ impl CanopyClient {
                 ServerMsg::Exchange { round, .. } => json!({ "kind": "exchange", "round": round }),
             };
             let mut rt = rt.try_borrow_mut().map_err(|_| JsValue::from_str("handle() called while a task is running"))?;
-            let reply = rt.handle(msg).await;
+            let welcome = matches!(msg, ServerMsg::Welcome(_));
+            own.borrow_mut().apply(&mut rt);
+            let mut reply = rt.handle(msg).await;
+            if welcome {
+                // A (re)joined tab gets its shard afresh: put the student's digits back in.
+                let mut own = own.borrow_mut();
+                own.server_train = rt.shard.as_ref().map_or(0, |s| s.train.len() as u64);
+                own.applied = 0;
+                own.apply(&mut rt);
+            }
             let mut summary = summary;
+            if let Some(ClientMsg::Result(r)) = reply.as_mut() {
+                r.samples = r.samples.min(own.borrow().server_train.max(1));
+            }
             if let Some(reply) = reply {
                 match &reply {
                     ClientMsg::Result(r) => {
@@ -157,6 +196,36 @@ impl CanopyClient {
         })
     }
 
+    /// Adds one drawn digit (784 pixels in [0, 1], white on black) with its label to this tab's
+    /// training data. It stays in the tab. Returns how many own digits the tab holds.
+    pub fn add_sample(&self, pixels: Vec<f32>, label: u8) -> Result<u32, JsValue> {
+        let (len, classes) = {
+            let rt = self.rt.try_borrow().map_err(|_| JsValue::from_str("busy"))?;
+            let shard = rt.shard.as_ref().ok_or_else(|| JsValue::from_str("no data shard yet: wait until the tab has joined"))?;
+            (shard.train.sample_len(), shard.train.classes)
+        };
+        if pixels.len() != len {
+            return Err(JsValue::from_str(&format!("expected {len} pixels, got {}", pixels.len())));
+        }
+        if label as usize >= classes {
+            return Err(JsValue::from_str(&format!("label {label} is not below {classes}")));
+        }
+        let bytes = pixels.iter().map(|p| (p.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
+        let mut own = self.own.borrow_mut();
+        own.samples.push((bytes, label));
+        // Straight into the shard when no task is running; otherwise before the next task.
+        if let Ok(mut rt) = self.rt.try_borrow_mut() {
+            own.apply(&mut rt);
+        }
+        Ok(own.samples.len() as u32)
+    }
+
+    /// Training samples this tab holds now (the dealt shard plus the student's own digits).
+    pub fn train_samples(&self) -> u32 {
+        let own = self.own.borrow();
+        own.server_train as u32 + own.samples.len() as u32
+    }
+
     /// Class probabilities of the latest model for one image (pixels in [0, 1]).
     pub fn predict(&self, pixels: Vec<f32>) -> Promise {
         let rt = self.rt.clone();
@@ -170,4 +239,21 @@ impl CanopyClient {
             Ok(js_sys::Float32Array::from(probs.as_slice()).into())
         })
     }
+}
+
+/// Class probabilities for one image from a model downloaded from the server (`/api/model.bin`,
+/// a postcard-encoded `ModelState`), on burn's CPU backend: the dashboard's "try the model".
+#[wasm_bindgen]
+pub fn predict_with_model(model: Vec<u8>, pixels: Vec<f32>) -> Promise {
+    console_error_panic_hook::set_once();
+    future_to_promise(async move {
+        let state: ModelState = postcard::from_bytes(&model).map_err(|e| JsValue::from_str(&format!("model.bin: {e}")))?;
+        state.arch.validate().map_err(|e| JsValue::from_str(&e.to_string()))?;
+        let expected: usize = state.arch.input.iter().product();
+        if pixels.len() != expected {
+            return Err(JsValue::from_str(&format!("expected {expected} pixels, got {}", pixels.len())));
+        }
+        let probs = predict(&state.arch, &state.masked_params(), &pixels, &Device::flex()).await.map_err(|e| JsValue::from_str(&e))?;
+        Ok(js_sys::Float32Array::from(probs.as_slice()).into())
+    })
 }
