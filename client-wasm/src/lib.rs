@@ -7,6 +7,7 @@ use std::rc::Rc;
 
 use burn::tensor::Device;
 use canopy_core::client::{ClientHost, ClientRuntime};
+use canopy_core::arch::Arch;
 use canopy_core::state::ModelState;
 use canopy_core::protocol::{Backend, ClientMsg, DeviceInfo, ServerMsg, decode, encode};
 use canopy_core::train::{Host, Progress, predict};
@@ -90,6 +91,9 @@ impl OwnDigits {
 pub struct CanopyClient {
     rt: Rc<RefCell<ClientRuntime<WebHost>>>,
     own: Rc<RefCell<OwnDigits>>,
+    /// The global model of the latest task and its round, kept outside the runtime so the page
+    /// can try it while the runtime is busy training.
+    latest: Rc<RefCell<Option<(Arch, Vec<f32>, u32)>>>,
 }
 
 #[wasm_bindgen]
@@ -119,7 +123,7 @@ impl CanopyClient {
         };
         let info = DeviceInfo { backend, adapter, user_agent };
         let host = WebHost { send, progress };
-        CanopyClient { rt: Rc::new(RefCell::new(ClientRuntime::new(host, device, info, name))), own: Rc::default() }
+        CanopyClient { rt: Rc::new(RefCell::new(ClientRuntime::new(host, device, info, name))), own: Rc::default(), latest: Rc::default() }
     }
 
     /// "webgpu" or "cpu".
@@ -141,6 +145,7 @@ impl CanopyClient {
     pub fn handle(&self, frame: Vec<u8>) -> Promise {
         let rt = self.rt.clone();
         let own = self.own.clone();
+        let latest = self.latest.clone();
         future_to_promise(async move {
             let msg: ServerMsg = match decode(&frame) {
                 Ok(m) => m,
@@ -162,6 +167,16 @@ impl CanopyClient {
             };
             let mut rt = rt.try_borrow_mut().map_err(|_| JsValue::from_str("handle() called while a task is running"))?;
             let welcome = matches!(msg, ServerMsg::Welcome(_));
+            if let ServerMsg::Task(t) = &msg
+                && let Ok(params) = t.model.params.to_f32()
+            {
+                let mask = t.model.mask.as_ref().and_then(|m| m.unpack().ok());
+                let params = match mask {
+                    Some(m) if m.len() == params.len() => params.iter().zip(m).map(|(v, k)| if k { *v } else { 0.0 }).collect(),
+                    _ => params,
+                };
+                *latest.borrow_mut() = Some((t.model.arch.clone(), params, t.round));
+            }
             own.borrow_mut().apply(&mut rt);
             let mut reply = rt.handle(msg).await;
             if welcome {
@@ -224,6 +239,22 @@ impl CanopyClient {
     pub fn train_samples(&self) -> u32 {
         let own = self.own.borrow();
         own.server_train as u32 + own.samples.len() as u32
+    }
+
+    /// Class probabilities from the global model of the latest task, on the CPU backend, so it
+    /// works while this tab trains ("try the model"). Pixels in [0, 1].
+    pub fn try_model(&self, pixels: Vec<f32>) -> Promise {
+        let latest = self.latest.borrow().clone();
+        future_to_promise(async move {
+            let (arch, params, _) = latest.ok_or_else(|| JsValue::from_str("no model yet: the first round has not started"))?;
+            let probs = predict(&arch, &params, &pixels, &Device::flex()).await.map_err(|e| JsValue::from_str(&e))?;
+            Ok(js_sys::Float32Array::from(probs.as_slice()).into())
+        })
+    }
+
+    /// Round of the model `try_model` uses (0: none yet).
+    pub fn model_round(&self) -> u32 {
+        self.latest.borrow().as_ref().map_or(0, |m| m.2)
     }
 
     /// Class probabilities of the latest model for one image (pixels in [0, 1]).
