@@ -186,7 +186,7 @@ for (let d = 0; d < 10; d++) {
     try {
       const n = client.add_sample(lastInput, d);
       state.ownDigits = n;
-      $('ownMsg').textContent = `Added as a ${d}. ${n} of your own digit${n === 1 ? '' : 's'} now train with this tab's data (${client.train_samples()} samples in all); none leaves this tab.`;
+      $('ownMsg').textContent = `Added as a ${d}. Your own digits in this tab's training data: ${n} (${client.train_samples()} samples in all). They never leave this tab.`;
       log(`added a drawn ${d} to the local training data`);
       pad.clear(); lastInput = null;
     } catch (e) {

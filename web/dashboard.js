@@ -120,7 +120,8 @@ function render(d) {
   const cum = rounds.map((x) => (up += x.bytes_up, down += x.bytes_down, up + down));
   lineChart($('bytesChart'), xs, [
     { label: 'up', color: '#1565c0', values: rounds.map((x) => x.bytes_up), axis: 'left' },
-    { label: 'down', color: '#8e24aa', values: rounds.map((x) => x.bytes_down), axis: 'left' },
+    // Dashed: with full weights both ways, up and down are often equal and would hide each other.
+    { label: 'down', color: '#8e24aa', values: rounds.map((x) => x.bytes_down), axis: 'left', dash: [6, 4] },
     { label: 'in all', color: '#555', values: cum, axis: 'right', dash: [4, 3] },
   ]);
   const size = [{ label: 'parameters', color: '#2f7d32', values: rounds.map((x) => x.params), axis: 'left' }];
