@@ -33,3 +33,10 @@ sim URL="ws://127.0.0.1:8080/ws" N="5":
 # Speed figures (native training, wire format, aggregation), each against a baseline.
 bench *ARGS:
     cargo run -p canopy-server --bin canopy -- bench {{ARGS}}
+
+# Classroom mode: the demo on every network interface (join URLs and a QR code are printed),
+# held until the teacher presses Start on the dashboard.
+classroom *ARGS: setup
+    bash scripts/build-wasm.sh --optimize
+    cargo build -p canopy-server --bin canopy
+    "$CARGO_TARGET_DIR/debug/canopy" serve --config configs/demo.toml --bind 0.0.0.0 --hold {{ARGS}}

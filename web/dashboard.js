@@ -50,6 +50,7 @@ function surface(canvas) {
 function lineChart(canvas, xs, series, { leftMax, rightMax } = {}) {
   view.charts[canvas.id] = { xs, series: series.map((s) => ({ label: s.label, values: s.values })) };
   const { g, w, h } = surface(canvas);
+  if (!xs.length) { g.fillStyle = '#6b7a6d'; g.fillText('no rounds yet', w / 2 - 30, h / 2); return; }
   const pad = { l: 44, r: 48, t: 20, b: 24 };
   const pw = w - pad.l - pad.r, ph = h - pad.t - pad.b;
   const maxOf = (axis, fixed) => fixed ?? Math.max(1e-9, ...series.filter((s) => s.axis === axis).flatMap((s) => s.values).filter(Number.isFinite)) * 1.1;
@@ -63,7 +64,6 @@ function lineChart(canvas, xs, series, { leftMax, rightMax } = {}) {
     if (hasRight) g.fillText(fmtAxis(rmax * i / 4), pad.l + pw + 4, y + 4);
   }
   const n = xs.length;
-  if (!n) { g.fillText('no rounds yet', pad.l + pw / 2 - 30, pad.t + ph / 2); return; }
   const xAt = (i) => pad.l + (n <= 1 ? pw / 2 : (pw * i) / (n - 1));
   g.fillText(`round ${xs[0]}`, pad.l, h - 6);
   if (n > 1) g.fillText(`${xs[n - 1]}`, pad.l + pw - 16, h - 6);
