@@ -157,6 +157,8 @@ function render(d) {
     if (sel.options.length !== d.strategies.length) sel.innerHTML = d.strategies.map((s) => `<option>${esc(s)}</option>`).join('');
     sel.value = d.control?.next_strategy ?? r.strategy;
   }
+  const next = d.control?.next_strategy;
+  $('nextRun').textContent = next ? `Next run: ${next}. When this one ends, start it with: canopy serve --config ${d.config.run.out_dir}/${r.run_id}/next-run.toml` : '';
   const n = completedRounds();
   if (n !== modelFor.round) $('modelRound').textContent = n ? `(after round ${n})` : '(initial, untrained)';
 }
@@ -219,11 +221,18 @@ if (fromLink) { localStorage.setItem('canopy-admin-token', fromLink); history.re
 $('token').value = localStorage.getItem('canopy-admin-token') || '';
 
 async function admin(action, body) {
-  const res = await fetch(`/api/admin/${action}`, {
-    method: 'POST',
-    headers: { Authorization: `Bearer ${$('token').value.trim()}`, 'Content-Type': 'application/json' },
-    body: body ? JSON.stringify(body) : undefined,
-  });
+  let res;
+  try {
+    res = await fetch(`/api/admin/${action}`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${$('token').value.trim()}`, 'Content-Type': 'application/json' },
+      body: body ? JSON.stringify(body) : undefined,
+    });
+  } catch (e) {
+    $('ctlMsg').textContent = `server unreachable: ${e}`;
+    $('ctlMsg').className = 'small bad';
+    return 0;
+  }
   const json = await res.json().catch(() => ({}));
   const msg = res.ok ? json.message : `${res.status}: ${json.error || res.statusText}`;
   $('ctlMsg').textContent = msg;

@@ -73,6 +73,10 @@ struct OwnDigits {
     /// Training samples of the shard the server dealt us; the aggregation weight we report
     /// stays at this, since the server checks results against it.
     server_train: u64,
+    /// Pixels per sample and class count of the shard, to check drawings without touching the
+    /// runtime (it is borrowed while training).
+    sample_len: usize,
+    classes: usize,
 }
 
 impl OwnDigits {
@@ -182,7 +186,9 @@ impl CanopyClient {
             if welcome {
                 // A (re)joined tab gets its shard afresh: put the student's digits back in.
                 let mut own = own.borrow_mut();
-                own.server_train = rt.shard.as_ref().map_or(0, |s| s.train.len() as u64);
+                if let Some(s) = rt.shard.as_ref() {
+                    (own.server_train, own.sample_len, own.classes) = (s.train.len() as u64, s.train.sample_len(), s.train.classes);
+                }
                 own.applied = 0;
                 own.apply(&mut rt);
             }
@@ -215,10 +221,12 @@ impl CanopyClient {
     /// training data. It stays in the tab. Returns how many own digits the tab holds.
     pub fn add_sample(&self, pixels: Vec<f32>, label: u8) -> Result<u32, JsValue> {
         let (len, classes) = {
-            let rt = self.rt.try_borrow().map_err(|_| JsValue::from_str("busy"))?;
-            let shard = rt.shard.as_ref().ok_or_else(|| JsValue::from_str("no data shard yet: wait until the tab has joined"))?;
-            (shard.train.sample_len(), shard.train.classes)
+            let own = self.own.borrow();
+            (own.sample_len, own.classes)
         };
+        if len == 0 {
+            return Err(JsValue::from_str("no data shard yet: wait until the tab has joined"));
+        }
         if pixels.len() != len {
             return Err(JsValue::from_str(&format!("expected {len} pixels, got {}", pixels.len())));
         }
@@ -235,10 +243,16 @@ impl CanopyClient {
         Ok(own.samples.len() as u32)
     }
 
-    /// Training samples this tab holds now (the dealt shard plus the student's own digits).
+    /// Training samples in this tab's shard now (the dealt ones plus the student's own digits);
+    /// while a task runs, what it will hold for the next one.
     pub fn train_samples(&self) -> u32 {
-        let own = self.own.borrow();
-        own.server_train as u32 + own.samples.len() as u32
+        match self.rt.try_borrow() {
+            Ok(rt) if self.own.borrow().applied == self.own.borrow().samples.len() => rt.shard.as_ref().map_or(0, |s| s.train.len() as u32),
+            _ => {
+                let own = self.own.borrow();
+                own.server_train as u32 + own.samples.len() as u32
+            }
+        }
     }
 
     /// Class probabilities from the global model of the latest task, on the CPU backend, so it
