@@ -158,7 +158,7 @@ function render(d) {
     sel.value = d.control?.next_strategy ?? r.strategy;
   }
   const next = d.control?.next_strategy;
-  $('nextRun').textContent = next ? `Next run: ${next}. When this one ends, start it with: canopy serve --config ${d.config.run.out_dir}/${r.run_id}/next-run.toml` : '';
+  $('nextRun').textContent = next ? `Next run: ${next}. Start it, once this one has ended, with: canopy serve --config ${d.config.run.out_dir}/${r.run_id}/next-run.toml` : '';
   const n = completedRounds();
   if (n !== modelFor.round) $('modelRound').textContent = n ? `(after round ${n})` : '(initial, untrained)';
 }

@@ -4,12 +4,14 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
+import { readFileSync } from 'node:fs';
 import { startServer, launch, openTab, waitFor, artifactsDir } from './harness.mjs';
 
 const TOKEN = 'test-admin-token-7f3a';
 
 // A "7" in three strokes of the mouse, drawn on the page's #pad canvas.
 async function drawSeven(page) {
+  await page.locator('#pad').scrollIntoViewIfNeeded();
   const b = await page.locator('#pad').boundingBox();
   const at = (x, y) => [b.x + x * b.width, b.y + y * b.height];
   await page.mouse.move(...at(0.25, 0.2));
@@ -70,12 +72,15 @@ test('live dashboard, admin controls and draw-a-digit', { timeout: 240_000 }, as
     assert.equal(held.rounds.length, 0, 'nothing ran on a wrong token');
     assert.equal(held.control.stop, false);
 
-    // The right token: 3 rounds instead of 4, then start.
+    // The right token: 3 rounds instead of 4 and FedAvgM for the next run, then start.
     await dash.fill('#token', TOKEN);
     await dash.fill('#setRounds', '3');
+    await dash.selectOption('#setStrategy', 'fedavgm');
     await dash.press('#setRounds', 'Enter');
     await waitFor(async () => (await dv()).lastAdmin?.action === 'settings', 10_000, 'the settings request');
     assert.equal((await dv()).lastAdmin.status, 200, JSON.stringify((await dv()).lastAdmin));
+    await waitFor(async () => /Next run: fedavgm/.test(await dash.textContent('#nextRun')), 5000, 'the next run to show');
+    assert.match(readFileSync(join(server.runDir, 'next-run.toml'), 'utf8'), /name = "fedavgm"/);
     await dash.click('#btnStart');
     await waitFor(async () => { const a = (await dv()).lastAdmin; return a.action === 'start' && a.status === 200; }, 10_000, 'start accepted');
 
@@ -111,7 +116,8 @@ test('live dashboard, admin controls and draw-a-digit', { timeout: 240_000 }, as
 
     // Try the model: on the dashboard (model.bin, wasm on the CPU) and in a tab.
     await drawSeven(dash);
-    await waitFor(async () => (await dv()).lastPrediction, 60_000, 'a prediction on the dashboard');
+    await waitFor(async () => (await dv()).lastPrediction, 60_000, 'a prediction on the dashboard')
+      .catch(async (e) => { throw new Error(`${e.message}: ${await dash.textContent('#guess')}\n${logs.join('\n')}`); });
     const dp = (await dv()).lastPrediction;
     checkProbs(dp, 'dashboard');
     assert.equal(dp.round, 3, 'the dashboard uses the final model');
