@@ -49,3 +49,10 @@ bench-browser: setup
     bash scripts/build-wasm.sh
     cargo build -p canopy-server --bin canopy
     node tests/browser/bench.mjs
+
+# Classroom mode: the demo on every network interface (join URLs and a QR code are printed),
+# held until the teacher presses Start on the dashboard.
+classroom *ARGS: setup
+    bash scripts/build-wasm.sh --optimize
+    cargo build -p canopy-server --bin canopy
+    "$CARGO_TARGET_DIR/debug/canopy" serve --config configs/demo.toml --bind 0.0.0.0 --hold {{ARGS}}

@@ -1,6 +1,7 @@
 // The page around the wasm client: owns the WebSocket, queues frames into the wasm runtime one
 // at a time, shows what happens, and reconnects with backoff when the server goes away.
 import init, { CanopyClient } from './pkg/canopy_client.js';
+import { drawPad, toMnist, showInput, showProbs } from './draw.js';
 
 const params = new URLSearchParams(location.search);
 const $ = (id) => document.getElementById(id);
@@ -25,9 +26,20 @@ function log(text) {
 function setStatus(s) { state.status = s; $('status').textContent = s; }
 function showBytes() { $('bytes').textContent = `${fmtBytes(state.bytesSent)} / ${fmtBytes(state.bytesReceived)}`; }
 
-const name = params.get('name') || sessionStorage.getItem('canopy-name') || `tab-${Math.random().toString(36).slice(2, 6)}`;
-sessionStorage.setItem('canopy-name', name);
-$('name').textContent = name;
+// The nickname: `?name=` skips the question (tests, scripted tabs); otherwise the student picks
+// one, prefilled with the last one this tab used.
+const TREES = ['oak', 'birch', 'maple', 'cedar', 'willow', 'aspen', 'rowan', 'hazel', 'alder', 'elm', 'linden', 'larch'];
+async function askName() {
+  const given = params.get('name');
+  if (given) return given;
+  const form = $('joinForm'), input = $('nick');
+  input.value = sessionStorage.getItem('canopy-name') || `${TREES[Math.floor(Math.random() * TREES.length)]}-${Math.floor(Math.random() * 90 + 10)}`;
+  form.hidden = false;
+  input.select();
+  await new Promise((res) => form.addEventListener('submit', (e) => { e.preventDefault(); if (input.value.trim()) res(); }));
+  form.hidden = true;
+  return input.value.trim();
+}
 
 let ws = null;
 let queue = Promise.resolve();
@@ -128,7 +140,10 @@ function connect() {
 
 let client;
 try {
-  await init();
+  setStatus('loading the training runtime…');
+  const [name] = await Promise.all([askName(), init()]);
+  sessionStorage.setItem('canopy-name', name);
+  $('name').textContent = name;
   const tryGpu = params.get('backend') !== 'cpu';
   client = await CanopyClient.create(name, tryGpu, navigator.userAgent, sendFrame, onProgress);
   state.backend = client.backend();
@@ -141,4 +156,42 @@ try {
 } catch (e) {
   setStatus(`failed to start: ${e}`);
   state.errors.push(String(e));
+}
+
+// "Try the model": predictions use the global model of the latest round on the CPU backend, so
+// they work even while this tab trains.
+const pad = drawPad($('pad'), predict);
+let lastInput = null;
+async function predict() {
+  const px = toMnist($('pad'));
+  if (!px || !client) return;
+  lastInput = px;
+  showInput($('seen'), px);
+  try {
+    const probs = Array.from(await client.try_model(px));
+    const best = showProbs($('probs'), probs);
+    $('guess').textContent = `The model says: ${best}`;
+    $('modelRound').textContent = `(round ${client.model_round()})`;
+    window.canopy.lastPrediction = { probs, best, round: client.model_round() };
+  } catch (e) {
+    $('guess').textContent = String(e);
+  }
+}
+$('clearPad').onclick = () => { pad.clear(); lastInput = null; $('guess').textContent = ''; };
+for (let d = 0; d < 10; d++) {
+  const b = document.createElement('button');
+  b.type = 'button'; b.textContent = d;
+  b.onclick = () => {
+    if (!lastInput) { $('ownMsg').textContent = 'Draw a digit first.'; return; }
+    try {
+      const n = client.add_sample(lastInput, d);
+      state.ownDigits = n;
+      $('ownMsg').textContent = `Added as a ${d}. Your own digits in this tab's training data: ${n} (${client.train_samples()} samples in all). They never leave this tab.`;
+      log(`added a drawn ${d} to the local training data`);
+      pad.clear(); lastInput = null;
+    } catch (e) {
+      $('ownMsg').textContent = String(e);
+    }
+  };
+  $('labels').append(b);
 }

@@ -1,99 +1,290 @@
-// Live dashboard: polls /api/metrics once a second and redraws (no reload needed).
+// Live dashboard: the server pushes the metrics JSON over Server-Sent Events (/api/events) once
+// a second and the page redraws; no reload. When the stream drops it reconnects, and browsers
+// without EventSource poll /api/metrics instead.
+import { drawPad, toMnist, showInput, showProbs } from './draw.js';
+
 const $ = (id) => document.getElementById(id);
-const view = { data: null, updates: 0 };
+const view = { data: null, updates: 0, source: null, charts: {}, lastPrediction: null, loadedAt: Date.now() };
 window.canopyDashboard = view;
 
 function fmtBytes(n) {
   if (n < 1024) return `${n} B`;
   if (n < 1 << 20) return `${(n / 1024).toFixed(1)} KiB`;
-  return `${(n / (1 << 20)).toFixed(2)} MiB`;
+  if (n < 1 << 30) return `${(n / (1 << 20)).toFixed(2)} MiB`;
+  return `${(n / (1 << 30)).toFixed(2)} GiB`;
 }
-const PHASES = { waiting_for_clients: 'waiting for clients', training: 'training', aggregating: 'aggregating', done: 'done' };
+function fmtTime(s) {
+  s = Math.round(s);
+  const h = Math.floor(s / 3600), m = Math.floor(s / 60) % 60, r = String(s % 60).padStart(2, '0');
+  return h ? `${h}:${String(m).padStart(2, '0')}:${r}` : `${m}:${r}`;
+}
+function fmtAxis(v) {
+  if (v >= 1e9) return `${(v / 1e9).toFixed(1)}G`;
+  if (v >= 1e6) return `${(v / 1e6).toFixed(1)}M`;
+  if (v >= 1e3) return `${(v / 1e3).toFixed(0)}K`;
+  return v < 10 ? v.toFixed(2) : v.toFixed(0);
+}
+const esc = (s) => String(s).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 
-// A small line chart: series = [{label, color, values, axis: 'left'|'right'}].
-function lineChart(canvas, xs, series, leftMax) {
+// The round loop's phases; strategies may add their own (e.g. "exploring"), shown as named.
+function phaseText(d) {
+  if (d.phase === 'paused' && d.control?.held) return 'waiting for Start';
+  return ({ waiting_for_clients: 'waiting for clients', training: 'training', aggregating: 'aggregating', paused: 'paused', done: 'done', stopped: 'stopped' })[d.phase]
+    || String(d.phase).replaceAll('_', ' ');
+}
+
+// Canvas set up for the device's pixel ratio; returns the context and CSS size.
+function surface(canvas) {
   const dpr = window.devicePixelRatio || 1;
   const w = canvas.clientWidth || 600, h = canvas.clientHeight || 220;
   canvas.width = w * dpr; canvas.height = h * dpr;
   const g = canvas.getContext('2d');
   g.scale(dpr, dpr);
   g.clearRect(0, 0, w, h);
-  const pad = { l: 44, r: 48, t: 18, b: 24 };
+  g.font = '11px system-ui';
+  return { g, w, h };
+}
+
+// A line chart: series = [{label, color, values, axis: 'left'|'right', dash}]. Axis maxima can
+// be fixed (accuracy is 0–1). What was drawn is kept in view.charts for tests and debugging.
+function lineChart(canvas, xs, series, { leftMax, rightMax } = {}) {
+  view.charts[canvas.id] = { xs, series: series.map((s) => ({ label: s.label, values: s.values })) };
+  const { g, w, h } = surface(canvas);
+  if (!xs.length) { g.fillStyle = '#6b7a6d'; g.fillText('no rounds yet', w / 2 - 30, h / 2); return; }
+  const pad = { l: 44, r: 48, t: 20, b: 24 };
   const pw = w - pad.l - pad.r, ph = h - pad.t - pad.b;
-  g.strokeStyle = '#dfe6de'; g.fillStyle = '#6b7a6d'; g.font = '11px system-ui';
-  const maxOf = (axis) => {
-    if (axis === 'left' && leftMax) return leftMax;
-    const vals = series.filter((s) => s.axis === axis).flatMap((s) => s.values).filter(Number.isFinite);
-    return Math.max(1e-9, ...vals) * 1.1;
-  };
-  const lmax = maxOf('left'), rmax = maxOf('right');
+  const maxOf = (axis, fixed) => fixed ?? Math.max(1e-9, ...series.filter((s) => s.axis === axis).flatMap((s) => s.values).filter(Number.isFinite)) * 1.1;
+  const lmax = maxOf('left', leftMax), rmax = maxOf('right', rightMax);
+  const hasRight = series.some((s) => s.axis === 'right');
+  g.strokeStyle = '#dfe6de'; g.fillStyle = '#6b7a6d'; g.lineWidth = 1;
   for (let i = 0; i <= 4; i++) {
     const y = pad.t + ph - (ph * i) / 4;
     g.beginPath(); g.moveTo(pad.l, y); g.lineTo(pad.l + pw, y); g.stroke();
     g.fillText(fmtAxis(lmax * i / 4), 4, y + 4);
-    if (series.some((s) => s.axis === 'right')) g.fillText(fmtAxis(rmax * i / 4), pad.l + pw + 4, y + 4);
+    if (hasRight) g.fillText(fmtAxis(rmax * i / 4), pad.l + pw + 4, y + 4);
   }
   const n = xs.length;
   const xAt = (i) => pad.l + (n <= 1 ? pw / 2 : (pw * i) / (n - 1));
-  if (n) { g.fillText(`round ${xs[0]}`, pad.l, h - 6); g.fillText(`${xs[n - 1]}`, pad.l + pw - 16, h - 6); }
+  g.fillText(`round ${xs[0]}`, pad.l, h - 6);
+  if (n > 1) g.fillText(`${xs[n - 1]}`, pad.l + pw - 16, h - 6);
   let lx = pad.l;
   for (const s of series) {
     const max = s.axis === 'right' ? rmax : lmax;
-    g.strokeStyle = s.color; g.fillStyle = s.color; g.lineWidth = 2;
+    const yAt = (v) => pad.t + ph - (ph * v) / max;
+    g.strokeStyle = s.color; g.fillStyle = s.color; g.lineWidth = 2; g.setLineDash(s.dash || []);
     g.beginPath();
-    s.values.forEach((v, i) => {
-      const x = xAt(i), y = pad.t + ph - (ph * v) / max;
-      i ? g.lineTo(x, y) : g.moveTo(x, y);
-    });
-    g.stroke();
-    s.values.forEach((v, i) => { g.beginPath(); g.arc(xAt(i), pad.t + ph - (ph * v) / max, 2.5, 0, 7); g.fill(); });
-    g.fillText(s.label, lx, 12); lx += g.measureText(s.label).width + 16;
-    g.lineWidth = 1; g.strokeStyle = '#dfe6de';
+    s.values.forEach((v, i) => (i ? g.lineTo(xAt(i), yAt(v)) : g.moveTo(xAt(i), yAt(v))));
+    g.stroke(); g.setLineDash([]);
+    if (n <= 60) s.values.forEach((v, i) => { g.beginPath(); g.arc(xAt(i), yAt(v), 2.5, 0, 7); g.fill(); });
+    const label = `${s.label}${s.axis === 'right' ? ' (right)' : ''}`;
+    g.fillText(label, lx, 12); lx += g.measureText(label).width + 16;
   }
 }
-function fmtAxis(v) {
-  if (v >= 1 << 20) return `${(v / (1 << 20)).toFixed(1)}M`;
-  if (v >= 1024) return `${(v / 1024).toFixed(0)}K`;
-  return v < 10 ? v.toFixed(2) : v.toFixed(0);
+
+// Horizontal bars, one per layer: width (units or filters), with sparsity when reported.
+function layerChart(canvas, layers) {
+  view.charts[canvas.id] = { layers };
+  const { g, w, h } = surface(canvas);
+  if (!layers.length) return;
+  const rowH = Math.min(28, (h - 10) / layers.length), max = Math.max(...layers.map((l) => l.width));
+  const x0 = 90, bw = w - x0 - 120;
+  layers.forEach((l, i) => {
+    const y = 5 + i * rowH, bh = rowH * 0.7;
+    g.fillStyle = '#6b7a6d'; g.fillText(`${l.name} ${l.kind}`, 4, y + bh * 0.75);
+    g.fillStyle = '#cfe3d0'; g.fillRect(x0, y, (bw * l.width) / max, bh);
+    if (l.sparsity != null) { g.fillStyle = '#b26a00'; g.fillRect(x0, y, (bw * l.width * l.sparsity) / max, bh); }
+    g.fillStyle = '#1d2a1f';
+    g.fillText(`${l.width}${l.sparsity != null ? ` · ${(100 * l.sparsity).toFixed(0)} % sparse` : ''}`, x0 + (bw * l.width) / max + 6, y + bh * 0.75);
+  });
 }
 
 function render(d) {
   const r = d.run;
   $('runline').textContent = `${r.strategy} · model ${r.model} · ${r.dataset} · ${r.partition} · run ${r.run_id}`;
-  $('phase').textContent = PHASES[d.phase] || d.phase;
+  $('phase').textContent = phaseText(d);
+  $('phase').className = `badge ${d.phase}`;
   $('round').textContent = `${d.round} / ${r.rounds}`;
-  const last = d.rounds[d.rounds.length - 1];
+  const rounds = d.rounds, last = rounds[rounds.length - 1];
   $('acc').textContent = last ? `${(100 * last.test_accuracy).toFixed(1)} %` : '–';
   $('connected').textContent = d.connected;
-  $('elapsed').textContent = `${Math.round(d.elapsed_seconds)} s`;
-  const xs = d.rounds.map((x) => x.round);
-  lineChart($('accChart'), xs, [
-    { label: 'accuracy', color: '#2f7d32', values: d.rounds.map((x) => x.test_accuracy), axis: 'left' },
-    { label: 'loss', color: '#b26a00', values: d.rounds.map((x) => x.test_loss), axis: 'right' },
-  ], 1);
-  lineChart($('bytesChart'), xs, [
-    { label: 'up', color: '#1565c0', values: d.rounds.map((x) => x.bytes_up), axis: 'left' },
-    { label: 'down', color: '#8e24aa', values: d.rounds.map((x) => x.bytes_down), axis: 'left' },
-  ]);
-  const rows = d.clients.map((c) => {
-    const status = c.status === 'training' && c.progress ? `training ${c.progress.step}/${c.progress.steps}` : c.status;
-    return `<tr class="${c.status}"><td>${esc(c.name)}</td><td>${c.device.backend}</td><td class="small">${esc(c.device.adapter)}</td>` +
-      `<td>${status}</td><td>${c.shard}</td><td>${c.train_samples}</td><td>${c.samples_per_sec.toFixed(0)}</td>` +
-      `<td>${c.rounds_done}</td><td>${c.last_round ?? '–'}</td><td>${fmtBytes(c.bytes_up)}</td></tr>`;
-  });
-  $('clients').innerHTML = rows.join('');
-}
-function esc(s) { return String(s).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`); }
+  $('elapsed').textContent = fmtTime(d.elapsed_seconds);
+  $('live').textContent = `live (${view.source}) · updated ${new Date().toLocaleTimeString()}`;
+  $('live').className = 'live small ok';
 
+  const xs = rounds.map((x) => x.round);
+  lineChart($('accChart'), xs, [
+    { label: 'accuracy', color: '#2f7d32', values: rounds.map((x) => x.test_accuracy), axis: 'left' },
+    { label: 'loss', color: '#b26a00', values: rounds.map((x) => x.test_loss), axis: 'right' },
+  ], { leftMax: 1 });
+  let up = 0, down = 0;
+  const cum = rounds.map((x) => (up += x.bytes_up, down += x.bytes_down, up + down));
+  lineChart($('bytesChart'), xs, [
+    { label: 'up', color: '#1565c0', values: rounds.map((x) => x.bytes_up), axis: 'left' },
+    // Dashed: with full weights both ways, up and down are often equal and would hide each other.
+    { label: 'down', color: '#8e24aa', values: rounds.map((x) => x.bytes_down), axis: 'left', dash: [6, 4] },
+    { label: 'in all', color: '#555', values: cum, axis: 'right', dash: [4, 3] },
+  ]);
+  const size = [{ label: 'parameters', color: '#2f7d32', values: rounds.map((x) => x.params), axis: 'left' }];
+  const sparse = rounds.some((x) => x.extra && 'sparsity' in x.extra);
+  if (sparse) size.push({ label: 'sparsity', color: '#b26a00', values: rounds.map((x) => x.extra?.sparsity ?? NaN), axis: 'right' });
+  lineChart($('sizeChart'), xs, size, { rightMax: 1 });
+  const pruned = sparse || new Set(rounds.map((x) => x.params)).size > 1;
+  $('sizeNote').textContent = pruned ? '' : `No pruning in this run: ${d.model.params.toLocaleString()} parameters, ${fmtAxis(d.model.flops_per_sample)} FLOPs per sample.`;
+  // Per-layer sparsity, when the strategy reports it as extra["sparsity.layers.N(.weight)"].
+  const extra = last?.extra || {};
+  const layers = d.model.layers.map((l) => ({ ...l, sparsity: extra[`sparsity.${l.name}.weight`] ?? extra[`sparsity.${l.name}`] ?? null }));
+  layerChart($('layerChart'), layers);
+  $('layerNote').textContent = `${d.model.layers.length} layers with weights; widths ${d.model.widths.join('-')}; ${d.model.params.toLocaleString()} parameters.`;
+
+  // Contribution: samples trained on for the global model (shard size × rounds done).
+  const contrib = (c) => c.train_samples * c.rounds_done;
+  const total = d.clients.reduce((a, c) => a + contrib(c), 0) || 1;
+  $('clients').innerHTML = d.clients.map((c) => {
+    const status = c.status === 'training' && c.progress ? `training ${c.progress.step}/${c.progress.steps}` : c.status;
+    const backend = { webgpu: 'WebGPU', cpu: 'CPU (wasm)', native: 'native' }[c.device.backend] || c.device.backend;
+    const share = contrib(c) / total;
+    return `<tr class="${c.status}"><td><b>${esc(c.name)}</b></td><td>${backend}<div class="small sub">${esc(c.device.adapter)}</div></td>` +
+      `<td>${status}</td><td>${c.train_samples}</td><td>${c.samples_per_sec.toFixed(0)}</td><td>${c.rounds_done}</td>` +
+      `<td>${c.last_round ?? '–'}</td><td>${fmtBytes(c.bytes_up)}</td>` +
+      `<td><span class="share"><i style="width:${(100 * share).toFixed(1)}%"></i></span> ${(100 * share).toFixed(0)} %</td></tr>`;
+  }).join('') || '<tr><td colspan="9" class="sub">No one has joined yet: scan the QR code.</td></tr>';
+
+  // Keep the settings form in step with the run unless someone is editing it.
+  if (document.activeElement?.closest('#settingsForm') == null) {
+    $('setRounds').value = r.rounds;
+    $('setClients').value = d.control?.clients_per_round ?? '';
+    const sel = $('setStrategy');
+    if (sel.options.length !== d.strategies.length) sel.innerHTML = d.strategies.map((s) => `<option>${esc(s)}</option>`).join('');
+    sel.value = d.control?.next_strategy ?? r.strategy;
+  }
+  const next = d.control?.next_strategy;
+  $('nextRun').textContent = next ? `Next run: ${next}. Start it, once this one has ended, with: canopy serve --config ${d.config.run.out_dir}/${r.run_id}/next-run.toml` : '';
+  const n = completedRounds();
+  if (n !== modelFor.round) $('modelRound').textContent = n ? `(after round ${n})` : '(initial, untrained)';
+}
+
+function onData(d) {
+  view.data = d;
+  view.updates += 1;
+  render(d);
+}
+
+// Live stream, reconnecting with backoff; polling where EventSource is missing.
+let backoff = 1000;
+function connect() {
+  if (!window.EventSource) { view.source = 'poll'; poll(); return; }
+  const es = new EventSource('/api/events');
+  es.onopen = () => { backoff = 1000; view.source = 'sse'; };
+  es.onmessage = (ev) => { try { onData(JSON.parse(ev.data)); } catch (e) { console.error(e); } };
+  es.onerror = () => {
+    $('live').textContent = 'connection lost; reconnecting…';
+    $('live').className = 'live small bad';
+    // The browser retries by itself while CONNECTING; after a hard failure it gives up (CLOSED).
+    if (es.readyState === EventSource.CLOSED) {
+      setTimeout(connect, backoff);
+      backoff = Math.min(backoff * 2, 15000);
+    }
+  };
+}
 async function poll() {
   try {
     const res = await fetch('/api/metrics', { cache: 'no-store' });
-    view.data = await res.json();
-    view.updates += 1;
-    render(view.data);
+    onData(await res.json());
   } catch (e) {
-    $('runline').textContent = `server unreachable (${e}); retrying…`;
+    $('live').textContent = `server unreachable (${e}); retrying…`;
   }
   setTimeout(poll, 1000);
 }
-poll();
+
+// Join address and QR code. Opened through a LAN address, that is the one to share; opened on
+// localhost, the first LAN address the server found (if it listens on the LAN at all).
+async function showJoin() {
+  const local = /^(localhost|127\.|\[::1\])/.test(location.hostname);
+  let url = `${location.origin}/`;
+  let note = '';
+  if (local) {
+    const { urls } = await (await fetch('/api/join')).json();
+    const lan = urls.find((u) => !/\/\/(localhost|127\.)/.test(u));
+    if (lan) url = lan;
+    else note = 'Only this computer can join: start the server with --bind 0.0.0.0 to let phones and laptops on the same network join.';
+  }
+  $('joinUrl').href = url; $('joinUrl').textContent = url;
+  $('qr').src = `/api/qr.svg?url=${encodeURIComponent(url)}`;
+  $('joinNote').textContent = note;
+}
+
+// Admin controls. The token comes from the field (or the #token= link the server printed, then
+// removed from the address bar so a projected screen does not show it) and is kept in this
+// browser's localStorage.
+const fromLink = new URLSearchParams(location.hash.slice(1)).get('token');
+if (fromLink) { localStorage.setItem('canopy-admin-token', fromLink); history.replaceState(null, '', location.pathname); }
+$('token').value = localStorage.getItem('canopy-admin-token') || '';
+
+async function admin(action, body) {
+  let res;
+  try {
+    res = await fetch(`/api/admin/${action}`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${$('token').value.trim()}`, 'Content-Type': 'application/json' },
+      body: body ? JSON.stringify(body) : undefined,
+    });
+  } catch (e) {
+    $('ctlMsg').textContent = `server unreachable: ${e}`;
+    $('ctlMsg').className = 'small bad';
+    return 0;
+  }
+  const json = await res.json().catch(() => ({}));
+  const msg = res.ok ? json.message : `${res.status}: ${json.error || res.statusText}`;
+  $('ctlMsg').textContent = msg;
+  $('ctlMsg').className = `small ${res.ok ? 'ok' : 'bad'}`;
+  $('lock').textContent = res.status === 401 ? 'locked (wrong token)' : res.ok ? 'unlocked' : $('lock').textContent;
+  view.lastAdmin = { action, status: res.status, message: msg };
+  if (res.ok) localStorage.setItem('canopy-admin-token', $('token').value.trim());
+  return res.status;
+}
+$('tokenForm').onsubmit = (e) => { e.preventDefault(); admin('check'); };
+$('btnStart').onclick = () => admin('start');
+$('btnPause').onclick = () => admin('pause');
+$('btnStop').onclick = () => { if (confirm('Stop the run after the round in progress?')) admin('stop'); };
+$('settingsForm').onsubmit = (e) => {
+  e.preventDefault();
+  const body = { rounds: Number($('setRounds').value), clients_per_round: Number($('setClients').value || 0) };
+  if ($('setStrategy').value !== (view.data?.control?.next_strategy ?? view.data?.run.strategy)) body.next_strategy = $('setStrategy').value;
+  admin('settings', body).then(() => document.activeElement?.blur());
+};
+
+// "Try the model" with the current global model: the same wasm module as the client page,
+// loaded on first use, predicts on the CPU backend from /api/model.bin.
+const completedRounds = () => view.data?.rounds.length ?? 0;
+const modelFor = { round: -1, bytes: null };
+let wasm = null;
+async function predict() {
+  const px = toMnist($('pad'));
+  if (!px) return;
+  showInput($('seen'), px);
+  try {
+    if (!wasm) {
+      $('guess').textContent = 'loading the model runtime…';
+      wasm = await import('./pkg/canopy_client.js');
+      await wasm.default();
+    }
+    const round = completedRounds();
+    if (modelFor.round !== round || !modelFor.bytes) {
+      const res = await fetch('/api/model.bin', { cache: 'no-store' });
+      modelFor.bytes = new Uint8Array(await res.arrayBuffer());
+      modelFor.round = round;
+    }
+    const probs = Array.from(await wasm.predict_with_model(modelFor.bytes, px));
+    const best = showProbs($('probs'), probs);
+    $('guess').textContent = `The model says: ${best}`;
+    $('modelRound').textContent = round ? `(after round ${round})` : '(initial, untrained)';
+    view.lastPrediction = { probs, best, round };
+  } catch (e) {
+    $('guess').textContent = `could not predict: ${e}`;
+  }
+}
+const pad = drawPad($('pad'), predict);
+$('clearPad').onclick = () => { pad.clear(); $('guess').textContent = ''; };
+
+showJoin().catch((e) => { $('joinNote').textContent = `join address unknown: ${e}`; });
+connect();

@@ -7,7 +7,9 @@ use std::rc::Rc;
 
 use burn::tensor::Device;
 use canopy_core::client::{ClientHost, ClientRuntime};
+use canopy_core::arch::Arch;
 use canopy_core::protocol::{Backend, ClientMsg, DeviceInfo, MaskSpec, ServerMsg, decode, encode};
+use canopy_core::state::ModelState;
 use canopy_core::train::{Host, Progress, predict};
 use js_sys::{Function, Promise, Uint8Array};
 use serde_json::json;
@@ -72,9 +74,41 @@ impl Host for BenchHost {
     }
 }
 
+/// Digits the student drew and labelled in this tab. They join the local training split and
+/// never leave the tab: only model updates are sent, as for the rest of the shard.
+#[derive(Default)]
+struct OwnDigits {
+    samples: Vec<(Vec<u8>, u8)>,
+    /// How many of `samples` are already in the runtime's current shard.
+    applied: usize,
+    /// Training samples of the shard the server dealt us; the aggregation weight we report
+    /// stays at this, since the server checks results against it.
+    server_train: u64,
+    /// Pixels per sample and class count of the shard, to check drawings without touching the
+    /// runtime (it is borrowed while training).
+    sample_len: usize,
+    classes: usize,
+}
+
+impl OwnDigits {
+    fn apply(&mut self, rt: &mut ClientRuntime<WebHost>) {
+        if let Some(shard) = rt.shard.as_mut() {
+            for (px, label) in &self.samples[self.applied..] {
+                shard.train.images.extend_from_slice(px);
+                shard.train.labels.push(*label);
+            }
+            self.applied = self.samples.len();
+        }
+    }
+}
+
 #[wasm_bindgen]
 pub struct CanopyClient {
     rt: Rc<RefCell<ClientRuntime<WebHost>>>,
+    own: Rc<RefCell<OwnDigits>>,
+    /// The global model of the latest task and its round, kept outside the runtime so the page
+    /// can try it while the runtime is busy training.
+    latest: Rc<RefCell<Option<(Arch, Vec<f32>, u32)>>>,
 }
 
 #[wasm_bindgen]
@@ -104,7 +138,7 @@ impl CanopyClient {
         };
         let info = DeviceInfo { backend, adapter, user_agent };
         let host = WebHost { send, progress };
-        CanopyClient { rt: Rc::new(RefCell::new(ClientRuntime::new(host, device, info, name))) }
+        CanopyClient { rt: Rc::new(RefCell::new(ClientRuntime::new(host, device, info, name))), own: Rc::default(), latest: Rc::default() }
     }
 
     /// "webgpu" or "cpu".
@@ -125,6 +159,8 @@ impl CanopyClient {
     /// for the page to show. Call it for one frame at a time (the page queues them).
     pub fn handle(&self, frame: Vec<u8>) -> Promise {
         let rt = self.rt.clone();
+        let own = self.own.clone();
+        let latest = self.latest.clone();
         future_to_promise(async move {
             let msg: ServerMsg = match decode(&frame) {
                 Ok(m) => m,
@@ -151,8 +187,35 @@ impl CanopyClient {
                 ServerMsg::Exchange { round, .. } => json!({ "kind": "exchange", "round": round }),
             };
             let mut rt = rt.try_borrow_mut().map_err(|_| JsValue::from_str("handle() called while a task is running"))?;
-            let reply = rt.handle(msg).await;
+            let welcome = matches!(msg, ServerMsg::Welcome(_));
+            if let ServerMsg::Task(t) = &msg
+                && let Ok(values) = t.model.params.to_f32()
+            {
+                // With a mask only the kept values travel: spread them over the full model.
+                let mask = match &t.model.mask {
+                    Some(MaskSpec::Full { bits, .. }) => bits.unpack().ok(),
+                    Some(MaskSpec::Cached { version }) => rt.mask.as_ref().filter(|(v, _)| v == version).map(|(_, m)| m.clone()),
+                    None => None,
+                };
+                if let Ok(params) = canopy_core::client::expand(&values, mask.as_deref(), t.model.arch.num_params()) {
+                    *latest.borrow_mut() = Some((t.model.arch.clone(), params, t.round));
+                }
+            }
+            own.borrow_mut().apply(&mut rt);
+            let mut reply = rt.handle(msg).await;
+            if welcome {
+                // A (re)joined tab gets its shard afresh: put the student's digits back in.
+                let mut own = own.borrow_mut();
+                if let Some(s) = rt.shard.as_ref() {
+                    (own.server_train, own.sample_len, own.classes) = (s.train.len() as u64, s.train.sample_len(), s.train.classes);
+                }
+                own.applied = 0;
+                own.apply(&mut rt);
+            }
             let mut summary = summary;
+            if let Some(ClientMsg::Result(r)) = reply.as_mut() {
+                r.samples = r.samples.min(own.borrow().server_train.max(1));
+            }
             if let Some(reply) = reply {
                 match &reply {
                     ClientMsg::Result(r) => {
@@ -208,6 +271,60 @@ impl CanopyClient {
         })
     }
 
+    /// Adds one drawn digit (784 pixels in [0, 1], white on black) with its label to this tab's
+    /// training data. It stays in the tab. Returns how many own digits the tab holds.
+    pub fn add_sample(&self, pixels: Vec<f32>, label: u8) -> Result<u32, JsValue> {
+        let (len, classes) = {
+            let own = self.own.borrow();
+            (own.sample_len, own.classes)
+        };
+        if len == 0 {
+            return Err(JsValue::from_str("no data shard yet: wait until the tab has joined"));
+        }
+        if pixels.len() != len {
+            return Err(JsValue::from_str(&format!("expected {len} pixels, got {}", pixels.len())));
+        }
+        if label as usize >= classes {
+            return Err(JsValue::from_str(&format!("label {label} is not below {classes}")));
+        }
+        let bytes = pixels.iter().map(|p| (p.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
+        let mut own = self.own.borrow_mut();
+        own.samples.push((bytes, label));
+        // Straight into the shard when no task is running; otherwise before the next task.
+        if let Ok(mut rt) = self.rt.try_borrow_mut() {
+            own.apply(&mut rt);
+        }
+        Ok(own.samples.len() as u32)
+    }
+
+    /// Training samples in this tab's shard now (the dealt ones plus the student's own digits);
+    /// while a task runs, what it will hold for the next one.
+    pub fn train_samples(&self) -> u32 {
+        match self.rt.try_borrow() {
+            Ok(rt) if self.own.borrow().applied == self.own.borrow().samples.len() => rt.shard.as_ref().map_or(0, |s| s.train.len() as u32),
+            _ => {
+                let own = self.own.borrow();
+                own.server_train as u32 + own.samples.len() as u32
+            }
+        }
+    }
+
+    /// Class probabilities from the global model of the latest task, on the CPU backend, so it
+    /// works while this tab trains ("try the model"). Pixels in [0, 1].
+    pub fn try_model(&self, pixels: Vec<f32>) -> Promise {
+        let latest = self.latest.borrow().clone();
+        future_to_promise(async move {
+            let (arch, params, _) = latest.ok_or_else(|| JsValue::from_str("no model yet: the first round has not started"))?;
+            let probs = predict(&arch, &params, &pixels, &Device::flex()).await.map_err(|e| JsValue::from_str(&e))?;
+            Ok(js_sys::Float32Array::from(probs.as_slice()).into())
+        })
+    }
+
+    /// Round of the model `try_model` uses (0: none yet).
+    pub fn model_round(&self) -> u32 {
+        self.latest.borrow().as_ref().map_or(0, |m| m.2)
+    }
+
     /// Class probabilities of the latest model for one image (pixels in [0, 1]).
     pub fn predict(&self, pixels: Vec<f32>) -> Promise {
         let rt = self.rt.clone();
@@ -221,4 +338,21 @@ impl CanopyClient {
             Ok(js_sys::Float32Array::from(probs.as_slice()).into())
         })
     }
+}
+
+/// Class probabilities for one image from a model downloaded from the server (`/api/model.bin`,
+/// a postcard-encoded `ModelState`), on burn's CPU backend: the dashboard's "try the model".
+#[wasm_bindgen]
+pub fn predict_with_model(model: Vec<u8>, pixels: Vec<f32>) -> Promise {
+    console_error_panic_hook::set_once();
+    future_to_promise(async move {
+        let state: ModelState = postcard::from_bytes(&model).map_err(|e| JsValue::from_str(&format!("model.bin: {e}")))?;
+        state.arch.validate().map_err(|e| JsValue::from_str(&e.to_string()))?;
+        let expected: usize = state.arch.input.iter().product();
+        if pixels.len() != expected {
+            return Err(JsValue::from_str(&format!("expected {expected} pixels, got {}", pixels.len())));
+        }
+        let probs = predict(&state.arch, &state.masked_params(), &pixels, &Device::flex()).await.map_err(|e| JsValue::from_str(&e))?;
+        Ok(js_sys::Float32Array::from(probs.as_slice()).into())
+    })
 }

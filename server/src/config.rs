@@ -31,6 +31,8 @@ pub struct RunConfig {
     pub out_dir: PathBuf,
     /// Keep serving the page and dashboard after the last round (the demo does; tests do not).
     pub linger: bool,
+    /// Wait for Start on the dashboard before the first round (a class joins first).
+    pub hold: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -72,6 +74,10 @@ pub struct ServerConfig {
     pub port: u16,
     /// Folder with the client page, dashboard and wasm bundle.
     pub web_dir: PathBuf,
+    /// Token for the dashboard's controls; random when unset. Never written to the run folder
+    /// or the metrics (they are public), hence not read from TOML either.
+    #[serde(skip)]
+    pub admin_token: Option<String>,
 }
 
 impl Default for Config {
@@ -88,7 +94,7 @@ impl Default for Config {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        RunConfig { name: None, rounds: 20, min_clients: 1, min_results: 1, seed: 1, out_dir: "runs".into(), linger: true }
+        RunConfig { name: None, rounds: 20, min_clients: 1, min_results: 1, seed: 1, out_dir: "runs".into(), linger: true, hold: false }
     }
 }
 
@@ -116,7 +122,7 @@ impl Default for StrategySection {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { bind: "127.0.0.1".into(), port: 8080, web_dir: "web".into() }
+        ServerConfig { bind: "127.0.0.1".into(), port: 8080, web_dir: "web".into(), admin_token: None }
     }
 }
 
@@ -174,6 +180,12 @@ pub struct Overrides {
     /// Exit after the last round instead of serving on.
     #[arg(long)]
     pub exit_when_done: bool,
+    /// Wait for Start on the dashboard before the first round.
+    #[arg(long)]
+    pub hold: bool,
+    /// Admin token for the dashboard's controls (default: a random one, printed at start).
+    #[arg(long)]
+    pub admin_token: Option<String>,
 }
 
 pub fn parse_partition(s: &str) -> Result<Partition, String> {
@@ -230,6 +242,12 @@ impl Config {
         }
         if o.exit_when_done {
             c.run.linger = false;
+        }
+        if o.hold {
+            c.run.hold = true;
+        }
+        if o.admin_token.is_some() {
+            c.server.admin_token = o.admin_token.clone();
         }
         c.strategy.config.seed = c.run.seed;
         c.validate()?;

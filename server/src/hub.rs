@@ -29,7 +29,26 @@ pub enum Phase {
     Exploring,
     Training,
     Aggregating,
+    /// Held at a round boundary by the dashboard's Pause (or before the first round with `hold`).
+    Paused,
     Done,
+    /// Ended early by the dashboard's Stop.
+    Stopped,
+}
+
+/// What the dashboard's admin controls asked for. The round loop reads it at round boundaries.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Control {
+    /// Do not start the next round.
+    pub paused: bool,
+    /// Waiting for the first Start (`run.hold`): a teacher lets the class join first.
+    pub held: bool,
+    /// End the run after the round in progress.
+    pub stop: bool,
+    /// Offer at most this many idle clients to the strategy each round.
+    pub clients_per_round: Option<usize>,
+    /// Strategy chosen for the next run (see `next-run.toml` in the run folder).
+    pub next_strategy: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,6 +83,7 @@ pub struct Hub {
     /// Bytes in and out since the current round began (frames as sent, headers excluded).
     pub round_bytes_up: u64,
     pub round_bytes_down: u64,
+    pub control: Control,
     next_id: u64,
     next_shard: usize,
 }
@@ -80,6 +100,7 @@ impl Hub {
             started: Instant::now(),
             round_bytes_up: 0,
             round_bytes_down: 0,
+            control: Control::default(),
             next_id: 1,
             next_shard: 0,
         }

@@ -1,11 +1,13 @@
 //! Canopy's aggregator: serves the client page and dashboard, talks to clients over WebSockets
 //! and runs the rounds.
 
+pub mod admin;
 pub mod bench;
 pub mod compare;
 pub mod config;
 pub mod datasets;
 pub mod hub;
+pub mod lan;
 pub mod metrics;
 pub mod run;
 pub mod sim;
@@ -34,6 +36,11 @@ pub struct App {
     pub global: Arc<Mutex<ModelState>>,
     pub web_dir: PathBuf,
     pub config_json: serde_json::Value,
+    pub run_dir: PathBuf,
+    /// Token the dashboard's controls need (never shown in the metrics).
+    pub admin_token: String,
+    /// Client-page URLs on every usable address, best first (classroom mode).
+    pub join_urls: Vec<String>,
 }
 
 pub struct Running {
@@ -79,15 +86,26 @@ pub async fn start(config: Config) -> Result<Running, String> {
         partition: config.data.partition.to_string(),
         rounds: config.run.rounds,
     };
-    let hub = Arc::new(Mutex::new(Hub::new(info, shards)));
+    let mut hub = Hub::new(info, shards);
+    hub.control.held = config.run.hold;
+    let hub = Arc::new(Mutex::new(hub));
     let global = Arc::new(Mutex::new(global));
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let config_json = serde_json::to_value(&config).map_err(|e| e.to_string())?;
-    let app = Arc::new(App { hub: hub.clone(), incoming: tx, global: global.clone(), web_dir: config.server.web_dir.clone(), config_json: config_json.clone() });
     let listener = tokio::net::TcpListener::bind((config.server.bind.as_str(), config.server.port))
         .await
         .map_err(|e| format!("binding {}:{}: {e}", config.server.bind, config.server.port))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let app = Arc::new(App {
+        hub: hub.clone(),
+        incoming: tx,
+        global: global.clone(),
+        web_dir: config.server.web_dir.clone(),
+        config_json: config_json.clone(),
+        run_dir: run_dir.clone(),
+        admin_token: config.server.admin_token.clone().unwrap_or_else(admin::random_token),
+        join_urls: lan::join_urls(&config.server.bind, addr.port()),
+    });
     let router = web::router(app.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router).await {

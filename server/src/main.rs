@@ -79,24 +79,40 @@ async fn serve(o: Overrides) -> Result<(), String> {
     let config = Config::load(&o)?;
     let linger = config.run.linger;
     let running = canopy_server::start(config.clone()).await?;
-    let port = running.addr.port();
+    let app = running.app.clone();
+    let urls = &app.join_urls;
+    let join = urls.first().cloned().unwrap_or_else(|| format!("http://{}/", running.addr));
+    let base = join.trim_end_matches('/');
     println!();
     println!("  Canopy is running: {} on {}, {} rounds", config.strategy.name, config.data.dataset, config.run.rounds);
-    println!("  Join as a client:  http://{}/", display_addr(&config.server.bind, port));
-    println!("  Dashboard:         http://{}/dashboard", display_addr(&config.server.bind, port));
+    println!("  Join as a client:  {join}");
+    for other in urls.iter().skip(1) {
+        println!("                     {other}");
+    }
+    println!("  Dashboard:         {base}/dashboard");
+    println!("  Admin token:       {}   (dashboard controls: {base}/dashboard#token={})", app.admin_token, app.admin_token);
     println!("  Metrics:           {}", running.run_dir.display());
     println!();
+    if canopy_server::lan::is_loopback_url(&join) {
+        println!("  Only this machine can join. To let phones and laptops on the same network join,");
+        println!("  start with --bind 0.0.0.0 (classroom mode).");
+    } else if let Some(qr) = canopy_server::lan::qr_terminal(&join) {
+        println!("  Scan to join ({join}):");
+        for line in qr.lines() {
+            println!("    {line}");
+        }
+    }
+    if config.run.hold {
+        println!("  Holding before round 1: press Start on the dashboard once the class has joined.");
+    }
+    println!();
     running.rounds.await.map_err(|e| e.to_string())?;
+    if app.hub.lock().unwrap().control.next_strategy.is_some() {
+        println!("  Next run chosen on the dashboard: canopy serve --config {}", running.run_dir.join("next-run.toml").display());
+    }
     if linger {
         println!("  Run finished; still serving the dashboard. Ctrl-C to stop.");
         tokio::signal::ctrl_c().await.map_err(|e| e.to_string())?;
     }
     Ok(())
-}
-
-fn display_addr(bind: &str, port: u16) -> String {
-    match bind {
-        "0.0.0.0" | "::" => format!("localhost:{port}"),
-        b => format!("{b}:{port}"),
-    }
 }

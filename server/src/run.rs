@@ -12,7 +12,7 @@ use canopy_core::protocol::{Blob, ErrorCode, MaskSpec, ServerMsg, Task, TaskResu
 use canopy_core::state::ModelState;
 use canopy_core::strategy::{ClientView, Contribution, RoundContext, Strategy, accept};
 use canopy_core::train::evaluate;
-use rand::{SeedableRng, rngs::StdRng};
+use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::{sleep_until, timeout};
 
@@ -50,8 +50,12 @@ impl RoundLoop {
         let mut rng = StdRng::seed_from_u64(self.seed);
         let mut round = 1;
         let mut retries = 0;
-        while round <= self.rounds {
+        while self.proceed(round).await {
             let views = self.wait_for_clients(round).await;
+            if views.is_empty() {
+                continue; // paused or stopped while waiting: proceed() decides
+            }
+            let views = self.cap_clients(views, &mut rng);
             let global = self.global.lock().unwrap().clone();
             let tasks = self.strategy.configure_round(round, &global, &views, &mut rng);
             if tasks.is_empty() {
@@ -139,19 +143,59 @@ impl RoundLoop {
             retries = 0;
             round += 1;
         }
-        self.set_phase(Phase::Done, self.rounds);
-        self.hub.lock().unwrap().broadcast(&ServerMsg::Bye { reason: "run finished".into() });
+        let stopped = self.hub.lock().unwrap().control.stop;
+        let (phase, reason) = if stopped { (Phase::Stopped, "run stopped from the dashboard") } else { (Phase::Done, "run finished") };
+        self.set_phase(phase, round - 1);
+        self.hub.lock().unwrap().broadcast(&ServerMsg::Bye { reason: reason.into() });
         self.save();
         tracing::info!("run finished: {}", self.run_dir.display());
     }
 
+    /// At a round boundary: holds while the dashboard paused the run, then says whether round
+    /// `round` should run (not stopped, and within the round count, which the dashboard can change).
+    async fn proceed(&mut self, round: u32) -> bool {
+        loop {
+            {
+                let mut hub = self.hub.lock().unwrap();
+                self.rounds = hub.info.rounds;
+                if hub.control.stop || round > self.rounds {
+                    return false;
+                }
+                if !hub.control.paused && !hub.control.held {
+                    return true;
+                }
+                hub.phase = Phase::Paused;
+                hub.round = round - 1;
+            }
+            if let Ok(Some(msg)) = timeout(Duration::from_millis(200), self.incoming.recv()).await {
+                self.stray(msg, None);
+            }
+        }
+    }
+
+    /// The dashboard's "clients per round": offer the strategy a random subset of that size.
+    fn cap_clients(&self, mut views: Vec<ClientView>, rng: &mut StdRng) -> Vec<ClientView> {
+        if let Some(n) = self.hub.lock().unwrap().control.clients_per_round
+            && views.len() > n
+        {
+            views.shuffle(rng);
+            views.truncate(n.max(1));
+            views.sort_by_key(|c| c.id);
+        }
+        views
+    }
+
     /// Waits until `min_clients` are connected and idle; meanwhile handles stray messages.
+    /// Returns no clients when the dashboard paused or stopped the run meanwhile.
     async fn wait_for_clients(&mut self, round: u32) -> Vec<ClientView> {
         self.set_phase(Phase::WaitingForClients, round);
         let mut said = false;
         loop {
             {
                 let hub = self.hub.lock().unwrap();
+                if hub.control.paused || hub.control.stop {
+                    return Vec::new();
+                }
                 let idle = hub.idle_clients();
                 if idle.len() >= self.min_clients.max(1) {
                     return idle.iter().map(|c| ClientView { id: c.id, samples: c.train_samples }).collect();
@@ -300,7 +344,8 @@ impl RoundLoop {
     }
 
     fn save(&self) {
-        let json = crate::web::metrics_json(&self.hub.lock().unwrap(), &self.config_json);
+        let arch = self.global.lock().unwrap().arch.clone();
+        let json = crate::web::metrics_json(&self.hub.lock().unwrap(), &self.config_json, &arch);
         let rows = self.hub.lock().unwrap().rounds.clone();
         if let Err(e) = metrics::write(&self.run_dir, &json, &rows) {
             tracing::error!("writing metrics to {}: {e}", self.run_dir.display());

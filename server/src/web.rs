@@ -1,12 +1,19 @@
-//! HTTP routes: the client page, the dashboard, the metrics API and the WebSocket.
+//! HTTP routes: the client page, the dashboard, the metrics API (polled or live over
+//! Server-Sent Events), the admin controls and the WebSocket.
 
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::header;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Json};
-use axum::routing::get;
+use axum::routing::{get, post};
+use canopy_core::arch::{Arch, Layer};
+use futures_util::Stream;
+use serde::Deserialize;
 use serde_json::json;
 use tower_http::services::{ServeDir, ServeFile};
 
@@ -20,15 +27,23 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/ws", get(crate::ws::handler))
         .route("/api/metrics", get(metrics))
+        .route("/api/events", get(events))
         .route("/api/metrics.csv", get(metrics_csv))
         .route("/api/model.bin", get(model))
+        .route("/api/join", get(join))
+        .route("/api/qr.svg", get(qr))
+        .route("/api/admin/check", post(crate::admin::check))
+        .route("/api/admin/start", post(crate::admin::start))
+        .route("/api/admin/pause", post(crate::admin::pause))
+        .route("/api/admin/stop", post(crate::admin::stop))
+        .route("/api/admin/settings", post(crate::admin::settings))
         .route_service("/dashboard", ServeFile::new(web.join("dashboard.html")))
         .fallback_service(files)
         .with_state(app)
 }
 
 /// Everything the dashboard shows, and what `metrics.json` holds.
-pub fn metrics_json(hub: &Hub, config: &serde_json::Value) -> serde_json::Value {
+pub fn metrics_json(hub: &Hub, config: &serde_json::Value, arch: &Arch) -> serde_json::Value {
     json!({
         "run": hub.info,
         "config": config,
@@ -36,25 +51,94 @@ pub fn metrics_json(hub: &Hub, config: &serde_json::Value) -> serde_json::Value 
         "round": hub.round,
         "elapsed_seconds": hub.started.elapsed().as_secs_f64(),
         "connected": hub.connected(),
+        "control": hub.control,
+        "strategies": canopy_core::strategy::NAMES,
+        "model": model_summary(arch),
         "clients": hub.clients.values().collect::<Vec<_>>(),
         "rounds": hub.rounds,
     })
 }
 
+/// The current architecture: size, cost and the width of each prunable layer. Layer names
+/// match the parameter names (`layers.3`), as strategies use them in per-layer metrics.
+fn model_summary(arch: &Arch) -> serde_json::Value {
+    let specs = arch.params();
+    let layers: Vec<_> = arch
+        .layers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let (kind, width) = match l {
+                Layer::Dense { units, .. } => ("dense", *units),
+                Layer::Conv { filters, .. } => ("conv", *filters),
+                _ => return None,
+            };
+            let params: usize = specs.iter().filter(|p| p.layer == i).map(|p| p.len).sum();
+            Some(json!({ "name": format!("layers.{i}"), "kind": kind, "width": width, "params": params }))
+        })
+        .collect();
+    json!({
+        "params": arch.num_params(),
+        "flops_per_sample": arch.flops_per_sample(),
+        "widths": arch.widths(),
+        "layers": layers,
+    })
+}
+
+fn current_json(app: &App) -> serde_json::Value {
+    // The model lock is taken and released before the hub's, never both at once.
+    let arch = app.global.lock().unwrap().arch.clone();
+    metrics_json(&app.hub.lock().unwrap(), &app.config_json, &arch)
+}
+
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
-    Json(metrics_json(&app.hub.lock().unwrap(), &app.config_json))
+    Json(current_json(&app))
+}
+
+/// The same JSON as `/api/metrics`, pushed once a second; the browser's EventSource reconnects
+/// by itself when the stream drops.
+async fn events(State(app): State<Arc<App>>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(Duration::from_secs(1)));
+    let stream = futures_util::StreamExt::map(ticks, move |_| Ok(Event::default().data(current_json(&app).to_string())));
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 async fn metrics_csv(State(app): State<Arc<App>>) -> impl IntoResponse {
     let csv = crate::metrics::to_csv(&app.hub.lock().unwrap().rounds);
-    ([(header::CONTENT_TYPE, "text/csv")], csv)
+    ([(header::CONTENT_TYPE, "text/csv"), (header::CONTENT_DISPOSITION, "attachment; filename=\"metrics.csv\"")], csv)
 }
 
 /// The current global model (postcard-encoded `ModelState`).
 async fn model(State(app): State<Arc<App>>) -> impl IntoResponse {
     let bytes = postcard::to_allocvec(&*app.global.lock().unwrap()).unwrap_or_default();
     (
-        [(header::CONTENT_TYPE, "application/octet-stream"), (header::CONTENT_DISPOSITION, "attachment; filename=\"model.bin\"")],
+        [
+            (header::CONTENT_TYPE, "application/octet-stream"),
+            (header::CONTENT_DISPOSITION, "attachment; filename=\"model.bin\""),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
         bytes,
     )
+}
+
+/// Where students can join: every usable address of this server.
+async fn join(State(app): State<Arc<App>>) -> impl IntoResponse {
+    Json(json!({ "urls": app.join_urls }))
+}
+
+#[derive(Deserialize)]
+struct QrQuery {
+    url: Option<String>,
+}
+
+/// A QR code for `?url=` (the dashboard passes the join URL it shows), else the best join URL.
+async fn qr(State(app): State<Arc<App>>, Query(q): Query<QrQuery>) -> impl IntoResponse {
+    let url = q.url.or_else(|| app.join_urls.first().cloned()).unwrap_or_default();
+    if url.len() > 300 {
+        return (StatusCode::BAD_REQUEST, "url too long").into_response();
+    }
+    match crate::lan::qr_svg(&url) {
+        Some(svg) => ([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response(),
+        None => (StatusCode::BAD_REQUEST, "cannot encode that url").into_response(),
+    }
 }

@@ -9,10 +9,12 @@ export const root = resolve(import.meta.dirname, '..', '..');
 const targetDir = process.env.CARGO_TARGET_DIR || join(process.env.HOME, '.cache/canopy/target');
 export const canopyBin = join(targetDir, 'debug', 'canopy');
 
-// Starts `canopy serve` on a free port; resolves once it prints its URL.
-export async function startServer(args) {
+// Starts `canopy serve` on a free port; resolves once it prints its URL. With `linger` the
+// server keeps serving after the last round (the test kills it).
+export async function startServer(args, { linger = false } = {}) {
   const outDir = mkdtempSync(join(tmpdir(), 'canopy-browser-'));
-  const proc = spawn(canopyBin, ['serve', '--port', '0', '--exit-when-done', '--out-dir', outDir, '--web-dir', join(root, 'web'), ...args], {
+  const base = ['serve', '--port', '0', ...(linger ? [] : ['--exit-when-done']), '--out-dir', outDir, '--web-dir', join(root, 'web')];
+  const proc = spawn(canopyBin, [...base, ...args], {
     cwd: root, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, RUST_LOG: 'info,tower_http=warn', NO_COLOR: '1' },
   });
   let log = '';
