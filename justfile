@@ -7,7 +7,7 @@ export PATH := home_directory() / ".cargo/bin:" + env_var("PATH")
 
 # Start the demo: server on localhost with the client page and live dashboard.
 demo *ARGS: setup
-    bash scripts/build-wasm.sh --optimize
+    bash scripts/build-wasm.sh
     cargo build -p canopy-server --bin canopy
     "$CARGO_TARGET_DIR/debug/canopy" serve --config configs/demo.toml {{ARGS}}
 
@@ -53,6 +53,6 @@ bench-browser: setup
 # Classroom mode: the demo on every network interface (join URLs and a QR code are printed),
 # held until the teacher presses Start on the dashboard.
 classroom *ARGS: setup
-    bash scripts/build-wasm.sh --optimize
+    bash scripts/build-wasm.sh
     cargo build -p canopy-server --bin canopy
     "$CARGO_TARGET_DIR/debug/canopy" serve --config configs/demo.toml --bind 0.0.0.0 --hold {{ARGS}}

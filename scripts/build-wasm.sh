@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds the browser client into web/pkg and pre-compresses it (the server sends the .gz/.br
-# file to browsers that accept it). --optimize also runs wasm-opt -Os (2–4 minutes).
+# file to browsers that accept it). --optimize also runs wasm-opt -Os (2–4 minutes); measured on
+# this bundle it cuts the raw size 15% but makes the gzipped download 8% larger, so the demo
+# does not use it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:=$HOME/.cache/canopy/target}"
