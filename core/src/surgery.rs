@@ -28,13 +28,14 @@ fn last_param_layer(arch: &Arch) -> Option<usize> {
     arch.layers.iter().rposition(|l| matches!(l, Layer::Dense { .. } | Layer::Conv { .. }))
 }
 
-/// Units to keep: those whose score lies within μ ± λσ of their layer's scores (both tails go),
-/// and never fewer than `min_units` (the highest-scoring ones then).
-pub fn keep_within_bounds(scores: &[f32], lambda: f32, min_units: usize) -> Vec<usize> {
+/// Units to keep: those whose score lies within μ ± λσ of their layer's scores (both tails go;
+/// with `upper_tail = false` only the low one), and never fewer than `min_units` (the
+/// highest-scoring ones then).
+pub fn keep_within_bounds(scores: &[f32], lambda: f32, min_units: usize, upper_tail: bool) -> Vec<usize> {
     let n = scores.len() as f32;
     let mean = scores.iter().sum::<f32>() / n;
     let sd = (scores.iter().map(|s| (s - mean).powi(2)).sum::<f32>() / n).sqrt();
-    let (lo, hi) = (mean - lambda * sd, mean + lambda * sd);
+    let (lo, hi) = (mean - lambda * sd, if upper_tail { mean + lambda * sd } else { f32::INFINITY });
     let mut keep: Vec<usize> = (0..scores.len()).filter(|&j| scores[j] >= lo && scores[j] <= hi).collect();
     let floor = min_units.min(scores.len());
     if keep.len() < floor {
@@ -119,12 +120,14 @@ mod tests {
     fn bounds_drop_both_tails() {
         // Eight ordinary units, one far above and one far below: μ = 1.8, σ ≈ 2.75.
         let scores = [1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 1.0, 1.0, 10.0, 0.0];
-        assert_eq!(keep_within_bounds(&scores, 0.5, 2), vec![0, 1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(keep_within_bounds(&scores, 0.5, 2, true), vec![0, 1, 2, 3, 4, 5, 6, 7]);
         // λ = 1.5 keeps the low one (μ − 1.5σ < 0) and drops only the high one.
-        assert_eq!(keep_within_bounds(&scores, 1.5, 2), vec![0, 1, 2, 3, 4, 5, 6, 7, 9]);
+        assert_eq!(keep_within_bounds(&scores, 1.5, 2, true), vec![0, 1, 2, 3, 4, 5, 6, 7, 9]);
+        // Without the upper tail, the strong unit stays.
+        assert_eq!(keep_within_bounds(&scores, 0.5, 2, false), vec![0, 1, 2, 3, 4, 5, 6, 7, 8]);
         // A wide band keeps everything; the floor keeps the strongest when the band is empty.
-        assert_eq!(keep_within_bounds(&scores, 10.0, 2).len(), 10);
-        assert_eq!(keep_within_bounds(&[1.0, 5.0, 3.0], 0.0, 2), vec![1, 2]);
+        assert_eq!(keep_within_bounds(&scores, 10.0, 2, true).len(), 10);
+        assert_eq!(keep_within_bounds(&[1.0, 5.0, 3.0], 0.0, 2, true), vec![1, 2]);
     }
 
     #[test]

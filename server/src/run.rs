@@ -67,7 +67,9 @@ impl RoundLoop {
             let deadline = tasks.iter().map(|(_, t)| t.deadline_ms).max().unwrap_or(60_000);
             let pending = self.send_tasks(round, tasks);
             let sampled = pending.len();
-            let (results, dropped, rejected) = self.collect(round, pending, Duration::from_millis(deadline)).await;
+            let (mut results, dropped, rejected) = self.collect(round, pending, Duration::from_millis(deadline)).await;
+            // Arrival order varies from run to run; summing in client order keeps runs reproducible.
+            results.sort_by_key(|c| c.client);
             if results.len() < self.min_results.min(sampled) || results.is_empty() {
                 retries += 1;
                 tracing::warn!(round, results = results.len(), needed = self.min_results, "too few results; retrying the round");

@@ -44,6 +44,12 @@ pub struct SimReport {
 /// Runs one client until the server says the run is finished. Reconnects (keeping its id, so
 /// its data shard) with backoff when the connection drops, for up to `patience`.
 pub fn run_client(url: &str, name: &str, patience: Duration) -> SimReport {
+    run_client_signalling(url, name, patience, None)
+}
+
+/// Like [`run_client`], and says on `joined` when the server has welcomed it.
+fn run_client_signalling(url: &str, name: &str, patience: Duration, joined: Option<std::sync::mpsc::Sender<()>>) -> SimReport {
+    let mut joined = joined;
     let info = DeviceInfo { backend: Backend::Native, adapter: "burn flex (CPU)".into(), user_agent: format!("canopy-sim/{}", env!("CARGO_PKG_VERSION")) };
     let host = NativeHost { t0: Instant::now(), ws: None };
     let mut rt = ClientRuntime::new(host, Device::flex(), info, name.to_string());
@@ -57,7 +63,7 @@ pub fn run_client(url: &str, name: &str, patience: Duration) -> SimReport {
                 backoff = Duration::from_millis(200);
                 let hello = encode(&rt.hello());
                 rt.host.ws.as_mut().unwrap().send(Message::binary(hello)).ok();
-                if serve(&mut rt, &mut report) {
+                if serve(&mut rt, &mut report, &mut joined) {
                     report.finished = true;
                     return report;
                 }
@@ -76,7 +82,7 @@ pub fn run_client(url: &str, name: &str, patience: Duration) -> SimReport {
 }
 
 /// Handles messages until the run finishes (true) or the connection drops (false).
-fn serve(rt: &mut ClientRuntime<NativeHost>, report: &mut SimReport) -> bool {
+fn serve(rt: &mut ClientRuntime<NativeHost>, report: &mut SimReport, joined: &mut Option<std::sync::mpsc::Sender<()>>) -> bool {
     loop {
         let msg = match rt.host.ws.as_mut().unwrap().read() {
             Ok(Message::Binary(b)) => b,
@@ -102,6 +108,11 @@ fn serve(rt: &mut ClientRuntime<NativeHost>, report: &mut SimReport) -> bool {
             }
             ServerMsg::Error { message, .. } => report.errors.push(message.clone()),
             ServerMsg::Task(_) => report.tasks += 1,
+            ServerMsg::Welcome(_) => {
+                if let Some(tx) = joined.take() {
+                    let _ = tx.send(());
+                }
+            }
             _ => {}
         }
         if let Some(reply) = pollster::block_on(rt.handle(msg)) {
@@ -110,12 +121,17 @@ fn serve(rt: &mut ClientRuntime<NativeHost>, report: &mut SimReport) -> bool {
     }
 }
 
-/// Runs `n` clients on threads and waits for all of them.
+/// Runs `n` clients on threads and waits for all of them. They join one after another, so
+/// client i gets data shard i and a rerun with the same seed sees the same clients.
 pub fn run_many(url: &str, n: usize, prefix: &str, patience: Duration) -> Vec<SimReport> {
     let handles: Vec<_> = (0..n)
         .map(|i| {
             let (url, name) = (url.to_string(), format!("{prefix}-{i}"));
-            std::thread::spawn(move || run_client(&url, &name, patience))
+            let (tx, rx) = std::sync::mpsc::channel();
+            let h = std::thread::spawn(move || run_client_signalling(&url, &name, patience, Some(tx)));
+            // Wait for the welcome (or for the client to give up) before starting the next.
+            let _ = rx.recv_timeout(patience + Duration::from_secs(5));
+            h
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap_or_default()).collect()

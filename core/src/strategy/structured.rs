@@ -24,11 +24,14 @@ pub struct StructuredConfig {
     pub prune_until: u32,
     /// Re-initialise the smaller model instead of copying the surviving weights (the paper's code).
     pub reinit: bool,
+    /// Prune the high tail too (the paper). Without it only weak units go: the strongest units
+    /// carry most of what the model has learned, and removing them every round can undo it.
+    pub upper_tail: bool,
 }
 
 impl Default for StructuredConfig {
     fn default() -> Self {
-        StructuredConfig { lambda: 2.2, min_units: 4, patience: 3, prune_until: 50, reinit: false }
+        StructuredConfig { lambda: 2.2, min_units: 4, patience: 3, prune_until: 50, reinit: false, upper_tail: true }
     }
 }
 
@@ -70,7 +73,7 @@ impl Strategy for Structured {
         if active {
             let keep: Vec<Option<Vec<usize>>> = unit_scores(global)
                 .into_iter()
-                .map(|scores| scores.map(|sc| keep_within_bounds(&sc, s.lambda, s.min_units)))
+                .map(|scores| scores.map(|sc| keep_within_bounds(&sc, s.lambda, s.min_units, s.upper_tail)))
                 .collect();
             let before = global.arch.num_params();
             let smaller = shrink(global, &keep);
