@@ -21,9 +21,19 @@ impl Host for Clock {
     async fn progress(&mut self, _p: &Progress) {}
 }
 
-fn train_rate(model: &str, data: &Dataset, batch: usize) -> f64 {
+/// Samples/s training `model` with every hidden layer cut to `keep` of its units (structured
+/// pruning's surgery; 1.0: the full model).
+fn train_rate(model: &str, data: &Dataset, batch: usize, keep: f32) -> f64 {
     let arch = Arch::preset(model, data.shape, data.classes).expect("preset");
-    let state = ModelState::init(arch.clone(), 1);
+    let mut state = ModelState::init(arch, 1);
+    if keep < 1.0 {
+        let cut: Vec<Option<Vec<usize>>> = canopy_core::surgery::unit_scores(&state)
+            .into_iter()
+            .map(|s| s.map(|s| (0..((s.len() as f32 * keep).ceil() as usize).max(1)).collect()))
+            .collect();
+        state = canopy_core::surgery::shrink(&state, &cut);
+    }
+    let arch = state.arch.clone();
     let spec = TrainSpec { epochs: 1, batch_size: batch, lr: 0.05, optimizer: Optimizer::Sgd { momentum: 0.0 }, seed: 1, patience: 0 };
     let mut clock = Clock(Instant::now());
     let t = pollster::block_on(train_local(&arch, &state.params, None, data, &spec, &Device::flex(), &mut clock)).expect("training");
@@ -33,13 +43,19 @@ fn train_rate(model: &str, data: &Dataset, batch: usize) -> f64 {
 pub fn run(train: &Dataset) -> Vec<(String, String)> {
     let mut rows = Vec::new();
     let small = train.select(&(0..train.len().min(2000)).collect::<Vec<_>>());
-    let mlp = train_rate("mlp", &small, 32);
+    let mlp = train_rate("mlp", &small, 32, 1.0);
     rows.push(("native training, mlp, batch 32".into(), format!("{mlp:.0} samples/s (baseline)")));
-    let mlp128 = train_rate("mlp", &small, 128);
+    let mlp128 = train_rate("mlp", &small, 128, 1.0);
     rows.push(("native training, mlp, batch 128".into(), format!("{mlp128:.0} samples/s ({:.2}× batch 32)", mlp128 / mlp)));
+    let half = train_rate("mlp", &small, 32, 0.5);
+    rows.push(("native training, mlp at half width".into(), format!("{half:.0} samples/s ({:.2}× full width)", half / mlp)));
     let tiny = small.select(&(0..small.len().min(256)).collect::<Vec<_>>());
-    let cnn = train_rate("cnn", &tiny, 32);
+    let cnn = train_rate("cnn", &tiny, 32, 1.0);
     rows.push(("native training, FedAvg cnn, batch 32".into(), format!("{cnn:.0} samples/s ({:.3}× mlp)", cnn / mlp)));
+    let small_cnn = train_rate("cnn-small", &tiny, 32, 1.0);
+    rows.push(("native training, cnn-small".into(), format!("{small_cnn:.0} samples/s ({:.3}× mlp)", small_cnn / mlp)));
+    let small_half = train_rate("cnn-small", &tiny, 32, 0.5);
+    rows.push(("native training, cnn-small at half width".into(), format!("{small_half:.0} samples/s ({:.2}× full width)", small_half / small_cnn)));
 
     let arch = Arch::preset("mlp", train.shape, train.classes).expect("preset");
     let global = ModelState::init(arch.clone(), 1);
