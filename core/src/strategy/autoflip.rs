@@ -321,6 +321,62 @@ mod tests {
         assert_eq!(prune_lowest(&g, 0.1, Some(&m)), m, "never un-prunes");
     }
 
+    fn explore_once(cfg: StrategyConfig, validate: &dyn Fn(&ModelState) -> crate::train::Eval) -> (AutoFlip, ModelState, RoundOutcome) {
+        let arch = Arch { input: [1, 2, 5], classes: 2, layers: vec![Layer::Flatten, Layer::Dense { inputs: 10, units: 2 }] };
+        let mut s = AutoFlip::new(cfg).unwrap();
+        let mut global = ModelState::init(arch, 1);
+        let clients = [ClientView { id: 0, samples: 10 }];
+        let mut rng = rand::SeedableRng::seed_from_u64(1);
+        s.configure_round(1, &global, &clients, &mut rng);
+        let values: Vec<f32> = (0..22).map(|i| i as f32 * 0.01).collect();
+        let c = Contribution { client: 0, samples: 10, kind: UploadKind::Delta, values, metrics: Default::default() };
+        let ctx = RoundContext { rounds: 5, validate };
+        let out = s.aggregate(1, &mut global, &[c], &ctx).unwrap();
+        (s, global, out)
+    }
+
+    #[test]
+    fn automatic_q_is_the_largest_within_tolerance() {
+        let mut cfg = StrategyConfig::default();
+        cfg.autoflip.auto_q = true;
+        cfg.autoflip.q_tolerance = 0.35;
+        // Validation loss grows with sparsity: 1 + sparsity. Within 35% of the dense loss: q ≤ 0.3.
+        let validate = |m: &ModelState| crate::train::Eval { loss: 1.0 + m.sparsity() as f32, ..Default::default() };
+        let (_, global, out) = explore_once(cfg.clone(), &validate);
+        assert_eq!(out.metrics["q_auto"], 0.3);
+        assert!((global.sparsity() - 0.3).abs() < 0.05, "{}", global.sparsity());
+        // When every q costs too much, nothing is pruned.
+        cfg.autoflip.q_tolerance = 0.01;
+        let (_, global, out) = explore_once(cfg, &validate);
+        assert_eq!(out.metrics["q_auto"], 0.0);
+        assert_eq!(global.sparsity(), 0.0);
+    }
+
+    #[test]
+    fn repruning_raises_sparsity_towards_the_target() {
+        let mut cfg = StrategyConfig::default();
+        cfg.autoflip.q = 0.2;
+        cfg.autoflip.reprune_every = 1;
+        cfg.autoflip.target_sparsity = 0.6;
+        let validate = |_: &ModelState| crate::train::Eval::default();
+        let (mut s, mut global, _) = explore_once(cfg, &validate);
+        let before = global.mask.clone().unwrap();
+        assert!((global.sparsity() - 0.2).abs() < 0.05);
+        let ctx = RoundContext { rounds: 5, validate: &validate };
+        let c = Contribution { client: 0, samples: 10, kind: UploadKind::Delta, values: (0..22).map(|i| 0.01 * (22 - i) as f32).collect(), metrics: Default::default() };
+        let out = s.aggregate(2, &mut global, &[c.clone()], &ctx).unwrap();
+        assert_eq!(out.metrics["repruned"], 1.0);
+        let after = global.mask.clone().unwrap();
+        // A quarter of the way from 0.2 to 0.6 after one of four remaining rounds.
+        assert!((global.sparsity() - 0.3).abs() < 0.05, "{}", global.sparsity());
+        assert!(before.iter().zip(&after).all(|(b, a)| *b || !*a), "pruned weights stay pruned");
+        assert_eq!(global.mask_version, 2);
+        for r in 3..=5 {
+            s.aggregate(r, &mut global, &[c.clone()], &ctx).unwrap();
+        }
+        assert!((global.sparsity() - 0.6).abs() < 0.05, "{}", global.sparsity());
+    }
+
     #[test]
     fn masked_momentum_keeps_pruned_weights_at_zero() {
         let mut cfg = StrategyConfig::default();
