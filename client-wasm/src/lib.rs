@@ -246,14 +246,7 @@ impl CanopyClient {
         future_to_promise(async move {
             let device = rt.try_borrow().map_err(|_| JsValue::from_str("busy training"))?.device.clone();
             let arch = canopy_core::arch::Arch::preset(&model, [1, 28, 28], 10).map_err(|e| JsValue::from_str(&e.to_string()))?;
-            let mut state = canopy_core::state::ModelState::init(arch, 1);
-            if keep < 1.0 {
-                let cut: Vec<Option<Vec<usize>>> = canopy_core::surgery::unit_scores(&state)
-                    .into_iter()
-                    .map(|s| s.map(|s| (0..((s.len() as f32 * keep).ceil() as usize).max(1)).collect()))
-                    .collect();
-                state = canopy_core::surgery::shrink(&state, &cut);
-            }
+            let state = canopy_core::surgery::shrink_to(&canopy_core::state::ModelState::init(arch, 1), keep);
             let n = batch * steps as usize;
             let images: Vec<u8> = (0..n * 784).map(|i| (i * 7919 % 251) as u8).collect();
             let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();

@@ -112,6 +112,19 @@ pub fn shrink(state: &ModelState, keep: &[Option<Vec<usize>>]) -> ModelState {
     ModelState { arch: new, params, mask: None, mask_version: state.mask_version }
 }
 
+/// Every hidden layer cut to its first `keep` fraction of units (at least one): a narrower model
+/// of the same family, for benchmarks that compare widths.
+pub fn shrink_to(state: &ModelState, keep: f32) -> ModelState {
+    if keep >= 1.0 {
+        return state.clone();
+    }
+    let cut: Vec<Option<Vec<usize>>> = unit_scores(state)
+        .into_iter()
+        .map(|s| s.map(|s| (0..((s.len() as f32 * keep).ceil() as usize).max(1)).collect()))
+        .collect();
+    shrink(state, &cut)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,14 +25,7 @@ impl Host for Clock {
 /// pruning's surgery; 1.0: the full model).
 fn train_rate(model: &str, data: &Dataset, batch: usize, keep: f32) -> f64 {
     let arch = Arch::preset(model, data.shape, data.classes).expect("preset");
-    let mut state = ModelState::init(arch, 1);
-    if keep < 1.0 {
-        let cut: Vec<Option<Vec<usize>>> = canopy_core::surgery::unit_scores(&state)
-            .into_iter()
-            .map(|s| s.map(|s| (0..((s.len() as f32 * keep).ceil() as usize).max(1)).collect()))
-            .collect();
-        state = canopy_core::surgery::shrink(&state, &cut);
-    }
+    let state = canopy_core::surgery::shrink_to(&ModelState::init(arch, 1), keep);
     let arch = state.arch.clone();
     let spec = TrainSpec { epochs: 1, batch_size: batch, lr: 0.05, optimizer: Optimizer::Sgd { momentum: 0.0 }, seed: 1, patience: 0 };
     let mut clock = Clock(Instant::now());

@@ -2,7 +2,7 @@
 
 use rand::rngs::StdRng;
 
-use super::{ClientView, Contribution, RoundContext, RoundOutcome, Strategy, StrategyConfig, UploadKind, sample_clients, train_task, weighted_values};
+use super::{ClientView, Contribution, RoundContext, RoundOutcome, Strategy, StrategyConfig, UploadKind, plain_round, weighted_values};
 use crate::protocol::{Task, UploadSpec};
 use crate::state::ModelState;
 
@@ -22,10 +22,7 @@ impl Strategy for FedAvg {
     }
 
     fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
-        sample_clients(clients, self.config.fraction, self.config.min_fit, rng)
-            .into_iter()
-            .map(|c| (c.id, train_task(round, global, &self.config, c.id, UploadSpec::Weights)))
-            .collect()
+        plain_round(round, global, &self.config, clients, rng, UploadSpec::Weights)
     }
 
     fn aggregate(&mut self, _round: u32, global: &mut ModelState, results: &[Contribution], _ctx: &RoundContext) -> Result<RoundOutcome, String> {

@@ -189,6 +189,14 @@ mod tests {
     }
 }
 
+/// Samples clients as `config` says and gives each the plain training task.
+pub fn plain_round(round: u32, global: &ModelState, config: &StrategyConfig, clients: &[ClientView], rng: &mut StdRng, upload: UploadSpec) -> Vec<(u64, Task)> {
+    sample_clients(clients, config.fraction, config.min_fit, rng)
+        .into_iter()
+        .map(|c| (c.id, train_task(round, global, config, c.id, upload)))
+        .collect()
+}
+
 /// A plain training task on the whole global model (masked if the model has a mask).
 pub fn train_task(round: u32, global: &ModelState, config: &StrategyConfig, client: u64, upload: UploadSpec) -> Task {
     Task {
