@@ -31,6 +31,8 @@ pub struct RunConfig {
     pub out_dir: PathBuf,
     /// Keep serving the page and dashboard after the last round (the demo does; tests do not).
     pub linger: bool,
+    /// Continue the run in `out_dir/name` from its last checkpoint (after a restart).
+    pub resume: bool,
     /// Wait for Start on the dashboard before the first round (a class joins first).
     pub hold: bool,
 }
@@ -94,7 +96,7 @@ impl Default for Config {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        RunConfig { name: None, rounds: 20, min_clients: 1, min_results: 1, seed: 1, out_dir: "runs".into(), linger: true, hold: false }
+        RunConfig { name: None, rounds: 20, min_clients: 1, min_results: 1, seed: 1, out_dir: "runs".into(), linger: true, hold: false, resume: false }
     }
 }
 
@@ -183,6 +185,9 @@ pub struct Overrides {
     /// Wait for Start on the dashboard before the first round.
     #[arg(long)]
     pub hold: bool,
+    /// Continue the named run from its last checkpoint (needs --name or run.name).
+    #[arg(long)]
+    pub resume: bool,
     /// Admin token for the dashboard's controls (default: a random one, printed at start).
     #[arg(long)]
     pub admin_token: Option<String>,
@@ -245,6 +250,12 @@ impl Config {
         }
         if o.hold {
             c.run.hold = true;
+        }
+        if o.resume {
+            if c.run.name.is_none() {
+                return Err("--resume needs the run's name (--name or run.name)".into());
+            }
+            c.run.resume = true;
         }
         if o.admin_token.is_some() {
             c.server.admin_token = o.admin_token.clone();

@@ -66,10 +66,24 @@ pub async fn start(config: Config) -> Result<Running, String> {
     let (train, validation) = train.split(config.data.validation, seed ^ 0x5eed);
     let shards = config.data.partition.split(&train, config.data.shards, config.data.local_test, seed);
     let arch = Arch::preset(&config.model, train.shape, train.classes).map_err(|e| e.to_string())?;
-    let strategy = strategy::build(&config.strategy.name, &config.strategy.config)?;
-    let global = ModelState::init(arch, seed);
+    let mut strategy = strategy::build(&config.strategy.name, &config.strategy.config)?;
+    let mut global = ModelState::init(arch, seed);
     let run_name = config.run.name.clone().unwrap_or_else(timestamp);
     let run_dir = config.run.out_dir.join(&run_name);
+    let mut first_round = 1;
+    let mut done_rounds = Vec::new();
+    if config.run.resume {
+        match resume(&run_dir)? {
+            Some((ckpt, rounds)) => {
+                strategy.load_state(&ckpt.strategy)?;
+                global = ckpt.global;
+                first_round = ckpt.round + 1;
+                done_rounds = rounds;
+                tracing::info!(round = ckpt.round, "resuming {} after round {}", run_dir.display(), ckpt.round);
+            }
+            None => tracing::info!("nothing to resume in {}: starting afresh", run_dir.display()),
+        }
+    }
     std::fs::create_dir_all(&run_dir).map_err(|e| format!("creating {}: {e}", run_dir.display()))?;
     let toml = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
     std::fs::write(run_dir.join("config.toml"), toml).map_err(|e| e.to_string())?;
@@ -87,6 +101,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
         rounds: config.run.rounds,
     };
     let mut hub = Hub::new(info, shards);
+    hub.rounds = done_rounds;
     hub.control.held = config.run.hold;
     let hub = Arc::new(Mutex::new(hub));
     let global = Arc::new(Mutex::new(global));
@@ -126,10 +141,31 @@ pub async fn start(config: Config) -> Result<Running, String> {
             seed,
             run_dir: run_dir.clone(),
             config_json,
+            first_round,
         }
         .run(),
     );
     Ok(Running { addr, run_dir, app, rounds })
+}
+
+/// The checkpoint and finished rounds of a run folder, if it has them. A checkpoint that cannot
+/// be read is an error rather than a silent fresh start: starting over would overwrite the run.
+fn resume(dir: &std::path::Path) -> Result<Option<(run::Checkpoint, Vec<metrics::RoundRecord>)>, String> {
+    let path = dir.join("checkpoint.bin");
+    let Ok(bytes) = std::fs::read(&path) else { return Ok(None) };
+    let ckpt: run::Checkpoint = postcard::from_bytes(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    ckpt.global.arch.validate().map_err(|e| format!("{}: {e}", path.display()))?;
+    if ckpt.global.params.len() != ckpt.global.arch.num_params() {
+        return Err(format!("{}: parameters do not match the architecture", path.display()));
+    }
+    let json_path = dir.join("metrics.json");
+    let json: serde_json::Value = std::fs::read(&json_path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        .map_err(|e| format!("{}: {e}", json_path.display()))?;
+    let rounds: Vec<metrics::RoundRecord> = serde_json::from_value(json["rounds"].clone()).map_err(|e| format!("{}: {e}", json_path.display()))?;
+    let done = ckpt.round;
+    Ok(Some((ckpt, rounds.into_iter().filter(|r| r.round <= done).collect())))
 }
 
 fn cap(d: Dataset, max: usize) -> Dataset {

@@ -43,12 +43,24 @@ pub struct RoundLoop {
     pub run_dir: PathBuf,
     /// The run's settings, written into metrics.json.
     pub config_json: serde_json::Value,
+    /// First round to run (after a resumed checkpoint: the one after it).
+    pub first_round: u32,
+}
+
+/// What a run folder's `checkpoint.bin` holds: enough to resume after a server restart.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    /// Rounds completed.
+    pub round: u32,
+    pub global: ModelState,
+    pub strategy: Vec<u8>,
 }
 
 impl RoundLoop {
     pub async fn run(mut self) {
-        let mut rng = StdRng::seed_from_u64(self.seed);
-        let mut round = 1;
+        // The sampling stream continues where a resumed run left it.
+        let mut rng = StdRng::seed_from_u64(self.seed ^ (self.first_round as u64 - 1));
+        let mut round = self.first_round;
         let mut retries = 0;
         while self.proceed(round).await {
             let views = self.wait_for_clients(round).await;
@@ -352,9 +364,18 @@ impl RoundLoop {
         if let Err(e) = metrics::write(&self.run_dir, &json, &rows) {
             tracing::error!("writing metrics to {}: {e}", self.run_dir.display());
         }
-        let model = postcard::to_allocvec(&*self.global.lock().unwrap()).expect("encoding the model");
+        let global = self.global.lock().unwrap().clone();
+        let model = postcard::to_allocvec(&global).expect("encoding the model");
         if let Err(e) = std::fs::write(self.run_dir.join("model.bin"), model) {
-            tracing::error!("writing the model checkpoint: {e}");
+            tracing::error!("writing the model: {e}");
+        }
+        let done = self.hub.lock().unwrap().rounds.last().map_or(0, |r| r.round);
+        let ckpt = Checkpoint { round: done, global, strategy: self.strategy.save_state() };
+        let tmp = self.run_dir.join("checkpoint.bin.tmp");
+        let written = std::fs::write(&tmp, postcard::to_allocvec(&ckpt).expect("encoding the checkpoint"))
+            .and_then(|_| std::fs::rename(&tmp, self.run_dir.join("checkpoint.bin")));
+        if let Err(e) = written {
+            tracing::error!("writing the checkpoint: {e}");
         }
     }
 }

@@ -11,6 +11,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::App;
+use crate::hub::Phase;
 use crate::run::Incoming;
 
 /// Frames up to this size are read and then judged by [`decode`], so a client that sends
@@ -69,7 +70,15 @@ async fn session(socket: WebSocket, app: Arc<App>) {
                     continue;
                 }
                 let (name, backend, adapter) = (hello.name.clone(), hello.device.backend, hello.device.adapter.clone());
-                let c = app.hub.lock().unwrap().join(hello, tx.clone());
+                let c = {
+                    let mut hub = app.hub.lock().unwrap();
+                    let c = hub.join(hello, tx.clone());
+                    // Joining a run that has ended: say so at once rather than leave it waiting.
+                    if matches!(hub.phase, Phase::Done | Phase::Stopped) {
+                        hub.send(c, &ServerMsg::Bye { reason: "run finished".into() });
+                    }
+                    c
+                };
                 tracing::info!(client = c, %name, %backend, %adapter, "client joined");
                 id = Some(c);
             }

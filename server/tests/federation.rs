@@ -174,6 +174,40 @@ fn structured_pruning_shrinks_the_model_clients_train() {
     });
 }
 
+#[test]
+fn a_restarted_server_resumes_the_run_from_its_checkpoint() {
+    let rt = runtime();
+    rt.block_on(async {
+        // A first server runs 2 of 4 rounds of FedAvgM (which has state: its velocity) and stops.
+        let mut c = config("resume", 2, 3);
+        c.strategy.name = "fedavgm".into();
+        c.strategy.config.server_lr = 5.0;
+        let first = run_with_sims(c.clone(), 3).await;
+        let before = records(&first);
+        let model_after_2 = first.global.lock().unwrap().clone();
+        // A new server on the same run folder picks up after round 2.
+        c.run.rounds = 4;
+        c.run.resume = true;
+        let second = run_with_sims(c.clone(), 3).await;
+        let rounds = records(&second);
+        assert_eq!(rounds.iter().map(|r| r.round).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(rounds[1].test_accuracy, before[1].test_accuracy, "rounds 1–2 are the first server's");
+        // Round 3 started from the saved model, not from scratch: it is better than round 1.
+        assert!(rounds[2].test_loss < before[0].test_loss, "{} vs {}", rounds[2].test_loss, before[0].test_loss);
+        assert_ne!(second.global.lock().unwrap().params, model_after_2.params);
+        let csv = std::fs::read_to_string(second.run_dir.join("metrics.csv")).unwrap();
+        assert_eq!(csv.lines().count(), 5);
+        // Resuming a finished run with no rounds left runs none and keeps the results.
+        let third = run_with_sims(c, 3).await;
+        assert_eq!(records(&third).len(), 4);
+        // A damaged checkpoint is an error, not a silent fresh start over the old run.
+        let mut bad = config("resume", 4, 3);
+        bad.run.resume = true;
+        std::fs::write(third.run_dir.join("checkpoint.bin"), b"junk").unwrap();
+        assert!(canopy_server::start(bad).await.err().unwrap().contains("checkpoint.bin"));
+    });
+}
+
 type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>;
 
 fn connect(url: &str) -> Ws {

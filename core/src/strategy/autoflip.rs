@@ -179,6 +179,16 @@ impl Strategy for AutoFlip {
         if self.explored_in == 0 { "exploring" } else { "training" }
     }
 
+    fn save_state(&self) -> Vec<u8> {
+        postcard::to_allocvec(&(self.explored_in, &self.velocity, &self.ema, self.q0)).expect("encoding")
+    }
+
+    fn load_state(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let (explored_in, velocity, ema, q0): (u32, Vec<f32>, Vec<f32>, f64) = postcard::from_bytes(bytes).map_err(|e| format!("autoflip state: {e}"))?;
+        (self.explored_in, self.velocity, self.ema, self.q0) = (explored_in, velocity, ema, q0);
+        Ok(())
+    }
+
     fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
         let a = &self.config.autoflip;
         let exploring = self.explored_in == 0;

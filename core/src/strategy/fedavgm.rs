@@ -27,6 +27,15 @@ impl Strategy for FedAvgM {
         plain_round(round, global, &self.config, clients, rng, UploadSpec::Delta)
     }
 
+    fn save_state(&self) -> Vec<u8> {
+        postcard::to_allocvec(&self.velocity).expect("encoding")
+    }
+
+    fn load_state(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.velocity = postcard::from_bytes(bytes).map_err(|e| format!("fedavgm state: {e}"))?;
+        Ok(())
+    }
+
     fn aggregate(&mut self, _round: u32, global: &mut ModelState, results: &[Contribution], _ctx: &RoundContext) -> Result<RoundOutcome, String> {
         if results.iter().any(|c| c.kind != UploadKind::Delta) {
             return Err("fedavgm expects deltas".into());

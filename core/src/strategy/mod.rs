@@ -135,6 +135,16 @@ pub trait Strategy: Send {
         "training"
     }
 
+    /// The strategy's own state between rounds (server momentum, pruning stage...), saved with
+    /// every checkpoint so a restarted server resumes where it stopped.
+    fn save_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    fn load_state(&mut self, _bytes: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Method-specific messages within a round (split learning's per-batch traffic).
     fn exchange(&mut self, _round: u32, _client: u64, _payload: &Blob) -> Result<Option<Blob>, String> {
         Err(format!("strategy {} takes no in-round messages", self.name()))

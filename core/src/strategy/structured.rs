@@ -59,6 +59,15 @@ impl Strategy for Structured {
         plain_round(round, global, &self.config, clients, rng, UploadSpec::Weights)
     }
 
+    fn save_state(&self) -> Vec<u8> {
+        postcard::to_allocvec(&(self.stale, self.stopped)).expect("encoding")
+    }
+
+    fn load_state(&mut self, bytes: &[u8]) -> Result<(), String> {
+        (self.stale, self.stopped) = postcard::from_bytes(bytes).map_err(|e| format!("structured state: {e}"))?;
+        Ok(())
+    }
+
     fn aggregate(&mut self, round: u32, global: &mut ModelState, results: &[Contribution], _ctx: &RoundContext) -> Result<RoundOutcome, String> {
         if results.iter().any(|c| c.kind != UploadKind::Weights) {
             return Err("structured pruning expects weights".into());
