@@ -77,12 +77,7 @@ fn fedavgm_runs_with_server_momentum() {
         cfg.strategy.name = "fedavgm".into();
         // With β = 0.9 the first steps are small; a larger server rate makes 3 rounds count.
         cfg.strategy.config.server_lr = 5.0;
-        let running = canopy_server::start(cfg).await.unwrap();
-        let url = format!("ws://{}/ws", running.addr);
-        let sims = tokio::task::spawn_blocking(move || canopy_server::sim::run_many(&url, 3, "m", Duration::from_secs(10)));
-        let app = running.app.clone();
-        tokio::time::timeout(Duration::from_secs(120), running.rounds).await.expect("run finished").unwrap();
-        assert!(sims.await.unwrap().iter().all(|r| r.finished));
+        let app = run_with_sims(cfg, 3).await;
         let rounds = records(&app);
         assert_eq!(rounds.len(), 3);
         assert!(rounds.iter().all(|r| r.extra["server_velocity_norm"] > 0.0));
