@@ -9,6 +9,7 @@ pub mod data;
 pub mod model;
 pub mod partition;
 pub mod protocol;
+pub mod robust;
 pub mod state;
 pub mod strategy;
 pub mod surgery;
