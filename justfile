@@ -56,3 +56,11 @@ classroom *ARGS: setup
     bash scripts/build-wasm.sh
     cargo build -p canopy-server --bin canopy
     "$CARGO_TARGET_DIR/debug/canopy" serve --config configs/demo.toml --bind 0.0.0.0 --hold {{ARGS}}
+
+# Fuzz frame decoding and result acceptance with cargo-fuzz for SECONDS (nightly Rust and
+# cargo-fuzz are installed on demand; not part of `just test`). Crashes land in fuzz/artifacts/.
+fuzz SECONDS="60":
+    rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz
+    CANOPY_FUZZ_SEEDS="$PWD/fuzz/corpus/frames" cargo test -p canopy-core --test frames
+    cd fuzz && cargo +nightly fuzz run frames corpus/frames -- -max_total_time={{SECONDS}} -max_len=65536

@@ -6,6 +6,7 @@ pub mod arch;
 pub mod client;
 pub mod codec;
 pub mod data;
+pub mod fuzzing;
 pub mod model;
 pub mod partition;
 pub mod protocol;

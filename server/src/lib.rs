@@ -2,6 +2,7 @@
 //! and runs the rounds.
 
 pub mod admin;
+pub mod attack;
 pub mod bench;
 pub mod compare;
 pub mod config;

@@ -6,10 +6,12 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
 use canopy_core::client::{ClientHost, ClientRuntime};
-use canopy_core::protocol::{Backend, ClientMsg, DeviceInfo, ServerMsg, decode, encode};
+use canopy_core::protocol::{Backend, ClientMsg, DeviceInfo, ServerMsg, UploadSpec, decode, encode};
 use canopy_core::train::{Host, Progress};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
+
+use crate::attack::Attack;
 
 type Socket = WebSocket<MaybeTlsStream<TcpStream>>;
 
@@ -44,11 +46,12 @@ pub struct SimReport {
 /// Runs one client until the server says the run is finished. Reconnects (keeping its id, so
 /// its data shard) with backoff when the connection drops, for up to `patience`.
 pub fn run_client(url: &str, name: &str, patience: Duration) -> SimReport {
-    run_client_signalling(url, name, patience, None)
+    run_client_signalling(url, name, patience, None, Attack::None)
 }
 
 /// Like [`run_client`], and says on `joined` when the server has welcomed it.
-fn run_client_signalling(url: &str, name: &str, patience: Duration, joined: Option<std::sync::mpsc::Sender<()>>) -> SimReport {
+/// An attacking client runs the same runtime and alters its shard and results ([`Attack`]).
+fn run_client_signalling(url: &str, name: &str, patience: Duration, joined: Option<std::sync::mpsc::Sender<()>>, attack: Attack) -> SimReport {
     let mut joined = joined;
     let info = DeviceInfo { backend: Backend::Native, adapter: "burn flex (CPU)".into(), user_agent: format!("canopy-sim/{}", env!("CARGO_PKG_VERSION")) };
     let host = NativeHost { t0: Instant::now(), ws: None };
@@ -63,7 +66,7 @@ fn run_client_signalling(url: &str, name: &str, patience: Duration, joined: Opti
                 backoff = Duration::from_millis(200);
                 let hello = encode(&rt.hello());
                 rt.host.ws.as_mut().unwrap().send(Message::binary(hello)).ok();
-                if serve(&mut rt, &mut report, &mut joined) {
+                if serve(&mut rt, &mut report, &mut joined, attack) {
                     report.finished = true;
                     return report;
                 }
@@ -82,7 +85,8 @@ fn run_client_signalling(url: &str, name: &str, patience: Duration, joined: Opti
 }
 
 /// Handles messages until the run finishes (true) or the connection drops (false).
-fn serve(rt: &mut ClientRuntime<NativeHost>, report: &mut SimReport, joined: &mut Option<std::sync::mpsc::Sender<()>>) -> bool {
+fn serve(rt: &mut ClientRuntime<NativeHost>, report: &mut SimReport, joined: &mut Option<std::sync::mpsc::Sender<()>>, attack: Attack) -> bool {
+    let mut upload = UploadSpec::Weights;
     loop {
         let msg = match rt.host.ws.as_mut().unwrap().read() {
             Ok(Message::Binary(b)) => b,
@@ -107,7 +111,10 @@ fn serve(rt: &mut ClientRuntime<NativeHost>, report: &mut SimReport, joined: &mu
                 return true;
             }
             ServerMsg::Error { message, .. } => report.errors.push(message.clone()),
-            ServerMsg::Task(_) => report.tasks += 1,
+            ServerMsg::Task(t) => {
+                report.tasks += 1;
+                upload = t.upload;
+            }
             ServerMsg::Welcome(_) => {
                 if let Some(tx) = joined.take() {
                     let _ = tx.send(());
@@ -115,7 +122,20 @@ fn serve(rt: &mut ClientRuntime<NativeHost>, report: &mut SimReport, joined: &mu
             }
             _ => {}
         }
-        if let Some(reply) = pollster::block_on(rt.handle(msg)) {
+        let welcome = matches!(msg, ServerMsg::Welcome(_));
+        let mut reply = pollster::block_on(rt.handle(msg));
+        if attack != Attack::None {
+            if welcome && let Some(shard) = rt.shard.as_mut() {
+                attack.poison_shard(shard);
+            }
+            if let (Some(ClientMsg::Result(result)), Some((arch, start))) = (reply.as_mut(), rt.last_model.as_ref()) {
+                let mask = rt.mask.as_ref().map(|(_, m)| m.as_slice());
+                if let Err(e) = attack.poison_result(result, arch, start, mask, upload) {
+                    report.errors.push(format!("attack failed: {e}"));
+                }
+            }
+        }
+        if let Some(reply) = reply {
             rt.host.send(reply);
         }
     }
@@ -124,11 +144,18 @@ fn serve(rt: &mut ClientRuntime<NativeHost>, report: &mut SimReport, joined: &mu
 /// Runs `n` clients on threads and waits for all of them. They join one after another, so
 /// client i gets data shard i and a rerun with the same seed sees the same clients.
 pub fn run_many(url: &str, n: usize, prefix: &str, patience: Duration) -> Vec<SimReport> {
-    let handles: Vec<_> = (0..n)
-        .map(|i| {
+    run_many_attacking(url, &vec![Attack::None; n], prefix, patience)
+}
+
+/// Like [`run_many`], one client per entry of `attacks` (client i mounts `attacks[i]`).
+pub fn run_many_attacking(url: &str, attacks: &[Attack], prefix: &str, patience: Duration) -> Vec<SimReport> {
+    let handles: Vec<_> = attacks
+        .iter()
+        .enumerate()
+        .map(|(i, &attack)| {
             let (url, name) = (url.to_string(), format!("{prefix}-{i}"));
             let (tx, rx) = std::sync::mpsc::channel();
-            let h = std::thread::spawn(move || run_client_signalling(&url, &name, patience, Some(tx)));
+            let h = std::thread::spawn(move || run_client_signalling(&url, &name, patience, Some(tx), attack));
             // Wait for the welcome (or for the client to give up) before starting the next.
             let _ = rx.recv_timeout(patience + Duration::from_secs(5));
             h

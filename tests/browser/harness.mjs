@@ -9,11 +9,11 @@ export const root = resolve(import.meta.dirname, '..', '..');
 const targetDir = process.env.CARGO_TARGET_DIR || join(process.env.HOME, '.cache/canopy/target');
 export const canopyBin = join(targetDir, 'debug', 'canopy');
 
-// Starts `canopy serve` on a free port; resolves once it prints its URL. With `linger` the
-// server keeps serving after the last round (the test kills it).
-export async function startServer(args, { linger = false } = {}) {
-  const outDir = mkdtempSync(join(tmpdir(), 'canopy-browser-'));
-  const base = ['serve', '--port', '0', ...(linger ? [] : ['--exit-when-done']), '--out-dir', outDir, '--web-dir', join(root, 'web')];
+// Starts `canopy serve` on a free port (or `port`); resolves once it prints its URL. With
+// `linger` the server keeps serving after the last round (the test kills it). `outDir` reuses a
+// run folder (to restart a server with --resume).
+export async function startServer(args, { linger = false, port = 0, outDir = mkdtempSync(join(tmpdir(), 'canopy-browser-')) } = {}) {
+  const base = ['serve', '--port', String(port), ...(linger ? [] : ['--exit-when-done']), '--out-dir', outDir, '--web-dir', join(root, 'web')];
   const proc = spawn(canopyBin, [...base, ...args], {
     cwd: root, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, RUST_LOG: 'info,tower_http=warn', NO_COLOR: '1' },
   });
@@ -31,7 +31,7 @@ export async function startServer(args, { linger = false } = {}) {
     proc.on('exit', (code) => rej(new Error(`server exited with ${code}:\n${log}`)));
   });
   const runDir = log.match(/Metrics:\s+(\S+)/)[1];
-  return { proc, url, runDir, exited, log: () => log, metrics: () => JSON.parse(readFileSync(join(runDir, 'metrics.json'), 'utf8')) };
+  return { proc, url, runDir, outDir, exited, log: () => log, metrics: () => JSON.parse(readFileSync(join(runDir, 'metrics.json'), 'utf8')) };
 }
 
 const BASE_ARGS = ['--headless', '--no-sandbox', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic'];
