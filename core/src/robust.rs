@@ -162,6 +162,43 @@ impl Verdict {
     }
 }
 
+/// What the layer has done to one client over the run: shown on the dashboard's client table
+/// and in the metrics.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Suspicion {
+    /// Results judged (accepted by validation and passed through the layer).
+    pub judged: u32,
+    pub clipped: u32,
+    pub down_weighted: u32,
+    pub rejected: u32,
+    /// Norm ÷ the round's median norm in its latest judged round, and the largest seen.
+    pub last_norm_ratio: f64,
+    pub max_norm_ratio: f64,
+}
+
+impl Suspicion {
+    pub fn record(&mut self, v: &Verdict) {
+        self.judged += 1;
+        self.clipped += v.clipped as u32;
+        self.down_weighted += v.down_weighted as u32;
+        self.rejected += v.rejected as u32;
+        self.last_norm_ratio = v.norm_ratio;
+        self.max_norm_ratio = self.max_norm_ratio.max(v.norm_ratio);
+    }
+}
+
+/// Per-round figures for the metrics: how many updates each stage acted on, and the median norm.
+pub fn round_metrics(c: &Combined) -> Vec<(String, f64)> {
+    let count = |f: fn(&Verdict) -> bool| c.verdicts.iter().filter(|v| f(v)).count() as f64;
+    vec![
+        ("robust.median_norm".into(), c.median_norm),
+        ("robust.clipped".into(), count(|v| v.clipped)),
+        ("robust.down_weighted".into(), count(|v| v.down_weighted)),
+        ("robust.rejected".into(), count(|v| v.rejected)),
+        ("robust.max_norm_ratio".into(), c.verdicts.iter().map(|v| v.norm_ratio).fold(0.0, f64::max)),
+    ]
+}
+
 /// One update going into [`combine`].
 #[derive(Clone, Copy, Debug)]
 pub struct Input<'a> {
@@ -631,6 +668,20 @@ mod tests {
         fn clone_with(&self, rule: Rule) -> RobustConfig {
             RobustConfig { rule, ..self.clone() }
         }
+    }
+
+    #[test]
+    fn suspicion_accumulates_over_rounds() {
+        let vs = vec![vec![3.0, 4.0], vec![0.0, 1.0], vec![0.0, 2.0], vec![600.0, 800.0]];
+        let out = combine(&RobustConfig { clip_multiple: 2.0, ..cfg(Rule::Mean, Clip::Median) }, &inputs(&vs, &[1; 4])).unwrap();
+        let mut s = Suspicion::default();
+        s.record(&out.verdicts[3]);
+        s.record(&out.verdicts[0]);
+        assert_eq!((s.judged, s.clipped, s.down_weighted, s.rejected), (2, 1, 0, 0));
+        assert!((s.max_norm_ratio - 1000.0 / 3.5).abs() < 1e-9 && (s.last_norm_ratio - 5.0 / 3.5).abs() < 1e-9);
+        let m = round_metrics(&out);
+        assert_eq!(m[0], ("robust.median_norm".to_string(), 3.5));
+        assert_eq!(m[1], ("robust.clipped".to_string(), 1.0));
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod config;
 pub mod datasets;
 pub mod hub;
 pub mod lan;
+pub mod limits;
 pub mod metrics;
 pub mod run;
 pub mod sim;
