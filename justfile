@@ -39,6 +39,11 @@ compare *ARGS: setup
     cargo build -p canopy-server --bin canopy
     "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/compare.toml {{ARGS}}
 
+# Attacks × defences (MLP, MNIST digits, 10 native clients, 1 and 3 attackers); prints final accuracy.
+attack-table *ARGS: setup
+    cargo build -p canopy-server --bin canopy
+    "$CARGO_TARGET_DIR/debug/canopy" attack {{ARGS}}
+
 # FedAvg vs automatic structured pruning on the small CNN; prints and saves a table.
 compare-structured *ARGS: setup
     cargo build -p canopy-server --bin canopy

@@ -136,6 +136,17 @@ function render(d) {
   layerChart($('layerChart'), layers);
   $('layerNote').textContent = `${d.model.layers.length} layers with weights; widths ${d.model.widths.join('-')}; ${d.model.params.toLocaleString()} parameters.`;
 
+  // Suspicion: norm ÷ the round's median norm (latest, and the largest seen), and how often the
+  // robust aggregation clipped, down-weighted or rejected this client's update.
+  const suspicion = (c) => {
+    const s = c.suspicion;
+    if (!s || !s.judged) return '<span class="sub">–</span>';
+    const hot = s.rejected + s.down_weighted + s.clipped > 0 || s.last_norm_ratio > 3;
+    const counts = [['clipped', s.clipped], ['down-weighted', s.down_weighted], ['rejected', s.rejected]].filter(([, n]) => n > 0).map(([w, n]) => `${w} ${n}×`);
+    return `<span class="${hot ? 'bad' : ''}">norm ×${s.last_norm_ratio.toPrecision(3)}</span>` +
+      `<div class="small sub">${counts.length ? counts.join(', ') + ` of ${s.judged}` : `kept ${s.judged}×`}; max ×${s.max_norm_ratio.toPrecision(3)}</div>`;
+  };
+
   // Contribution: samples trained on for the global model (shard size × rounds done).
   const contrib = (c) => c.train_samples * c.rounds_done;
   const total = d.clients.reduce((a, c) => a + contrib(c), 0) || 1;
@@ -146,8 +157,16 @@ function render(d) {
     return `<tr class="${c.status}"><td><b>${esc(c.name)}</b></td><td>${backend}<div class="small sub">${esc(c.device.adapter)}</div></td>` +
       `<td>${status}</td><td>${c.train_samples}</td><td>${c.samples_per_sec.toFixed(0)}</td><td>${c.rounds_done}</td>` +
       `<td>${c.last_round ?? '–'}</td><td>${fmtBytes(c.bytes_up)}</td>` +
-      `<td><span class="share"><i style="width:${(100 * share).toFixed(1)}%"></i></span> ${(100 * share).toFixed(0)} %</td></tr>`;
-  }).join('') || '<tr><td colspan="9" class="sub">No one has joined yet: scan the QR code.</td></tr>';
+      `<td><span class="share"><i style="width:${(100 * share).toFixed(1)}%"></i></span> ${(100 * share).toFixed(0)} %</td>` +
+      `<td class="suspicion">${suspicion(c)}</td>` +
+      `<td>${c.banned ? '<span class="bad small">banned</span>' : `<button class="ban small" data-id="${c.id}" data-name="${esc(c.name)}">Ban</button>`}</td></tr>`;
+  }).join('') || '<tr><td colspan="11" class="sub">No one has joined yet: scan the QR code.</td></tr>';
+  for (const b of document.querySelectorAll('button.ban')) {
+    b.onclick = () => {
+      const reason = prompt(`Ban ${b.dataset.name}? Reason shown to the tab:`, 'banned by the teacher');
+      if (reason != null) admin('ban', { client: Number(b.dataset.id), reason });
+    };
+  }
 
   // Keep the settings form in step with the run unless someone is editing it.
   if (document.activeElement?.closest('#settingsForm') == null) {

@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 use canopy_core::partition::Partition;
+use canopy_core::robust::{Clip, RobustConfig, Rule};
 use canopy_core::strategy::StrategyConfig;
+
+use crate::limits::LimitsConfig;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -14,7 +17,11 @@ pub struct Config {
     /// `mlp`, `cnn` or `cnn-small`.
     pub model: String,
     pub strategy: StrategySection,
+    /// Robust aggregation in front of every strategy (`[aggregation]`).
+    pub aggregation: RobustConfig,
     pub server: ServerConfig,
+    /// Connection hygiene (`[limits]`).
+    pub limits: LimitsConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -89,7 +96,9 @@ impl Default for Config {
             data: DataConfig::default(),
             model: "mlp".into(),
             strategy: StrategySection::default(),
+            aggregation: RobustConfig::default(),
             server: ServerConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -191,6 +200,32 @@ pub struct Overrides {
     /// Admin token for the dashboard's controls (default: a random one, printed at start).
     #[arg(long)]
     pub admin_token: Option<String>,
+    /// Robust aggregation: none, norm-bound, median, trimmed-mean or multi-krum; `+clip` adds
+    /// the median-norm bound to a rule (`median+clip`).
+    #[arg(long)]
+    pub aggregation: Option<String>,
+}
+
+/// A defence by name, on top of `base` (which keeps its parameters: trim, attackers, multiple).
+pub fn parse_defence(s: &str, base: &RobustConfig) -> Result<RobustConfig, String> {
+    let (rule, clip) = match s.trim().split_once('+') {
+        Some((r, "clip")) => (r, true),
+        Some(_) => return Err(format!("unknown defence '{s}' (a rule, optionally with +clip)")),
+        None => (s.trim(), false),
+    };
+    let mut c = RobustConfig { clip: if clip { Clip::Median } else { Clip::None }, ..base.clone() };
+    c.rule = match rule {
+        "none" | "mean" => Rule::Mean,
+        "norm-bound" => {
+            c.clip = Clip::Median;
+            Rule::Mean
+        }
+        "median" => Rule::Median,
+        "trimmed-mean" => Rule::TrimmedMean,
+        "multi-krum" | "krum" => Rule::MultiKrum,
+        _ => return Err(format!("unknown defence '{s}' (none, norm-bound, median, trimmed-mean, multi-krum; +clip)")),
+    };
+    Ok(c)
 }
 
 pub fn parse_partition(s: &str) -> Result<Partition, String> {
@@ -257,6 +292,9 @@ impl Config {
             }
             c.run.resume = true;
         }
+        if let Some(d) = &o.aggregation {
+            c.aggregation = parse_defence(d, &c.aggregation)?;
+        }
         if o.admin_token.is_some() {
             c.server.admin_token = o.admin_token.clone();
         }
@@ -282,6 +320,8 @@ impl Config {
         if !(0.0..=1.0).contains(&self.data.local_test) || !(0.0..1.0).contains(&self.data.test_fraction) {
             return Err("data.local_test and data.test_fraction must lie in [0, 1)".into());
         }
+        self.aggregation.validate()?;
+        self.limits.validate()?;
         Ok(())
     }
 }
@@ -304,6 +344,19 @@ mod tests {
         std::fs::write(&path, "[run]\nroundz = 7\n").unwrap();
         assert!(Config::load(&Overrides { config: Some(path), ..Default::default() }).unwrap_err().contains("roundz"));
         assert!(parse_partition("dirichlet:x").is_err());
+        // [aggregation] in TOML, and the --aggregation shorthand.
+        let path = dir.join("robust.toml");
+        std::fs::write(&path, "[aggregation]\nrule = \"trimmed_mean\"\ntrim = 0.2\nclip = \"median\"\nclip_multiple = 2.5\n[limits]\nmax_per_address = 4\n").unwrap();
+        let c = Config::load(&Overrides { config: Some(path.clone()), ..Default::default() }).unwrap();
+        assert_eq!((c.aggregation.rule, c.aggregation.trim, c.aggregation.clip, c.aggregation.clip_multiple), (Rule::TrimmedMean, 0.2, Clip::Median, 2.5));
+        assert_eq!(c.limits.max_per_address, 4);
+        let c = Config::load(&Overrides { config: Some(path.clone()), aggregation: Some("multi-krum".into()), ..Default::default() }).unwrap();
+        assert_eq!((c.aggregation.rule, c.aggregation.clip), (Rule::MultiKrum, Clip::None));
+        assert_eq!(parse_defence("median+clip", &RobustConfig::default()).unwrap().clip, Clip::Median);
+        assert_eq!(parse_defence("norm-bound", &RobustConfig::default()).unwrap(), RobustConfig::norm_bound());
+        assert!(parse_defence("bulyan", &RobustConfig::default()).is_err());
+        std::fs::write(&path, "[aggregation]\ntrim = 0.7\n").unwrap();
+        assert!(Config::load(&Overrides { config: Some(path), ..Default::default() }).unwrap_err().contains("trim"));
         assert_eq!(parse_partition("shards:2").unwrap(), Partition::Shards { shards_per_client: 2 });
     }
 }

@@ -68,6 +68,8 @@ pub struct Client {
     pub joined_unix_ms: u64,
     /// The pruning-mask version this client holds.
     pub mask_version: Option<u64>,
+    /// What the robust aggregation layer did to its updates.
+    pub suspicion: canopy_core::robust::Suspicion,
     #[serde(skip)]
     pub tx: Option<UnboundedSender<Vec<u8>>>,
 }
@@ -131,7 +133,7 @@ impl Hub {
                 self.clients.insert(id, Client {
                     id, name, device: hello.device, shard, train_samples, status: Status::Idle, rounds_done: 0,
                     last_round: None, samples_per_sec: 0.0, bytes_up: 0, bytes_down: 0, progress: None,
-                    joined_unix_ms, mask_version: hello.mask_version, tx: Some(tx),
+                    joined_unix_ms, mask_version: hello.mask_version, suspicion: Default::default(), tx: Some(tx),
                 });
                 id
             }

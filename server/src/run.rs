@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use burn::tensor::Device;
 use canopy_core::data::Dataset;
 use canopy_core::protocol::{Blob, ErrorCode, MaskSpec, ServerMsg, Task, TaskResult, encode};
+use canopy_core::robust::{self, RobustConfig};
 use canopy_core::state::ModelState;
 use canopy_core::strategy::{ClientView, Contribution, RoundContext, Strategy, accept};
 use canopy_core::train::evaluate;
@@ -45,6 +46,8 @@ pub struct RoundLoop {
     pub config_json: serde_json::Value,
     /// First round to run (after a resumed checkpoint: the one after it).
     pub first_round: u32,
+    /// The robust aggregation layer between result acceptance and the strategy.
+    pub robust: RobustConfig,
 }
 
 /// What a run folder's `checkpoint.bin` holds: enough to resume after a server restart.
@@ -88,6 +91,14 @@ impl RoundLoop {
                 continue;
             }
             self.set_phase(Phase::Aggregating, round);
+            let (robust_results, combined) = match self.judge(round, &global, &results) {
+                Ok(r) => r,
+                Err(e) => {
+                    retries += 1;
+                    tracing::error!(round, "robust aggregation failed, retrying the round: {e}");
+                    continue;
+                }
+            };
             let mut next = global.clone();
             let aggregated = {
                 let validation = self.validation.clone();
@@ -95,10 +106,13 @@ impl RoundLoop {
                     pollster::block_on(evaluate(&m.arch, &m.masked_params(), &validation, &Device::flex())).unwrap_or_default()
                 };
                 let ctx = RoundContext { rounds: self.rounds, validate: &validate };
-                tokio::task::block_in_place(|| self.strategy.aggregate(round, &mut next, &results, &ctx))
+                tokio::task::block_in_place(|| self.strategy.aggregate(round, &mut next, &robust_results, &ctx))
             };
             let outcome = match aggregated {
-                Ok(o) => o,
+                Ok(mut o) => {
+                    o.metrics.extend(robust::round_metrics(&combined));
+                    o
+                }
                 Err(e) => {
                     retries += 1;
                     tracing::error!(round, "aggregation failed, retrying the round: {e}");
@@ -314,6 +328,23 @@ impl RoundLoop {
             }
         }
         (results, dropped, rejected)
+    }
+
+    /// The robust layer: what the strategy aggregates, and each client's verdict (logged, and
+    /// counted in the client table's suspicion columns).
+    fn judge(&self, round: u32, global: &ModelState, results: &[Contribution]) -> Result<(Vec<Contribution>, robust::Combined), String> {
+        let reference = global.masked_params();
+        let (out, combined) = tokio::task::block_in_place(|| robust::apply(&self.robust, &reference, results.to_vec()))?;
+        let mut hub = self.hub.lock().unwrap();
+        for v in &combined.verdicts {
+            if let Some(c) = hub.clients.get_mut(&v.client) {
+                c.suspicion.record(v);
+            }
+            if v.rejected || v.down_weighted || v.clipped {
+                tracing::warn!(round, client = v.client, norm_ratio = format!("{:.2}", v.norm_ratio), scale = format!("{:.3}", v.scale), "update {}", v.action());
+            }
+        }
+        Ok((out, combined))
     }
 
     /// Messages that belong to no pending task.
