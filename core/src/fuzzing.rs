@@ -4,9 +4,9 @@
 //! through the robust aggregation layer. Nothing here may panic, whatever the bytes.
 
 use crate::arch::{Arch, Layer};
-use crate::codec::encode_sparse;
+use crate::codec::sparse::encode_sparse;
 use crate::protocol::{
-    Backend, Bits, Blob, ClientMetrics, ClientMsg, DeviceInfo, Hello, MaskSpec, ModelPayload, PROTOCOL_VERSION, Task, TaskKind, TaskResult, Update, UploadSpec,
+    Backend, Bits, Blob, ClientMetrics, ClientMsg, DeviceInfo, Hello, MaskSpec, ModelPayload, PROTOCOL_VERSION, Task, TaskResult, Update, UploadSpec,
     decode, encode,
 };
 use crate::robust::{Clip, RobustConfig, Rule, apply};
@@ -43,13 +43,12 @@ pub fn targets() -> Vec<Target> {
     masked.set_mask((0..n).map(|i| i % 4 != 1).collect());
     let task = |g: &ModelState, upload: UploadSpec| Task {
         round: 7,
-        kind: TaskKind::Train,
         model: ModelPayload {
             arch: g.arch.clone(),
             params: Blob::from_f32(&g.params),
             mask: g.mask.as_ref().map(|m| MaskSpec::Full { version: g.mask_version, bits: Bits::pack(m) }),
         },
-        train: TrainSpec { epochs: 1, batch_size: 8, lr: 0.1, optimizer: Optimizer::Sgd { momentum: 0.0 }, seed: 1, patience: 0 },
+        train: TrainSpec { epochs: 1, batch_size: 8, lr: 0.1, optimizer: Optimizer::Sgd { momentum: 0.0 }, seed: 1, patience: 0, step: Default::default() },
         upload,
         deadline_ms: 1000,
     };
@@ -74,7 +73,7 @@ pub fn seed_frames(targets: &[Target]) -> Vec<Vec<u8>> {
         })),
         encode(&ClientMsg::Progress { round: 7, progress: Progress { epoch: 1, epochs: 2, step: 3, steps: 9, loss: 0.7, samples_per_sec: 120.0 } }),
         encode(&ClientMsg::Error { round: Some(7), message: "out of memory".into() }),
-        encode(&ClientMsg::Exchange { round: 7, payload: Blob(vec![1, 2, 3, 4]) }),
+        encode(&ClientMsg::Exchange { round: 7, seq: 1, payload: Blob(vec![1, 2, 3, 4]) }),
         encode(&ClientMsg::Bye),
     ];
     for t in targets {

@@ -10,7 +10,7 @@ use crate::arch::Arch;
 use crate::partition::Shard;
 use crate::train::{Eval, Progress, TrainSpec};
 
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 const MAGIC: [u8; 2] = *b"CN";
 
 /// Largest frame either side accepts. The biggest built-in model (FedAvg's CNN, 1.66 M
@@ -174,14 +174,6 @@ impl MaskSpec {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum TaskKind {
-    /// Train locally and upload an update.
-    Train,
-    /// Only evaluate the model on the local test split.
-    Evaluate,
-}
-
 /// What the client sends back.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum UploadSpec {
@@ -198,7 +190,6 @@ pub enum UploadSpec {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Task {
     pub round: u32,
-    pub kind: TaskKind,
     pub model: ModelPayload,
     pub train: TrainSpec,
     pub upload: UploadSpec,
@@ -208,7 +199,6 @@ pub struct Task {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Update {
-    None,
     Weights(Blob),
     Delta(Blob),
     Sparse(SparseUpdate),
@@ -269,8 +259,9 @@ pub enum ClientMsg {
     Progress { round: u32, progress: Progress },
     Result(TaskResult),
     Error { round: Option<u32>, message: String },
-    /// Method-specific traffic within a round (for example split learning's activations).
-    Exchange { round: u32, payload: Blob },
+    /// A request within a task, answered by `ServerMsg::Exchange` (or `ExchangeFailed`) with the
+    /// same round and sequence number; the client awaits it (split learning's activations).
+    Exchange { round: u32, seq: u32, payload: Blob },
     Bye,
 }
 
@@ -281,7 +272,10 @@ pub enum ServerMsg {
     /// Nothing to do right now (not sampled, waiting for clients, run finished).
     Wait { round: u32, reason: String },
     Error { code: ErrorCode, message: String },
-    Exchange { round: u32, payload: Blob },
+    /// The reply to the client's exchange request `seq` of `round`.
+    Exchange { round: u32, seq: u32, payload: Blob },
+    /// Exchange request `seq` of `round` was refused (stale round, no task, malformed...).
+    ExchangeFailed { round: u32, seq: u32, code: ErrorCode, message: String },
     Bye { reason: String },
 }
 
@@ -329,13 +323,12 @@ mod tests {
         let arch = Arch::preset("mlp", [1, 4, 4], 3).unwrap();
         Task {
             round: 3,
-            kind: TaskKind::Train,
             model: ModelPayload {
                 params: Blob::from_f32(&vec![0.5; arch.num_params()]),
                 arch,
                 mask: Some(MaskSpec::Full { version: 2, bits: Bits::pack(&[true, false, true]) }),
             },
-            train: TrainSpec { epochs: 1, batch_size: 10, lr: 0.1, optimizer: Optimizer::Sgd { momentum: 0.0 }, seed: 1, patience: 0 },
+            train: TrainSpec { epochs: 1, batch_size: 10, lr: 0.1, optimizer: Optimizer::Sgd { momentum: 0.0 }, seed: 1, patience: 0, step: Default::default() },
             upload: UploadSpec::Weights,
             deadline_ms: 1000,
         }

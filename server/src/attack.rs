@@ -5,7 +5,7 @@
 //! pruning mask, since the server rejects any update that touches pruned entries outright.
 
 use canopy_core::arch::Arch;
-use canopy_core::codec::{decode_sparse, encode_sparse};
+use canopy_core::codec::sparse::{decode_sparse, encode_sparse};
 use canopy_core::partition::Shard;
 use canopy_core::protocol::{Blob, TaskResult, Update, UploadSpec};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
@@ -79,7 +79,6 @@ impl Attack {
         let keep = |i: usize| mask.is_none_or(|m| m[i]);
         // The honest delta, full length.
         let delta: Vec<f32> = match &result.update {
-            Update::None => return Ok(()),
             Update::Weights(b) => b.to_f32().map_err(|e| e.to_string())?.iter().zip(start).map(|(w, s)| w - s).collect(),
             Update::Delta(b) => b.to_f32().map_err(|e| e.to_string())?,
             Update::Sparse(u) => decode_sparse(arch, u, mask)?,
@@ -165,7 +164,6 @@ mod tests {
         match &r.update {
             Update::Weights(b) | Update::Delta(b) => b.to_f32().unwrap(),
             Update::Sparse(u) => decode_sparse(&arch(), u, None).unwrap(),
-            Update::None => vec![],
         }
     }
 
@@ -313,9 +311,9 @@ pub mod table {
                     running.rounds.await.map_err(|e| e.to_string())?;
                     let _ = sims.await;
                     let hub = app.hub.lock().unwrap();
-                    let accs: Vec<f32> = hub.rounds.iter().map(|r| r.test_accuracy).collect();
+                    let accs: Vec<f32> = hub.rounds().iter().map(|r| r.test_accuracy).collect();
                     // Attackers are clients 1, 1 + n/k, ... (ids follow join order from 1).
-                    let flagged = hub.clients.values().filter(|cl| cl.suspicion.clipped + cl.suspicion.down_weighted + cl.suspicion.rejected > 0).count() as u32;
+                    let flagged = hub.clients().filter(|cl| cl.suspicion.clipped + cl.suspicion.down_weighted + cl.suspicion.rejected > 0).count() as u32;
                     let cell = Cell {
                         attack: attack.name(),
                         attackers: k,

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use canopy_core::metric_keys as keys;
+
 use crate::config::{Config, parse_partition};
 use crate::metrics::RoundRecord;
 
@@ -71,7 +73,7 @@ impl Row {
     /// first round's dense model.
     fn flops_ratio(&self) -> f64 {
         let (first, _) = self.span(|r| r.flops_per_sample);
-        let last = self.rounds.last().map_or(0.0, |r| r.extra.get("effective_flops").copied().unwrap_or(r.flops_per_sample as f64));
+        let last = self.rounds.last().map_or(0.0, |r| r.extra.get(keys::EFFECTIVE_FLOPS).copied().unwrap_or(r.flops_per_sample as f64));
         last / first.max(1) as f64
     }
 }
@@ -114,7 +116,7 @@ pub async fn run(args: CompareArgs) -> Result<Vec<Row>, String> {
                 if let Some(e) = reports.iter().flat_map(|r| &r.errors).next() {
                     eprintln!("   a simulated client reported: {e}");
                 }
-                let rounds = app.hub.lock().unwrap().rounds.clone();
+                let rounds = app.hub.lock().unwrap().rounds().to_vec();
                 rows.push(Row { dataset: dataset.trim().into(), partition: partition.trim().into(), strategy: strategy.trim().into(), rounds, seconds: t0.elapsed().as_secs_f64() });
                 let last = rows.last().unwrap();
                 eprintln!("   final accuracy {:.4}, {:.0} s", last.final_acc(), last.seconds);
@@ -146,7 +148,7 @@ pub fn markdown(rows: &[Row], target: f32) -> String {
             r.dataset, r.partition, r.strategy, r.final_acc(), r.best_acc(), r.to_target(target), mb(r.up()), mb(r.down()),
             r.up() as f64 / baseline.up().max(1) as f64,
             r.span(|x| x.params).0, r.span(|x| x.params).1, r.flops_ratio(),
-            r.extra("sparsity").map_or("0".into(), |v| format!("{v:.2}")),
+            r.extra(keys::SPARSITY).map_or("0".into(), |v| format!("{v:.2}")),
             r.span(|x| x.step_ms).0, r.span(|x| x.step_ms).1,
             r.seconds
         ));
@@ -161,7 +163,7 @@ fn csv(rows: &[Row], target: f32) -> String {
             "{},{},{},{:.4},{:.4},{},{target},{},{},{},{},{:.4},{},{:.3},{:.3},{:.1}\n",
             r.dataset, r.partition, r.strategy, r.final_acc(), r.best_acc(), r.to_target(target).replace('–', ""), r.up(), r.down(),
             r.span(|x| x.params).0, r.span(|x| x.params).1, r.flops_ratio(),
-            r.extra("sparsity").unwrap_or(0.0), r.span(|x| x.step_ms).0, r.span(|x| x.step_ms).1, r.seconds
+            r.extra(keys::SPARSITY).unwrap_or(0.0), r.span(|x| x.step_ms).0, r.span(|x| x.step_ms).1, r.seconds
         ));
     }
     s

@@ -2,7 +2,8 @@
 
 use rand::rngs::StdRng;
 
-use super::{ClientView, Contribution, RoundContext, RoundOutcome, Strategy, StrategyConfig, UploadKind, plain_round, weighted_values};
+use super::fedavg::NoSettings;
+use super::{ClientView, Contribution, RoundContext, RoundOutcome, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, plain_round, weighted_values};
 use crate::aggregate::momentum_step;
 use crate::protocol::{Task, UploadSpec};
 use crate::state::ModelState;
@@ -18,11 +19,13 @@ impl FedAvgM {
     }
 }
 
-impl Strategy for FedAvgM {
-    fn name(&self) -> &'static str {
-        "fedavgm"
-    }
+/// FedAvgM's settings are the shared `server_momentum` and `server_lr`.
+pub fn build(config: StrategyConfig, settings: Option<&Settings>) -> Result<Box<dyn Strategy>, String> {
+    let NoSettings {} = parse_settings("fedavgm", settings)?;
+    Ok(Box::new(FedAvgM::new(config)))
+}
 
+impl Strategy for FedAvgM {
     fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
         plain_round(round, global, &self.config, clients, rng, UploadSpec::Delta)
     }

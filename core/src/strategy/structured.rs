@@ -6,7 +6,8 @@
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::{ClientView, Contribution, RoundContext, RoundOutcome, Strategy, StrategyConfig, UploadKind, plain_round, weighted_values};
+use super::{ClientView, Contribution, RoundContext, RoundOutcome, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, plain_round, weighted_values};
+use crate::metric_keys as keys;
 use crate::protocol::{Task, UploadSpec};
 use crate::state::ModelState;
 use crate::surgery::{keep_within_bounds, shrink, unit_scores};
@@ -37,24 +38,26 @@ impl Default for StructuredConfig {
 
 pub struct Structured {
     config: StrategyConfig,
+    settings: StructuredConfig,
     stale: u32,
     stopped: bool,
 }
 
 impl Structured {
-    pub fn new(config: StrategyConfig) -> Result<Self, String> {
-        if !(config.structured.lambda >= 0.0) {
+    pub fn new(config: StrategyConfig, settings: StructuredConfig) -> Result<Self, String> {
+        if !(settings.lambda >= 0.0) {
             return Err("structured lambda must be ≥ 0".into());
         }
-        Ok(Structured { config, stale: 0, stopped: false })
+        Ok(Structured { config, settings, stale: 0, stopped: false })
     }
 }
 
-impl Strategy for Structured {
-    fn name(&self) -> &'static str {
-        "structured"
-    }
+/// Settings: `[strategy.structured]` ([`StructuredConfig`]).
+pub fn build(config: StrategyConfig, settings: Option<&Settings>) -> Result<Box<dyn Strategy>, String> {
+    Ok(Box::new(Structured::new(config, parse_settings("structured", settings)?)?))
+}
 
+impl Strategy for Structured {
     fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
         plain_round(round, global, &self.config, clients, rng, UploadSpec::Weights)
     }
@@ -73,7 +76,7 @@ impl Strategy for Structured {
             return Err("structured pruning expects weights".into());
         }
         global.params = weighted_values(results)?;
-        let s = &self.config.structured;
+        let s = &self.settings;
         let mut outcome = RoundOutcome::default();
         let active = !self.stopped && round <= s.prune_until;
         if active {
@@ -85,7 +88,7 @@ impl Strategy for Structured {
             let smaller = shrink(global, &keep);
             if smaller.arch.num_params() < before {
                 let removed: usize = global.arch.widths().iter().sum::<usize>() - smaller.arch.widths().iter().sum::<usize>();
-                outcome.metrics.insert("pruned_units".into(), removed as f64);
+                outcome.metrics.insert(keys::PRUNED_UNITS.into(), removed as f64);
                 *global = if s.reinit { ModelState::init(smaller.arch, self.config.seed ^ round as u64) } else { smaller };
                 self.stale = 0;
             } else {
@@ -97,10 +100,10 @@ impl Strategy for Structured {
         }
         outcome.metrics.insert("pruning_active".into(), (!self.stopped && round < s.prune_until) as u8 as f64);
         for (i, w) in global.arch.widths().iter().enumerate() {
-            outcome.metrics.insert(format!("width.{i}"), *w as f64);
+            outcome.metrics.insert(keys::width(i), *w as f64);
         }
         for p in global.arch.params() {
-            *outcome.metrics.entry(format!("bytes.layers.{}", p.layer)).or_default() += 4.0 * p.len as f64;
+            *outcome.metrics.entry(keys::layer_bytes(p.layer)).or_default() += 4.0 * p.len as f64;
         }
         Ok(outcome)
     }
@@ -113,10 +116,8 @@ mod tests {
 
     #[test]
     fn prunes_outliers_then_stops_after_patience() {
-        let mut cfg = StrategyConfig::default();
-        cfg.structured.lambda = 1.0;
-        cfg.structured.patience = 2;
-        let mut s = Structured::new(cfg).unwrap();
+        let settings = StructuredConfig { lambda: 1.0, patience: 2, ..Default::default() };
+        let mut s = Structured::new(StrategyConfig::default(), settings).unwrap();
         let arch = Arch::preset("mlp", [1, 4, 4], 3).unwrap();
         let mut global = ModelState::init(arch, 1);
         let validate = |_: &ModelState| crate::train::Eval::default();
@@ -130,7 +131,7 @@ mod tests {
         assert_eq!(global.params.len(), global.arch.num_params());
         assert_eq!(*global.arch.widths().last().unwrap(), 3, "the output layer keeps every class");
         // With λ huge nothing falls outside the band: patience runs out and pruning stops.
-        s.config.structured.lambda = 100.0;
+        s.settings.lambda = 100.0;
         let n = global.arch.num_params();
         let r = [w(&global)];
         s.aggregate(2, &mut global, &r, &ctx).unwrap();
@@ -138,7 +139,7 @@ mod tests {
         let out = s.aggregate(3, &mut global, &r, &ctx).unwrap();
         assert_eq!(global.arch.num_params(), n);
         assert_eq!(out.metrics["pruning_active"], 0.0);
-        s.config.structured.lambda = 0.1;
+        s.settings.lambda = 0.1;
         let r = [w(&global)];
         s.aggregate(4, &mut global, &r, &ctx).unwrap();
         assert_eq!(global.arch.num_params(), n, "stopped for good");

@@ -1,0 +1,53 @@
+//! Names of the figures strategies report per round (`RoundOutcome::metrics`, a round record's
+//! `extra`). Rust code uses these constants; the dashboard reads the same names from
+//! `metric_keys` in `/api/metrics` rather than spelling them itself.
+
+use serde::Serialize;
+
+/// Fraction of all parameters a mask prunes.
+pub const SPARSITY: &str = "sparsity";
+/// FLOPs per sample with pruned weights skipped.
+pub const EFFECTIVE_FLOPS: &str = "effective_flops";
+/// Effective over dense FLOPs.
+pub const FLOPS_RATIO: &str = "flops_ratio";
+/// Units removed by structured pruning this round.
+pub const PRUNED_UNITS: &str = "pruned_units";
+
+/// In-round exchange requests the server answered this round.
+pub const EXCHANGES: &str = "exchanges";
+
+/// Fraction of one tensor a mask prunes, e.g. `sparsity.layers.1.weight`.
+pub fn tensor_sparsity(param: &str) -> String {
+    format!("{SPARSITY}.{param}")
+}
+
+/// Width (units or filters) of hidden layer number `i` among the prunable layers.
+pub fn width(i: usize) -> String {
+    format!("width.{i}")
+}
+
+/// Bytes of the parameters of layer `layer` (e.g. `bytes.layers.3`).
+pub fn layer_bytes(layer: usize) -> String {
+    format!("bytes.layers.{layer}")
+}
+
+/// What `/api/metrics` publishes so the dashboard needs no copy of these names.
+#[derive(Serialize)]
+pub struct Published {
+    pub sparsity: &'static str,
+    /// Prefix of per-tensor sparsity: `<prefix><parameter name>`.
+    pub tensor_sparsity_prefix: String,
+    pub effective_flops: &'static str,
+    pub flops_ratio: &'static str,
+    pub pruned_units: &'static str,
+}
+
+pub fn published() -> Published {
+    Published {
+        sparsity: SPARSITY,
+        tensor_sparsity_prefix: tensor_sparsity(""),
+        effective_flops: EFFECTIVE_FLOPS,
+        flops_ratio: FLOPS_RATIO,
+        pruned_units: PRUNED_UNITS,
+    }
+}
