@@ -251,6 +251,10 @@ pub enum ErrorCode {
     /// A result that failed validation (shape, NaN, unknown round...).
     Rejected,
     Internal,
+    /// A connection limit: too many connections, frames too fast, no Hello in time.
+    Refused,
+    /// An admin banned this client; the reason follows.
+    Banned,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -129,6 +129,32 @@ pub async fn settings(_: Admin, State(app): State<Arc<App>>, body: axum::body::B
     ok(&app, "settings applied")
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ban {
+    pub client: u64,
+    /// Shown to the banned tab.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// Bans a client: the tab is told why and disconnected, and may not rejoin with its id.
+pub async fn ban(_: Admin, State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
+    let b: Ban = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("ban: {e}")),
+    };
+    let reason: String = b.reason.as_deref().map(str::trim).filter(|r| !r.is_empty()).unwrap_or("banned by the admin").chars().take(200).collect();
+    let banned = app.hub.lock().unwrap().ban(b.client, &reason);
+    match banned {
+        Ok(name) => {
+            tracing::warn!(client = b.client, %name, %reason, "dashboard: client banned");
+            ok(&app, &format!("banned {name} (client {}): {reason}", b.client))
+        }
+        Err(e) => error(StatusCode::NOT_FOUND, &e),
+    }
+}
+
 /// "Strategy for the next run" is a stored setting: this run's config with that strategy, in
 /// `next-run.toml` beside the metrics, for `canopy serve --config <that file>`.
 fn write_next_run(app: &App, strategy: &str) -> Result<(), String> {

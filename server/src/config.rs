@@ -43,6 +43,20 @@ pub struct RunConfig {
     pub resume: bool,
     /// Wait for Start on the dashboard before the first round (a class joins first).
     pub hold: bool,
+    /// A result that arrives after its round's deadline: `drop` it, or count it in the
+    /// `next_round` aggregated (rebased onto that round's model when it carries weights).
+    /// Either way the client stays busy, and is not sampled, until it arrives.
+    pub late_results: LateResults,
+    /// Seconds to wait at the end of the run for every client to receive Bye and close.
+    pub goodbye_seconds: f64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LateResults {
+    #[default]
+    Drop,
+    NextRound,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -142,7 +156,7 @@ impl Default for Config {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        RunConfig { name: None, rounds: 20, min_clients: 1, min_results: 1, seed: 1, out_dir: "runs".into(), linger: true, hold: false, resume: false }
+        RunConfig { name: None, rounds: 20, min_clients: 1, min_results: 1, seed: 1, out_dir: "runs".into(), linger: true, hold: false, resume: false, late_results: LateResults::Drop, goodbye_seconds: 10.0 }
     }
 }
 

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use canopy_core::partition::Shard;
-use canopy_core::protocol::{DeviceInfo, Hello, RunInfo, ServerMsg, Welcome, encode};
+use canopy_core::protocol::{DeviceInfo, ErrorCode, Hello, RunInfo, ServerMsg, Welcome, encode};
 use canopy_core::strategy::{ClientView, Phase as StrategyPhase};
 use canopy_core::train::Progress;
 use serde::{Serialize, Serializer};
@@ -101,6 +101,8 @@ pub struct Client {
     pub mask_version: Option<u64>,
     /// What the robust aggregation layer did to its updates.
     pub suspicion: canopy_core::robust::Suspicion,
+    /// Banned by an admin: disconnected, and refused when it comes back with this id.
+    pub banned: bool,
     #[serde(skip)]
     tx: Option<UnboundedSender<Vec<u8>>>,
 }
@@ -110,6 +112,9 @@ impl Client {
         self.tx.is_some()
     }
 }
+
+/// The frame a session's writer takes as "close the connection now" (real frames are never empty).
+pub const CLOSE: &[u8] = &[];
 
 pub struct Hub {
     info: RunInfo,
@@ -125,6 +130,8 @@ pub struct Hub {
     control: Control,
     next_id: u64,
     next_shard: usize,
+    /// Banned client ids and why.
+    banned: BTreeMap<u64, String>,
 }
 
 impl Hub {
@@ -143,14 +150,18 @@ impl Hub {
             control: Control { held: hold, ..Control::default() },
             next_id: 1,
             next_shard: 0,
+            banned: BTreeMap::new(),
         }
     }
 
     // ---- clients ----
 
     /// Registers a client (or re-attaches one that reconnects with its old id) and sends it the
-    /// welcome with its data shard. Returns its id.
-    pub fn join(&mut self, hello: Hello, tx: UnboundedSender<Vec<u8>>) -> u64 {
+    /// welcome with its data shard. Returns its id, or why it may not join (it was banned).
+    pub fn join(&mut self, hello: Hello, tx: UnboundedSender<Vec<u8>>) -> Result<u64, String> {
+        if let Some(why) = hello.resume.and_then(|id| self.banned.get(&id)) {
+            return Err(format!("banned: {why}"));
+        }
         let resumed = hello.resume.filter(|id| self.clients.get(id).is_some_and(|c| c.tx.is_none()));
         let id = match resumed {
             Some(id) => {
@@ -173,7 +184,7 @@ impl Hub {
                 self.clients.insert(id, Client {
                     id, name, device: hello.device, shard, train_samples, status: Status::Idle, rounds_done: 0,
                     last_round: None, samples_per_sec: 0.0, bytes_up: 0, bytes_down: 0, progress: None,
-                    joined_unix_ms, mask_version: hello.mask_version, suspicion: Default::default(), tx: Some(tx),
+                    joined_unix_ms, mask_version: hello.mask_version, suspicion: Default::default(), banned: false, tx: Some(tx),
                 });
                 id
             }
@@ -184,7 +195,41 @@ impl Hub {
         if self.phase.is_over() {
             self.send(id, &ServerMsg::Bye { reason: "run finished".into() });
         }
-        id
+        Ok(id)
+    }
+
+    /// Bans a client: it is told why (an error frame, then Bye so it does not reconnect), its
+    /// connection is closed, and it cannot join again with its id. Returns its name.
+    pub fn ban(&mut self, id: u64, reason: &str) -> Result<String, String> {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return Err(format!("no client {id}"));
+        };
+        c.banned = true;
+        let name = c.name.clone();
+        self.banned.insert(id, reason.to_string());
+        let why = format!("banned: {reason}");
+        self.send(id, &ServerMsg::Error { code: ErrorCode::Banned, message: why.clone() });
+        self.send(id, &ServerMsg::Bye { reason: why });
+        self.close(id);
+        self.disconnect(id);
+        Ok(name)
+    }
+
+    pub fn is_banned(&self, id: u64) -> bool {
+        self.banned.contains_key(&id)
+    }
+
+    /// Asks the session of `id` to close its connection once the frames queued before have gone.
+    pub fn close(&mut self, id: u64) {
+        self.send_frame(id, CLOSE.to_vec());
+    }
+
+    /// [`Hub::close`] for every connected client (after Bye at the end of the run).
+    pub fn close_all(&mut self) {
+        let ids: Vec<u64> = self.clients.keys().copied().collect();
+        for id in ids {
+            self.close(id);
+        }
     }
 
     pub fn disconnect(&mut self, id: u64) {

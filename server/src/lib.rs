@@ -50,6 +50,8 @@ pub struct App {
     pub admin_token: String,
     /// Client-page URLs on every usable address, best first (classroom mode).
     pub join_urls: Vec<String>,
+    /// Connections counted against the `[limits]`.
+    pub limits: Arc<limits::Limits>,
 }
 
 pub struct Running {
@@ -128,10 +130,12 @@ pub async fn start(config: Config) -> Result<Running, String> {
         run_dir: run_dir.clone(),
         admin_token: config.server.admin_token.clone().unwrap_or_else(admin::random_token),
         join_urls: lan::join_urls(&config.server.bind, addr.port()),
+        limits: limits::Limits::new(config.limits.clone()),
     });
     let router = web::router(app.clone());
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
+        // Sessions need the peer's address for the per-address limit.
+        if let Err(e) = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).await {
             tracing::error!("server stopped: {e}");
         }
     });
@@ -152,6 +156,10 @@ pub async fn start(config: Config) -> Result<Running, String> {
             config_json,
             first_round,
             robust: config.aggregation.clone(),
+            late_results: config.run.late_results,
+            goodbye: std::time::Duration::from_secs_f64(config.run.goodbye_seconds.max(0.0)),
+            late: Default::default(),
+            carried: Vec::new(),
         }
         .run(),
     );

@@ -18,6 +18,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::{sleep_until, timeout};
 
 use crate::checkpoint::{self, Checkpoint};
+use crate::config::LateResults;
 use crate::evaluate;
 use crate::exchange::Desk;
 use crate::hub::{Hub, Phase, Status};
@@ -44,6 +45,21 @@ pub struct RoundLoop {
     pub first_round: u32,
     /// The robust aggregation layer between result acceptance and the strategy.
     pub robust: RobustConfig,
+    pub late_results: LateResults,
+    /// How long the end of the run waits for clients to take their Bye and close.
+    pub goodbye: Duration,
+    /// Clients past a deadline, still busy with that task: its round's task and starting model.
+    pub late: BTreeMap<u64, Late>,
+    /// Late results accepted for the next aggregation (`late_results = "next_round"`), each
+    /// with the model its client started from.
+    pub carried: Vec<(Contribution, Arc<Vec<f32>>)>,
+}
+
+/// A task whose deadline passed before its result came.
+pub struct Late {
+    pub task: Task,
+    /// The (masked) global model the task started from.
+    pub start: Arc<Vec<f32>>,
 }
 
 /// What came back from one round's clients.
@@ -76,7 +92,8 @@ impl RoundLoop {
             let deadline = tasks.iter().map(|(_, t)| t.deadline_ms).max().unwrap_or(60_000);
             let pending = self.send_tasks(round, tasks);
             let sampled = pending.len();
-            let mut got = self.collect(round, pending, Duration::from_millis(deadline)).await;
+            let start = Arc::new(global.masked_params());
+            let mut got = self.collect(round, pending, Duration::from_millis(deadline), &start).await;
             self.desk.close();
             // Arrival order varies from run to run; summing in client order keeps runs reproducible.
             got.results.sort_by_key(|c| c.client);
@@ -86,6 +103,9 @@ impl RoundLoop {
                 continue;
             }
             self.hub.lock().unwrap().set_phase(Phase::Aggregating, round);
+            let late = self.take_carried(round, &start);
+            let late_count = late.len();
+            got.results.extend(late);
             let (robust_results, combined) = match self.judge(round, &global, &got.results) {
                 Ok(r) => r,
                 Err(e) => {
@@ -103,6 +123,9 @@ impl RoundLoop {
             let outcome = match aggregated {
                 Ok(mut o) => {
                     o.metrics.extend(robust::round_metrics(&combined));
+                    if self.late_results == LateResults::NextRound {
+                        o.metrics.insert("late_results".into(), late_count as f64);
+                    }
                     o
                 }
                 Err(e) => {
@@ -138,9 +161,51 @@ impl RoundLoop {
             let mut hub = self.hub.lock().unwrap();
             hub.set_phase(phase, round - 1);
             hub.broadcast(&ServerMsg::Bye { reason: reason.into() });
+            // Each session's writer sends the Bye, then closes: the run is over for everyone.
+            hub.close_all();
         }
         self.save();
+        self.goodbye().await;
         tracing::info!("run finished: {}", self.run_dir.display());
+    }
+
+    /// Waits (up to `goodbye`) until every client's session has sent its Bye and ended, so a
+    /// server that exits when done does not cut anyone's Bye off.
+    async fn goodbye(&mut self) {
+        let until = Instant::now() + self.goodbye;
+        loop {
+            let left = self.hub.lock().unwrap().connected();
+            if left == 0 {
+                return;
+            }
+            if Instant::now() >= until {
+                tracing::warn!(left, "clients still connected after Bye; exiting anyway");
+                return;
+            }
+            // Keep draining messages, so nothing blocks a session that is ending.
+            let _ = timeout(Duration::from_millis(20), self.incoming.recv()).await;
+        }
+    }
+
+    /// Late results accepted since the last aggregation, rebased onto this round's model; those
+    /// that no longer fit it (a pruned model changed shape) are dropped.
+    fn take_carried(&mut self, round: u32, start: &[f32]) -> Vec<Contribution> {
+        let mut out = Vec::new();
+        for (mut c, old) in std::mem::take(&mut self.carried) {
+            if c.values.len() != start.len() || old.len() != start.len() {
+                tracing::warn!(round, client = c.client, "late result no longer fits the model; dropped");
+                continue;
+            }
+            if c.kind == canopy_core::strategy::UploadKind::Weights {
+                // Trained weights minus where they started, added to where this round starts.
+                for ((v, o), s) in c.values.iter_mut().zip(old.iter()).zip(start) {
+                    *v = *v - o + s;
+                }
+            }
+            out.push(c);
+        }
+        out.sort_by_key(|c| c.client);
+        out
     }
 
     /// At a round boundary: holds while the dashboard paused the run, then says whether round
@@ -160,7 +225,7 @@ impl RoundLoop {
                 hub.set_phase(Phase::Paused, round - 1);
             }
             if let Ok(Some(msg)) = timeout(Duration::from_millis(200), self.incoming.recv()).await {
-                self.stray(msg, None);
+                self.stray(msg, None, false);
             }
         }
     }
@@ -198,7 +263,7 @@ impl RoundLoop {
                 }
             }
             if let Ok(Some(msg)) = timeout(Duration::from_millis(200), self.incoming.recv()).await {
-                self.stray(msg, None);
+                self.stray(msg, None, false);
             }
         }
     }
@@ -231,19 +296,21 @@ impl RoundLoop {
     }
 
     /// Collects results until every sampled client answered, vanished or the deadline passed.
-    async fn collect(&mut self, round: u32, mut pending: BTreeMap<u64, Task>, deadline: Duration) -> Collected {
+    async fn collect(&mut self, round: u32, mut pending: BTreeMap<u64, Task>, deadline: Duration, start: &Arc<Vec<f32>>) -> Collected {
         let until = tokio::time::Instant::now() + deadline;
         let mut got = Collected { results: Vec::new(), dropped: 0, rejected: 0 };
         while !pending.is_empty() {
             let msg = tokio::select! {
                 m = self.incoming.recv() => match m { Some(m) => m, None => break },
                 _ = sleep_until(until) => {
-                    tracing::warn!(round, late = pending.len(), "deadline passed; dropping late clients' results");
-                    let mut hub = self.hub.lock().unwrap();
-                    for id in pending.keys() {
-                        hub.set_status(*id, Status::Idle);
-                    }
+                    let what = if self.late_results == LateResults::NextRound { "counting them in the next round" } else { "they will be dropped" };
+                    tracing::warn!(round, late = pending.len(), "deadline passed; late clients stay busy until their results come ({what})");
                     got.dropped += pending.len();
+                    // Still busy (status Training): not sampled again until the result or a disconnect.
+                    for (id, task) in std::mem::take(&mut pending) {
+                        self.desk.close_client(id);
+                        self.late.insert(id, Late { task, start: start.clone() });
+                    }
                     break;
                 }
             };
@@ -276,7 +343,12 @@ impl RoundLoop {
                     tracing::warn!(round, client, "client left mid-round");
                     got.dropped += 1;
                 }
-                other => self.stray(other, Some(round)),
+                other => {
+                    let busy = match &other {
+                        Incoming::Result { client, .. } | Incoming::Failed { client, .. } | Incoming::Gone { client } => pending.contains_key(client),
+                    };
+                    self.stray(other, Some(round), busy)
+                }
             }
         }
         got
@@ -297,25 +369,64 @@ impl RoundLoop {
         Ok((out, combined))
     }
 
-    /// Messages that belong to no pending task.
-    fn stray(&mut self, msg: Incoming, round: Option<u32>) {
+    /// Messages that belong to no task pending in this round. `busy`: the client has a task
+    /// pending in the current round, so this message must not make it idle.
+    fn stray(&mut self, msg: Incoming, round: Option<u32>, busy: bool) {
         match msg {
             Incoming::Result { client, result } => {
+                let late = self.late.get(&client).is_some_and(|l| l.task.round == result.round);
+                let late = if late { self.late.remove(&client) } else { None };
+                if let Some(l) = late {
+                    // The straggler is free again, whatever becomes of its result.
+                    let mut hub = self.hub.lock().unwrap();
+                    if !busy {
+                        hub.set_status(client, Status::Idle);
+                    }
+                    let counted = self.late_results == LateResults::NextRound;
+                    match accept(client, &l.task, result, hub.train_samples(client)) {
+                        Ok(c) if counted => {
+                            tracing::info!(client, round = l.task.round, "late result accepted for the next aggregation");
+                            self.carried.retain(|(o, _)| o.client != client);
+                            self.carried.push((c, l.start));
+                        }
+                        Ok(_) => {
+                            let why = format!("result for round {} came after its deadline; late results are dropped", l.task.round);
+                            tracing::warn!(client, "{why}");
+                            hub.send(client, &ServerMsg::Error { code: ErrorCode::Rejected, message: why });
+                        }
+                        Err(why) => {
+                            tracing::warn!(client, "rejected late result: {why}");
+                            hub.send(client, &ServerMsg::Error { code: ErrorCode::Rejected, message: format!("result rejected: {why}") });
+                        }
+                    }
+                    return;
+                }
                 let why = match round {
                     Some(r) if r == result.round => format!("this client has no task pending in round {r}"),
-                    Some(r) => format!("result for round {} arrived during round {r}; late results are dropped", result.round),
-                    None => format!("result for round {} arrived between rounds; late results are dropped", result.round),
+                    Some(r) => format!("result for round {} arrived during round {r}; it answers no task", result.round),
+                    None => format!("result for round {} arrived between rounds; it answers no task", result.round),
                 };
                 tracing::warn!(client, "rejected result: {why}");
                 let mut hub = self.hub.lock().unwrap();
-                hub.set_status(client, Status::Idle);
+                // Only a result for the task a client is busy with frees it, never an old one.
+                if !busy && !self.late.contains_key(&client) {
+                    hub.set_status(client, Status::Idle);
+                }
                 hub.send(client, &ServerMsg::Error { code: ErrorCode::Rejected, message: why });
             }
-            Incoming::Failed { client, message, .. } => {
+            Incoming::Failed { client, round: r, message } => {
                 tracing::warn!(client, "client error: {message}");
-                self.hub.lock().unwrap().set_status(client, Status::Idle);
+                let answers_late = self.late.get(&client).is_some_and(|l| r.is_none_or(|r| r == l.task.round));
+                if answers_late {
+                    self.late.remove(&client);
+                }
+                if !busy && (answers_late || !self.late.contains_key(&client)) {
+                    self.hub.lock().unwrap().set_status(client, Status::Idle);
+                }
             }
-            Incoming::Gone { .. } => {}
+            Incoming::Gone { client } => {
+                self.late.remove(&client);
+            }
         }
     }
 

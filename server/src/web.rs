@@ -35,6 +35,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/admin/pause", post(crate::admin::pause))
         .route("/api/admin/stop", post(crate::admin::stop))
         .route("/api/admin/settings", post(crate::admin::settings))
+        .route("/api/admin/ban", post(crate::admin::ban))
         .route_service("/dashboard", ServeFile::new(web.join("dashboard.html")))
         .fallback_service(files)
         .with_state(app)

@@ -1,42 +1,102 @@
 //! One WebSocket session per client: decode frames, register the client, route results to the
 //! round loop. Bad frames get an error frame and a log line; the session carries on.
+//!
+//! Connection hygiene ([`crate::limits`]): a connection over the limits in all or per address
+//! is answered with an error frame and closed; one that has not said Hello in time is closed; a
+//! frame beyond the per-connection rate is dropped with an error frame (at most one a second).
+//! Each refusal is logged.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
 use canopy_core::protocol::{ClientMsg, ErrorCode, MAX_FRAME_BYTES, PROTOCOL_VERSION, ServerMsg, decode, encode};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::App;
+use crate::hub::CLOSE;
 use crate::inbox::Incoming;
+use crate::limits::{FrameRate, Slot};
 
 /// Frames up to this size are read and then judged by [`decode`], so a client that sends
 /// slightly too much gets a clear error; anything larger ends the connection.
 const READ_LIMIT: usize = MAX_FRAME_BYTES + (1 << 20);
 
-pub async fn handler(ws: WebSocketUpgrade, State(app): State<Arc<App>>) -> Response {
-    ws.max_message_size(READ_LIMIT).max_frame_size(READ_LIMIT).on_upgrade(move |socket| session(socket, app))
+pub async fn handler(ws: WebSocketUpgrade, ConnectInfo(peer): ConnectInfo<SocketAddr>, State(app): State<Arc<App>>) -> Response {
+    let admitted = app.limits.admit(peer.ip());
+    ws.max_message_size(READ_LIMIT).max_frame_size(READ_LIMIT).on_upgrade(move |socket| async move {
+        match admitted {
+            Ok(slot) => session(socket, app, peer, slot).await,
+            Err(why) => refuse(socket, peer, why).await,
+        }
+    })
 }
 
-async fn session(socket: WebSocket, app: Arc<App>) {
+/// Says why in an error frame, then closes.
+async fn refuse(socket: WebSocket, peer: SocketAddr, why: String) {
+    tracing::warn!(%peer, "connection refused: {why}");
+    let (mut sink, _) = socket.split();
+    let _ = sink.send(Message::Binary(encode(&ServerMsg::Error { code: ErrorCode::Refused, message: why }).into())).await;
+    let _ = sink.close().await;
+}
+
+async fn session(socket: WebSocket, app: Arc<App>, peer: SocketAddr, slot: Slot) {
+    let _slot = slot; // the connection's place under the limits, given back when the session ends
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (done_tx, mut writer_done) = tokio::sync::oneshot::channel::<()>();
     let writer = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
+            if frame == CLOSE {
+                break;
+            }
             if sink.send(Message::Binary(frame.into())).await.is_err() {
                 break;
             }
         }
         let _ = sink.close().await;
+        let _ = done_tx.send(());
     });
     let mut id: Option<u64> = None;
     let reply_error = |code: ErrorCode, message: String| {
         let _ = tx.send(encode(&ServerMsg::Error { code, message }));
     };
-    while let Some(msg) = stream.next().await {
+    let limits = app.limits.config.clone();
+    let hello_by = tokio::time::Instant::now() + Duration::from_millis(limits.hello_timeout_ms);
+    let mut rate = FrameRate::new(&limits, Instant::now());
+    let (mut over_rate, mut last_rate_notice): (u64, Option<Instant>) = (0, None);
+    let whenever = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    loop {
+        let next = tokio::select! {
+            // The writer closed the connection (after a Bye, a ban, or a dead socket): done.
+            _ = &mut writer_done => break,
+            m = tokio::time::timeout_at(if id.is_none() { hello_by } else { whenever }, stream.next()) => match m {
+                Ok(m) => m,
+                Err(_) => {
+                    let why = format!("no Hello within {:.1} s; closing", limits.hello_timeout_ms as f64 / 1000.0);
+                    tracing::warn!(%peer, "connection refused: {why}");
+                    reply_error(ErrorCode::Refused, why);
+                    break;
+                }
+            },
+        };
+        let Some(msg) = next else { break };
+        let now = Instant::now();
+        if !rate.allow(now) {
+            // Dropped. Say so (and log) at most once a second, so refusals cannot flood either side.
+            over_rate += 1;
+            if last_rate_notice.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+                last_rate_notice = Some(now);
+                let why = format!("too many frames: the limit is {} a second; {over_rate} dropped so far", limits.max_frames_per_sec);
+                tracing::warn!(client = ?id, %peer, "frame refused: {why}");
+                reply_error(ErrorCode::Refused, why);
+            }
+            continue;
+        }
         let bytes = match msg {
             Ok(Message::Binary(b)) => b,
             Ok(Message::Close(_)) => break,
@@ -52,7 +112,11 @@ async fn session(socket: WebSocket, app: Arc<App>) {
             }
         };
         if let Some(c) = id {
-            app.hub.lock().unwrap().count_up(c, bytes.len());
+            let mut hub = app.hub.lock().unwrap();
+            if hub.is_banned(c) {
+                break;
+            }
+            hub.count_up(c, bytes.len());
         }
         let msg = match decode::<ClientMsg>(&bytes) {
             Ok(m) => m,
@@ -69,9 +133,20 @@ async fn session(socket: WebSocket, app: Arc<App>) {
                     continue;
                 }
                 let (name, backend, adapter) = (hello.name.clone(), hello.device.backend, hello.device.adapter.clone());
-                let c = app.hub.lock().unwrap().join(hello, tx.clone());
-                tracing::info!(client = c, %name, %backend, %adapter, "client joined");
-                id = Some(c);
+                let joined = app.hub.lock().unwrap().join(hello, tx.clone());
+                match joined {
+                    Ok(c) => {
+                        tracing::info!(client = c, %name, %backend, %adapter, %peer, "client joined");
+                        id = Some(c);
+                    }
+                    Err(why) => {
+                        // A banned id: say why, and Bye so the tab does not keep reconnecting.
+                        tracing::warn!(%name, %peer, "join refused: {why}");
+                        reply_error(ErrorCode::Banned, why.clone());
+                        let _ = tx.send(encode(&ServerMsg::Bye { reason: why }));
+                        break;
+                    }
+                }
             }
             (ClientMsg::Hello(_), Some(_)) => reply_error(ErrorCode::Malformed, "already said hello".into()),
             (_, None) => reply_error(ErrorCode::Malformed, "say hello first".into()),
@@ -102,6 +177,10 @@ async fn session(socket: WebSocket, app: Arc<App>) {
         app.desk.close_client(c);
         let _ = app.incoming.send(Incoming::Gone { client: c });
     }
+    // Let the writer send what is queued (an error saying why, a Bye), then close.
+    let _ = tx.send(CLOSE.to_vec());
     drop(tx);
-    writer.abort();
+    if tokio::time::timeout(Duration::from_secs(2), writer).await.is_err() {
+        tracing::debug!(%peer, "writer did not finish in time");
+    }
 }
