@@ -113,6 +113,8 @@ test('live dashboard, admin controls and draw-a-digit', { timeout: 240_000 }, as
     const rows = await dash.$$eval('#clients tr', (trs) => trs.map((tr) => Array.from(tr.cells, (c) => c.textContent)));
     assert.deepEqual(rows.map((r) => r[0]).sort(), ['alice', 'bob']);
     for (const r of rows) assert.equal(r[5], '3', `${r[0]} took part in every round`);
+    // Suspicion: each client's norm relative to the round's median, from the robust layer.
+    for (const r of rows) assert.match(r[9], /norm ×[0-9.]+/, `${r[0]}: ${r[9]}`);
 
     // Try the model: on the dashboard (model.bin, wasm on the CPU) and in a tab.
     await drawSeven(dash);
