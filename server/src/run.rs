@@ -106,7 +106,10 @@ impl RoundLoop {
             let late = self.take_carried(round, &start);
             let late_count = late.len();
             got.results.extend(late);
-            let (robust_results, combined) = match self.judge(round, &global, &got.results) {
+            // The record keeps who contributed what (not the vectors); the layer takes the vectors.
+            let summary: Vec<Contribution> = got.results.iter().map(|c| Contribution { values: Vec::new(), metrics: c.metrics.clone(), ..*c }).collect();
+            let judged = self.judge(round, &global, std::mem::replace(&mut got.results, summary));
+            let (robust_results, combined) = match judged {
                 Ok(r) => r,
                 Err(e) => {
                     retries += 1;
@@ -356,9 +359,9 @@ impl RoundLoop {
 
     /// The robust layer: what the strategy aggregates, and each client's verdict (logged, and
     /// counted in the client table's suspicion columns).
-    fn judge(&self, round: u32, global: &ModelState, results: &[Contribution]) -> Result<(Vec<Contribution>, robust::Combined), String> {
+    fn judge(&self, round: u32, global: &ModelState, results: Vec<Contribution>) -> Result<(Vec<Contribution>, robust::Combined), String> {
         let reference = global.masked_params();
-        let (out, combined) = tokio::task::block_in_place(|| robust::apply(&self.robust, &reference, results.to_vec()))?;
+        let (out, combined) = tokio::task::block_in_place(|| robust::apply(&self.robust, &reference, results))?;
         let mut hub = self.hub.lock().unwrap();
         for v in &combined.verdicts {
             hub.judged(v);
