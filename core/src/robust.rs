@@ -219,7 +219,8 @@ pub struct Combined {
 }
 
 /// A coordinate-wise median client counts as down-weighted when more than this share of its
-/// coordinates lie outside the middle half of the values (an honest client: about half).
+/// coordinates lie outside the middle half of the values (an honest client: about half, at most
+/// two thirds in rounds of 3 or 6).
 pub const MEDIAN_OUTSIDE_SUSPICIOUS: f64 = 0.75;
 /// A trimmed-mean client counts as down-weighted when more than this share of its coordinates
 /// were trimmed (an honest client: about 2·trim).
@@ -365,9 +366,10 @@ fn coordinate_wise(config: &RobustConfig, inputs: &[Input], scales: &[f64], weig
     let n = inputs.len();
     let len = inputs[0].delta.len();
     // Values are dropped from each end: the median keeps the middle one or two (the band used for
-    // verdicts is the middle half); the trimmed mean drops k at each end, at least one value kept.
+    // verdicts is the middle half, ⌊n/4⌉ dropped at each end, so that colluding attackers on one
+    // side fall outside it too); the trimmed mean drops k at each end, at least one value kept.
     let k = match config.rule {
-        Rule::Median => n / 4,
+        Rule::Median => ((n as f64 / 4.0).round() as usize).min((n - 1) / 2),
         _ => ((config.trim * n as f64).floor() as usize).min((n - 1) / 2),
     };
     let total_w: f64 = weights.iter().sum();
@@ -618,6 +620,7 @@ mod tests {
                 // Multi-Krum always leaves out f = 2 of 10; everyone else keeps every honest client.
                 let honest_rejected = out.verdicts[1..].iter().filter(|v| v.rejected).count();
                 assert!(honest_rejected <= if def.rule == Rule::MultiKrum { 1 } else { 0 }, "{name} vs {}: honest clients rejected", def.describe());
+                assert!(out.verdicts[1..].iter().all(|v| !v.down_weighted && !v.clipped), "{name} vs {}: an honest client flagged", def.describe());
             }
         }
     }
@@ -642,6 +645,10 @@ mod tests {
             let err = distance(&out.delta, &honest_mean) / hn;
             assert!(err < 0.2, "{}: relative error {err:.4}", def.describe());
         }
+        // The median flags all three colluders (they share one side of every coordinate).
+        let med = combine(&cfg(Rule::Median, Clip::None), &inputs(&vs, &[1; 10])).unwrap();
+        let flagged: Vec<bool> = med.verdicts.iter().map(|v| v.down_weighted).collect();
+        assert_eq!(flagged, [true, true, true, false, false, false, false, false, false, false]);
         // A trim smaller than the attackers' share is not enough, as documented.
         let weak = combine(&RobustConfig { trim: 0.1, ..cfg(Rule::TrimmedMean, Clip::None) }, &inputs(&vs, &[1; 10])).unwrap();
         assert!(distance(&weak.delta, &honest_mean) / hn > 10.0);
