@@ -14,4 +14,5 @@ pub mod state;
 pub mod step;
 pub mod strategy;
 pub mod surgery;
+pub mod synflow;
 pub mod train;

@@ -342,7 +342,7 @@ mod tests {
         let mut rng = rand::SeedableRng::seed_from_u64(1);
         s.configure_round(1, &global, &clients, &mut rng);
         let values: Vec<f32> = (0..22).map(|i| i as f32 * 0.01).collect();
-        let c = Contribution { client: 0, samples: 10, kind: UploadKind::Delta, values, metrics: Default::default() };
+        let c = Contribution { client: 0, samples: 10, kind: UploadKind::Delta, values, metrics: Default::default(), encoding: Default::default() };
         let ctx = RoundContext { rounds: 5, validate };
         let out = s.aggregate(1, &mut global, &[c], &ctx).unwrap();
         (s, global, out)
@@ -376,7 +376,7 @@ mod tests {
         let before = global.mask.clone().unwrap();
         assert!((global.sparsity() - 0.2).abs() < 0.05);
         let ctx = RoundContext { rounds: 5, validate: &validate };
-        let c = Contribution { client: 0, samples: 10, kind: UploadKind::Delta, values: (0..22).map(|i| 0.01 * (22 - i) as f32).collect(), metrics: Default::default() };
+        let c = Contribution { client: 0, samples: 10, kind: UploadKind::Delta, values: (0..22).map(|i| 0.01 * (22 - i) as f32).collect(), metrics: Default::default(), encoding: Default::default() };
         let out = s.aggregate(2, &mut global, &[c.clone()], &ctx).unwrap();
         assert_eq!(out.metrics["repruned"], 1.0);
         let after = global.mask.clone().unwrap();
@@ -401,7 +401,7 @@ mod tests {
         let tasks = s.configure_round(1, &global, &clients, &mut rng);
         assert_eq!(tasks.len(), 2);
         assert_eq!(tasks[0].1.train.epochs, 20);
-        let contrib = |client, v: [f32; 6]| Contribution { client, samples: 10, kind: UploadKind::Delta, values: v.to_vec(), metrics: Default::default() };
+        let contrib = |client, v: [f32; 6]| Contribution { client, samples: 10, kind: UploadKind::Delta, values: v.to_vec(), metrics: Default::default(), encoding: Default::default() };
         let validate = |_: &ModelState| crate::train::Eval::default();
         let ctx = RoundContext { rounds: 5, validate: &validate };
         let r = [contrib(0, [1.0, 0.0, 2.0, 0.0, 0.5, 0.1]), contrib(1, [1.0, 0.0, 0.0, 2.0, 0.5, 0.3])];

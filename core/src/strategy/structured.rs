@@ -122,7 +122,7 @@ mod tests {
         let mut global = ModelState::init(arch, 1);
         let validate = |_: &ModelState| crate::train::Eval::default();
         let ctx = RoundContext { rounds: 10, validate: &validate };
-        let w = |g: &ModelState| Contribution { client: 0, samples: 5, kind: UploadKind::Weights, values: g.params.clone(), metrics: Default::default() };
+        let w = |g: &ModelState| Contribution { client: 0, samples: 5, kind: UploadKind::Weights, values: g.params.clone(), metrics: Default::default(), encoding: Default::default() };
         let before = global.arch.num_params();
         let r = [w(&global)];
         let out = s.aggregate(1, &mut global, &r, &ctx).unwrap();
