@@ -44,6 +44,11 @@ compare-structured *ARGS: setup
     cargo build -p canopy-server --bin canopy
     "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/structured.toml --strategies fedavg,structured --partitions dirichlet:0.1,shards:2 {{ARGS}}
 
+# FedAvg, AutoFLIP, HideNseek and the binary supermask on the same splits; prints and saves a table.
+compare-supermask *ARGS: setup
+    cargo build -p canopy-server --bin canopy
+    "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/hidenseek.toml --strategies fedavg,autoflip,hidenseek,supermask --datasets mnist-digits,fashion-mnist --partitions dirichlet:0.1,shards:2 {{ARGS}}
+
 # Training speed in headless Chromium tabs (WebGPU and CPU), full vs pruned widths.
 bench-browser: setup
     bash scripts/build-wasm.sh

@@ -56,6 +56,10 @@ pub struct Published {
     pub effective_flops: &'static str,
     pub flops_ratio: &'static str,
     pub pruned_units: &'static str,
+    pub density: &'static str,
+    /// Prefix of per-tensor density: `<prefix><parameter name>`.
+    pub tensor_density_prefix: String,
+    pub upload_bits_per_weight: &'static str,
 }
 
 pub fn published() -> Published {
@@ -65,5 +69,8 @@ pub fn published() -> Published {
         effective_flops: EFFECTIVE_FLOPS,
         flops_ratio: FLOPS_RATIO,
         pruned_units: PRUNED_UNITS,
+        density: DENSITY,
+        tensor_density_prefix: tensor_density(""),
+        upload_bits_per_weight: UPLOAD_BITS_PER_WEIGHT,
     }
 }

@@ -36,6 +36,9 @@ pub struct CompareArgs {
     pub target: f32,
     #[arg(long, default_value = "runs/compare")]
     pub out_dir: PathBuf,
+    /// Use at most this many training samples of each dataset (overrides the config).
+    #[arg(long)]
+    pub max_train: Option<usize>,
 }
 
 pub struct Row {
@@ -55,6 +58,17 @@ impl Row {
     }
     fn to_target(&self, t: f32) -> String {
         self.rounds.iter().find(|r| r.test_accuracy >= t).map_or("–".into(), |r| r.round.to_string())
+    }
+    /// Mean of the clients' accuracy on their own held-out splits in the last round (for
+    /// personalising methods, their own models).
+    fn local_acc(&self) -> f32 {
+        self.rounds.last().map_or(0.0, |r| r.local_accuracy)
+    }
+    /// Bits uploaded per model parameter per client result, from real frames, over the run.
+    fn bits_per_param(&self) -> f64 {
+        let bits: f64 = self.rounds.iter().map(|r| 8.0 * r.bytes_up as f64).sum();
+        let params: f64 = self.rounds.iter().map(|r| (r.results * r.params) as f64).sum();
+        bits / params.max(1.0)
     }
     fn up(&self) -> u64 {
         self.rounds.iter().map(|r| r.bytes_up).sum()
@@ -103,6 +117,9 @@ pub async fn run(args: CompareArgs) -> Result<Vec<Row>, String> {
                 if let Some(m) = &args.model {
                     c.model = m.clone();
                 }
+                if let Some(n) = args.max_train {
+                    c.data.max_train = n;
+                }
                 c.validate()?;
                 eprintln!("== {dataset} / {partition} / {strategy}: {} rounds, {} clients", c.run.rounds, args.clients);
                 let t0 = Instant::now();
@@ -138,17 +155,17 @@ fn mb(b: u64) -> String {
 
 pub fn markdown(rows: &[Row], target: f32) -> String {
     let mut s = format!(
-        "| dataset | partition | strategy | final acc | best acc | rounds to {:.0}% | MB up | MB down | up vs first | params first → last | FLOPs last/first | sparsity | step ms first → last | time s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| dataset | partition | strategy | final acc | best acc | local acc | rounds to {:.0}% | bits/param up | MB up | MB down | up vs first | params first → last | FLOPs last/first | sparsity | step ms first → last | time s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         target * 100.0
     );
     for r in rows {
         let baseline = rows.iter().find(|b| b.dataset == r.dataset && b.partition == r.partition).expect("itself");
         s.push_str(&format!(
-            "| {} | {} | {} | {:.4} | {:.4} | {} | {} | {} | {:.2}× | {} → {} | {:.2} | {} | {:.2} → {:.2} | {:.0} |\n",
-            r.dataset, r.partition, r.strategy, r.final_acc(), r.best_acc(), r.to_target(target), mb(r.up()), mb(r.down()),
+            "| {} | {} | {} | {:.4} | {:.4} | {:.4} | {} | {:.3} | {} | {} | {:.3}× | {} → {} | {:.2} | {} | {:.2} → {:.2} | {:.0} |\n",
+            r.dataset, r.partition, r.strategy, r.final_acc(), r.best_acc(), r.local_acc(), r.to_target(target), r.bits_per_param(), mb(r.up()), mb(r.down()),
             r.up() as f64 / baseline.up().max(1) as f64,
             r.span(|x| x.params).0, r.span(|x| x.params).1, r.flops_ratio(),
-            r.extra(keys::SPARSITY).map_or("0".into(), |v| format!("{v:.2}")),
+            r.extra(keys::SPARSITY).or(r.extra(keys::DENSITY).map(|d| 1.0 - d)).map_or("0".into(), |v| format!("{v:.2}")),
             r.span(|x| x.step_ms).0, r.span(|x| x.step_ms).1,
             r.seconds
         ));
@@ -157,11 +174,11 @@ pub fn markdown(rows: &[Row], target: f32) -> String {
 }
 
 fn csv(rows: &[Row], target: f32) -> String {
-    let mut s = String::from("dataset,partition,strategy,final_accuracy,best_accuracy,rounds_to_target,target,bytes_up,bytes_down,params_first,params_last,flops_ratio,final_sparsity,step_ms_first,step_ms_last,seconds\n");
+    let mut s = String::from("dataset,partition,strategy,final_accuracy,best_accuracy,local_accuracy,bits_per_param_up,rounds_to_target,target,bytes_up,bytes_down,params_first,params_last,flops_ratio,final_sparsity,step_ms_first,step_ms_last,seconds\n");
     for r in rows {
         s.push_str(&format!(
-            "{},{},{},{:.4},{:.4},{},{target},{},{},{},{},{:.4},{},{:.3},{:.3},{:.1}\n",
-            r.dataset, r.partition, r.strategy, r.final_acc(), r.best_acc(), r.to_target(target).replace('–', ""), r.up(), r.down(),
+            "{},{},{},{:.4},{:.4},{:.4},{:.4},{},{target},{},{},{},{},{:.4},{},{:.3},{:.3},{:.1}\n",
+            r.dataset, r.partition, r.strategy, r.final_acc(), r.best_acc(), r.local_acc(), r.bits_per_param(), r.to_target(target).replace('–', ""), r.up(), r.down(),
             r.span(|x| x.params).0, r.span(|x| x.params).1, r.flops_ratio(),
             r.extra(keys::SPARSITY).unwrap_or(0.0), r.span(|x| x.step_ms).0, r.span(|x| x.step_ms).1, r.seconds
         ));

@@ -439,3 +439,21 @@ fn hidenseek_learns_signs_with_one_bit_per_surviving_weight() {
         assert!(last.test_accuracy > 0.5, "learning signs alone beats chance (0.1) by far: {}", last.test_accuracy);
     });
 }
+
+#[test]
+fn a_binary_supermask_learns_which_random_weights_to_keep() {
+    let rt = runtime();
+    rt.block_on(async {
+        let mut cfg = config("supermask", 3, 3);
+        cfg.strategy.name = "supermask".into();
+        let app = run_with_sims(cfg, 3).await;
+        let rounds = records(&app);
+        assert_eq!(rounds.len(), 3);
+        for r in &rounds {
+            assert_eq!((r.results, r.rejected), (3, 0));
+            assert!(r.extra["upload_bits_per_weight"] <= 1.0 + 42.0 / r.params as f64, "{}", r.extra["upload_bits_per_weight"]);
+            assert!(r.extra["mask_on"] < 1.0, "some random weights are switched off");
+        }
+        assert!(rounds[2].test_accuracy > 0.3, "a mask over random weights beats chance: {}", rounds[2].test_accuracy);
+    });
+}
