@@ -44,9 +44,12 @@ impl Reparam for Scores {
             .zip(&self.base)
             .map(|(s, base)| {
                 let s = s.val();
+                // One comparison either way (burn's `sign()` costs several passes on the CPU
+                // backends); a score of exactly zero counts as negative.
+                let positive = s.clone().greater_elem(0.0).float();
                 let hard = match self.kind {
-                    SupermaskKind::Sign => s.clone().sign(),
-                    SupermaskKind::Keep => s.clone().greater_elem(0.0).float(),
+                    SupermaskKind::Sign => positive * 2.0 - 1.0,
+                    SupermaskKind::Keep => positive,
                 };
                 // Straight-through: the forward pass sees `hard`, the gradient reaches `s` as if
                 // the sign (or threshold) were the identity.
