@@ -108,6 +108,19 @@ mod tests {
     }
 
     #[test]
+    fn works_for_both_cnns() {
+        for model in ["cnn-small", "cnn"] {
+            let arch = Arch::preset(model, [1, 28, 28], 10).unwrap();
+            let theta = crate::state::ModelState::init(arch.clone(), 2).params;
+            let m = synflow_mask(&arch, &theta, 0.2, 5, &Device::flex());
+            let weights: usize = arch.params().iter().filter(|p| p.name.ends_with(".weight")).map(|p| p.len).sum();
+            let kept: usize = layer_density(&arch, &m).iter().zip(arch.params().iter().filter(|p| p.name.ends_with(".weight"))).map(|((_, d), p)| (d * p.len as f64).round() as usize).sum();
+            assert_eq!(kept, (0.2 * weights as f64).round() as usize, "{model}");
+            assert!(layer_density(&arch, &m).iter().all(|(_, d)| *d > 0.0), "{model}: a layer was cut off");
+        }
+    }
+
+    #[test]
     fn density_is_exact_and_no_layer_is_cut_off() {
         let arch = Arch::preset("mlp", [1, 8, 8], 10).unwrap();
         let theta = crate::state::ModelState::init(arch.clone(), 3).params;
