@@ -55,11 +55,11 @@ impl Net {
                     let b = self.params[i + 1].val().reshape([1, units]);
                     flat = Some(flat.take().expect("validated").matmul(w) + b);
                 }
-                Layer::Conv { in_channels, filters, kernel } => {
+                Layer::Conv { in_channels, filters, kernel, padding } => {
                     let i = take(2);
                     let w = self.params[i].val().reshape([filters, in_channels, kernel, kernel]);
                     let b = self.params[i + 1].val();
-                    let pad = kernel / 2;
+                    let pad = padding.pad(kernel);
                     let opts = ConvOptions::new([1, 1], [pad, pad], [1, 1], 1);
                     image = Some(conv2d(image.take().expect("validated"), w, Some(b), opts));
                 }
