@@ -9,9 +9,9 @@ mod fedavgm;
 mod structured;
 
 pub use autoflip::{AutoFlip, AutoflipConfig};
-pub use structured::{Structured, StructuredConfig};
+pub use structured::{Structured, StructuredConfig, UnitScore};
 pub use fedavg::FedAvg;
-pub use fedavgm::FedAvgM;
+pub use fedavgm::{FedAvgM, FedavgmConfig};
 
 use std::collections::BTreeMap;
 
@@ -52,6 +52,8 @@ pub struct StrategyConfig {
     /// Server learning rate (FedAvgM).
     pub server_lr: f32,
     pub seed: u64,
+    /// FedAvgM's settings (`[strategy.fedavgm]`).
+    pub fedavgm: FedavgmConfig,
     /// AutoFLIP's settings (`[strategy.autoflip]`).
     pub autoflip: AutoflipConfig,
     /// Structured pruning's settings (`[strategy.structured]`).
@@ -71,6 +73,7 @@ impl Default for StrategyConfig {
             server_momentum: 0.9,
             server_lr: 1.0,
             seed: 1,
+            fedavgm: FedavgmConfig::default(),
             autoflip: AutoflipConfig::default(),
             structured: StructuredConfig::default(),
         }
