@@ -8,6 +8,7 @@ pub mod codec;
 pub mod data;
 pub mod model;
 pub mod partition;
+pub mod positions;
 pub mod protocol;
 pub mod state;
 pub mod strategy;
