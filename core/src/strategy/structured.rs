@@ -12,6 +12,7 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use super::{ClientView, Contribution, RoundContext, RoundOutcome, Strategy, StrategyConfig, UploadKind, plain_round, weighted_values};
+use crate::arch::Layer;
 use crate::protocol::{Task, UploadSpec};
 use crate::state::ModelState;
 use crate::surgery::{keep_within_bounds, shrink, unit_norms};
@@ -21,10 +22,10 @@ use crate::surgery::{keep_within_bounds, shrink, unit_norms};
 #[serde(rename_all = "snake_case")]
 pub enum UnitScore {
     /// L1 norm of the unit's incoming weights (the paper).
-    #[default]
     L1,
     /// L1 norm of how far the unit's incoming weights moved since the last surgery (since the
-    /// start before the first): a unit that stopped learning moves little.
+    /// start before the first): a unit that stopped learning moves little. Canopy's default.
+    #[default]
     Movement,
     /// L1 norm of the unit's weights over the L1 norm of the same weights at initialisation:
     /// growth relative to where the unit started, so the init's own spread does not count.
@@ -48,14 +49,33 @@ pub struct StructuredConfig {
     pub upper_tail: bool,
     /// The unit score the band is computed on.
     pub score: UnitScore,
-    /// Prune conv filters only; hidden dense layers keep their width (the paper prunes only
-    /// its CNN's filters).
+    /// In a model with conv layers, prune conv filters only; hidden dense layers keep their
+    /// width (the paper prunes only its CNN's filters). A model without convs (the MLP) prunes
+    /// its dense units either way.
     pub conv_only: bool,
+    /// Take the band on the logarithm of the scores: scores such as movement are skewed to the
+    /// right (a few units move a lot), which widens σ until the low tail is empty; in log space
+    /// the low tail is as wide as the high one.
+    pub log_scores: bool,
 }
 
 impl Default for StructuredConfig {
     fn default() -> Self {
-        StructuredConfig { lambda: 2.2, min_units: 4, patience: 3, prune_until: 50, reinit: false, upper_tail: true, score: UnitScore::L1, conv_only: false }
+        // Canopy's mode (measured in docs/compare-structured-*.md): weights kept, units scored by
+        // their movement since the last surgery, low tail only, in log space. The paper's mode:
+        // `score = "l1"`, `upper_tail = true`, `log_scores = false`, `reinit = true`,
+        // `min_units = 1` (and `conv_only = true` on its CNN).
+        StructuredConfig {
+            lambda: 2.2,
+            min_units: 4,
+            patience: 3,
+            prune_until: 50,
+            reinit: false,
+            upper_tail: false,
+            score: UnitScore::Movement,
+            conv_only: false,
+            log_scores: true,
+        }
     }
 }
 
@@ -82,19 +102,36 @@ impl Structured {
         !self.stopped && round <= self.config.structured.prune_until
     }
 
-    /// Per prunable layer, the score of each unit.
+    /// Per prunable layer, the score of each unit (its logarithm with `log_scores`).
     fn scores(&self, global: &ModelState) -> Vec<Option<Vec<f32>>> {
+        let raw = self.raw_scores(global);
+        if !self.config.structured.log_scores {
+            return raw;
+        }
+        raw.into_iter()
+            .map(|layer| {
+                layer.map(|sc| {
+                    // A unit that did not move at all sits far below the others, not at −∞.
+                    let floor = 1e-6 * sc.iter().sum::<f32>() / sc.len().max(1) as f32;
+                    sc.iter().map(|v| v.max(floor).max(f32::MIN_POSITIVE).ln()).collect()
+                })
+            })
+            .collect()
+    }
+
+    fn raw_scores(&self, global: &ModelState) -> Vec<Option<Vec<f32>>> {
         let s = &self.config.structured;
         let arch = &global.arch;
+        let conv_only = s.conv_only && arch.layers.iter().any(|l| matches!(l, Layer::Conv { .. }));
         match s.score {
-            UnitScore::L1 => unit_norms(arch, &global.params, s.conv_only),
+            UnitScore::L1 => unit_norms(arch, &global.params, conv_only),
             UnitScore::Movement => {
                 let moved: Vec<f32> = global.params.iter().zip(&self.reference).map(|(p, r)| p - r).collect();
-                unit_norms(arch, &moved, s.conv_only)
+                unit_norms(arch, &moved, conv_only)
             }
             UnitScore::InitRelative => {
-                let now = unit_norms(arch, &global.params, s.conv_only);
-                let then = unit_norms(arch, &self.init, s.conv_only);
+                let now = unit_norms(arch, &global.params, conv_only);
+                let then = unit_norms(arch, &self.init, conv_only);
                 now.into_iter()
                     .zip(then)
                     .map(|(n, t)| Some(n?.iter().zip(t?).map(|(a, b)| a / b.max(1e-12)).collect()))
@@ -192,6 +229,9 @@ mod tests {
     #[test]
     fn prunes_outliers_then_stops_after_patience() {
         let mut cfg = StrategyConfig::default();
+        cfg.structured.score = UnitScore::L1;
+        cfg.structured.upper_tail = true;
+        cfg.structured.log_scores = false;
         cfg.structured.lambda = 1.0;
         cfg.structured.patience = 2;
         let mut s = Structured::new(cfg).unwrap();
@@ -230,6 +270,9 @@ mod tests {
     #[test]
     fn pruning_and_its_metric_agree_on_the_last_round() {
         let mut cfg = StrategyConfig::default();
+        cfg.structured.score = UnitScore::L1;
+        cfg.structured.upper_tail = true;
+        cfg.structured.log_scores = false;
         cfg.structured.lambda = 1.0;
         cfg.structured.prune_until = 2;
         cfg.structured.patience = 10;
@@ -257,6 +300,7 @@ mod tests {
     #[test]
     fn movement_prunes_the_unit_that_stopped_learning_and_keeps_trained_weights() {
         let mut cfg = StrategyConfig::default();
+        cfg.structured.log_scores = false;
         cfg.structured.lambda = 1.0;
         cfg.structured.upper_tail = false;
         cfg.structured.score = UnitScore::Movement;
@@ -287,8 +331,41 @@ mod tests {
     }
 
     #[test]
+    fn log_scores_find_the_low_tail_of_a_skewed_layer() {
+        // First hidden layer: 20 units move a lot, 179 a little, unit 0 hardly at all. The big
+        // movers widen σ so far that μ − 2.2σ < 0: without logs nothing is an outlier.
+        let arch = Arch::preset("mlp", [1, 4, 4], 3).unwrap();
+        let w = arch.params()[0].clone();
+        let run = |log: bool| {
+            let mut cfg = StrategyConfig::default();
+            cfg.structured.score = UnitScore::Movement;
+            cfg.structured.upper_tail = false;
+            cfg.structured.log_scores = log;
+            let mut s = Structured::new(cfg).unwrap();
+            let mut global = ModelState::init(arch.clone(), 1);
+            let mut trained = global.clone();
+            for i in 0..16 {
+                for j in 0..200 {
+                    trained.params[w.offset + i * 200 + j] += match j {
+                        0 => 0.001,
+                        1..=20 => 1.0,
+                        _ => 0.1,
+                    };
+                }
+            }
+            let validate = |_: &ModelState| crate::train::Eval::default();
+            let ctx = RoundContext { rounds: 10, validate: &validate };
+            s.aggregate(1, &mut global, &[weights(&trained)], &ctx).unwrap();
+            global.arch.widths()[0]
+        };
+        assert_eq!(run(false), 200);
+        assert_eq!(run(true), 199);
+    }
+
+    #[test]
     fn init_relative_scores_ignore_the_spread_of_the_initial_norms() {
         let mut cfg = StrategyConfig::default();
+        cfg.structured.upper_tail = true;
         cfg.structured.lambda = 1.0;
         cfg.structured.score = UnitScore::InitRelative;
         let mut s = Structured::new(cfg).unwrap();
@@ -305,6 +382,9 @@ mod tests {
     #[test]
     fn conv_only_leaves_dense_layers_alone() {
         let mut cfg = StrategyConfig::default();
+        cfg.structured.score = UnitScore::L1;
+        cfg.structured.upper_tail = true;
+        cfg.structured.log_scores = false;
         cfg.structured.lambda = 0.5;
         cfg.structured.conv_only = true;
         cfg.structured.min_units = 1;
