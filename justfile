@@ -47,6 +47,11 @@ compare-structured *ARGS: setup
     cargo build -p canopy-server --bin canopy
     "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/structured.toml --partitions dirichlet:0.1,shards:2 --strategies 'fedavg,structured{reinit=true;score="l1";upper_tail=true;log_scores=false;conv_only=true;min_units=1;prune_until=50;patience=3;lambda=2.2},structured' {{ARGS}}
 
+# FedAvg, AutoFLIP, HideNseek and the binary supermask on the same splits; prints and saves a table.
+compare-supermask *ARGS: setup
+    cargo build -p canopy-server --bin canopy
+    "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/hidenseek.toml --strategies fedavg,autoflip,hidenseek,supermask --datasets mnist-digits,fashion-mnist --partitions dirichlet:0.1,shards:2 {{ARGS}}
+
 # Training speed in headless Chromium tabs (WebGPU and CPU), full vs pruned widths.
 bench-browser: setup
     bash scripts/build-wasm.sh

@@ -2,6 +2,7 @@
 // at a time, shows what happens, and reconnects with backoff when the server goes away.
 import init, { CanopyClient } from './pkg/canopy_client.js';
 import { drawPad, toMnist, showInput, showProbs } from './draw.js';
+import { fmtBytes } from './format.js';
 
 const params = new URLSearchParams(location.search);
 const $ = (id) => document.getElementById(id);
@@ -11,11 +12,6 @@ const state = {
 };
 window.canopy = { state };
 
-function fmtBytes(n) {
-  if (n < 1024) return `${n} B`;
-  if (n < 1 << 20) return `${(n / 1024).toFixed(1)} KiB`;
-  return `${(n / (1 << 20)).toFixed(2)} MiB`;
-}
 function log(text) {
   const li = document.createElement('li');
   li.textContent = `${new Date().toLocaleTimeString()} ${text}`;
@@ -119,7 +115,9 @@ function connect() {
     const bytes = new Uint8Array(ev.data);
     state.bytesReceived += bytes.byteLength;
     showBytes();
-    // Frames are handled strictly one after another: a task runs to completion first.
+    // A reply to the running task's exchange request goes straight to the request awaiting it.
+    if (client.route(bytes)) { state.exchanges = (state.exchanges || 0) + 1; return; }
+    // Other frames are handled strictly one after another: a task runs to completion first.
     queue = queue.then(() => {
       if (state.finished) return;
       const small = bytes.byteLength < 4096 ? '' : ` (${fmtBytes(bytes.byteLength)})`;
@@ -131,6 +129,7 @@ function connect() {
     });
   };
   ws.onclose = () => {
+    client.connection_lost();
     if (state.finished) return;
     setStatus(`disconnected; retrying in ${(backoff / 1000).toFixed(1)} s`);
     setTimeout(connect, backoff);

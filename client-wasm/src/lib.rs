@@ -3,12 +3,14 @@
 //! and replies come back through the `send` callback.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use burn::tensor::Device;
 use canopy_core::client::{ClientHost, ClientRuntime};
 use canopy_core::arch::Arch;
-use canopy_core::protocol::{Backend, ClientMsg, DeviceInfo, MaskSpec, ServerMsg, decode, encode};
+use canopy_core::codec::{self, MaskCache};
+use canopy_core::protocol::{Backend, Blob, ClientMsg, DeviceInfo, MaskSpec, ServerMsg, decode, encode};
 use canopy_core::state::ModelState;
 use canopy_core::train::{Host, Progress, predict};
 use js_sys::{Function, Promise, Uint8Array};
@@ -16,9 +18,13 @@ use serde_json::json;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{JsFuture, future_to_promise};
 
+/// Exchange requests awaiting their reply, by (round, seq): the promise's resolve and reject.
+type Pending = Rc<RefCell<HashMap<(u32, u32), (Function, Function)>>>;
+
 struct WebHost {
     send: Function,
     progress: Function,
+    pending: Pending,
 }
 
 fn now_ms() -> f64 {
@@ -60,6 +66,20 @@ impl ClientHost for WebHost {
     fn send(&mut self, msg: ClientMsg) {
         let bytes = encode(&msg);
         let _ = self.send.call1(&JsValue::NULL, &Uint8Array::from(bytes.as_slice()));
+    }
+
+    /// Sends the request and awaits a promise that [`CanopyClient::route`] settles when the
+    /// reply arrives (or [`CanopyClient::connection_lost`] rejects).
+    async fn request(&mut self, round: u32, seq: u32, payload: Vec<u8>) -> Result<Blob, String> {
+        let pending = self.pending.clone();
+        let reply = Promise::new(&mut |resolve, reject| {
+            pending.borrow_mut().insert((round, seq), (resolve, reject));
+        });
+        self.send(ClientMsg::Exchange { round, seq, payload: Blob(payload) });
+        match JsFuture::from(reply).await {
+            Ok(v) => Ok(Blob(Uint8Array::new(&v).to_vec())),
+            Err(e) => Err(e.as_string().unwrap_or_else(|| "exchange failed".into())),
+        }
     }
 }
 
@@ -105,6 +125,7 @@ impl OwnDigits {
 #[wasm_bindgen]
 pub struct CanopyClient {
     rt: Rc<RefCell<ClientRuntime<WebHost>>>,
+    pending: Pending,
     own: Rc<RefCell<OwnDigits>>,
     /// The global model of the latest task and its round, kept outside the runtime so the page
     /// can try it while the runtime is busy training.
@@ -137,8 +158,45 @@ impl CanopyClient {
             (Device::flex(), Backend::WasmCpu, "WebGPU not requested".to_string())
         };
         let info = DeviceInfo { backend, adapter, user_agent };
-        let host = WebHost { send, progress };
-        CanopyClient { rt: Rc::new(RefCell::new(ClientRuntime::new(host, device, info, name))), own: Rc::default(), latest: Rc::default() }
+        let pending = Pending::default();
+        let host = WebHost { send, progress, pending: pending.clone() };
+        CanopyClient { rt: Rc::new(RefCell::new(ClientRuntime::new(host, device, info, name))), pending, own: Rc::default(), latest: Rc::default() }
+    }
+
+    /// Call for every frame before queueing it for [`CanopyClient::handle`]: a reply to an
+    /// exchange request settles the request awaiting it (the task in progress) and returns
+    /// true; any other frame returns false and goes to the queue. Replies nobody awaits (an
+    /// earlier task's) are dropped.
+    pub fn route(&self, frame: &[u8]) -> bool {
+        // Postcard's variant index follows the 3-byte header: peek before decoding a big task.
+        const EXCHANGE: u8 = 4;
+        const EXCHANGE_FAILED: u8 = 5;
+        if frame.len() < 4 || !matches!(frame[3], EXCHANGE | EXCHANGE_FAILED) {
+            return false;
+        }
+        match decode::<ServerMsg>(frame) {
+            Ok(ServerMsg::Exchange { round, seq, payload }) => {
+                if let Some((resolve, _)) = self.pending.borrow_mut().remove(&(round, seq)) {
+                    let _ = resolve.call1(&JsValue::NULL, &Uint8Array::from(payload.0.as_slice()));
+                }
+                true
+            }
+            Ok(ServerMsg::ExchangeFailed { round, seq, message, .. }) => {
+                if let Some((_, reject)) = self.pending.borrow_mut().remove(&(round, seq)) {
+                    let _ = reject.call1(&JsValue::NULL, &JsValue::from_str(&format!("exchange refused: {message}")));
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The socket closed: every request awaiting a reply fails, so the task ends with an error
+    /// instead of waiting forever.
+    pub fn connection_lost(&self) {
+        for (_, (_, reject)) in self.pending.borrow_mut().drain() {
+            let _ = reject.call1(&JsValue::NULL, &JsValue::from_str("connection lost while awaiting an exchange reply"));
+        }
     }
 
     /// "webgpu" or "cpu".
@@ -184,21 +242,16 @@ impl CanopyClient {
                 ServerMsg::Wait { round, reason } => json!({ "kind": "wait", "round": round, "reason": reason }),
                 ServerMsg::Error { code, message } => json!({ "kind": "error", "code": format!("{code:?}"), "message": message }),
                 ServerMsg::Bye { reason } => json!({ "kind": "bye", "reason": reason }),
-                ServerMsg::Exchange { round, .. } => json!({ "kind": "exchange", "round": round }),
+                ServerMsg::Exchange { round, seq, .. } => json!({ "kind": "exchange", "round": round, "seq": seq }),
+                ServerMsg::ExchangeFailed { round, seq, message, .. } => json!({ "kind": "error", "round": round, "seq": seq, "message": message }),
             };
             let mut rt = rt.try_borrow_mut().map_err(|_| JsValue::from_str("handle() called while a task is running"))?;
             let welcome = matches!(msg, ServerMsg::Welcome(_));
-            if let ServerMsg::Task(t) = &msg
-                && let Ok(values) = t.model.params.to_f32()
-            {
-                // With a mask only the kept values travel: spread them over the full model.
-                let mask = match &t.model.mask {
-                    Some(MaskSpec::Full { bits, .. }) => bits.unpack().ok(),
-                    Some(MaskSpec::Cached { version }) => rt.mask.as_ref().filter(|(v, _)| v == version).map(|(_, m)| m.clone()),
-                    None => None,
-                };
-                if let Ok(params) = canopy_core::client::expand(&values, mask.as_deref(), t.model.arch.num_params()) {
-                    *latest.borrow_mut() = Some((t.model.arch.clone(), params, t.round));
+            if let ServerMsg::Task(t) = &msg {
+                // Peek at the model for "try the model" (the runtime decodes it for training).
+                let mut cache: MaskCache = rt.state.mask.clone();
+                if let Ok(m) = codec::decode_model(&t.model, &mut cache, false) {
+                    *latest.borrow_mut() = Some((m.arch, m.params, t.round));
                 }
             }
             own.borrow_mut().apply(&mut rt);
@@ -252,7 +305,7 @@ impl CanopyClient {
             let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
             let data = canopy_core::data::Dataset { shape: [1, 28, 28], classes: 10, images, labels };
             let spec = canopy_core::train::TrainSpec {
-                epochs: 1, batch_size: batch, lr: 0.01, optimizer: canopy_core::train::Optimizer::Sgd { momentum: 0.0 }, seed: 1, patience: 0,
+                epochs: 1, batch_size: batch, lr: 0.01, optimizer: canopy_core::train::Optimizer::Sgd { momentum: 0.0 }, seed: 1, patience: 0, step: Default::default(),
             };
             let mut host = BenchHost;
             // One warm-up step (shader compilation on WebGPU), then the timed run.

@@ -156,6 +156,18 @@ impl Arch {
         specs
     }
 
+    /// The weight and bias tensors of layer `layer` (Dense and Conv layers have exactly these
+    /// two; other layers have none). Everything that walks parameters layer by layer uses this.
+    pub fn weight_and_bias(&self, layer: usize) -> Option<(ParamSpec, ParamSpec)> {
+        let mut specs = self.params().into_iter().filter(|p| p.layer == layer);
+        Some((specs.next()?, specs.next()?))
+    }
+
+    /// Index into [`Arch::params`] of the first tensor of layer `layer`.
+    pub fn first_tensor(&self, layer: usize) -> usize {
+        self.params().iter().filter(|p| p.layer < layer).count()
+    }
+
     pub fn num_params(&self) -> usize {
         self.params().iter().map(|p| p.len).sum()
     }
@@ -200,11 +212,6 @@ impl Arch {
             i += 1;
         });
         flops.round() as u64
-    }
-
-    /// Bytes of the parameters as f32.
-    pub fn model_bytes(&self) -> usize {
-        4 * self.num_params()
     }
 
     /// Widths of the prunable layers (units or filters), in order; for dashboards and logs.

@@ -1,18 +1,57 @@
 //! The client runtime shared by browser tabs (client-wasm) and native simulated clients.
 //!
-//! It executes whatever a [`Task`] says (train, evaluate, what to upload) and knows no strategy.
+//! It executes whatever a [`Task`] says (how to train, what to upload) and knows no strategy.
+//! Payloads are encoded and decoded by [`crate::codec`]; what a client keeps between tasks
+//! (its data shard, the mask it holds, the top-k residual) lives here, in one place, and
+//! survives reconnects of the same tab.
 
 use burn::tensor::Device;
 
-use crate::codec::{encode_sparse, kept_indices};
-use crate::protocol::{Blob, ClientMetrics, ClientMsg, DeviceInfo, Hello, MaskSpec, PROTOCOL_VERSION, RunInfo, ServerMsg, Task, TaskKind, TaskResult, Update, UploadSpec};
+use crate::codec::{self, MaskCache, Model, supermask};
 use crate::partition::Shard;
-use crate::train::{Host, Progress, evaluate, train_local};
+use crate::protocol::{Blob, ClientMetrics, ClientMsg, DeviceInfo, Hello, PROTOCOL_VERSION, RunInfo, ServerMsg, Task, TaskResult};
+use crate::step::{Frozen, Learn};
+use crate::train::{Host, Progress, Trained, evaluate, train};
 
-/// Receives what the runtime wants to tell the outside world while it works.
+/// The outside world of the runtime: a clock, progress, frames to the server, and the
+/// in-round exchange.
 pub trait ClientHost: Host {
     /// A message to send to the server now (progress during training).
     fn send(&mut self, msg: ClientMsg);
+    /// Sends exchange request `seq` of `round` and awaits the server's reply to it (matched by
+    /// round and sequence number; an `ExchangeFailed` reply is an error).
+    fn request(&mut self, round: u32, seq: u32, payload: Vec<u8>) -> impl std::future::Future<Output = Result<Blob, String>>;
+}
+
+/// What a client keeps from task to task.
+#[derive(Default)]
+pub struct ClientState {
+    /// The pruning mask last received, with its version: the server sends it only once.
+    pub mask: MaskCache,
+    /// Error-feedback residual of top-k uploads, carried from round to round.
+    pub residual: Option<Vec<f32>>,
+    /// This client's own supermask scores (personalisation): their magnitudes carry over from
+    /// round to round, their signs restart from the global bits each task.
+    pub scores: Option<Vec<f32>>,
+}
+
+impl ClientState {
+    /// Where a supermask task's scores start: this client's own magnitudes (or |θ₀| the first
+    /// time), signed by the task's bits, so the model starts as the global one.
+    fn start_scores(&self, theta0: &[f32], mask: Option<&[bool]>, bits: &[bool]) -> Vec<f32> {
+        let own = self.scores.as_ref().filter(|s| s.len() == theta0.len());
+        let mut b = bits.iter();
+        (0..theta0.len())
+            .map(|i| {
+                if mask.is_some_and(|m| !m[i]) {
+                    return 0.0;
+                }
+                // A zero score would have no sign: keep a floor.
+                let mag = own.map_or(theta0[i].abs(), |s| s[i].abs()).max(1e-6);
+                if *b.next().expect("one bit per kept entry") { mag } else { -mag }
+            })
+            .collect()
+    }
 }
 
 pub struct ClientRuntime<H: ClientHost> {
@@ -25,13 +64,10 @@ pub struct ClientRuntime<H: ClientHost> {
     pub shard: Option<Shard>,
     /// The last global model received (before local training), for "try the model" panels.
     pub last_model: Option<(crate::arch::Arch, Vec<f32>)>,
-    /// The pruning mask last received, with its version: the server sends it only once.
-    pub mask: Option<(u64, Vec<bool>)>,
-    /// Error-feedback residual of top-k uploads, carried from round to round.
-    pub residual: Option<Vec<f32>>,
+    pub state: ClientState,
 }
 
-/// Forwards training progress to the server, tagged with the round.
+/// The host as one task's training sees it: progress tagged with the round, requests too.
 struct RoundHost<'a, H: ClientHost> {
     inner: &'a mut H,
     round: u32,
@@ -46,11 +82,15 @@ impl<H: ClientHost> Host for RoundHost<'_, H> {
         self.inner.send(ClientMsg::Progress { round: self.round, progress: p.clone() });
         self.inner.progress(p).await;
     }
+
+    async fn exchange(&mut self, seq: u32, request: Vec<u8>) -> Result<Blob, String> {
+        self.inner.request(self.round, seq, request).await
+    }
 }
 
 impl<H: ClientHost> ClientRuntime<H> {
     pub fn new(host: H, device: Device, info: DeviceInfo, name: String) -> Self {
-        ClientRuntime { host, device, info, name, client_id: None, run: None, shard: None, last_model: None, mask: None, residual: None }
+        ClientRuntime { host, device, info, name, client_id: None, run: None, shard: None, last_model: None, state: ClientState::default() }
     }
 
     pub fn hello(&self) -> ClientMsg {
@@ -59,11 +99,12 @@ impl<H: ClientHost> ClientRuntime<H> {
             name: self.name.clone(),
             device: self.info.clone(),
             resume: self.client_id,
-            mask_version: self.mask.as_ref().map(|(v, _)| *v),
+            mask_version: self.state.mask.version(),
         })
     }
 
-    /// Handles one server message; returns the reply, if any.
+    /// Handles one server message; returns the reply, if any. Exchange replies are the host's
+    /// business: it routes them to the request awaiting them.
     pub async fn handle(&mut self, msg: ServerMsg) -> Option<ClientMsg> {
         match msg {
             ServerMsg::Welcome(w) => {
@@ -79,93 +120,51 @@ impl<H: ClientHost> ClientRuntime<H> {
                     Err(message) => ClientMsg::Error { round: Some(round), message },
                 })
             }
-            ServerMsg::Wait { .. } | ServerMsg::Error { .. } | ServerMsg::Exchange { .. } | ServerMsg::Bye { .. } => None,
+            ServerMsg::Wait { .. } | ServerMsg::Error { .. } | ServerMsg::Exchange { .. } | ServerMsg::ExchangeFailed { .. } | ServerMsg::Bye { .. } => None,
         }
     }
 
     pub async fn run_task(&mut self, task: Task) -> Result<TaskResult, String> {
-        let arch = &task.model.arch;
-        arch.validate().map_err(|e| e.to_string())?;
-        let mask = self.resolve_mask(task.model.mask.as_ref(), arch.num_params())?;
-        let start = expand(&task.model.params.to_f32().map_err(|e| e.to_string())?, mask.as_deref(), arch.num_params())?;
-        self.last_model = Some((arch.clone(), start.clone()));
+        let model = codec::decode_model(&task.model, &mut self.state.mask, true)?;
+        let (arch, mask) = (&model.arch, model.mask.as_deref());
+        self.last_model = Some((arch.clone(), model.params.clone()));
         let shard = self.shard.as_ref().ok_or("task before welcome: no data shard yet")?;
         let mut host = RoundHost { inner: &mut self.host, round: task.round };
-        let (update, samples, mut metrics, trained) = match task.kind {
-            TaskKind::Evaluate => (Update::None, 0, ClientMetrics::default(), None),
-            TaskKind::Train => {
-                let t = train_local(arch, &start, mask.as_deref(), &shard.train, &task.train, &self.device, &mut host).await?;
-                let pruned_nonzero = mask.as_ref().map_or(0, |m| t.params.iter().zip(m).filter(|(v, k)| !**k && **v != 0.0).count() as u64);
-                let metrics = ClientMetrics {
-                    train_loss: t.mean_loss,
-                    epochs: t.epochs,
-                    pruned_nonzero,
-                    steps: t.steps,
-                    train_seconds: t.seconds,
-                    samples_per_sec: t.samples_per_sec(),
-                    ..Default::default()
-                };
-                let delta = || -> Vec<f32> { t.params.iter().zip(&start).map(|(a, b)| a - b).collect() };
-                let update = match task.upload {
-                    UploadSpec::Weights => Update::Weights(Blob::from_f32(&t.params)),
-                    UploadSpec::Delta => Update::Delta(Blob::from_f32(&delta())),
-                    UploadSpec::Sparse { int8, top_k, error_feedback } => {
-                        let residual = if error_feedback { Some(self.residual.get_or_insert_with(Vec::new)) } else { None };
-                        Update::Sparse(encode_sparse(arch, &delta(), mask.as_deref(), int8, top_k, residual))
-                    }
-                };
-                (update, shard.train.len() as u64, metrics, Some(t.params))
-            }
+        let t = learn(&model, &mut self.state, &shard.train, &task, &self.device, &mut host).await?;
+        let pruned_nonzero = mask.map_or(0, |m| t.params.iter().zip(m).filter(|(v, k)| !**k && **v != 0.0).count() as u64);
+        let mut metrics = ClientMetrics {
+            train_loss: t.mean_loss,
+            epochs: t.epochs,
+            pruned_nonzero,
+            steps: t.steps,
+            train_seconds: t.seconds,
+            samples_per_sec: t.samples_per_sec(),
+            ..Default::default()
         };
+        let update = codec::encode_update(task.upload, arch, &model.params, &t.params, mask, &mut self.state.residual);
         // The local test split measures the model this client ends the task with.
-        let model = trained.as_deref().unwrap_or(&start);
         if !shard.test.is_empty() {
-            metrics.local_test = evaluate(arch, model, &shard.test, &self.device).await?;
+            metrics.local_test = evaluate(arch, &t.params, &shard.test, &self.device).await?;
         }
-        let mask_version = self.mask.as_ref().map(|(v, _)| *v);
-        Ok(TaskResult { round: task.round, samples, update, metrics, mask_version })
-    }
-
-    /// The task's mask: sent in full (and cached), or named by a version this client holds.
-    fn resolve_mask(&mut self, spec: Option<&MaskSpec>, len: usize) -> Result<Option<Vec<bool>>, String> {
-        match spec {
-            None => Ok(None),
-            Some(MaskSpec::Full { version, bits }) => {
-                let m = bits.unpack().map_err(|e| e.to_string())?;
-                if m.len() != len {
-                    return Err(format!("mask has {} entries, the model {len}", m.len()));
-                }
-                self.mask = Some((*version, m.clone()));
-                Ok(Some(m))
-            }
-            Some(MaskSpec::Cached { version }) => match &self.mask {
-                Some((v, m)) if v == version && m.len() == len => Ok(Some(m.clone())),
-                _ => {
-                    self.mask = None;
-                    Err(format!("mask version {version} is not cached here; please resend it"))
-                }
-            },
-        }
+        let samples = shard.train.len() as u64;
+        Ok(TaskResult { round: task.round, samples, update, metrics, mask_version: self.state.mask.version() })
     }
 }
 
-/// Spreads the kept values over a full-length vector (zeros elsewhere).
-pub fn expand(values: &[f32], mask: Option<&[bool]>, len: usize) -> Result<Vec<f32>, String> {
-    let kept = kept_indices(mask, len);
-    if values.len() != kept.len() {
-        return Err(format!("model has {} values, expected {} (of {len} parameters)", values.len(), kept.len()));
-    }
-    let mut full = vec![0f32; len];
-    for (&i, v) in kept.iter().zip(values) {
-        full[i as usize] = *v;
-    }
-    Ok(full)
-}
-
-/// Only the kept entries, in order: what a masked model sends down.
-pub fn compact(values: &[f32], mask: Option<&[bool]>) -> Vec<f32> {
-    match mask {
-        None => values.to_vec(),
-        Some(m) => values.iter().zip(m).filter(|(_, k)| **k).map(|(v, _)| *v).collect(),
+/// Trains as the task's step says; returns the trained weights the model computes with (for a
+/// supermask, the effective weights of the learned scores, which stay with this client).
+async fn learn<H: crate::train::Host>(model: &Model, state: &mut ClientState, data: &crate::data::Dataset, task: &Task, device: &Device, host: &mut H) -> Result<Trained, String> {
+    let (arch, mask) = (&model.arch, model.mask.as_deref());
+    match (task.train.step.learn, &model.supermask) {
+        (Learn::Weights, _) => train(arch, &model.params, mask, None, data, &task.train, device, host).await,
+        (Learn::Scores, Some(sm)) => {
+            let start = state.start_scores(&sm.theta0, mask, &sm.bits);
+            let frozen = Frozen { kind: sm.kind, theta0: &sm.theta0 };
+            let mut t = train(arch, &start, mask, Some(frozen), data, &task.train, device, host).await?;
+            let bits = supermask::bits_of_scores(&t.params, mask);
+            state.scores = Some(std::mem::replace(&mut t.params, supermask::effective(sm.kind, &sm.theta0, mask, &bits)));
+            Ok(t)
+        }
+        (Learn::Scores, None) => Err("the task learns scores but its model is no supermask".into()),
     }
 }

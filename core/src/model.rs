@@ -2,7 +2,12 @@
 //!
 //! Every parameter tensor is kept rank-1 and reshaped in the forward pass. That keeps one
 //! generic container for all layer kinds and makes going to and from the flat vector of
-//! [`ModelState`](crate::state::ModelState) a slice per tensor.
+//! [`ModelState`](crate::state::ModelState) a slice per tensor. The forward pass takes the
+//! weights as a list rather than reading them from a `Net`, so a training step can compute the
+//! weights it uses from what it learns (see [`crate::step`]), and it can run any range of
+//! layers (split learning runs the front on the client and the back on the server).
+
+use std::ops::Range;
 
 use burn::module::{Module, Param};
 use burn::tensor::module::{conv2d, max_pool2d};
@@ -14,6 +19,26 @@ use crate::arch::{Arch, Layer};
 #[derive(Module, Debug)]
 pub struct Net {
     pub params: Vec<Param<Tensor<1>>>,
+}
+
+/// An activation between layers: images `[B, C, H, W]` until flattened, then `[B, F]`.
+#[derive(Clone, Debug)]
+pub enum Act {
+    Image(Tensor<4>),
+    Flat(Tensor<2>),
+}
+
+impl Act {
+    /// As a matrix `[B, features]` (images are flattened).
+    pub fn into_flat(self) -> Tensor<2> {
+        match self {
+            Act::Flat(x) => x,
+            Act::Image(x) => {
+                let [b, c, h, w] = x.dims();
+                x.reshape([b, c * h * w])
+            }
+        }
+    }
 }
 
 impl Net {
@@ -37,56 +62,50 @@ impl Net {
         read_f32(all).await
     }
 
+    /// The parameter tensors as the forward pass takes them.
+    pub fn weights(&self) -> Vec<Tensor<1>> {
+        self.params.iter().map(|p| p.val()).collect()
+    }
+
     /// Logits `[B, classes]` for inputs `[B, C, H, W]`.
     pub fn forward(&self, arch: &Arch, x: Tensor<4>) -> Tensor<2> {
-        let mut image = Some(x);
-        let mut flat: Option<Tensor<2>> = None;
-        let mut next_param = 0;
-        let mut take = |n: usize| {
-            let i = next_param;
-            next_param += n;
-            i
-        };
-        for layer in &arch.layers {
-            match *layer {
-                Layer::Dense { inputs, units } => {
-                    let i = take(2);
-                    let w = self.params[i].val().reshape([inputs, units]);
-                    let b = self.params[i + 1].val().reshape([1, units]);
-                    flat = Some(flat.take().expect("validated").matmul(w) + b);
-                }
-                Layer::Conv { in_channels, filters, kernel, padding } => {
-                    let i = take(2);
-                    let w = self.params[i].val().reshape([filters, in_channels, kernel, kernel]);
-                    let b = self.params[i + 1].val();
-                    let pad = padding.pad(kernel);
-                    let opts = ConvOptions::new([1, 1], [pad, pad], [1, 1], 1);
-                    image = Some(conv2d(image.take().expect("validated"), w, Some(b), opts));
-                }
-                Layer::Relu => {
-                    if let Some(x) = image.take() {
-                        image = Some(burn::tensor::activation::relu(x));
-                    } else if let Some(x) = flat.take() {
-                        flat = Some(burn::tensor::activation::relu(x));
-                    }
-                }
-                Layer::MaxPool2 => {
-                    image = Some(max_pool2d(image.take().expect("validated"), MaxPoolOptions::new([2, 2])));
-                }
-                Layer::GlobalAvgPool => {
-                    let x = image.take().expect("validated");
-                    let [b, c, h, w] = x.dims();
-                    flat = Some(x.reshape([b, c, h * w]).mean_dim(2).reshape([b, c]));
-                }
-                Layer::Flatten => {
-                    let x = image.take().expect("validated");
-                    let [b, c, h, w] = x.dims();
-                    flat = Some(x.reshape([b, c * h * w]));
-                }
-            }
-        }
-        flat.expect("validated architectures end flat")
+        forward(arch, &self.weights(), Act::Image(x), 0..arch.layers.len()).into_flat()
     }
+}
+
+/// Runs layers `layers` of `arch` on `x`. `weights` holds the tensors of exactly those layers,
+/// in the order of [`Arch::params`].
+pub fn forward(arch: &Arch, weights: &[Tensor<1>], x: Act, layers: Range<usize>) -> Act {
+    let mut x = x;
+    let mut next = 0;
+    for layer in &arch.layers[layers] {
+        x = match (layer.clone(), x) {
+            (Layer::Dense { inputs, units }, x) => {
+                let w = weights[next].clone().reshape([inputs, units]);
+                let b = weights[next + 1].clone().reshape([1, units]);
+                next += 2;
+                Act::Flat(x.into_flat().matmul(w) + b)
+            }
+            (Layer::Conv { in_channels, filters, kernel, padding }, Act::Image(x)) => {
+                let w = weights[next].clone().reshape([filters, in_channels, kernel, kernel]);
+                let b = weights[next + 1].clone();
+                next += 2;
+                let pad = padding.pad(kernel);
+                let opts = ConvOptions::new([1, 1], [pad, pad], [1, 1], 1);
+                Act::Image(conv2d(x, w, Some(b), opts))
+            }
+            (Layer::Relu, Act::Image(x)) => Act::Image(burn::tensor::activation::relu(x)),
+            (Layer::Relu, Act::Flat(x)) => Act::Flat(burn::tensor::activation::relu(x)),
+            (Layer::MaxPool2, Act::Image(x)) => Act::Image(max_pool2d(x, MaxPoolOptions::new([2, 2]))),
+            (Layer::GlobalAvgPool, Act::Image(x)) => {
+                let [b, c, h, w] = x.dims();
+                Act::Flat(x.reshape([b, c, h * w]).mean_dim(2).reshape([b, c]))
+            }
+            (Layer::Flatten, x) => Act::Flat(x.into_flat()),
+            (layer, _) => panic!("layer {layer:?} needs an image input (architectures are validated before use)"),
+        };
+    }
+    x
 }
 
 /// Reads a float tensor to the host without a synchronous read.

@@ -10,7 +10,7 @@ use crate::arch::Arch;
 use crate::partition::Shard;
 use crate::train::{Eval, Progress, TrainSpec};
 
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 const MAGIC: [u8; 2] = *b"CN";
 
 /// Largest frame either side accepts. The biggest built-in model (FedAvg's CNN, 1.66 M
@@ -153,10 +153,28 @@ pub struct Welcome {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelPayload {
     pub arch: Arch,
-    /// f32 little-endian: every parameter without a mask; with one, only the kept entries in order.
-    pub params: Blob,
+    pub params: Params,
     /// Entries outside the mask are zero and stay exactly zero during training.
     pub mask: Option<MaskSpec>,
+}
+
+/// How the parameters travel.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Params {
+    /// f32 little-endian: every parameter without a mask; with one, only the kept entries in order.
+    Values(Blob),
+    /// A supermask over frozen random weights: the client regenerates θ₀ bit-exactly from `seed`
+    /// (the same `ModelState::init` both sides run), and `bits` has one bit per kept entry.
+    Supermask { seed: u64, kind: SupermaskKind, bits: Bits },
+}
+
+/// What a supermask's bit means for its weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SupermaskKind {
+    /// HideNseek: weight = |θ₀| × (bit ? +1 : −1).
+    Sign,
+    /// Binary supermask (FedPM's family): weight = θ₀ × bit.
+    Keep,
 }
 
 /// A pruning mask travels once; afterwards the server names the version the client holds.
@@ -174,14 +192,6 @@ impl MaskSpec {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum TaskKind {
-    /// Train locally and upload an update.
-    Train,
-    /// Only evaluate the model on the local test split.
-    Evaluate,
-}
-
 /// What the client sends back.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum UploadSpec {
@@ -193,12 +203,14 @@ pub enum UploadSpec {
     /// with one scale per tensor, optionally only the `top_k` fraction largest in magnitude,
     /// with the rest carried to the next round (error feedback).
     Sparse { int8: bool, top_k: f32, error_feedback: bool },
+    /// The client's supermask bits on the kept entries, per tensor either bit-packed or as the
+    /// positions that differ from the task's bits, whichever is smaller.
+    Supermask { kind: SupermaskKind },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Task {
     pub round: u32,
-    pub kind: TaskKind,
     pub model: ModelPayload,
     pub train: TrainSpec,
     pub upload: UploadSpec,
@@ -208,10 +220,21 @@ pub struct Task {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Update {
-    None,
     Weights(Blob),
     Delta(Blob),
     Sparse(SparseUpdate),
+    /// One entry per parameter tensor, in the order of `Arch::params`.
+    Supermask(Vec<MaskBits>),
+}
+
+/// A tensor's supermask bits on its kept entries.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MaskBits {
+    /// Every kept entry's bit, LSB first: ⌈kept / 8⌉ bytes.
+    Packed(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Only the kept entries whose bit differs from the task's, as gaps between ascending
+    /// positions, LEB128 varints.
+    Flips(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// Delta entries on the kept positions of the task's mask; see [`crate::codec`].
@@ -270,8 +293,9 @@ pub enum ClientMsg {
     Progress { round: u32, progress: Progress },
     Result(TaskResult),
     Error { round: Option<u32>, message: String },
-    /// Method-specific traffic within a round (for example split learning's activations).
-    Exchange { round: u32, payload: Blob },
+    /// A request within a task, answered by `ServerMsg::Exchange` (or `ExchangeFailed`) with the
+    /// same round and sequence number; the client awaits it (split learning's activations).
+    Exchange { round: u32, seq: u32, payload: Blob },
     Bye,
 }
 
@@ -282,7 +306,10 @@ pub enum ServerMsg {
     /// Nothing to do right now (not sampled, waiting for clients, run finished).
     Wait { round: u32, reason: String },
     Error { code: ErrorCode, message: String },
-    Exchange { round: u32, payload: Blob },
+    /// The reply to the client's exchange request `seq` of `round`.
+    Exchange { round: u32, seq: u32, payload: Blob },
+    /// Exchange request `seq` of `round` was refused (stale round, no task, malformed...).
+    ExchangeFailed { round: u32, seq: u32, code: ErrorCode, message: String },
     Bye { reason: String },
 }
 
@@ -330,13 +357,12 @@ mod tests {
         let arch = Arch::preset("mlp", [1, 4, 4], 3).unwrap();
         Task {
             round: 3,
-            kind: TaskKind::Train,
             model: ModelPayload {
-                params: Blob::from_f32(&vec![0.5; arch.num_params()]),
+                params: Params::Values(Blob::from_f32(&vec![0.5; arch.num_params()])),
                 arch,
                 mask: Some(MaskSpec::Full { version: 2, bits: Bits::pack(&[true, false, true]) }),
             },
-            train: TrainSpec { epochs: 1, batch_size: 10, lr: 0.1, optimizer: Optimizer::Sgd { momentum: 0.0 }, seed: 1, patience: 0 },
+            train: TrainSpec { epochs: 1, batch_size: 10, lr: 0.1, optimizer: Optimizer::Sgd { momentum: 0.0 }, seed: 1, patience: 0, step: Default::default() },
             upload: UploadSpec::Weights,
             deadline_ms: 1000,
         }

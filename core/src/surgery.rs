@@ -65,19 +65,16 @@ pub fn keep_within_bounds(scores: &[f32], lambda: f32, min_units: usize, upper_t
 pub fn shrink(state: &ModelState, keep: &[Option<Vec<usize>>]) -> ModelState {
     let arch = &state.arch;
     assert_eq!(keep.len(), arch.layers.len(), "one entry per layer");
-    let specs = arch.params();
     let mut params = Vec::new();
     let mut layers = Vec::new();
     // Old indices of the channels (image) or features (flat) the current activation keeps.
     let mut kept_in: Option<Vec<usize>> = None;
     let [_, mut h, mut w] = arch.input;
-    let mut spec_at = 0;
-    // Activation rows and columns, tracked so Flatten knows which features a channel owns.
+    // Activation rows and columns are tracked so Flatten knows which features a channel owns.
     for (i, layer) in arch.layers.iter().enumerate() {
         match *layer {
             Layer::Dense { inputs, units } => {
-                let (ws, bs) = (&specs[spec_at], &specs[spec_at + 1]);
-                spec_at += 2;
+                let (ws, bs) = arch.weight_and_bias(i).expect("dense and conv layers have a weight and a bias");
                 let rows = kept_in.clone().unwrap_or_else(|| (0..inputs).collect());
                 let cols = keep[i].clone().unwrap_or_else(|| (0..units).collect());
                 let wt = &state.params[ws.offset..ws.offset + ws.len];
@@ -89,8 +86,7 @@ pub fn shrink(state: &ModelState, keep: &[Option<Vec<usize>>]) -> ModelState {
                 kept_in = if cols.len() == units { None } else { Some(cols) };
             }
             Layer::Conv { in_channels, filters, kernel, padding } => {
-                let (ws, bs) = (&specs[spec_at], &specs[spec_at + 1]);
-                spec_at += 2;
+                let (ws, bs) = arch.weight_and_bias(i).expect("dense and conv layers have a weight and a bias");
                 let ins = kept_in.clone().unwrap_or_else(|| (0..in_channels).collect());
                 let outs = keep[i].clone().unwrap_or_else(|| (0..filters).collect());
                 let kk = kernel * kernel;

@@ -6,14 +6,15 @@
 
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, GradientsParams, SgdConfig};
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 use serde::{Deserialize, Serialize};
 
 use crate::arch::Arch;
 use crate::data::Dataset;
-use crate::model::{Net, read_f32};
+use crate::model::{Act, Net, forward, read_f32};
+use crate::protocol::Blob;
+use crate::step::{BatchLoss, Frozen, LossValue, Step, batch_loss, reparam};
 
 /// Externally tagged (postcard cannot decode internally tagged enums): in TOML,
 /// `optimizer = "adam"` or `optimizer = { sgd = { momentum = 0.9 } }`.
@@ -37,6 +38,9 @@ pub struct TrainSpec {
     /// (0: always run every epoch).
     #[serde(default)]
     pub patience: u32,
+    /// What is learned and where the loss comes from (see [`crate::step`]).
+    #[serde(default)]
+    pub step: Step,
 }
 
 /// What a client reports about its own training.
@@ -57,6 +61,11 @@ pub trait Host {
     fn now_ms(&self) -> f64;
     /// Called every few steps. A browser host yields to its event loop here.
     fn progress(&mut self, p: &Progress) -> impl std::future::Future<Output = ()>;
+    /// Sends request `seq` of the task to the server and awaits the reply (a remote loss).
+    fn exchange(&mut self, seq: u32, request: Vec<u8>) -> impl std::future::Future<Output = Result<Blob, String>> {
+        let _ = (seq, request);
+        async { Err("this client has no server to exchange with".to_string()) }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -83,12 +92,29 @@ const REPORT_EVERY: u32 = 8;
 /// blocks) gets back to its event loop several times a second.
 const REPORT_MS: f64 = 150.0;
 
-/// Trains from `start` on `data` and returns the new parameters. With `mask`, masked-out
-/// parameters are zeroed after every optimizer step, so an optimizer's momentum cannot revive them.
+/// Trains from `start` on `data` and returns the new parameters. What is learned and where each
+/// batch's loss comes from is `spec.step`; with `mask`, masked-out parameters are zeroed after
+/// every optimizer step, so an optimizer's momentum cannot revive them.
 pub async fn train_local<H: Host>(
     arch: &Arch,
     start: &[f32],
     mask: Option<&[bool]>,
+    data: &Dataset,
+    spec: &TrainSpec,
+    device: &Device,
+    host: &mut H,
+) -> Result<Trained, String> {
+    train(arch, start, mask, None, data, spec, device, host).await
+}
+
+/// The one training loop. `start` holds the starting values of what is learned (`spec.step`):
+/// the weights, or the scores over `frozen` weights. `Trained::params` returns the same kind.
+#[allow(clippy::too_many_arguments)]
+pub async fn train<H: Host>(
+    arch: &Arch,
+    start: &[f32],
+    mask: Option<&[bool]>,
+    frozen: Option<Frozen<'_>>,
     data: &Dataset,
     spec: &TrainSpec,
     device: &Device,
@@ -100,12 +126,19 @@ pub async fn train_local<H: Host>(
     if spec.batch_size == 0 || spec.lr.is_nan() || spec.lr <= 0.0 {
         return Err(format!("bad training settings: batch {} lr {}", spec.batch_size, spec.lr));
     }
+    let layers = spec.step.layers(arch)?;
     let ad = device.clone().autodiff();
-    let mut net = Net::from_flat(arch, start, &ad);
-    let masks = mask.map(|m| mask_tensors(arch, m, &ad));
-    if let Some(m) = &masks {
-        net = apply_masks(net, m);
-    }
+    let step_kind = reparam(spec.step.learn, arch, mask, frozen, &ad)?;
+    let net = step_kind.after_step(Net::from_flat(arch, start, &ad));
+    // The client learns the tensors of the layers it runs; the rest (a split model's back)
+    // stay as they came.
+    let (front, back) = {
+        let n = arch.first_tensor(layers.end);
+        let mut all = net.params;
+        let back: Vec<_> = all.split_off(n);
+        (Net { params: all }, back)
+    };
+    let mut net = front;
     let mut optim = match spec.optimizer {
         Optimizer::Sgd { momentum } if momentum > 0.0 => SgdConfig::new()
             .with_momentum(Some(MomentumConfig { momentum, dampening: 0.0, nesterov: false }))
@@ -119,7 +152,7 @@ pub async fn train_local<H: Host>(
     let (mut step, mut samples) = (0u32, 0u64);
     let mut loss_total = 0f64;
     let (mut best, mut since_best, mut epochs_run, mut last_epoch_loss) = (f64::INFINITY, 0u32, 0u32, 0f64);
-    let (mut window_loss, mut window_steps) = (None::<Tensor<1>>, 0u32);
+    let (mut window_loss, mut window_known, mut window_steps) = (None::<Tensor<1>>, 0f64, 0u32);
     let (mut window_t, mut window_samples) = (t0, 0u64);
     let mut order: Vec<usize> = (0..data.len()).collect();
     for epoch in 0..spec.epochs {
@@ -128,23 +161,30 @@ pub async fn train_local<H: Host>(
         let epoch_end = step + steps_per_epoch;
         for batch in order.chunks(spec.batch_size) {
             let (x, y) = batch_tensors(data, batch, &ad);
-            let loss = cross_entropy(net.forward(arch, x), y);
-            let grads = GradientsParams::from_grads(loss.backward(), &net);
-            net = optim.step(spec.lr, net, grads);
-            if let Some(m) = &masks {
-                net = apply_masks(net, m);
+            let labels: Vec<u8> = batch.iter().map(|&i| data.labels[i]).collect();
+            let out = forward(arch, &step_kind.weights(&net), Act::Image(x), layers.clone());
+            let BatchLoss { backward, value } = batch_loss(spec.step.loss, out, y, &labels, step, host).await?;
+            let grads = GradientsParams::from_grads(backward.backward(), &net);
+            net = step_kind.after_step(optim.step(spec.lr, net, grads));
+            match value {
+                LossValue::Pending(l) => {
+                    window_loss = Some(match window_loss.take() {
+                        Some(acc) => acc + l,
+                        None => l,
+                    })
+                }
+                LossValue::Known(l) => window_known += l as f64,
             }
-            let l = loss.detach().reshape([1]);
-            window_loss = Some(match window_loss.take() {
-                Some(acc) => acc + l,
-                None => l,
-            });
             step += 1;
             window_steps += 1;
             samples += batch.len() as u64;
             window_samples += batch.len() as u64;
             if window_steps == REPORT_EVERY || step == epoch_end || host.now_ms() - window_t >= REPORT_MS {
-                let sum = read_f32(window_loss.take().unwrap()).await?[0];
+                let pending = match window_loss.take() {
+                    Some(l) => read_f32(l).await?[0],
+                    None => 0.0,
+                };
+                let sum = pending + std::mem::take(&mut window_known) as f32;
                 if !sum.is_finite() {
                     return Err(format!("training diverged at step {step}: loss {sum}"));
                 }
@@ -178,6 +218,7 @@ pub async fn train_local<H: Host>(
             }
         }
     }
+    net.params.extend(back);
     let params = net.to_flat().await?;
     let seconds = (host.now_ms() - t0) / 1000.0;
     Ok(Trained { params, mean_loss: last_epoch_loss as f32, epochs: epochs_run, steps: step, samples, seconds })
@@ -230,30 +271,4 @@ fn batch_tensors(data: &Dataset, batch: &[usize], device: &Device) -> (Tensor<4>
         Tensor::from_data(x, device),
         Tensor::from_data(TensorData::new(y, [batch.len(), data.classes]), device),
     )
-}
-
-/// Mean cross-entropy of `logits` against one-hot `targets`.
-fn cross_entropy(logits: Tensor<2>, targets: Tensor<2>) -> Tensor<1> {
-    let [b, _] = logits.dims();
-    (log_softmax(logits, 1) * targets).sum().neg() / b as f32
-}
-
-fn mask_tensors(arch: &Arch, mask: &[bool], device: &Device) -> Vec<Tensor<1>> {
-    arch.params()
-        .iter()
-        .map(|p| {
-            let m: Vec<f32> = mask[p.offset..p.offset + p.len].iter().map(|&k| k as u8 as f32).collect();
-            Tensor::from_data(TensorData::new(m, [p.len]), device)
-        })
-        .collect()
-}
-
-fn apply_masks(net: Net, masks: &[Tensor<1>]) -> Net {
-    let params = net
-        .params
-        .into_iter()
-        .zip(masks)
-        .map(|(p, m)| p.map(|t| (t * m.clone()).detach().require_grad()))
-        .collect();
-    Net { params }
 }

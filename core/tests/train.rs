@@ -44,7 +44,7 @@ fn blocks(n: usize, seed: u64) -> Dataset {
 }
 
 fn spec(optimizer: Optimizer) -> TrainSpec {
-    TrainSpec { epochs: 3, batch_size: 20, lr: 0.05, optimizer, seed: 3, patience: 0 }
+    TrainSpec { epochs: 3, batch_size: 20, lr: 0.05, optimizer, seed: 3, patience: 0, step: Default::default() }
 }
 
 #[test]
@@ -117,4 +117,67 @@ fn early_stopping_ends_training_when_the_loss_stalls() {
     s.epochs = 3;
     let t = pollster::block_on(train_local(&arch, &state.params, None, &blocks(100, 5), &s, &device, &mut host)).unwrap();
     assert_eq!(t.epochs, 3);
+}
+
+/// A host whose exchange is answered in-process by the echo strategy's server half.
+struct LoopbackHost {
+    t0: Instant,
+    server: canopy_core::strategy::LossServer,
+    requests: u32,
+}
+
+impl Host for LoopbackHost {
+    fn now_ms(&self) -> f64 {
+        self.t0.elapsed().as_secs_f64() * 1000.0
+    }
+    async fn progress(&mut self, _p: &Progress) {}
+    async fn exchange(&mut self, seq: u32, request: Vec<u8>) -> Result<canopy_core::protocol::Blob, String> {
+        use canopy_core::strategy::Exchange;
+        assert_eq!(seq, self.requests, "one request per batch, numbered in order");
+        self.requests += 1;
+        self.server.handle(1, 1, seq, &request).map(canopy_core::protocol::Blob)
+    }
+}
+
+#[test]
+fn a_remote_loss_trains_exactly_like_a_local_one() {
+    use canopy_core::step::LossSource;
+    let device = Device::flex();
+    for (model, mask) in [("mlp", false), ("cnn-small", true)] {
+        let arch = Arch::preset(model, [1, 8, 8], 10).unwrap();
+        let mut state = ModelState::init(arch.clone(), 5);
+        if mask {
+            state.set_mask((0..state.params.len()).map(|i| i % 4 != 1).collect());
+        }
+        let train = blocks(120, 7);
+        let local = spec(Optimizer::Sgd { momentum: 0.9 });
+        let mut remote = local.clone();
+        remote.step.loss = LossSource::Remote { cut: arch.layers.len() as u32 };
+        let mut host = TestHost { t0: Instant::now(), reports: vec![] };
+        let a = pollster::block_on(train_local(&arch, &state.params, state.mask.as_deref(), &train, &local, &device, &mut host)).unwrap();
+        let mut lb = LoopbackHost { t0: Instant::now(), server: Default::default(), requests: 0 };
+        lb.server = canopy_core::strategy::LossServer::for_classes(10);
+        let b = pollster::block_on(train_local(&arch, &state.params, state.mask.as_deref(), &train, &remote, &device, &mut lb)).unwrap();
+        assert_eq!(lb.requests, a.steps, "{model}: one exchange per batch");
+        let diff = a.params.iter().zip(&b.params).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-5, "{model}: remote and local training differ by {diff}");
+        assert!((a.mean_loss - b.mean_loss).abs() < 1e-4, "{model}: loss {} vs {}", a.mean_loss, b.mean_loss);
+        if let Some(m) = &state.mask {
+            assert!(b.params.iter().zip(m).all(|(v, k)| *k || *v == 0.0), "{model}: the mask holds");
+        }
+    }
+}
+
+#[test]
+fn a_remote_loss_without_a_server_fails_clearly() {
+    let arch = Arch::preset("mlp", [1, 8, 8], 10).unwrap();
+    let state = ModelState::init(arch.clone(), 5);
+    let mut s = spec(Optimizer::Adam);
+    s.step.loss = canopy_core::step::LossSource::Remote { cut: 99 };
+    let mut host = TestHost { t0: Instant::now(), reports: vec![] };
+    let e = pollster::block_on(train_local(&arch, &state.params, None, &blocks(40, 1), &s, &Device::flex(), &mut host)).unwrap_err();
+    assert!(e.contains("cut 99"), "{e}");
+    s.step.loss = canopy_core::step::LossSource::Remote { cut: arch.layers.len() as u32 };
+    let e = pollster::block_on(train_local(&arch, &state.params, None, &blocks(40, 1), &s, &Device::flex(), &mut host)).unwrap_err();
+    assert!(e.contains("no server"), "{e}");
 }

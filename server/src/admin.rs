@@ -1,11 +1,13 @@
 //! The dashboard's controls: start, pause, stop, run settings. Every request carries the admin
-//! token printed at server start as `Authorization: Bearer <token>`; anything else gets a 401.
+//! token printed at server start as `Authorization: Bearer <token>`; anything else gets a 401
+//! (the [`Admin`] extractor checks it once for every handler).
 //! The round loop applies what is asked at round boundaries (see `run.rs`, `proceed`).
 
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use canopy_core::strategy;
@@ -14,7 +16,6 @@ use serde_json::json;
 
 use crate::App;
 use crate::config::Config;
-use crate::hub::Phase;
 
 /// A fresh random token (16 hex digits) for when none is configured.
 pub fn random_token() -> String {
@@ -43,55 +44,46 @@ fn error(status: StatusCode, message: &str) -> Response {
 }
 
 fn ok(app: &App, message: &str) -> Response {
-    let control = app.hub.lock().unwrap().control.clone();
+    let control = app.hub.lock().unwrap().control().clone();
     Json(json!({ "ok": true, "message": message, "control": control })).into_response()
 }
 
-fn is_over(phase: Phase) -> bool {
-    matches!(phase, Phase::Done | Phase::Stopped)
+/// Proof that a request carries the admin token: a handler that takes an `Admin` argument is
+/// only reached by requests that do; every other request gets the 401 from [`authorize`].
+pub struct Admin;
+
+impl FromRequestParts<Arc<App>> for Admin {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Self::Rejection> {
+        authorize(&parts.headers, &app.admin_token).map(|_| Admin)
+    }
 }
 
 /// Lets the dashboard check a token before showing the controls as unlocked.
-pub async fn check(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&headers, &app.admin_token) {
-        return r;
-    }
+pub async fn check(_: Admin, State(app): State<Arc<App>>) -> Response {
     ok(&app, "token accepted")
 }
 
 /// Starts a held run or resumes a paused one.
-pub async fn start(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&headers, &app.admin_token) {
-        return r;
-    }
-    {
-        let mut hub = app.hub.lock().unwrap();
-        if is_over(hub.phase) {
-            return error(StatusCode::CONFLICT, "this run is over; start the next one with the command in next-run.toml or restart the server");
-        }
-        hub.control.paused = false;
-        hub.control.held = false;
+pub async fn start(_: Admin, State(app): State<Arc<App>>) -> Response {
+    if let Err(e) = app.hub.lock().unwrap().start() {
+        return error(StatusCode::CONFLICT, &e);
     }
     tracing::info!("dashboard: start");
-    ok(&app, "running")
+    ok(&app, "started")
 }
 
-/// Finishes the round in progress, then waits.
-pub async fn pause(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&headers, &app.admin_token) {
-        return r;
-    }
-    app.hub.lock().unwrap().control.paused = true;
+/// Holds the run at the next round boundary.
+pub async fn pause(_: Admin, State(app): State<Arc<App>>) -> Response {
+    app.hub.lock().unwrap().pause();
     tracing::info!("dashboard: pause");
     ok(&app, "pausing after the round in progress")
 }
 
 /// Ends the run after the round in progress; the tabs get Bye.
-pub async fn stop(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&headers, &app.admin_token) {
-        return r;
-    }
-    app.hub.lock().unwrap().control.stop = true;
+pub async fn stop(_: Admin, State(app): State<Arc<App>>) -> Response {
+    app.hub.lock().unwrap().stop();
     tracing::info!("dashboard: stop");
     ok(&app, "stopping after the round in progress")
 }
@@ -105,42 +97,33 @@ pub struct Settings {
     pub next_strategy: Option<String>,
 }
 
-pub async fn settings(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    if let Err(r) = authorize(&headers, &app.admin_token) {
-        return r;
-    }
+pub async fn settings(_: Admin, State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
     let s: Settings = match serde_json::from_slice(&body) {
         Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("settings: {e}")),
     };
     if let Some(name) = &s.next_strategy
-        && !strategy::NAMES.contains(&name.as_str())
+        && strategy::lookup(name).is_none()
     {
-        return error(StatusCode::BAD_REQUEST, &format!("unknown strategy '{name}' (known: {})", strategy::NAMES.join(", ")));
+        return error(StatusCode::BAD_REQUEST, &format!("unknown strategy '{name}' (known: {})", strategy::names().join(", ")));
     }
     {
         let mut hub = app.hub.lock().unwrap();
-        if let Some(r) = s.rounds {
-            // Rounds already done, or under way, cannot be taken back.
-            let busy = matches!(hub.phase, Phase::Training | Phase::Aggregating);
-            let floor = (hub.rounds.len() as u32).max(if busy { hub.round } else { 0 }).max(1);
-            if r < floor {
-                return error(StatusCode::BAD_REQUEST, &format!("rounds must be at least {floor} (rounds done or under way)"));
-            }
-            if is_over(hub.phase) {
-                return error(StatusCode::CONFLICT, "this run is over; its round count can no longer change");
-            }
-            hub.info.rounds = r;
+        if let Some(r) = s.rounds
+            && let Err(e) = hub.set_planned_rounds(r)
+        {
+            let code = if hub.phase().is_over() { StatusCode::CONFLICT } else { StatusCode::BAD_REQUEST };
+            return error(code, &e);
         }
         if let Some(n) = s.clients_per_round {
-            hub.control.clients_per_round = (n > 0).then_some(n);
+            hub.set_clients_per_round((n > 0).then_some(n));
         }
     }
     if let Some(name) = s.next_strategy {
         if let Err(e) = write_next_run(&app, &name) {
             return error(StatusCode::INTERNAL_SERVER_ERROR, &e);
         }
-        app.hub.lock().unwrap().control.next_strategy = Some(name);
+        app.hub.lock().unwrap().set_next_strategy(name);
     }
     tracing::info!("dashboard: settings changed");
     ok(&app, "settings applied")

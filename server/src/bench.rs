@@ -27,7 +27,7 @@ fn train_rate(model: &str, data: &Dataset, batch: usize, keep: f32) -> f64 {
     let arch = Arch::preset(model, data.shape, data.classes).expect("preset");
     let state = canopy_core::surgery::shrink_to(&ModelState::init(arch, 1), keep);
     let arch = state.arch.clone();
-    let spec = TrainSpec { epochs: 1, batch_size: batch, lr: 0.05, optimizer: Optimizer::Sgd { momentum: 0.0 }, seed: 1, patience: 0 };
+    let spec = TrainSpec { epochs: 1, batch_size: batch, lr: 0.05, optimizer: Optimizer::Sgd { momentum: 0.0 }, seed: 1, patience: 0, step: Default::default() };
     let mut clock = Clock(Instant::now());
     let t = pollster::block_on(train_local(&arch, &state.params, None, data, &spec, &Device::flex(), &mut clock)).expect("training");
     t.samples_per_sec()

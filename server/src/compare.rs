@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use canopy_core::metric_keys as keys;
+
 use crate::config::{Config, parse_partition};
 use crate::metrics::RoundRecord;
 
@@ -38,6 +40,9 @@ pub struct CompareArgs {
     pub target: f32,
     #[arg(long, default_value = "runs/compare")]
     pub out_dir: PathBuf,
+    /// Use at most this many training samples of each dataset (overrides the config).
+    #[arg(long)]
+    pub max_train: Option<usize>,
 }
 
 pub struct Row {
@@ -65,6 +70,17 @@ impl Row {
     fn to_target(&self, t: f32) -> String {
         self.rounds.iter().find(|r| r.test_accuracy >= t).map_or("–".into(), |r| r.round.to_string())
     }
+    /// Mean of the clients' accuracy on their own held-out splits in the last round (for
+    /// personalising methods, their own models).
+    fn local_acc(&self) -> f32 {
+        self.rounds.last().map_or(0.0, |r| r.local_accuracy)
+    }
+    /// Bits uploaded per model parameter per client result, from real frames, over the run.
+    fn bits_per_param(&self) -> f64 {
+        let bits: f64 = self.rounds.iter().map(|r| 8.0 * r.bytes_up as f64).sum();
+        let params: f64 = self.rounds.iter().map(|r| (r.results * r.params) as f64).sum();
+        bits / params.max(1.0)
+    }
     fn up(&self) -> u64 {
         self.rounds.iter().map(|r| r.bytes_up).sum()
     }
@@ -87,7 +103,7 @@ impl Row {
     /// first round's dense model.
     fn flops_ratio(&self) -> f64 {
         let (first, _) = self.span(|r| r.flops_per_sample);
-        let last = self.rounds.last().map_or(0.0, |r| r.extra.get("effective_flops").copied().unwrap_or(r.flops_per_sample as f64));
+        let last = self.rounds.last().map_or(0.0, |r| r.extra.get(keys::EFFECTIVE_FLOPS).copied().unwrap_or(r.flops_per_sample as f64));
         last / first.max(1) as f64
     }
 }
@@ -178,6 +194,9 @@ pub async fn run(args: CompareArgs) -> Result<Vec<Row>, String> {
                 if let Some(m) = &args.model {
                     c.model = m.clone();
                 }
+                if let Some(n) = args.max_train {
+                    c.data.max_train = n;
+                }
                 c.validate()?;
                 eprintln!("== {dataset} / {partition} / {strategy}: {} rounds, {} clients", c.run.rounds, args.clients);
                 let t0 = Instant::now();
@@ -191,7 +210,7 @@ pub async fn run(args: CompareArgs) -> Result<Vec<Row>, String> {
                 if let Some(e) = reports.iter().flat_map(|r| &r.errors).next() {
                     eprintln!("   a simulated client reported: {e}");
                 }
-                let rounds = app.hub.lock().unwrap().rounds.clone();
+                let rounds = app.hub.lock().unwrap().rounds().to_vec();
                 rows.push(Row { dataset: dataset.trim().into(), partition: partition.trim().into(), strategy: strategy.trim().into(), rounds, seconds: t0.elapsed().as_secs_f64() });
                 let last = rows.last().unwrap();
                 eprintln!("   final accuracy {:.4}, {:.0} s", last.final_acc(), last.seconds);
@@ -213,19 +232,19 @@ fn mb(b: u64) -> String {
 
 pub fn markdown(rows: &[Row], target: f32) -> String {
     let mut s = format!(
-        "| dataset | partition | strategy | final acc | last-5 acc | trained acc (val) | best acc | rounds to {:.0}% | MB up | MB down | up vs first | params first → last | params removed | FLOPs last/first | sparsity | step ms first → last | time s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| dataset | partition | strategy | final acc | last-5 acc | trained acc (val) | best acc | local acc | rounds to {:.0}% | bits/param up | MB up | MB down | up vs first | params first → last | params removed | FLOPs last/first | sparsity | step ms first → last | time s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         target * 100.0
     );
     for r in rows {
         let baseline = rows.iter().find(|b| b.dataset == r.dataset && b.partition == r.partition).expect("itself");
         s.push_str(&format!(
-            "| {} | {} | {} | {:.4} | {:.4} | {} | {:.4} | {} | {} | {} | {:.2}× | {} → {} | {:.0}% | {:.2} | {} | {:.2} → {:.2} | {:.0} |\n",
+            "| {} | {} | {} | {:.4} | {:.4} | {} | {:.4} | {:.4} | {} | {:.3} | {} | {} | {:.3}× | {} → {} | {:.0}% | {:.2} | {} | {:.2} → {:.2} | {:.0} |\n",
             r.dataset, r.partition, r.strategy.replace('|', "\\|"), r.final_acc(), r.tail_acc(),
             r.extra("val_acc_trained").map_or("–".into(), |v| format!("{v:.4}")),
-            r.best_acc(), r.to_target(target), mb(r.up()), mb(r.down()),
+            r.best_acc(), r.local_acc(), r.to_target(target), r.bits_per_param(), mb(r.up()), mb(r.down()),
             r.up() as f64 / baseline.up().max(1) as f64,
             r.span(|x| x.params).0, r.span(|x| x.params).1, 100.0 * r.params_removed(), r.flops_ratio(),
-            r.extra("sparsity").map_or("0".into(), |v| format!("{v:.2}")),
+            r.extra(keys::SPARSITY).or(r.extra(keys::DENSITY).map(|d| 1.0 - d)).map_or("0".into(), |v| format!("{v:.2}")),
             r.span(|x| x.step_ms).0, r.span(|x| x.step_ms).1,
             r.seconds
         ));
@@ -234,13 +253,13 @@ pub fn markdown(rows: &[Row], target: f32) -> String {
 }
 
 fn csv(rows: &[Row], target: f32) -> String {
-    let mut s = String::from("dataset,partition,strategy,final_accuracy,last5_accuracy,trained_val_accuracy,best_accuracy,rounds_to_target,target,bytes_up,bytes_down,params_first,params_last,flops_ratio,final_sparsity,step_ms_first,step_ms_last,seconds\n");
+    let mut s = String::from("dataset,partition,strategy,final_accuracy,last5_accuracy,trained_val_accuracy,best_accuracy,local_accuracy,bits_per_param_up,rounds_to_target,target,bytes_up,bytes_down,params_first,params_last,flops_ratio,final_sparsity,step_ms_first,step_ms_last,seconds\n");
     for r in rows {
         s.push_str(&format!(
-            "{},{},\"{}\",{:.4},{:.4},{},{:.4},{},{target},{},{},{},{},{:.4},{},{:.3},{:.3},{:.1}\n",
-            r.dataset, r.partition, r.strategy.replace('"', "'"), r.final_acc(), r.tail_acc(), r.extra("val_acc_trained").map_or(String::new(), |v| format!("{v:.4}")), r.best_acc(), r.to_target(target).replace('–', ""), r.up(), r.down(),
+            "{},{},\"{}\",{:.4},{:.4},{},{:.4},{:.4},{:.4},{},{target},{},{},{},{},{:.4},{},{:.3},{:.3},{:.1}\n",
+            r.dataset, r.partition, r.strategy.replace('"', "'"), r.final_acc(), r.tail_acc(), r.extra("val_acc_trained").map_or(String::new(), |v| format!("{v:.4}")), r.best_acc(), r.local_acc(), r.bits_per_param(), r.to_target(target).replace('–', ""), r.up(), r.down(),
             r.span(|x| x.params).0, r.span(|x| x.params).1, r.flops_ratio(),
-            r.extra("sparsity").unwrap_or(0.0), r.span(|x| x.step_ms).0, r.span(|x| x.step_ms).1, r.seconds
+            r.extra(keys::SPARSITY).unwrap_or(0.0), r.span(|x| x.step_ms).0, r.span(|x| x.step_ms).1, r.seconds
         ));
     }
     s
@@ -250,6 +269,12 @@ fn csv(rows: &[Row], target: f32) -> String {
 mod tests {
     use super::*;
 
+    fn named(name: &str) -> Config {
+        let mut c = Config::default();
+        c.strategy.name = name.into();
+        c
+    }
+
     #[test]
     fn variants_carry_their_settings() {
         let list = split_strategies("fedavg, fedavgm{lr_decay=0.99},autoflip{q=0;int8=false}, structured{score=\"movement\";strategy.lr=0.01}").unwrap();
@@ -257,17 +282,20 @@ mod tests {
         assert!(split_strategies("autoflip{q=0").is_err());
         let (name, settings) = parse_variant(&list[2]).unwrap();
         assert_eq!(name, "autoflip");
-        let c = with_settings(Config::default(), &name, &settings).unwrap();
-        assert_eq!(c.strategy.config.autoflip.q, 0.0);
-        assert!(!c.strategy.config.autoflip.int8);
+        let c = with_settings(named(&name), &name, &settings).unwrap();
+        let own = &c.strategy.methods["autoflip"];
+        assert_eq!(own["q"], 0);
+        assert_eq!(own["int8"], false);
+        c.strategy.build().unwrap();
         let (name, settings) = parse_variant(&list[1]).unwrap();
-        assert_eq!(with_settings(Config::default(), &name, &settings).unwrap().strategy.config.fedavgm.lr_decay, 0.99);
+        assert_eq!(with_settings(named(&name), &name, &settings).unwrap().strategy.methods["fedavgm"]["lr_decay"], 0.99);
         let (name, settings) = parse_variant(&list[3]).unwrap();
-        let c = with_settings(Config::default(), &name, &settings).unwrap();
-        assert_eq!(c.strategy.config.structured.score, canopy_core::strategy::UnitScore::Movement);
+        let c = with_settings(named(&name), &name, &settings).unwrap();
+        assert_eq!(c.strategy.methods["structured"]["score"], "movement");
         assert_eq!(c.strategy.config.lr, 0.01);
-        // A misspelt setting is an error, not silently ignored.
+        c.strategy.build().unwrap();
+        // A misspelt setting is an error when the strategy is built, not silently ignored.
         let (name, settings) = parse_variant("autoflip{qq=0}").unwrap();
-        assert!(with_settings(Config::default(), &name, &settings).is_err());
+        assert!(with_settings(named(&name), &name, &settings).unwrap().strategy.build().is_err());
     }
 }

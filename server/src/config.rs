@@ -1,9 +1,10 @@
 //! Run configuration: a TOML file, then command-line overrides.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use canopy_core::partition::Partition;
-use canopy_core::strategy::StrategyConfig;
+use canopy_core::strategy::{self, Settings, Strategy, StrategyConfig};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -61,12 +62,48 @@ pub struct DataConfig {
     pub max_test: usize,
 }
 
+/// `[strategy]`: the name, the settings every strategy shares, and one sub-table per method
+/// (`[strategy.autoflip]`...) that only that strategy parses.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct StrategySection {
     pub name: String,
     #[serde(flatten)]
     pub config: StrategyConfig,
+    /// What is left after the shared settings: the methods' own sections.
+    #[serde(flatten)]
+    pub methods: BTreeMap<String, Settings>,
+}
+
+impl StrategySection {
+    /// The chosen strategy, built with its own section.
+    pub fn build(&self) -> Result<Box<dyn Strategy>, String> {
+        strategy::build(&self.name, &self.config, self.methods.get(&self.name))
+    }
+
+    /// Sets one key of a method's section (`[strategy.<method>] key = value`).
+    pub fn set(&mut self, method: &str, key: &str, value: impl Serialize) {
+        let section = self.methods.entry(method.to_string()).or_insert_with(|| serde_json::json!({}));
+        if let Some(table) = section.as_object_mut() {
+            table.insert(key.to_string(), serde_json::to_value(value).expect("a plain setting"));
+        }
+    }
+
+    /// Every section must belong to a known strategy and parse (a typo in any of them, or an
+    /// unknown shared key, is an error rather than silently ignored).
+    fn check(&self) -> Result<(), String> {
+        strategy::lookup(&self.name).ok_or_else(|| format!("unknown strategy '{}' (known: {})", self.name, strategy::names().join(", ")))?;
+        for (key, section) in &self.methods {
+            let Some(m) = strategy::lookup(key) else {
+                return Err(format!("[strategy]: unknown setting '{key}' (shared settings are fraction, min_fit, epochs, batch_size, lr, optimizer, deadline_ms, server_momentum, server_lr; method sections are {})", strategy::names().join(", ")));
+            };
+            if !section.is_object() {
+                return Err(format!("[strategy]: '{key}' must be a section ([strategy.{key}])"));
+            }
+            (m.build)(self.config.clone(), Some(section)).map(|_| ())?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -118,7 +155,7 @@ impl Default for DataConfig {
 
 impl Default for StrategySection {
     fn default() -> Self {
-        StrategySection { name: "fedavg".into(), config: StrategyConfig::default() }
+        StrategySection { name: "fedavg".into(), config: StrategyConfig::default(), methods: BTreeMap::new() }
     }
 }
 
@@ -282,7 +319,7 @@ impl Config {
         if !(0.0..=1.0).contains(&self.data.local_test) || !(0.0..1.0).contains(&self.data.test_fraction) {
             return Err("data.local_test and data.test_fraction must lie in [0, 1)".into());
         }
-        Ok(())
+        self.strategy.check()
     }
 }
 
@@ -302,7 +339,17 @@ mod tests {
         assert_eq!(c.data.partition, Partition::Dirichlet { alpha: 0.1 });
         assert_eq!(c.strategy.config.lr, 0.01);
         std::fs::write(&path, "[run]\nroundz = 7\n").unwrap();
-        assert!(Config::load(&Overrides { config: Some(path), ..Default::default() }).unwrap_err().contains("roundz"));
+        assert!(Config::load(&Overrides { config: Some(path.clone()), ..Default::default() }).unwrap_err().contains("roundz"));
+        std::fs::write(&path, "[strategy]\nname = \"autoflip\"\nepochz = 2\n").unwrap();
+        assert!(Config::load(&Overrides { config: Some(path.clone()), ..Default::default() }).unwrap_err().contains("epochz"));
+        std::fs::write(&path, "[strategy]\nname = \"autoflip\"\n[strategy.autoflip]\nq = 0.4\n[strategy.structured]\nlambdaa = 1\n").unwrap();
+        assert!(Config::load(&Overrides { config: Some(path.clone()), ..Default::default() }).unwrap_err().contains("lambdaa"));
+        std::fs::write(&path, "[strategy]\nname = \"autoflip\"\nlr = 0.2\n[strategy.autoflip]\nq = 0.4\n").unwrap();
+        let c = Config::load(&Overrides { config: Some(path.clone()), ..Default::default() }).unwrap();
+        assert_eq!((c.strategy.config.lr, c.strategy.methods["autoflip"]["q"].as_f64()), (0.2, Some(0.4)));
+        // The resolved config written to the run folder reads back the same.
+        let again: Config = toml::from_str(&toml::to_string_pretty(&c).unwrap()).unwrap();
+        assert_eq!(again.strategy.methods, c.strategy.methods);
         assert!(parse_partition("dirichlet:x").is_err());
         assert_eq!(parse_partition("shards:2").unwrap(), Partition::Shards { shards_per_client: 2 });
     }

@@ -1,6 +1,8 @@
 //! Who is connected, what each client is doing, and the run's public state.
 //!
 //! One `Hub` behind a mutex, shared by the WebSocket sessions, the round loop and the HTTP API.
+//! Its fields are private: every change goes through a method named for what happened, so the
+//! rules (a dropped client is never idle, bytes count per round...) live in one place.
 //! Critical sections are short: no awaiting while the lock is held.
 
 use std::collections::BTreeMap;
@@ -8,8 +10,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use canopy_core::partition::Shard;
 use canopy_core::protocol::{DeviceInfo, Hello, RunInfo, ServerMsg, Welcome, encode};
+use canopy_core::strategy::{ClientView, Phase as StrategyPhase};
 use canopy_core::train::Progress;
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::metrics::RoundRecord;
@@ -22,18 +25,46 @@ pub enum Status {
     Dropped,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+/// What the run is doing, as the dashboard shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
     WaitingForClients,
-    Exploring,
-    Training,
+    /// Clients are working on the round's tasks; the strategy names what kind of round it is.
+    Round(StrategyPhase),
     Aggregating,
     /// Held at a round boundary by the dashboard's Pause (or before the first round with `hold`).
     Paused,
     Done,
     /// Ended early by the dashboard's Stop.
     Stopped,
+}
+
+impl Phase {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::WaitingForClients => "waiting_for_clients",
+            Phase::Round(p) => p.name(),
+            Phase::Aggregating => "aggregating",
+            Phase::Paused => "paused",
+            Phase::Done => "done",
+            Phase::Stopped => "stopped",
+        }
+    }
+
+    pub fn is_over(&self) -> bool {
+        matches!(self, Phase::Done | Phase::Stopped)
+    }
+
+    /// A round is under way (its count can no longer be taken back).
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Phase::Round(_) | Phase::Aggregating)
+    }
+}
+
+impl Serialize for Phase {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
 }
 
 /// What the dashboard's admin controls asked for. The round loop reads it at round boundaries.
@@ -69,42 +100,51 @@ pub struct Client {
     /// The pruning-mask version this client holds.
     pub mask_version: Option<u64>,
     #[serde(skip)]
-    pub tx: Option<UnboundedSender<Vec<u8>>>,
+    tx: Option<UnboundedSender<Vec<u8>>>,
+}
+
+impl Client {
+    pub fn connected(&self) -> bool {
+        self.tx.is_some()
+    }
 }
 
 pub struct Hub {
-    pub info: RunInfo,
-    pub shards: Vec<Shard>,
-    pub clients: BTreeMap<u64, Client>,
-    pub phase: Phase,
-    pub round: u32,
-    pub rounds: Vec<RoundRecord>,
-    pub started: Instant,
+    info: RunInfo,
+    shards: Vec<Shard>,
+    clients: BTreeMap<u64, Client>,
+    phase: Phase,
+    round: u32,
+    rounds: Vec<RoundRecord>,
+    started: Instant,
     /// Bytes in and out since the current round began (frames as sent, headers excluded).
-    pub round_bytes_up: u64,
-    pub round_bytes_down: u64,
-    pub control: Control,
+    round_bytes_up: u64,
+    round_bytes_down: u64,
+    control: Control,
     next_id: u64,
     next_shard: usize,
 }
 
 impl Hub {
-    pub fn new(info: RunInfo, shards: Vec<Shard>) -> Hub {
+    /// A hub for a run; `done` are the rounds a resumed run already finished.
+    pub fn new(info: RunInfo, shards: Vec<Shard>, done: Vec<RoundRecord>, hold: bool) -> Hub {
         Hub {
             info,
             shards,
             clients: BTreeMap::new(),
             phase: Phase::WaitingForClients,
             round: 0,
-            rounds: Vec::new(),
+            rounds: done,
             started: Instant::now(),
             round_bytes_up: 0,
             round_bytes_down: 0,
-            control: Control::default(),
+            control: Control { held: hold, ..Control::default() },
             next_id: 1,
             next_shard: 0,
         }
     }
+
+    // ---- clients ----
 
     /// Registers a client (or re-attaches one that reconnects with its old id) and sends it the
     /// welcome with its data shard. Returns its id.
@@ -138,6 +178,10 @@ impl Hub {
         };
         let shard = self.shards[self.clients[&id].shard].clone();
         self.send(id, &ServerMsg::Welcome(Welcome { client_id: id, run: self.info.clone(), shard }));
+        // Joining a run that has ended: say so at once rather than leave it waiting.
+        if self.phase.is_over() {
+            self.send(id, &ServerMsg::Bye { reason: "run finished".into() });
+        }
         id
     }
 
@@ -148,6 +192,84 @@ impl Hub {
             c.progress = None;
         }
     }
+
+    pub fn client(&self, id: u64) -> Option<&Client> {
+        self.clients.get(&id)
+    }
+
+    pub fn clients(&self) -> impl Iterator<Item = &Client> {
+        self.clients.values()
+    }
+
+    /// Connected clients with nothing to do, as the strategy sees them.
+    pub fn idle_clients(&self) -> Vec<ClientView> {
+        self.clients
+            .values()
+            .filter(|c| c.tx.is_some() && c.status == Status::Idle)
+            .map(|c| ClientView { id: c.id, samples: c.train_samples })
+            .collect()
+    }
+
+    pub fn connected(&self) -> usize {
+        self.clients.values().filter(|c| c.tx.is_some()).count()
+    }
+
+    /// Size of a client's training split: the most samples a result from it may claim.
+    pub fn train_samples(&self, id: u64) -> u64 {
+        self.clients.get(&id).map_or(0, |c| c.train_samples)
+    }
+
+    pub fn mask_version(&self, id: u64) -> Option<u64> {
+        self.clients.get(&id).and_then(|c| c.mask_version)
+    }
+
+    pub fn set_status(&mut self, id: u64, status: Status) {
+        if let Some(c) = self.clients.get_mut(&id)
+            && c.tx.is_some()
+        {
+            c.status = status;
+            if status == Status::Idle {
+                c.progress = None;
+            }
+        }
+    }
+
+    /// A task went out to `id` for `round`.
+    pub fn task_sent(&mut self, id: u64, round: u32) {
+        self.set_status(id, Status::Training);
+        if let Some(c) = self.clients.get_mut(&id) {
+            c.last_round = Some(round);
+        }
+    }
+
+    /// `id`'s result was accepted.
+    pub fn result_accepted(&mut self, id: u64, samples_per_sec: f64, mask_version: Option<u64>) {
+        if let Some(c) = self.clients.get_mut(&id) {
+            c.rounds_done += 1;
+            c.samples_per_sec = samples_per_sec;
+            c.mask_version = mask_version;
+        }
+    }
+
+    /// `id` could not do its task; it may have lost its cached mask, so send it in full next time.
+    pub fn task_failed(&mut self, id: u64) {
+        self.set_status(id, Status::Idle);
+        if let Some(c) = self.clients.get_mut(&id) {
+            c.mask_version = None;
+        }
+    }
+
+    /// Training progress from `id`, shown while it belongs to the current round.
+    pub fn progress(&mut self, id: u64, round: u32, progress: Progress) {
+        if self.round == round
+            && let Some(c) = self.clients.get_mut(&id)
+        {
+            c.samples_per_sec = progress.samples_per_sec as f64;
+            c.progress = Some(progress);
+        }
+    }
+
+    // ---- frames ----
 
     /// Sends a message to a connected client, counting its bytes. Returns the frame size.
     pub fn send(&mut self, id: u64, msg: &ServerMsg) -> usize {
@@ -174,30 +296,106 @@ impl Hub {
         self.round_bytes_up += bytes as u64;
     }
 
-    pub fn idle_clients(&self) -> Vec<&Client> {
-        self.clients.values().filter(|c| c.tx.is_some() && c.status == Status::Idle).collect()
-    }
-
-    pub fn connected(&self) -> usize {
-        self.clients.values().filter(|c| c.tx.is_some()).count()
-    }
-
-    pub fn set_status(&mut self, id: u64, status: Status) {
-        if let Some(c) = self.clients.get_mut(&id)
-            && c.tx.is_some()
-        {
-            c.status = status;
-            if status == Status::Idle {
-                c.progress = None;
-            }
-        }
-    }
-
     pub fn broadcast(&mut self, msg: &ServerMsg) {
         let frame = encode(msg);
         let ids: Vec<u64> = self.clients.keys().copied().collect();
         for id in ids {
             self.send_frame(id, frame.clone());
         }
+    }
+
+    // ---- the run ----
+
+    pub fn info(&self) -> &RunInfo {
+        &self.info
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The round under way (or the last one, between rounds).
+    pub fn round(&self) -> u32 {
+        self.round
+    }
+
+    pub fn set_phase(&mut self, phase: Phase, round: u32) {
+        self.phase = phase;
+        self.round = round;
+    }
+
+    /// A new round starts: its byte counters begin at zero.
+    pub fn begin_round(&mut self, round: u32, phase: StrategyPhase) {
+        self.set_phase(Phase::Round(phase), round);
+        self.round_bytes_up = 0;
+        self.round_bytes_down = 0;
+    }
+
+    /// Bytes (up, down) since the round began.
+    pub fn round_bytes(&self) -> (u64, u64) {
+        (self.round_bytes_up, self.round_bytes_down)
+    }
+
+    pub fn record(&mut self, record: RoundRecord) {
+        self.rounds.push(record);
+    }
+
+    /// Finished rounds, in order.
+    pub fn rounds(&self) -> &[RoundRecord] {
+        &self.rounds
+    }
+
+    pub fn elapsed_seconds(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    // ---- the dashboard's controls ----
+
+    pub fn control(&self) -> &Control {
+        &self.control
+    }
+
+    /// Rounds the run should have (the dashboard can change it).
+    pub fn planned_rounds(&self) -> u32 {
+        self.info.rounds
+    }
+
+    /// Changes the round count; rounds done or under way cannot be taken back.
+    pub fn set_planned_rounds(&mut self, rounds: u32) -> Result<(), String> {
+        if self.phase.is_over() {
+            return Err("this run is over; its round count can no longer change".into());
+        }
+        let floor = (self.rounds.len() as u32).max(if self.phase.is_busy() { self.round } else { 0 }).max(1);
+        if rounds < floor {
+            return Err(format!("rounds must be at least {floor} (rounds done or under way)"));
+        }
+        self.info.rounds = rounds;
+        Ok(())
+    }
+
+    /// Starts a held run or resumes a paused one.
+    pub fn start(&mut self) -> Result<(), String> {
+        if self.phase.is_over() {
+            return Err("this run is over; start the next one with the command in next-run.toml or restart the server".into());
+        }
+        self.control.paused = false;
+        self.control.held = false;
+        Ok(())
+    }
+
+    pub fn pause(&mut self) {
+        self.control.paused = true;
+    }
+
+    pub fn stop(&mut self) {
+        self.control.stop = true;
+    }
+
+    pub fn set_clients_per_round(&mut self, n: Option<usize>) {
+        self.control.clients_per_round = n;
+    }
+
+    pub fn set_next_strategy(&mut self, name: String) {
+        self.control.next_strategy = Some(name);
     }
 }

@@ -3,10 +3,14 @@
 
 pub mod admin;
 pub mod bench;
+pub mod checkpoint;
 pub mod compare;
 pub mod config;
 pub mod datasets;
+pub mod evaluate;
+pub mod exchange;
 pub mod hub;
+pub mod inbox;
 pub mod lan;
 pub mod metrics;
 pub mod run;
@@ -22,17 +26,20 @@ use canopy_core::arch::Arch;
 use canopy_core::data::Dataset;
 use canopy_core::protocol::RunInfo;
 use canopy_core::state::ModelState;
-use canopy_core::strategy;
 use tokio::sync::mpsc::UnboundedSender;
 
 use config::Config;
+use exchange::Desk;
 use hub::Hub;
-use run::{Incoming, RoundLoop};
+use inbox::Incoming;
+use run::RoundLoop;
 
 /// State shared by every request handler and the round loop.
 pub struct App {
     pub hub: Arc<Mutex<Hub>>,
     pub incoming: UnboundedSender<Incoming>,
+    /// In-round requests are answered here, beside the round loop.
+    pub desk: Arc<Desk>,
     pub global: Arc<Mutex<ModelState>>,
     pub web_dir: PathBuf,
     pub config_json: serde_json::Value,
@@ -66,14 +73,14 @@ pub async fn start(config: Config) -> Result<Running, String> {
     let (train, validation) = train.split(config.data.validation, seed ^ 0x5eed);
     let shards = config.data.partition.split(&train, config.data.shards, config.data.local_test, seed);
     let arch = Arch::preset(&config.model, train.shape, train.classes).map_err(|e| e.to_string())?;
-    let mut strategy = strategy::build(&config.strategy.name, &config.strategy.config)?;
+    let mut strategy = config.strategy.build()?;
     let mut global = ModelState::init(arch, seed);
     let run_name = config.run.name.clone().unwrap_or_else(timestamp);
     let run_dir = config.run.out_dir.join(&run_name);
     let mut first_round = 1;
     let mut done_rounds = Vec::new();
     if config.run.resume {
-        match resume(&run_dir)? {
+        match checkpoint::resume(&run_dir)? {
             Some((ckpt, rounds)) => {
                 strategy.load_state(&ckpt.strategy)?;
                 global = ckpt.global;
@@ -100,10 +107,8 @@ pub async fn start(config: Config) -> Result<Running, String> {
         partition: config.data.partition.to_string(),
         rounds: config.run.rounds,
     };
-    let mut hub = Hub::new(info, shards);
-    hub.rounds = done_rounds;
-    hub.control.held = config.run.hold;
-    let hub = Arc::new(Mutex::new(hub));
+    let hub = Arc::new(Mutex::new(Hub::new(info, shards, done_rounds, config.run.hold)));
+    let desk = Arc::new(Desk::default());
     let global = Arc::new(Mutex::new(global));
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let config_json = serde_json::to_value(&config).map_err(|e| e.to_string())?;
@@ -114,6 +119,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
     let app = Arc::new(App {
         hub: hub.clone(),
         incoming: tx,
+        desk: desk.clone(),
         global: global.clone(),
         web_dir: config.server.web_dir.clone(),
         config_json: config_json.clone(),
@@ -131,6 +137,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
         RoundLoop {
             hub,
             incoming: rx,
+            desk,
             strategy,
             global,
             test: Arc::new(test),
@@ -146,26 +153,6 @@ pub async fn start(config: Config) -> Result<Running, String> {
         .run(),
     );
     Ok(Running { addr, run_dir, app, rounds })
-}
-
-/// The checkpoint and finished rounds of a run folder, if it has them. A checkpoint that cannot
-/// be read is an error rather than a silent fresh start: starting over would overwrite the run.
-fn resume(dir: &std::path::Path) -> Result<Option<(run::Checkpoint, Vec<metrics::RoundRecord>)>, String> {
-    let path = dir.join("checkpoint.bin");
-    let Ok(bytes) = std::fs::read(&path) else { return Ok(None) };
-    let ckpt: run::Checkpoint = postcard::from_bytes(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-    ckpt.global.arch.validate().map_err(|e| format!("{}: {e}", path.display()))?;
-    if ckpt.global.params.len() != ckpt.global.arch.num_params() {
-        return Err(format!("{}: parameters do not match the architecture", path.display()));
-    }
-    let json_path = dir.join("metrics.json");
-    let json: serde_json::Value = std::fs::read(&json_path)
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-        .map_err(|e| format!("{}: {e}", json_path.display()))?;
-    let rounds: Vec<metrics::RoundRecord> = serde_json::from_value(json["rounds"].clone()).map_err(|e| format!("{}: {e}", json_path.display()))?;
-    let done = ckpt.round;
-    Ok(Some((ckpt, rounds.into_iter().filter(|r| r.round <= done).collect())))
 }
 
 fn cap(d: Dataset, max: usize) -> Dataset {

@@ -107,7 +107,7 @@ async fn serve(o: Overrides) -> Result<(), String> {
     }
     println!();
     running.rounds.await.map_err(|e| e.to_string())?;
-    if app.hub.lock().unwrap().control.next_strategy.is_some() {
+    if app.hub.lock().unwrap().control().next_strategy.is_some() {
         println!("  Next run chosen on the dashboard: canopy serve --config {}", running.run_dir.join("next-run.toml").display());
     }
     if linger {

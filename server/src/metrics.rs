@@ -1,9 +1,17 @@
-//! Per-round records, written to the run folder as CSV and JSON after every round.
+//! Per-round records and the run's public state: what `/api/metrics` serves, the dashboard
+//! draws, and the run folder keeps as CSV and JSON after every round.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use canopy_core::arch::{Arch, Layer};
+use canopy_core::metric_keys;
+use canopy_core::strategy::{Contribution, RoundOutcome};
+use canopy_core::train::Eval;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::hub::Hub;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RoundRecord {
@@ -39,6 +47,48 @@ pub struct RoundRecord {
     pub extra: BTreeMap<String, f64>,
 }
 
+/// The round loop's own counts for one round.
+pub struct RoundTally {
+    pub round: u32,
+    pub seconds: f64,
+    pub sampled: usize,
+    pub dropped: usize,
+    pub rejected: usize,
+    pub retries: u32,
+}
+
+impl RoundRecord {
+    /// The record of a finished round: the loop's counts, the aggregated results, the new
+    /// model's test figures, the architecture the clients trained, and the strategy's figures.
+    pub fn new(t: RoundTally, results: &[Contribution], eval: Eval, trained: &Arch, hub: &Hub, outcome: RoundOutcome) -> RoundRecord {
+        let total: u64 = results.iter().map(|c| c.samples).sum();
+        let n = results.len().max(1) as f64;
+        let (bytes_up, bytes_down) = hub.round_bytes();
+        RoundRecord {
+            round: t.round,
+            seconds: t.seconds,
+            sampled: t.sampled,
+            results: results.len(),
+            dropped: t.dropped,
+            rejected: t.rejected,
+            retries: t.retries,
+            test_accuracy: eval.accuracy,
+            test_loss: eval.loss,
+            train_loss: (results.iter().map(|c| c.metrics.train_loss as f64 * c.samples as f64).sum::<f64>() / total.max(1) as f64) as f32,
+            local_accuracy: (results.iter().map(|c| c.metrics.local_test.accuracy as f64).sum::<f64>() / n) as f32,
+            samples: total,
+            bytes_up,
+            bytes_down,
+            params: trained.num_params(),
+            flops_per_sample: trained.flops_per_sample(),
+            step_ms: results.iter().map(|c| 1000.0 * c.metrics.train_seconds / c.metrics.steps.max(1) as f64).sum::<f64>() / n,
+            backends: results.iter().map(|c| hub.client(c.client).map(|cl| cl.device.backend.to_string()).unwrap_or_default()).collect(),
+            participants: results.iter().map(|c| c.client).collect(),
+            extra: outcome.metrics,
+        }
+    }
+}
+
 const COLUMNS: &str = "round,seconds,sampled,results,dropped,rejected,retries,test_accuracy,test_loss,train_loss,local_accuracy,samples,bytes_up,bytes_down,params,flops_per_sample,step_ms";
 
 pub fn to_csv(rows: &[RoundRecord]) -> String {
@@ -69,6 +119,50 @@ pub fn to_csv(rows: &[RoundRecord]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Everything the dashboard shows, and what `metrics.json` holds.
+pub fn snapshot(hub: &Hub, config: &serde_json::Value, arch: &Arch) -> serde_json::Value {
+    json!({
+        "run": hub.info(),
+        "config": config,
+        "phase": hub.phase(),
+        "round": hub.round(),
+        "elapsed_seconds": hub.elapsed_seconds(),
+        "connected": hub.connected(),
+        "control": hub.control(),
+        "strategies": canopy_core::strategy::names(),
+        "metric_keys": metric_keys::published(),
+        "model": model_summary(arch),
+        "clients": hub.clients().collect::<Vec<_>>(),
+        "rounds": hub.rounds(),
+    })
+}
+
+/// The current architecture: size, cost and the width of each prunable layer. Layer names
+/// match the parameter names (`layers.3`), as strategies use them in per-layer metrics.
+fn model_summary(arch: &Arch) -> serde_json::Value {
+    let specs = arch.params();
+    let layers: Vec<_> = arch
+        .layers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let (kind, width) = match l {
+                Layer::Dense { units, .. } => ("dense", *units),
+                Layer::Conv { filters, .. } => ("conv", *filters),
+                _ => return None,
+            };
+            let params: usize = specs.iter().filter(|p| p.layer == i).map(|p| p.len).sum();
+            Some(json!({ "name": format!("layers.{i}"), "kind": kind, "width": width, "params": params }))
+        })
+        .collect();
+    json!({
+        "params": arch.num_params(),
+        "flops_per_sample": arch.flops_per_sample(),
+        "widths": arch.widths(),
+        "layers": layers,
+    })
 }
 
 pub fn write(dir: &Path, json: &serde_json::Value, rows: &[RoundRecord]) -> std::io::Result<()> {

@@ -1,36 +1,32 @@
 //! The round loop. It knows the [`Strategy`] trait only: which method runs is the strategy's
 //! business, as are the tasks it hands out and how results become the next global model.
+//! Records, checkpoints and evaluation live beside it (`metrics`, `checkpoint`, `evaluate`);
+//! in-round requests are answered by the [`Desk`], never here.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use burn::tensor::Device;
 use canopy_core::data::Dataset;
-use canopy_core::protocol::{Blob, ErrorCode, MaskSpec, ServerMsg, Task, TaskResult, encode};
+use canopy_core::protocol::{ErrorCode, MaskSpec, ServerMsg, Task, encode};
 use canopy_core::state::ModelState;
 use canopy_core::strategy::{ClientView, Contribution, RoundContext, Strategy, accept};
-use canopy_core::train::evaluate;
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::{sleep_until, timeout};
 
+use crate::checkpoint::{self, Checkpoint};
+use crate::evaluate;
+use crate::exchange::Desk;
 use crate::hub::{Hub, Phase, Status};
-use crate::metrics::{self, RoundRecord};
-
-/// What WebSocket sessions pass to the round loop.
-pub enum Incoming {
-    Result { client: u64, result: TaskResult },
-    /// The client reported that it could not do its task.
-    Failed { client: u64, round: Option<u32>, message: String },
-    Exchange { client: u64, round: u32, payload: Blob },
-    Gone { client: u64 },
-}
+use crate::inbox::Incoming;
+use crate::metrics::{self, RoundRecord, RoundTally};
 
 pub struct RoundLoop {
     pub hub: Arc<Mutex<Hub>>,
     pub incoming: UnboundedReceiver<Incoming>,
+    pub desk: Arc<Desk>,
     pub strategy: Box<dyn Strategy>,
     pub global: Arc<Mutex<ModelState>>,
     pub test: Arc<Dataset>,
@@ -47,13 +43,11 @@ pub struct RoundLoop {
     pub first_round: u32,
 }
 
-/// What a run folder's `checkpoint.bin` holds: enough to resume after a server restart.
-#[derive(serde::Serialize, serde::Deserialize)]
-pub struct Checkpoint {
-    /// Rounds completed.
-    pub round: u32,
-    pub global: ModelState,
-    pub strategy: Vec<u8>,
+/// What came back from one round's clients.
+struct Collected {
+    results: Vec<Contribution>,
+    dropped: usize,
+    rejected: usize,
 }
 
 impl RoundLoop {
@@ -69,7 +63,8 @@ impl RoundLoop {
             }
             let views = self.cap_clients(views, &mut rng);
             let global = self.global.lock().unwrap().clone();
-            let tasks = self.strategy.configure_round(round, &global, &views, &mut rng);
+            // A strategy may compute here (HideNseek's SynFlow): off the async workers' backs.
+            let tasks = tokio::task::block_in_place(|| self.strategy.configure_round(round, &global, &views, &mut rng));
             if tasks.is_empty() {
                 tracing::warn!(round, "strategy configured no tasks; waiting");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -79,23 +74,21 @@ impl RoundLoop {
             let deadline = tasks.iter().map(|(_, t)| t.deadline_ms).max().unwrap_or(60_000);
             let pending = self.send_tasks(round, tasks);
             let sampled = pending.len();
-            let (mut results, dropped, rejected) = self.collect(round, pending, Duration::from_millis(deadline)).await;
+            let mut got = self.collect(round, pending, Duration::from_millis(deadline)).await;
+            self.desk.close();
             // Arrival order varies from run to run; summing in client order keeps runs reproducible.
-            results.sort_by_key(|c| c.client);
-            if results.len() < self.min_results.min(sampled) || results.is_empty() {
+            got.results.sort_by_key(|c| c.client);
+            if got.results.len() < self.min_results.min(sampled) || got.results.is_empty() {
                 retries += 1;
-                tracing::warn!(round, results = results.len(), needed = self.min_results, "too few results; retrying the round");
+                tracing::warn!(round, results = got.results.len(), needed = self.min_results, "too few results; retrying the round");
                 continue;
             }
-            self.set_phase(Phase::Aggregating, round);
+            self.hub.lock().unwrap().set_phase(Phase::Aggregating, round);
             let mut next = global.clone();
             let aggregated = {
-                let validation = self.validation.clone();
-                let validate = move |m: &ModelState| {
-                    pollster::block_on(evaluate(&m.arch, &m.masked_params(), &validation, &Device::flex())).unwrap_or_default()
-                };
+                let validate = evaluate::validator(self.validation.clone());
                 let ctx = RoundContext { rounds: self.rounds, validate: &validate };
-                tokio::task::block_in_place(|| self.strategy.aggregate(round, &mut next, &results, &ctx))
+                tokio::task::block_in_place(|| self.strategy.aggregate(round, &mut next, &got.results, &ctx))
             };
             let outcome = match aggregated {
                 Ok(o) => o,
@@ -105,47 +98,16 @@ impl RoundLoop {
                     continue;
                 }
             };
-            let eval = {
-                let (arch, params, test) = (next.arch.clone(), next.masked_params(), self.test.clone());
-                tokio::task::spawn_blocking(move || pollster::block_on(evaluate(&arch, &params, &test, &Device::flex())))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r)
-            };
-            let eval = match eval {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::error!(round, "evaluating the global model failed: {e}");
-                    Default::default()
-                }
-            };
+            let eval = evaluate::on(&next, &self.test).await.unwrap_or_else(|e| {
+                tracing::error!(round, "evaluating the global model failed: {e}");
+                Default::default()
+            });
             let record = {
                 let mut hub = self.hub.lock().unwrap();
-                let total: u64 = results.iter().map(|c| c.samples).sum();
-                let record = RoundRecord {
-                    round,
-                    seconds: started.elapsed().as_secs_f64(),
-                    sampled,
-                    results: results.len(),
-                    dropped,
-                    rejected,
-                    retries,
-                    test_accuracy: eval.accuracy,
-                    test_loss: eval.loss,
-                    train_loss: (results.iter().map(|c| c.metrics.train_loss as f64 * c.samples as f64).sum::<f64>() / total.max(1) as f64) as f32,
-                    local_accuracy: (results.iter().map(|c| c.metrics.local_test.accuracy as f64).sum::<f64>() / results.len() as f64) as f32,
-                    samples: total,
-                    bytes_up: hub.round_bytes_up,
-                    bytes_down: hub.round_bytes_down,
-                    // The model the clients trained this round (a strategy may shrink it after).
-                    params: global.arch.num_params(),
-                    flops_per_sample: global.arch.flops_per_sample(),
-                    step_ms: results.iter().map(|c| 1000.0 * c.metrics.train_seconds / c.metrics.steps.max(1) as f64).sum::<f64>() / results.len() as f64,
-                    backends: results.iter().map(|c| hub.clients.get(&c.client).map(|cl| cl.device.backend.to_string()).unwrap_or_default()).collect(),
-                    participants: results.iter().map(|c| c.client).collect(),
-                    extra: outcome.metrics,
-                };
-                hub.rounds.push(record.clone());
+                let tally = RoundTally { round, seconds: started.elapsed().as_secs_f64(), sampled, dropped: got.dropped, rejected: got.rejected, retries };
+                // The model the clients trained this round (a strategy may shrink it after).
+                let record = RoundRecord::new(tally, &got.results, eval, &global.arch, &hub, outcome);
+                hub.record(record.clone());
                 record
             };
             *self.global.lock().unwrap() = next;
@@ -157,10 +119,13 @@ impl RoundLoop {
             retries = 0;
             round += 1;
         }
-        let stopped = self.hub.lock().unwrap().control.stop;
+        let stopped = self.hub.lock().unwrap().control().stop;
         let (phase, reason) = if stopped { (Phase::Stopped, "run stopped from the dashboard") } else { (Phase::Done, "run finished") };
-        self.set_phase(phase, round - 1);
-        self.hub.lock().unwrap().broadcast(&ServerMsg::Bye { reason: reason.into() });
+        {
+            let mut hub = self.hub.lock().unwrap();
+            hub.set_phase(phase, round - 1);
+            hub.broadcast(&ServerMsg::Bye { reason: reason.into() });
+        }
         self.save();
         tracing::info!("run finished: {}", self.run_dir.display());
     }
@@ -171,15 +136,15 @@ impl RoundLoop {
         loop {
             {
                 let mut hub = self.hub.lock().unwrap();
-                self.rounds = hub.info.rounds;
-                if hub.control.stop || round > self.rounds {
+                self.rounds = hub.planned_rounds();
+                let c = hub.control();
+                if c.stop || round > self.rounds {
                     return false;
                 }
-                if !hub.control.paused && !hub.control.held {
+                if !c.paused && !c.held {
                     return true;
                 }
-                hub.phase = Phase::Paused;
-                hub.round = round - 1;
+                hub.set_phase(Phase::Paused, round - 1);
             }
             if let Ok(Some(msg)) = timeout(Duration::from_millis(200), self.incoming.recv()).await {
                 self.stray(msg, None);
@@ -189,7 +154,7 @@ impl RoundLoop {
 
     /// The dashboard's "clients per round": offer the strategy a random subset of that size.
     fn cap_clients(&self, mut views: Vec<ClientView>, rng: &mut StdRng) -> Vec<ClientView> {
-        if let Some(n) = self.hub.lock().unwrap().control.clients_per_round
+        if let Some(n) = self.hub.lock().unwrap().control().clients_per_round
             && views.len() > n
         {
             views.shuffle(rng);
@@ -202,17 +167,17 @@ impl RoundLoop {
     /// Waits until `min_clients` are connected and idle; meanwhile handles stray messages.
     /// Returns no clients when the dashboard paused or stopped the run meanwhile.
     async fn wait_for_clients(&mut self, round: u32) -> Vec<ClientView> {
-        self.set_phase(Phase::WaitingForClients, round);
+        self.hub.lock().unwrap().set_phase(Phase::WaitingForClients, round);
         let mut said = false;
         loop {
             {
                 let hub = self.hub.lock().unwrap();
-                if hub.control.paused || hub.control.stop {
+                if hub.control().paused || hub.control().stop {
                     return Vec::new();
                 }
                 let idle = hub.idle_clients();
                 if idle.len() >= self.min_clients.max(1) {
-                    return idle.iter().map(|c| ClientView { id: c.id, samples: c.train_samples }).collect();
+                    return idle;
                 }
                 if !said {
                     tracing::info!(round, connected = hub.connected(), needed = self.min_clients, "waiting for clients");
@@ -227,39 +192,35 @@ impl RoundLoop {
 
     fn send_tasks(&mut self, round: u32, tasks: Vec<(u64, Task)>) -> BTreeMap<u64, Task> {
         let mut hub = self.hub.lock().unwrap();
-        hub.round = round;
-        hub.round_bytes_up = 0;
-        hub.round_bytes_down = 0;
+        hub.begin_round(round, self.strategy.phase());
         let mut pending = BTreeMap::new();
-        let phase = self.strategy.phase();
-        hub.phase = if phase == "exploring" { Phase::Exploring } else { Phase::Training };
+        // Requests within the round may come as soon as the first task is out.
+        self.desk.open(round, self.strategy.exchange(), tasks.iter().map(|(id, _)| *id));
         for (id, task) in tasks {
             // The mask travels once: a client that holds this version gets only its number.
             let mut wire = task.clone();
             if let Some(MaskSpec::Full { version, .. }) = &wire.model.mask
-                && hub.clients.get(&id).is_some_and(|c| c.mask_version == Some(*version))
+                && hub.mask_version(id) == Some(*version)
             {
                 wire.model.mask = Some(MaskSpec::Cached { version: *version });
             }
             if hub.send_frame(id, encode(&ServerMsg::Task(wire))) > 0 {
-                hub.set_status(id, Status::Training);
-                if let Some(c) = hub.clients.get_mut(&id) {
-                    c.last_round = Some(round);
-                }
+                hub.task_sent(id, round);
                 pending.insert(id, task);
+            } else {
+                self.desk.close_client(id);
             }
         }
-        let idle: Vec<u64> = hub.idle_clients().iter().map(|c| c.id).collect();
-        for id in idle {
-            hub.send(id, &ServerMsg::Wait { round, reason: "not sampled this round".into() });
+        for c in hub.idle_clients() {
+            hub.send(c.id, &ServerMsg::Wait { round, reason: "not sampled this round".into() });
         }
         pending
     }
 
     /// Collects results until every sampled client answered, vanished or the deadline passed.
-    async fn collect(&mut self, round: u32, mut pending: BTreeMap<u64, Task>, deadline: Duration) -> (Vec<Contribution>, usize, usize) {
+    async fn collect(&mut self, round: u32, mut pending: BTreeMap<u64, Task>, deadline: Duration) -> Collected {
         let until = tokio::time::Instant::now() + deadline;
-        let (mut results, mut dropped, mut rejected) = (Vec::new(), 0, 0);
+        let mut got = Collected { results: Vec::new(), dropped: 0, rejected: 0 };
         while !pending.is_empty() {
             let msg = tokio::select! {
                 m = self.incoming.recv() => match m { Some(m) => m, None => break },
@@ -269,28 +230,24 @@ impl RoundLoop {
                     for id in pending.keys() {
                         hub.set_status(*id, Status::Idle);
                     }
-                    dropped += pending.len();
+                    got.dropped += pending.len();
                     break;
                 }
             };
             match msg {
                 Incoming::Result { client, result } if pending.contains_key(&client) && result.round == round => {
                     let task = pending.remove(&client).expect("checked");
-                    let shard_samples = self.hub.lock().unwrap().clients.get(&client).map(|c| c.train_samples).unwrap_or(0);
+                    self.desk.close_client(client);
                     let mut hub = self.hub.lock().unwrap();
                     hub.set_status(client, Status::Idle);
                     let mask_version = result.mask_version;
-                    match accept(client, &task, result, shard_samples) {
+                    match accept(client, &task, result, hub.train_samples(client)) {
                         Ok(contribution) => {
-                            if let Some(c) = hub.clients.get_mut(&client) {
-                                c.rounds_done += 1;
-                                c.samples_per_sec = contribution.metrics.samples_per_sec;
-                                c.mask_version = mask_version;
-                            }
-                            results.push(contribution);
+                            hub.result_accepted(client, contribution.metrics.samples_per_sec, mask_version);
+                            got.results.push(contribution);
                         }
                         Err(why) => {
-                            rejected += 1;
+                            got.rejected += 1;
                             tracing::warn!(round, client, "rejected result: {why}");
                             hub.send(client, &ServerMsg::Error { code: ErrorCode::Rejected, message: format!("result rejected: {why}") });
                         }
@@ -298,22 +255,18 @@ impl RoundLoop {
                 }
                 Incoming::Failed { client, round: Some(r), message } if r == round && pending.remove(&client).is_some() => {
                     tracing::warn!(round, client, "client could not finish its task: {message}");
-                    let mut hub = self.hub.lock().unwrap();
-                    hub.set_status(client, Status::Idle);
-                    // It may have lost its cached mask: send it in full next time.
-                    if let Some(c) = hub.clients.get_mut(&client) {
-                        c.mask_version = None;
-                    }
-                    dropped += 1;
+                    self.desk.close_client(client);
+                    self.hub.lock().unwrap().task_failed(client);
+                    got.dropped += 1;
                 }
                 Incoming::Gone { client } if pending.remove(&client).is_some() => {
                     tracing::warn!(round, client, "client left mid-round");
-                    dropped += 1;
+                    got.dropped += 1;
                 }
                 other => self.stray(other, Some(round)),
             }
         }
-        (results, dropped, rejected)
+        got
     }
 
     /// Messages that belong to no pending task.
@@ -334,48 +287,23 @@ impl RoundLoop {
                 tracing::warn!(client, "client error: {message}");
                 self.hub.lock().unwrap().set_status(client, Status::Idle);
             }
-            Incoming::Exchange { client, round, payload } => {
-                let reply = self.strategy.exchange(round, client, &payload);
-                let mut hub = self.hub.lock().unwrap();
-                match reply {
-                    Ok(Some(p)) => {
-                        hub.send(client, &ServerMsg::Exchange { round, payload: p });
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        hub.send(client, &ServerMsg::Error { code: ErrorCode::Rejected, message: e });
-                    }
-                }
-            }
             Incoming::Gone { .. } => {}
         }
     }
 
-    fn set_phase(&self, phase: Phase, round: u32) {
-        let mut hub = self.hub.lock().unwrap();
-        hub.phase = phase;
-        hub.round = round;
-    }
-
+    /// Metrics, model and checkpoint into the run folder.
     fn save(&self) {
-        let arch = self.global.lock().unwrap().arch.clone();
-        let json = crate::web::metrics_json(&self.hub.lock().unwrap(), &self.config_json, &arch);
-        let rows = self.hub.lock().unwrap().rounds.clone();
+        let global = self.global.lock().unwrap().clone();
+        let (json, rows) = {
+            let hub = self.hub.lock().unwrap();
+            (metrics::snapshot(&hub, &self.config_json, &global.arch), hub.rounds().to_vec())
+        };
         if let Err(e) = metrics::write(&self.run_dir, &json, &rows) {
             tracing::error!("writing metrics to {}: {e}", self.run_dir.display());
         }
-        let global = self.global.lock().unwrap().clone();
-        let model = postcard::to_allocvec(&global).expect("encoding the model");
-        if let Err(e) = std::fs::write(self.run_dir.join("model.bin"), model) {
-            tracing::error!("writing the model: {e}");
-        }
-        let done = self.hub.lock().unwrap().rounds.last().map_or(0, |r| r.round);
-        let ckpt = Checkpoint { round: done, global, strategy: self.strategy.save_state() };
-        let tmp = self.run_dir.join("checkpoint.bin.tmp");
-        let written = std::fs::write(&tmp, postcard::to_allocvec(&ckpt).expect("encoding the checkpoint"))
-            .and_then(|_| std::fs::rename(&tmp, self.run_dir.join("checkpoint.bin")));
-        if let Err(e) = written {
-            tracing::error!("writing the checkpoint: {e}");
+        let done = rows.last().map_or(0, |r| r.round);
+        if let Err(e) = checkpoint::save(&self.run_dir, &Checkpoint { round: done, global, strategy: self.strategy.save_state() }) {
+            tracing::error!("{e}");
         }
     }
 }

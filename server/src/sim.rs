@@ -1,12 +1,13 @@
 //! Native simulated clients: the same client runtime as a browser tab, over real WebSockets,
 //! one OS thread each.
 
+use std::collections::VecDeque;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
 use canopy_core::client::{ClientHost, ClientRuntime};
-use canopy_core::protocol::{Backend, ClientMsg, DeviceInfo, ServerMsg, decode, encode};
+use canopy_core::protocol::{Backend, Blob, ClientMsg, DeviceInfo, ServerMsg, decode, encode};
 use canopy_core::train::{Host, Progress};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
@@ -16,6 +17,8 @@ type Socket = WebSocket<MaybeTlsStream<TcpStream>>;
 struct NativeHost {
     t0: Instant,
     ws: Option<Socket>,
+    /// Frames that arrived while a task awaited an exchange reply, handled after the task.
+    backlog: VecDeque<Vec<u8>>,
 }
 
 impl Host for NativeHost {
@@ -29,6 +32,30 @@ impl ClientHost for NativeHost {
     fn send(&mut self, msg: ClientMsg) {
         if let Some(ws) = &mut self.ws {
             let _ = ws.send(Message::binary(encode(&msg)));
+        }
+    }
+
+    /// Sends the request, then reads frames until its reply comes; anything else that arrives
+    /// meanwhile waits in the backlog. (The task runs on this thread, so blocking here is fine.)
+    async fn request(&mut self, round: u32, seq: u32, payload: Vec<u8>) -> Result<Blob, String> {
+        let ws = self.ws.as_mut().ok_or("not connected")?;
+        ws.send(Message::binary(encode(&ClientMsg::Exchange { round, seq, payload: Blob(payload) }))).map_err(|e| format!("sending exchange request: {e}"))?;
+        loop {
+            let frame = match self.ws.as_mut().map(|ws| ws.read()) {
+                Some(Ok(Message::Binary(b))) => b.to_vec(),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => {
+                    self.ws = None;
+                    return Err("connection lost while awaiting an exchange reply".into());
+                }
+            };
+            match decode::<ServerMsg>(&frame) {
+                Ok(ServerMsg::Exchange { round: r, seq: s, payload }) if (r, s) == (round, seq) => return Ok(payload),
+                Ok(ServerMsg::ExchangeFailed { round: r, seq: s, message, .. }) if (r, s) == (round, seq) => return Err(format!("exchange refused: {message}")),
+                // A stale reply (an earlier task's) is dropped; everything else waits.
+                Ok(ServerMsg::Exchange { .. } | ServerMsg::ExchangeFailed { .. }) => {}
+                _ => self.backlog.push_back(frame),
+            }
         }
     }
 }
@@ -51,7 +78,7 @@ pub fn run_client(url: &str, name: &str, patience: Duration) -> SimReport {
 fn run_client_signalling(url: &str, name: &str, patience: Duration, joined: Option<std::sync::mpsc::Sender<()>>) -> SimReport {
     let mut joined = joined;
     let info = DeviceInfo { backend: Backend::Native, adapter: "burn flex (CPU)".into(), user_agent: format!("canopy-sim/{}", env!("CARGO_PKG_VERSION")) };
-    let host = NativeHost { t0: Instant::now(), ws: None };
+    let host = NativeHost { t0: Instant::now(), ws: None, backlog: VecDeque::new() };
     let mut rt = ClientRuntime::new(host, Device::flex(), info, name.to_string());
     let mut report = SimReport::default();
     let mut last_ok = Instant::now();
@@ -60,6 +87,7 @@ fn run_client_signalling(url: &str, name: &str, patience: Duration, joined: Opti
         match tungstenite::connect(url) {
             Ok((ws, _)) => {
                 rt.host.ws = Some(ws);
+                rt.host.backlog.clear();
                 backoff = Duration::from_millis(200);
                 let hello = encode(&rt.hello());
                 rt.host.ws.as_mut().unwrap().send(Message::binary(hello)).ok();
@@ -84,13 +112,16 @@ fn run_client_signalling(url: &str, name: &str, patience: Duration, joined: Opti
 /// Handles messages until the run finishes (true) or the connection drops (false).
 fn serve(rt: &mut ClientRuntime<NativeHost>, report: &mut SimReport, joined: &mut Option<std::sync::mpsc::Sender<()>>) -> bool {
     loop {
-        let msg = match rt.host.ws.as_mut().unwrap().read() {
-            Ok(Message::Binary(b)) => b,
-            Ok(Message::Close(_)) | Err(_) => {
-                rt.host.ws = None;
-                return false;
-            }
-            Ok(_) => continue,
+        let msg = match rt.host.backlog.pop_front() {
+            Some(frame) => frame.into(),
+            None => match rt.host.ws.as_mut().map(|ws| ws.read()) {
+                Some(Ok(Message::Binary(b))) => b,
+                Some(Ok(Message::Close(_)) | Err(_)) | None => {
+                    rt.host.ws = None;
+                    return false;
+                }
+                Some(Ok(_)) => continue,
+            },
         };
         let msg: ServerMsg = match decode(&msg) {
             Ok(m) => m,
@@ -101,9 +132,10 @@ fn serve(rt: &mut ClientRuntime<NativeHost>, report: &mut SimReport, joined: &mu
         };
         match &msg {
             ServerMsg::Bye { .. } => {
-                let ws = rt.host.ws.as_mut().unwrap();
-                let _ = ws.send(Message::binary(encode(&ClientMsg::Bye)));
-                let _ = ws.close(None);
+                if let Some(ws) = rt.host.ws.as_mut() {
+                    let _ = ws.send(Message::binary(encode(&ClientMsg::Bye)));
+                    let _ = ws.close(None);
+                }
                 return true;
             }
             ServerMsg::Error { message, .. } => report.errors.push(message.clone()),
@@ -116,6 +148,9 @@ fn serve(rt: &mut ClientRuntime<NativeHost>, report: &mut SimReport, joined: &mu
             _ => {}
         }
         if let Some(reply) = pollster::block_on(rt.handle(msg)) {
+            if rt.host.ws.is_none() {
+                return false; // the connection went while the task ran
+            }
             rt.host.send(reply);
         }
     }

@@ -11,14 +11,12 @@ use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Json};
 use axum::routing::{get, post};
-use canopy_core::arch::{Arch, Layer};
 use futures_util::Stream;
 use serde::Deserialize;
 use serde_json::json;
 use tower_http::services::{ServeDir, ServeFile};
 
 use crate::App;
-use crate::hub::Hub;
 
 pub fn router(app: Arc<App>) -> Router {
     let web = app.web_dir.clone();
@@ -42,53 +40,10 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-/// Everything the dashboard shows, and what `metrics.json` holds.
-pub fn metrics_json(hub: &Hub, config: &serde_json::Value, arch: &Arch) -> serde_json::Value {
-    json!({
-        "run": hub.info,
-        "config": config,
-        "phase": hub.phase,
-        "round": hub.round,
-        "elapsed_seconds": hub.started.elapsed().as_secs_f64(),
-        "connected": hub.connected(),
-        "control": hub.control,
-        "strategies": canopy_core::strategy::NAMES,
-        "model": model_summary(arch),
-        "clients": hub.clients.values().collect::<Vec<_>>(),
-        "rounds": hub.rounds,
-    })
-}
-
-/// The current architecture: size, cost and the width of each prunable layer. Layer names
-/// match the parameter names (`layers.3`), as strategies use them in per-layer metrics.
-fn model_summary(arch: &Arch) -> serde_json::Value {
-    let specs = arch.params();
-    let layers: Vec<_> = arch
-        .layers
-        .iter()
-        .enumerate()
-        .filter_map(|(i, l)| {
-            let (kind, width) = match l {
-                Layer::Dense { units, .. } => ("dense", *units),
-                Layer::Conv { filters, .. } => ("conv", *filters),
-                _ => return None,
-            };
-            let params: usize = specs.iter().filter(|p| p.layer == i).map(|p| p.len).sum();
-            Some(json!({ "name": format!("layers.{i}"), "kind": kind, "width": width, "params": params }))
-        })
-        .collect();
-    json!({
-        "params": arch.num_params(),
-        "flops_per_sample": arch.flops_per_sample(),
-        "widths": arch.widths(),
-        "layers": layers,
-    })
-}
-
 fn current_json(app: &App) -> serde_json::Value {
     // The model lock is taken and released before the hub's, never both at once.
     let arch = app.global.lock().unwrap().arch.clone();
-    metrics_json(&app.hub.lock().unwrap(), &app.config_json, &arch)
+    crate::metrics::snapshot(&app.hub.lock().unwrap(), &app.config_json, &arch)
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
@@ -104,7 +59,7 @@ async fn events(State(app): State<Arc<App>>) -> Sse<impl Stream<Item = Result<Ev
 }
 
 async fn metrics_csv(State(app): State<Arc<App>>) -> impl IntoResponse {
-    let csv = crate::metrics::to_csv(&app.hub.lock().unwrap().rounds);
+    let csv = crate::metrics::to_csv(app.hub.lock().unwrap().rounds());
     ([(header::CONTENT_TYPE, "text/csv"), (header::CONTENT_DISPOSITION, "attachment; filename=\"metrics.csv\"")], csv)
 }
 

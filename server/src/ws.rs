@@ -11,8 +11,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::App;
-use crate::hub::Phase;
-use crate::run::Incoming;
+use crate::inbox::Incoming;
 
 /// Frames up to this size are read and then judged by [`decode`], so a client that sends
 /// slightly too much gets a clear error; anything larger ends the connection.
@@ -70,37 +69,29 @@ async fn session(socket: WebSocket, app: Arc<App>) {
                     continue;
                 }
                 let (name, backend, adapter) = (hello.name.clone(), hello.device.backend, hello.device.adapter.clone());
-                let c = {
-                    let mut hub = app.hub.lock().unwrap();
-                    let c = hub.join(hello, tx.clone());
-                    // Joining a run that has ended: say so at once rather than leave it waiting.
-                    if matches!(hub.phase, Phase::Done | Phase::Stopped) {
-                        hub.send(c, &ServerMsg::Bye { reason: "run finished".into() });
-                    }
-                    c
-                };
+                let c = app.hub.lock().unwrap().join(hello, tx.clone());
                 tracing::info!(client = c, %name, %backend, %adapter, "client joined");
                 id = Some(c);
             }
             (ClientMsg::Hello(_), Some(_)) => reply_error(ErrorCode::Malformed, "already said hello".into()),
             (_, None) => reply_error(ErrorCode::Malformed, "say hello first".into()),
-            (ClientMsg::Progress { round, progress }, Some(c)) => {
-                let mut hub = app.hub.lock().unwrap();
-                if hub.round == round
-                    && let Some(cl) = hub.clients.get_mut(&c)
-                {
-                    cl.samples_per_sec = progress.samples_per_sec as f64;
-                    cl.progress = Some(progress);
-                }
-            }
+            (ClientMsg::Progress { round, progress }, Some(c)) => app.hub.lock().unwrap().progress(c, round, progress),
             (ClientMsg::Result(result), Some(c)) => {
                 let _ = app.incoming.send(Incoming::Result { client: c, result });
             }
             (ClientMsg::Error { round, message }, Some(c)) => {
                 let _ = app.incoming.send(Incoming::Failed { client: c, round, message });
             }
-            (ClientMsg::Exchange { round, payload }, Some(c)) => {
-                let _ = app.incoming.send(Incoming::Exchange { client: c, round, payload });
+            (ClientMsg::Exchange { round, seq, payload }, Some(c)) => {
+                // Answered beside the session's reading, so a slow reply never holds up frames.
+                let app = app.clone();
+                tokio::spawn(async move {
+                    let reply = app.desk.answer(c, round, seq, payload).await;
+                    if let ServerMsg::ExchangeFailed { message, .. } = &reply {
+                        tracing::warn!(client = c, round, seq, "exchange refused: {message}");
+                    }
+                    app.hub.lock().unwrap().send(c, &reply);
+                });
             }
             (ClientMsg::Bye, Some(_)) => break,
         }
@@ -108,6 +99,7 @@ async fn session(socket: WebSocket, app: Arc<App>) {
     if let Some(c) = id {
         tracing::info!(client = c, "client left");
         app.hub.lock().unwrap().disconnect(c);
+        app.desk.close_client(c);
         let _ = app.incoming.send(Incoming::Gone { client: c });
     }
     drop(tx);

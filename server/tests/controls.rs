@@ -63,7 +63,7 @@ fn held_run_needs_the_token_then_runs_the_rounds_set_on_the_dashboard() {
         assert_eq!(code, 401, "{body}");
         assert!(body.contains("wrong admin token"), "{body}");
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        assert!(app.hub.lock().unwrap().rounds.is_empty(), "a held run waits for Start");
+        assert!(app.hub.lock().unwrap().rounds().is_empty(), "a held run waits for Start");
 
         let (code, body) = post(addr, "/api/admin/settings", Some(TOKEN), r#"{"rounds": 2, "next_strategy": "fedavgm"}"#).await;
         assert_eq!(code, 200, "{body}");
@@ -74,8 +74,8 @@ fn held_run_needs_the_token_then_runs_the_rounds_set_on_the_dashboard() {
         tokio::time::timeout(Duration::from_secs(120), running.rounds).await.expect("run finished").unwrap();
         assert!(sims.await.unwrap().iter().all(|r| r.finished && r.tasks == 2));
         let hub = app.hub.lock().unwrap();
-        assert_eq!(hub.rounds.len(), 2);
-        assert_eq!(hub.phase, canopy_server::hub::Phase::Done);
+        assert_eq!(hub.rounds().len(), 2);
+        assert_eq!(hub.phase(), canopy_server::hub::Phase::Done);
         let next = std::fs::read_to_string(running.run_dir.join("next-run.toml")).unwrap();
         assert!(next.contains("name = \"fedavgm\""), "{next}");
     });
@@ -93,7 +93,7 @@ fn stop_ends_a_waiting_run_with_bye() {
         let (code, body) = post(addr, "/api/admin/stop", Some(TOKEN), "").await;
         assert_eq!(code, 200, "{body}");
         tokio::time::timeout(Duration::from_secs(10), running.rounds).await.expect("stopped in time").unwrap();
-        assert_eq!(app.hub.lock().unwrap().phase, canopy_server::hub::Phase::Stopped);
+        assert_eq!(app.hub.lock().unwrap().phase(), canopy_server::hub::Phase::Stopped);
         let (code, body) = post(addr, "/api/admin/start", Some(TOKEN), "").await;
         assert_eq!(code, 409, "a finished run does not restart: {body}");
     });

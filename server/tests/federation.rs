@@ -35,7 +35,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn records(app: &canopy_server::App) -> Vec<RoundRecord> {
-    app.hub.lock().unwrap().rounds.clone()
+    app.hub.lock().unwrap().rounds().to_vec()
 }
 
 #[test]
@@ -48,7 +48,7 @@ fn five_native_clients_learn_in_three_rounds() {
         tokio::time::timeout(Duration::from_secs(120), running.rounds).await.expect("run finished in time").unwrap();
         let reports = sims.await.unwrap();
         assert!(reports.iter().all(|r| r.finished && r.tasks == 3 && r.errors.is_empty()), "{reports:?}");
-        let rounds: Vec<RoundRecord> = running.app.hub.lock().unwrap().rounds.clone();
+        let rounds: Vec<RoundRecord> = running.app.hub.lock().unwrap().rounds().to_vec();
         assert_eq!(rounds.len(), 3);
         for r in &rounds {
             assert_eq!((r.sampled, r.results, r.dropped, r.rejected), (5, 5, 0, 0), "round {}", r.round);
@@ -101,9 +101,9 @@ async fn run_with_sims(cfg: Config, n: usize) -> std::sync::Arc<canopy_server::A
 fn autoflip(name: &str, q: f64, rounds: u32) -> Config {
     let mut c = config(name, rounds, 5);
     c.strategy.name = "autoflip".into();
-    c.strategy.config.autoflip.q = q;
-    c.strategy.config.autoflip.explore_epochs = 3;
-    c.strategy.config.autoflip.explore_patience = 2;
+    c.strategy.set("autoflip", "q", q);
+    c.strategy.set("autoflip", "explore_epochs", 3);
+    c.strategy.set("autoflip", "explore_patience", 2);
     c.strategy.config.lr = 0.05;
     c.strategy.config.optimizer = canopy_core::train::Optimizer::Sgd { momentum: 0.9 };
     c.strategy.config.server_lr = 5.0;
@@ -126,7 +126,7 @@ fn autoflip_prunes_half_and_keeps_learning() {
         assert!(rounds[3].extra["flops_ratio"] < 0.6);
         assert!(rounds[3].test_accuracy > 0.7, "accuracy {:?}", rounds.iter().map(|r| r.test_accuracy).collect::<Vec<_>>());
         // After exploration every client holds the mask: later tasks carry only its version.
-        let clients = app.hub.lock().unwrap().clients.values().map(|c| c.mask_version).collect::<Vec<_>>();
+        let clients = app.hub.lock().unwrap().clients().map(|c| c.mask_version).collect::<Vec<_>>();
         assert!(clients.iter().all(|v| *v == Some(1)), "{clients:?}");
     });
 }
@@ -152,7 +152,7 @@ fn structured_pruning_shrinks_the_model_clients_train() {
     rt.block_on(async {
         let mut c = config("structured", 4, 3);
         c.strategy.name = "structured".into();
-        c.strategy.config.structured.lambda = 1.0;
+        c.strategy.set("structured", "lambda", 1.0);
         let app = run_with_sims(c, 3).await;
         let rounds = records(&app);
         assert_eq!(rounds.len(), 4);
@@ -345,5 +345,115 @@ fn vanishing_and_silent_clients_do_not_stall_a_round() {
         assert_eq!(rounds[0].dropped, 2, "{:?}", rounds[0]);
         assert!(rounds[0].seconds < 10.0, "the deadline (3 s) bounded the round: {}", rounds[0].seconds);
         silent.abort();
+    });
+}
+
+#[test]
+fn echo_clients_await_the_server_for_every_batch_loss() {
+    let rt = runtime();
+    rt.block_on(async {
+        let mut cfg = config("echo", 2, 2);
+        cfg.strategy.name = "echo".into();
+        let app = run_with_sims(cfg, 2).await;
+        let rounds = records(&app);
+        assert_eq!(rounds.len(), 2);
+        let batches: f64 = app.hub.lock().unwrap().clients().map(|c| c.train_samples.div_ceil(32) as f64).sum();
+        for r in &rounds {
+            assert_eq!(r.results, 2, "round {}", r.round);
+            assert_eq!(r.extra["exchanges"], batches, "round {}: one exchange per batch of every client", r.round);
+        }
+        assert!(rounds[1].test_accuracy > 0.6, "the server's loss trains the model: {}", rounds[1].test_accuracy);
+    });
+}
+
+#[test]
+fn exchange_requests_are_checked_against_the_round_and_the_request() {
+    use canopy_core::codec::exchange;
+    let rt = runtime();
+    rt.block_on(async {
+        let mut cfg = config("echo-raw", 1, 1);
+        cfg.strategy.name = "echo".into();
+        let running = canopy_server::start(cfg).await.unwrap();
+        let url = format!("ws://{}/ws", running.addr);
+        tokio::task::spawn_blocking(move || {
+            let mut ws = connect(&url);
+            // Before any task: refused.
+            ws.send(Message::binary(hello("raw"))).unwrap();
+            assert!(matches!(read(&mut ws), ServerMsg::Welcome(_)));
+            let task = loop {
+                if let ServerMsg::Task(t) = read(&mut ws) {
+                    break t;
+                }
+            };
+            let send = |ws: &mut Ws, round, seq, payload: Vec<u8>| ws.send(Message::binary(encode(&ClientMsg::Exchange { round, seq, payload: Blob(payload) }))).unwrap();
+            let refused = |ws: &mut Ws, needle: &str| match read(ws) {
+                ServerMsg::ExchangeFailed { message, .. } => assert!(message.contains(needle), "'{message}' should mention '{needle}'"),
+                other => panic!("expected a refusal, got {other:?}"),
+            };
+            send(&mut ws, task.round + 1, 0, exchange::encode_request(&[0.0; 10], 1, 10, &[3]));
+            refused(&mut ws, "in progress");
+            send(&mut ws, task.round, 1, vec![1, 2, 3]);
+            refused(&mut ws, "malformed");
+            send(&mut ws, task.round, 2, exchange::encode_request(&[0.0; 9], 1, 9, &[3]));
+            refused(&mut ws, "columns");
+            send(&mut ws, task.round, 3, exchange::encode_request(&[0.0; 10], 1, 10, &[3]));
+            match read(&mut ws) {
+                ServerMsg::Exchange { round, seq, payload } => {
+                    assert_eq!((round, seq), (task.round, 3));
+                    let (loss, grad) = exchange::decode_reply(&payload.0, 10).unwrap();
+                    assert!((loss - 10f32.ln()).abs() < 1e-5, "uniform logits: loss ln 10, got {loss}");
+                    assert!((grad[3] + 0.9).abs() < 1e-6 && (grad[0] - 0.1).abs() < 1e-6, "{grad:?}");
+                }
+                other => panic!("expected a reply, got {other:?}"),
+            }
+        })
+        .await
+        .unwrap();
+    });
+}
+
+#[test]
+fn hidenseek_learns_signs_with_one_bit_per_surviving_weight() {
+    let rt = runtime();
+    rt.block_on(async {
+        let mut cfg = config("hidenseek", 4, 4);
+        cfg.strategy.name = "hidenseek".into();
+        cfg.strategy.set("hidenseek", "density", 0.5);
+        cfg.strategy.set("hidenseek", "synflow_iters", 20);
+        let app = run_with_sims(cfg, 4).await;
+        let rounds = records(&app);
+        assert_eq!(rounds.len(), 4);
+        let r1 = &rounds[0];
+        assert!((r1.extra["density"] - 0.5).abs() < 1e-3, "SynFlow keeps half the weights: {}", r1.extra["density"]);
+        let kept = (0.5 * 784.0 * 200.0 + 0.5 * 200.0 * 200.0 + 0.5 * 200.0 * 10.0) as f64 + 410.0;
+        for r in &rounds {
+            assert_eq!((r.results, r.rejected), (4, 0), "round {}", r.round);
+            // At most one bit per surviving weight, plus each tensor's padding to whole bytes.
+            assert!(r.extra["upload_bits_per_weight"] <= 1.0 + 6.0 * 7.0 / kept, "round {}: {} bits per weight", r.round, r.extra["upload_bits_per_weight"]);
+            // Real frames, envelopes included: far below FedAvg's 4 bytes per parameter.
+            let per_client = r.bytes_up as f64 / 4.0;
+            assert!(per_client < kept / 8.0 + 1500.0, "round {}: {per_client} bytes up per client", r.round);
+        }
+        let last = rounds.last().unwrap();
+        println!("hidenseek: accuracy {:?}, personalised {:?}, bits/weight {:?}", rounds.iter().map(|r| r.test_accuracy).collect::<Vec<_>>(), rounds.iter().map(|r| r.local_accuracy).collect::<Vec<_>>(), rounds.iter().map(|r| r.extra["upload_bits_per_weight"]).collect::<Vec<_>>());
+        assert!(last.test_accuracy > 0.5, "learning signs alone beats chance (0.1) by far: {}", last.test_accuracy);
+    });
+}
+
+#[test]
+fn a_binary_supermask_learns_which_random_weights_to_keep() {
+    let rt = runtime();
+    rt.block_on(async {
+        let mut cfg = config("supermask", 3, 3);
+        cfg.strategy.name = "supermask".into();
+        let app = run_with_sims(cfg, 3).await;
+        let rounds = records(&app);
+        assert_eq!(rounds.len(), 3);
+        for r in &rounds {
+            assert_eq!((r.results, r.rejected), (3, 0));
+            assert!(r.extra["upload_bits_per_weight"] <= 1.0 + 42.0 / r.params as f64, "{}", r.extra["upload_bits_per_weight"]);
+            assert!(r.extra["mask_on"] < 1.0, "some random weights are switched off");
+        }
+        assert!(rounds[2].test_accuracy > 0.3, "a mask over random weights beats chance: {}", rounds[2].test_accuracy);
     });
 }

@@ -11,9 +11,10 @@
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::{ClientView, Contribution, RoundContext, RoundOutcome, Strategy, StrategyConfig, UploadKind, sample_clients, train_task, weighted_values};
+use super::{ClientView, Contribution, Phase, RoundContext, RoundOutcome, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, sample_clients, train_task, weighted_values};
 use crate::aggregate::momentum_step;
 use crate::arch::Arch;
+use crate::metric_keys as keys;
 use crate::protocol::{Task, UploadSpec};
 use crate::state::ModelState;
 
@@ -76,6 +77,7 @@ impl Default for AutoflipConfig {
 
 pub struct AutoFlip {
     config: StrategyConfig,
+    settings: AutoflipConfig,
     /// Round in which exploration was aggregated (0: not yet).
     explored_in: u32,
     base: Vec<f32>,
@@ -88,19 +90,19 @@ pub struct AutoFlip {
 }
 
 impl AutoFlip {
-    pub fn new(config: StrategyConfig) -> Result<Self, String> {
-        let a = &config.autoflip;
+    pub fn new(config: StrategyConfig, settings: AutoflipConfig) -> Result<Self, String> {
+        let a = &settings;
         if !(0.0..1.0).contains(&a.q) || !(0.0..1.0).contains(&a.target_sparsity) {
             return Err("autoflip q and target_sparsity must lie in [0, 1)".into());
         }
         if !(a.top_k > 0.0 && a.top_k <= 1.0) {
             return Err("autoflip top_k must lie in (0, 1]".into());
         }
-        Ok(AutoFlip { config, explored_in: 0, base: Vec::new(), velocity: Vec::new(), ema: Vec::new(), q0: 0.0 })
+        Ok(AutoFlip { config, settings, explored_in: 0, base: Vec::new(), velocity: Vec::new(), ema: Vec::new(), q0: 0.0 })
     }
 
     fn explore(&mut self, global: &mut ModelState, results: &[Contribution], ctx: &RoundContext) -> Result<RoundOutcome, String> {
-        let a = self.config.autoflip.clone();
+        let a = self.settings.clone();
         let n = global.params.len();
         let mut sq = vec![0f32; n];
         for c in results {
@@ -136,7 +138,7 @@ impl AutoFlip {
     }
 
     fn train(&mut self, round: u32, global: &mut ModelState, results: &[Contribution], ctx: &RoundContext) -> Result<RoundOutcome, String> {
-        let a = self.config.autoflip.clone();
+        let a = self.settings.clone();
         let mean_delta = weighted_values(results)?;
         if self.velocity.len() != global.params.len() {
             self.velocity = vec![0.0; global.params.len()];
@@ -180,13 +182,14 @@ impl AutoFlip {
     }
 }
 
-impl Strategy for AutoFlip {
-    fn name(&self) -> &'static str {
-        "autoflip"
-    }
+/// Settings: `[strategy.autoflip]` ([`AutoflipConfig`]), plus the shared server momentum.
+pub fn build(config: StrategyConfig, settings: Option<&Settings>) -> Result<Box<dyn Strategy>, String> {
+    Ok(Box::new(AutoFlip::new(config, parse_settings("autoflip", settings)?)?))
+}
 
-    fn phase(&self) -> &'static str {
-        if self.explored_in == 0 { "exploring" } else { "training" }
+impl Strategy for AutoFlip {
+    fn phase(&self) -> Phase {
+        if self.explored_in == 0 { Phase::Own("exploring") } else { Phase::Training }
     }
 
     fn save_state(&self) -> Vec<u8> {
@@ -200,7 +203,7 @@ impl Strategy for AutoFlip {
     }
 
     fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
-        let a = &self.config.autoflip;
+        let a = &self.settings;
         let exploring = self.explored_in == 0;
         let (fraction, upload) = if exploring {
             self.base = global.params.clone();
@@ -307,15 +310,15 @@ fn choose_q(global: &ModelState, start: &[f32], g: &[f32], tolerance: f64, ctx: 
 
 /// Sparsity overall and per weight tensor, and FLOPs with pruned weights skipped.
 pub fn mask_metrics(global: &ModelState, outcome: &mut RoundOutcome) {
-    outcome.metrics.insert("sparsity".into(), global.sparsity());
+    outcome.metrics.insert(keys::SPARSITY.into(), global.sparsity());
     let dense = global.arch.flops_per_sample() as f64;
     let effective = global.arch.effective_flops(global.mask.as_deref()) as f64;
-    outcome.metrics.insert("effective_flops".into(), effective);
-    outcome.metrics.insert("flops_ratio".into(), effective / dense.max(1.0));
+    outcome.metrics.insert(keys::EFFECTIVE_FLOPS.into(), effective);
+    outcome.metrics.insert(keys::FLOPS_RATIO.into(), effective / dense.max(1.0));
     if let Some(m) = &global.mask {
         for p in global.arch.params() {
             let pruned = m[p.offset..p.offset + p.len].iter().filter(|k| !**k).count();
-            outcome.metrics.insert(format!("sparsity.{}", p.name), pruned as f64 / p.len as f64);
+            outcome.metrics.insert(keys::tensor_sparsity(&p.name), pruned as f64 / p.len as f64);
         }
     }
 }
@@ -369,28 +372,27 @@ mod tests {
 
     #[test]
     fn the_repruning_average_starts_from_normal_rounds() {
-        let mut cfg = StrategyConfig::default();
-        cfg.autoflip.q = 0.0;
+        let cfg = AutoflipConfig { q: 0.0, ..Default::default() };
         let validate = |_: &ModelState| crate::train::Eval::default();
         let (mut s, mut global, _) = explore_once(cfg, &validate);
         assert!(s.ema.is_empty(), "the exploration's Δ² does not seed it");
         let ctx = RoundContext { rounds: 5, validate: &validate };
-        let c = |v: f32| Contribution { client: 0, samples: 10, kind: UploadKind::Delta, values: vec![v; 22], metrics: Default::default() };
+        let c = |v: f32| Contribution { client: 0, samples: 10, kind: UploadKind::Delta, values: vec![v; 22], metrics: Default::default(), encoding: Default::default() };
         s.aggregate(2, &mut global, &[c(0.1)], &ctx).unwrap();
         assert!(s.ema.iter().all(|e| (e - 0.01).abs() < 1e-7), "{:?}", s.ema);
         s.aggregate(3, &mut global, &[c(0.0)], &ctx).unwrap();
         assert!(s.ema.iter().all(|e| (e - 0.009).abs() < 1e-7), "β = 0.9: {:?}", s.ema);
     }
 
-    fn explore_once(cfg: StrategyConfig, validate: &dyn Fn(&ModelState) -> crate::train::Eval) -> (AutoFlip, ModelState, RoundOutcome) {
+    fn explore_once(cfg: AutoflipConfig, validate: &dyn Fn(&ModelState) -> crate::train::Eval) -> (AutoFlip, ModelState, RoundOutcome) {
         let arch = Arch { input: [1, 2, 5], classes: 2, layers: vec![Layer::Flatten, Layer::Dense { inputs: 10, units: 2 }] };
-        let mut s = AutoFlip::new(cfg).unwrap();
+        let mut s = AutoFlip::new(StrategyConfig::default(), cfg).unwrap();
         let mut global = ModelState::init(arch, 1);
         let clients = [ClientView { id: 0, samples: 10 }];
         let mut rng = rand::SeedableRng::seed_from_u64(1);
         s.configure_round(1, &global, &clients, &mut rng);
         let values: Vec<f32> = (0..22).map(|i| i as f32 * 0.01).collect();
-        let c = Contribution { client: 0, samples: 10, kind: UploadKind::Delta, values, metrics: Default::default() };
+        let c = Contribution { client: 0, samples: 10, kind: UploadKind::Delta, values, metrics: Default::default(), encoding: Default::default() };
         let ctx = RoundContext { rounds: 5, validate };
         let out = s.aggregate(1, &mut global, &[c], &ctx).unwrap();
         (s, global, out)
@@ -398,16 +400,16 @@ mod tests {
 
     #[test]
     fn automatic_q_is_the_largest_within_tolerance() {
-        let mut cfg = StrategyConfig::default();
-        cfg.autoflip.auto_q = true;
-        cfg.autoflip.q_tolerance = 0.35;
+        let mut cfg = AutoflipConfig::default();
+        cfg.auto_q = true;
+        cfg.q_tolerance = 0.35;
         // Validation loss grows with sparsity: 1 + sparsity. Within 35% of the dense loss: q ≤ 0.3.
         let validate = |m: &ModelState| crate::train::Eval { loss: 1.0 + m.sparsity() as f32, ..Default::default() };
         let (_, global, out) = explore_once(cfg.clone(), &validate);
         assert_eq!(out.metrics["q_auto"], 0.3);
         assert!((global.sparsity() - 0.3).abs() < 0.05, "{}", global.sparsity());
         // When every q costs too much, nothing is pruned.
-        cfg.autoflip.q_tolerance = 0.01;
+        cfg.q_tolerance = 0.01;
         let (_, global, out) = explore_once(cfg, &validate);
         assert_eq!(out.metrics["q_auto"], 0.0);
         assert_eq!(global.sparsity(), 0.0);
@@ -415,16 +417,16 @@ mod tests {
 
     #[test]
     fn repruning_raises_sparsity_towards_the_target() {
-        let mut cfg = StrategyConfig::default();
-        cfg.autoflip.q = 0.2;
-        cfg.autoflip.reprune_every = 1;
-        cfg.autoflip.target_sparsity = 0.6;
+        let mut cfg = AutoflipConfig::default();
+        cfg.q = 0.2;
+        cfg.reprune_every = 1;
+        cfg.target_sparsity = 0.6;
         let validate = |_: &ModelState| crate::train::Eval::default();
         let (mut s, mut global, _) = explore_once(cfg, &validate);
         let before = global.mask.clone().unwrap();
         assert!((global.sparsity() - 0.2).abs() < 0.05);
         let ctx = RoundContext { rounds: 5, validate: &validate };
-        let c = Contribution { client: 0, samples: 10, kind: UploadKind::Delta, values: (0..22).map(|i| 0.01 * (22 - i) as f32).collect(), metrics: Default::default() };
+        let c = Contribution { client: 0, samples: 10, kind: UploadKind::Delta, values: (0..22).map(|i| 0.01 * (22 - i) as f32).collect(), metrics: Default::default(), encoding: Default::default() };
         let out = s.aggregate(2, &mut global, &[c.clone()], &ctx).unwrap();
         assert_eq!(out.metrics["repruned"], 1.0);
         let after = global.mask.clone().unwrap();
@@ -440,16 +442,16 @@ mod tests {
 
     #[test]
     fn masked_momentum_keeps_pruned_weights_at_zero() {
-        let mut cfg = StrategyConfig::default();
-        cfg.autoflip.q = 0.5;
-        let mut s = AutoFlip::new(cfg).unwrap();
+        let mut cfg = AutoflipConfig::default();
+        cfg.q = 0.5;
+        let mut s = AutoFlip::new(StrategyConfig::default(), cfg).unwrap();
         let mut global = ModelState::init(arch(), 1);
         let clients: Vec<ClientView> = (0..2).map(|id| ClientView { id, samples: 10 }).collect();
         let mut rng = rand::SeedableRng::seed_from_u64(1);
         let tasks = s.configure_round(1, &global, &clients, &mut rng);
         assert_eq!(tasks.len(), 2);
         assert_eq!(tasks[0].1.train.epochs, 20);
-        let contrib = |client, v: [f32; 6]| Contribution { client, samples: 10, kind: UploadKind::Delta, values: v.to_vec(), metrics: Default::default() };
+        let contrib = |client, v: [f32; 6]| Contribution { client, samples: 10, kind: UploadKind::Delta, values: v.to_vec(), metrics: Default::default(), encoding: Default::default() };
         let validate = |_: &ModelState| crate::train::Eval::default();
         let ctx = RoundContext { rounds: 5, validate: &validate };
         let r = [contrib(0, [1.0, 0.0, 2.0, 0.0, 0.5, 0.1]), contrib(1, [1.0, 0.0, 0.0, 2.0, 0.5, 0.3])];

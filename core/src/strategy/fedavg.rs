@@ -2,7 +2,7 @@
 
 use rand::rngs::StdRng;
 
-use super::{ClientView, Contribution, RoundContext, RoundOutcome, Strategy, StrategyConfig, UploadKind, plain_round, weighted_values};
+use super::{ClientView, Contribution, RoundContext, RoundOutcome, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, plain_round, weighted_values};
 use crate::protocol::{Task, UploadSpec};
 use crate::state::ModelState;
 
@@ -16,11 +16,17 @@ impl FedAvg {
     }
 }
 
-impl Strategy for FedAvg {
-    fn name(&self) -> &'static str {
-        "fedavg"
-    }
+/// FedAvg has no settings of its own: a `[strategy.fedavg]` section must be empty.
+pub fn build(config: StrategyConfig, settings: Option<&Settings>) -> Result<Box<dyn Strategy>, String> {
+    let NoSettings {} = parse_settings("fedavg", settings)?;
+    Ok(Box::new(FedAvg::new(config)))
+}
 
+#[derive(Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NoSettings {}
+
+impl Strategy for FedAvg {
     fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
         plain_round(round, global, &self.config, clients, rng, UploadSpec::Weights)
     }

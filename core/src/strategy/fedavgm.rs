@@ -4,7 +4,7 @@
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::{ClientView, Contribution, RoundContext, RoundOutcome, Strategy, StrategyConfig, UploadKind, plain_round, weighted_values};
+use super::{ClientView, Contribution, RoundContext, RoundOutcome, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, plain_round, weighted_values};
 use crate::aggregate::momentum_step;
 use crate::protocol::{Task, UploadSpec};
 use crate::state::ModelState;
@@ -25,23 +25,29 @@ impl Default for FedavgmConfig {
 
 pub struct FedAvgM {
     config: StrategyConfig,
+    own: FedavgmConfig,
     velocity: Vec<f32>,
 }
 
 impl FedAvgM {
-    pub fn new(config: StrategyConfig) -> Self {
-        FedAvgM { config, velocity: Vec::new() }
+    pub fn new(config: StrategyConfig, own: FedavgmConfig) -> Self {
+        FedAvgM { config, own, velocity: Vec::new() }
     }
 }
 
-impl Strategy for FedAvgM {
-    fn name(&self) -> &'static str {
-        "fedavgm"
+/// FedAvgM reads the shared `server_momentum` and `server_lr`, and `[strategy.fedavgm]`.
+pub fn build(config: StrategyConfig, settings: Option<&Settings>) -> Result<Box<dyn Strategy>, String> {
+    let own: FedavgmConfig = parse_settings("fedavgm", settings)?;
+    if !(own.lr_decay > 0.0) {
+        return Err("fedavgm lr_decay must be > 0".into());
     }
+    Ok(Box::new(FedAvgM::new(config, own)))
+}
 
+impl Strategy for FedAvgM {
     fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
         let mut config = self.config.clone();
-        config.lr *= self.config.fedavgm.lr_decay.powi(round as i32 - 1);
+        config.lr *= self.own.lr_decay.powi(round as i32 - 1);
         plain_round(round, global, &config, clients, rng, UploadSpec::Delta)
     }
 
@@ -80,8 +86,7 @@ mod tests {
     fn learning_rate_decays_per_round() {
         let mut cfg = StrategyConfig::default();
         cfg.lr = 0.1;
-        cfg.fedavgm.lr_decay = 0.5;
-        let mut s = FedAvgM::new(cfg);
+        let mut s = FedAvgM::new(cfg, FedavgmConfig { lr_decay: 0.5 });
         let global = ModelState::init(Arch::preset("mlp", [1, 2, 2], 2).unwrap(), 1);
         let clients = [ClientView { id: 0, samples: 4 }];
         let mut rng = StdRng::seed_from_u64(1);

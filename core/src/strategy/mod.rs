@@ -1,29 +1,34 @@
 //! Strategies: how a round is configured and how results become the next global model.
 //!
-//! The server's round loop and the client runtime only know this trait. A strategy is one file;
-//! [`build`] maps a name from the config to one.
+//! The server's round loop and the client runtime only know this trait. A strategy is one file
+//! with a `build` function; [`METHODS`] is the one table of names and constructors.
 
 mod autoflip;
+mod echo;
 mod fedavg;
 mod fedavgm;
+mod hidenseek;
 mod structured;
 
 pub use autoflip::{AutoFlip, AutoflipConfig};
+pub use echo::{Echo, LossServer};
+pub use hidenseek::{Supermask, SupermaskConfig};
 pub use structured::{Structured, StructuredConfig, UnitScore};
 pub use fedavg::FedAvg;
 pub use fedavgm::{FedAvgM, FedavgmConfig};
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use rand::{rngs::StdRng, seq::SliceRandom};
 use serde::{Deserialize, Serialize};
 
-use crate::client::compact;
-use crate::codec::decode_sparse;
-use crate::protocol::{Bits, Blob, ClientMetrics, MaskSpec, ModelPayload, Task, TaskKind, TaskResult, Update, UploadSpec};
-use crate::train::{Eval, TrainSpec};
+pub use crate::codec::update::UploadKind;
+use crate::codec;
+use crate::protocol::{ClientMetrics, Task, TaskResult, UploadSpec};
 use crate::state::ModelState;
-use crate::train::Optimizer;
+use crate::step::Step;
+use crate::train::{Eval, Optimizer, TrainSpec};
 
 /// What a strategy knows about a connected client.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,7 +38,8 @@ pub struct ClientView {
     pub samples: u64,
 }
 
-/// Settings every strategy reads; method-specific ones sit in `extra`.
+/// Settings every strategy reads (`[strategy]` in the TOML). A method's own settings sit in
+/// its own section, `[strategy.<name>]`, and only that strategy parses them (see [`Settings`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct StrategyConfig {
@@ -47,17 +53,12 @@ pub struct StrategyConfig {
     pub optimizer: Optimizer,
     /// Round deadline in milliseconds.
     pub deadline_ms: u64,
-    /// Server momentum β (FedAvgM).
+    /// Server momentum β, for the strategies that step the global model with momentum
+    /// (FedAvgM, and AutoFLIP which builds on it).
     pub server_momentum: f32,
-    /// Server learning rate (FedAvgM).
+    /// Server learning rate of those strategies.
     pub server_lr: f32,
     pub seed: u64,
-    /// FedAvgM's settings (`[strategy.fedavgm]`).
-    pub fedavgm: FedavgmConfig,
-    /// AutoFLIP's settings (`[strategy.autoflip]`).
-    pub autoflip: AutoflipConfig,
-    /// Structured pruning's settings (`[strategy.structured]`).
-    pub structured: StructuredConfig,
 }
 
 impl Default for StrategyConfig {
@@ -73,10 +74,20 @@ impl Default for StrategyConfig {
             server_momentum: 0.9,
             server_lr: 1.0,
             seed: 1,
-            fedavgm: FedavgmConfig::default(),
-            autoflip: AutoflipConfig::default(),
-            structured: StructuredConfig::default(),
         }
+    }
+}
+
+/// A method's own section of the config (`[strategy.autoflip]`...), as parsed data. Each
+/// strategy reads it into its own settings type with [`parse_settings`].
+pub type Settings = serde_json::Value;
+
+/// Reads a strategy's section into its settings type; no section means the defaults. Unknown
+/// keys are errors that name the section.
+pub fn parse_settings<T: serde::de::DeserializeOwned + Default>(name: &str, settings: Option<&Settings>) -> Result<T, String> {
+    match settings {
+        None => Ok(T::default()),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| format!("[strategy.{name}]: {e}")),
     }
 }
 
@@ -104,17 +115,36 @@ pub struct Contribution {
     pub kind: UploadKind,
     pub values: Vec<f32>,
     pub metrics: ClientMetrics,
+    /// How a supermask upload travelled (payload bytes, tensors sent as flips).
+    pub encoding: codec::supermask::Encoding,
 }
 
+/// What kind of round a strategy is running, for dashboards. Methods add their own by name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UploadKind {
-    Weights,
-    Delta,
+pub enum Phase {
+    Training,
+    /// A method's own kind of round (AutoFLIP's "exploring").
+    Own(&'static str),
+}
+
+impl Phase {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Training => "training",
+            Phase::Own(name) => name,
+        }
+    }
+}
+
+/// A strategy's per-request work within a round: a client sends a request in the middle of its
+/// task and awaits the reply (split learning's per-batch back pass; the echo strategy's loss
+/// gradient). The server runs it on a worker pool, for many clients at once, so it takes
+/// `&self`: per-client state needs its own lock.
+pub trait Exchange: Send + Sync {
+    fn handle(&self, round: u32, client: u64, seq: u32, request: &[u8]) -> Result<Vec<u8>, String>;
 }
 
 pub trait Strategy: Send {
-    fn name(&self) -> &'static str;
-
     /// Picks clients and gives each a task. `clients` are the ones connected and idle.
     fn configure_round(
         &mut self,
@@ -133,9 +163,9 @@ pub trait Strategy: Send {
         ctx: &RoundContext,
     ) -> Result<RoundOutcome, String>;
 
-    /// The phase to show on dashboards ("training", "exploring"...).
-    fn phase(&self) -> &'static str {
-        "training"
+    /// The kind of round [`Strategy::configure_round`] just configured, for dashboards.
+    fn phase(&self) -> Phase {
+        Phase::Training
     }
 
     /// The strategy's own state between rounds (server momentum, pruning stage...), saved with
@@ -148,23 +178,43 @@ pub trait Strategy: Send {
         Ok(())
     }
 
-    /// Method-specific messages within a round (split learning's per-batch traffic).
-    fn exchange(&mut self, _round: u32, _client: u64, _payload: &Blob) -> Result<Option<Blob>, String> {
-        Err(format!("strategy {} takes no in-round messages", self.name()))
+    /// Who answers in-round requests in the round just configured (None: the strategy takes
+    /// none, and the server refuses them).
+    fn exchange(&self) -> Option<Arc<dyn Exchange>> {
+        None
     }
 }
 
-/// Names [`build`] accepts.
-pub const NAMES: &[&str] = &["fedavg", "fedavgm", "autoflip", "structured"];
+/// One entry of the registry: a strategy's name, a line about it, and its constructor.
+pub struct Method {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub build: fn(StrategyConfig, Option<&Settings>) -> Result<Box<dyn Strategy>, String>,
+}
 
-pub fn build(name: &str, config: &StrategyConfig) -> Result<Box<dyn Strategy>, String> {
-    match name {
-        "fedavg" => Ok(Box::new(FedAvg::new(config.clone()))),
-        "fedavgm" => Ok(Box::new(FedAvgM::new(config.clone()))),
-        "autoflip" => Ok(Box::new(AutoFlip::new(config.clone())?)),
-        "structured" => Ok(Box::new(Structured::new(config.clone())?)),
-        other => Err(format!("unknown strategy '{other}' (known: {})", NAMES.join(", "))),
-    }
+/// Every strategy, in the order dashboards list them. Adding a method adds a line here.
+pub const METHODS: &[Method] = &[
+    Method { name: "fedavg", about: "FedAvg: sample-weighted mean of the clients' weights", build: fedavg::build },
+    Method { name: "fedavgm", about: "FedAvgM: FedAvg with server momentum", build: fedavgm::build },
+    Method { name: "autoflip", about: "AutoFLIP: loss exploration, then global informed pruning", build: autoflip::build },
+    Method { name: "structured", about: "Automatic structured pruning: the model physically shrinks", build: structured::build },
+    Method { name: "hidenseek", about: "HideNseek: SynFlow pruning at init, clients learn weight signs (1 bit per weight up)", build: hidenseek::build_hidenseek },
+    Method { name: "supermask", about: "Binary supermask over frozen random weights (FedPM's family), 1 bit per weight up", build: hidenseek::build_binary },
+    Method { name: "echo", about: "FedAvg with each batch's loss computed on the server (the in-round exchange)", build: echo::build },
+];
+
+pub fn lookup(name: &str) -> Option<&'static Method> {
+    METHODS.iter().find(|m| m.name == name)
+}
+
+pub fn names() -> Vec<&'static str> {
+    METHODS.iter().map(|m| m.name).collect()
+}
+
+/// The strategy called `name`, with the shared settings and its own section (if any).
+pub fn build(name: &str, config: &StrategyConfig, settings: Option<&Settings>) -> Result<Box<dyn Strategy>, String> {
+    let m = lookup(name).ok_or_else(|| format!("unknown strategy '{name}' (known: {})", names().join(", ")))?;
+    (m.build)(config.clone(), settings)
 }
 
 /// Samples ⌈C·K⌉ clients, at least `min_fit` (if that many are connected).
@@ -197,8 +247,20 @@ mod tests {
 
     #[test]
     fn unknown_strategy_is_an_error() {
-        assert!(build("fedprox", &StrategyConfig::default()).is_err());
-        assert_eq!(build("fedavgm", &StrategyConfig::default()).unwrap().name(), "fedavgm");
+        assert!(build("fedprox", &StrategyConfig::default(), None).err().unwrap().contains("fedavg, fedavgm"));
+        for name in names() {
+            assert!(build(name, &StrategyConfig::default(), None).is_ok(), "{name} builds with its defaults");
+        }
+    }
+
+    #[test]
+    fn a_strategy_parses_its_own_section() {
+        let ok = serde_json::json!({ "q": 0.5 });
+        assert!(build("autoflip", &StrategyConfig::default(), Some(&ok)).is_ok());
+        let typo = serde_json::json!({ "qq": 0.5 });
+        let e = build("autoflip", &StrategyConfig::default(), Some(&typo)).err().unwrap();
+        assert!(e.contains("[strategy.autoflip]") && e.contains("qq"), "{e}");
+        assert!(build("fedavg", &StrategyConfig::default(), Some(&ok)).err().unwrap().contains("[strategy.fedavg]"));
     }
 }
 
@@ -214,8 +276,7 @@ pub fn plain_round(round: u32, global: &ModelState, config: &StrategyConfig, cli
 pub fn train_task(round: u32, global: &ModelState, config: &StrategyConfig, client: u64, upload: UploadSpec) -> Task {
     Task {
         round,
-        kind: TaskKind::Train,
-        model: model_payload(global),
+        model: codec::encode_model(global),
         train: TrainSpec {
             epochs: config.epochs,
             batch_size: config.batch_size,
@@ -224,20 +285,10 @@ pub fn train_task(round: u32, global: &ModelState, config: &StrategyConfig, clie
             // Different per client and round, reproducible per run.
             seed: config.seed ^ ((round as u64) << 32) ^ client,
             patience: 0,
+            step: Step::default(),
         },
         upload,
         deadline_ms: config.deadline_ms,
-    }
-}
-
-/// The global model as a task carries it: with a mask, only the kept values (the server swaps
-/// the mask for its version number when the client already holds it).
-pub fn model_payload(global: &ModelState) -> ModelPayload {
-    let mask = global.mask.as_deref();
-    ModelPayload {
-        arch: global.arch.clone(),
-        params: Blob::from_f32(&compact(&global.params, mask)),
-        mask: mask.map(|m| MaskSpec::Full { version: global.mask_version, bits: Bits::pack(m) }),
     }
 }
 
@@ -247,40 +298,24 @@ pub fn accept(client: u64, task: &Task, result: TaskResult, shard_samples: u64) 
     if result.round != task.round {
         return Err(format!("result for round {} but the task was round {}", result.round, task.round));
     }
-    let arch = &task.model.arch;
-    let n = arch.num_params();
-    let mask = match &task.model.mask {
-        Some(MaskSpec::Full { bits, .. }) => Some(bits.unpack().map_err(|e| e.to_string())?),
-        Some(MaskSpec::Cached { .. }) => return Err("internal: pending task lost its mask".into()),
-        None => None,
-    };
-    let (kind, values) = match (&result.update, task.upload) {
-        (Update::None, _) if task.kind == TaskKind::Evaluate => (UploadKind::Delta, vec![0.0; n]),
-        (Update::None, _) => return Err("training task answered without an update".into()),
-        (Update::Weights(b), UploadSpec::Weights) => (UploadKind::Weights, b.to_f32().map_err(|e| e.to_string())?),
-        (Update::Delta(b), UploadSpec::Delta) => (UploadKind::Delta, b.to_f32().map_err(|e| e.to_string())?),
-        (Update::Sparse(u), UploadSpec::Sparse { .. }) => (UploadKind::Delta, decode_sparse(arch, u, mask.as_deref())?),
-        _ => return Err(format!("update kind does not match the requested {:?}", task.upload)),
-    };
-    if values.len() != n {
-        return Err(format!("update has {} values, the model has {n}", values.len()));
-    }
+    let codec::update::Decoded { kind, values, encoding } = codec::decode_update(task, &result.update)?;
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         return Err(format!("update value {i} is {} (not finite)", values[i]));
     }
     if result.metrics.pruned_nonzero > 0 {
         return Err(format!("the mask was not enforced: {} pruned parameters moved", result.metrics.pruned_nonzero));
     }
-    if let Some(m) = &mask {
+    if let Some(crate::protocol::MaskSpec::Full { bits, .. }) = &task.model.mask {
         // A masked task's update must keep pruned entries at exactly zero (weights) or unchanged.
-        if let Some(i) = values.iter().zip(m).position(|(v, k)| !k && *v != 0.0) {
+        let m = bits.unpack().map_err(|e| e.to_string())?;
+        if let Some(i) = values.iter().zip(&m).position(|(v, k)| !k && *v != 0.0) {
             return Err(format!("update changes pruned parameter {i}"));
         }
     }
-    if task.kind == TaskKind::Train && (result.samples == 0 || result.samples > shard_samples) {
+    if result.samples == 0 || result.samples > shard_samples {
         return Err(format!("claims {} samples, the client's shard has {shard_samples}", result.samples));
     }
-    Ok(Contribution { client, samples: result.samples, kind, values, metrics: result.metrics })
+    Ok(Contribution { client, samples: result.samples, kind, values, metrics: result.metrics, encoding })
 }
 
 /// Sample-weighted mean of the contributions' vectors.

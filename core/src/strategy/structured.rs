@@ -11,7 +11,8 @@
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::{ClientView, Contribution, RoundContext, RoundOutcome, Strategy, StrategyConfig, UploadKind, plain_round, weighted_values};
+use super::{ClientView, Contribution, RoundContext, RoundOutcome, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, plain_round, weighted_values};
+use crate::metric_keys as keys;
 use crate::arch::Layer;
 use crate::protocol::{Task, UploadSpec};
 use crate::state::ModelState;
@@ -81,6 +82,7 @@ impl Default for StructuredConfig {
 
 pub struct Structured {
     config: StrategyConfig,
+    settings: StructuredConfig,
     stale: u32,
     stopped: bool,
     /// Parameters right after the last surgery (the start before the first): movement's origin.
@@ -90,22 +92,22 @@ pub struct Structured {
 }
 
 impl Structured {
-    pub fn new(config: StrategyConfig) -> Result<Self, String> {
-        if !(config.structured.lambda >= 0.0) {
+    pub fn new(config: StrategyConfig, settings: StructuredConfig) -> Result<Self, String> {
+        if !(settings.lambda >= 0.0) {
             return Err("structured lambda must be ≥ 0".into());
         }
-        Ok(Structured { config, stale: 0, stopped: false, reference: Vec::new(), init: Vec::new() })
+        Ok(Structured { config, settings, stale: 0, stopped: false, reference: Vec::new(), init: Vec::new() })
     }
 
     /// Whether round `round` may prune: before patience ran out and up to `prune_until` inclusive.
     pub fn pruning_active(&self, round: u32) -> bool {
-        !self.stopped && round <= self.config.structured.prune_until
+        !self.stopped && round <= self.settings.prune_until
     }
 
     /// Per prunable layer, the score of each unit (its logarithm with `log_scores`).
     fn scores(&self, global: &ModelState) -> Vec<Option<Vec<f32>>> {
         let raw = self.raw_scores(global);
-        if !self.config.structured.log_scores {
+        if !self.settings.log_scores {
             return raw;
         }
         raw.into_iter()
@@ -120,7 +122,7 @@ impl Structured {
     }
 
     fn raw_scores(&self, global: &ModelState) -> Vec<Option<Vec<f32>>> {
-        let s = &self.config.structured;
+        let s = &self.settings;
         let arch = &global.arch;
         let conv_only = s.conv_only && arch.layers.iter().any(|l| matches!(l, Layer::Conv { .. }));
         match s.score {
@@ -146,11 +148,12 @@ fn cut(state: &ModelState, values: &[f32], keep: &[Option<Vec<usize>>]) -> Vec<f
     shrink(&ModelState { arch: state.arch.clone(), params: values.to_vec(), mask: None, mask_version: 0 }, keep).params
 }
 
-impl Strategy for Structured {
-    fn name(&self) -> &'static str {
-        "structured"
-    }
+/// Settings: `[strategy.structured]` ([`StructuredConfig`]).
+pub fn build(config: StrategyConfig, settings: Option<&Settings>) -> Result<Box<dyn Strategy>, String> {
+    Ok(Box::new(Structured::new(config, parse_settings("structured", settings)?)?))
+}
 
+impl Strategy for Structured {
     fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
         plain_round(round, global, &self.config, clients, rng, UploadSpec::Weights)
     }
@@ -174,7 +177,7 @@ impl Strategy for Structured {
             self.init = global.params.clone();
         }
         global.params = weighted_values(results)?;
-        let s = self.config.structured.clone();
+        let s = self.settings.clone();
         let mut outcome = RoundOutcome::default();
         // Both accuracies, on the server's validation split: the round's trained model, and the
         // model the next round starts from (after any surgery).
@@ -189,7 +192,7 @@ impl Strategy for Structured {
             let smaller = shrink(global, &keep);
             if smaller.arch.num_params() < before {
                 let removed: usize = global.arch.widths().iter().sum::<usize>() - smaller.arch.widths().iter().sum::<usize>();
-                outcome.metrics.insert("pruned_units".into(), removed as f64);
+                outcome.metrics.insert(keys::PRUNED_UNITS.into(), removed as f64);
                 if s.reinit {
                     *global = ModelState::init(smaller.arch, self.config.seed ^ round as u64);
                     self.init = global.params.clone();
@@ -212,10 +215,10 @@ impl Strategy for Structured {
         outcome.metrics.insert("params_next".into(), global.arch.num_params() as f64);
         outcome.metrics.insert("flops_next".into(), global.arch.flops_per_sample() as f64);
         for (i, w) in global.arch.widths().iter().enumerate() {
-            outcome.metrics.insert(format!("width.{i}"), *w as f64);
+            outcome.metrics.insert(keys::width(i), *w as f64);
         }
         for p in global.arch.params() {
-            *outcome.metrics.entry(format!("bytes.layers.{}", p.layer)).or_default() += 4.0 * p.len as f64;
+            *outcome.metrics.entry(keys::layer_bytes(p.layer)).or_default() += 4.0 * p.len as f64;
         }
         Ok(outcome)
     }
@@ -228,18 +231,18 @@ mod tests {
 
     #[test]
     fn prunes_outliers_then_stops_after_patience() {
-        let mut cfg = StrategyConfig::default();
-        cfg.structured.score = UnitScore::L1;
-        cfg.structured.upper_tail = true;
-        cfg.structured.log_scores = false;
-        cfg.structured.lambda = 1.0;
-        cfg.structured.patience = 2;
-        let mut s = Structured::new(cfg).unwrap();
+        let mut cfg = StructuredConfig::default();
+        cfg.score = UnitScore::L1;
+        cfg.upper_tail = true;
+        cfg.log_scores = false;
+        cfg.lambda = 1.0;
+        cfg.patience = 2;
+        let mut s = Structured::new(StrategyConfig::default(), cfg).unwrap();
         let arch = Arch::preset("mlp", [1, 4, 4], 3).unwrap();
         let mut global = ModelState::init(arch, 1);
         let validate = |_: &ModelState| crate::train::Eval::default();
         let ctx = RoundContext { rounds: 10, validate: &validate };
-        let w = |g: &ModelState| Contribution { client: 0, samples: 5, kind: UploadKind::Weights, values: g.params.clone(), metrics: Default::default() };
+        let w = |g: &ModelState| Contribution { client: 0, samples: 5, kind: UploadKind::Weights, values: g.params.clone(), metrics: Default::default(), encoding: Default::default() };
         let before = global.arch.num_params();
         let r = [w(&global)];
         let out = s.aggregate(1, &mut global, &r, &ctx).unwrap();
@@ -248,7 +251,7 @@ mod tests {
         assert_eq!(global.params.len(), global.arch.num_params());
         assert_eq!(*global.arch.widths().last().unwrap(), 3, "the output layer keeps every class");
         // With λ huge nothing falls outside the band: patience runs out and pruning stops.
-        s.config.structured.lambda = 100.0;
+        s.settings.lambda = 100.0;
         let n = global.arch.num_params();
         let r = [w(&global)];
         s.aggregate(2, &mut global, &r, &ctx).unwrap();
@@ -256,7 +259,7 @@ mod tests {
         let out = s.aggregate(3, &mut global, &r, &ctx).unwrap();
         assert_eq!(global.arch.num_params(), n);
         assert_eq!(out.metrics["pruning_active"], 1.0, "round 3 still tried, and ran out of patience");
-        s.config.structured.lambda = 0.1;
+        s.settings.lambda = 0.1;
         let r = [w(&global)];
         let out = s.aggregate(4, &mut global, &r, &ctx).unwrap();
         assert_eq!(global.arch.num_params(), n, "stopped for good");
@@ -264,19 +267,19 @@ mod tests {
     }
 
     fn weights(g: &ModelState) -> Contribution {
-        Contribution { client: 0, samples: 5, kind: UploadKind::Weights, values: g.params.clone(), metrics: Default::default() }
+        Contribution { client: 0, samples: 5, kind: UploadKind::Weights, values: g.params.clone(), metrics: Default::default(), encoding: Default::default() }
     }
 
     #[test]
     fn pruning_and_its_metric_agree_on_the_last_round() {
-        let mut cfg = StrategyConfig::default();
-        cfg.structured.score = UnitScore::L1;
-        cfg.structured.upper_tail = true;
-        cfg.structured.log_scores = false;
-        cfg.structured.lambda = 1.0;
-        cfg.structured.prune_until = 2;
-        cfg.structured.patience = 10;
-        let mut s = Structured::new(cfg).unwrap();
+        let mut cfg = StructuredConfig::default();
+        cfg.score = UnitScore::L1;
+        cfg.upper_tail = true;
+        cfg.log_scores = false;
+        cfg.lambda = 1.0;
+        cfg.prune_until = 2;
+        cfg.patience = 10;
+        let mut s = Structured::new(StrategyConfig::default(), cfg).unwrap();
         let mut global = ModelState::init(Arch::preset("mlp", [1, 4, 4], 3).unwrap(), 1);
         let validate = |_: &ModelState| crate::train::Eval::default();
         let ctx = RoundContext { rounds: 10, validate: &validate };
@@ -299,12 +302,12 @@ mod tests {
 
     #[test]
     fn movement_prunes_the_unit_that_stopped_learning_and_keeps_trained_weights() {
-        let mut cfg = StrategyConfig::default();
-        cfg.structured.log_scores = false;
-        cfg.structured.lambda = 1.0;
-        cfg.structured.upper_tail = false;
-        cfg.structured.score = UnitScore::Movement;
-        let mut s = Structured::new(cfg).unwrap();
+        let mut cfg = StructuredConfig::default();
+        cfg.log_scores = false;
+        cfg.lambda = 1.0;
+        cfg.upper_tail = false;
+        cfg.score = UnitScore::Movement;
+        let mut s = Structured::new(StrategyConfig::default(), cfg).unwrap();
         let arch = Arch::preset("mlp", [1, 4, 4], 3).unwrap();
         let mut global = ModelState::init(arch.clone(), 1);
         // Every unit of the first hidden layer moves by 0.1 per weight, except unit 7.
@@ -337,11 +340,11 @@ mod tests {
         let arch = Arch::preset("mlp", [1, 4, 4], 3).unwrap();
         let w = arch.params()[0].clone();
         let run = |log: bool| {
-            let mut cfg = StrategyConfig::default();
-            cfg.structured.score = UnitScore::Movement;
-            cfg.structured.upper_tail = false;
-            cfg.structured.log_scores = log;
-            let mut s = Structured::new(cfg).unwrap();
+            let mut cfg = StructuredConfig::default();
+            cfg.score = UnitScore::Movement;
+            cfg.upper_tail = false;
+            cfg.log_scores = log;
+            let mut s = Structured::new(StrategyConfig::default(), cfg).unwrap();
             let mut global = ModelState::init(arch.clone(), 1);
             let mut trained = global.clone();
             for i in 0..16 {
@@ -364,11 +367,11 @@ mod tests {
 
     #[test]
     fn init_relative_scores_ignore_the_spread_of_the_initial_norms() {
-        let mut cfg = StrategyConfig::default();
-        cfg.structured.upper_tail = true;
-        cfg.structured.lambda = 1.0;
-        cfg.structured.score = UnitScore::InitRelative;
-        let mut s = Structured::new(cfg).unwrap();
+        let mut cfg = StructuredConfig::default();
+        cfg.upper_tail = true;
+        cfg.lambda = 1.0;
+        cfg.score = UnitScore::InitRelative;
+        let mut s = Structured::new(StrategyConfig::default(), cfg).unwrap();
         let mut global = ModelState::init(Arch::preset("mlp", [1, 4, 4], 3).unwrap(), 1);
         // Everything scaled by the same factor: every unit grew alike, nothing is an outlier.
         let mut trained = global.clone();
@@ -381,14 +384,14 @@ mod tests {
 
     #[test]
     fn conv_only_leaves_dense_layers_alone() {
-        let mut cfg = StrategyConfig::default();
-        cfg.structured.score = UnitScore::L1;
-        cfg.structured.upper_tail = true;
-        cfg.structured.log_scores = false;
-        cfg.structured.lambda = 0.5;
-        cfg.structured.conv_only = true;
-        cfg.structured.min_units = 1;
-        let mut s = Structured::new(cfg).unwrap();
+        let mut cfg = StructuredConfig::default();
+        cfg.score = UnitScore::L1;
+        cfg.upper_tail = true;
+        cfg.log_scores = false;
+        cfg.lambda = 0.5;
+        cfg.conv_only = true;
+        cfg.min_units = 1;
+        let mut s = Structured::new(StrategyConfig::default(), cfg).unwrap();
         let mut global = ModelState::init(Arch::preset("cnn", [1, 8, 8], 3).unwrap(), 1);
         let validate = |_: &ModelState| crate::train::Eval::default();
         let ctx = RoundContext { rounds: 10, validate: &validate };

@@ -1,16 +1,9 @@
 //! Compressed updates: only the mask's kept entries travel, optionally as int8 with one scale per
 //! tensor, optionally only the largest `top_k` fraction with error feedback.
 
+use super::kept_indices;
 use crate::arch::Arch;
 use crate::protocol::{Blob, SparseUpdate, Values};
-
-/// Flat indices the mask keeps (all of them without a mask).
-pub fn kept_indices(mask: Option<&[bool]>, len: usize) -> Vec<u32> {
-    match mask {
-        None => (0..len as u32).collect(),
-        Some(m) => m.iter().enumerate().filter(|(_, k)| **k).map(|(i, _)| i as u32).collect(),
-    }
-}
 
 /// The tensor (index into `arch.params()`) of every flat index.
 fn tensor_of(arch: &Arch) -> Vec<u16> {

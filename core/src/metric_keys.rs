@@ -1,0 +1,76 @@
+//! Names of the figures strategies report per round (`RoundOutcome::metrics`, a round record's
+//! `extra`). Rust code uses these constants; the dashboard reads the same names from
+//! `metric_keys` in `/api/metrics` rather than spelling them itself.
+
+use serde::Serialize;
+
+/// Fraction of all parameters a mask prunes.
+pub const SPARSITY: &str = "sparsity";
+/// FLOPs per sample with pruned weights skipped.
+pub const EFFECTIVE_FLOPS: &str = "effective_flops";
+/// Effective over dense FLOPs.
+pub const FLOPS_RATIO: &str = "flops_ratio";
+/// Units removed by structured pruning this round.
+pub const PRUNED_UNITS: &str = "pruned_units";
+
+/// In-round exchange requests the server answered this round.
+pub const EXCHANGES: &str = "exchanges";
+
+/// Fraction of the weights a pruning-at-init mask keeps.
+pub const DENSITY: &str = "density";
+/// Mean upload payload in bits per surviving weight (frame envelopes excluded).
+pub const UPLOAD_BITS_PER_WEIGHT: &str = "upload_bits_per_weight";
+/// Fraction of uploaded tensors that travelled as flips rather than bit-packed.
+pub const FLIP_TENSORS: &str = "flip_tensors";
+/// Fraction of the kept entries whose global bit changed in the vote.
+pub const BITS_CHANGED: &str = "bits_changed";
+/// Fraction of the kept entries a binary supermask has switched on.
+pub const MASK_ON: &str = "mask_on";
+
+/// Fraction of one weight tensor a pruning-at-init mask keeps, e.g. `density.layers.1.weight`.
+pub fn tensor_density(param: &str) -> String {
+    format!("{DENSITY}.{param}")
+}
+
+/// Fraction of one tensor a mask prunes, e.g. `sparsity.layers.1.weight`.
+pub fn tensor_sparsity(param: &str) -> String {
+    format!("{SPARSITY}.{param}")
+}
+
+/// Width (units or filters) of hidden layer number `i` among the prunable layers.
+pub fn width(i: usize) -> String {
+    format!("width.{i}")
+}
+
+/// Bytes of the parameters of layer `layer` (e.g. `bytes.layers.3`).
+pub fn layer_bytes(layer: usize) -> String {
+    format!("bytes.layers.{layer}")
+}
+
+/// What `/api/metrics` publishes so the dashboard needs no copy of these names.
+#[derive(Serialize)]
+pub struct Published {
+    pub sparsity: &'static str,
+    /// Prefix of per-tensor sparsity: `<prefix><parameter name>`.
+    pub tensor_sparsity_prefix: String,
+    pub effective_flops: &'static str,
+    pub flops_ratio: &'static str,
+    pub pruned_units: &'static str,
+    pub density: &'static str,
+    /// Prefix of per-tensor density: `<prefix><parameter name>`.
+    pub tensor_density_prefix: String,
+    pub upload_bits_per_weight: &'static str,
+}
+
+pub fn published() -> Published {
+    Published {
+        sparsity: SPARSITY,
+        tensor_sparsity_prefix: tensor_sparsity(""),
+        effective_flops: EFFECTIVE_FLOPS,
+        flops_ratio: FLOPS_RATIO,
+        pruned_units: PRUNED_UNITS,
+        density: DENSITY,
+        tensor_density_prefix: tensor_density(""),
+        upload_bits_per_weight: UPLOAD_BITS_PER_WEIGHT,
+    }
+}
