@@ -38,8 +38,8 @@ pub struct ClientState {
 impl ClientState {
     /// Where a supermask task's scores start: this client's own magnitudes (or |θ₀| the first
     /// time), signed by the task's bits, so the model starts as the global one.
-    fn start_scores(&self, theta0: &[f32], mask: Option<&[bool]>, bits: &[bool]) -> Vec<f32> {
-        let own = self.scores.as_ref().filter(|s| s.len() == theta0.len());
+    fn start_scores(&self, theta0: &[f32], mask: Option<&[bool]>, bits: &[bool], personal: bool) -> Vec<f32> {
+        let own = self.scores.as_ref().filter(|s| personal && s.len() == theta0.len());
         let mut b = bits.iter();
         (0..theta0.len())
             .map(|i| {
@@ -157,14 +157,14 @@ async fn learn<H: crate::train::Host>(model: &Model, state: &mut ClientState, da
     let (arch, mask) = (&model.arch, model.mask.as_deref());
     match (task.train.step.learn, &model.supermask) {
         (Learn::Weights, _) => train(arch, &model.params, mask, None, data, &task.train, device, host).await,
-        (Learn::Scores, Some(sm)) => {
-            let start = state.start_scores(&sm.theta0, mask, &sm.bits);
+        (Learn::Scores { personal }, Some(sm)) => {
+            let start = state.start_scores(&sm.theta0, mask, &sm.bits, personal);
             let frozen = Frozen { kind: sm.kind, theta0: &sm.theta0 };
             let mut t = train(arch, &start, mask, Some(frozen), data, &task.train, device, host).await?;
             let bits = supermask::bits_of_scores(&t.params, mask);
             state.scores = Some(std::mem::replace(&mut t.params, supermask::effective(sm.kind, &sm.theta0, mask, &bits)));
             Ok(t)
         }
-        (Learn::Scores, None) => Err("the task learns scores but its model is no supermask".into()),
+        (Learn::Scores { .. }, None) => Err("the task learns scores but its model is no supermask".into()),
     }
 }

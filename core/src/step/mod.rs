@@ -47,8 +47,10 @@ pub enum Learn {
     Weights,
     /// Real-valued scores over the frozen weights of a supermask model: the forward pass uses
     /// |θ₀| ⊙ M ⊙ sign(s) (sign supermask) or θ₀ ⊙ M ⊙ [s > 0] (binary supermask), and the
-    /// backward pass goes straight through the sign or threshold to the scores.
-    Scores,
+    /// backward pass goes straight through the sign or threshold to the scores. With
+    /// `personal`, a client's scores keep their magnitudes from task to task (their signs
+    /// restart from the task's bits); without, every task starts from |θ₀|.
+    Scores { personal: bool },
 }
 
 /// The frozen side of a supermask task: what the scores act on.
@@ -87,7 +89,7 @@ pub(crate) fn reparam(learn: Learn, arch: &Arch, mask: Option<&[bool]>, frozen: 
     Ok(match (learn, mask, frozen) {
         (Learn::Weights, None, _) => Box::new(weights::Plain),
         (Learn::Weights, Some(m), _) => Box::new(weights::Masked::new(arch, m, device)),
-        (Learn::Scores, _, Some(f)) => Box::new(scores::Scores::new(arch, f, mask, device)),
-        (Learn::Scores, _, None) => return Err("learning scores needs a supermask model (frozen weights)".into()),
+        (Learn::Scores { .. }, _, Some(f)) => Box::new(scores::Scores::new(arch, f, mask, device)),
+        (Learn::Scores { .. }, _, None) => return Err("learning scores needs a supermask model (frozen weights)".into()),
     })
 }

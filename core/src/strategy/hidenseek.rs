@@ -34,11 +34,18 @@ pub struct SupermaskConfig {
     /// Learning rate and optimizer of the clients' scores (they replace `[strategy]`'s).
     pub score_lr: f64,
     pub score_optimizer: Optimizer,
+    /// Clients keep their scores' magnitudes between rounds (personalisation); otherwise every
+    /// round's scores start from |θ₀| with the global bits.
+    pub personal_scores: bool,
+    /// Memory of the vote across rounds: the server keeps t ← β·t + (1−β)·(weighted mean vote)
+    /// per entry and sets each bit by the sign of t. 0 is the plain majority vote (the paper);
+    /// with non-IID clients chance majorities then flip many bits every round.
+    pub vote_momentum: f32,
 }
 
 impl SupermaskConfig {
     fn hidenseek() -> Self {
-        SupermaskConfig { density: 0.5, synflow_iters: 100, score_lr: 0.01, score_optimizer: Optimizer::Adam }
+        SupermaskConfig { density: 0.5, synflow_iters: 100, score_lr: 0.01, score_optimizer: Optimizer::Adam, personal_scores: true, vote_momentum: 0.0 }
     }
 }
 
@@ -66,6 +73,8 @@ pub struct Supermask {
     kind: SupermaskKind,
     /// SynFlow's mask, computed for the first round and installed at its aggregation.
     pending_mask: Option<Vec<bool>>,
+    /// The vote's memory per entry (see `vote_momentum`).
+    tally: Vec<f32>,
 }
 
 impl Supermask {
@@ -76,7 +85,10 @@ impl Supermask {
         if !(settings.score_lr > 0.0) {
             return Err("score_lr must be positive".into());
         }
-        Ok(Supermask { config, settings, kind, pending_mask: None })
+        if !(0.0..1.0).contains(&settings.vote_momentum) {
+            return Err("vote_momentum must lie in [0, 1)".into());
+        }
+        Ok(Supermask { config, settings, kind, pending_mask: None, tally: Vec::new() })
     }
 
     /// θ₀: the same numbers the clients regenerate from the seed.
@@ -109,13 +121,22 @@ pub fn build_binary(config: StrategyConfig, settings: Option<&Settings>) -> Resu
 }
 
 impl Strategy for Supermask {
+    fn save_state(&self) -> Vec<u8> {
+        postcard::to_allocvec(&self.tally).expect("encoding")
+    }
+
+    fn load_state(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.tally = postcard::from_bytes(bytes).map_err(|e| format!("supermask state: {e}"))?;
+        Ok(())
+    }
+
     fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
         let model = if global.mask.is_none() { self.initial(global) } else { global.clone() };
         let payload = encode_supermask(&model, self.config.seed, self.kind);
         let mut tasks = plain_round(round, &model, &self.config, clients, rng, UploadSpec::Supermask { kind: self.kind });
         for (_, t) in &mut tasks {
             t.model = payload.clone();
-            t.train.step.learn = Learn::Scores;
+            t.train.step.learn = Learn::Scores { personal: self.settings.personal_scores };
             t.train.lr = self.settings.score_lr;
             t.train.optimizer = self.settings.score_optimizer.clone();
         }
@@ -142,7 +163,20 @@ impl Strategy for Supermask {
         };
         let previous: Vec<bool> = global.params.iter().map(|w| bit(*w)).collect();
         let votes: Vec<(&[f32], u64)> = results.iter().map(|c| (c.values.as_slice(), c.samples)).collect();
-        let next = weighted_vote(&votes, &previous);
+        let next = if self.settings.vote_momentum > 0.0 {
+            let beta = self.settings.vote_momentum;
+            if self.tally.len() != previous.len() {
+                self.tally = previous.iter().map(|b| if *b { 1.0 } else { -1.0 }).collect();
+            }
+            let total: f64 = votes.iter().map(|(_, n)| *n as f64).sum::<f64>().max(1.0);
+            for (i, t) in self.tally.iter_mut().enumerate() {
+                let mean = votes.iter().map(|(v, n)| v[i] as f64 * *n as f64).sum::<f64>() / total;
+                *t = beta * *t + (1.0 - beta) * mean as f32;
+            }
+            self.tally.iter().zip(&previous).map(|(t, p)| if *t > 0.0 { true } else if *t < 0.0 { false } else { *p }).collect()
+        } else {
+            weighted_vote(&votes, &previous)
+        };
         let kept = mask.iter().filter(|k| **k).count();
         let changed = (0..next.len()).filter(|&i| mask[i] && next[i] != previous[i]).count();
         let kept_bits: Vec<bool> = next.iter().zip(&mask).filter(|(_, k)| **k).map(|(b, _)| *b).collect();
@@ -178,7 +212,7 @@ mod tests {
         let clients: Vec<ClientView> = (0..3).map(|id| ClientView { id, samples: 10 }).collect();
         let tasks = s.configure_round(1, &global, &clients, &mut rand::SeedableRng::seed_from_u64(1));
         assert_eq!(tasks.len(), 3);
-        assert_eq!(tasks[0].1.train.step.learn, Learn::Scores);
+        assert_eq!(tasks[0].1.train.step.learn, Learn::Scores { personal: true });
         assert!(matches!(tasks[0].1.upload, UploadSpec::Supermask { kind: SupermaskKind::Sign }));
         // Every client votes "flip entry 0 negative"; two of three vote "+" elsewhere.
         let theta0 = ModelState::init(global.arch.clone(), 7).params;
