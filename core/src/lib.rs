@@ -9,6 +9,7 @@ pub mod data;
 pub mod metric_keys;
 pub mod model;
 pub mod partition;
+pub mod positions;
 pub mod protocol;
 pub mod state;
 pub mod step;

@@ -240,7 +240,8 @@ pub enum MaskBits {
 /// Delta entries on the kept positions of the task's mask; see [`crate::codec`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SparseUpdate {
-    /// u32 little-endian, ascending indices into the list of kept entries; `None`: all of them.
+    /// Ascending indices into the list of kept entries, coded by [`crate::positions`] (a bitmap
+    /// or delta varints, whichever is smaller); `None`: all of them.
     pub positions: Option<Blob>,
     pub values: Values,
 }

@@ -13,9 +13,9 @@ mod structured;
 pub use autoflip::{AutoFlip, AutoflipConfig};
 pub use echo::{Echo, LossServer};
 pub use hidenseek::{Supermask, SupermaskConfig};
-pub use structured::{Structured, StructuredConfig};
+pub use structured::{Structured, StructuredConfig, UnitScore};
 pub use fedavg::FedAvg;
-pub use fedavgm::FedAvgM;
+pub use fedavgm::{FedAvgM, FedavgmConfig};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
