@@ -38,7 +38,7 @@ bench *ARGS:
 # compression, no pruning) and AutoFLIP, on the same splits; prints and saves a table.
 compare *ARGS: setup
     cargo build -p canopy-server --bin canopy
-    "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/compare.toml --rounds 50 --strategies 'fedavg,fedavgm{lr_decay=0.99},autoflip{q=0},autoflip' {{ARGS}}
+    "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/compare.toml --strategies 'fedavg,fedavgm{lr_decay=0.99},autoflip{q=0},autoflip' {{ARGS}}
 
 # The paper's structured pruning (L1 scores, both tails, re-initialised after each cut, conv
 # filters only, at least 1 unit, prune_until 50, patience 3) and Canopy's (weights kept,
@@ -50,7 +50,7 @@ compare-structured *ARGS: setup
 # FedAvg, AutoFLIP, HideNseek and the binary supermask on the same splits; prints and saves a table.
 compare-supermask *ARGS: setup
     cargo build -p canopy-server --bin canopy
-    "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/hidenseek.toml --strategies fedavg,autoflip,hidenseek,supermask --datasets mnist-digits,fashion-mnist --partitions dirichlet:0.1,shards:2 {{ARGS}}
+    "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/hidenseek.toml --strategies fedavg,autoflip,hidenseek,supermask --datasets mnist-digits,fashion-mnist --partitions dirichlet:0.1,shards:2 --max-train 20000 {{ARGS}}
 
 # Training speed in headless Chromium tabs (WebGPU and CPU), full vs pruned widths.
 bench-browser: setup
