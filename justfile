@@ -34,20 +34,28 @@ sim URL="ws://127.0.0.1:8080/ws" N="5":
 bench *ARGS:
     cargo run -p canopy-server --bin canopy -- bench {{ARGS}}
 
-# FedAvg vs AutoFLIP (and any strategies listed) on the same splits; prints and saves a table.
+# FedAvg, FedAvgM with AutoFLIP's ×0.99 lr decay, AutoFLIP with q = 0 (exploration and
+# compression, no pruning) and AutoFLIP, on the same splits; prints and saves a table.
 compare *ARGS: setup
     cargo build -p canopy-server --bin canopy
-    "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/compare.toml {{ARGS}}
+    "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/compare.toml --strategies 'fedavg,fedavgm{lr_decay=0.99},autoflip{q=0},autoflip' {{ARGS}}
 
 # Attacks × defences (MLP, MNIST digits, 10 native clients, 1 and 3 attackers); prints final accuracy.
 attack-table *ARGS: setup
     cargo build -p canopy-server --bin canopy
     "$CARGO_TARGET_DIR/debug/canopy" attack {{ARGS}}
 
-# FedAvg vs automatic structured pruning on the small CNN; prints and saves a table.
+# The paper's structured pruning (L1 scores, both tails, re-initialised after each cut, conv
+# filters only, at least 1 unit, prune_until 50, patience 3) and Canopy's (weights kept,
+# movement scores) against FedAvg on the paper's CNN; prints and saves a table.
 compare-structured *ARGS: setup
     cargo build -p canopy-server --bin canopy
-    "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/structured.toml --strategies fedavg,structured --partitions dirichlet:0.1,shards:2 {{ARGS}}
+    "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/structured.toml --partitions dirichlet:0.1,shards:2 --strategies 'fedavg,structured{reinit=true;score="l1";upper_tail=true;log_scores=false;conv_only=true;min_units=1;prune_until=50;patience=3;lambda=2.2},structured' {{ARGS}}
+
+# FedAvg, AutoFLIP, HideNseek and the binary supermask on the same splits; prints and saves a table.
+compare-supermask *ARGS: setup
+    cargo build -p canopy-server --bin canopy
+    "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/hidenseek.toml --strategies fedavg,autoflip,hidenseek,supermask --datasets mnist-digits,fashion-mnist --partitions dirichlet:0.1,shards:2 --max-train 20000 {{ARGS}}
 
 # Training speed in headless Chromium tabs (WebGPU and CPU), full vs pruned widths.
 bench-browser: setup

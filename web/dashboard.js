@@ -109,6 +109,8 @@ function render(d) {
   const xs = rounds.map((x) => x.round);
   lineChart($('accChart'), xs, [
     { label: 'accuracy', color: '#2f7d32', values: rounds.map((x) => x.test_accuracy), axis: 'left' },
+    // Each client's own model on its own held-out split (personalised methods keep theirs).
+    { label: 'clients\' own', color: '#2f7d32', values: rounds.map((x) => x.local_accuracy), axis: 'left', dash: [5, 4] },
     { label: 'loss', color: '#b26a00', values: rounds.map((x) => x.test_loss), axis: 'right' },
   ], { leftMax: 1 });
   let up = 0, down = 0;
@@ -123,12 +125,22 @@ function render(d) {
   const keys = d.metric_keys;
   const sparse = rounds.some((x) => x.extra && keys.sparsity in x.extra);
   if (sparse) size.push({ label: 'sparsity', color: '#b26a00', values: rounds.map((x) => x.extra?.[keys.sparsity] ?? NaN), axis: 'right' });
-  lineChart($('sizeChart'), xs, size, { rightMax: 1 });
-  const pruned = sparse || new Set(rounds.map((x) => x.params)).size > 1;
+  // Pruning at init (HideNseek): density, and the bits each client sent per surviving weight.
+  const dense = rounds.some((x) => x.extra && keys.density in x.extra);
+  if (dense) size.push({ label: 'density', color: '#6d4c41', values: rounds.map((x) => x.extra?.[keys.density] ?? NaN), axis: 'right' });
+  const bits = rounds.some((x) => x.extra && keys.upload_bits_per_weight in x.extra);
+  if (bits) size.push({ label: 'bits/weight up', color: '#1565c0', values: rounds.map((x) => x.extra?.[keys.upload_bits_per_weight] ?? NaN), axis: 'right', dash: [4, 3] });
+  lineChart($('sizeChart'), xs, size, { rightMax: 1.05 });
+  const pruned = sparse || dense || new Set(rounds.map((x) => x.params)).size > 1;
   $('sizeNote').textContent = pruned ? '' : `No pruning in this run: ${d.model.params.toLocaleString()} parameters, ${fmtAxis(d.model.flops_per_sample)} FLOPs per sample.`;
   // Per-layer sparsity, when the strategy reports it for the layer's weight tensor.
   const extra = last?.extra || {};
-  const layers = d.model.layers.map((l) => ({ ...l, sparsity: extra[`${keys.tensor_sparsity_prefix}${l.name}.weight`] ?? null }));
+  // A pruning-at-init mask reports per-layer density once, in the round it was installed.
+  const density = (name) => rounds.map((x) => x.extra?.[`${keys.tensor_density_prefix}${name}.weight`]).find((v) => v != null);
+  const layers = d.model.layers.map((l) => {
+    const dn = density(l.name);
+    return { ...l, sparsity: extra[`${keys.tensor_sparsity_prefix}${l.name}.weight`] ?? (dn != null ? 1 - dn : null) };
+  });
   layerChart($('layerChart'), layers);
   $('layerNote').textContent = `${d.model.layers.length} layers with weights; widths ${d.model.widths.join('-')}; ${d.model.params.toLocaleString()} parameters.`;
 

@@ -8,13 +8,19 @@
 
 use serde::{Deserialize, Serialize};
 
-/// One layer. Convolutions use stride 1 and "same" padding.
+/// One layer. Convolutions use stride 1 and "same" or "valid" padding.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Layer {
     /// Fully connected: weight `[inputs, units]`, bias `[units]`.
     Dense { inputs: usize, units: usize },
     /// 2-D convolution: weight `[filters, in_channels, kernel, kernel]`, bias `[filters]`.
-    Conv { in_channels: usize, filters: usize, kernel: usize },
+    Conv {
+        in_channels: usize,
+        filters: usize,
+        kernel: usize,
+        #[serde(default)]
+        padding: Padding,
+    },
     Relu,
     /// 2×2 max pooling with stride 2.
     MaxPool2,
@@ -22,6 +28,28 @@ pub enum Layer {
     GlobalAvgPool,
     /// `[B, C, H, W]` becomes `[B, C·H·W]`.
     Flatten,
+}
+
+/// Padding of a convolution.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Padding {
+    /// Output as large as the input (kernel / 2 zeros on each side; odd kernels only).
+    #[default]
+    Same,
+    /// No padding: the output loses kernel − 1 rows and columns (Keras' default, the
+    /// structured-pruning paper's CNN).
+    Valid,
+}
+
+impl Padding {
+    /// Zeros added on each side for a `kernel`-wide convolution.
+    pub fn pad(self, kernel: usize) -> usize {
+        match self {
+            Padding::Same => kernel / 2,
+            Padding::Valid => 0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,7 +84,7 @@ pub enum ArchError {
     Mismatch { layer: usize, what: String, why: String },
     #[error("the model ends with {0} outputs but the data has {1} classes")]
     Classes(usize, usize),
-    #[error("unknown model '{0}' (known: mlp, cnn, cnn-small)")]
+    #[error("unknown model '{0}' (known: mlp, cnn, cnn-small, cnn-paper)")]
     Unknown(String),
 }
 
@@ -77,13 +105,17 @@ impl Arch {
             ],
             // FedAvg's CNN: two 5×5 convs with pooling, dense 512.
             "cnn" => [
-                conv_stack(c),
+                conv_stack(c, Padding::Same),
                 vec![Flatten, Dense { inputs: 64 * (h / 4) * (w / 4), units: 512 }, Relu, Dense { inputs: 512, units: classes }],
             ]
             .concat(),
-            // The structured-pruning paper's small CNN: the same convs, global average pooling,
-            // a dense head.
-            "cnn-small" => [conv_stack(c), vec![GlobalAvgPool, Dense { inputs: 64, units: classes }]].concat(),
+            // The structured-pruning paper's small CNN with "same" padding: the same convs,
+            // global average pooling, a dense head (works on inputs as small as 4×4).
+            "cnn-small" => [conv_stack(c, Padding::Same), vec![GlobalAvgPool, Dense { inputs: 64, units: classes }]].concat(),
+            // The structured-pruning paper's CNN exactly (NguyenThaiVu/prune_fl_project,
+            // `Define_Simple_CNN_Model`): Keras' default "valid" padding, so 28×28 → 24 → 12 → 8 → 4;
+            // 56,126 parameters and ~7.5 MFLOPs with FEMNIST's 62 classes.
+            "cnn-paper" => [conv_stack(c, Padding::Valid), vec![GlobalAvgPool, Dense { inputs: 64, units: classes }]].concat(),
             other => return Err(ArchError::Unknown(other.to_string())),
         };
         let arch = Arch { input, classes, layers };
@@ -109,7 +141,7 @@ impl Arch {
                 Layer::Dense { inputs, units } => {
                     vec![("weight", vec![inputs, units]), ("bias", vec![units])]
                 }
-                Layer::Conv { in_channels, filters, kernel } => vec![
+                Layer::Conv { in_channels, filters, kernel, .. } => vec![
                     ("weight", vec![filters, in_channels, kernel, kernel]),
                     ("bias", vec![filters]),
                 ],
@@ -210,14 +242,18 @@ impl Arch {
                 (Layer::Dense { .. }, Act::Image(_)) => {
                     return Err(err("needs Flatten or GlobalAvgPool before it".into()));
                 }
-                (Layer::Conv { in_channels, filters, kernel }, Act::Image([c, h, w])) => {
+                (Layer::Conv { in_channels, filters, kernel, padding }, Act::Image([c, h, w])) => {
                     if *in_channels != c {
                         return Err(err(format!("expects {in_channels} channels, gets {c}")));
                     }
-                    if kernel % 2 == 0 {
-                        return Err(err("'same' padding needs an odd kernel".into()));
+                    match padding {
+                        Padding::Same if kernel % 2 == 0 => return Err(err("'same' padding needs an odd kernel".into())),
+                        Padding::Same => Act::Image([*filters, h, w]),
+                        Padding::Valid if h < *kernel || w < *kernel => {
+                            return Err(err(format!("input {h}×{w} smaller than the {kernel}×{kernel} kernel")));
+                        }
+                        Padding::Valid => Act::Image([*filters, h + 1 - kernel, w + 1 - kernel]),
                     }
-                    Act::Image([*filters, h, w])
                 }
                 (Layer::MaxPool2, Act::Image([c, h, w])) => {
                     if h < 2 || w < 2 {
@@ -245,13 +281,13 @@ impl Arch {
 }
 
 /// Two 5×5 convolutions (32 and 64 filters), each followed by ReLU and 2×2 max pooling.
-fn conv_stack(channels: usize) -> Vec<Layer> {
+fn conv_stack(channels: usize, padding: Padding) -> Vec<Layer> {
     use Layer::*;
     vec![
-        Conv { in_channels: channels, filters: 32, kernel: 5 },
+        Conv { in_channels: channels, filters: 32, kernel: 5, padding },
         Relu,
         MaxPool2,
-        Conv { in_channels: 32, filters: 64, kernel: 5 },
+        Conv { in_channels: 32, filters: 64, kernel: 5, padding },
         Relu,
         MaxPool2,
     ]
@@ -280,6 +316,20 @@ mod tests {
         // FedAvg's paper gives 1,663,370 parameters for this CNN.
         let a = Arch::preset("cnn", [1, 28, 28], 10).unwrap();
         assert_eq!(a.num_params(), 1_663_370);
+    }
+
+    #[test]
+    fn paper_cnn_matches_the_structured_pruning_paper() {
+        // The paper's FEMNIST CNN: 56,126 parameters, 7.53 MFLOPs (TensorFlow's profiler).
+        let a = Arch::preset("cnn-paper", [1, 28, 28], 62).unwrap();
+        assert_eq!(a.num_params(), 56_126);
+        let f = a.flops_per_sample() as f64;
+        assert!((f / 7.53e6 - 1.0).abs() < 0.01, "{f}");
+        // "Same" padding costs ~3× more: the second conv sees 14×14 instead of 12×12 → 8×8.
+        assert!(Arch::preset("cnn-small", [1, 28, 28], 62).unwrap().flops_per_sample() as f64 > 2.5 * f);
+        assert_eq!(Arch::preset("cnn-paper", [1, 28, 28], 10).unwrap().num_params(), 52_746);
+        // Too small an input for two valid 5×5 convs is an error, not a panic.
+        assert!(Arch::preset("cnn-paper", [1, 8, 8], 10).is_err());
     }
 
     #[test]

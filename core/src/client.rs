@@ -7,10 +7,11 @@
 
 use burn::tensor::Device;
 
-use crate::codec::{self, MaskCache};
+use crate::codec::{self, MaskCache, Model, supermask};
 use crate::partition::Shard;
 use crate::protocol::{Blob, ClientMetrics, ClientMsg, DeviceInfo, Hello, PROTOCOL_VERSION, RunInfo, ServerMsg, Task, TaskResult};
-use crate::train::{Host, Progress, evaluate, train_local};
+use crate::step::{Frozen, Learn};
+use crate::train::{Host, Progress, Trained, evaluate, train};
 
 /// The outside world of the runtime: a clock, progress, frames to the server, and the
 /// in-round exchange.
@@ -29,6 +30,28 @@ pub struct ClientState {
     pub mask: MaskCache,
     /// Error-feedback residual of top-k uploads, carried from round to round.
     pub residual: Option<Vec<f32>>,
+    /// This client's own supermask scores (personalisation): their magnitudes carry over from
+    /// round to round, their signs restart from the global bits each task.
+    pub scores: Option<Vec<f32>>,
+}
+
+impl ClientState {
+    /// Where a supermask task's scores start: this client's own magnitudes (or |θ₀| the first
+    /// time), signed by the task's bits, so the model starts as the global one.
+    fn start_scores(&self, theta0: &[f32], mask: Option<&[bool]>, bits: &[bool], personal: bool) -> Vec<f32> {
+        let own = self.scores.as_ref().filter(|s| personal && s.len() == theta0.len());
+        let mut b = bits.iter();
+        (0..theta0.len())
+            .map(|i| {
+                if mask.is_some_and(|m| !m[i]) {
+                    return 0.0;
+                }
+                // A zero score would have no sign: keep a floor.
+                let mag = own.map_or(theta0[i].abs(), |s| s[i].abs()).max(1e-6);
+                if *b.next().expect("one bit per kept entry") { mag } else { -mag }
+            })
+            .collect()
+    }
 }
 
 pub struct ClientRuntime<H: ClientHost> {
@@ -107,7 +130,7 @@ impl<H: ClientHost> ClientRuntime<H> {
         self.last_model = Some((arch.clone(), model.params.clone()));
         let shard = self.shard.as_ref().ok_or("task before welcome: no data shard yet")?;
         let mut host = RoundHost { inner: &mut self.host, round: task.round };
-        let t = train_local(arch, &model.params, mask, &shard.train, &task.train, &self.device, &mut host).await?;
+        let t = learn(&model, &mut self.state, &shard.train, &task, &self.device, &mut host).await?;
         let pruned_nonzero = mask.map_or(0, |m| t.params.iter().zip(m).filter(|(v, k)| !**k && **v != 0.0).count() as u64);
         let mut metrics = ClientMetrics {
             train_loss: t.mean_loss,
@@ -125,5 +148,23 @@ impl<H: ClientHost> ClientRuntime<H> {
         }
         let samples = shard.train.len() as u64;
         Ok(TaskResult { round: task.round, samples, update, metrics, mask_version: self.state.mask.version() })
+    }
+}
+
+/// Trains as the task's step says; returns the trained weights the model computes with (for a
+/// supermask, the effective weights of the learned scores, which stay with this client).
+async fn learn<H: crate::train::Host>(model: &Model, state: &mut ClientState, data: &crate::data::Dataset, task: &Task, device: &Device, host: &mut H) -> Result<Trained, String> {
+    let (arch, mask) = (&model.arch, model.mask.as_deref());
+    match (task.train.step.learn, &model.supermask) {
+        (Learn::Weights, _) => train(arch, &model.params, mask, None, data, &task.train, device, host).await,
+        (Learn::Scores { personal }, Some(sm)) => {
+            let start = state.start_scores(&sm.theta0, mask, &sm.bits, personal);
+            let frozen = Frozen { kind: sm.kind, theta0: &sm.theta0 };
+            let mut t = train(arch, &start, mask, Some(frozen), data, &task.train, device, host).await?;
+            let bits = supermask::bits_of_scores(&t.params, mask);
+            state.scores = Some(std::mem::replace(&mut t.params, supermask::effective(sm.kind, &sm.theta0, mask, &bits)));
+            Ok(t)
+        }
+        (Learn::Scores { .. }, None) => Err("the task learns scores but its model is no supermask".into()),
     }
 }

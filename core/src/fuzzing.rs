@@ -6,7 +6,7 @@
 use crate::arch::{Arch, Layer};
 use crate::codec::sparse::encode_sparse;
 use crate::protocol::{
-    Backend, Bits, Blob, ClientMetrics, ClientMsg, DeviceInfo, Hello, MaskSpec, ModelPayload, PROTOCOL_VERSION, Task, TaskResult, Update, UploadSpec,
+    Backend, Bits, Blob, ClientMetrics, ClientMsg, DeviceInfo, Hello, MaskSpec, ModelPayload, PROTOCOL_VERSION, Params, Task, TaskResult, Update, UploadSpec,
     decode, encode,
 };
 use crate::robust::{Clip, RobustConfig, Rule, apply};
@@ -45,7 +45,7 @@ pub fn targets() -> Vec<Target> {
         round: 7,
         model: ModelPayload {
             arch: g.arch.clone(),
-            params: Blob::from_f32(&g.params),
+            params: Params::Values(Blob::from_f32(&g.params)),
             mask: g.mask.as_ref().map(|m| MaskSpec::Full { version: g.mask_version, bits: Bits::pack(m) }),
         },
         train: TrainSpec { epochs: 1, batch_size: 8, lr: 0.1, optimizer: Optimizer::Sgd { momentum: 0.0 }, seed: 1, patience: 0, step: Default::default() },
@@ -84,6 +84,7 @@ pub fn seed_frames(targets: &[Target]) -> Vec<Vec<u8>> {
             UploadSpec::Weights => Update::Weights(Blob::from_f32(&t.global.params.iter().zip(&delta).map(|(g, d)| g + d).collect::<Vec<_>>())),
             UploadSpec::Delta => Update::Delta(Blob::from_f32(&delta)),
             UploadSpec::Sparse { int8, top_k, .. } => Update::Sparse(encode_sparse(&t.task.model.arch, &delta, mask, int8, top_k, None)),
+            UploadSpec::Supermask { .. } => continue,
         };
         frames.push(encode(&ClientMsg::Result(TaskResult { round: 7, samples: 40, update, metrics: metrics.clone(), mask_version: Some(t.global.mask_version) })));
     }
@@ -108,7 +109,7 @@ pub fn feed(frame: &[u8], targets: &[Target]) -> Tally {
         };
         tally.accepted += 1;
         let reference = t.global.masked_params();
-        let honest = Contribution { client: 1, samples: 10, kind: c.kind, values: if c.kind == UploadKind::Weights { reference.clone() } else { vec![0.0; reference.len()] }, metrics: ClientMetrics::default() };
+        let honest = Contribution { client: 1, samples: 10, kind: c.kind, values: if c.kind == UploadKind::Weights { reference.clone() } else { vec![0.0; reference.len()] }, metrics: ClientMetrics::default(), encoding: Default::default() };
         for (rule, clip) in [(Rule::Mean, Clip::None), (Rule::Mean, Clip::Median), (Rule::Median, Clip::None), (Rule::TrimmedMean, Clip::None), (Rule::MultiKrum, Clip::Median)] {
             let config = RobustConfig { rule, clip, ..RobustConfig::default() };
             if let Ok((out, _)) = apply(&config, &reference, vec![honest.clone(), c.clone(), honest.clone()]) {

@@ -16,6 +16,22 @@ pub const PRUNED_UNITS: &str = "pruned_units";
 /// In-round exchange requests the server answered this round.
 pub const EXCHANGES: &str = "exchanges";
 
+/// Fraction of the weights a pruning-at-init mask keeps.
+pub const DENSITY: &str = "density";
+/// Mean upload payload in bits per surviving weight (frame envelopes excluded).
+pub const UPLOAD_BITS_PER_WEIGHT: &str = "upload_bits_per_weight";
+/// Fraction of uploaded tensors that travelled as flips rather than bit-packed.
+pub const FLIP_TENSORS: &str = "flip_tensors";
+/// Fraction of the kept entries whose global bit changed in the vote.
+pub const BITS_CHANGED: &str = "bits_changed";
+/// Fraction of the kept entries a binary supermask has switched on.
+pub const MASK_ON: &str = "mask_on";
+
+/// Fraction of one weight tensor a pruning-at-init mask keeps, e.g. `density.layers.1.weight`.
+pub fn tensor_density(param: &str) -> String {
+    format!("{DENSITY}.{param}")
+}
+
 /// Fraction of one tensor a mask prunes, e.g. `sparsity.layers.1.weight`.
 pub fn tensor_sparsity(param: &str) -> String {
     format!("{SPARSITY}.{param}")
@@ -40,6 +56,10 @@ pub struct Published {
     pub effective_flops: &'static str,
     pub flops_ratio: &'static str,
     pub pruned_units: &'static str,
+    pub density: &'static str,
+    /// Prefix of per-tensor density: `<prefix><parameter name>`.
+    pub tensor_density_prefix: String,
+    pub upload_bits_per_weight: &'static str,
 }
 
 pub fn published() -> Published {
@@ -49,5 +69,8 @@ pub fn published() -> Published {
         effective_flops: EFFECTIVE_FLOPS,
         flops_ratio: FLOPS_RATIO,
         pruned_units: PRUNED_UNITS,
+        density: DENSITY,
+        tensor_density_prefix: tensor_density(""),
+        upload_bits_per_weight: UPLOAD_BITS_PER_WEIGHT,
     }
 }

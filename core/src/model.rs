@@ -86,11 +86,11 @@ pub fn forward(arch: &Arch, weights: &[Tensor<1>], x: Act, layers: Range<usize>)
                 next += 2;
                 Act::Flat(x.into_flat().matmul(w) + b)
             }
-            (Layer::Conv { in_channels, filters, kernel }, Act::Image(x)) => {
+            (Layer::Conv { in_channels, filters, kernel, padding }, Act::Image(x)) => {
                 let w = weights[next].clone().reshape([filters, in_channels, kernel, kernel]);
                 let b = weights[next + 1].clone();
                 next += 2;
-                let pad = kernel / 2;
+                let pad = padding.pad(kernel);
                 let opts = ConvOptions::new([1, 1], [pad, pad], [1, 1], 1);
                 Act::Image(conv2d(x, w, Some(b), opts))
             }

@@ -153,10 +153,28 @@ pub struct Welcome {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelPayload {
     pub arch: Arch,
-    /// f32 little-endian: every parameter without a mask; with one, only the kept entries in order.
-    pub params: Blob,
+    pub params: Params,
     /// Entries outside the mask are zero and stay exactly zero during training.
     pub mask: Option<MaskSpec>,
+}
+
+/// How the parameters travel.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Params {
+    /// f32 little-endian: every parameter without a mask; with one, only the kept entries in order.
+    Values(Blob),
+    /// A supermask over frozen random weights: the client regenerates θ₀ bit-exactly from `seed`
+    /// (the same `ModelState::init` both sides run), and `bits` has one bit per kept entry.
+    Supermask { seed: u64, kind: SupermaskKind, bits: Bits },
+}
+
+/// What a supermask's bit means for its weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SupermaskKind {
+    /// HideNseek: weight = |θ₀| × (bit ? +1 : −1).
+    Sign,
+    /// Binary supermask (FedPM's family): weight = θ₀ × bit.
+    Keep,
 }
 
 /// A pruning mask travels once; afterwards the server names the version the client holds.
@@ -185,6 +203,9 @@ pub enum UploadSpec {
     /// with one scale per tensor, optionally only the `top_k` fraction largest in magnitude,
     /// with the rest carried to the next round (error feedback).
     Sparse { int8: bool, top_k: f32, error_feedback: bool },
+    /// The client's supermask bits on the kept entries, per tensor either bit-packed or as the
+    /// positions that differ from the task's bits, whichever is smaller.
+    Supermask { kind: SupermaskKind },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -202,12 +223,25 @@ pub enum Update {
     Weights(Blob),
     Delta(Blob),
     Sparse(SparseUpdate),
+    /// One entry per parameter tensor, in the order of `Arch::params`.
+    Supermask(Vec<MaskBits>),
+}
+
+/// A tensor's supermask bits on its kept entries.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MaskBits {
+    /// Every kept entry's bit, LSB first: ⌈kept / 8⌉ bytes.
+    Packed(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Only the kept entries whose bit differs from the task's, as gaps between ascending
+    /// positions, LEB128 varints.
+    Flips(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// Delta entries on the kept positions of the task's mask; see [`crate::codec`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SparseUpdate {
-    /// u32 little-endian, ascending indices into the list of kept entries; `None`: all of them.
+    /// Ascending indices into the list of kept entries, coded by [`crate::positions`] (a bitmap
+    /// or delta varints, whichever is smaller); `None`: all of them.
     pub positions: Option<Blob>,
     pub values: Values,
 }
@@ -328,7 +362,7 @@ mod tests {
         Task {
             round: 3,
             model: ModelPayload {
-                params: Blob::from_f32(&vec![0.5; arch.num_params()]),
+                params: Params::Values(Blob::from_f32(&vec![0.5; arch.num_params()])),
                 arch,
                 mask: Some(MaskSpec::Full { version: 2, bits: Bits::pack(&[true, false, true]) }),
             },

@@ -31,11 +31,12 @@
 //! | trimmed mean, `trim` = β | at most β·n attackers (β < 0.5) | more than β·n attackers on one side |
 //! | multi-Krum, `attackers` = f/n | at most f attackers and n ≥ 2f + 3 (f is lowered to fit smaller rounds) | attackers close to the honest cluster (small sign flips, label flips) |
 //!
-//! Sign-vote methods (HideNseek-style majority votes on signs): every client has exactly one
-//! vote per coordinate, so magnitude attacks are void by construction and norm bounding does
-//! nothing (sign vectors all have the same norm); the coordinate-wise median of signs is the
-//! majority vote itself, and multi-Krum on sign vectors is Krum on Hamming distances. What a vote
-//! cannot stop is a coordinated minority flipping close votes.
+//! Sign-vote methods (HideNseek and the binary supermask upload votes, ±1 per kept entry): the
+//! layer combines the vote vectors as they are. Every client has exactly one vote per coordinate,
+//! so magnitude attacks are void by construction and the median-norm bound does nothing (vote
+//! vectors all have the same norm); the coordinate-wise median of votes is the unweighted
+//! majority vote itself (a tie gives 0), and multi-Krum on votes is Krum on Hamming distances.
+//! What a vote cannot stop is a coordinated minority flipping close votes.
 //!
 //! Every update gets a [`Verdict`]: its norm and norm ÷ the round's median norm, its clipping
 //! factor, and whether it was clipped, down-weighted (coordinate-wise rules: most of its
@@ -421,7 +422,8 @@ pub fn apply(config: &RobustConfig, reference: &[f32], results: Vec<Contribution
     let deltas: Vec<Cow<[f32]>> = results
         .iter()
         .map(|c| match c.kind {
-            UploadKind::Delta => Cow::Borrowed(c.values.as_slice()),
+            // Votes (±1 per kept entry) are combined as they are: see "sign-vote methods" above.
+            UploadKind::Delta | UploadKind::Votes => Cow::Borrowed(c.values.as_slice()),
             UploadKind::Weights => Cow::Owned(c.values.iter().zip(reference).map(|(w, g)| w - g).collect()),
         })
         .collect();
@@ -447,7 +449,7 @@ pub fn apply(config: &RobustConfig, reference: &[f32], results: Vec<Contribution
                 return Some(Vec::new()); // untouched: keep the original
             };
             Some(match c.kind {
-                UploadKind::Delta => delta.into_owned(),
+                UploadKind::Delta | UploadKind::Votes => delta.into_owned(),
                 UploadKind::Weights => delta.iter().zip(reference).map(|(d, g)| g + d).collect(),
             })
         })
@@ -702,7 +704,7 @@ mod tests {
     }
 
     fn contribution(client: u64, kind: UploadKind, values: Vec<f32>) -> Contribution {
-        Contribution { client, samples: 10, kind, values, metrics: ClientMetrics::default() }
+        Contribution { client, samples: 10, kind, values, metrics: ClientMetrics::default(), encoding: Default::default() }
     }
 
     #[test]

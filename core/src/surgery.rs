@@ -1,25 +1,33 @@
 //! Structured pruning's model surgery: remove whole units (dense neurons, conv filters) and the
 //! inputs of the next layer that read them, so the model is physically smaller.
 
-use crate::arch::{Arch, Layer};
+use crate::arch::{Arch, Layer, Padding};
 use crate::state::ModelState;
 
 /// L1 norm of each unit's weights, per prunable layer (`None` for layers without units, and for
 /// the output layer, whose units are the classes).
 pub fn unit_scores(state: &ModelState) -> Vec<Option<Vec<f32>>> {
-    let arch = &state.arch;
+    unit_norms(&state.arch, &state.params, false)
+}
+
+/// L1 norm of each unit's incoming weights in `values` (any vector in the layout of
+/// `arch.params()`: the weights, or their movement since some earlier point), per prunable layer.
+/// `None` for layers without units, for the output layer, and for dense layers when `conv_only`.
+pub fn unit_norms(arch: &Arch, values: &[f32], conv_only: bool) -> Vec<Option<Vec<f32>>> {
+    assert_eq!(values.len(), arch.num_params(), "vector does not match the architecture");
     let last = last_param_layer(arch);
     let mut out = vec![None; arch.layers.len()];
     for p in arch.params().iter().filter(|p| p.shape.len() > 1 && Some(p.layer) != last) {
-        let w = &state.params[p.offset..p.offset + p.len];
-        out[p.layer] = Some(match arch.layers[p.layer] {
-            Layer::Dense { inputs, units } => (0..units).map(|j| (0..inputs).map(|i| w[i * units + j].abs()).sum()).collect(),
+        let w = &values[p.offset..p.offset + p.len];
+        out[p.layer] = match arch.layers[p.layer] {
+            Layer::Dense { .. } if conv_only => None,
+            Layer::Dense { inputs, units } => Some((0..units).map(|j| (0..inputs).map(|i| w[i * units + j].abs()).sum()).collect()),
             Layer::Conv { filters, .. } => {
                 let per = p.len / filters;
-                (0..filters).map(|f| w[f * per..(f + 1) * per].iter().map(|v| v.abs()).sum()).collect()
+                Some((0..filters).map(|f| w[f * per..(f + 1) * per].iter().map(|v| v.abs()).sum()).collect())
             }
             _ => unreachable!("only dense and conv layers have weights"),
-        });
+        };
     }
     out
 }
@@ -35,6 +43,10 @@ pub fn keep_within_bounds(scores: &[f32], lambda: f32, min_units: usize, upper_t
     let n = scores.len() as f32;
     let mean = scores.iter().sum::<f32>() / n;
     let sd = (scores.iter().map(|s| (s - mean).powi(2)).sum::<f32>() / n).sqrt();
+    // Scores equal up to rounding have no outliers (a spread of a few ulps is not a tail).
+    if sd <= 1e-5 * mean.abs() {
+        return (0..scores.len()).collect();
+    }
     let (lo, hi) = (mean - lambda * sd, if upper_tail { mean + lambda * sd } else { f32::INFINITY });
     let mut keep: Vec<usize> = (0..scores.len()).filter(|&j| scores[j] >= lo && scores[j] <= hi).collect();
     let floor = min_units.min(scores.len());
@@ -53,18 +65,16 @@ pub fn keep_within_bounds(scores: &[f32], lambda: f32, min_units: usize, upper_t
 pub fn shrink(state: &ModelState, keep: &[Option<Vec<usize>>]) -> ModelState {
     let arch = &state.arch;
     assert_eq!(keep.len(), arch.layers.len(), "one entry per layer");
-    let specs = arch.params();
     let mut params = Vec::new();
     let mut layers = Vec::new();
     // Old indices of the channels (image) or features (flat) the current activation keeps.
     let mut kept_in: Option<Vec<usize>> = None;
     let [_, mut h, mut w] = arch.input;
-    let mut spec_at = 0;
+    // Activation rows and columns are tracked so Flatten knows which features a channel owns.
     for (i, layer) in arch.layers.iter().enumerate() {
         match *layer {
             Layer::Dense { inputs, units } => {
-                let (ws, bs) = (&specs[spec_at], &specs[spec_at + 1]);
-                spec_at += 2;
+                let (ws, bs) = arch.weight_and_bias(i).expect("dense and conv layers have a weight and a bias");
                 let rows = kept_in.clone().unwrap_or_else(|| (0..inputs).collect());
                 let cols = keep[i].clone().unwrap_or_else(|| (0..units).collect());
                 let wt = &state.params[ws.offset..ws.offset + ws.len];
@@ -75,9 +85,8 @@ pub fn shrink(state: &ModelState, keep: &[Option<Vec<usize>>]) -> ModelState {
                 layers.push(Layer::Dense { inputs: rows.len(), units: cols.len() });
                 kept_in = if cols.len() == units { None } else { Some(cols) };
             }
-            Layer::Conv { in_channels, filters, kernel } => {
-                let (ws, bs) = (&specs[spec_at], &specs[spec_at + 1]);
-                spec_at += 2;
+            Layer::Conv { in_channels, filters, kernel, padding } => {
+                let (ws, bs) = arch.weight_and_bias(i).expect("dense and conv layers have a weight and a bias");
                 let ins = kept_in.clone().unwrap_or_else(|| (0..in_channels).collect());
                 let outs = keep[i].clone().unwrap_or_else(|| (0..filters).collect());
                 let kk = kernel * kernel;
@@ -89,7 +98,11 @@ pub fn shrink(state: &ModelState, keep: &[Option<Vec<usize>>]) -> ModelState {
                     }
                 }
                 params.extend(outs.iter().map(|&f| state.params[bs.offset + f]));
-                layers.push(Layer::Conv { in_channels: ins.len(), filters: outs.len(), kernel });
+                layers.push(Layer::Conv { in_channels: ins.len(), filters: outs.len(), kernel, padding });
+                if padding == Padding::Valid {
+                    h = h + 1 - kernel;
+                    w = w + 1 - kernel;
+                }
                 kept_in = if outs.len() == filters { None } else { Some(outs) };
             }
             Layer::MaxPool2 => {

@@ -14,7 +14,7 @@ use crate::arch::Arch;
 use crate::data::Dataset;
 use crate::model::{Act, Net, forward, read_f32};
 use crate::protocol::Blob;
-use crate::step::{BatchLoss, LossValue, Step, batch_loss, reparam};
+use crate::step::{BatchLoss, Frozen, LossValue, Step, batch_loss, reparam};
 
 /// Externally tagged (postcard cannot decode internally tagged enums): in TOML,
 /// `optimizer = "adam"` or `optimizer = { sgd = { momentum = 0.9 } }`.
@@ -104,6 +104,22 @@ pub async fn train_local<H: Host>(
     device: &Device,
     host: &mut H,
 ) -> Result<Trained, String> {
+    train(arch, start, mask, None, data, spec, device, host).await
+}
+
+/// The one training loop. `start` holds the starting values of what is learned (`spec.step`):
+/// the weights, or the scores over `frozen` weights. `Trained::params` returns the same kind.
+#[allow(clippy::too_many_arguments)]
+pub async fn train<H: Host>(
+    arch: &Arch,
+    start: &[f32],
+    mask: Option<&[bool]>,
+    frozen: Option<Frozen<'_>>,
+    data: &Dataset,
+    spec: &TrainSpec,
+    device: &Device,
+    host: &mut H,
+) -> Result<Trained, String> {
     if data.is_empty() {
         return Err("no training data".into());
     }
@@ -112,7 +128,7 @@ pub async fn train_local<H: Host>(
     }
     let layers = spec.step.layers(arch)?;
     let ad = device.clone().autodiff();
-    let step_kind = reparam(spec.step.learn, arch, mask, &ad);
+    let step_kind = reparam(spec.step.learn, arch, mask, frozen, &ad)?;
     let net = step_kind.after_step(Net::from_flat(arch, start, &ad));
     // The client learns the tensors of the layers it runs; the rest (a split model's back)
     // stay as they came.

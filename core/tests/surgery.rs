@@ -2,7 +2,7 @@
 //! model computes once the pruned units are silenced.
 
 use burn::tensor::{Device, Tensor, TensorData};
-use canopy_core::arch::{Arch, Layer};
+use canopy_core::arch::{Arch, Layer, Padding};
 use canopy_core::model::{Net, read_f32};
 use canopy_core::state::ModelState;
 use canopy_core::surgery::shrink;
@@ -47,7 +47,10 @@ fn logits(arch: &Arch, params: &[f32], x: &[f32], n: usize) -> Vec<f32> {
 }
 
 fn check(model: &str, keep: Vec<Option<Vec<usize>>>) {
-    let arch = Arch::preset(model, [1, 8, 8], 10).unwrap();
+    check_arch(Arch::preset(model, [1, 8, 8], 10).unwrap(), model, keep);
+}
+
+fn check_arch(arch: Arch, model: &str, keep: Vec<Option<Vec<usize>>>) {
     let mut state = ModelState::init(arch.clone(), 3);
     // Biases are zero at init in many frameworks; make them matter here.
     for p in arch.params().iter().filter(|p| p.shape.len() == 1) {
@@ -97,4 +100,22 @@ fn cnn_surgery_preserves_kept_units_through_pooling_and_flatten() {
 fn small_cnn_surgery_preserves_kept_units_through_global_pooling() {
     let keep = vec![Some(vec![0, 3, 5, 8, 13, 21, 30]), None, None, Some((0..64).filter(|f| f % 2 == 1).collect()), None, None, None, None];
     check("cnn-small", keep);
+}
+
+#[test]
+fn valid_padding_surgery_maps_flattened_features_of_the_smaller_image() {
+    // 8×8 → valid 3×3 conv → 6×6 → pool → 3×3 → flatten: each kept filter owns 9 features.
+    let arch = Arch {
+        input: [1, 8, 8],
+        classes: 10,
+        layers: vec![
+            Layer::Conv { in_channels: 1, filters: 6, kernel: 3, padding: Padding::Valid },
+            Layer::Relu,
+            Layer::MaxPool2,
+            Layer::Flatten,
+            Layer::Dense { inputs: 6 * 9, units: 10 },
+        ],
+    };
+    arch.validate().unwrap();
+    check_arch(arch, "valid conv + flatten", vec![Some(vec![1, 2, 4]), None, None, None, None]);
 }

@@ -181,3 +181,31 @@ fn a_remote_loss_without_a_server_fails_clearly() {
     let e = pollster::block_on(train_local(&arch, &state.params, None, &blocks(40, 1), &s, &Device::flex(), &mut host)).unwrap_err();
     assert!(e.contains("no server"), "{e}");
 }
+
+#[test]
+fn sign_scores_learn_through_the_straight_through_estimator() {
+    use canopy_core::protocol::SupermaskKind;
+    use canopy_core::step::{Frozen, Learn};
+    let arch = Arch::preset("mlp", [1, 8, 8], 10).unwrap();
+    let theta0 = ModelState::init(arch.clone(), 4).params;
+    let scores: Vec<f32> = theta0.clone();
+    let mut s = spec(Optimizer::Adam);
+    s.lr = 0.02;
+    s.step.learn = Learn::Scores { personal: true };
+    let (train, test) = (blocks(400, 1), blocks(200, 2));
+    let mut host = TestHost { t0: Instant::now(), reports: vec![] };
+    let frozen = Frozen { kind: SupermaskKind::Sign, theta0: &theta0 };
+    let t = pollster::block_on(canopy_core::train::train(&arch, &scores, None, Some(frozen), &train, &s, &Device::flex(), &mut host)).unwrap();
+    // The gradient reached the scores through the sign: they moved, and some signs flipped.
+    let moved = t.params.iter().zip(&scores).filter(|(a, b)| a != b).count();
+    let flipped = t.params.iter().zip(&scores).filter(|(a, b)| (**a > 0.0) != (**b > 0.0)).count();
+    assert!(moved > scores.len() / 2, "{moved} of {} scores moved", scores.len());
+    assert!(flipped > 0, "no sign flipped");
+    // Magnitudes never change: the model is |θ₀| with the learned signs, and it learned.
+    let bits = canopy_core::codec::supermask::bits_of_scores(&t.params, None);
+    let w = canopy_core::codec::supermask::effective(SupermaskKind::Sign, &theta0, None, &bits);
+    assert!(w.iter().zip(&theta0).all(|(a, b)| a.abs() == b.abs()));
+    let before = pollster::block_on(evaluate(&arch, &theta0, &test, &Device::flex())).unwrap();
+    let after = pollster::block_on(evaluate(&arch, &w, &test, &Device::flex())).unwrap();
+    assert!(after.accuracy > before.accuracy + 0.3, "signs alone: accuracy {} → {}", before.accuracy, after.accuracy);
+}

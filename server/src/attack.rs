@@ -77,11 +77,16 @@ impl Attack {
             return Ok(());
         }
         let keep = |i: usize| mask.is_none_or(|m| m[i]);
+        if matches!(result.update, Update::Supermask(_)) {
+            // Votes carry no magnitude to inflate; the attacks here are on weights and deltas.
+            return Err("these attacks do not apply to supermask votes".into());
+        }
         // The honest delta, full length.
         let delta: Vec<f32> = match &result.update {
             Update::Weights(b) => b.to_f32().map_err(|e| e.to_string())?.iter().zip(start).map(|(w, s)| w - s).collect(),
             Update::Delta(b) => b.to_f32().map_err(|e| e.to_string())?,
             Update::Sparse(u) => decode_sparse(arch, u, mask)?,
+            Update::Supermask(_) => unreachable!("returned above"),
         };
         let weights_upload = matches!(upload, UploadSpec::Weights);
         // What the attacker wants the server to see, as a delta.
@@ -116,6 +121,7 @@ impl Attack {
             UploadSpec::Weights => Update::Weights(Blob::from_f32(&bad.iter().zip(start).map(|(d, s)| s + d).collect::<Vec<_>>())),
             UploadSpec::Delta => Update::Delta(Blob::from_f32(&bad)),
             UploadSpec::Sparse { int8, top_k, .. } => Update::Sparse(encode_sparse(arch, &bad, mask, int8, top_k, None)),
+            UploadSpec::Supermask { .. } => unreachable!("a supermask task is answered with votes"),
         };
         Ok(())
     }
@@ -164,6 +170,7 @@ mod tests {
         match &r.update {
             Update::Weights(b) | Update::Delta(b) => b.to_f32().unwrap(),
             Update::Sparse(u) => decode_sparse(&arch(), u, None).unwrap(),
+            Update::Supermask(_) => unreachable!(),
         }
     }
 
@@ -247,7 +254,7 @@ pub mod table {
         #[arg(long, default_value = "1,3")]
         pub attackers: String,
         /// Defences, comma separated (none, norm-bound, median, trimmed-mean, multi-krum; +clip).
-        #[arg(long, default_value = "none,norm-bound,median,trimmed-mean,multi-krum")]
+        #[arg(long, default_value = "none,norm-bound,median,trimmed-mean,multi-krum,trimmed-mean+clip,median+clip")]
         pub defences: String,
         #[arg(long, default_value_t = 10)]
         pub clients: usize,

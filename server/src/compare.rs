@@ -17,7 +17,11 @@ pub struct CompareArgs {
     /// Model for every run (overrides the config).
     #[arg(long)]
     pub model: Option<String>,
-    /// Strategies to compare, comma separated; the first is the baseline.
+    /// Strategies to compare, comma separated; the first is the baseline. A variant adds
+    /// settings in braces, separated by `;`: `autoflip{q=0}`, `fedavgm{lr_decay=0.99}`,
+    /// `structured{reinit=true;score="l1"}`. A plain key is a setting of the strategy's own
+    /// section (`[strategy.<name>]`); a dotted one is a path from the top of the config
+    /// (`strategy.lr=0.01`).
     #[arg(long, default_value = "fedavg,autoflip")]
     pub strategies: String,
     #[arg(long, default_value = "mnist-digits,fashion-mnist")]
@@ -36,6 +40,9 @@ pub struct CompareArgs {
     pub target: f32,
     #[arg(long, default_value = "runs/compare")]
     pub out_dir: PathBuf,
+    /// Use at most this many training samples of each dataset (overrides the config).
+    #[arg(long)]
+    pub max_train: Option<usize>,
 }
 
 pub struct Row {
@@ -50,17 +57,40 @@ impl Row {
     fn final_acc(&self) -> f32 {
         self.rounds.last().map_or(0.0, |r| r.test_accuracy)
     }
+    /// Mean test accuracy of the last five rounds: with 5 of 20 strongly non-IID clients per
+    /// round the global model's accuracy swings by 10+ points from round to round, so one final
+    /// round is a noisy summary.
+    fn tail_acc(&self) -> f32 {
+        let tail = &self.rounds[self.rounds.len().saturating_sub(5)..];
+        tail.iter().map(|r| r.test_accuracy).sum::<f32>() / tail.len().max(1) as f32
+    }
     fn best_acc(&self) -> f32 {
         self.rounds.iter().map(|r| r.test_accuracy).fold(0.0, f32::max)
     }
     fn to_target(&self, t: f32) -> String {
         self.rounds.iter().find(|r| r.test_accuracy >= t).map_or("–".into(), |r| r.round.to_string())
     }
+    /// Mean of the clients' accuracy on their own held-out splits in the last round (for
+    /// personalising methods, their own models).
+    fn local_acc(&self) -> f32 {
+        self.rounds.last().map_or(0.0, |r| r.local_accuracy)
+    }
+    /// Bits uploaded per model parameter per client result, from real frames, over the run.
+    fn bits_per_param(&self) -> f64 {
+        let bits: f64 = self.rounds.iter().map(|r| 8.0 * r.bytes_up as f64).sum();
+        let params: f64 = self.rounds.iter().map(|r| (r.results * r.params) as f64).sum();
+        bits / params.max(1.0)
+    }
     fn up(&self) -> u64 {
         self.rounds.iter().map(|r| r.bytes_up).sum()
     }
     fn down(&self) -> u64 {
         self.rounds.iter().map(|r| r.bytes_down).sum()
+    }
+    /// Fraction of the first round's parameters gone from the last round's model.
+    fn params_removed(&self) -> f64 {
+        let (first, last) = self.span(|r| r.params);
+        1.0 - last as f64 / first.max(1) as f64
     }
     fn extra(&self, key: &str) -> Option<f64> {
         self.rounds.last().and_then(|r| r.extra.get(key).copied())
@@ -78,6 +108,63 @@ impl Row {
     }
 }
 
+/// The comma-separated strategy list, with commas inside braces left alone.
+fn split_strategies(list: &str) -> Result<Vec<String>, String> {
+    let (mut out, mut cur, mut depth) = (Vec::new(), String::new(), 0i32);
+    for ch in list.chars() {
+        match ch {
+            '{' => depth += 1,
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(std::mem::take(&mut cur).trim().to_string());
+                continue;
+            }
+            _ => {}
+        }
+        if depth < 0 {
+            return Err(format!("unbalanced braces in '{list}'"));
+        }
+        cur.push(ch);
+    }
+    if depth != 0 {
+        return Err(format!("unbalanced braces in '{list}'"));
+    }
+    out.push(cur.trim().to_string());
+    Ok(out.into_iter().filter(|s| !s.is_empty()).collect())
+}
+
+/// `name{key=value;...}` → the strategy name and its settings.
+fn parse_variant(s: &str) -> Result<(String, Vec<(String, String)>), String> {
+    let Some((name, rest)) = s.split_once('{') else { return Ok((s.trim().to_string(), Vec::new())) };
+    let body = rest.strip_suffix('}').ok_or(format!("'{s}': settings must end with '}}'"))?;
+    let mut settings = Vec::new();
+    for kv in body.split(';').map(str::trim).filter(|kv| !kv.is_empty()) {
+        let (k, v) = kv.split_once('=').ok_or(format!("'{kv}' in '{s}' is not key=value"))?;
+        settings.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    Ok((name.trim().to_string(), settings))
+}
+
+/// `config` with `settings` written into its TOML form: a plain key into `[strategy.<name>]`, a
+/// dotted key from the top. Values are TOML (`0.99`, `true`, `"l1"`); anything else is a string.
+fn with_settings(config: Config, name: &str, settings: &[(String, String)]) -> Result<Config, String> {
+    if settings.is_empty() {
+        return Ok(config);
+    }
+    let mut root = toml::Value::try_from(&config).map_err(|e| e.to_string())?;
+    for (key, raw) in settings {
+        let path: Vec<&str> = if key.contains('.') { key.split('.').collect() } else { vec!["strategy", name, key] };
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}")).ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| toml::Value::String(raw.clone()));
+        let mut at = &mut root;
+        for part in &path[..path.len() - 1] {
+            let table = at.as_table_mut().ok_or(format!("setting '{key}': '{part}' is not a section"))?;
+            at = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+        }
+        at.as_table_mut().ok_or(format!("setting '{key}': not a section"))?.insert(path[path.len() - 1].to_string(), value);
+    }
+    root.try_into().map_err(|e: toml::de::Error| format!("settings {settings:?}: {e}"))
+}
+
 pub async fn run(args: CompareArgs) -> Result<Vec<Row>, String> {
     let base = Config::load(&crate::config::Overrides { config: args.config.clone(), ..Default::default() })?;
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -85,23 +172,30 @@ pub async fn run(args: CompareArgs) -> Result<Vec<Row>, String> {
     let mut rows = Vec::new();
     for dataset in args.datasets.split(',') {
         for partition in args.partitions.split(',') {
-            for strategy in args.strategies.split(',') {
+            for strategy in split_strategies(&args.strategies)? {
+                let strategy = strategy.as_str();
+                let (name, settings) = parse_variant(strategy)?;
                 let mut c = base.clone();
                 c.data.dataset = dataset.trim().into();
                 c.data.partition = parse_partition(partition.trim())?;
                 c.data.shards = args.clients;
-                c.strategy.name = strategy.trim().into();
+                c.strategy.name = name.clone();
                 c.strategy.config.fraction = args.fraction;
+                c = with_settings(c, &name, &settings)?;
                 c.run.min_clients = args.clients;
                 c.run.linger = false;
                 c.run.out_dir = out.clone();
-                c.run.name = Some(format!("{}-{}-{}", dataset.trim(), partition.trim().replace(':', ""), strategy.trim()));
+                let label: String = strategy.chars().map(|ch| if ch.is_ascii_alphanumeric() || ch == '.' || ch == '_' { ch } else { '-' }).collect();
+                c.run.name = Some(format!("{}-{}-{}", dataset.trim(), partition.trim().replace(':', ""), label.trim_matches('-')));
                 c.server.port = 0;
                 if let Some(r) = args.rounds {
                     c.run.rounds = r;
                 }
                 if let Some(m) = &args.model {
                     c.model = m.clone();
+                }
+                if let Some(n) = args.max_train {
+                    c.data.max_train = n;
                 }
                 c.validate()?;
                 eprintln!("== {dataset} / {partition} / {strategy}: {} rounds, {} clients", c.run.rounds, args.clients);
@@ -138,17 +232,19 @@ fn mb(b: u64) -> String {
 
 pub fn markdown(rows: &[Row], target: f32) -> String {
     let mut s = format!(
-        "| dataset | partition | strategy | final acc | best acc | rounds to {:.0}% | MB up | MB down | up vs first | params first → last | FLOPs last/first | sparsity | step ms first → last | time s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| dataset | partition | strategy | final acc | last-5 acc | trained acc (val) | best acc | local acc | rounds to {:.0}% | bits/param up | MB up | MB down | up vs first | params first → last | params removed | FLOPs last/first | sparsity | step ms first → last | time s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         target * 100.0
     );
     for r in rows {
         let baseline = rows.iter().find(|b| b.dataset == r.dataset && b.partition == r.partition).expect("itself");
         s.push_str(&format!(
-            "| {} | {} | {} | {:.4} | {:.4} | {} | {} | {} | {:.2}× | {} → {} | {:.2} | {} | {:.2} → {:.2} | {:.0} |\n",
-            r.dataset, r.partition, r.strategy, r.final_acc(), r.best_acc(), r.to_target(target), mb(r.up()), mb(r.down()),
+            "| {} | {} | {} | {:.4} | {:.4} | {} | {:.4} | {:.4} | {} | {:.3} | {} | {} | {:.3}× | {} → {} | {:.0}% | {:.2} | {} | {:.2} → {:.2} | {:.0} |\n",
+            r.dataset, r.partition, r.strategy.replace('|', "\\|"), r.final_acc(), r.tail_acc(),
+            r.extra("val_acc_trained").map_or("–".into(), |v| format!("{v:.4}")),
+            r.best_acc(), r.local_acc(), r.to_target(target), r.bits_per_param(), mb(r.up()), mb(r.down()),
             r.up() as f64 / baseline.up().max(1) as f64,
-            r.span(|x| x.params).0, r.span(|x| x.params).1, r.flops_ratio(),
-            r.extra(keys::SPARSITY).map_or("0".into(), |v| format!("{v:.2}")),
+            r.span(|x| x.params).0, r.span(|x| x.params).1, 100.0 * r.params_removed(), r.flops_ratio(),
+            r.extra(keys::SPARSITY).or(r.extra(keys::DENSITY).map(|d| 1.0 - d)).map_or("0".into(), |v| format!("{v:.2}")),
             r.span(|x| x.step_ms).0, r.span(|x| x.step_ms).1,
             r.seconds
         ));
@@ -157,14 +253,49 @@ pub fn markdown(rows: &[Row], target: f32) -> String {
 }
 
 fn csv(rows: &[Row], target: f32) -> String {
-    let mut s = String::from("dataset,partition,strategy,final_accuracy,best_accuracy,rounds_to_target,target,bytes_up,bytes_down,params_first,params_last,flops_ratio,final_sparsity,step_ms_first,step_ms_last,seconds\n");
+    let mut s = String::from("dataset,partition,strategy,final_accuracy,last5_accuracy,trained_val_accuracy,best_accuracy,local_accuracy,bits_per_param_up,rounds_to_target,target,bytes_up,bytes_down,params_first,params_last,flops_ratio,final_sparsity,step_ms_first,step_ms_last,seconds\n");
     for r in rows {
         s.push_str(&format!(
-            "{},{},{},{:.4},{:.4},{},{target},{},{},{},{},{:.4},{},{:.3},{:.3},{:.1}\n",
-            r.dataset, r.partition, r.strategy, r.final_acc(), r.best_acc(), r.to_target(target).replace('–', ""), r.up(), r.down(),
+            "{},{},\"{}\",{:.4},{:.4},{},{:.4},{:.4},{:.4},{},{target},{},{},{},{},{:.4},{},{:.3},{:.3},{:.1}\n",
+            r.dataset, r.partition, r.strategy.replace('"', "'"), r.final_acc(), r.tail_acc(), r.extra("val_acc_trained").map_or(String::new(), |v| format!("{v:.4}")), r.best_acc(), r.local_acc(), r.bits_per_param(), r.to_target(target).replace('–', ""), r.up(), r.down(),
             r.span(|x| x.params).0, r.span(|x| x.params).1, r.flops_ratio(),
             r.extra(keys::SPARSITY).unwrap_or(0.0), r.span(|x| x.step_ms).0, r.span(|x| x.step_ms).1, r.seconds
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(name: &str) -> Config {
+        let mut c = Config::default();
+        c.strategy.name = name.into();
+        c
+    }
+
+    #[test]
+    fn variants_carry_their_settings() {
+        let list = split_strategies("fedavg, fedavgm{lr_decay=0.99},autoflip{q=0;int8=false}, structured{score=\"movement\";strategy.lr=0.01}").unwrap();
+        assert_eq!(list, vec!["fedavg", "fedavgm{lr_decay=0.99}", "autoflip{q=0;int8=false}", "structured{score=\"movement\";strategy.lr=0.01}"]);
+        assert!(split_strategies("autoflip{q=0").is_err());
+        let (name, settings) = parse_variant(&list[2]).unwrap();
+        assert_eq!(name, "autoflip");
+        let c = with_settings(named(&name), &name, &settings).unwrap();
+        let own = &c.strategy.methods["autoflip"];
+        assert_eq!(own["q"], 0);
+        assert_eq!(own["int8"], false);
+        c.strategy.build().unwrap();
+        let (name, settings) = parse_variant(&list[1]).unwrap();
+        assert_eq!(with_settings(named(&name), &name, &settings).unwrap().strategy.methods["fedavgm"]["lr_decay"], 0.99);
+        let (name, settings) = parse_variant(&list[3]).unwrap();
+        let c = with_settings(named(&name), &name, &settings).unwrap();
+        assert_eq!(c.strategy.methods["structured"]["score"], "movement");
+        assert_eq!(c.strategy.config.lr, 0.01);
+        c.strategy.build().unwrap();
+        // A misspelt setting is an error when the strategy is built, not silently ignored.
+        let (name, settings) = parse_variant("autoflip{qq=0}").unwrap();
+        assert!(with_settings(named(&name), &name, &settings).unwrap().strategy.build().is_err());
+    }
 }

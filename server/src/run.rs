@@ -82,7 +82,8 @@ impl RoundLoop {
             }
             let views = self.cap_clients(views, &mut rng);
             let global = self.global.lock().unwrap().clone();
-            let tasks = self.strategy.configure_round(round, &global, &views, &mut rng);
+            // A strategy may compute here (HideNseek's SynFlow): off the async workers' backs.
+            let tasks = tokio::task::block_in_place(|| self.strategy.configure_round(round, &global, &views, &mut rng));
             if tasks.is_empty() {
                 tracing::warn!(round, "strategy configured no tasks; waiting");
                 tokio::time::sleep(Duration::from_millis(500)).await;

@@ -411,3 +411,49 @@ fn exchange_requests_are_checked_against_the_round_and_the_request() {
         .unwrap();
     });
 }
+
+#[test]
+fn hidenseek_learns_signs_with_one_bit_per_surviving_weight() {
+    let rt = runtime();
+    rt.block_on(async {
+        let mut cfg = config("hidenseek", 4, 4);
+        cfg.strategy.name = "hidenseek".into();
+        cfg.strategy.set("hidenseek", "density", 0.5);
+        cfg.strategy.set("hidenseek", "synflow_iters", 20);
+        let app = run_with_sims(cfg, 4).await;
+        let rounds = records(&app);
+        assert_eq!(rounds.len(), 4);
+        let r1 = &rounds[0];
+        assert!((r1.extra["density"] - 0.5).abs() < 1e-3, "SynFlow keeps half the weights: {}", r1.extra["density"]);
+        let kept = (0.5 * 784.0 * 200.0 + 0.5 * 200.0 * 200.0 + 0.5 * 200.0 * 10.0) as f64 + 410.0;
+        for r in &rounds {
+            assert_eq!((r.results, r.rejected), (4, 0), "round {}", r.round);
+            // At most one bit per surviving weight, plus each tensor's padding to whole bytes.
+            assert!(r.extra["upload_bits_per_weight"] <= 1.0 + 6.0 * 7.0 / kept, "round {}: {} bits per weight", r.round, r.extra["upload_bits_per_weight"]);
+            // Real frames, envelopes included: far below FedAvg's 4 bytes per parameter.
+            let per_client = r.bytes_up as f64 / 4.0;
+            assert!(per_client < kept / 8.0 + 1500.0, "round {}: {per_client} bytes up per client", r.round);
+        }
+        let last = rounds.last().unwrap();
+        println!("hidenseek: accuracy {:?}, personalised {:?}, bits/weight {:?}", rounds.iter().map(|r| r.test_accuracy).collect::<Vec<_>>(), rounds.iter().map(|r| r.local_accuracy).collect::<Vec<_>>(), rounds.iter().map(|r| r.extra["upload_bits_per_weight"]).collect::<Vec<_>>());
+        assert!(last.test_accuracy > 0.5, "learning signs alone beats chance (0.1) by far: {}", last.test_accuracy);
+    });
+}
+
+#[test]
+fn a_binary_supermask_learns_which_random_weights_to_keep() {
+    let rt = runtime();
+    rt.block_on(async {
+        let mut cfg = config("supermask", 3, 3);
+        cfg.strategy.name = "supermask".into();
+        let app = run_with_sims(cfg, 3).await;
+        let rounds = records(&app);
+        assert_eq!(rounds.len(), 3);
+        for r in &rounds {
+            assert_eq!((r.results, r.rejected), (3, 0));
+            assert!(r.extra["upload_bits_per_weight"] <= 1.0 + 42.0 / r.params as f64, "{}", r.extra["upload_bits_per_weight"]);
+            assert!(r.extra["mask_on"] < 1.0, "some random weights are switched off");
+        }
+        assert!(rounds[2].test_accuracy > 0.3, "a mask over random weights beats chance: {}", rounds[2].test_accuracy);
+    });
+}

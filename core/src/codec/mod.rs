@@ -3,7 +3,8 @@
 //! - Down ([`model`]): the global model a task starts from, with only the kept values when a
 //!   mask prunes it, and the mask itself once per client (afterwards only its version).
 //! - Up ([`update`]): what a client sends back, as the task's [`UploadSpec`] asks (full weights,
-//!   a delta, or the sparse int8/top-k delta of [`sparse`]), and the server's checked decoding.
+//!   a delta, the sparse int8/top-k delta of [`sparse`], or a [`supermask`]'s bits), and the
+//!   server's checked decoding.
 //! - Within a round ([`exchange`]): the per-batch request and reply of a remote loss.
 //!
 //! The client runtime, the server's result acceptance, the round loop and the wasm wrapper call
@@ -14,9 +15,10 @@
 pub mod exchange;
 pub mod model;
 pub mod sparse;
+pub mod supermask;
 pub mod update;
 
-pub use model::{MaskCache, Model, decode_model, encode_model, for_client};
+pub use model::{MaskCache, Model, Supermask, decode_model, encode_model, encode_supermask, for_client};
 pub use sparse::payload_bytes;
 pub use update::{decode_update, encode_update};
 

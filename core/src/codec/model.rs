@@ -1,9 +1,9 @@
 //! The model going down: architecture, parameters (only the kept ones under a mask) and the mask,
 //! which travels once per client and is named by its version afterwards.
 
-use super::{compact, expand};
+use super::{compact, expand, supermask};
 use crate::arch::Arch;
-use crate::protocol::{Bits, Blob, MaskSpec, ModelPayload};
+use crate::protocol::{Bits, Blob, MaskSpec, ModelPayload, Params, SupermaskKind};
 use crate::state::ModelState;
 
 /// The global model as a task carries it, mask in full.
@@ -11,7 +11,25 @@ pub fn encode_model(global: &ModelState) -> ModelPayload {
     let mask = global.mask.as_deref();
     ModelPayload {
         arch: global.arch.clone(),
-        params: Blob::from_f32(&compact(&global.params, mask)),
+        params: Params::Values(Blob::from_f32(&compact(&global.params, mask))),
+        mask: mask.map(|m| MaskSpec::Full { version: global.mask_version, bits: Bits::pack(m) }),
+    }
+}
+
+/// A supermask model: the seed of θ₀ (`ModelState::init(arch, seed)` on both sides) and one bit
+/// per kept entry read off the global model's effective weights.
+pub fn encode_supermask(global: &ModelState, seed: u64, kind: SupermaskKind) -> ModelPayload {
+    let mask = global.mask.as_deref();
+    let bits: Vec<bool> = compact(&global.params, mask)
+        .iter()
+        .map(|w| match kind {
+            SupermaskKind::Sign => *w > 0.0,
+            SupermaskKind::Keep => *w != 0.0,
+        })
+        .collect();
+    ModelPayload {
+        arch: global.arch.clone(),
+        params: Params::Supermask { seed, kind, bits: Bits::pack(&bits) },
         mask: mask.map(|m| MaskSpec::Full { version: global.mask_version, bits: Bits::pack(m) }),
     }
 }
@@ -73,8 +91,20 @@ impl MaskCache {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Model {
     pub arch: Arch,
+    /// The weights the model computes with (for a supermask, the effective ones).
     pub params: Vec<f32>,
     pub mask: Option<Vec<bool>>,
+    pub supermask: Option<Supermask>,
+}
+
+/// A supermask model's parts: what the client learns over.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Supermask {
+    pub kind: SupermaskKind,
+    /// The frozen weights, regenerated from the seed.
+    pub theta0: Vec<f32>,
+    /// The task's bits, in kept order.
+    pub bits: Vec<bool>,
 }
 
 /// Decodes a task's model, checking every size; a mask sent in full is cached for next time
@@ -84,9 +114,23 @@ pub fn decode_model(payload: &ModelPayload, cache: &mut MaskCache, remember: boo
     arch.validate().map_err(|e| e.to_string())?;
     let n = arch.num_params();
     let mask = cache.resolve(payload.mask.as_ref(), n, remember)?;
-    let values = payload.params.to_f32().map_err(|e| e.to_string())?;
-    let params = expand(&values, mask.as_deref(), n)?;
-    Ok(Model { arch, params, mask })
+    match &payload.params {
+        Params::Values(blob) => {
+            let values = blob.to_f32().map_err(|e| e.to_string())?;
+            let params = expand(&values, mask.as_deref(), n)?;
+            Ok(Model { arch, params, mask, supermask: None })
+        }
+        Params::Supermask { seed, kind, bits } => {
+            let bits = bits.unpack().map_err(|e| e.to_string())?;
+            let kept = mask.as_ref().map_or(n, |m| m.iter().filter(|k| **k).count());
+            if bits.len() != kept {
+                return Err(format!("supermask has {} bits for {kept} kept entries", bits.len()));
+            }
+            let theta0 = ModelState::init(arch.clone(), *seed).params;
+            let params = supermask::effective(*kind, &theta0, mask.as_deref(), &bits);
+            Ok(Model { arch, params, mask, supermask: Some(Supermask { kind: *kind, theta0, bits }) })
+        }
+    }
 }
 
 #[cfg(test)]
@@ -100,7 +144,8 @@ mod tests {
         let mask: Vec<bool> = (0..g.params.len()).map(|i| i % 3 != 0).collect();
         g.set_mask(mask.clone());
         let full = encode_model(&g);
-        assert_eq!(full.params.len(), 4 * mask.iter().filter(|k| **k).count(), "only kept values travel");
+        let Params::Values(values) = &full.params else { panic!("plain values") };
+        assert_eq!(values.len(), 4 * mask.iter().filter(|k| **k).count(), "only kept values travel");
         let mut cache = MaskCache::default();
         let m = decode_model(&full, &mut cache, true).unwrap();
         assert_eq!((m.params.clone(), m.mask.clone()), (g.params.clone(), Some(mask.clone())));
@@ -112,5 +157,25 @@ mod tests {
         assert!(matches!(for_client(&full, None).mask, Some(MaskSpec::Full { .. })));
         // A version this client does not hold is an error that asks for the mask again.
         assert!(decode_model(&short, &mut MaskCache::default(), true).unwrap_err().contains("resend"));
+    }
+
+    #[test]
+    fn a_supermask_travels_as_a_seed_and_bits() {
+        let arch = Arch::preset("mlp", [1, 2, 2], 2).unwrap();
+        let mut g = ModelState::init(arch.clone(), 9);
+        let mask: Vec<bool> = (0..g.params.len()).map(|i| i % 2 == 0).collect();
+        g.set_mask(mask.clone());
+        // Flip a few signs: the global model is |θ₀| with signs of its own.
+        for (i, v) in g.params.iter_mut().enumerate() {
+            if i % 6 == 0 {
+                *v = -*v;
+            }
+        }
+        let p = encode_supermask(&g, 9, SupermaskKind::Sign);
+        let Params::Supermask { bits, .. } = &p.params else { panic!("supermask") };
+        assert_eq!(bits.bytes.len(), mask.iter().filter(|k| **k).count().div_ceil(8), "one bit per kept entry");
+        let m = decode_model(&p, &mut MaskCache::default(), true).unwrap();
+        assert_eq!(m.params, g.params, "θ₀ regenerated from the seed, signs from the bits");
+        assert_eq!(m.supermask.unwrap().theta0, ModelState::init(arch, 9).params);
     }
 }

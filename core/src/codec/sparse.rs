@@ -79,13 +79,7 @@ pub fn encode_sparse(
             r[i as usize] -= d;
         }
     }
-    let positions = positions.map(|p| {
-        let mut b = Vec::with_capacity(p.len() * 4);
-        for x in p {
-            b.extend_from_slice(&x.to_le_bytes());
-        }
-        Blob(b)
-    });
+    let positions = positions.map(|p| Blob(crate::positions::encode(&p, kept.len())));
     SparseUpdate { positions, values }
 }
 
@@ -102,23 +96,8 @@ pub fn decode_sparse(arch: &Arch, update: &SparseUpdate, mask: Option<&[bool]>) 
     let kept = kept_indices(mask, n);
     let sent: Vec<u32> = match &update.positions {
         None => kept,
-        Some(b) => {
-            if b.0.len() % 4 != 0 {
-                return Err("positions are not whole u32 values".into());
-            }
-            let mut out = Vec::with_capacity(b.0.len() / 4);
-            let mut prev: Option<u32> = None;
-            for c in b.0.chunks_exact(4) {
-                let p = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                if prev.is_some_and(|q| p <= q) {
-                    return Err("positions must be strictly ascending".into());
-                }
-                let i = *kept.get(p as usize).ok_or(format!("position {p} beyond the {} kept entries", kept.len()))?;
-                out.push(i);
-                prev = Some(p);
-            }
-            out
-        }
+        // Ascending and within the kept entries by construction of the coding.
+        Some(b) => crate::positions::decode(&b.0, kept.len()).map_err(|e| e.to_string())?.into_iter().map(|p| kept[p as usize]).collect(),
     };
     let values: Vec<f32> = match &update.values {
         Values::F32(b) => b.to_f32().map_err(|e| e.to_string())?,
@@ -214,14 +193,31 @@ mod tests {
     }
 
     #[test]
+    fn top_k_positions_cost_at_most_a_bit_or_a_byte_each() {
+        // 1,000 kept entries, top 30%: a bitmap (126 bytes) instead of 1,200 bytes of u32s.
+        let a = Arch { input: [1, 10, 10], classes: 10, layers: vec![Layer::Flatten, Layer::Dense { inputs: 100, units: 10 }] };
+        let d: Vec<f32> = (0..1010).map(|i| ((i * 7919 % 1009) as f32 - 504.0) * 1e-3).collect();
+        let u = encode_sparse(&a, &d, None, true, 0.3, None);
+        assert_eq!(u.positions.as_ref().unwrap().len(), 1 + 1010usize.div_ceil(8));
+        let back = decode_sparse(&a, &u, None).unwrap();
+        assert_eq!(back.iter().filter(|v| **v != 0.0).count(), 303);
+        // Top 2%: delta varints, about a byte each.
+        let u = encode_sparse(&a, &d, None, true, 0.02, None);
+        assert!(u.positions.as_ref().unwrap().len() <= 1 + 2 * 20, "{}", u.positions.as_ref().unwrap().len());
+        assert_eq!(decode_sparse(&a, &u, None).unwrap().iter().filter(|v| **v != 0.0).count(), 20);
+    }
+
+    #[test]
     fn malformed_updates_are_errors() {
         let a = arch();
         let mut u = encode_sparse(&a, &delta(), None, true, 0.5, None);
         assert!(decode_sparse(&a, &u, None).is_ok());
         let good = u.clone();
         u.positions = Some(Blob(vec![5, 0, 0, 0, 1, 0, 0, 0]));
-        assert!(decode_sparse(&a, &u, None).unwrap_err().contains("ascending"));
-        u.positions = Some(Blob(vec![99, 0, 0, 0]));
+        assert!(decode_sparse(&a, &u, None).unwrap_err().contains("unknown coding"));
+        u.positions = Some(Blob(vec![crate::positions::VARINTS, 99]));
+        assert!(decode_sparse(&a, &u, None).unwrap_err().contains("beyond"));
+        u.positions = Some(Blob(vec![crate::positions::VARINTS, 0x80]));
         assert!(decode_sparse(&a, &u, None).is_err());
         let mut u = good.clone();
         if let Values::Int8 { scales, .. } = &mut u.values {

@@ -2,8 +2,10 @@
 //! size-checked by the server before any strategy sees it.
 
 use super::sparse::{decode_sparse, encode_sparse};
+use super::supermask::{self, Encoding};
+use super::compact;
 use crate::arch::Arch;
-use crate::protocol::{Blob, MaskSpec, Task, Update, UploadSpec};
+use crate::protocol::{Blob, MaskSpec, Params, SupermaskKind, Task, Update, UploadSpec};
 
 /// What a decoded update holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -12,6 +14,19 @@ pub enum UploadKind {
     Weights,
     /// Trained minus starting parameters.
     Delta,
+    /// A supermask's bits as votes: +1 (bit set) or −1 on kept entries, 0 on pruned ones.
+    Votes,
+}
+
+/// The bits of a supermask model's weights, in kept order.
+fn weight_bits(kind: SupermaskKind, weights: &[f32], mask: Option<&[bool]>) -> Vec<bool> {
+    compact(weights, mask)
+        .iter()
+        .map(|w| match kind {
+            SupermaskKind::Sign => *w > 0.0,
+            SupermaskKind::Keep => *w != 0.0,
+        })
+        .collect()
 }
 
 /// The client's update from its starting and trained parameters. `residual` carries what top-k
@@ -25,19 +40,45 @@ pub fn encode_update(spec: UploadSpec, arch: &Arch, start: &[f32], trained: &[f3
             let carry = if error_feedback { Some(residual.get_or_insert_with(Vec::new)) } else { None };
             Update::Sparse(encode_sparse(arch, &delta(), mask, int8, top_k, carry))
         }
+        UploadSpec::Supermask { kind } => {
+            // `start` and `trained` are the effective weights: their bits are the task's and ours.
+            let (base, mine) = (weight_bits(kind, start, mask), weight_bits(kind, trained, mask));
+            Update::Supermask(supermask::encode(arch, mask, &base, &mine))
+        }
     }
+}
+
+/// A decoded update.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decoded {
+    pub kind: UploadKind,
+    /// Full length, in the model's layout.
+    pub values: Vec<f32>,
+    /// How a supermask upload travelled (zeros for other kinds).
+    pub encoding: Encoding,
 }
 
 /// Decodes an update to a full-length vector, checking it answers what `task` asked for.
 /// Values are not yet checked for being finite: that is [`crate::strategy::accept`]'s job.
-pub fn decode_update(task: &Task, update: &Update) -> Result<(UploadKind, Vec<f32>), String> {
+pub fn decode_update(task: &Task, update: &Update) -> Result<Decoded, String> {
     let arch = &task.model.arch;
     let mask = match &task.model.mask {
         Some(MaskSpec::Full { bits, .. }) => Some(bits.unpack().map_err(|e| e.to_string())?),
         Some(MaskSpec::Cached { .. }) => return Err("internal: a pending task lost its mask".into()),
         None => None,
     };
+    let mut encoding = Encoding::default();
     let (kind, values) = match (update, task.upload) {
+        (Update::Supermask(u), UploadSpec::Supermask { .. }) => {
+            let Params::Supermask { bits, .. } = &task.model.params else {
+                return Err("internal: a supermask upload for a task without a supermask".into());
+            };
+            let base = bits.unpack().map_err(|e| e.to_string())?;
+            let (mine, enc) = supermask::decode(arch, mask.as_deref(), &base, u)?;
+            encoding = enc;
+            let votes = mine.iter().map(|b| if *b { 1.0 } else { -1.0 }).collect::<Vec<f32>>();
+            (UploadKind::Votes, super::expand(&votes, mask.as_deref(), arch.num_params())?)
+        }
         (Update::Weights(b), UploadSpec::Weights) => (UploadKind::Weights, b.to_f32().map_err(|e| e.to_string())?),
         (Update::Delta(b), UploadSpec::Delta) => (UploadKind::Delta, b.to_f32().map_err(|e| e.to_string())?),
         (Update::Sparse(u), UploadSpec::Sparse { .. }) => (UploadKind::Delta, decode_sparse(arch, u, mask.as_deref())?),
@@ -47,5 +88,5 @@ pub fn decode_update(task: &Task, update: &Update) -> Result<(UploadKind, Vec<f3
     if values.len() != n {
         return Err(format!("update has {} values, the model has {n}", values.len()));
     }
-    Ok((kind, values))
+    Ok(Decoded { kind, values, encoding })
 }

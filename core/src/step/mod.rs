@@ -11,6 +11,7 @@
 //!   strategy with the whole model; split learning with a front).
 
 mod loss;
+mod scores;
 mod weights;
 
 use burn::tensor::{Device, Tensor};
@@ -44,6 +45,19 @@ pub enum Learn {
     /// The weights themselves; with the task's mask, pruned entries stay exactly zero.
     #[default]
     Weights,
+    /// Real-valued scores over the frozen weights of a supermask model: the forward pass uses
+    /// |θ₀| ⊙ M ⊙ sign(s) (sign supermask) or θ₀ ⊙ M ⊙ [s > 0] (binary supermask), and the
+    /// backward pass goes straight through the sign or threshold to the scores. With
+    /// `personal`, a client's scores keep their magnitudes from task to task (their signs
+    /// restart from the task's bits); without, every task starts from |θ₀|.
+    Scores { personal: bool },
+}
+
+/// The frozen side of a supermask task: what the scores act on.
+#[derive(Clone, Copy, Debug)]
+pub struct Frozen<'a> {
+    pub kind: crate::protocol::SupermaskKind,
+    pub theta0: &'a [f32],
 }
 
 /// Where each batch's loss comes from.
@@ -70,10 +84,12 @@ pub trait Reparam {
     }
 }
 
-/// The reparameterisation for `learn` on this task's mask.
-pub(crate) fn reparam(learn: Learn, arch: &Arch, mask: Option<&[bool]>, device: &Device) -> Box<dyn Reparam> {
-    match (learn, mask) {
-        (Learn::Weights, None) => Box::new(weights::Plain),
-        (Learn::Weights, Some(m)) => Box::new(weights::Masked::new(arch, m, device)),
-    }
+/// The reparameterisation for `learn` on this task's mask (and frozen weights, for scores).
+pub(crate) fn reparam(learn: Learn, arch: &Arch, mask: Option<&[bool]>, frozen: Option<Frozen>, device: &Device) -> Result<Box<dyn Reparam>, String> {
+    Ok(match (learn, mask, frozen) {
+        (Learn::Weights, None, _) => Box::new(weights::Plain),
+        (Learn::Weights, Some(m), _) => Box::new(weights::Masked::new(arch, m, device)),
+        (Learn::Scores { .. }, _, Some(f)) => Box::new(scores::Scores::new(arch, f, mask, device)),
+        (Learn::Scores { .. }, _, None) => return Err("learning scores needs a supermask model (frozen weights)".into()),
+    })
 }

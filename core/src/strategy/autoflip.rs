@@ -37,6 +37,9 @@ pub struct AutoflipConfig {
     pub start_from_explored: bool,
     /// Upload kept entries as int8 with one scale per tensor.
     pub int8: bool,
+    /// Exploration deltas as int8 too (4× fewer bytes, but many small entries quantise to 0 and
+    /// tie at G = 0; ties are broken at random, seeded, either way).
+    pub explore_int8: bool,
     /// Upload only this fraction of the kept entries, the largest first (1: all).
     pub top_k: f32,
     /// Carry what top-k and int8 leave out into the next round's upload.
@@ -61,6 +64,7 @@ impl Default for AutoflipConfig {
             q_tolerance: 0.05,
             start_from_explored: true,
             int8: true,
+            explore_int8: true,
             top_k: 1.0,
             error_feedback: true,
             reprune_every: 0,
@@ -78,7 +82,8 @@ pub struct AutoFlip {
     explored_in: u32,
     base: Vec<f32>,
     velocity: Vec<f32>,
-    /// Moving average of squared client deltas, per parameter.
+    /// Moving average of squared client deltas from normal rounds, per parameter (empty until
+    /// the first normal round: the exploration's many-epoch Δ² would dominate it for long).
     ema: Vec<f32>,
     /// Sparsity right after exploration (start of the re-pruning schedule).
     q0: f64,
@@ -121,9 +126,9 @@ impl AutoFlip {
             a.q
         };
         global.params = start;
-        global.set_mask(prune_lowest(&g, q, None));
+        global.set_mask(prune_lowest(&g, q, None, self.config.seed));
         self.q0 = global.sparsity();
-        self.ema = sq;
+        self.ema = Vec::new();
         self.velocity = vec![0.0; n];
         let epochs: f64 = results.iter().map(|c| c.metrics.epochs as f64).sum::<f64>() / results.len() as f64;
         outcome.metrics.insert("q".into(), q);
@@ -146,10 +151,15 @@ impl AutoFlip {
                 *v = 0.0;
             }
         }
-        let beta = a.ema as f32;
-        for (i, e) in self.ema.iter_mut().enumerate() {
-            let sq: f32 = results.iter().map(|c| c.values[i] * c.values[i]).sum::<f32>() / results.len() as f32;
-            *e = beta * *e + (1.0 - beta) * sq;
+        let sq: Vec<f32> = (0..global.params.len()).map(|i| results.iter().map(|c| c.values[i] * c.values[i]).sum::<f32>() / results.len() as f32).collect();
+        if self.ema.len() != sq.len() {
+            // The first normal round starts the average.
+            self.ema = sq;
+        } else {
+            let beta = a.ema as f32;
+            for (e, s) in self.ema.iter_mut().zip(sq) {
+                *e = beta * *e + (1.0 - beta) * s;
+            }
         }
         let mut outcome = RoundOutcome::default();
         let since = round - self.explored_in;
@@ -159,7 +169,7 @@ impl AutoFlip {
             let want = self.q0 + (a.target_sparsity - self.q0) * (since as f64 / span).min(1.0);
             if want > global.sparsity() {
                 let g = guidance(&global.arch, &self.ema);
-                global.set_mask(prune_lowest(&g, want, Some(&mask)));
+                global.set_mask(prune_lowest(&g, want, Some(&mask), self.config.seed ^ round as u64));
                 for (v, k) in self.velocity.iter_mut().zip(global.mask.as_ref().unwrap()) {
                     if !k {
                         *v = 0.0;
@@ -197,7 +207,7 @@ impl Strategy for AutoFlip {
         let exploring = self.explored_in == 0;
         let (fraction, upload) = if exploring {
             self.base = global.params.clone();
-            (a.explore_fraction, UploadSpec::Sparse { int8: a.int8, top_k: 1.0, error_feedback: false })
+            (a.explore_fraction, UploadSpec::Sparse { int8: a.explore_int8, top_k: 1.0, error_feedback: false })
         } else {
             (self.config.fraction, UploadSpec::Sparse { int8: a.int8, top_k: a.top_k, error_feedback: a.error_feedback })
         };
@@ -249,9 +259,11 @@ pub fn guidance(arch: &Arch, sq_mean: &[f32]) -> Vec<f32> {
     g
 }
 
-/// A mask pruning the `q` fraction of all entries with the lowest `g` (one global threshold;
-/// ties go to the lower index). Entries `already` pruned stay pruned and count towards q.
-pub fn prune_lowest(g: &[f32], q: f64, already: Option<&[bool]>) -> Vec<bool> {
+/// A mask pruning the `q` fraction of all entries with the lowest `g` (one global threshold).
+/// Ties are broken in a random order drawn from `seed` (by index they would bias pruning toward
+/// the first tensors and the first rows of an image). Entries `already` pruned stay pruned and
+/// count towards q.
+pub fn prune_lowest(g: &[f32], q: f64, already: Option<&[bool]>, seed: u64) -> Vec<bool> {
     let n = g.len();
     let target = ((q * n as f64).floor() as usize).min(n);
     let mut mask = already.map(|m| m.to_vec()).unwrap_or_else(|| vec![true; n]);
@@ -260,11 +272,20 @@ pub fn prune_lowest(g: &[f32], q: f64, already: Option<&[bool]>) -> Vec<bool> {
         return mask;
     }
     let mut order: Vec<usize> = (0..n).filter(|&i| mask[i]).collect();
-    order.sort_by(|&a, &b| g[a].total_cmp(&g[b]).then(a.cmp(&b)));
+    let tie = |i: usize| splitmix64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    order.sort_by(|&a, &b| g[a].total_cmp(&g[b]).then_with(|| tie(a).cmp(&tie(b))).then(a.cmp(&b)));
     for &i in order.iter().take(target - pruned) {
         mask[i] = false;
     }
     mask
+}
+
+/// A well-mixed 64-bit hash (SplitMix64's finaliser).
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
 }
 
 /// The largest q on a 0.1 grid whose pruned model's validation loss stays within `tolerance`
@@ -277,7 +298,7 @@ fn choose_q(global: &ModelState, start: &[f32], g: &[f32], tolerance: f64, ctx: 
         let q = step as f64 / 10.0;
         probe.params = start.to_vec();
         probe.mask = None;
-        probe.set_mask(prune_lowest(g, q, None));
+        probe.set_mask(prune_lowest(g, q, None, 0));
         let loss = (ctx.validate)(&probe).loss as f64;
         if loss <= dense * (1.0 + tolerance) {
             outcome.metrics.insert("q_auto_val_loss".into(), loss);
@@ -325,13 +346,42 @@ mod tests {
     #[test]
     fn one_global_threshold_prunes_the_lowest() {
         let g = [0.5f32, 0.0, 1.0, 1.0, 0.0, 0.2];
-        assert_eq!(prune_lowest(&g, 0.5, None), vec![true, false, true, true, false, false]);
-        assert_eq!(prune_lowest(&g, 0.0, None), vec![true; 6]);
+        assert_eq!(prune_lowest(&g, 0.5, None, 1), vec![true, false, true, true, false, false]);
+        assert_eq!(prune_lowest(&g, 0.0, None, 1), vec![true; 6]);
         // Re-pruning keeps what is pruned and adds the next lowest.
-        let m = prune_lowest(&g, 0.34, None);
+        let m = prune_lowest(&g, 0.34, None, 1);
         assert_eq!(m, vec![true, false, true, true, false, true]);
-        assert_eq!(prune_lowest(&g, 0.5, Some(&m)), vec![true, false, true, true, false, false]);
-        assert_eq!(prune_lowest(&g, 0.1, Some(&m)), m, "never un-prunes");
+        assert_eq!(prune_lowest(&g, 0.5, Some(&m), 1), vec![true, false, true, true, false, false]);
+        assert_eq!(prune_lowest(&g, 0.1, Some(&m), 1), m, "never un-prunes");
+    }
+
+    #[test]
+    fn ties_are_broken_at_random_not_by_index() {
+        // 1,000 entries tied at G = 0 (int8 exploration deltas that rounded to zero), 10% pruned.
+        let g = vec![0f32; 1000];
+        let a = prune_lowest(&g, 0.1, None, 7);
+        let pruned: Vec<usize> = (0..1000).filter(|&i| !a[i]).collect();
+        assert_eq!(pruned.len(), 100);
+        assert!(pruned.iter().filter(|&&i| i < 500).count() > 30 && pruned.iter().filter(|&&i| i >= 500).count() > 30, "{pruned:?}");
+        assert_eq!(prune_lowest(&g, 0.1, None, 7), a, "reproducible for a seed");
+        assert_ne!(prune_lowest(&g, 0.1, None, 8), a, "another seed, another draw");
+        // Ties never override the order of distinct values.
+        let g: Vec<f32> = (0..10).map(|i| if i < 5 { 1.0 } else { 0.0 }).collect();
+        assert!((0..10).all(|i| prune_lowest(&g, 0.5, None, 3)[i] == (i < 5)));
+    }
+
+    #[test]
+    fn the_repruning_average_starts_from_normal_rounds() {
+        let cfg = AutoflipConfig { q: 0.0, ..Default::default() };
+        let validate = |_: &ModelState| crate::train::Eval::default();
+        let (mut s, mut global, _) = explore_once(cfg, &validate);
+        assert!(s.ema.is_empty(), "the exploration's Δ² does not seed it");
+        let ctx = RoundContext { rounds: 5, validate: &validate };
+        let c = |v: f32| Contribution { client: 0, samples: 10, kind: UploadKind::Delta, values: vec![v; 22], metrics: Default::default(), encoding: Default::default() };
+        s.aggregate(2, &mut global, &[c(0.1)], &ctx).unwrap();
+        assert!(s.ema.iter().all(|e| (e - 0.01).abs() < 1e-7), "{:?}", s.ema);
+        s.aggregate(3, &mut global, &[c(0.0)], &ctx).unwrap();
+        assert!(s.ema.iter().all(|e| (e - 0.009).abs() < 1e-7), "β = 0.9: {:?}", s.ema);
     }
 
     fn explore_once(cfg: AutoflipConfig, validate: &dyn Fn(&ModelState) -> crate::train::Eval) -> (AutoFlip, ModelState, RoundOutcome) {
@@ -342,7 +392,7 @@ mod tests {
         let mut rng = rand::SeedableRng::seed_from_u64(1);
         s.configure_round(1, &global, &clients, &mut rng);
         let values: Vec<f32> = (0..22).map(|i| i as f32 * 0.01).collect();
-        let c = Contribution { client: 0, samples: 10, kind: UploadKind::Delta, values, metrics: Default::default() };
+        let c = Contribution { client: 0, samples: 10, kind: UploadKind::Delta, values, metrics: Default::default(), encoding: Default::default() };
         let ctx = RoundContext { rounds: 5, validate };
         let out = s.aggregate(1, &mut global, &[c], &ctx).unwrap();
         (s, global, out)
@@ -376,7 +426,7 @@ mod tests {
         let before = global.mask.clone().unwrap();
         assert!((global.sparsity() - 0.2).abs() < 0.05);
         let ctx = RoundContext { rounds: 5, validate: &validate };
-        let c = Contribution { client: 0, samples: 10, kind: UploadKind::Delta, values: (0..22).map(|i| 0.01 * (22 - i) as f32).collect(), metrics: Default::default() };
+        let c = Contribution { client: 0, samples: 10, kind: UploadKind::Delta, values: (0..22).map(|i| 0.01 * (22 - i) as f32).collect(), metrics: Default::default(), encoding: Default::default() };
         let out = s.aggregate(2, &mut global, &[c.clone()], &ctx).unwrap();
         assert_eq!(out.metrics["repruned"], 1.0);
         let after = global.mask.clone().unwrap();
@@ -401,7 +451,7 @@ mod tests {
         let tasks = s.configure_round(1, &global, &clients, &mut rng);
         assert_eq!(tasks.len(), 2);
         assert_eq!(tasks[0].1.train.epochs, 20);
-        let contrib = |client, v: [f32; 6]| Contribution { client, samples: 10, kind: UploadKind::Delta, values: v.to_vec(), metrics: Default::default() };
+        let contrib = |client, v: [f32; 6]| Contribution { client, samples: 10, kind: UploadKind::Delta, values: v.to_vec(), metrics: Default::default(), encoding: Default::default() };
         let validate = |_: &ModelState| crate::train::Eval::default();
         let ctx = RoundContext { rounds: 5, validate: &validate };
         let r = [contrib(0, [1.0, 0.0, 2.0, 0.0, 0.5, 0.1]), contrib(1, [1.0, 0.0, 0.0, 2.0, 0.5, 0.3])];

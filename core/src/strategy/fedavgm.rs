@@ -1,33 +1,54 @@
-//! FedAvgM: FedAvg with server momentum on the mean client delta (β = 0.9 by default).
+//! FedAvgM: FedAvg with server momentum on the mean client delta (β = 0.9 by default), and
+//! optionally the client learning-rate decay AutoFLIP uses, so the two compare fairly.
 
 use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
 
-use super::fedavg::NoSettings;
 use super::{ClientView, Contribution, RoundContext, RoundOutcome, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, plain_round, weighted_values};
 use crate::aggregate::momentum_step;
 use crate::protocol::{Task, UploadSpec};
 use crate::state::ModelState;
 
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FedavgmConfig {
+    /// Client learning rate multiplier per round: round r trains with lr · lr_decay^(r−1)
+    /// (AutoFLIP's code: 0.99; 1 keeps it constant).
+    pub lr_decay: f64,
+}
+
+impl Default for FedavgmConfig {
+    fn default() -> Self {
+        FedavgmConfig { lr_decay: 1.0 }
+    }
+}
+
 pub struct FedAvgM {
     config: StrategyConfig,
+    own: FedavgmConfig,
     velocity: Vec<f32>,
 }
 
 impl FedAvgM {
-    pub fn new(config: StrategyConfig) -> Self {
-        FedAvgM { config, velocity: Vec::new() }
+    pub fn new(config: StrategyConfig, own: FedavgmConfig) -> Self {
+        FedAvgM { config, own, velocity: Vec::new() }
     }
 }
 
-/// FedAvgM's settings are the shared `server_momentum` and `server_lr`.
+/// FedAvgM reads the shared `server_momentum` and `server_lr`, and `[strategy.fedavgm]`.
 pub fn build(config: StrategyConfig, settings: Option<&Settings>) -> Result<Box<dyn Strategy>, String> {
-    let NoSettings {} = parse_settings("fedavgm", settings)?;
-    Ok(Box::new(FedAvgM::new(config)))
+    let own: FedavgmConfig = parse_settings("fedavgm", settings)?;
+    if !(own.lr_decay > 0.0) {
+        return Err("fedavgm lr_decay must be > 0".into());
+    }
+    Ok(Box::new(FedAvgM::new(config, own)))
 }
 
 impl Strategy for FedAvgM {
     fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
-        plain_round(round, global, &self.config, clients, rng, UploadSpec::Delta)
+        let mut config = self.config.clone();
+        config.lr *= self.own.lr_decay.powi(round as i32 - 1);
+        plain_round(round, global, &config, clients, rng, UploadSpec::Delta)
     }
 
     fn save_state(&self) -> Vec<u8> {
@@ -52,5 +73,24 @@ impl Strategy for FedAvgM {
         let mut outcome = RoundOutcome::default();
         outcome.metrics.insert("server_velocity_norm".into(), speed);
         Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::Arch;
+    use rand::SeedableRng;
+
+    #[test]
+    fn learning_rate_decays_per_round() {
+        let mut cfg = StrategyConfig::default();
+        cfg.lr = 0.1;
+        let mut s = FedAvgM::new(cfg, FedavgmConfig { lr_decay: 0.5 });
+        let global = ModelState::init(Arch::preset("mlp", [1, 2, 2], 2).unwrap(), 1);
+        let clients = [ClientView { id: 0, samples: 4 }];
+        let mut rng = StdRng::seed_from_u64(1);
+        assert_eq!(s.configure_round(1, &global, &clients, &mut rng)[0].1.train.lr, 0.1);
+        assert_eq!(s.configure_round(3, &global, &clients, &mut rng)[0].1.train.lr, 0.025);
     }
 }

@@ -7,13 +7,15 @@ mod autoflip;
 mod echo;
 mod fedavg;
 mod fedavgm;
+mod hidenseek;
 mod structured;
 
 pub use autoflip::{AutoFlip, AutoflipConfig};
 pub use echo::{Echo, LossServer};
-pub use structured::{Structured, StructuredConfig};
+pub use hidenseek::{Supermask, SupermaskConfig};
+pub use structured::{Structured, StructuredConfig, UnitScore};
 pub use fedavg::FedAvg;
-pub use fedavgm::FedAvgM;
+pub use fedavgm::{FedAvgM, FedavgmConfig};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -113,6 +115,8 @@ pub struct Contribution {
     pub kind: UploadKind,
     pub values: Vec<f32>,
     pub metrics: ClientMetrics,
+    /// How a supermask upload travelled (payload bytes, tensors sent as flips).
+    pub encoding: codec::supermask::Encoding,
 }
 
 /// What kind of round a strategy is running, for dashboards. Methods add their own by name.
@@ -194,6 +198,8 @@ pub const METHODS: &[Method] = &[
     Method { name: "fedavgm", about: "FedAvgM: FedAvg with server momentum", build: fedavgm::build },
     Method { name: "autoflip", about: "AutoFLIP: loss exploration, then global informed pruning", build: autoflip::build },
     Method { name: "structured", about: "Automatic structured pruning: the model physically shrinks", build: structured::build },
+    Method { name: "hidenseek", about: "HideNseek: SynFlow pruning at init, clients learn weight signs (1 bit per weight up)", build: hidenseek::build_hidenseek },
+    Method { name: "supermask", about: "Binary supermask over frozen random weights (FedPM's family), 1 bit per weight up", build: hidenseek::build_binary },
     Method { name: "echo", about: "FedAvg with each batch's loss computed on the server (the in-round exchange)", build: echo::build },
 ];
 
@@ -292,7 +298,7 @@ pub fn accept(client: u64, task: &Task, result: TaskResult, shard_samples: u64) 
     if result.round != task.round {
         return Err(format!("result for round {} but the task was round {}", result.round, task.round));
     }
-    let (kind, values) = codec::decode_update(task, &result.update)?;
+    let codec::update::Decoded { kind, values, encoding } = codec::decode_update(task, &result.update)?;
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         return Err(format!("update value {i} is {} (not finite)", values[i]));
     }
@@ -309,7 +315,7 @@ pub fn accept(client: u64, task: &Task, result: TaskResult, shard_samples: u64) 
     if result.samples == 0 || result.samples > shard_samples {
         return Err(format!("claims {} samples, the client's shard has {shard_samples}", result.samples));
     }
-    Ok(Contribution { client, samples: result.samples, kind, values, metrics: result.metrics })
+    Ok(Contribution { client, samples: result.samples, kind, values, metrics: result.metrics, encoding })
 }
 
 /// Sample-weighted mean of the contributions' vectors.

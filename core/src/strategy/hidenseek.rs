@@ -1,0 +1,231 @@
+//! HideNseek (METHODS.md, section 3): the server prunes θ₀ once, before any training and with no
+//! data, by SynFlow; clients never change a weight's magnitude and learn only its sign (a sign
+//! supermask: real-valued scores, sign in the forward pass, straight-through backward), keeping
+//! their own scores between rounds; they upload one bit per surviving weight (or only the flips
+//! against the global signs, when fewer), and the server takes a sample-weighted majority vote.
+//!
+//! The same machinery with a keep-bit instead of a sign is the binary-supermask baseline
+//! (`supermask`, the FedPM family the paper compares against): weight = θ₀ × bit over the whole
+//! network, one bit per weight up, majority vote.
+//!
+//! θ₀ never travels: both sides regenerate it from the run's seed (`ModelState::init`), so a task
+//! carries the seed, the mask once, and the global bits.
+
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+use super::{ClientView, Contribution, RoundContext, RoundOutcome, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, plain_round};
+use crate::aggregate::weighted_vote;
+use crate::codec::{compact, encode_supermask};
+use crate::metric_keys as keys;
+use crate::protocol::{SupermaskKind, Task, UploadSpec};
+use crate::state::ModelState;
+use crate::step::Learn;
+use crate::synflow::{layer_density, synflow_mask};
+use crate::train::Optimizer;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SupermaskConfig {
+    /// Fraction of the weights SynFlow keeps (biases are always kept); 1 prunes nothing.
+    pub density: f64,
+    /// SynFlow's scoring rounds on its exponential schedule (SynFlow: 100).
+    pub synflow_iters: u32,
+    /// Learning rate and optimizer of the clients' scores (they replace `[strategy]`'s).
+    pub score_lr: f64,
+    pub score_optimizer: Optimizer,
+    /// Clients keep their scores' magnitudes between rounds (personalisation); otherwise every
+    /// round's scores start from |θ₀| with the global bits.
+    pub personal_scores: bool,
+    /// Memory of the vote across rounds: the server keeps t ← β·t + (1−β)·(weighted mean vote)
+    /// per entry and sets each bit by the sign of t. 0 is the plain majority vote (the paper);
+    /// with non-IID clients chance majorities then flip many bits every round.
+    pub vote_momentum: f32,
+}
+
+impl SupermaskConfig {
+    fn hidenseek() -> Self {
+        SupermaskConfig { density: 0.5, synflow_iters: 100, score_lr: 0.01, score_optimizer: Optimizer::Adam, personal_scores: true, vote_momentum: 0.0 }
+    }
+}
+
+/// HideNseek's defaults.
+impl Default for SupermaskConfig {
+    fn default() -> Self {
+        Self::hidenseek()
+    }
+}
+
+/// The binary supermask's defaults: the whole network (no pruning at init).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+struct BinaryConfig(SupermaskConfig);
+
+impl Default for BinaryConfig {
+    fn default() -> Self {
+        BinaryConfig(SupermaskConfig { density: 1.0, ..SupermaskConfig::hidenseek() })
+    }
+}
+
+pub struct Supermask {
+    config: StrategyConfig,
+    settings: SupermaskConfig,
+    kind: SupermaskKind,
+    /// SynFlow's mask, computed for the first round and installed at its aggregation.
+    pending_mask: Option<Vec<bool>>,
+    /// The vote's memory per entry (see `vote_momentum`).
+    tally: Vec<f32>,
+}
+
+impl Supermask {
+    pub fn new(config: StrategyConfig, settings: SupermaskConfig, kind: SupermaskKind) -> Result<Self, String> {
+        if !(settings.density > 0.0 && settings.density <= 1.0) {
+            return Err("density must lie in (0, 1]".into());
+        }
+        if !(settings.score_lr > 0.0) {
+            return Err("score_lr must be positive".into());
+        }
+        if !(0.0..1.0).contains(&settings.vote_momentum) {
+            return Err("vote_momentum must lie in [0, 1)".into());
+        }
+        Ok(Supermask { config, settings, kind, pending_mask: None, tally: Vec::new() })
+    }
+
+    /// θ₀: the same numbers the clients regenerate from the seed.
+    fn theta0(&self, global: &ModelState) -> Vec<f32> {
+        ModelState::init(global.arch.clone(), self.config.seed).params
+    }
+
+    /// The model of the first round: θ₀ under SynFlow's mask.
+    fn initial(&mut self, global: &ModelState) -> ModelState {
+        let theta0 = self.theta0(global);
+        let mask = match self.pending_mask.clone() {
+            Some(m) => m,
+            None => synflow_mask(&global.arch, &theta0, self.settings.density, self.settings.synflow_iters, &burn::tensor::Device::flex()),
+        };
+        self.pending_mask = Some(mask.clone());
+        let mut m = global.clone();
+        m.params = theta0;
+        m.set_mask(mask);
+        m
+    }
+}
+
+pub fn build_hidenseek(config: StrategyConfig, settings: Option<&Settings>) -> Result<Box<dyn Strategy>, String> {
+    Ok(Box::new(Supermask::new(config, parse_settings("hidenseek", settings)?, SupermaskKind::Sign)?))
+}
+
+pub fn build_binary(config: StrategyConfig, settings: Option<&Settings>) -> Result<Box<dyn Strategy>, String> {
+    let BinaryConfig(s) = parse_settings("supermask", settings)?;
+    Ok(Box::new(Supermask::new(config, s, SupermaskKind::Keep)?))
+}
+
+impl Strategy for Supermask {
+    fn save_state(&self) -> Vec<u8> {
+        postcard::to_allocvec(&self.tally).expect("encoding")
+    }
+
+    fn load_state(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.tally = postcard::from_bytes(bytes).map_err(|e| format!("supermask state: {e}"))?;
+        Ok(())
+    }
+
+    fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
+        let model = if global.mask.is_none() { self.initial(global) } else { global.clone() };
+        let payload = encode_supermask(&model, self.config.seed, self.kind);
+        let mut tasks = plain_round(round, &model, &self.config, clients, rng, UploadSpec::Supermask { kind: self.kind });
+        for (_, t) in &mut tasks {
+            t.model = payload.clone();
+            t.train.step.learn = Learn::Scores { personal: self.settings.personal_scores };
+            t.train.lr = self.settings.score_lr;
+            t.train.optimizer = self.settings.score_optimizer.clone();
+        }
+        tasks
+    }
+
+    fn aggregate(&mut self, _round: u32, global: &mut ModelState, results: &[Contribution], _ctx: &RoundContext) -> Result<RoundOutcome, String> {
+        if results.iter().any(|c| c.kind != UploadKind::Votes) {
+            return Err("supermask strategies expect votes".into());
+        }
+        let mut outcome = RoundOutcome::default();
+        if global.mask.is_none() {
+            *global = self.initial(global);
+            self.pending_mask = None;
+            for (name, d) in layer_density(&global.arch, global.mask.as_deref().expect("installed")) {
+                outcome.metrics.insert(keys::tensor_density(&name), d);
+            }
+        }
+        let mask = global.mask.clone().expect("installed");
+        let theta0 = self.theta0(global);
+        let bit = |w: f32| match self.kind {
+            SupermaskKind::Sign => w > 0.0,
+            SupermaskKind::Keep => w != 0.0,
+        };
+        let previous: Vec<bool> = global.params.iter().map(|w| bit(*w)).collect();
+        let votes: Vec<(&[f32], u64)> = results.iter().map(|c| (c.values.as_slice(), c.samples)).collect();
+        let next = if self.settings.vote_momentum > 0.0 {
+            let beta = self.settings.vote_momentum;
+            if self.tally.len() != previous.len() {
+                self.tally = previous.iter().map(|b| if *b { 1.0 } else { -1.0 }).collect();
+            }
+            let total: f64 = votes.iter().map(|(_, n)| *n as f64).sum::<f64>().max(1.0);
+            for (i, t) in self.tally.iter_mut().enumerate() {
+                let mean = votes.iter().map(|(v, n)| v[i] as f64 * *n as f64).sum::<f64>() / total;
+                *t = beta * *t + (1.0 - beta) * mean as f32;
+            }
+            self.tally.iter().zip(&previous).map(|(t, p)| if *t > 0.0 { true } else if *t < 0.0 { false } else { *p }).collect()
+        } else {
+            weighted_vote(&votes, &previous)
+        };
+        let kept = mask.iter().filter(|k| **k).count();
+        let changed = (0..next.len()).filter(|&i| mask[i] && next[i] != previous[i]).count();
+        let kept_bits: Vec<bool> = next.iter().zip(&mask).filter(|(_, k)| **k).map(|(b, _)| *b).collect();
+        global.params = crate::codec::supermask::effective(self.kind, &theta0, Some(&mask), &kept_bits);
+        let weights: usize = global.arch.params().iter().filter(|p| p.name.ends_with(".weight")).map(|p| p.len).sum();
+        let kept_weights: usize = global.arch.params().iter().filter(|p| p.name.ends_with(".weight")).map(|p| mask[p.offset..p.offset + p.len].iter().filter(|k| **k).count()).sum();
+        let payload: u64 = results.iter().map(|c| c.encoding.payload_bytes).sum();
+        let (flips, tensors): (u32, u32) = results.iter().fold((0, 0), |(f, t), c| (f + c.encoding.flip_tensors, t + c.encoding.tensors));
+        outcome.metrics.insert(keys::DENSITY.into(), kept_weights as f64 / weights.max(1) as f64);
+        outcome.metrics.insert(keys::UPLOAD_BITS_PER_WEIGHT.into(), 8.0 * payload as f64 / (results.len() * kept).max(1) as f64);
+        outcome.metrics.insert(keys::FLIP_TENSORS.into(), flips as f64 / tensors.max(1) as f64);
+        outcome.metrics.insert(keys::BITS_CHANGED.into(), changed as f64 / kept.max(1) as f64);
+        if self.kind == SupermaskKind::Keep {
+            let on = compact(&global.params, Some(&mask)).iter().filter(|w| **w != 0.0).count();
+            outcome.metrics.insert(keys::MASK_ON.into(), on as f64 / kept.max(1) as f64);
+        }
+        Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::Arch;
+    use crate::codec::supermask::Encoding;
+
+    #[test]
+    fn first_round_prunes_by_synflow_and_votes_set_the_signs() {
+        let arch = Arch::preset("mlp", [1, 4, 4], 3).unwrap();
+        let config = StrategyConfig { seed: 7, ..Default::default() };
+        let mut s = Supermask::new(config, SupermaskConfig { density: 0.3, synflow_iters: 10, ..Default::default() }, SupermaskKind::Sign).unwrap();
+        let mut global = ModelState::init(arch, 7);
+        let clients: Vec<ClientView> = (0..3).map(|id| ClientView { id, samples: 10 }).collect();
+        let tasks = s.configure_round(1, &global, &clients, &mut rand::SeedableRng::seed_from_u64(1));
+        assert_eq!(tasks.len(), 3);
+        assert_eq!(tasks[0].1.train.step.learn, Learn::Scores { personal: true });
+        assert!(matches!(tasks[0].1.upload, UploadSpec::Supermask { kind: SupermaskKind::Sign }));
+        // Every client votes "flip entry 0 negative"; two of three vote "+" elsewhere.
+        let theta0 = ModelState::init(global.arch.clone(), 7).params;
+        let vote = |sign: f32| -> Vec<f32> { theta0.iter().map(|_| sign).collect() };
+        let c = |client, v: Vec<f32>| Contribution { client, samples: 10, kind: UploadKind::Votes, values: v, metrics: Default::default(), encoding: Encoding::default() };
+        let validate = |_: &ModelState| crate::train::Eval::default();
+        let ctx = RoundContext { rounds: 5, validate: &validate };
+        let out = s.aggregate(1, &mut global, &[c(0, vote(1.0)), c(1, vote(1.0)), c(2, vote(-1.0))], &ctx).unwrap();
+        let mask = global.mask.clone().unwrap();
+        assert!((out.metrics[keys::DENSITY] - 0.3).abs() < 0.01, "{}", out.metrics[keys::DENSITY]);
+        for i in 0..theta0.len() {
+            let expect = if mask[i] { theta0[i].abs() } else { 0.0 };
+            assert_eq!(global.params[i], expect, "entry {i}: magnitudes are θ₀'s, signs the vote's");
+        }
+    }
+}
