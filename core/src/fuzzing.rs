@@ -34,8 +34,8 @@ fn tiny_arch() -> Arch {
     Arch { input: [1, 2, 2], classes: 3, layers: vec![Layer::Flatten, Layer::Dense { inputs: 4, units: 3 }, Layer::Relu, Layer::Dense { inputs: 3, units: 3 }] }
 }
 
-/// Tasks of every upload kind on a tiny model (27 parameters): weights, delta, sparse f32, and
-/// sparse int8 top-k under a mask.
+/// Tasks on a tiny model (27 parameters) for weights, delta, sparse f32, and sparse int8 top-k
+/// under a mask. Supermask (vote) uploads are not covered yet.
 pub fn targets() -> Vec<Target> {
     let global = ModelState::init(tiny_arch(), 3);
     let n = global.params.len();
