@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use canopy_core::partition::Partition;
 use canopy_core::protocol::{
-    Backend, Blob, ClientMetrics, ClientMsg, DeviceInfo, ErrorCode, Hello, PROTOCOL_VERSION, ServerMsg, Task, TaskResult, Update, decode, encode,
+    Backend, Blob, ClientMetrics, ClientMsg, DeviceInfo, ErrorCode, Hello, PROTOCOL_VERSION, Params, ServerMsg, Task, TaskResult, Update, decode, encode,
 };
 use canopy_core::robust::RobustConfig;
 use canopy_server::attack::Attack;
@@ -79,7 +79,8 @@ fn expect_error(ws: &mut Ws, code: ErrorCode, needle: &str) {
 
 /// The unchanged model as a weights result: always valid.
 fn unchanged(task: &Task, samples: u64) -> Message {
-    let values = task.model.params.to_f32().unwrap();
+    let Params::Values(params) = &task.model.params else { panic!("a weights task") };
+    let values = params.to_f32().unwrap();
     Message::binary(encode(&ClientMsg::Result(TaskResult {
         round: task.round,
         samples,
