@@ -13,7 +13,7 @@ use canopy_core::protocol::{DeviceInfo, ErrorCode, Hello, RunInfo, ServerMsg, We
 use canopy_core::strategy::{ClientView, Phase as StrategyPhase};
 use canopy_core::train::Progress;
 use serde::{Serialize, Serializer};
-use tokio::sync::mpsc::UnboundedSender;
+use crate::outbox::{Outbox, Refused};
 
 use crate::metrics::RoundRecord;
 
@@ -104,7 +104,7 @@ pub struct Client {
     /// Banned by an admin: disconnected, and refused when it comes back with this id.
     pub banned: bool,
     #[serde(skip)]
-    tx: Option<UnboundedSender<Vec<u8>>>,
+    tx: Option<Outbox>,
 }
 
 impl Client {
@@ -158,7 +158,7 @@ impl Hub {
 
     /// Registers a client (or re-attaches one that reconnects with its old id) and sends it the
     /// welcome with its data shard. Returns its id, or why it may not join (it was banned).
-    pub fn join(&mut self, hello: Hello, tx: UnboundedSender<Vec<u8>>) -> Result<u64, String> {
+    pub fn join(&mut self, hello: Hello, tx: Outbox) -> Result<u64, String> {
         if let Some(why) = hello.resume.and_then(|id| self.banned.get(&id)) {
             return Err(format!("banned: {why}"));
         }
@@ -334,11 +334,18 @@ impl Hub {
         let len = frame.len();
         if let Some(c) = self.clients.get_mut(&id)
             && let Some(tx) = &c.tx
-            && tx.send(frame).is_ok()
         {
-            c.bytes_down += len as u64;
-            self.round_bytes_down += len as u64;
-            return len;
+            match tx.send(frame) {
+                Ok(()) => {
+                    c.bytes_down += len as u64;
+                    self.round_bytes_down += len as u64;
+                    return len;
+                }
+                Err(Refused::Full(queued)) => {
+                    tracing::warn!(client = id, queued, frame = len, "client is not reading its frames: frame dropped");
+                }
+                Err(Refused::Closed) => {}
+            }
         }
         0
     }

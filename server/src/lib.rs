@@ -15,6 +15,7 @@ pub mod inbox;
 pub mod lan;
 pub mod limits;
 pub mod metrics;
+pub mod outbox;
 pub mod run;
 pub mod sim;
 pub mod web;

@@ -26,6 +26,9 @@ pub struct LimitsConfig {
     /// `frame_burst` are allowed. A tab reports progress at most every 8 steps.
     pub max_frames_per_sec: f64,
     pub frame_burst: f64,
+    /// Bytes of frames waiting to be written to one connection; past this a frame to a client
+    /// that does not read is dropped, so a stalled client cannot grow the server's memory.
+    pub max_queued_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -37,6 +40,7 @@ impl Default for LimitsConfig {
             loopback_exempt: true,
             max_frames_per_sec: 200.0,
             frame_burst: 400.0,
+            max_queued_bytes: 48 << 20,
         }
     }
 }

@@ -15,7 +15,6 @@ use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
 use canopy_core::protocol::{ClientMsg, ErrorCode, MAX_FRAME_BYTES, PROTOCOL_VERSION, ServerMsg, decode, encode};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
 
 use crate::App;
 use crate::hub::CLOSE;
@@ -47,7 +46,7 @@ async fn refuse(socket: WebSocket, peer: SocketAddr, why: String) {
 async fn session(socket: WebSocket, app: Arc<App>, peer: SocketAddr, slot: Slot) {
     let _slot = slot; // the connection's place under the limits, given back when the session ends
     let (mut sink, mut stream) = socket.split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (tx, mut rx) = crate::outbox::channel(app.limits.config.max_queued_bytes);
     let (done_tx, mut writer_done) = tokio::sync::oneshot::channel::<()>();
     let writer = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
