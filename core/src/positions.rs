@@ -58,6 +58,14 @@ pub fn encode_bitmap(positions: &[u32], n: usize) -> Vec<u8> {
 pub fn encode_varints(positions: &[u32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + positions.len());
     out.push(VARINTS);
+    out.extend(varints(positions));
+    out
+}
+
+/// The gaps between strictly ascending positions as LEB128 varints, no tag (also the flips of a
+/// supermask upload).
+pub fn varints(positions: &[u32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(positions.len());
     let mut next = 0u32; // smallest value the next position can take
     for &p in positions {
         let mut gap = p - next;
@@ -73,6 +81,36 @@ pub fn encode_varints(positions: &[u32]) -> Vec<u8> {
         next = p + 1;
     }
     out
+}
+
+/// Decodes [`varints`]: strictly ascending positions, each below `n`.
+pub fn decode_varints(body: &[u8], n: usize) -> Result<Vec<u32>, PositionsError> {
+    let mut out = Vec::new();
+    let mut next = 0u64;
+    let mut at = 0;
+    while at < body.len() {
+        let mut gap = 0u64;
+        let mut shift = 0;
+        loop {
+            let &b = body.get(at).ok_or(PositionsError::Truncated)?;
+            at += 1;
+            if shift >= 35 {
+                return Err(PositionsError::Overlong);
+            }
+            gap |= ((b & 0x7f) as u64) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let p = next + gap;
+        if p >= n as u64 || p > u32::MAX as u64 {
+            return Err(PositionsError::OutOfRange(p, n));
+        }
+        out.push(p as u32);
+        next = p + 1;
+    }
+    Ok(out)
 }
 
 /// The positions `bytes` codes, checked against `n` candidate entries: strictly ascending and
@@ -98,34 +136,7 @@ pub fn decode(bytes: &[u8], n: usize) -> Result<Vec<u32>, PositionsError> {
             }
             Ok(out)
         }
-        VARINTS => {
-            let mut out = Vec::new();
-            let mut next = 0u64;
-            let mut at = 0;
-            while at < body.len() {
-                let mut gap = 0u64;
-                let mut shift = 0;
-                loop {
-                    let &b = body.get(at).ok_or(PositionsError::Truncated)?;
-                    at += 1;
-                    if shift >= 35 {
-                        return Err(PositionsError::Overlong);
-                    }
-                    gap |= ((b & 0x7f) as u64) << shift;
-                    shift += 7;
-                    if b & 0x80 == 0 {
-                        break;
-                    }
-                }
-                let p = next + gap;
-                if p >= n as u64 || p > u32::MAX as u64 {
-                    return Err(PositionsError::OutOfRange(p, n));
-                }
-                out.push(p as u32);
-                next = p + 1;
-            }
-            Ok(out)
-        }
+        VARINTS => decode_varints(body, n),
         other => Err(PositionsError::Tag(other)),
     }
 }

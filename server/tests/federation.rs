@@ -1,37 +1,23 @@
 //! The real server and native clients over real WebSockets, on the MNIST digits.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use canopy_core::protocol::{
     Backend, Blob, ClientMetrics, ClientMsg, DeviceInfo, ErrorCode, Hello, MAX_FRAME_BYTES, PROTOCOL_VERSION, ServerMsg, TaskResult, Update, decode, encode,
 };
-use canopy_core::partition::Partition;
 use canopy_server::config::Config;
 use canopy_server::metrics::RoundRecord;
 use tungstenite::Message;
 
+mod common;
+use common::runtime;
+
 fn config(name: &str, rounds: u32, shards: usize) -> Config {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut c = Config::default();
-    c.data.path = Some(root.join(canopy_server::datasets::DIGITS_DIR));
-    c.data.partition = Partition::Iid;
-    c.data.shards = shards;
+    let mut c = common::config(name, rounds, shards, "canopy-test");
     c.data.max_train = 4000;
     c.data.max_test = 1000;
-    c.run.rounds = rounds;
-    c.run.min_clients = shards;
-    c.run.linger = false;
-    c.run.name = Some(name.into());
-    c.run.out_dir = std::env::temp_dir().join(format!("canopy-test-{}", std::process::id()));
-    c.server.port = 0;
-    c.strategy.config.lr = 0.1;
     c.strategy.config.epochs = 1;
     c
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
 fn records(app: &canopy_server::App) -> Vec<RoundRecord> {

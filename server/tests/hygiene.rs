@@ -2,10 +2,8 @@
 //! admin can ban a client, connection limits answer with clear errors, stragglers stay busy
 //! until their result comes, and every client gets Bye before a server that exits when done.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use canopy_core::partition::Partition;
 use canopy_core::protocol::{
     Backend, Blob, ClientMetrics, ClientMsg, DeviceInfo, ErrorCode, Hello, PROTOCOL_VERSION, Params, ServerMsg, Task, TaskResult, Update, decode, encode,
 };
@@ -15,29 +13,17 @@ use canopy_server::config::{Config, LateResults};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tungstenite::Message;
 
+mod common;
+use common::runtime;
+
 const TOKEN: &str = "hygiene-test-token";
 
 fn config(name: &str, rounds: u32, shards: usize) -> Config {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut c = Config::default();
-    c.data.path = Some(root.join(canopy_server::datasets::DIGITS_DIR));
-    c.data.partition = Partition::Iid;
-    c.data.shards = shards;
+    let mut c = common::config(name, rounds, shards, "canopy-hygiene");
     c.data.max_train = 2000;
     c.data.max_test = 500;
-    c.run.rounds = rounds;
-    c.run.min_clients = shards;
-    c.run.linger = false;
-    c.run.name = Some(name.into());
-    c.run.out_dir = std::env::temp_dir().join(format!("canopy-hygiene-{}", std::process::id()));
-    c.server.port = 0;
     c.server.admin_token = Some(TOKEN.into());
-    c.strategy.config.lr = 0.1;
     c
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
 type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>;

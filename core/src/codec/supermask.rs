@@ -4,6 +4,7 @@
 //! from the task's (LEB128 gaps), whichever is smaller.
 
 use crate::arch::Arch;
+use crate::positions;
 use crate::protocol::{MaskBits, SupermaskKind};
 
 /// The effective weights: θ₀ on the kept entries, shaped by the bits (in kept order).
@@ -40,23 +41,10 @@ fn pack(bits: &[bool]) -> Vec<u8> {
     out
 }
 
+/// The positions where `mine` differs from `base`, as varint gaps.
 fn flips(mine: &[bool], base: &[bool]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut last = 0usize;
-    for (i, _) in mine.iter().zip(base).enumerate().filter(|(_, (a, b))| a != b) {
-        let mut gap = (i - last) as u64;
-        last = i + 1;
-        loop {
-            let byte = (gap & 0x7f) as u8;
-            gap >>= 7;
-            if gap == 0 {
-                out.push(byte);
-                break;
-            }
-            out.push(byte | 0x80);
-        }
-    }
-    out
+    let at: Vec<u32> = mine.iter().zip(base).enumerate().filter(|(_, (a, b))| a != b).map(|(i, _)| i as u32).collect();
+    positions::varints(&at)
 }
 
 /// Encodes a client's bits (kept order) against the task's bits, tensor by tensor.
@@ -110,25 +98,8 @@ pub fn decode(arch: &Arch, mask: Option<&[bool]>, base: &[bool], update: &[MaskB
                 enc.payload_bytes += bytes.len() as u64;
                 enc.flip_tensors += 1;
                 let mut mine = b.to_vec();
-                let (mut pos, mut gap, mut shift) = (0usize, 0u64, 0u32);
-                for byte in bytes {
-                    if shift > 35 {
-                        return Err(format!("tensor {t}: varint too long"));
-                    }
-                    gap |= ((byte & 0x7f) as u64) << shift;
-                    shift += 7;
-                    if byte & 0x80 == 0 {
-                        let i = pos + gap as usize;
-                        if i >= *k {
-                            return Err(format!("tensor {t}: flip at {i} beyond its {k} entries"));
-                        }
-                        mine[i] = !mine[i];
-                        pos = i + 1;
-                        (gap, shift) = (0, 0);
-                    }
-                }
-                if shift != 0 {
-                    return Err(format!("tensor {t}: truncated varint"));
+                for i in positions::decode_varints(bytes, *k).map_err(|e| format!("tensor {t}: {e}"))? {
+                    mine[i as usize] = !mine[i as usize];
                 }
                 out.extend(mine);
             }
