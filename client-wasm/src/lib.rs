@@ -10,7 +10,7 @@ use burn::tensor::Device;
 use canopy_core::client::{ClientHost, ClientRuntime};
 use canopy_core::arch::Arch;
 use canopy_core::codec::{self, MaskCache};
-use canopy_core::protocol::{Backend, Blob, ClientMsg, DeviceInfo, MaskSpec, ServerMsg, decode, encode};
+use canopy_core::protocol::{Backend, Blob, ClientMsg, DeviceInfo, MaskSpec, ServerMsg, decode, encode, is_exchange_reply};
 use canopy_core::state::ModelState;
 use canopy_core::train::{Host, Progress, predict};
 use js_sys::{Function, Promise, Uint8Array};
@@ -168,10 +168,7 @@ impl CanopyClient {
     /// true; any other frame returns false and goes to the queue. Replies nobody awaits (an
     /// earlier task's) are dropped.
     pub fn route(&self, frame: &[u8]) -> bool {
-        // Postcard's variant index follows the 3-byte header: peek before decoding a big task.
-        const EXCHANGE: u8 = 4;
-        const EXCHANGE_FAILED: u8 = 5;
-        if frame.len() < 4 || !matches!(frame[3], EXCHANGE | EXCHANGE_FAILED) {
+        if !is_exchange_reply(frame) {
             return false;
         }
         match decode::<ServerMsg>(frame) {

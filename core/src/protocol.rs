@@ -317,6 +317,16 @@ pub enum ServerMsg {
     Bye { reason: String },
 }
 
+/// Whether a server frame is an exchange reply (`Exchange` or `ExchangeFailed`), read from its
+/// header and postcard's variant index without decoding the rest: a tab routes these past its
+/// frame queue, and most other frames are tasks worth not decoding twice.
+pub fn is_exchange_reply(frame: &[u8]) -> bool {
+    // Variant indices of ServerMsg::Exchange and ServerMsg::ExchangeFailed (checked by a test).
+    const EXCHANGE: u8 = 4;
+    const EXCHANGE_FAILED: u8 = 5;
+    frame.len() > 3 && frame[..2] == MAGIC && matches!(frame[3], EXCHANGE | EXCHANGE_FAILED)
+}
+
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(&MAGIC);
@@ -419,6 +429,17 @@ mod tests {
         assert!(decode::<ServerMsg>(&garbage).is_err());
         let big = vec![0u8; MAX_FRAME_BYTES + 1];
         assert_eq!(decode::<ServerMsg>(&big), Err(ProtocolError::TooLarge(MAX_FRAME_BYTES + 1)));
+    }
+
+    #[test]
+    fn exchange_replies_are_told_apart_by_their_header() {
+        let reply = ServerMsg::Exchange { round: 3, seq: 7, payload: Blob(vec![1, 2]) };
+        let failed = ServerMsg::ExchangeFailed { round: 3, seq: 7, code: ErrorCode::Rejected, message: "no".into() };
+        assert!(is_exchange_reply(&encode(&reply)) && is_exchange_reply(&encode(&failed)));
+        for other in [ServerMsg::Task(task()), ServerMsg::Wait { round: 1, reason: "x".into() }, ServerMsg::Bye { reason: "x".into() }] {
+            assert!(!is_exchange_reply(&encode(&other)), "{other:?}");
+        }
+        assert!(!is_exchange_reply(b"CN"));
     }
 
     #[test]

@@ -109,7 +109,7 @@ impl RoundLoop {
             got.results.extend(late);
             // The record keeps who contributed what (not the vectors); the layer takes the vectors.
             let summary: Vec<Contribution> = got.results.iter().map(|c| Contribution { values: Vec::new(), metrics: c.metrics.clone(), ..*c }).collect();
-            let judged = self.judge(round, &global, std::mem::replace(&mut got.results, summary));
+            let judged = self.judge(round, &start, std::mem::replace(&mut got.results, summary));
             let (robust_results, combined) = match judged {
                 Ok(r) => r,
                 Err(e) => {
@@ -360,9 +360,9 @@ impl RoundLoop {
 
     /// The robust layer: what the strategy aggregates, and each client's verdict (logged, and
     /// counted in the client table's suspicion columns).
-    fn judge(&self, round: u32, global: &ModelState, results: Vec<Contribution>) -> Result<(Vec<Contribution>, robust::Combined), String> {
-        let reference = global.masked_params();
-        let (out, combined) = tokio::task::block_in_place(|| robust::apply(&self.robust, &reference, results))?;
+    /// `reference` is the (masked) global model the round's tasks started from.
+    fn judge(&self, round: u32, reference: &[f32], results: Vec<Contribution>) -> Result<(Vec<Contribution>, robust::Combined), String> {
+        let (out, combined) = tokio::task::block_in_place(|| robust::apply(&self.robust, reference, results))?;
         let mut hub = self.hub.lock().unwrap();
         for v in &combined.verdicts {
             hub.judged(v);

@@ -20,13 +20,7 @@ pub fn encode_model(global: &ModelState) -> ModelPayload {
 /// per kept entry read off the global model's effective weights.
 pub fn encode_supermask(global: &ModelState, seed: u64, kind: SupermaskKind) -> ModelPayload {
     let mask = global.mask.as_deref();
-    let bits: Vec<bool> = compact(&global.params, mask)
-        .iter()
-        .map(|w| match kind {
-            SupermaskKind::Sign => *w > 0.0,
-            SupermaskKind::Keep => *w != 0.0,
-        })
-        .collect();
+    let bits = supermask::bits_of_weights(kind, &global.params, mask);
     ModelPayload {
         arch: global.arch.clone(),
         params: Params::Supermask { seed, kind, bits: Bits::pack(&bits) },

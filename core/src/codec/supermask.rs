@@ -23,6 +23,20 @@ pub fn effective(kind: SupermaskKind, theta0: &[f32], mask: Option<&[bool]>, bit
     out
 }
 
+/// The bit a supermask model's weight stands for: its sign (sign supermask) or whether it is
+/// switched on (keep-mask).
+pub fn bit_of_weight(kind: SupermaskKind, w: f32) -> bool {
+    match kind {
+        SupermaskKind::Sign => w > 0.0,
+        SupermaskKind::Keep => w != 0.0,
+    }
+}
+
+/// The bits (in kept order) of a supermask model's weights.
+pub fn bits_of_weights(kind: SupermaskKind, weights: &[f32], mask: Option<&[bool]>) -> Vec<bool> {
+    super::compact(weights, mask).iter().map(|w| bit_of_weight(kind, *w)).collect()
+}
+
 /// The bits (in kept order) of real-valued scores: positive means + (sign) or kept (keep).
 pub fn bits_of_scores(scores: &[f32], mask: Option<&[bool]>) -> Vec<bool> {
     scores.iter().enumerate().filter(|(i, _)| mask.is_none_or(|m| m[*i])).map(|(_, s)| *s > 0.0).collect()

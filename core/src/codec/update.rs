@@ -3,9 +3,8 @@
 
 use super::sparse::{decode_sparse, encode_sparse};
 use super::supermask::{self, Encoding};
-use super::compact;
 use crate::arch::Arch;
-use crate::protocol::{Blob, MaskSpec, Params, SupermaskKind, Task, Update, UploadSpec};
+use crate::protocol::{Blob, MaskSpec, Params, Task, Update, UploadSpec};
 
 /// What a decoded update holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,17 +15,6 @@ pub enum UploadKind {
     Delta,
     /// A supermask's bits as votes: +1 (bit set) or −1 on kept entries, 0 on pruned ones.
     Votes,
-}
-
-/// The bits of a supermask model's weights, in kept order.
-fn weight_bits(kind: SupermaskKind, weights: &[f32], mask: Option<&[bool]>) -> Vec<bool> {
-    compact(weights, mask)
-        .iter()
-        .map(|w| match kind {
-            SupermaskKind::Sign => *w > 0.0,
-            SupermaskKind::Keep => *w != 0.0,
-        })
-        .collect()
 }
 
 /// The client's update from its starting and trained parameters. `residual` carries what top-k
@@ -42,7 +30,7 @@ pub fn encode_update(spec: UploadSpec, arch: &Arch, start: &[f32], trained: &[f3
         }
         UploadSpec::Supermask { kind } => {
             // `start` and `trained` are the effective weights: their bits are the task's and ours.
-            let (base, mine) = (weight_bits(kind, start, mask), weight_bits(kind, trained, mask));
+            let (base, mine) = (supermask::bits_of_weights(kind, start, mask), supermask::bits_of_weights(kind, trained, mask));
             Update::Supermask(supermask::encode(arch, mask, &base, &mine))
         }
     }

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ClientView, Contribution, RoundContext, RoundOutcome, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, plain_round};
 use crate::aggregate::weighted_vote;
+use crate::codec::supermask::bit_of_weight;
 use crate::codec::{compact, encode_supermask};
 use crate::metric_keys as keys;
 use crate::protocol::{SupermaskKind, Task, UploadSpec};
@@ -157,11 +158,7 @@ impl Strategy for Supermask {
         }
         let mask = global.mask.clone().expect("installed");
         let theta0 = self.theta0(global);
-        let bit = |w: f32| match self.kind {
-            SupermaskKind::Sign => w > 0.0,
-            SupermaskKind::Keep => w != 0.0,
-        };
-        let previous: Vec<bool> = global.params.iter().map(|w| bit(*w)).collect();
+        let previous: Vec<bool> = global.params.iter().map(|w| bit_of_weight(self.kind, *w)).collect();
         let votes: Vec<(&[f32], u64)> = results.iter().map(|c| (c.values.as_slice(), c.samples)).collect();
         let next = if self.settings.vote_momentum > 0.0 {
             let beta = self.settings.vote_momentum;
