@@ -24,6 +24,9 @@ apt_missing=()
 [ -x /usr/bin/chromium ] || apt_missing+=(chromium)
 [ -d /usr/share/datasets/fashion-mnist ] || apt_missing+=(dataset-fashion-mnist)
 command -v node >/dev/null || apt_missing+=(nodejs npm)
+# The wasm bundle is served pre-compressed with both (scripts/build-wasm.sh).
+command -v brotli >/dev/null || apt_missing+=(brotli)
+command -v zstd >/dev/null || apt_missing+=(zstd)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${apt_missing[*]}"
   as_root apt-get update -qq

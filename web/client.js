@@ -1,26 +1,35 @@
-// The page around the wasm client: owns the WebSocket, queues frames into the wasm runtime one
-// at a time, shows what happens, and reconnects with backoff when the server goes away.
-import init, { CanopyClient } from './pkg/canopy_client.js';
+// The page around the training worker (web/worker.js): the worker loads the wasm client, owns
+// the WebSocket and trains; this page asks for a nickname, renders what the worker posts, and
+// runs the drawing pad. Nothing heavy runs here, so training never freezes the page.
 import { drawPad, toMnist, showInput, showProbs } from './draw.js';
-import { fmtBytes } from './format.js';
 
 const params = new URLSearchParams(location.search);
 const $ = (id) => document.getElementById(id);
-const state = {
-  status: 'loading', backend: null, adapter: null, clientId: null, round: null,
-  roundsDone: 0, results: [], bytesSent: 0, bytesReceived: 0, errors: [], finished: false, lastSummary: null,
-};
-window.canopy = { state };
+// A mirror of the worker's state (tests read it), plus what only the page can see.
+const state = { status: 'loading' };
+const longTasks = [];
+window.canopy = { state, longTasks, marks: {} };
+
+// Main-thread tasks over 50 ms, for the long-task check in tests/browser/tab.test.mjs, and the
+// long animation frames around them with the scripts that ran in them (to tell what caused one).
+const longFrames = [];
+window.canopy.longFrames = longFrames;
+const observe = (type, fn) => PerformanceObserver.supportedEntryTypes?.includes(type) && new PerformanceObserver((list) => list.getEntries().forEach(fn)).observe({ type, buffered: true });
+observe('longtask', (e) => longTasks.push({ start: e.startTime, duration: e.duration }));
+observe('long-animation-frame', (e) => longFrames.push({
+  start: e.startTime, duration: e.duration, blocking: e.blockingDuration, render: e.renderStart ? e.startTime + e.duration - e.renderStart : 0,
+  scripts: e.scripts.map((x) => ({ invoker: x.invoker, source: x.sourceURL, fn: x.sourceFunctionName, duration: x.duration })),
+}));
 
 function log(text) {
   const li = document.createElement('li');
-  li.textContent = `${new Date().toLocaleTimeString()} ${text}`;
+  // Not toLocaleTimeString: its first call loads locale data and blocked the page for ~70 ms.
+  const d = new Date();
+  li.textContent = `${[d.getHours(), d.getMinutes(), d.getSeconds()].map((n) => String(n).padStart(2, '0')).join(':')} ${text}`;
   const ol = $('log');
   ol.prepend(li);
   while (ol.children.length > 60) ol.lastChild.remove();
 }
-function setStatus(s) { state.status = s; $('status').textContent = s; }
-function showBytes() { $('bytes').textContent = `${fmtBytes(state.bytesSent)} / ${fmtBytes(state.bytesReceived)}`; }
 
 // The nickname: `?name=` skips the question (tests, scripted tabs); otherwise the student picks
 // one, prefilled with the last one this tab used.
@@ -37,125 +46,54 @@ async function askName() {
   return input.value.trim();
 }
 
-let ws = null;
-let queue = Promise.resolve();
-let backoff = 500;
+// The worker starts downloading and compiling the wasm at once, while the nickname is asked.
+const worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+const calls = new Map();
+let nextCall = 0;
+// The client's methods, answered by the worker (same names as the wasm CanopyClient's, all async).
+const call = (method) => (...args) => new Promise((resolve, reject) => {
+  const id = nextCall++;
+  calls.set(id, { resolve, reject });
+  worker.postMessage({ call: method, id, args });
+});
+const client = Object.fromEntries(['predict', 'try_model', 'model_round', 'add_sample', 'train_samples', 'bench'].map((m) => [m, call(m)]));
 
-function sendFrame(bytes) {
-  if (ws && ws.readyState === WebSocket.OPEN) {
-    ws.send(bytes);
-    state.bytesSent += bytes.byteLength;
-    showBytes();
+worker.onmessage = (ev) => {
+  const t0 = performance.now();
+  const m = ev.data;
+  try { onWorker(m); } finally {
+    const d = performance.now() - t0;
+    if (d > 20) (window.canopy.slow ??= []).push({ at: t0, d, keys: Object.keys(m), set: Object.keys(m.set || {}), status: m.state?.status });
   }
-}
-
-function onProgress(json) {
-  const p = JSON.parse(json);
-  $('bar').value = p.step / Math.max(1, p.steps);
-  $('step').textContent = `step ${p.step}/${p.steps}, epoch ${p.epoch}/${p.epochs}`;
-  $('loss').textContent = p.loss.toFixed(4);
-  $('sps').textContent = p.samples_per_sec.toFixed(0);
-}
-
-function onSummary(json) {
-  const s = JSON.parse(json);
-  state.lastSummary = s;
-  switch (s.kind) {
-    case 'welcome':
-      state.clientId = s.client_id;
-      $('run').textContent = `${s.run.strategy} · ${s.run.model} · ${s.run.dataset} · ${s.run.partition} · ${s.run.rounds} rounds`;
-      $('shard').textContent = `#${s.shard}: ${s.train} training + ${s.test} test samples`;
-      setStatus('waiting for a round');
-      log(`joined as client ${s.client_id}, data shard ${s.shard} (${s.train} samples)`);
-      break;
-    case 'task':
-      state.round = s.round;
-      $('round').textContent = s.round;
-      if (s.result) {
-        state.roundsDone += 1;
-        state.results.push({ round: s.round, params: s.params, taskBytes: s.bytes, mask: s.mask, uploadBytes: s.reply_bytes, ...s.result });
-        $('done').textContent = state.roundsDone;
-        $('acc').textContent = `${(100 * s.result.local_accuracy).toFixed(1)} %`;
-        $('loss').textContent = s.result.train_loss.toFixed(4);
-        $('sps').textContent = s.result.samples_per_sec.toFixed(0);
-        log(`round ${s.round}: trained ${s.result.steps} steps in ${s.result.seconds.toFixed(1)} s, local accuracy ${(100 * s.result.local_accuracy).toFixed(1)} %, sent ${fmtBytes(s.reply_bytes)}`);
-      } else if (s.failed) {
-        state.errors.push(s.failed);
-        log(`round ${s.round} failed: ${s.failed}`);
-      }
-      setStatus('waiting for a round');
-      break;
-    case 'wait':
-      setStatus(`idle (${s.reason})`);
-      break;
-    case 'error':
-    case 'bad_frame':
-      state.errors.push(s.message);
-      log(`server says: ${s.message}`);
-      break;
-    case 'bye':
-      state.finished = true;
-      setStatus(`finished: ${s.reason}`);
-      log(`the server ended the run: ${s.reason}`);
-      break;
+};
+function onWorker(m) {
+  if (m.reply !== undefined) {
+    const c = calls.get(m.reply);
+    calls.delete(m.reply);
+    if (m.error !== undefined) c.reject(new Error(m.error)); else c.resolve(m.value);
+    return;
   }
+  Object.assign(state, m.state);
+  for (const [id, text] of Object.entries(m.set)) $(id).textContent = text;
+  if (m.bar !== undefined) $('bar').value = m.bar;
+  // When things happened, on the page's clock (ms since navigation started).
+  const marks = window.canopy.marks;
+  if (m.ready) marks.ready ??= performance.now();
+  if (m.progress) marks.firstProgress ??= { step: m.progress.step, pageMs: performance.now() };
+  if (state.roundsDone > 0) marks.firstResult ??= performance.now();
+  if (m.log) log(m.log);
+  if (m.ready) window.canopy.client = client;
 }
+worker.onerror = (e) => {
+  state.status = `failed to start: ${e.message}`;
+  $('status').textContent = state.status;
+};
 
-function connect() {
-  const url = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
-  setStatus('connecting');
-  ws = new WebSocket(url);
-  ws.binaryType = 'arraybuffer';
-  ws.onopen = () => {
-    backoff = 500;
-    setStatus('connected');
-    sendFrame(client.hello());
-  };
-  ws.onmessage = (ev) => {
-    const bytes = new Uint8Array(ev.data);
-    state.bytesReceived += bytes.byteLength;
-    showBytes();
-    // A reply to the running task's exchange request goes straight to the request awaiting it.
-    if (client.route(bytes)) { state.exchanges = (state.exchanges || 0) + 1; return; }
-    // Other frames are handled strictly one after another: a task runs to completion first.
-    queue = queue.then(() => {
-      if (state.finished) return;
-      const small = bytes.byteLength < 4096 ? '' : ` (${fmtBytes(bytes.byteLength)})`;
-      if (small) setStatus(`training${small}`);
-      return client.handle(bytes).then(onSummary);
-    }).catch((e) => {
-      state.errors.push(String(e));
-      log(`error: ${e}`);
-    });
-  };
-  ws.onclose = () => {
-    client.connection_lost();
-    if (state.finished) return;
-    setStatus(`disconnected; retrying in ${(backoff / 1000).toFixed(1)} s`);
-    setTimeout(connect, backoff);
-    backoff = Math.min(backoff * 2, 10000);
-  };
-}
-
-let client;
-try {
-  setStatus('loading the training runtime…');
-  const [name] = await Promise.all([askName(), init()]);
-  sessionStorage.setItem('canopy-name', name);
-  $('name').textContent = name;
-  const tryGpu = params.get('backend') !== 'cpu';
-  client = await CanopyClient.create(name, tryGpu, navigator.userAgent, sendFrame, onProgress);
-  state.backend = client.backend();
-  state.adapter = client.adapter();
-  $('backend').textContent = state.backend === 'webgpu' ? 'WebGPU' : 'CPU (wasm)';
-  $('adapter').textContent = state.adapter;
-  log(`runtime ready on ${state.backend}`);
-  window.canopy.client = client;
-  connect();
-} catch (e) {
-  setStatus(`failed to start: ${e}`);
-  state.errors.push(String(e));
-}
+const name = await askName();
+sessionStorage.setItem('canopy-name', name);
+$('name').textContent = name;
+// `?time=all` also times a software WebGPU adapter (slow; for benchmarks).
+worker.postMessage({ start: { name, backend: params.get('backend') || 'auto', timeSoftware: params.get('time') === 'all', userAgent: navigator.userAgent } });
 
 // "Try the model": predictions use the global model of the latest round on the CPU backend, so
 // they work even while this tab trains.
@@ -163,33 +101,35 @@ const pad = drawPad($('pad'), predict);
 let lastInput = null;
 async function predict() {
   const px = toMnist($('pad'));
-  if (!px || !client) return;
+  if (!px) return;
   lastInput = px;
   showInput($('seen'), px);
   try {
     const probs = Array.from(await client.try_model(px));
     const best = showProbs($('probs'), probs);
     $('guess').textContent = `The model says: ${best}`;
-    $('modelRound').textContent = `(round ${client.model_round()})`;
-    window.canopy.lastPrediction = { probs, best, round: client.model_round() };
+    const round = await client.model_round();
+    $('modelRound').textContent = `(round ${round})`;
+    window.canopy.lastPrediction = { probs, best, round };
   } catch (e) {
-    $('guess').textContent = String(e);
+    $('guess').textContent = e.message;
   }
 }
 $('clearPad').onclick = () => { pad.clear(); lastInput = null; $('guess').textContent = ''; };
 for (let d = 0; d < 10; d++) {
   const b = document.createElement('button');
   b.type = 'button'; b.textContent = d;
-  b.onclick = () => {
+  b.onclick = async () => {
     if (!lastInput) { $('ownMsg').textContent = 'Draw a digit first.'; return; }
+    const px = lastInput;
     try {
-      const n = client.add_sample(lastInput, d);
+      const n = await client.add_sample(px, d);
       state.ownDigits = n;
-      $('ownMsg').textContent = `Added as a ${d}. Your own digits in this tab's training data: ${n} (${client.train_samples()} samples in all). They never leave this tab.`;
+      $('ownMsg').textContent = `Added as a ${d}. Your own digits in this tab's training data: ${n} (${await client.train_samples()} samples in all). They never leave this tab.`;
       log(`added a drawn ${d} to the local training data`);
       pad.clear(); lastInput = null;
     } catch (e) {
-      $('ownMsg').textContent = String(e);
+      $('ownMsg').textContent = e.message;
     }
   };
   $('labels').append(b);

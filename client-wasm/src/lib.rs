@@ -1,6 +1,7 @@
-//! The browser tab's side of Canopy: picks WebGPU or the CPU backend and runs the shared client
-//! runtime. JavaScript owns the WebSocket and the page; frames go through [`CanopyClient::handle`]
-//! and replies come back through the `send` callback.
+//! The browser tab's side of Canopy: picks the faster of WebGPU and the CPU backend (by timing
+//! both) and runs the shared client runtime. It runs in a dedicated Web Worker (web/worker.js),
+//! which owns the WebSocket; frames go through [`CanopyClient::handle`] and replies come back
+//! through the `send` callback. The page only renders what the worker posts.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -10,7 +11,7 @@ use burn::tensor::Device;
 use canopy_core::client::{ClientHost, ClientRuntime};
 use canopy_core::arch::Arch;
 use canopy_core::codec::{self, MaskCache};
-use canopy_core::protocol::{Backend, Blob, ClientMsg, DeviceInfo, MaskSpec, ServerMsg, decode, encode, is_exchange_reply};
+use canopy_core::protocol::{Backend, BackendSpeed, Blob, ClientMsg, DeviceInfo, MaskSpec, ServerMsg, decode, encode, is_exchange_reply};
 use canopy_core::state::ModelState;
 use canopy_core::train::{Host, Progress, predict};
 use js_sys::{Function, Promise, Uint8Array};
@@ -134,33 +135,26 @@ pub struct CanopyClient {
 
 #[wasm_bindgen]
 impl CanopyClient {
-    /// Starts the runtime: WebGPU through burn's async wgpu init when `try_gpu` and the browser
-    /// has an adapter, otherwise burn's CPU backend. `send(Uint8Array)` sends a frame;
-    /// `progress(json)` receives training progress.
-    pub async fn create(name: String, try_gpu: bool, user_agent: String, send: Function, progress: Function) -> CanopyClient {
+    /// Starts the runtime. `backend`: "cpu" or "webgpu" forces one (`?backend=`); anything else
+    /// ("auto") times a short MLP run on burn's CPU backend and, when the browser has a WebGPU
+    /// adapter, on WebGPU, and keeps the faster. A software adapter (`software_adapter`: the
+    /// worker read `isFallbackAdapter` and the adapter info; SwiftShader when Chromium has no
+    /// usable GPU) is not timed unless `time_software`: compiling its shaders blocked the worker
+    /// for 10–19 s here, and it then trained ~20–40× slower than the CPU backend. `send(Uint8Array)`
+    /// sends a frame; `progress(json)` receives training progress.
+    pub async fn create(name: String, backend: String, software_adapter: bool, time_software: bool, user_agent: String, send: Function, progress: Function) -> CanopyClient {
         console_error_panic_hook::set_once();
-        let (device, backend, adapter) = if try_gpu {
-            match Device::wgpu_options().init_with_setup_async().await {
-                Ok((device, setup)) => {
-                    let i = setup.adapter.get_info();
-                    let name = [i.name.as_str(), i.driver.as_str(), i.driver_info.as_str()]
-                        .iter()
-                        .filter(|s| !s.is_empty())
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(" / ");
-                    let label = format!("{} ({:?}, vendor {:#x})", if name.is_empty() { "WebGPU adapter" } else { &name }, i.device_type, i.vendor);
-                    (device, Backend::WebGpu, label)
-                }
-                Err(e) => (Device::flex(), Backend::WasmCpu, format!("no WebGPU: {e}")),
-            }
-        } else {
-            (Device::flex(), Backend::WasmCpu, "WebGPU not requested".to_string())
-        };
-        let info = DeviceInfo { backend, adapter, user_agent };
+        let (device, backend, adapter, speeds) = pick_backend(&backend, software_adapter, time_software).await;
+        let info = DeviceInfo { backend, adapter, user_agent, speeds };
         let pending = Pending::default();
         let host = WebHost { send, progress, pending: pending.clone() };
         CanopyClient { rt: Rc::new(RefCell::new(ClientRuntime::new(host, device, info, name))), pending, own: Rc::default(), latest: Rc::default() }
+    }
+
+    /// What the start-up timing measured, as JSON: `[{backend, samples_per_sec, note}]`.
+    pub fn speeds(&self) -> String {
+        let rt = self.rt.borrow();
+        serde_json::Value::Array(rt.info.speeds.iter().map(|s| json!({ "backend": s.backend.to_string(), "samples_per_sec": s.samples_per_sec, "note": s.note })).collect()).to_string()
     }
 
     /// Call for every frame before queueing it for [`CanopyClient::handle`]: a reply to an
@@ -295,21 +289,8 @@ impl CanopyClient {
         let rt = self.rt.clone();
         future_to_promise(async move {
             let device = rt.try_borrow().map_err(|_| JsValue::from_str("busy training"))?.device.clone();
-            let arch = canopy_core::arch::Arch::preset(&model, [1, 28, 28], 10).map_err(|e| JsValue::from_str(&e.to_string()))?;
-            let state = canopy_core::surgery::shrink_to(&canopy_core::state::ModelState::init(arch, 1), keep);
-            let n = batch * steps as usize;
-            let images: Vec<u8> = (0..n * 784).map(|i| (i * 7919 % 251) as u8).collect();
-            let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
-            let data = canopy_core::data::Dataset { shape: [1, 28, 28], classes: 10, images, labels };
-            let spec = canopy_core::train::TrainSpec {
-                epochs: 1, batch_size: batch, lr: 0.01, optimizer: canopy_core::train::Optimizer::Sgd { momentum: 0.0 }, seed: 1, patience: 0, step: Default::default(),
-            };
-            let mut host = BenchHost;
-            // One warm-up step (shader compilation on WebGPU), then the timed run.
-            let warm = data.select(&(0..batch).collect::<Vec<_>>());
-            canopy_core::train::train_local(&state.arch, &state.params, None, &warm, &spec, &device, &mut host).await.map_err(|e| JsValue::from_str(&e))?;
-            let t = canopy_core::train::train_local(&state.arch, &state.params, None, &data, &spec, &device, &mut host).await.map_err(|e| JsValue::from_str(&e))?;
-            let v = json!({ "samples_per_sec": t.samples_per_sec(), "params": state.arch.num_params(), "flops": state.arch.flops_per_sample(), "step_ms": 1000.0 * t.seconds / t.steps as f64 });
+            let r = timed_run(&device, &model, batch, steps, keep, f64::INFINITY).await.map_err(|e| JsValue::from_str(&e))?;
+            let v = json!({ "samples_per_sec": r.samples_per_sec, "params": r.params, "flops": r.flops, "step_ms": r.step_ms });
             Ok(JsValue::from_str(&v.to_string()))
         })
     }
@@ -398,4 +379,93 @@ pub fn predict_with_model(model: Vec<u8>, pixels: Vec<f32>) -> Promise {
         let probs = predict(&state.arch, &state.masked_params(), &pixels, &Device::flex()).await.map_err(|e| JsValue::from_str(&e))?;
         Ok(js_sys::Float32Array::from(probs.as_slice()).into())
     })
+}
+
+/// One timed training run on synthetic data (see [`CanopyClient::bench`]).
+struct Timed {
+    samples_per_sec: f64,
+    step_ms: f64,
+    params: usize,
+    flops: u64,
+    /// Whether the warm-up step alone went over the budget (the timed steps were skipped).
+    over_budget: bool,
+}
+
+/// `steps` steps of `model` (a preset name) on random 28×28 inputs after one warm-up step
+/// (shader compilation on WebGPU), every hidden layer cut to `keep` of its units. When the
+/// warm-up alone takes longer than `budget_ms`, its own speed is returned instead.
+async fn timed_run(device: &Device, model: &str, batch: usize, steps: u32, keep: f32, budget_ms: f64) -> Result<Timed, String> {
+    let arch = Arch::preset(model, [1, 28, 28], 10).map_err(|e| e.to_string())?;
+    let state = canopy_core::surgery::shrink_to(&ModelState::init(arch, 1), keep);
+    let n = batch * steps as usize;
+    let images: Vec<u8> = (0..n * 784).map(|i| (i * 7919 % 251) as u8).collect();
+    let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+    let data = canopy_core::data::Dataset { shape: [1, 28, 28], classes: 10, images, labels };
+    let spec = canopy_core::train::TrainSpec {
+        epochs: 1, batch_size: batch, lr: 0.01, optimizer: canopy_core::train::Optimizer::Sgd { momentum: 0.0 }, seed: 1, patience: 0, step: Default::default(),
+    };
+    let mut host = BenchHost;
+    let (params, flops) = (state.arch.num_params(), state.arch.flops_per_sample());
+    let warm = data.select(&(0..batch).collect::<Vec<_>>());
+    let t0 = now_ms();
+    canopy_core::train::train_local(&state.arch, &state.params, None, &warm, &spec, device, &mut host).await?;
+    let warm_ms = now_ms() - t0;
+    if warm_ms > budget_ms {
+        return Ok(Timed { samples_per_sec: batch as f64 * 1000.0 / warm_ms, step_ms: warm_ms, params, flops, over_budget: true });
+    }
+    let t = canopy_core::train::train_local(&state.arch, &state.params, None, &data, &spec, device, &mut host).await?;
+    Ok(Timed { samples_per_sec: t.samples_per_sec(), step_ms: 1000.0 * t.seconds / t.steps.max(1) as f64, params, flops, over_budget: false })
+}
+
+/// Timed steps of the start-up comparison (MLP, batch 32): enough to average out one slow step,
+/// few enough that the CPU side costs about 100 ms.
+const PROBE_STEPS: u32 = 6;
+/// Time WebGPU's warm-up step (which compiles every shader) may take before the CPU backend
+/// wins without the timed steps: generous for a hardware adapter, short for a software one.
+const HARDWARE_BUDGET_MS: f64 = 10_000.0;
+const SOFTWARE_BUDGET_MS: f64 = 1000.0;
+
+/// Chooses the training device (see [`CanopyClient::create`]). Returns the device, its backend,
+/// the adapter description (or why WebGPU is not used) and the timings behind the choice.
+async fn pick_backend(wanted: &str, software_adapter: bool, time_software: bool) -> (Device, Backend, String, Vec<BackendSpeed>) {
+    if wanted == "cpu" {
+        return (Device::flex(), Backend::WasmCpu, "WebGPU not requested (?backend=cpu)".into(), Vec::new());
+    }
+    let (gpu, label) = match Device::wgpu_options().init_with_setup_async().await {
+        Ok((device, setup)) => {
+            let i = setup.adapter.get_info();
+            let name = [i.name.as_str(), i.driver.as_str(), i.driver_info.as_str()]
+                .iter()
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" / ");
+            let kind = if software_adapter { ", software adapter" } else { "" };
+            (device, format!("{} ({:?}, vendor {:#x}{kind})", if name.is_empty() { "WebGPU adapter" } else { &name }, i.device_type, i.vendor))
+        }
+        Err(e) => return (Device::flex(), Backend::WasmCpu, format!("no WebGPU: {e}"), Vec::new()),
+    };
+    if wanted == "webgpu" {
+        return (gpu, Backend::WebGpu, format!("{label}; forced by ?backend=webgpu"), Vec::new());
+    }
+    let cpu = Device::flex();
+    let speed = |backend, t: Result<Timed, String>, budget: f64| match t {
+        Ok(t) if t.over_budget => BackendSpeed { backend, samples_per_sec: Some(t.samples_per_sec as f32), note: format!("warm-up step alone took {:.0} ms, over its {budget:.0} ms budget (an upper bound)", t.step_ms) },
+        Ok(t) => BackendSpeed { backend, samples_per_sec: Some(t.samples_per_sec as f32), note: format!("{PROBE_STEPS} MLP steps of 32 after a warm-up, {:.1} ms a step", t.step_ms) },
+        Err(e) => BackendSpeed { backend, samples_per_sec: None, note: format!("failed: {e}") },
+    };
+    let cpu_speed = speed(Backend::WasmCpu, timed_run(&cpu, "mlp", 32, PROBE_STEPS, 1.0, f64::INFINITY).await, f64::INFINITY);
+    let gpu_speed = if software_adapter && !time_software {
+        BackendSpeed { backend: Backend::WebGpu, samples_per_sec: None, note: "software adapter (isFallbackAdapter): not timed, the CPU backend is used".into() }
+    } else {
+        let budget = if software_adapter { SOFTWARE_BUDGET_MS } else { HARDWARE_BUDGET_MS };
+        speed(Backend::WebGpu, timed_run(&gpu, "mlp", 32, PROBE_STEPS, 1.0, budget).await, budget)
+    };
+    let faster = gpu_speed.samples_per_sec.unwrap_or(0.0) > cpu_speed.samples_per_sec.unwrap_or(0.0);
+    let speeds = vec![cpu_speed, gpu_speed];
+    if faster {
+        (gpu, Backend::WebGpu, format!("{label}; faster than the CPU backend"), speeds)
+    } else {
+        (cpu, Backend::WasmCpu, format!("CPU backend, not WebGPU on {label}"), speeds)
+    }
 }

@@ -67,7 +67,7 @@ pub fn seed_frames(targets: &[Target]) -> Vec<Vec<u8>> {
         encode(&ClientMsg::Hello(Hello {
             protocol: PROTOCOL_VERSION,
             name: "tab".into(),
-            device: DeviceInfo { backend: Backend::WebGpu, adapter: "swiftshader".into(), user_agent: "Mozilla/5.0".into() },
+            device: DeviceInfo::new(Backend::WebGpu, "swiftshader", "Mozilla/5.0"),
             resume: Some(3),
             mask_version: Some(1),
         })),

@@ -10,7 +10,7 @@ use crate::arch::Arch;
 use crate::partition::Shard;
 use crate::train::{Eval, Progress, TrainSpec};
 
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 const MAGIC: [u8; 2] = *b"CN";
 
 /// Largest frame either side accepts. The biggest built-in model (FedAvg's CNN, 1.66 M
@@ -118,6 +118,26 @@ pub struct DeviceInfo {
     /// GPU adapter description, or the reason WebGPU was not used.
     pub adapter: String,
     pub user_agent: String,
+    /// What a tab measured when it chose its backend: one entry per backend it timed. Empty
+    /// when only one backend was available or `?backend=` forced one.
+    pub speeds: Vec<BackendSpeed>,
+}
+
+impl DeviceInfo {
+    /// A client that did not choose between backends.
+    pub fn new(backend: Backend, adapter: impl Into<String>, user_agent: impl Into<String>) -> Self {
+        DeviceInfo { backend, adapter: adapter.into(), user_agent: user_agent.into(), speeds: Vec::new() }
+    }
+}
+
+/// Training speed of one backend from the short timed run a tab makes at start.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendSpeed {
+    pub backend: Backend,
+    /// `None`: not timed (a software WebGPU adapter is skipped unless asked for; see `note`).
+    pub samples_per_sec: Option<f32>,
+    /// How it was timed, or why not.
+    pub note: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -390,7 +410,7 @@ mod tests {
         let hello = ClientMsg::Hello(Hello {
             protocol: PROTOCOL_VERSION,
             name: "tab".into(),
-            device: DeviceInfo { backend: Backend::WebGpu, adapter: "swiftshader".into(), user_agent: "x".into() },
+            device: DeviceInfo::new(Backend::WebGpu, "swiftshader", "x"),
             resume: Some(4),
             mask_version: None,
         });

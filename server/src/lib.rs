@@ -16,6 +16,7 @@ pub mod lan;
 pub mod limits;
 pub mod metrics;
 pub mod outbox;
+pub mod precompressed;
 pub mod run;
 pub mod sim;
 pub mod web;

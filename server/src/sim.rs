@@ -80,7 +80,7 @@ pub fn run_client(url: &str, name: &str, patience: Duration) -> SimReport {
 /// An attacking client runs the same runtime and alters its shard and results ([`Attack`]).
 fn run_client_signalling(url: &str, name: &str, patience: Duration, joined: Option<std::sync::mpsc::Sender<()>>, attack: Attack) -> SimReport {
     let mut joined = joined;
-    let info = DeviceInfo { backend: Backend::Native, adapter: "burn flex (CPU)".into(), user_agent: format!("canopy-sim/{}", env!("CARGO_PKG_VERSION")) };
+    let info = DeviceInfo::new(Backend::Native, "burn flex (CPU)", format!("canopy-sim/{}", env!("CARGO_PKG_VERSION")));
     let host = NativeHost { t0: Instant::now(), ws: None, backlog: VecDeque::new() };
     let mut rt = ClientRuntime::new(host, Device::flex(), info, name.to_string());
     let mut report = SimReport::default();

@@ -20,8 +20,7 @@ use crate::App;
 
 pub fn router(app: Arc<App>) -> Router {
     let web = app.web_dir.clone();
-    // The wasm bundle is served pre-compressed (`.br`/`.gz` beside it) when the browser accepts it.
-    let files = ServeDir::new(&web).precompressed_br().precompressed_gzip();
+    let files = ServeDir::new(&web);
     Router::new()
         .route("/ws", get(crate::ws::handler))
         .route("/api/metrics", get(metrics))
@@ -36,6 +35,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/admin/stop", post(crate::admin::stop))
         .route("/api/admin/settings", post(crate::admin::settings))
         .route("/api/admin/ban", post(crate::admin::ban))
+        // The wasm bundle, pre-compressed (brotli, zstd or gzip, whichever is smallest and accepted).
+        .route("/pkg/{file}", get(crate::precompressed::pkg_file))
         .route_service("/dashboard", ServeFile::new(web.join("dashboard.html")))
         .fallback_service(files)
         .with_state(app)

@@ -200,7 +200,7 @@ fn hello(name: &str) -> Vec<u8> {
     encode(&ClientMsg::Hello(Hello {
         protocol: PROTOCOL_VERSION,
         name: name.into(),
-        device: DeviceInfo { backend: Backend::Native, adapter: "test".into(), user_agent: "test".into() },
+        device: DeviceInfo::new(Backend::Native, "test", "test"),
         resume: None,
         mask_version: None,
     }))

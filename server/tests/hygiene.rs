@@ -36,7 +36,7 @@ fn hello(name: &str, resume: Option<u64>) -> Message {
     Message::binary(encode(&ClientMsg::Hello(Hello {
         protocol: PROTOCOL_VERSION,
         name: name.into(),
-        device: DeviceInfo { backend: Backend::Native, adapter: "test".into(), user_agent: "test".into() },
+        device: DeviceInfo::new(Backend::Native, "test", "test"),
         resume,
         mask_version: None,
     })))

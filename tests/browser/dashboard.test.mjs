@@ -132,7 +132,8 @@ test('live dashboard, admin controls and draw-a-digit', { timeout: 240_000 }, as
     // "Teach it": the drawing joins the tab's own training data (and stays there).
     await alice.click('#teach summary');
     await alice.click('#labels button:nth-child(8)');
-    assert.equal(await alice.evaluate(() => window.canopy.state.ownDigits), 1);
+    // The tab's worker holds the data; the page hears back asynchronously.
+    await waitFor(() => alice.evaluate(() => window.canopy.state.ownDigits === 1), 10_000, 'the drawing to join the training data');
     // The dealt shard (as the welcome announced it) plus the one drawn digit.
     const dealt = Number((await alice.textContent('#shard')).match(/(\d+) training/)[1]);
     assert.ok(dealt > 100, `dealt shard: ${dealt}`);

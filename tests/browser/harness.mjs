@@ -85,7 +85,9 @@ export async function runWithTabs(serverArgs, tabs, shotPrefix) {
     const pages = [];
     for (const t of tabs) {
       browsers[t.webgpu] ??= await launch({ webgpu: t.webgpu });
-      pages.push(await openTab(browsers[t.webgpu], `${server.url}?name=${t.name}`, logs));
+      // A WebGPU tab is forced onto WebGPU: left to choose, it would time SwiftShader against
+      // its CPU backend and train on the CPU (tab.test.mjs checks that choice).
+      pages.push(await openTab(browsers[t.webgpu], `${server.url}?name=${t.name}${t.webgpu ? '&backend=webgpu' : ''}`, logs));
     }
     let timer;
     const code = await Promise.race([server.exited, new Promise((r) => { timer = setTimeout(() => r('timeout'), 540_000); })]);
