@@ -59,14 +59,7 @@ const call = (method) => (...args) => new Promise((resolve, reject) => {
 const client = Object.fromEntries(['predict', 'try_model', 'model_round', 'add_sample', 'train_samples', 'bench'].map((m) => [m, call(m)]));
 
 worker.onmessage = (ev) => {
-  const t0 = performance.now();
   const m = ev.data;
-  try { onWorker(m); } finally {
-    const d = performance.now() - t0;
-    if (d > 20) (window.canopy.slow ??= []).push({ at: t0, d, keys: Object.keys(m), set: Object.keys(m.set || {}), status: m.state?.status });
-  }
-};
-function onWorker(m) {
   if (m.reply !== undefined) {
     const c = calls.get(m.reply);
     calls.delete(m.reply);
@@ -83,7 +76,7 @@ function onWorker(m) {
   if (state.roundsDone > 0) marks.firstResult ??= performance.now();
   if (m.log) log(m.log);
   if (m.ready) window.canopy.client = client;
-}
+};
 worker.onerror = (e) => {
   state.status = `failed to start: ${e.message}`;
   $('status').textContent = state.status;

@@ -162,7 +162,10 @@ function render(d) {
     const status = c.status === 'training' && c.progress ? `training ${c.progress.step}/${c.progress.steps}` : c.status;
     const backend = { webgpu: 'WebGPU', cpu: 'CPU (wasm)', native: 'native' }[c.device.backend] || c.device.backend;
     const share = contrib(c) / total;
-    return `<tr class="${c.status}"><td><b>${esc(c.name)}</b></td><td>${backend}<div class="small sub">${esc(c.device.adapter)}</div></td>` +
+    // What the tab timed at start when it chose its backend.
+    const speeds = (c.device.speeds || []).map((x) => `${x.backend === 'webgpu' ? 'WebGPU' : 'CPU'} ${x.samples_per_sec == null ? 'not timed' : x.samples_per_sec.toFixed(0)}`).join(' · ');
+    return `<tr class="${c.status}"><td><b>${esc(c.name)}</b></td><td>${backend}<div class="small sub">${esc(c.device.adapter)}</div>` +
+      `${speeds ? `<div class="small sub speeds" title="samples/s of a short MLP run at start">timed: ${esc(speeds)}</div>` : ''}</td>` +
       `<td>${status}</td><td>${c.train_samples}</td><td>${c.samples_per_sec.toFixed(0)}</td><td>${c.rounds_done}</td>` +
       `<td>${c.last_round ?? '–'}</td><td>${fmtBytes(c.bytes_up)}</td>` +
       `<td><span class="share"><i style="width:${(100 * share).toFixed(1)}%"></i></span> ${(100 * share).toFixed(0)} %</td>` +
