@@ -139,8 +139,8 @@ impl CanopyClient {
     /// ("auto") times a short MLP run on burn's CPU backend and, when the browser has a WebGPU
     /// adapter, on WebGPU, and keeps the faster. A software adapter (`software_adapter`: the
     /// worker read `isFallbackAdapter` and the adapter info; SwiftShader when Chromium has no
-    /// usable GPU) is not timed unless `time_software`: compiling its shaders blocked the worker
-    /// for 10–19 s here, and it then trained ~20–40× slower than the CPU backend. `send(Uint8Array)`
+    /// usable GPU) is not timed unless `time_software`: its warm-up step took 12–21 s here, with
+    /// the worker blocked for 10 s of it, and it then trained ~20–100× slower than the CPU backend. `send(Uint8Array)`
     /// sends a frame; `progress(json)` receives training progress.
     pub async fn create(name: String, backend: String, software_adapter: bool, time_software: bool, user_agent: String, send: Function, progress: Function) -> CanopyClient {
         console_error_panic_hook::set_once();
