@@ -284,6 +284,8 @@ pub struct ClientMetrics {
     pub samples_per_sec: f64,
     /// Pruned parameters that are not exactly zero after training (0 when the mask held).
     pub pruned_nonzero: u64,
+    /// Seconds of `train_seconds` spent waiting for the server's replies (a remote loss).
+    pub exchange_seconds: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
