@@ -10,7 +10,7 @@ use crate::arch::Arch;
 use crate::partition::Shard;
 use crate::train::{Eval, Progress, TrainSpec};
 
-pub const PROTOCOL_VERSION: u8 = 3;
+pub const PROTOCOL_VERSION: u8 = 4;
 const MAGIC: [u8; 2] = *b"CN";
 
 /// Largest frame either side accepts. The biggest built-in model (FedAvg's CNN, 1.66 M
