@@ -11,6 +11,7 @@
 //! in between each client keeps its own.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -143,6 +144,31 @@ fn magnitude_mask(front: &ModelState, rho: f32) -> Vec<bool> {
 #[derive(Default)]
 pub struct BackServer {
     round: Mutex<Option<Arc<RoundBacks>>>,
+    /// Batches being worked on now, and the most at once this round (several clients are
+    /// served side by side).
+    busy: AtomicUsize,
+    peak: AtomicUsize,
+    /// The client of the last batch served (+1; 0: none yet), and how often the next batch
+    /// came from another client: clients served one after another would switch once per round.
+    last: AtomicU64,
+    switches: AtomicU64,
+}
+
+/// Counts a batch in work while it lives.
+struct InWork<'a>(&'a BackServer);
+
+impl<'a> InWork<'a> {
+    fn new(s: &'a BackServer) -> Self {
+        let now = s.busy.fetch_add(1, Ordering::SeqCst) + 1;
+        s.peak.fetch_max(now, Ordering::SeqCst);
+        InWork(s)
+    }
+}
+
+impl Drop for InWork<'_> {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// What the back needs for one round.
@@ -170,6 +196,7 @@ struct ClientBack {
 impl Exchange for BackServer {
     fn handle(&self, round: u32, client: u64, seq: u32, request: &[u8]) -> Result<Vec<u8>, String> {
         let t0 = Instant::now();
+        let _work = InWork::new(self);
         let r = self.round.lock().unwrap().clone().filter(|r| r.round == round).ok_or(format!("no split round {round} in progress"))?;
         let mut c = r.clients.get(&client).ok_or("no split task of yours in this round")?.lock().unwrap();
         if seq != c.next_seq {
@@ -193,6 +220,10 @@ impl Exchange for BackServer {
         let seed = ((round as u64) << 40) ^ (client << 20) ^ seq as u64;
         let reply = exchange::encode_reply(loss, &grad, &batch, r.bits, seed);
         c.next_seq += 1;
+        let prev = self.last.swap(client + 1, Ordering::SeqCst);
+        if prev != 0 && prev != client + 1 {
+            self.switches.fetch_add(1, Ordering::SeqCst);
+        }
         c.bytes_up += request.len() as u64;
         c.bytes_down += reply.len() as u64;
         c.seconds += t0.elapsed().as_secs_f64();
@@ -334,6 +365,9 @@ impl Strategy for Split {
         m.insert(keys::EXCHANGES.into(), batches as f64);
         m.insert(keys::FRONT_PARAMS.into(), front as f64);
         m.insert(keys::SIM_ROUND_SECONDS.into(), slowest);
+        m.insert(keys::EXCHANGES_AT_ONCE.into(), self.server.peak.swap(0, Ordering::SeqCst) as f64);
+        m.insert(keys::EXCHANGE_SWITCHES.into(), self.server.switches.swap(0, Ordering::SeqCst) as f64);
+        self.server.last.store(0, Ordering::SeqCst);
         if !tab_ms.is_empty() {
             m.insert(keys::TAB_MS_PER_BATCH.into(), tab_ms.iter().sum::<f64>() / tab_ms.len() as f64);
         }
