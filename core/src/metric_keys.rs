@@ -47,9 +47,6 @@ pub const EXCHANGES_AT_ONCE: &str = "exchanges_at_once";
 pub const EXCHANGE_SWITCHES: &str = "exchange_switches";
 /// Parameters of the front the clients trained.
 pub const FRONT_PARAMS: &str = "front_params";
-/// Simulated wall time of the round on the configured link: the slowest client's computing,
-/// the server's work on its batches, and its traffic.
-pub const SIM_ROUND_SECONDS: &str = "sim_round_seconds";
 
 /// Fraction of one weight tensor a pruning-at-init mask keeps, e.g. `density.layers.1.weight`.
 pub fn tensor_density(param: &str) -> String {

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod run;
 pub mod sim;
+pub mod split_table;
 pub mod web;
 pub mod ws;
 
