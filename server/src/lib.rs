@@ -19,6 +19,7 @@ pub mod outbox;
 pub mod precompressed;
 pub mod run;
 pub mod sim;
+pub mod split_table;
 pub mod web;
 pub mod ws;
 
