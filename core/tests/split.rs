@@ -133,7 +133,7 @@ fn a_pruned_front_is_narrower_and_maps_back_into_the_model() {
 #[test]
 fn the_back_server_refuses_what_does_not_fit() {
     use canopy_core::codec::exchange::encode_request;
-    let arch = Arch::preset("mlp", [1, 8, 8], 10).unwrap();
+    let arch = Arch::preset("mlp", [1, 28, 28], 10).unwrap();
     let global = ModelState::init(arch.clone(), 5);
     let mut s = Split::new(shared(Optimizer::Adam), SplitConfig::default());
     let clients = [ClientView { id: 1, samples: 10 }, ClientView { id: 2, samples: 10 }];
@@ -150,6 +150,18 @@ fn the_back_server_refuses_what_does_not_fit() {
     h.handle(4, 1, 1, &ok).unwrap();
     h.handle(4, 2, 0, &ok).unwrap();
     assert!(h.handle(4, 2, 0, &ok).unwrap_err().contains("out of order"), "a replayed batch");
+    // A result must have trained on exactly the batches the server answered.
+    let front = 784 * 200 + 200;
+    let result = |steps| Contribution {
+        client: 1,
+        samples: 10,
+        kind: UploadKind::Weights,
+        values: vec![0.0; front],
+        metrics: ClientMetrics { steps, ..Default::default() },
+        encoding: Default::default(),
+    };
+    assert!(s.complete(result(3), &global).unwrap_err().contains("server answered 2"));
+    assert_eq!(s.complete(result(2), &global).unwrap().values.len(), global.params.len());
     // A cut the model does not have is refused at start-up.
     let bad = Split::new(StrategyConfig::default(), SplitConfig { cut: 3, ..Default::default() });
     assert!(bad.check_model(&arch).unwrap_err().contains("cut 3"));
