@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod attack;
 pub mod bench;
+pub mod bench_split;
 pub mod checkpoint;
 pub mod compare;
 pub mod config;

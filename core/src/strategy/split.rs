@@ -300,9 +300,15 @@ impl Strategy for Split {
         let base = back_offset(&global.arch, r.cut);
         let mut full = self.own.get(&c.client).cloned().unwrap_or_else(|| global.params[..base].to_vec());
         f.expand_into(&c.values, &mut full)?;
+        let cb = r.clients.get(&c.client).ok_or("a result without a back")?.lock().unwrap();
+        // The front trained on exactly the batches the server answered this round (a result
+        // carried over from an earlier round, or one that skipped batches, does not fit).
+        if c.metrics.steps != cb.next_seq {
+            return Err(format!("a result of {} batches, the server answered {} this round", c.metrics.steps, cb.next_seq));
+        }
         match &r.shared {
             Some(b) => full.extend_from_slice(&b.lock().unwrap().params),
-            None => full.extend_from_slice(&r.clients.get(&c.client).ok_or("a result without a back")?.lock().unwrap().back.params),
+            None => full.extend_from_slice(&cb.back.params),
         }
         c.values = full;
         Ok(c)
