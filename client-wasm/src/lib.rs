@@ -290,11 +290,18 @@ impl CanopyClient {
 
     /// Training speed on this tab's backend, in samples per second: `steps` steps of `model`
     /// (a preset name) on random 28×28 inputs, with every hidden layer cut to `keep` of its
-    /// units by the same surgery structured pruning uses (1.0: the full model). For benchmarks.
-    pub fn bench(&self, model: String, batch: usize, steps: u32, keep: f32) -> Promise {
+    /// units by the same surgery structured pruning uses (1.0: the full model). `conv` picks the
+    /// convolution ("burn", the default, or "im2col"); the tab goes back to the default after.
+    /// For benchmarks.
+    pub fn bench(&self, model: String, batch: usize, steps: u32, keep: f32, conv: Option<String>) -> Promise {
         let rt = self.rt.clone();
         future_to_promise(async move {
             let device = rt.try_borrow().map_err(|_| JsValue::from_str("busy training"))?.device.clone();
+            let path = match conv.as_deref() {
+                None | Some("burn") => canopy_core::conv::ConvPath::Burn,
+                Some("im2col") => canopy_core::conv::ConvPath::Im2col,
+                Some(other) => return Err(JsValue::from_str(&format!("unknown conv path '{other}' (im2col | burn)"))),
+            };
             let arch = canopy_core::arch::Arch::preset(&model, [1, 28, 28], 10).map_err(|e| JsValue::from_str(&e.to_string()))?;
             let state = canopy_core::surgery::shrink_to(&canopy_core::state::ModelState::init(arch, 1), keep);
             let n = batch * steps as usize;
@@ -307,8 +314,14 @@ impl CanopyClient {
             let mut host = BenchHost;
             // One warm-up step (shader compilation on WebGPU), then the timed run.
             let warm = data.select(&(0..batch).collect::<Vec<_>>());
-            canopy_core::train::train_local(&state.arch, &state.params, None, &warm, &spec, &device, &mut host).await.map_err(|e| JsValue::from_str(&e))?;
-            let t = canopy_core::train::train_local(&state.arch, &state.params, None, &data, &spec, &device, &mut host).await.map_err(|e| JsValue::from_str(&e))?;
+            canopy_core::conv::set_path(path);
+            let run = async {
+                canopy_core::train::train_local(&state.arch, &state.params, None, &warm, &spec, &device, &mut host).await?;
+                canopy_core::train::train_local(&state.arch, &state.params, None, &data, &spec, &device, &mut host).await
+            };
+            let t = run.await;
+            canopy_core::conv::set_path(canopy_core::conv::ConvPath::Burn);
+            let t = t.map_err(|e| JsValue::from_str(&e))?;
             let v = json!({ "samples_per_sec": t.samples_per_sec(), "params": state.arch.num_params(), "flops": state.arch.flops_per_sample(), "step_ms": 1000.0 * t.seconds / t.steps as f64 });
             Ok(JsValue::from_str(&v.to_string()))
         })
