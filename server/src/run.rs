@@ -107,6 +107,19 @@ impl RoundLoop {
             let late = self.take_carried(round, &start);
             let late_count = late.len();
             got.results.extend(late);
+            // In the global model's coordinates (split learning: the front with its back).
+            got.results = std::mem::take(&mut got.results)
+                .into_iter()
+                .filter_map(|c| {
+                    let client = c.client;
+                    self.strategy.complete(c, &global).map_err(|e| tracing::warn!(round, client, "result set aside: {e}")).ok()
+                })
+                .collect();
+            if got.results.is_empty() {
+                retries += 1;
+                tracing::warn!(round, "no result could be completed; retrying the round");
+                continue;
+            }
             // The record keeps who contributed what (not the vectors); the layer takes the vectors.
             let summary: Vec<Contribution> = got.results.iter().map(|c| Contribution { values: Vec::new(), metrics: c.metrics.clone(), ..*c }).collect();
             let judged = self.judge(round, &start, std::mem::replace(&mut got.results, summary));
