@@ -5,6 +5,7 @@ pub mod aggregate;
 pub mod arch;
 pub mod client;
 pub mod codec;
+pub mod conv;
 pub mod data;
 pub mod fuzzing;
 pub mod metric_keys;

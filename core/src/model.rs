@@ -10,8 +10,8 @@
 use std::ops::Range;
 
 use burn::module::{Module, Param};
-use burn::tensor::module::{conv2d, max_pool2d};
-use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
+use burn::tensor::module::max_pool2d;
+use burn::tensor::ops::MaxPoolOptions;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::arch::{Arch, Layer};
@@ -90,9 +90,7 @@ pub fn forward(arch: &Arch, weights: &[Tensor<1>], x: Act, layers: Range<usize>)
                 let w = weights[next].clone().reshape([filters, in_channels, kernel, kernel]);
                 let b = weights[next + 1].clone();
                 next += 2;
-                let pad = padding.pad(kernel);
-                let opts = ConvOptions::new([1, 1], [pad, pad], [1, 1], 1);
-                Act::Image(conv2d(x, w, Some(b), opts))
+                Act::Image(crate::conv::conv2d_stride1(x, w, b, padding.pad(kernel)))
             }
             (Layer::Relu, Act::Image(x)) => Act::Image(burn::tensor::activation::relu(x)),
             (Layer::Relu, Act::Flat(x)) => Act::Flat(burn::tensor::activation::relu(x)),

@@ -6,6 +6,7 @@ use std::time::Instant;
 use burn::tensor::Device;
 use canopy_core::aggregate::weighted_mean;
 use canopy_core::arch::Arch;
+use canopy_core::conv::{ConvPath, set_path};
 use canopy_core::data::Dataset;
 use canopy_core::protocol::{ServerMsg, decode, encode};
 use canopy_core::state::ModelState;
@@ -42,11 +43,18 @@ pub fn run(train: &Dataset) -> Vec<(String, String)> {
     rows.push(("native training, mlp, batch 128".into(), format!("{mlp128:.0} samples/s ({:.2}× batch 32)", mlp128 / mlp)));
     let half = train_rate("mlp", &small, 32, 0.5);
     rows.push(("native training, mlp at half width".into(), format!("{half:.0} samples/s ({:.2}× full width)", half / mlp)));
-    let tiny = small.select(&(0..small.len().min(256)).collect::<Vec<_>>());
-    let cnn = train_rate("cnn", &tiny, 32, 1.0);
-    rows.push(("native training, FedAvg cnn, batch 32".into(), format!("{cnn:.0} samples/s ({:.3}× mlp)", cnn / mlp)));
+    // Convolutions: burn's conv2d (the default) against the im2col convolution
+    // (core/src/conv.rs), alternately, in this run.
+    let tiny = small.select(&(0..small.len().min(512)).collect::<Vec<_>>());
+    for (model, name) in [("cnn", "FedAvg cnn"), ("cnn-small", "cnn-small"), ("cnn-paper", "cnn-paper")] {
+        let burn = train_rate(model, &tiny, 32, 1.0);
+        set_path(ConvPath::Im2col);
+        let im2col = train_rate(model, &tiny, 32, 1.0);
+        set_path(ConvPath::Burn);
+        rows.push((format!("native training, {name}, burn conv2d"), format!("{burn:.0} samples/s (baseline, {:.4}× mlp)", burn / mlp)));
+        rows.push((format!("native training, {name}, im2col conv"), format!("{im2col:.0} samples/s ({:.2}× burn conv2d)", im2col / burn)));
+    }
     let small_cnn = train_rate("cnn-small", &tiny, 32, 1.0);
-    rows.push(("native training, cnn-small".into(), format!("{small_cnn:.0} samples/s ({:.3}× mlp)", small_cnn / mlp)));
     let small_half = train_rate("cnn-small", &tiny, 32, 0.5);
     rows.push(("native training, cnn-small at half width".into(), format!("{small_half:.0} samples/s ({:.2}× full width)", small_half / small_cnn)));
     rows.extend(crate::bench_split::rows(&small, &tiny));
