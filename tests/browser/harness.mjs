@@ -92,6 +92,10 @@ export async function runWithTabs(serverArgs, tabs, shotPrefix) {
     let timer;
     const code = await Promise.race([server.exited, new Promise((r) => { timer = setTimeout(() => r('timeout'), 540_000); })]);
     clearTimeout(timer);
+    // A tab's page mirrors its worker's state by message, so the Bye the server sent before
+    // exiting may show a moment after the exit: give each tab a few seconds to report it (a tab
+    // that never sees it still fails the test's own check).
+    if (code === 0) await Promise.all(pages.map((p) => waitFor(async () => (await state(p))?.finished, 5000, 'the tab to see the Bye').catch(() => {})));
     const states = await Promise.all(pages.map(state));
     const shots = artifactsDir(server.runDir);
     await Promise.all(pages.map((p, i) => p.screenshot({ path: join(shots, `${shotPrefix}-tab-${i}.png`) })));
