@@ -57,6 +57,12 @@ compare-supermask *ARGS: setup
     cargo build -p canopy-server --bin canopy
     "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/hidenseek.toml --strategies fedavg,autoflip,hidenseek,supermask --datasets mnist-digits,fashion-mnist --partitions dirichlet:0.1,shards:2 --max-train 20000 {{ARGS}}
 
+# The server alone under 100 / 1,000 / 10,000 synthetic clients (tokio tasks, no training):
+# round time, server CPU, peak server RSS, frames/s, result waits; streaming vs buffered.
+load *ARGS: setup
+    cargo build -p canopy-server --bin canopy
+    "$CARGO_TARGET_DIR/debug/canopy" load {{ARGS}}
+
 # Training speed in headless Chromium tabs (WebGPU and CPU), full vs pruned widths.
 bench-browser: setup
     bash scripts/build-wasm.sh

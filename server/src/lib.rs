@@ -14,10 +14,12 @@ pub mod hub;
 pub mod inbox;
 pub mod lan;
 pub mod limits;
+pub mod load;
 pub mod metrics;
 pub mod outbox;
 pub mod run;
 pub mod sim;
+pub mod upgrade;
 pub mod web;
 pub mod ws;
 
