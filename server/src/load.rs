@@ -38,8 +38,8 @@ pub struct LoadArgs {
     /// At most this many clients sampled per round (FedAvg's C = min(1, sample / clients)).
     #[arg(long, default_value_t = 1000)]
     pub sample: usize,
-    /// Skip runs of this many clients or more in buffered mode (their memory is clients × model).
-    #[arg(long, default_value_t = 5000)]
+    /// Skip buffered runs of this many clients or more (their memory grows with clients × model).
+    #[arg(long, default_value_t = 100_000)]
     pub buffered_max: usize,
     /// Folder for the runs' configs, logs and metrics.
     #[arg(long, default_value = "runs/load")]
@@ -348,7 +348,7 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 }
 
 pub fn print_rows(rows: &[LoadRow]) {
-    println!("| aggregation | clients | sampled/round | join s | round s | server CPU s/round | loop ms/round (send+fold+aggregate) | peak server RSS MB | frames/s | result wait p50 / p99 ms | errors |");
+    println!("| aggregation | clients | sampled/round | join s | round s | server CPU s/round | loop ms/round (send+fold+aggregate) | peak server RSS MiB | frames/s | result wait p50 / p99 ms | errors |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
@@ -363,7 +363,7 @@ pub fn print_ratios(rows: &[LoadRow]) {
     for s in rows.iter().filter(|r| r.mode == "streaming") {
         if let Some(b) = rows.iter().find(|r| r.mode == "buffered" && r.clients == s.clients) {
             println!(
-                "{} clients: streaming / buffered peak RSS {:.2}× ({:.0} / {:.0} MB), server CPU per round {:.2}×, round time {:.2}×",
+                "{} clients: streaming / buffered peak RSS {:.2}× ({:.0} / {:.0} MiB), server CPU per round {:.2}×, round time {:.2}×",
                 s.clients, s.peak_rss_mb / b.peak_rss_mb, s.peak_rss_mb, b.peak_rss_mb, s.server_cpu_s / b.server_cpu_s.max(1e-9), s.round_s / b.round_s.max(1e-9)
             );
         }
