@@ -38,6 +38,11 @@
 //! majority vote itself (a tie gives 0), and multi-Krum on votes is Krum on Hamming distances.
 //! What a vote cannot stop is a coordinated minority flipping close votes.
 //!
+//! Memory: the mean with no bound or a fixed one judges each update alone, so a round can stream
+//! (each result folded into running sums as it arrives, [`streams`]); the median norm bound, the
+//! median, the trimmed mean and multi-Krum need the round's updates together, so the server keeps
+//! them all (clients × model) until the round ends.
+//!
 //! Every update gets a [`Verdict`]: its norm and norm ÷ the round's median norm, its clipping
 //! factor, and whether it was clipped, down-weighted (coordinate-wise rules: most of its
 //! coordinates fell outside the values the rule used) or rejected (multi-Krum left it out).
