@@ -3,15 +3,14 @@
 //!
 //! Why: tungstenite formats a whole message into the connection's write buffer before writing
 //! it, and that buffer keeps its capacity. A 0.8 MB task written in one piece left 0.8 MB
-//! resident per connection for good (0.8 GB with 1,000 clients); written in 64 KiB fragments,
+//! resident per connection for good (0.8 GB with 1,000 clients); written in 16 KiB fragments,
 //! each slicing the round's one shared encoding of the model, the buffer stays near 16 KiB.
-//! What remains per connection: tungstenite keeps its read buffer as large as the largest frame
-//! it received, so a connection that has uploaded one model keeps about one model's bytes
-//! (browsers send a message as one frame; see README, "Scale").
 //! Browsers and tungstenite clients reassemble fragments into one message (RFC 6455, 5.4).
-//! Chromium does the same the other way: a 0.8 MB message from a tab arrives as 131,000-byte
-//! frames (checked with Chromium 156 and a raw socket), so a tab's upload costs the server a
-//! read buffer of that size, not of the model.
+//!
+//! What remains per connection: tungstenite keeps its read buffer as large as the largest frame
+//! it received. Chromium sends a 0.8 MB message as 131,000-byte frames (checked with Chromium 156
+//! on a raw socket), so a tab's upload leaves about that much; a client that sends one 0.8 MB
+//! frame (tungstenite, so `canopy sim`) leaves 0.8 MB (README, "Scale").
 
 use std::future::Future;
 
