@@ -132,6 +132,27 @@ impl Arch {
         Ok(())
     }
 
+    /// Where split learning cuts: after the first `weight_layers` dense or conv layers and what
+    /// follows them (activation, pooling, flattening) up to the next one. Returns the number of
+    /// layers in the front; its output must be flat (cut after Flatten or GlobalAvgPool).
+    pub fn split_point(&self, weight_layers: usize) -> Result<usize, String> {
+        let weights: Vec<usize> = (0..self.layers.len()).filter(|&i| matches!(self.layers[i], Layer::Dense { .. } | Layer::Conv { .. })).collect();
+        if weight_layers == 0 || weight_layers >= weights.len() {
+            return Err(format!("cut {weight_layers}: the model has {} weight layers, so cut must be 1 to {}", weights.len(), weights.len() - 1));
+        }
+        let end = weights[weight_layers];
+        self.front(end).map_err(|e| format!("cut {weight_layers}: {e}"))?;
+        Ok(end)
+    }
+
+    /// Layers `..n` as a model of their own (split learning's front). Its `classes` is the width
+    /// of its flat output, which is what it sends to the server.
+    pub fn front(&self, n: usize) -> Result<Arch, String> {
+        let mut front = Arch { input: self.input, classes: 0, layers: self.layers[..n.min(self.layers.len())].to_vec() };
+        front.classes = front.walk(|_, _, _| {}).map_err(|e| format!("the front does not end flat ({e}); cut after Flatten or GlobalAvgPool"))?;
+        Ok(front)
+    }
+
     /// Layout of the flat parameter vector.
     pub fn params(&self) -> Vec<ParamSpec> {
         let mut specs = Vec::new();

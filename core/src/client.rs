@@ -71,6 +71,8 @@ pub struct ClientRuntime<H: ClientHost> {
 struct RoundHost<'a, H: ClientHost> {
     inner: &'a mut H,
     round: u32,
+    /// Milliseconds spent awaiting exchange replies.
+    waited_ms: f64,
 }
 
 impl<H: ClientHost> Host for RoundHost<'_, H> {
@@ -84,7 +86,10 @@ impl<H: ClientHost> Host for RoundHost<'_, H> {
     }
 
     async fn exchange(&mut self, seq: u32, request: Vec<u8>) -> Result<Blob, String> {
-        self.inner.request(self.round, seq, request).await
+        let t0 = self.inner.now_ms();
+        let reply = self.inner.request(self.round, seq, request).await;
+        self.waited_ms += self.inner.now_ms() - t0;
+        reply
     }
 }
 
@@ -129,7 +134,7 @@ impl<H: ClientHost> ClientRuntime<H> {
         let (arch, mask) = (&model.arch, model.mask.as_deref());
         self.last_model = Some((arch.clone(), model.params.clone()));
         let shard = self.shard.as_ref().ok_or("task before welcome: no data shard yet")?;
-        let mut host = RoundHost { inner: &mut self.host, round: task.round };
+        let mut host = RoundHost { inner: &mut self.host, round: task.round, waited_ms: 0.0 };
         let t = learn(&model, &mut self.state, &shard.train, &task, &self.device, &mut host).await?;
         let pruned_nonzero = mask.map_or(0, |m| t.params.iter().zip(m).filter(|(v, k)| !**k && **v != 0.0).count() as u64);
         let mut metrics = ClientMetrics {
@@ -139,11 +144,13 @@ impl<H: ClientHost> ClientRuntime<H> {
             steps: t.steps,
             train_seconds: t.seconds,
             samples_per_sec: t.samples_per_sec(),
+            exchange_seconds: host.waited_ms / 1000.0,
             ..Default::default()
         };
         let update = codec::encode_update(task.upload, arch, &model.params, &t.params, mask, &mut self.state.residual);
-        // The local test split measures the model this client ends the task with.
-        if !shard.test.is_empty() {
+        // The local test split measures the model this client ends the task with (a split
+        // learning front alone outputs activations, not classes: nothing to measure).
+        if !shard.test.is_empty() && arch.classes == shard.test.classes {
             metrics.local_test = evaluate(arch, &t.params, &shard.test, &self.device).await?;
         }
         let samples = shard.train.len() as u64;

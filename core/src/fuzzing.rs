@@ -62,7 +62,7 @@ pub fn targets() -> Vec<Target> {
 
 /// Real frames a client sends, one per message kind and upload kind: what mutations start from.
 pub fn seed_frames(targets: &[Target]) -> Vec<Vec<u8>> {
-    let metrics = ClientMetrics { train_loss: 0.5, local_test: Eval { loss: 0.4, accuracy: 0.9, samples: 5 }, epochs: 1, steps: 3, train_seconds: 0.1, samples_per_sec: 500.0, pruned_nonzero: 0 };
+    let metrics = ClientMetrics { exchange_seconds: 0.0, train_loss: 0.5, local_test: Eval { loss: 0.4, accuracy: 0.9, samples: 5 }, epochs: 1, steps: 3, train_seconds: 0.1, samples_per_sec: 500.0, pruned_nonzero: 0 };
     let mut frames = vec![
         encode(&ClientMsg::Hello(Hello {
             protocol: PROTOCOL_VERSION,

@@ -13,6 +13,7 @@ pub mod partition;
 pub mod positions;
 pub mod protocol;
 pub mod robust;
+pub mod split;
 pub mod state;
 pub mod step;
 pub mod strategy;

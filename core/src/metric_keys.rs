@@ -41,6 +41,25 @@ pub const SERVER_AGGREGATE_MS: &str = "server.aggregate_ms";
 pub const SERVER_RESULT_WAIT_P50_MS: &str = "server.result_wait_p50_ms";
 pub const SERVER_RESULT_WAIT_P99_MS: &str = "server.result_wait_p99_ms";
 
+/// Split learning: the cut (weight layers in the front), ρ, κ and b of the round.
+pub const SPLIT_CUT: &str = "split_cut";
+pub const SPLIT_PRUNE: &str = "split_prune";
+pub const SPLIT_KEEP: &str = "split_keep";
+pub const SPLIT_BITS: &str = "split_bits";
+/// Bytes of activation requests received this round (all clients, frame payloads).
+pub const ACT_BYTES_UP: &str = "act_bytes_up";
+/// Bytes of gradient replies sent this round.
+pub const GRAD_BYTES_DOWN: &str = "grad_bytes_down";
+/// Seconds the server spent on clients' batches this round (summed over workers).
+pub const SERVER_SECONDS: &str = "server_seconds";
+/// Mean client compute per batch in milliseconds (training time minus waiting for replies).
+pub const TAB_MS_PER_BATCH: &str = "tab_ms_per_batch";
+/// Parameters of the front the clients trained.
+pub const FRONT_PARAMS: &str = "front_params";
+/// Simulated wall time of the round on the configured link: the slowest client's computing,
+/// the server's work on its batches, and its traffic.
+pub const SIM_ROUND_SECONDS: &str = "sim_round_seconds";
+
 /// Fraction of one weight tensor a pruning-at-init mask keeps, e.g. `density.layers.1.weight`.
 pub fn tensor_density(param: &str) -> String {
     format!("{DENSITY}.{param}")

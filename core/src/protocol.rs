@@ -12,7 +12,7 @@ use crate::arch::Arch;
 use crate::partition::Shard;
 use crate::train::{Eval, Progress, TrainSpec};
 
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 const MAGIC: [u8; 2] = *b"CN";
 
 /// Largest frame either side accepts. The biggest built-in model (FedAvg's CNN, 1.66 M
@@ -268,6 +268,8 @@ pub struct ClientMetrics {
     pub samples_per_sec: f64,
     /// Pruned parameters that are not exactly zero after training (0 when the mask held).
     pub pruned_nonzero: u64,
+    /// Seconds of `train_seconds` spent waiting for the server's replies (a remote loss).
+    pub exchange_seconds: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -163,7 +163,7 @@ pub async fn train<H: Host>(
             let (x, y) = batch_tensors(data, batch, &ad);
             let labels: Vec<u8> = batch.iter().map(|&i| data.labels[i]).collect();
             let out = forward(arch, &step_kind.weights(&net), Act::Image(x), layers.clone());
-            let BatchLoss { backward, value } = batch_loss(spec.step.loss, out, y, &labels, step, host).await?;
+            let BatchLoss { backward, value } = batch_loss(spec.step.loss, out, y, &labels, step, spec.seed, host).await?;
             let grads = GradientsParams::from_grads(backward.backward(), &net);
             net = step_kind.after_step(optim.step(spec.lr, net, grads));
             match value {

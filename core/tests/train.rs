@@ -1,11 +1,13 @@
 //! Native training on the CPU backend: real burn training on a small synthetic task.
 
+mod common;
+
 use std::time::Instant;
 
 use burn::tensor::Device;
 use canopy_core::arch::Arch;
-use canopy_core::data::Dataset;
 use canopy_core::state::ModelState;
+use common::blocks;
 use canopy_core::train::{Host, Optimizer, Progress, TrainSpec, evaluate, train_local};
 
 struct TestHost {
@@ -20,27 +22,6 @@ impl Host for TestHost {
     async fn progress(&mut self, p: &Progress) {
         self.reports.push(p.clone());
     }
-}
-
-/// Ten classes on 8×8 images: class c lights a 2×2 block at a class-specific spot, plus noise.
-fn blocks(n: usize, seed: u64) -> Dataset {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-    let mut rnd = move || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (state >> 33) as u32
-    };
-    let (mut images, mut labels) = (Vec::new(), Vec::new());
-    for i in 0..n {
-        let c = i % 10;
-        let mut img: Vec<u8> = (0..64).map(|_| (rnd() % 60) as u8).collect();
-        let (r, col) = ((c / 4) * 3, (c % 4) * 2);
-        for (dr, dc) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-            img[(r + dr) * 8 + col + dc] = 255;
-        }
-        images.extend(img);
-        labels.push(c as u8);
-    }
-    Dataset { shape: [1, 8, 8], classes: 10, images, labels }
 }
 
 fn spec(optimizer: Optimizer) -> TrainSpec {
@@ -152,7 +133,7 @@ fn a_remote_loss_trains_exactly_like_a_local_one() {
         let train = blocks(120, 7);
         let local = spec(Optimizer::Sgd { momentum: 0.9 });
         let mut remote = local.clone();
-        remote.step.loss = LossSource::Remote { cut: arch.layers.len() as u32 };
+        remote.step.loss = LossSource::Remote { cut: arch.layers.len() as u32, keep: 1.0 };
         let mut host = TestHost { t0: Instant::now(), reports: vec![] };
         let a = pollster::block_on(train_local(&arch, &state.params, state.mask.as_deref(), &train, &local, &device, &mut host)).unwrap();
         let mut lb = LoopbackHost { t0: Instant::now(), server: Default::default(), requests: 0 };
@@ -173,11 +154,11 @@ fn a_remote_loss_without_a_server_fails_clearly() {
     let arch = Arch::preset("mlp", [1, 8, 8], 10).unwrap();
     let state = ModelState::init(arch.clone(), 5);
     let mut s = spec(Optimizer::Adam);
-    s.step.loss = canopy_core::step::LossSource::Remote { cut: 99 };
+    s.step.loss = canopy_core::step::LossSource::Remote { cut: 99, keep: 1.0 };
     let mut host = TestHost { t0: Instant::now(), reports: vec![] };
     let e = pollster::block_on(train_local(&arch, &state.params, None, &blocks(40, 1), &s, &Device::flex(), &mut host)).unwrap_err();
     assert!(e.contains("cut 99"), "{e}");
-    s.step.loss = canopy_core::step::LossSource::Remote { cut: arch.layers.len() as u32 };
+    s.step.loss = canopy_core::step::LossSource::Remote { cut: arch.layers.len() as u32, keep: 1.0 };
     let e = pollster::block_on(train_local(&arch, &state.params, None, &blocks(40, 1), &s, &Device::flex(), &mut host)).unwrap_err();
     assert!(e.contains("no server"), "{e}");
 }

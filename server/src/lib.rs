@@ -81,6 +81,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
     let shards = config.data.partition.split(&train, config.data.shards, config.data.local_test, seed);
     let arch = Arch::preset(&config.model, train.shape, train.classes).map_err(|e| e.to_string())?;
     let mut strategy = config.strategy.build()?;
+    strategy.check_model(&arch)?;
     let mut global = ModelState::init(arch, seed);
     let run_name = config.run.name.clone().unwrap_or_else(timestamp);
     let run_dir = config.run.out_dir.join(&run_name);

@@ -99,8 +99,8 @@ impl RoundLoop {
             }
             let views = self.cap_clients(views, &mut rng);
             let global = self.global.lock().unwrap().clone();
-            // A strategy may compute here (HideNseek's SynFlow): off the async workers' backs.
             let started = Instant::now();
+            // A strategy may compute here (HideNseek's SynFlow): off the async workers' backs.
             let tasks = tokio::task::block_in_place(|| self.strategy.configure_round(round, &global, &views, &mut rng));
             if tasks.is_empty() {
                 tracing::warn!(round, "strategy configured no tasks; waiting");
@@ -114,7 +114,7 @@ impl RoundLoop {
             let start = Arc::new(global.masked_params());
             // Streaming: each accepted result is folded into running sums and dropped.
             let stream = StreamRound::start(&self.robust, self.strategy.fold(), start.clone());
-            let mut got = self.collect(round, pending, Duration::from_millis(deadline), &start, stream).await;
+            let mut got = self.collect(round, pending, Duration::from_millis(deadline), &start, &global, stream).await;
             self.desk.close();
             if got.count() < self.min_results.min(sampled) || got.count() == 0 {
                 retries += 1;
@@ -133,8 +133,9 @@ impl RoundLoop {
             let ctx = RoundContext { rounds: self.rounds, validate: &validate };
             if let Some(mut stream) = got.stream.take() {
                 for c in late {
-                    if let Err(e) = stream.add(c) {
-                        tracing::warn!(round, "late result dropped: {e}");
+                    let client = c.client;
+                    if let Err(e) = self.strategy.complete(c, &global).and_then(|c| stream.add(c)) {
+                        tracing::warn!(round, client, "late result set aside: {e}");
                     }
                 }
                 let s = stream.finish();
@@ -146,6 +147,19 @@ impl RoundLoop {
                 // Arrival order varies from run to run; summing in client order keeps runs reproducible.
                 got.results.sort_by_key(|c| c.client);
                 got.results.extend(late);
+                // In the global model's coordinates (split learning: the front with its back).
+                got.results = std::mem::take(&mut got.results)
+                    .into_iter()
+                    .filter_map(|c| {
+                        let client = c.client;
+                        self.strategy.complete(c, &global).map_err(|e| tracing::warn!(round, client, "result set aside: {e}")).ok()
+                    })
+                    .collect();
+                if got.results.is_empty() {
+                    retries += 1;
+                    tracing::warn!(round, "no result could be completed; retrying the round");
+                    continue;
+                }
                 // The record keeps who contributed what (not the vectors); the layer takes the vectors.
                 let summary: Vec<Contribution> = got.results.iter().map(|c| Contribution { values: Vec::new(), metrics: c.metrics.clone(), ..*c }).collect();
                 let judged = self.judge(round, &start, std::mem::replace(&mut got.results, summary));
@@ -361,7 +375,9 @@ impl RoundLoop {
     }
 
     /// Collects results until every sampled client answered, vanished or the deadline passed.
-    async fn collect(&mut self, round: u32, mut pending: BTreeMap<u64, Task>, deadline: Duration, start: &Arc<Vec<f32>>, stream: Option<StreamRound>) -> Collected {
+    /// A streamed round folds each accepted result at once, in the global model's coordinates
+    /// (`Strategy::complete`; a result that cannot be completed is rejected).
+    async fn collect(&mut self, round: u32, mut pending: BTreeMap<u64, Task>, deadline: Duration, start: &Arc<Vec<f32>>, global: &ModelState, stream: Option<StreamRound>) -> Collected {
         let until = tokio::time::Instant::now() + deadline;
         let mut got = Collected { results: Vec::new(), stream, dropped: 0, rejected: 0, fold: Duration::ZERO, waits: Vec::new() };
         while !pending.is_empty() {
@@ -391,8 +407,8 @@ impl RoundLoop {
                     // Folded (its vector dropped) when the round streams, kept otherwise.
                     let accepted = match (accepted, &mut got.stream) {
                         (Ok(c), Some(stream)) => {
-                            let (samples_per_sec, summary) = (c.metrics.samples_per_sec, ());
-                            stream.add(c).map(|_| (samples_per_sec, summary))
+                            let samples_per_sec = c.metrics.samples_per_sec;
+                            self.strategy.complete(c, global).and_then(|c| stream.add(c)).map(|_| (samples_per_sec, ()))
                         }
                         (Ok(c), None) => {
                             let samples_per_sec = c.metrics.samples_per_sec;

@@ -384,17 +384,17 @@ fn exchange_requests_are_checked_against_the_round_and_the_request() {
                 ServerMsg::ExchangeFailed { message, .. } => assert!(message.contains(needle), "'{message}' should mention '{needle}'"),
                 other => panic!("expected a refusal, got {other:?}"),
             };
-            send(&mut ws, task.round + 1, 0, exchange::encode_request(&[0.0; 10], 1, 10, &[3]));
+            send(&mut ws, task.round + 1, 0, exchange::encode_request(&[0.0; 10], 1, 10, &[3], None).0);
             refused(&mut ws, "in progress");
             send(&mut ws, task.round, 1, vec![1, 2, 3]);
             refused(&mut ws, "malformed");
-            send(&mut ws, task.round, 2, exchange::encode_request(&[0.0; 9], 1, 9, &[3]));
+            send(&mut ws, task.round, 2, exchange::encode_request(&[0.0; 9], 1, 9, &[3], None).0);
             refused(&mut ws, "columns");
-            send(&mut ws, task.round, 3, exchange::encode_request(&[0.0; 10], 1, 10, &[3]));
+            send(&mut ws, task.round, 3, exchange::encode_request(&[0.0; 10], 1, 10, &[3], None).0);
             match read(&mut ws) {
                 ServerMsg::Exchange { round, seq, payload } => {
                     assert_eq!((round, seq), (task.round, 3));
-                    let (loss, grad) = exchange::decode_reply(&payload.0, 10).unwrap();
+                    let (loss, grad) = exchange::decode_reply(&payload.0, 10, None).unwrap();
                     assert!((loss - 10f32.ln()).abs() < 1e-5, "uniform logits: loss ln 10, got {loss}");
                     assert!((grad[3] + 0.9).abs() < 1e-6 && (grad[0] - 0.1).abs() < 1e-6, "{grad:?}");
                 }
@@ -403,6 +403,87 @@ fn exchange_requests_are_checked_against_the_round_and_the_request() {
         })
         .await
         .unwrap();
+    });
+}
+
+#[test]
+fn split_clients_train_pruned_fronts_while_the_server_trains_the_backs() {
+    let rt = runtime();
+    rt.block_on(async {
+        let mut cfg = config("split", 3, 3);
+        cfg.strategy.name = "split".into();
+        cfg.strategy.config.lr = 0.05;
+        cfg.strategy.config.optimizer = canopy_core::train::Optimizer::Sgd { momentum: 0.9 };
+        cfg.strategy.set("split", "cut", 1);
+        cfg.strategy.set("split", "bits", 8);
+        cfg.strategy.set("split", "keep", 0.5);
+        cfg.strategy.set("split", "prune", 0.25);
+        let app = run_with_sims(cfg, 3).await;
+        let rounds = records(&app);
+        assert_eq!(rounds.len(), 3);
+        let batches: f64 = app.hub.lock().unwrap().clients().map(|c| c.train_samples.div_ceil(32) as f64).sum();
+        for r in &rounds {
+            assert_eq!((r.results, r.rejected), (3, 0), "round {}", r.round);
+            assert_eq!(r.extra["exchanges"], batches, "round {}: the server answered every batch", r.round);
+            // A quarter of the 200 units pruned: the tab's front is 784·150 + 150 parameters.
+            assert_eq!(r.extra["front_params"], (784 * 150 + 150) as f64);
+            // Per batch of 32: about half of 32·150 activations at 4 bytes up; 8-bit gradients
+            // for those down.
+            let per_batch_up = r.extra["act_bytes_up"] / batches;
+            let per_batch_down = r.extra["grad_bytes_down"] / batches;
+            assert!((0.45 * 19_200.0..0.55 * 19_200.0 + 200.0).contains(&per_batch_up), "{per_batch_up} bytes up per batch");
+            assert!((0.45 * 4_800.0..0.55 * 4_800.0 + 200.0).contains(&per_batch_down), "{per_batch_down} bytes down per batch");
+            assert!(r.extra["server_seconds"] > 0.0 && r.extra["tab_ms_per_batch"] > 0.0 && r.extra["sim_round_seconds"] > 0.0);
+            // Besides their activations (frames counted in bytes_up too), clients upload only
+            // their narrow front.
+            let results = r.bytes_up as f64 - r.extra["act_bytes_up"];
+            assert!(results < 3.0 * 4.0 * (784.0 * 150.0 + 150.0 + 1000.0), "{results} bytes of results up");
+        }
+        assert!(rounds[2].test_accuracy > 0.8, "accuracy {:?}", rounds.iter().map(|r| r.test_accuracy).collect::<Vec<_>>());
+    });
+}
+
+#[test]
+fn a_split_client_gone_mid_batch_does_not_stall_the_round() {
+    use canopy_core::codec::exchange;
+    let rt = runtime();
+    rt.block_on(async {
+        let mut cfg = config("split-vanish", 1, 3);
+        cfg.strategy.name = "split".into();
+        cfg.strategy.config.deadline_ms = 120_000;
+        let running = canopy_server::start(cfg).await.unwrap();
+        let url = format!("ws://{}/ws", running.addr);
+        let sim_url = url.clone();
+        let sims = tokio::task::spawn_blocking(move || canopy_server::sim::run_many(&sim_url, 2, "sim", Duration::from_secs(10)));
+        let raw = tokio::task::spawn_blocking(move || {
+            let mut ws = connect(&url);
+            ws.send(Message::binary(hello("leaves"))).unwrap();
+            let task = loop {
+                if let ServerMsg::Task(t) = read(&mut ws) {
+                    break t;
+                }
+            };
+            // One batch answered, then the tab goes away while its second batch is with the server.
+            let width = task.model.arch.classes;
+            let batch = exchange::encode_request(&vec![0.1; 32 * width], 32, width, &[1; 32], None).0;
+            let send = |ws: &mut Ws, seq| ws.send(Message::binary(encode(&ClientMsg::Exchange { round: task.round, seq, payload: Blob(batch.clone()) }))).unwrap();
+            send(&mut ws, 0);
+            match read(&mut ws) {
+                ServerMsg::Exchange { seq: 0, .. } => {}
+                other => panic!("expected the reply to batch 0, got {other:?}"),
+            }
+            send(&mut ws, 1);
+            drop(ws);
+        });
+        raw.await.unwrap();
+        tokio::time::timeout(Duration::from_secs(60), running.rounds).await.expect("the round ended without waiting for its deadline").unwrap();
+        sims.await.unwrap();
+        let r = &records(&running.app)[0];
+        assert_eq!((r.results, r.dropped), (2, 1), "{r:?}");
+        assert!(r.seconds < 60.0);
+        // The two remaining clients' batches were all answered.
+        let batches: f64 = running.app.hub.lock().unwrap().clients().filter(|c| c.name != "leaves").map(|c| c.train_samples.div_ceil(32) as f64).sum();
+        assert_eq!(r.extra["exchanges"], batches);
     });
 }
 

@@ -17,7 +17,7 @@ mod weights;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-pub(crate) use loss::{BatchLoss, LossValue, batch_loss};
+pub(crate) use loss::{BatchLoss, LossValue, batch_loss, cross_entropy};
 
 use crate::arch::Arch;
 use crate::model::Net;
@@ -33,8 +33,9 @@ impl Step {
     pub fn layers(&self, arch: &Arch) -> Result<std::ops::Range<usize>, String> {
         match self.loss {
             LossSource::Local => Ok(0..arch.layers.len()),
-            LossSource::Remote { cut } if (1..=arch.layers.len()).contains(&(cut as usize)) => Ok(0..cut as usize),
-            LossSource::Remote { cut } => Err(format!("cut {cut} outside the model's {} layers", arch.layers.len())),
+            LossSource::Remote { keep, .. } if !(keep > 0.0 && keep <= 1.0) => Err(format!("activation dropout keeps {keep}: must be in (0, 1]")),
+            LossSource::Remote { cut, .. } if (1..=arch.layers.len()).contains(&(cut as usize)) => Ok(0..cut as usize),
+            LossSource::Remote { cut, .. } => Err(format!("cut {cut} outside the model's {} layers", arch.layers.len())),
         }
     }
 }
@@ -61,7 +62,7 @@ pub struct Frozen<'a> {
 }
 
 /// Where each batch's loss comes from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub enum LossSource {
     /// Cross-entropy on the client's own labels.
     #[default]
@@ -69,8 +70,9 @@ pub enum LossSource {
     /// The client runs layers `..cut` and sends their output with the labels; the server
     /// answers with the loss and its gradient at the cut, which the client back-propagates.
     /// One request per batch, awaited within the task (`cut` = every layer: the server
-    /// computes only the loss).
-    Remote { cut: u32 },
+    /// computes only the loss). With `keep` < 1 the client sends a random fraction `keep` of
+    /// its output values (activation dropout, see [`crate::codec::exchange`]).
+    Remote { cut: u32, keep: f32 },
 }
 
 /// How the forward pass gets its weights from the learned tensors, and what happens to the

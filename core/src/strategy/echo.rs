@@ -45,7 +45,7 @@ impl Exchange for LossServer {
         }
         let (loss, grad) = exchange::cross_entropy_grad(&batch);
         self.served.fetch_add(1, Ordering::Relaxed);
-        Ok(exchange::encode_reply(loss, &grad))
+        Ok(exchange::encode_reply(loss, &grad, &batch, 32, 0))
     }
 }
 
@@ -66,7 +66,7 @@ impl Strategy for Echo {
         let cut = global.arch.layers.len() as u32;
         let mut tasks = plain_round(round, global, &self.config, clients, rng, UploadSpec::Weights);
         for (_, t) in &mut tasks {
-            t.train.step.loss = LossSource::Remote { cut };
+            t.train.step.loss = LossSource::Remote { cut, keep: 1.0 };
         }
         tasks
     }

@@ -8,12 +8,14 @@ mod echo;
 mod fedavg;
 mod fedavgm;
 mod hidenseek;
+mod split;
 pub mod stream;
 mod structured;
 
 pub use autoflip::{AutoFlip, AutoflipConfig};
 pub use echo::{Echo, LossServer};
 pub use hidenseek::{Supermask, SupermaskConfig};
+pub use split::{BackServer, PruneKind, Split, SplitConfig};
 pub use structured::{Structured, StructuredConfig, UnitScore};
 pub use fedavg::FedAvg;
 pub use fedavgm::{FedAvgM, FedavgmConfig};
@@ -180,6 +182,19 @@ pub trait Strategy: Send {
         Err("this strategy does not aggregate running sums".into())
     }
 
+    /// A validated result in the global model's coordinates. Strategies whose clients train
+    /// part of the model (split learning's front) fill in the rest here, before the robust
+    /// layer compares results with the global model and before [`Strategy::aggregate`].
+    fn complete(&self, result: Contribution, _global: &ModelState) -> Result<Contribution, String> {
+        Ok(result)
+    }
+
+    /// Checks the strategy's settings against the run's model at start-up (a split point that
+    /// does not exist, say), so a mistake stops the server with a message before any round.
+    fn check_model(&self, _arch: &crate::arch::Arch) -> Result<(), String> {
+        Ok(())
+    }
+
     /// The kind of round [`Strategy::configure_round`] just configured, for dashboards.
     fn phase(&self) -> Phase {
         Phase::Training
@@ -217,6 +232,7 @@ pub const METHODS: &[Method] = &[
     Method { name: "structured", about: "Automatic structured pruning: the model physically shrinks", build: structured::build },
     Method { name: "hidenseek", about: "HideNseek: SynFlow pruning at init, clients learn weight signs (1 bit per weight up)", build: hidenseek::build_hidenseek },
     Method { name: "supermask", about: "Binary supermask over frozen random weights (FedPM's family), 1 bit per weight up", build: hidenseek::build_binary },
+    Method { name: "split", about: "Split learning: clients train a pruned front, the server the back, per batch", build: split::build },
     Method { name: "echo", about: "FedAvg with each batch's loss computed on the server (the in-round exchange)", build: echo::build },
 ];
 
