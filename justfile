@@ -57,6 +57,15 @@ compare-supermask *ARGS: setup
     cargo build -p canopy-server --bin canopy
     "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/hidenseek.toml --strategies fedavg,autoflip,hidenseek,supermask --datasets mnist-digits,fashion-mnist --partitions dirichlet:0.1,shards:2 --max-train 20000 {{ARGS}}
 
+# FedAvg against split learning (cuts, gradient bits b, activation keep κ, a pruned front) on
+# the MLP (digits and Fashion-MNIST) and on the small CNN (digits; CNN training is slow on two
+# cores), Dirichlet(0.1); prints and saves two tables with the simulated time per round on a
+# 10 Mbit/s, 20 ms link.
+compare-split *ARGS: setup
+    cargo build -p canopy-server --bin canopy
+    "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/split.toml --table split --partitions dirichlet:0.1 --max-train 20000 --strategies 'fedavg,split{cut=1;bits=32},split{cut=1;bits=8},split{cut=1;bits=4},split{cut=1;bits=8;keep=0.5},split{cut=2;bits=32},split{cut=2;bits=8},split{cut=2;bits=8;keep=0.5},split{cut=1;bits=8;prune=0.5},split{cut=1;bits=8;prune=0.5;prune_kind="magnitude"}' {{ARGS}}
+    "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/split.toml --table split --datasets mnist-digits --partitions dirichlet:0.1 --max-train 3000 --rounds 12 --model cnn-small --strategies 'fedavg{strategy.lr=0.1},split{cut=2;bits=8;strategy.lr=0.1},split{cut=2;bits=8;keep=0.5;strategy.lr=0.1}'
+
 # The server alone under 100 / 1,000 / 10,000 synthetic clients (tokio tasks, no training):
 # round time, server CPU, peak server RSS, frames/s, result waits; streaming vs buffered.
 load *ARGS: setup

@@ -115,12 +115,24 @@ function render(d) {
   ], { leftMax: 1 });
   let up = 0, down = 0;
   const cum = rounds.map((x) => (up += x.bytes_up, down += x.bytes_down, up + down));
-  lineChart($('bytesChart'), xs, [
+  const k = d.metric_keys, extraOf = (key) => rounds.map((x) => x.extra?.[key] ?? NaN);
+  const traffic = [
     { label: 'up', color: '#1565c0', values: rounds.map((x) => x.bytes_up), axis: 'left' },
     // Dashed: with full weights both ways, up and down are often equal and would hide each other.
     { label: 'down', color: '#8e24aa', values: rounds.map((x) => x.bytes_down), axis: 'left', dash: [6, 4] },
     { label: 'in all', color: '#555', values: cum, axis: 'right', dash: [4, 3] },
-  ]);
+  ];
+  // Split learning: the per-batch part of the traffic (activations up, gradients down).
+  const split = rounds.some((x) => x.extra && k.act_bytes_up in x.extra);
+  if (split) {
+    traffic.push({ label: 'activations up', color: '#00838f', values: extraOf(k.act_bytes_up), axis: 'left', dash: [2, 2] });
+    traffic.push({ label: 'gradients down', color: '#c2185b', values: extraOf(k.grad_bytes_down), axis: 'left', dash: [2, 2] });
+  }
+  lineChart($('bytesChart'), xs, traffic);
+  const e = last?.extra || {};
+  $('splitLine').textContent = split && last
+    ? `split at layer ${e[k.split_cut]} · front pruned ${(100 * e[k.split_prune]).toFixed(0)} % (${Math.round(e[k.front_params]).toLocaleString('en')} parameters in tabs) · κ ${e[k.split_keep]} · ${e[k.split_bits]}-bit gradients · per batch ${fmtBytes(e[k.act_bytes_up] / e[k.exchanges])} up, ${fmtBytes(e[k.grad_bytes_down] / e[k.exchanges])} down · tab ${e[k.tab_ms_per_batch]?.toFixed(1)} ms, server ${(1e3 * e[k.server_seconds] / e[k.exchanges]).toFixed(1)} ms per batch`
+    : '';
   const size = [{ label: 'parameters', color: '#2f7d32', values: rounds.map((x) => x.params), axis: 'left' }];
   const keys = d.metric_keys;
   const sparse = rounds.some((x) => x.extra && keys.sparsity in x.extra);

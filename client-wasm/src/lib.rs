@@ -356,8 +356,12 @@ impl CanopyClient {
     /// works while this tab trains ("try the model"). Pixels in [0, 1].
     pub fn try_model(&self, pixels: Vec<f32>) -> Promise {
         let latest = self.latest.borrow().clone();
+        let classes = self.own.borrow().classes;
         future_to_promise(async move {
             let (arch, params, _) = latest.ok_or_else(|| JsValue::from_str("no model yet: the first round has not started"))?;
+            if arch.classes != classes {
+                return Err(JsValue::from_str("this tab holds only the front of the model (split learning): try the whole model on the dashboard"));
+            }
             let probs = predict(&arch, &params, &pixels, &Device::flex()).await.map_err(|e| JsValue::from_str(&e))?;
             Ok(js_sys::Float32Array::from(probs.as_slice()).into())
         })

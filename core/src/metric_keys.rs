@@ -54,11 +54,13 @@ pub const GRAD_BYTES_DOWN: &str = "grad_bytes_down";
 pub const SERVER_SECONDS: &str = "server_seconds";
 /// Mean client compute per batch in milliseconds (training time minus waiting for replies).
 pub const TAB_MS_PER_BATCH: &str = "tab_ms_per_batch";
+/// The most batches the server worked on at the same time this round.
+pub const EXCHANGES_AT_ONCE: &str = "exchanges_at_once";
+/// How often consecutive batches the server answered came from different clients (clients
+/// served one after another would give one per round).
+pub const EXCHANGE_SWITCHES: &str = "exchange_switches";
 /// Parameters of the front the clients trained.
 pub const FRONT_PARAMS: &str = "front_params";
-/// Simulated wall time of the round on the configured link: the slowest client's computing,
-/// the server's work on its batches, and its traffic.
-pub const SIM_ROUND_SECONDS: &str = "sim_round_seconds";
 
 /// Fraction of one weight tensor a pruning-at-init mask keeps, e.g. `density.layers.1.weight`.
 pub fn tensor_density(param: &str) -> String {
@@ -93,6 +95,16 @@ pub struct Published {
     /// Prefix of per-tensor density: `<prefix><parameter name>`.
     pub tensor_density_prefix: String,
     pub upload_bits_per_weight: &'static str,
+    pub act_bytes_up: &'static str,
+    pub grad_bytes_down: &'static str,
+    pub server_seconds: &'static str,
+    pub tab_ms_per_batch: &'static str,
+    pub exchanges: &'static str,
+    pub split_cut: &'static str,
+    pub split_prune: &'static str,
+    pub split_keep: &'static str,
+    pub split_bits: &'static str,
+    pub front_params: &'static str,
 }
 
 pub fn published() -> Published {
@@ -105,5 +117,15 @@ pub fn published() -> Published {
         density: DENSITY,
         tensor_density_prefix: tensor_density(""),
         upload_bits_per_weight: UPLOAD_BITS_PER_WEIGHT,
+        act_bytes_up: ACT_BYTES_UP,
+        grad_bytes_down: GRAD_BYTES_DOWN,
+        server_seconds: SERVER_SECONDS,
+        tab_ms_per_batch: TAB_MS_PER_BATCH,
+        exchanges: EXCHANGES,
+        split_cut: SPLIT_CUT,
+        split_prune: SPLIT_PRUNE,
+        split_keep: SPLIT_KEEP,
+        split_bits: SPLIT_BITS,
+        front_params: FRONT_PARAMS,
     }
 }

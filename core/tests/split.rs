@@ -83,11 +83,13 @@ fn exact_split_training_equals_training_the_whole_model() {
             let spec = TrainSpec { epochs: config.epochs, batch_size: config.batch_size, lr: config.lr, optimizer, seed: 3 ^ (1u64 << 32) ^ 7, patience: 0, step: Default::default() };
             let mut host = Direct { t0: Instant::now(), handler: Arc::new(canopy_core::strategy::LossServer::default()), round: 0, client: 0, requests: 0, bytes: 0 };
             let whole = pollster::block_on(train_local(&arch, &global.params, None, &data, &spec, &Device::flex(), &mut host)).unwrap();
-            let (g, t, _, h) = one_round(&global, config, SplitConfig { cut, bits: 32, ..Default::default() }, &data);
-            assert_eq!(h.requests, t.steps, "{model} cut {cut}: one exchange per batch");
-            let diff = whole.params.iter().zip(&g.params).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(diff < 1e-5, "{model} cut {cut}: split and whole training differ by {diff}");
-            assert!((whole.mean_loss - t.mean_loss).abs() < 1e-4, "{model} cut {cut}: loss {} vs {}", whole.mean_loss, t.mean_loss);
+            for shared_back in [false, true] {
+                let (g, t, _, h) = one_round(&global, config.clone(), SplitConfig { cut, bits: 32, shared_back, ..Default::default() }, &data);
+                assert_eq!(h.requests, t.steps, "{model} cut {cut}: one exchange per batch");
+                let diff = whole.params.iter().zip(&g.params).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(diff < 1e-5, "{model} cut {cut} (shared back: {shared_back}): split and whole training differ by {diff}");
+                assert!((whole.mean_loss - t.mean_loss).abs() < 1e-4, "{model} cut {cut}: loss {} vs {}", whole.mean_loss, t.mean_loss);
+            }
         }
     }
 }
@@ -133,7 +135,7 @@ fn a_pruned_front_is_narrower_and_maps_back_into_the_model() {
 #[test]
 fn the_back_server_refuses_what_does_not_fit() {
     use canopy_core::codec::exchange::encode_request;
-    let arch = Arch::preset("mlp", [1, 8, 8], 10).unwrap();
+    let arch = Arch::preset("mlp", [1, 28, 28], 10).unwrap();
     let global = ModelState::init(arch.clone(), 5);
     let mut s = Split::new(shared(Optimizer::Adam), SplitConfig::default());
     let clients = [ClientView { id: 1, samples: 10 }, ClientView { id: 2, samples: 10 }];
@@ -150,9 +152,48 @@ fn the_back_server_refuses_what_does_not_fit() {
     h.handle(4, 1, 1, &ok).unwrap();
     h.handle(4, 2, 0, &ok).unwrap();
     assert!(h.handle(4, 2, 0, &ok).unwrap_err().contains("out of order"), "a replayed batch");
+    // A result must have trained on exactly the batches the server answered.
+    let front = 784 * 200 + 200;
+    let result = |steps| Contribution {
+        client: 1,
+        samples: 10,
+        kind: UploadKind::Weights,
+        values: vec![0.0; front],
+        metrics: ClientMetrics { steps, ..Default::default() },
+        encoding: Default::default(),
+    };
+    assert!(s.complete(result(3), &global).unwrap_err().contains("server answered 2"));
+    assert_eq!(s.complete(result(2), &global).unwrap().values.len(), global.params.len());
     // A cut the model does not have is refused at start-up.
     let bad = Split::new(StrategyConfig::default(), SplitConfig { cut: 3, ..Default::default() });
     assert!(bad.check_model(&arch).unwrap_err().contains("cut 3"));
     let cnn = Arch::preset("cnn", [1, 8, 8], 10).unwrap();
     assert!(Split::new(StrategyConfig::default(), SplitConfig { cut: 1, ..Default::default() }).check_model(&cnn).unwrap_err().contains("Flatten"));
+}
+
+#[test]
+fn between_front_averagings_each_client_keeps_its_own_front() {
+    let arch = Arch::preset("mlp", [1, 8, 8], 10).unwrap();
+    let mut global = ModelState::init(arch.clone(), 5);
+    let mut s = Split::new(shared(Optimizer::Sgd { momentum: 0.0 }), SplitConfig { cut: 1, bits: 32, front_every: 2, ..Default::default() });
+    let data = [blocks(60, 1), blocks(60, 9)];
+    let clients = [ClientView { id: 1, samples: 60 }, ClientView { id: 2, samples: 60 }];
+    let mut fronts = Vec::new();
+    for round in 1..=3 {
+        let tasks = s.configure_round(round, &global, &clients, &mut StdRng::seed_from_u64(round as u64));
+        let models: Vec<_> = tasks.iter().map(|(_, t)| codec::decode_model(&t.model, &mut MaskCache::default(), true).unwrap()).collect();
+        fronts.push(models[0].params != models[1].params);
+        let mut results = Vec::new();
+        for ((id, task), (m, d)) in tasks.iter().zip(models.iter().zip(&data)) {
+            let mut host = Direct { t0: Instant::now(), handler: s.exchange().unwrap(), round, client: *id, requests: 0, bytes: 0 };
+            let t = pollster::block_on(train(&m.arch, &m.params, None, None, d, &task.train, &Device::flex(), &mut host)).unwrap();
+            let c = Contribution { client: *id, samples: 60, kind: UploadKind::Weights, values: t.params, metrics: ClientMetrics { steps: t.steps, ..Default::default() }, encoding: Default::default() };
+            results.push(s.complete(c, &global).unwrap());
+        }
+        let validate = |_: &ModelState| Eval::default();
+        s.aggregate(round, &mut global, &results, &RoundContext { rounds: 3, validate: &validate }).unwrap();
+    }
+    // Round 1 starts from the global front; round 2 from each client's own (I = 2); round 3
+    // from the average again.
+    assert_eq!(fronts, vec![false, true, false]);
 }

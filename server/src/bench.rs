@@ -49,6 +49,7 @@ pub fn run(train: &Dataset) -> Vec<(String, String)> {
     rows.push(("native training, cnn-small".into(), format!("{small_cnn:.0} samples/s ({:.3}× mlp)", small_cnn / mlp)));
     let small_half = train_rate("cnn-small", &tiny, 32, 0.5);
     rows.push(("native training, cnn-small at half width".into(), format!("{small_half:.0} samples/s ({:.2}× full width)", small_half / small_cnn)));
+    rows.extend(crate::bench_split::rows(&small, &tiny));
 
     let arch = Arch::preset("mlp", train.shape, train.classes).expect("preset");
     let global = ModelState::init(arch.clone(), 1);

@@ -43,10 +43,18 @@ pub struct CompareArgs {
     /// Use at most this many training samples of each dataset (overrides the config).
     #[arg(long)]
     pub max_train: Option<usize>,
+    /// Which table: `pruning` (accuracy, bytes, model size) or `split` (bytes each way,
+    /// clients' and server's computing, simulated wall time on `--link`).
+    #[arg(long, default_value = "pruning")]
+    pub table: String,
+    /// Simulated client link for the split table: Mbit/s each way, one-way latency in ms.
+    #[arg(long, default_value = "10,20")]
+    pub link: crate::split_table::Link,
 }
 
 pub struct Row {
     pub dataset: String,
+    pub model: String,
     pub partition: String,
     pub strategy: String,
     pub rounds: Vec<RoundRecord>,
@@ -198,6 +206,7 @@ pub async fn run(args: CompareArgs) -> Result<Vec<Row>, String> {
                     c.data.max_train = n;
                 }
                 c.validate()?;
+                let model_name = c.model.clone();
                 eprintln!("== {dataset} / {partition} / {strategy}: {} rounds, {} clients", c.run.rounds, args.clients);
                 let t0 = Instant::now();
                 let running = crate::start(c).await?;
@@ -211,13 +220,18 @@ pub async fn run(args: CompareArgs) -> Result<Vec<Row>, String> {
                     eprintln!("   a simulated client reported: {e}");
                 }
                 let rounds = app.hub.lock().unwrap().rounds().to_vec();
-                rows.push(Row { dataset: dataset.trim().into(), partition: partition.trim().into(), strategy: strategy.trim().into(), rounds, seconds: t0.elapsed().as_secs_f64() });
+                rows.push(Row { dataset: dataset.trim().into(), model: model_name.clone(), partition: partition.trim().into(), strategy: strategy.trim().into(), rounds, seconds: t0.elapsed().as_secs_f64() });
                 let last = rows.last().unwrap();
                 eprintln!("   final accuracy {:.4}, {:.0} s", last.final_acc(), last.seconds);
             }
         }
     }
-    let (md, csv) = (markdown(&rows, args.target), csv(&rows, args.target));
+    let md = match args.table.as_str() {
+        "pruning" => markdown(&rows, args.target),
+        "split" => crate::split_table::markdown(&rows, args.link),
+        other => return Err(format!("unknown table '{other}': pruning or split")),
+    };
+    let csv = csv(&rows, args.target);
     std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
     std::fs::write(out.join("compare.md"), &md).map_err(|e| e.to_string())?;
     std::fs::write(out.join("compare.csv"), &csv).map_err(|e| e.to_string())?;

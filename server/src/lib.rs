@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod attack;
 pub mod bench;
+pub mod bench_split;
 pub mod checkpoint;
 pub mod compare;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod run;
 pub mod sim;
+pub mod split_table;
 pub mod upgrade;
 pub mod web;
 pub mod ws;

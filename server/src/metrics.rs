@@ -40,6 +40,10 @@ pub struct RoundRecord {
     pub flops_per_sample: u64,
     /// Mean local training step time reported by this round's clients, in milliseconds.
     pub step_ms: f64,
+    /// Mean seconds a client computed in its task: training time minus time spent waiting for
+    /// the server's replies (split learning's batches).
+    #[serde(default)]
+    pub tab_seconds: f64,
     /// Backends of the clients whose results were aggregated (e.g. "webgpu", "cpu").
     pub backends: Vec<String>,
     pub participants: Vec<u64>,
@@ -82,6 +86,7 @@ impl RoundRecord {
             params: trained.num_params(),
             flops_per_sample: trained.flops_per_sample(),
             step_ms: results.iter().map(|c| 1000.0 * c.metrics.train_seconds / c.metrics.steps.max(1) as f64).sum::<f64>() / n,
+            tab_seconds: results.iter().map(|c| (c.metrics.train_seconds - c.metrics.exchange_seconds).max(0.0)).sum::<f64>() / n,
             backends: results.iter().map(|c| hub.client(c.client).map(|cl| cl.device.backend.to_string()).unwrap_or_default()).collect(),
             participants: results.iter().map(|c| c.client).collect(),
             extra: outcome.metrics,
@@ -89,7 +94,7 @@ impl RoundRecord {
     }
 }
 
-const COLUMNS: &str = "round,seconds,sampled,results,dropped,rejected,retries,test_accuracy,test_loss,train_loss,local_accuracy,samples,bytes_up,bytes_down,params,flops_per_sample,step_ms";
+const COLUMNS: &str = "round,seconds,sampled,results,dropped,rejected,retries,test_accuracy,test_loss,train_loss,local_accuracy,samples,bytes_up,bytes_down,params,flops_per_sample,step_ms,tab_seconds";
 
 pub fn to_csv(rows: &[RoundRecord]) -> String {
     let extras: Vec<String> = {
@@ -106,9 +111,9 @@ pub fn to_csv(rows: &[RoundRecord]) -> String {
     out.push('\n');
     for r in rows {
         out.push_str(&format!(
-            "{},{:.3},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{},{:.3}",
+            "{},{:.3},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{},{:.3},{:.4}",
             r.round, r.seconds, r.sampled, r.results, r.dropped, r.rejected, r.retries, r.test_accuracy, r.test_loss,
-            r.train_loss, r.local_accuracy, r.samples, r.bytes_up, r.bytes_down, r.params, r.flops_per_sample, r.step_ms
+            r.train_loss, r.local_accuracy, r.samples, r.bytes_up, r.bytes_down, r.params, r.flops_per_sample, r.step_ms, r.tab_seconds
         ));
         for e in &extras {
             out.push(',');

@@ -128,52 +128,52 @@ impl RoundLoop {
             let streamed = got.stream.is_some();
             let mut next = global.clone();
             let (aggregated, combined) = {
-            // Not held across an await below: the validator is not Send.
-            let validate = evaluate::validator(self.validation.clone());
-            let ctx = RoundContext { rounds: self.rounds, validate: &validate };
-            if let Some(mut stream) = got.stream.take() {
-                for c in late {
-                    let client = c.client;
-                    if let Err(e) = self.strategy.complete(c, &global).and_then(|c| stream.add(c)) {
-                        tracing::warn!(round, client, "late result set aside: {e}");
-                    }
-                }
-                let s = stream.finish();
-                self.note_verdicts(round, &s.combined);
-                got.results = s.results;
-                let a = tokio::task::block_in_place(|| self.strategy.aggregate_sum(round, &mut next, &s.sum, &got.results, &ctx));
-                (a, s.combined)
-            } else {
-                // Arrival order varies from run to run; summing in client order keeps runs reproducible.
-                got.results.sort_by_key(|c| c.client);
-                got.results.extend(late);
-                // In the global model's coordinates (split learning: the front with its back).
-                got.results = std::mem::take(&mut got.results)
-                    .into_iter()
-                    .filter_map(|c| {
+                // Not held across an await below: the validator is not Send.
+                let validate = evaluate::validator(self.validation.clone());
+                let ctx = RoundContext { rounds: self.rounds, validate: &validate };
+                if let Some(mut stream) = got.stream.take() {
+                    for c in late {
                         let client = c.client;
-                        self.strategy.complete(c, &global).map_err(|e| tracing::warn!(round, client, "result set aside: {e}")).ok()
-                    })
-                    .collect();
-                if got.results.is_empty() {
-                    retries += 1;
-                    tracing::warn!(round, "no result could be completed; retrying the round");
-                    continue;
-                }
-                // The record keeps who contributed what (not the vectors); the layer takes the vectors.
-                let summary: Vec<Contribution> = got.results.iter().map(|c| Contribution { values: Vec::new(), metrics: c.metrics.clone(), ..*c }).collect();
-                let judged = self.judge(round, &start, std::mem::replace(&mut got.results, summary));
-                let (robust_results, combined) = match judged {
-                    Ok(r) => r,
-                    Err(e) => {
+                        if let Err(e) = self.strategy.complete(c, &global).and_then(|c| stream.add(c)) {
+                            tracing::warn!(round, client, "late result set aside: {e}");
+                        }
+                    }
+                    let s = stream.finish();
+                    self.note_verdicts(round, &s.combined);
+                    got.results = s.results;
+                    let a = tokio::task::block_in_place(|| self.strategy.aggregate_sum(round, &mut next, &s.sum, &got.results, &ctx));
+                    (a, s.combined)
+                } else {
+                    // Arrival order varies from run to run; summing in client order keeps runs reproducible.
+                    got.results.sort_by_key(|c| c.client);
+                    got.results.extend(late);
+                    // In the global model's coordinates (split learning: the front with its back).
+                    got.results = std::mem::take(&mut got.results)
+                        .into_iter()
+                        .filter_map(|c| {
+                            let client = c.client;
+                            self.strategy.complete(c, &global).map_err(|e| tracing::warn!(round, client, "result set aside: {e}")).ok()
+                        })
+                        .collect();
+                    if got.results.is_empty() {
                         retries += 1;
-                        tracing::error!(round, "robust aggregation failed, retrying the round: {e}");
+                        tracing::warn!(round, "no result could be completed; retrying the round");
                         continue;
                     }
-                };
-                let a = tokio::task::block_in_place(|| self.strategy.aggregate(round, &mut next, &robust_results, &ctx));
-                (a, combined)
-            }
+                    // The record keeps who contributed what (not the vectors); the layer takes the vectors.
+                    let summary: Vec<Contribution> = got.results.iter().map(|c| Contribution { values: Vec::new(), metrics: c.metrics.clone(), ..*c }).collect();
+                    let judged = self.judge(round, &start, std::mem::replace(&mut got.results, summary));
+                    let (robust_results, combined) = match judged {
+                        Ok(r) => r,
+                        Err(e) => {
+                            retries += 1;
+                            tracing::error!(round, "robust aggregation failed, retrying the round: {e}");
+                            continue;
+                        }
+                    };
+                    let a = tokio::task::block_in_place(|| self.strategy.aggregate(round, &mut next, &robust_results, &ctx));
+                    (a, combined)
+                }
             };
             let aggregate_time = aggregating.elapsed();
             let outcome = match aggregated {

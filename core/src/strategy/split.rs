@@ -11,6 +11,7 @@
 //! in between each client keeps its own.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -56,15 +57,11 @@ pub struct SplitConfig {
     /// One back shared by every client (its batches take turns), instead of one per client
     /// averaged at round end.
     pub shared_back: bool,
-    /// The link used for the simulated wall time per round (a figure in the metrics; nothing
-    /// is slowed down): bandwidth in Mbit/s each way and one-way latency in milliseconds.
-    pub link_mbit: f64,
-    pub link_ms: f64,
 }
 
 impl Default for SplitConfig {
     fn default() -> Self {
-        SplitConfig { cut: 1, keep: 1.0, bits: 8, prune: 0.0, prune_kind: PruneKind::Structured, front_every: 1, shared_back: false, link_mbit: 10.0, link_ms: 20.0 }
+        SplitConfig { cut: 1, keep: 1.0, bits: 8, prune: 0.0, prune_kind: PruneKind::Structured, front_every: 1, shared_back: false }
     }
 }
 
@@ -77,8 +74,8 @@ impl SplitConfig {
         if !(0.0..1.0).contains(&self.prune) {
             return Err(format!("prune {}: must be in [0, 1)", self.prune));
         }
-        if self.front_every == 0 || self.link_mbit <= 0.0 || self.link_ms < 0.0 {
-            return Err("front_every must be ≥ 1, link_mbit > 0 and link_ms ≥ 0".into());
+        if self.front_every == 0 {
+            return Err("front_every must be ≥ 1".into());
         }
         Ok(())
     }
@@ -143,6 +140,31 @@ fn magnitude_mask(front: &ModelState, rho: f32) -> Vec<bool> {
 #[derive(Default)]
 pub struct BackServer {
     round: Mutex<Option<Arc<RoundBacks>>>,
+    /// Batches being worked on now, and the most at once this round (several clients are
+    /// served side by side).
+    busy: AtomicUsize,
+    peak: AtomicUsize,
+    /// The client of the last batch served (+1; 0: none yet), and how often the next batch
+    /// came from another client: clients served one after another would switch once per round.
+    last: AtomicU64,
+    switches: AtomicU64,
+}
+
+/// Counts a batch in work while it lives.
+struct InWork<'a>(&'a BackServer);
+
+impl<'a> InWork<'a> {
+    fn new(s: &'a BackServer) -> Self {
+        let now = s.busy.fetch_add(1, Ordering::SeqCst) + 1;
+        s.peak.fetch_max(now, Ordering::SeqCst);
+        InWork(s)
+    }
+}
+
+impl Drop for InWork<'_> {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// What the back needs for one round.
@@ -170,6 +192,7 @@ struct ClientBack {
 impl Exchange for BackServer {
     fn handle(&self, round: u32, client: u64, seq: u32, request: &[u8]) -> Result<Vec<u8>, String> {
         let t0 = Instant::now();
+        let _work = InWork::new(self);
         let r = self.round.lock().unwrap().clone().filter(|r| r.round == round).ok_or(format!("no split round {round} in progress"))?;
         let mut c = r.clients.get(&client).ok_or("no split task of yours in this round")?.lock().unwrap();
         if seq != c.next_seq {
@@ -193,6 +216,10 @@ impl Exchange for BackServer {
         let seed = ((round as u64) << 40) ^ (client << 20) ^ seq as u64;
         let reply = exchange::encode_reply(loss, &grad, &batch, r.bits, seed);
         c.next_seq += 1;
+        let prev = self.last.swap(client + 1, Ordering::SeqCst);
+        if prev != 0 && prev != client + 1 {
+            self.switches.fetch_add(1, Ordering::SeqCst);
+        }
         c.bytes_up += request.len() as u64;
         c.bytes_down += reply.len() as u64;
         c.seconds += t0.elapsed().as_secs_f64();
@@ -273,9 +300,15 @@ impl Strategy for Split {
         let base = back_offset(&global.arch, r.cut);
         let mut full = self.own.get(&c.client).cloned().unwrap_or_else(|| global.params[..base].to_vec());
         f.expand_into(&c.values, &mut full)?;
+        let cb = r.clients.get(&c.client).ok_or("a result without a back")?.lock().unwrap();
+        // The front trained on exactly the batches the server answered this round (a result
+        // carried over from an earlier round, or one that skipped batches, does not fit).
+        if c.metrics.steps != cb.next_seq {
+            return Err(format!("a result of {} batches, the server answered {} this round", c.metrics.steps, cb.next_seq));
+        }
         match &r.shared {
             Some(b) => full.extend_from_slice(&b.lock().unwrap().params),
-            None => full.extend_from_slice(&r.clients.get(&c.client).ok_or("a result without a back")?.lock().unwrap().back.params),
+            None => full.extend_from_slice(&cb.back.params),
         }
         c.values = full;
         Ok(c)
@@ -289,7 +322,6 @@ impl Strategy for Split {
         }
         let base = back_offset(&global.arch, r.cut);
         let (mut up, mut down, mut server_s, mut batches) = (0u64, 0u64, 0f64, 0u64);
-        let mut slowest = 0f64;
         let mut tab_ms = Vec::new();
         for c in results {
             // A client that vanished mid-round took its back with it: only results count.
@@ -304,11 +336,6 @@ impl Strategy for Split {
             if m.steps > 0 {
                 tab_ms.push(1000.0 * tab_s / m.steps as f64);
             }
-            // Simulated wall time on the configured link: this client's computing, the server's
-            // work on its batches, its bytes each way and two latencies per message pair.
-            let bytes = (cb.bytes_up + cb.bytes_down) as f64;
-            let link = bytes * 8.0 / (s.link_mbit * 1e6) + (cb.next_seq as f64) * 2.0 * s.link_ms / 1000.0;
-            slowest = slowest.max(tab_s + cb.seconds + link);
         }
         // Fronts and per-client backs: the sample-weighted mean (SplitFed v1); a shared back is
         // the same in every completed result, so the mean is that back.
@@ -333,7 +360,9 @@ impl Strategy for Split {
         m.insert(keys::SERVER_SECONDS.into(), server_s);
         m.insert(keys::EXCHANGES.into(), batches as f64);
         m.insert(keys::FRONT_PARAMS.into(), front as f64);
-        m.insert(keys::SIM_ROUND_SECONDS.into(), slowest);
+        m.insert(keys::EXCHANGES_AT_ONCE.into(), self.server.peak.swap(0, Ordering::SeqCst) as f64);
+        m.insert(keys::EXCHANGE_SWITCHES.into(), self.server.switches.swap(0, Ordering::SeqCst) as f64);
+        self.server.last.store(0, Ordering::SeqCst);
         if !tab_ms.is_empty() {
             m.insert(keys::TAB_MS_PER_BATCH.into(), tab_ms.iter().sum::<f64>() / tab_ms.len() as f64);
         }
