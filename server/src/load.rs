@@ -253,7 +253,7 @@ pub async fn client(url: String, i: usize, connecting: Arc<tokio::sync::Semaphor
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
         name: format!("load-{i}"),
-        device: DeviceInfo { backend: Backend::Native, adapter: "canopy load (synthetic updates)".into(), user_agent: "canopy-load".into() },
+        device: DeviceInfo::new(Backend::Native, "canopy load (synthetic updates)", "canopy-load"),
         resume: None,
         mask_version: None,
     };
