@@ -66,6 +66,12 @@ compare-split *ARGS: setup
     "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/split.toml --table split --partitions dirichlet:0.1 --max-train 20000 --strategies 'fedavg,split{cut=1;bits=32},split{cut=1;bits=8},split{cut=1;bits=4},split{cut=1;bits=8;keep=0.5},split{cut=2;bits=32},split{cut=2;bits=8},split{cut=2;bits=8;keep=0.5},split{cut=1;bits=8;prune=0.5},split{cut=1;bits=8;prune=0.5;prune_kind="magnitude"}' {{ARGS}}
     "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/split.toml --table split --datasets mnist-digits --partitions dirichlet:0.1 --max-train 3000 --rounds 12 --model cnn-small --strategies 'fedavg{strategy.lr=0.1},split{cut=2;bits=8;strategy.lr=0.1},split{cut=2;bits=8;keep=0.5;strategy.lr=0.1}'
 
+# The server alone under 100 / 1,000 / 10,000 synthetic clients (tokio tasks, no training):
+# round time, server CPU, peak server RSS, frames/s, result waits; streaming vs buffered.
+load *ARGS: setup
+    cargo build -p canopy-server --bin canopy
+    "$CARGO_TARGET_DIR/debug/canopy" load {{ARGS}}
+
 # Training speed in headless Chromium tabs (CPU in the worker and on the main thread, WebGPU),
 # full vs pruned widths, against native `canopy bench` in the same run; prints a table.
 bench-browser: setup

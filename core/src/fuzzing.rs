@@ -43,11 +43,11 @@ pub fn targets() -> Vec<Target> {
     masked.set_mask((0..n).map(|i| i % 4 != 1).collect());
     let task = |g: &ModelState, upload: UploadSpec| Task {
         round: 7,
-        model: ModelPayload {
+        model: std::sync::Arc::new(ModelPayload {
             arch: g.arch.clone(),
             params: Params::Values(Blob::from_f32(&g.params)),
             mask: g.mask.as_ref().map(|m| MaskSpec::Full { version: g.mask_version, bits: Bits::pack(m) }),
-        },
+        }),
         train: TrainSpec { epochs: 1, batch_size: 8, lr: 0.1, optimizer: Optimizer::Sgd { momentum: 0.0 }, seed: 1, patience: 0, step: Default::default() },
         upload,
         deadline_ms: 1000,

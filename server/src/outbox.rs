@@ -5,17 +5,63 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use bytes::Bytes;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+/// One frame to write, in parts whose concatenation is the frame: a round's task frames share
+/// the encoded model (one `Bytes` for every client), so queuing a task for 1,000 clients does not
+/// copy the model 1,000 times. An empty frame asks the writer to close the connection.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Frame {
+    parts: Vec<Bytes>,
+}
+
+impl Frame {
+    pub fn from_parts(parts: Vec<Bytes>) -> Frame {
+        Frame { parts }
+    }
+
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(|p| p.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn into_parts(self) -> Vec<Bytes> {
+        self.parts
+    }
+
+    /// The parts as one buffer: no copy for a frame of one part, one copy (made just before it
+    /// is written) otherwise.
+    pub fn into_bytes(mut self) -> Bytes {
+        if self.parts.len() == 1 {
+            return self.parts.pop().expect("one part");
+        }
+        let mut out = Vec::with_capacity(self.len());
+        for p in &self.parts {
+            out.extend_from_slice(p);
+        }
+        out.into()
+    }
+}
+
+impl From<Vec<u8>> for Frame {
+    fn from(v: Vec<u8>) -> Frame {
+        Frame { parts: vec![v.into()] }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct Outbox {
-    tx: UnboundedSender<Vec<u8>>,
+    tx: UnboundedSender<Frame>,
     queued: Arc<AtomicUsize>,
     cap: usize,
 }
 
 pub struct Inbox {
-    rx: UnboundedReceiver<Vec<u8>>,
+    rx: UnboundedReceiver<Frame>,
     queued: Arc<AtomicUsize>,
 }
 
@@ -35,7 +81,8 @@ pub fn channel(cap: usize) -> (Outbox, Inbox) {
 }
 
 impl Outbox {
-    pub fn send(&self, frame: Vec<u8>) -> Result<(), Refused> {
+    pub fn send(&self, frame: impl Into<Frame>) -> Result<(), Refused> {
+        let frame = frame.into();
         let len = frame.len();
         let before = self.queued.fetch_add(len, Ordering::AcqRel);
         // One frame always fits an empty queue, whatever its size (frames are capped elsewhere).
@@ -52,7 +99,7 @@ impl Outbox {
 
 impl Inbox {
     /// The next frame to write; its bytes no longer count against the cap.
-    pub async fn recv(&mut self) -> Option<Vec<u8>> {
+    pub async fn recv(&mut self) -> Option<Frame> {
         let frame = self.rx.recv().await?;
         self.queued.fetch_sub(frame.len(), Ordering::AcqRel);
         Some(frame)

@@ -9,9 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use canopy_core::data::Dataset;
-use canopy_core::protocol::{ErrorCode, MaskSpec, ServerMsg, Task, encode};
+use bytes::Bytes;
+use canopy_core::metric_keys as keys;
+use canopy_core::protocol::{ErrorCode, MaskSpec, ModelPayload, ServerMsg, Task, encode_model_part, encode_task_head, encode_task_tail};
 use canopy_core::robust::{self, RobustConfig};
 use canopy_core::state::ModelState;
+use canopy_core::strategy::stream::StreamRound;
 use canopy_core::strategy::{ClientView, Contribution, RoundContext, Strategy, accept};
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -24,6 +27,7 @@ use crate::exchange::Desk;
 use crate::hub::{Hub, Phase, Status};
 use crate::inbox::Incoming;
 use crate::metrics::{self, RoundRecord, RoundTally};
+use crate::outbox::Frame;
 
 pub struct RoundLoop {
     pub hub: Arc<Mutex<Hub>>,
@@ -64,9 +68,22 @@ pub struct Late {
 
 /// What came back from one round's clients.
 struct Collected {
+    /// Buffered results (when the round does not stream).
     results: Vec<Contribution>,
+    /// The round's running sums, when the strategy and the robust rule allow streaming.
+    stream: Option<StreamRound>,
     dropped: usize,
     rejected: usize,
+    /// Time spent validating and folding results, and how long each waited between its
+    /// session reading it and the loop having folded (or buffered) it.
+    fold: Duration,
+    waits: Vec<Duration>,
+}
+
+impl Collected {
+    fn count(&self) -> usize {
+        self.stream.as_ref().map_or(self.results.len(), |s| s.results())
+    }
 }
 
 impl RoundLoop {
@@ -82,6 +99,7 @@ impl RoundLoop {
             }
             let views = self.cap_clients(views, &mut rng);
             let global = self.global.lock().unwrap().clone();
+            let started = Instant::now();
             // A strategy may compute here (HideNseek's SynFlow): off the async workers' backs.
             let tasks = tokio::task::block_in_place(|| self.strategy.configure_round(round, &global, &views, &mut rng));
             if tasks.is_empty() {
@@ -89,60 +107,92 @@ impl RoundLoop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
-            let started = Instant::now();
             let deadline = tasks.iter().map(|(_, t)| t.deadline_ms).max().unwrap_or(60_000);
             let pending = self.send_tasks(round, tasks);
+            let send_time = started.elapsed();
             let sampled = pending.len();
             let start = Arc::new(global.masked_params());
-            let mut got = self.collect(round, pending, Duration::from_millis(deadline), &start).await;
+            // Streaming: each accepted result is folded into running sums and dropped.
+            let stream = StreamRound::start(&self.robust, self.strategy.fold(), start.clone());
+            let mut got = self.collect(round, pending, Duration::from_millis(deadline), &start, &global, stream).await;
             self.desk.close();
-            // Arrival order varies from run to run; summing in client order keeps runs reproducible.
-            got.results.sort_by_key(|c| c.client);
-            if got.results.len() < self.min_results.min(sampled) || got.results.is_empty() {
+            if got.count() < self.min_results.min(sampled) || got.count() == 0 {
                 retries += 1;
-                tracing::warn!(round, results = got.results.len(), needed = self.min_results, "too few results; retrying the round");
+                tracing::warn!(round, results = got.count(), needed = self.min_results, "too few results; retrying the round");
                 continue;
             }
             self.hub.lock().unwrap().set_phase(Phase::Aggregating, round);
+            let aggregating = Instant::now();
             let late = self.take_carried(round, &start);
             let late_count = late.len();
-            got.results.extend(late);
-            // In the global model's coordinates (split learning: the front with its back).
-            got.results = std::mem::take(&mut got.results)
-                .into_iter()
-                .filter_map(|c| {
-                    let client = c.client;
-                    self.strategy.complete(c, &global).map_err(|e| tracing::warn!(round, client, "result set aside: {e}")).ok()
-                })
-                .collect();
-            if got.results.is_empty() {
-                retries += 1;
-                tracing::warn!(round, "no result could be completed; retrying the round");
-                continue;
-            }
-            // The record keeps who contributed what (not the vectors); the layer takes the vectors.
-            let summary: Vec<Contribution> = got.results.iter().map(|c| Contribution { values: Vec::new(), metrics: c.metrics.clone(), ..*c }).collect();
-            let judged = self.judge(round, &start, std::mem::replace(&mut got.results, summary));
-            let (robust_results, combined) = match judged {
-                Ok(r) => r,
-                Err(e) => {
-                    retries += 1;
-                    tracing::error!(round, "robust aggregation failed, retrying the round: {e}");
-                    continue;
-                }
-            };
+            let streamed = got.stream.is_some();
             let mut next = global.clone();
-            let aggregated = {
+            let (aggregated, combined) = {
+                // Not held across an await below: the validator is not Send.
                 let validate = evaluate::validator(self.validation.clone());
                 let ctx = RoundContext { rounds: self.rounds, validate: &validate };
-                tokio::task::block_in_place(|| self.strategy.aggregate(round, &mut next, &robust_results, &ctx))
+                if let Some(mut stream) = got.stream.take() {
+                    for c in late {
+                        let client = c.client;
+                        if let Err(e) = self.strategy.complete(c, &global).and_then(|c| stream.add(c)) {
+                            tracing::warn!(round, client, "late result set aside: {e}");
+                        }
+                    }
+                    let s = stream.finish();
+                    self.note_verdicts(round, &s.combined);
+                    got.results = s.results;
+                    let a = tokio::task::block_in_place(|| self.strategy.aggregate_sum(round, &mut next, &s.sum, &got.results, &ctx));
+                    (a, s.combined)
+                } else {
+                    // Arrival order varies from run to run; summing in client order keeps runs reproducible.
+                    got.results.sort_by_key(|c| c.client);
+                    got.results.extend(late);
+                    // In the global model's coordinates (split learning: the front with its back).
+                    got.results = std::mem::take(&mut got.results)
+                        .into_iter()
+                        .filter_map(|c| {
+                            let client = c.client;
+                            self.strategy.complete(c, &global).map_err(|e| tracing::warn!(round, client, "result set aside: {e}")).ok()
+                        })
+                        .collect();
+                    if got.results.is_empty() {
+                        retries += 1;
+                        tracing::warn!(round, "no result could be completed; retrying the round");
+                        continue;
+                    }
+                    // The record keeps who contributed what (not the vectors); the layer takes the vectors.
+                    let summary: Vec<Contribution> = got.results.iter().map(|c| Contribution { values: Vec::new(), metrics: c.metrics.clone(), ..*c }).collect();
+                    let judged = self.judge(round, &start, std::mem::replace(&mut got.results, summary));
+                    let (robust_results, combined) = match judged {
+                        Ok(r) => r,
+                        Err(e) => {
+                            retries += 1;
+                            tracing::error!(round, "robust aggregation failed, retrying the round: {e}");
+                            continue;
+                        }
+                    };
+                    let a = tokio::task::block_in_place(|| self.strategy.aggregate(round, &mut next, &robust_results, &ctx));
+                    (a, combined)
+                }
             };
+            let aggregate_time = aggregating.elapsed();
             let outcome = match aggregated {
                 Ok(mut o) => {
                     o.metrics.extend(robust::round_metrics(&combined));
                     if self.late_results == LateResults::NextRound {
                         o.metrics.insert("late_results".into(), late_count as f64);
                     }
+                    got.waits.sort();
+                    let pct = |p: f64| got.waits.get(((got.waits.len() as f64 - 1.0) * p).round() as usize).map_or(0.0, |d| d.as_secs_f64() * 1e3);
+                    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                    o.metrics.extend([
+                        (keys::SERVER_STREAMED.to_string(), streamed as u8 as f64),
+                        (keys::SERVER_SEND_MS.to_string(), ms(send_time)),
+                        (keys::SERVER_FOLD_MS.to_string(), ms(got.fold)),
+                        (keys::SERVER_AGGREGATE_MS.to_string(), ms(aggregate_time)),
+                        (keys::SERVER_RESULT_WAIT_P50_MS.to_string(), pct(0.5)),
+                        (keys::SERVER_RESULT_WAIT_P99_MS.to_string(), pct(0.99)),
+                    ]);
                     o
                 }
                 Err(e) => {
@@ -291,15 +341,27 @@ impl RoundLoop {
         let mut pending = BTreeMap::new();
         // Requests within the round may come as soon as the first task is out.
         self.desk.open(round, self.strategy.exchange(), tasks.iter().map(|(id, _)| *id));
+        // Each distinct model is encoded once (twice with a mask: in full, and with only its
+        // version for clients that hold it) and shared by every frame that carries it.
+        let mut encoded: BTreeMap<(usize, bool), Bytes> = BTreeMap::new();
         for (id, task) in tasks {
             // The mask travels once: a client that holds this version gets only its number.
-            let mut wire = task.clone();
-            if let Some(MaskSpec::Full { version, .. }) = &wire.model.mask
-                && hub.mask_version(id) == Some(*version)
-            {
-                wire.model.mask = Some(MaskSpec::Cached { version: *version });
-            }
-            if hub.send_frame(id, encode(&ServerMsg::Task(wire))) > 0 {
+            let cached = matches!(&task.model.mask, Some(MaskSpec::Full { version, .. }) if hub.mask_version(id) == Some(*version));
+            let key = (Arc::as_ptr(&task.model) as usize, cached);
+            let model = encoded
+                .entry(key)
+                .or_insert_with(|| {
+                    if cached {
+                        let version = task.model.mask.as_ref().map_or(0, |m| m.version());
+                        let wire = ModelPayload { mask: Some(MaskSpec::Cached { version }), ..(*task.model).clone() };
+                        encode_model_part(&wire).into()
+                    } else {
+                        encode_model_part(&task.model).into()
+                    }
+                })
+                .clone();
+            let frame = Frame::from_parts(vec![encode_task_head(&task).into(), model, encode_task_tail(&task).into()]);
+            if hub.send_frame(id, frame) > 0 {
                 hub.task_sent(id, round);
                 pending.insert(id, task);
             } else {
@@ -313,9 +375,11 @@ impl RoundLoop {
     }
 
     /// Collects results until every sampled client answered, vanished or the deadline passed.
-    async fn collect(&mut self, round: u32, mut pending: BTreeMap<u64, Task>, deadline: Duration, start: &Arc<Vec<f32>>) -> Collected {
+    /// A streamed round folds each accepted result at once, in the global model's coordinates
+    /// (`Strategy::complete`; a result that cannot be completed is rejected).
+    async fn collect(&mut self, round: u32, mut pending: BTreeMap<u64, Task>, deadline: Duration, start: &Arc<Vec<f32>>, global: &ModelState, stream: Option<StreamRound>) -> Collected {
         let until = tokio::time::Instant::now() + deadline;
-        let mut got = Collected { results: Vec::new(), dropped: 0, rejected: 0 };
+        let mut got = Collected { results: Vec::new(), stream, dropped: 0, rejected: 0, fold: Duration::ZERO, waits: Vec::new() };
         while !pending.is_empty() {
             let msg = tokio::select! {
                 m = self.incoming.recv() => match m { Some(m) => m, None => break },
@@ -332,16 +396,32 @@ impl RoundLoop {
                 }
             };
             match msg {
-                Incoming::Result { client, result } if pending.contains_key(&client) && result.round == round => {
+                Incoming::Result { client, result, at } if pending.contains_key(&client) && result.round == round => {
+                    let folding = Instant::now();
                     let task = pending.remove(&client).expect("checked");
                     self.desk.close_client(client);
                     let mut hub = self.hub.lock().unwrap();
                     hub.set_status(client, Status::Idle);
                     let mask_version = result.mask_version;
-                    match accept(client, &task, result, hub.train_samples(client)) {
-                        Ok(contribution) => {
-                            hub.result_accepted(client, contribution.metrics.samples_per_sec, mask_version);
-                            got.results.push(contribution);
+                    let accepted = accept(client, &task, result, hub.train_samples(client));
+                    // Folded (its vector dropped) when the round streams, kept otherwise.
+                    let accepted = match (accepted, &mut got.stream) {
+                        (Ok(c), Some(stream)) => {
+                            let samples_per_sec = c.metrics.samples_per_sec;
+                            self.strategy.complete(c, global).and_then(|c| stream.add(c)).map(|_| (samples_per_sec, ()))
+                        }
+                        (Ok(c), None) => {
+                            let samples_per_sec = c.metrics.samples_per_sec;
+                            got.results.push(c);
+                            Ok((samples_per_sec, ()))
+                        }
+                        (Err(e), _) => Err(e),
+                    };
+                    got.fold += folding.elapsed();
+                    got.waits.push(at.elapsed());
+                    match accepted {
+                        Ok((samples_per_sec, ())) => {
+                            hub.result_accepted(client, samples_per_sec, mask_version);
                         }
                         Err(why) => {
                             got.rejected += 1;
@@ -376,6 +456,12 @@ impl RoundLoop {
     /// `reference` is the (masked) global model the round's tasks started from.
     fn judge(&self, round: u32, reference: &[f32], results: Vec<Contribution>) -> Result<(Vec<Contribution>, robust::Combined), String> {
         let (out, combined) = tokio::task::block_in_place(|| robust::apply(&self.robust, reference, results))?;
+        self.note_verdicts(round, &combined);
+        Ok((out, combined))
+    }
+
+    /// Each client's verdict into the hub's suspicion counts; what the layer acted on is logged.
+    fn note_verdicts(&self, round: u32, combined: &robust::Combined) {
         let mut hub = self.hub.lock().unwrap();
         for v in &combined.verdicts {
             hub.judged(v);
@@ -383,14 +469,13 @@ impl RoundLoop {
                 tracing::warn!(round, client = v.client, norm_ratio = format!("{:.2}", v.norm_ratio), scale = format!("{:.3}", v.scale), "update {}", v.action());
             }
         }
-        Ok((out, combined))
     }
 
     /// Messages that belong to no task pending in this round. `busy`: the client has a task
     /// pending in the current round, so this message must not make it idle.
     fn stray(&mut self, msg: Incoming, round: Option<u32>, busy: bool) {
         match msg {
-            Incoming::Result { client, result } => {
+            Incoming::Result { client, result, .. } => {
                 let late = self.late.get(&client).is_some_and(|l| l.task.round == result.round);
                 let late = if late { self.late.remove(&client) } else { None };
                 if let Some(l) = late {

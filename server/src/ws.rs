@@ -10,9 +10,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::response::Response;
+use tokio_tungstenite::tungstenite::Message;
 use canopy_core::protocol::{ClientMsg, ErrorCode, MAX_FRAME_BYTES, PROTOCOL_VERSION, ServerMsg, decode, encode};
 use futures_util::{SinkExt, StreamExt};
 
@@ -20,14 +20,16 @@ use crate::App;
 use crate::hub::CLOSE;
 use crate::inbox::Incoming;
 use crate::limits::{FrameRate, Slot};
+use crate::upgrade::{Socket, send_frame, upgrade};
 
 /// Frames up to this size are read and then judged by [`decode`], so a client that sends
 /// slightly too much gets a clear error; anything larger ends the connection.
 const READ_LIMIT: usize = MAX_FRAME_BYTES + (1 << 20);
 
-pub async fn handler(ws: WebSocketUpgrade, ConnectInfo(peer): ConnectInfo<SocketAddr>, State(app): State<Arc<App>>) -> Response {
+pub async fn handler(ConnectInfo(peer): ConnectInfo<SocketAddr>, State(app): State<Arc<App>>, req: Request) -> Response {
     let admitted = app.limits.admit(peer.ip());
-    ws.max_message_size(READ_LIMIT).max_frame_size(READ_LIMIT).on_upgrade(move |socket| async move {
+    let config = crate::upgrade::config(READ_LIMIT);
+    upgrade(req, config, move |socket| async move {
         match admitted {
             Ok(slot) => session(socket, app, peer, slot).await,
             Err(why) => refuse(socket, peer, why).await,
@@ -36,24 +38,25 @@ pub async fn handler(ws: WebSocketUpgrade, ConnectInfo(peer): ConnectInfo<Socket
 }
 
 /// Says why in an error frame, then closes.
-async fn refuse(socket: WebSocket, peer: SocketAddr, why: String) {
+async fn refuse(socket: Socket, peer: SocketAddr, why: String) {
     tracing::warn!(%peer, "connection refused: {why}");
     let (mut sink, _) = socket.split();
     let _ = sink.send(Message::Binary(encode(&ServerMsg::Error { code: ErrorCode::Refused, message: why }).into())).await;
     let _ = sink.close().await;
 }
 
-async fn session(socket: WebSocket, app: Arc<App>, peer: SocketAddr, slot: Slot) {
+async fn session(socket: Socket, app: Arc<App>, peer: SocketAddr, slot: Slot) {
     let _slot = slot; // the connection's place under the limits, given back when the session ends
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = crate::outbox::channel(app.limits.config.max_queued_bytes);
     let (done_tx, mut writer_done) = tokio::sync::oneshot::channel::<()>();
     let writer = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
-            if frame == CLOSE {
-                break;
+            if frame.is_empty() {
+                break; // CLOSE
             }
-            if sink.send(Message::Binary(frame.into())).await.is_err() {
+            // Large frames (tasks) go as fragments of the round's shared encoding.
+            if send_frame(&mut sink, frame, crate::upgrade::FRAGMENT).await.is_err() {
                 break;
             }
         }
@@ -151,7 +154,7 @@ async fn session(socket: WebSocket, app: Arc<App>, peer: SocketAddr, slot: Slot)
             (_, None) => reply_error(ErrorCode::Malformed, "say hello first".into()),
             (ClientMsg::Progress { round, progress }, Some(c)) => app.hub.lock().unwrap().progress(c, round, progress),
             (ClientMsg::Result(result), Some(c)) => {
-                let _ = app.incoming.send(Incoming::Result { client: c, result });
+                let _ = app.incoming.send(Incoming::Result { client: c, result, at: Instant::now() });
             }
             (ClientMsg::Error { round, message }, Some(c)) => {
                 let _ = app.incoming.send(Incoming::Failed { client: c, round, message });

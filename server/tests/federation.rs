@@ -215,8 +215,16 @@ fn read(ws: &mut Ws) -> ServerMsg {
     }
 }
 
+/// The next error frame; a joined client may get the next round's task (or a Wait) first, as
+/// soon as the round it answered ends, so those are skipped.
 fn expect_error(ws: &mut Ws, code: ErrorCode, needle: &str) {
-    match read(ws) {
+    let next = loop {
+        match read(ws) {
+            ServerMsg::Task(_) | ServerMsg::Wait { .. } => continue,
+            other => break other,
+        }
+    };
+    match next {
         ServerMsg::Error { code: c, message } => {
             assert_eq!(c, code, "{message}");
             assert!(message.contains(needle), "'{message}' should mention '{needle}'");

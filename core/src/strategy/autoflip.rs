@@ -11,7 +11,7 @@
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::{ClientView, Contribution, Phase, RoundContext, RoundOutcome, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, sample_clients, train_task, weighted_values};
+use super::{ClientView, Contribution, Fold, Phase, RoundContext, RoundOutcome, RunningSum, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, sample_clients, task_on};
 use crate::aggregate::momentum_step;
 use crate::arch::Arch;
 use crate::metric_keys as keys;
@@ -101,17 +101,13 @@ impl AutoFlip {
         Ok(AutoFlip { config, settings, explored_in: 0, base: Vec::new(), velocity: Vec::new(), ema: Vec::new(), q0: 0.0 })
     }
 
-    fn explore(&mut self, global: &mut ModelState, results: &[Contribution], ctx: &RoundContext) -> Result<RoundOutcome, String> {
+    /// `sum`: the clients' deltas, sample-weighted, and their squares (one vote per client).
+    fn explore(&mut self, global: &mut ModelState, sum: &RunningSum, results: &[Contribution], ctx: &RoundContext) -> Result<RoundOutcome, String> {
         let a = self.settings.clone();
         let n = global.params.len();
-        let mut sq = vec![0f32; n];
-        for c in results {
-            for (s, d) in sq.iter_mut().zip(&c.values) {
-                *s += d * d / results.len() as f32;
-            }
-        }
+        let sq = sum.mean_squares()?;
         let g = guidance(&global.arch, &sq);
-        let mean_delta = weighted_values(results)?;
+        let mean_delta = sum.mean()?;
         let start: Vec<f32> = if a.start_from_explored {
             self.base.iter().zip(&mean_delta).map(|(b, d)| b + d).collect()
         } else {
@@ -137,9 +133,9 @@ impl AutoFlip {
         Ok(outcome)
     }
 
-    fn train(&mut self, round: u32, global: &mut ModelState, results: &[Contribution], ctx: &RoundContext) -> Result<RoundOutcome, String> {
+    fn train(&mut self, round: u32, global: &mut ModelState, sum: &RunningSum, ctx: &RoundContext) -> Result<RoundOutcome, String> {
         let a = self.settings.clone();
-        let mean_delta = weighted_values(results)?;
+        let mean_delta = sum.mean()?;
         if self.velocity.len() != global.params.len() {
             self.velocity = vec![0.0; global.params.len()];
         }
@@ -151,7 +147,7 @@ impl AutoFlip {
                 *v = 0.0;
             }
         }
-        let sq: Vec<f32> = (0..global.params.len()).map(|i| results.iter().map(|c| c.values[i] * c.values[i]).sum::<f32>() / results.len() as f32).collect();
+        let sq = sum.mean_squares()?;
         if self.ema.len() != sq.len() {
             // The first normal round starts the average.
             self.ema = sq;
@@ -217,10 +213,12 @@ impl Strategy for AutoFlip {
         } else {
             config.lr *= a.lr_decay.powi((round - self.explored_in - 1) as i32);
         }
+        // One encoded model, shared by every sampled client's task.
+        let model = std::sync::Arc::new(crate::codec::encode_model(global));
         sample_clients(clients, fraction, self.config.min_fit, rng)
             .into_iter()
             .map(|c| {
-                let mut task = train_task(round, global, &config, c.id, upload);
+                let mut task = task_on(round, model.clone(), &config, c.id, upload);
                 if exploring {
                     task.train.patience = a.explore_patience;
                 }
@@ -229,16 +227,26 @@ impl Strategy for AutoFlip {
             .collect()
     }
 
+    /// AutoFLIP needs the deltas' weighted mean and their mean squares: both are running sums.
+    fn fold(&self) -> Option<Fold> {
+        Some(Fold { squares: true })
+    }
+
     fn aggregate(&mut self, round: u32, global: &mut ModelState, results: &[Contribution], ctx: &RoundContext) -> Result<RoundOutcome, String> {
+        let sum = RunningSum::of(results, Fold { squares: true })?;
+        self.aggregate_sum(round, global, &sum, results, ctx)
+    }
+
+    fn aggregate_sum(&mut self, round: u32, global: &mut ModelState, sum: &RunningSum, results: &[Contribution], ctx: &RoundContext) -> Result<RoundOutcome, String> {
         if results.iter().any(|c| c.kind != UploadKind::Delta) {
             return Err("autoflip expects deltas".into());
         }
         let mut outcome = if self.explored_in == 0 {
-            let o = self.explore(global, results, ctx)?;
+            let o = self.explore(global, sum, results, ctx)?;
             self.explored_in = round;
             o
         } else {
-            self.train(round, global, results, ctx)?
+            self.train(round, global, sum, ctx)?
         };
         mask_metrics(global, &mut outcome);
         Ok(outcome)

@@ -2,7 +2,7 @@
 
 use rand::rngs::StdRng;
 
-use super::{ClientView, Contribution, RoundContext, RoundOutcome, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, plain_round, weighted_values};
+use super::{ClientView, Contribution, Fold, RoundContext, RoundOutcome, RunningSum, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, plain_round};
 use crate::protocol::{Task, UploadSpec};
 use crate::state::ModelState;
 
@@ -31,11 +31,20 @@ impl Strategy for FedAvg {
         plain_round(round, global, &self.config, clients, rng, UploadSpec::Weights)
     }
 
-    fn aggregate(&mut self, _round: u32, global: &mut ModelState, results: &[Contribution], _ctx: &RoundContext) -> Result<RoundOutcome, String> {
+    fn fold(&self) -> Option<Fold> {
+        Some(Fold::default())
+    }
+
+    fn aggregate(&mut self, round: u32, global: &mut ModelState, results: &[Contribution], ctx: &RoundContext) -> Result<RoundOutcome, String> {
+        let sum = RunningSum::of(results, Fold::default())?;
+        self.aggregate_sum(round, global, &sum, results, ctx)
+    }
+
+    fn aggregate_sum(&mut self, _round: u32, global: &mut ModelState, sum: &RunningSum, results: &[Contribution], _ctx: &RoundContext) -> Result<RoundOutcome, String> {
         if results.iter().any(|c| c.kind != UploadKind::Weights) {
             return Err("fedavg expects weights".into());
         }
-        global.params = weighted_values(results)?;
+        global.params = sum.mean()?;
         Ok(RoundOutcome::default())
     }
 }

@@ -4,7 +4,7 @@
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::{ClientView, Contribution, RoundContext, RoundOutcome, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, plain_round, weighted_values};
+use super::{ClientView, Contribution, Fold, RoundContext, RoundOutcome, RunningSum, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, plain_round};
 use crate::aggregate::momentum_step;
 use crate::protocol::{Task, UploadSpec};
 use crate::state::ModelState;
@@ -60,11 +60,20 @@ impl Strategy for FedAvgM {
         Ok(())
     }
 
-    fn aggregate(&mut self, _round: u32, global: &mut ModelState, results: &[Contribution], _ctx: &RoundContext) -> Result<RoundOutcome, String> {
+    fn fold(&self) -> Option<Fold> {
+        Some(Fold::default())
+    }
+
+    fn aggregate(&mut self, round: u32, global: &mut ModelState, results: &[Contribution], ctx: &RoundContext) -> Result<RoundOutcome, String> {
+        let sum = RunningSum::of(results, Fold::default())?;
+        self.aggregate_sum(round, global, &sum, results, ctx)
+    }
+
+    fn aggregate_sum(&mut self, _round: u32, global: &mut ModelState, sum: &RunningSum, results: &[Contribution], _ctx: &RoundContext) -> Result<RoundOutcome, String> {
         if results.iter().any(|c| c.kind != UploadKind::Delta) {
             return Err("fedavgm expects deltas".into());
         }
-        let mean_delta = weighted_values(results)?;
+        let mean_delta = sum.mean()?;
         if self.velocity.len() != global.params.len() {
             self.velocity = vec![0.0; global.params.len()];
         }

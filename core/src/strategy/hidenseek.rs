@@ -14,8 +14,7 @@
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::{ClientView, Contribution, RoundContext, RoundOutcome, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, plain_round};
-use crate::aggregate::weighted_vote;
+use super::{ClientView, Contribution, Fold, RoundContext, RoundOutcome, RunningSum, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, plain_round};
 use crate::codec::supermask::bit_of_weight;
 use crate::codec::{compact, encode_supermask};
 use crate::metric_keys as keys;
@@ -133,7 +132,7 @@ impl Strategy for Supermask {
 
     fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
         let model = if global.mask.is_none() { self.initial(global) } else { global.clone() };
-        let payload = encode_supermask(&model, self.config.seed, self.kind);
+        let payload = std::sync::Arc::new(encode_supermask(&model, self.config.seed, self.kind));
         let mut tasks = plain_round(round, &model, &self.config, clients, rng, UploadSpec::Supermask { kind: self.kind });
         for (_, t) in &mut tasks {
             t.model = payload.clone();
@@ -144,7 +143,17 @@ impl Strategy for Supermask {
         tasks
     }
 
-    fn aggregate(&mut self, _round: u32, global: &mut ModelState, results: &[Contribution], _ctx: &RoundContext) -> Result<RoundOutcome, String> {
+    /// The vote is a sample-weighted sum of ±1 per entry: a running sum (exact, being integers).
+    fn fold(&self) -> Option<Fold> {
+        Some(Fold::default())
+    }
+
+    fn aggregate(&mut self, round: u32, global: &mut ModelState, results: &[Contribution], ctx: &RoundContext) -> Result<RoundOutcome, String> {
+        let sum = RunningSum::of(results, Fold::default())?;
+        self.aggregate_sum(round, global, &sum, results, ctx)
+    }
+
+    fn aggregate_sum(&mut self, _round: u32, global: &mut ModelState, sum: &RunningSum, results: &[Contribution], _ctx: &RoundContext) -> Result<RoundOutcome, String> {
         if results.iter().any(|c| c.kind != UploadKind::Votes) {
             return Err("supermask strategies expect votes".into());
         }
@@ -159,20 +168,23 @@ impl Strategy for Supermask {
         let mask = global.mask.clone().expect("installed");
         let theta0 = self.theta0(global);
         let previous: Vec<bool> = global.params.iter().map(|w| bit_of_weight(self.kind, *w)).collect();
-        let votes: Vec<(&[f32], u64)> = results.iter().map(|c| (c.values.as_slice(), c.samples)).collect();
-        let next = if self.settings.vote_momentum > 0.0 {
+        if sum.len() != previous.len() {
+            return Err(format!("{} votes for a model of {} entries", sum.len(), previous.len()));
+        }
+        let next: Vec<bool> = if self.settings.vote_momentum > 0.0 {
             let beta = self.settings.vote_momentum;
             if self.tally.len() != previous.len() {
                 self.tally = previous.iter().map(|b| if *b { 1.0 } else { -1.0 }).collect();
             }
-            let total: f64 = votes.iter().map(|(_, n)| *n as f64).sum::<f64>().max(1.0);
+            let total = sum.weight.max(1.0);
             for (i, t) in self.tally.iter_mut().enumerate() {
-                let mean = votes.iter().map(|(v, n)| v[i] as f64 * *n as f64).sum::<f64>() / total;
+                let mean = sum.weighted[i] / total;
                 *t = beta * *t + (1.0 - beta) * mean as f32;
             }
             self.tally.iter().zip(&previous).map(|(t, p)| if *t > 0.0 { true } else if *t < 0.0 { false } else { *p }).collect()
         } else {
-            weighted_vote(&votes, &previous)
+            // Sample-weighted majority per entry; a tie keeps the previous bit.
+            sum.weighted.iter().zip(&previous).map(|(s, p)| if *s > 0.0 { true } else if *s < 0.0 { false } else { *p }).collect()
         };
         let kept = mask.iter().filter(|k| **k).count();
         let changed = (0..next.len()).filter(|&i| mask[i] && next[i] != previous[i]).count();

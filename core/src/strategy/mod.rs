@@ -9,6 +9,7 @@ mod fedavg;
 mod fedavgm;
 mod hidenseek;
 mod split;
+pub mod stream;
 mod structured;
 
 pub use autoflip::{AutoFlip, AutoflipConfig};
@@ -18,6 +19,7 @@ pub use split::{BackServer, PruneKind, Split, SplitConfig};
 pub use structured::{Structured, StructuredConfig, UnitScore};
 pub use fedavg::FedAvg;
 pub use fedavgm::{FedAvgM, FedavgmConfig};
+pub use stream::{Fold, RunningSum};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -165,6 +167,21 @@ pub trait Strategy: Send {
         ctx: &RoundContext,
     ) -> Result<RoundOutcome, String>;
 
+    /// Whether this strategy can aggregate the round just configured from running sums
+    /// (streaming aggregation), and which sums it needs. `None` (the default): the server keeps
+    /// every result until the round ends and calls [`Strategy::aggregate`].
+    fn fold(&self) -> Option<Fold> {
+        None
+    }
+
+    /// [`Strategy::aggregate`] from the round's running sums, for a strategy whose
+    /// [`Strategy::fold`] said it can. `results` are the round's contributions without their
+    /// vectors (empty `values`): who, how many samples, metrics, encoding. Must give what
+    /// `aggregate` gives on the same results, up to rounding.
+    fn aggregate_sum(&mut self, _round: u32, _global: &mut ModelState, _sum: &RunningSum, _results: &[Contribution], _ctx: &RoundContext) -> Result<RoundOutcome, String> {
+        Err("this strategy does not aggregate running sums".into())
+    }
+
     /// A validated result in the global model's coordinates. Strategies whose clients train
     /// part of the model (split learning's front) fill in the rest here, before the robust
     /// layer compares results with the global model and before [`Strategy::aggregate`].
@@ -282,17 +299,22 @@ mod tests {
 
 /// Samples clients as `config` says and gives each the plain training task.
 pub fn plain_round(round: u32, global: &ModelState, config: &StrategyConfig, clients: &[ClientView], rng: &mut StdRng, upload: UploadSpec) -> Vec<(u64, Task)> {
-    sample_clients(clients, config.fraction, config.min_fit, rng)
-        .into_iter()
-        .map(|c| (c.id, train_task(round, global, config, c.id, upload)))
-        .collect()
+    let picked = sample_clients(clients, config.fraction, config.min_fit, rng);
+    // Encoded once and shared by every sampled client's task.
+    let model = Arc::new(codec::encode_model(global));
+    picked.into_iter().map(|c| (c.id, task_on(round, model.clone(), config, c.id, upload))).collect()
 }
 
 /// A plain training task on the whole global model (masked if the model has a mask).
 pub fn train_task(round: u32, global: &ModelState, config: &StrategyConfig, client: u64, upload: UploadSpec) -> Task {
+    task_on(round, Arc::new(codec::encode_model(global)), config, client, upload)
+}
+
+/// A plain training task on an encoded model that several clients' tasks share.
+pub fn task_on(round: u32, model: Arc<crate::protocol::ModelPayload>, config: &StrategyConfig, client: u64, upload: UploadSpec) -> Task {
     Task {
         round,
-        model: codec::encode_model(global),
+        model,
         train: TrainSpec {
             epochs: config.epochs,
             batch_size: config.batch_size,
