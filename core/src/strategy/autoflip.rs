@@ -232,11 +232,6 @@ impl Strategy for AutoFlip {
         Some(Fold { squares: true })
     }
 
-    fn aggregate(&mut self, round: u32, global: &mut ModelState, results: &[Contribution], ctx: &RoundContext) -> Result<RoundOutcome, String> {
-        let sum = RunningSum::of(results, Fold { squares: true })?;
-        self.aggregate_sum(round, global, &sum, results, ctx)
-    }
-
     fn aggregate_sum(&mut self, round: u32, global: &mut ModelState, sum: &RunningSum, results: &[Contribution], ctx: &RoundContext) -> Result<RoundOutcome, String> {
         if results.iter().any(|c| c.kind != UploadKind::Delta) {
             return Err("autoflip expects deltas".into());

@@ -148,10 +148,6 @@ impl Strategy for Supermask {
         Some(Fold::default())
     }
 
-    fn aggregate(&mut self, round: u32, global: &mut ModelState, results: &[Contribution], ctx: &RoundContext) -> Result<RoundOutcome, String> {
-        let sum = RunningSum::of(results, Fold::default())?;
-        self.aggregate_sum(round, global, &sum, results, ctx)
-    }
 
     fn aggregate_sum(&mut self, _round: u32, global: &mut ModelState, sum: &RunningSum, results: &[Contribution], _ctx: &RoundContext) -> Result<RoundOutcome, String> {
         if results.iter().any(|c| c.kind != UploadKind::Votes) {

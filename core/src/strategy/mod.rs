@@ -159,13 +159,14 @@ pub trait Strategy: Send {
     ) -> Vec<(u64, Task)>;
 
     /// Folds validated, decoded results into `global`.
-    fn aggregate(
-        &mut self,
-        round: u32,
-        global: &mut ModelState,
-        results: &[Contribution],
-        ctx: &RoundContext,
-    ) -> Result<RoundOutcome, String>;
+    /// By default (for a strategy that streams): the buffered results folded into the same
+    /// running sum the streamed path builds, then [`Strategy::aggregate_sum`], so both paths
+    /// share one piece of code. A strategy that does not stream implements this itself.
+    fn aggregate(&mut self, round: u32, global: &mut ModelState, results: &[Contribution], ctx: &RoundContext) -> Result<RoundOutcome, String> {
+        let fold = self.fold().ok_or("this strategy aggregates neither results nor running sums")?;
+        let sum = RunningSum::of(results, fold)?;
+        self.aggregate_sum(round, global, &sum, results, ctx)
+    }
 
     /// Whether this strategy can aggregate the round just configured from running sums
     /// (streaming aggregation), and which sums it needs. `None` (the default): the server keeps
