@@ -23,6 +23,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// Connection hygiene (`[limits]`).
     pub limits: LimitsConfig,
+    /// One server, or a root and edges federated through NATS JetStream (`[scale]`).
+    pub scale: crate::scale::ScaleConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -150,6 +152,7 @@ impl Default for Config {
             aggregation: RobustConfig::default(),
             server: ServerConfig::default(),
             limits: LimitsConfig::default(),
+            scale: Default::default(),
         }
     }
 }
@@ -255,6 +258,19 @@ pub struct Overrides {
     /// the median-norm bound to a rule (`median+clip`).
     #[arg(long)]
     pub aggregation: Option<String>,
+    /// `single` (default), or `root` / `edge` of a run spread over servers through NATS.
+    #[arg(long)]
+    pub role: Option<crate::scale::Role>,
+    /// The NATS server (JetStream enabled) that root and edges share.
+    #[arg(long)]
+    pub nats: Option<String>,
+    /// This edge's name (unique among the run's edges; default: its host and port).
+    #[arg(long)]
+    pub edge_name: Option<String>,
+    /// This edge's share of the data shards, `I/N`: shards I, I+N, I+2N... (edges of one run
+    /// then hand out disjoint data). Default: every shard.
+    #[arg(long)]
+    pub edge_shards: Option<String>,
 }
 
 /// A defence by name, on top of `base` (which keeps its parameters: trim, attackers, multiple).
@@ -349,6 +365,18 @@ impl Config {
         if o.admin_token.is_some() {
             c.server.admin_token = o.admin_token.clone();
         }
+        if let Some(r) = o.role {
+            c.scale.role = r;
+        }
+        if let Some(n) = &o.nats {
+            c.scale.nats = n.clone();
+        }
+        if o.edge_name.is_some() {
+            c.scale.edge = o.edge_name.clone();
+        }
+        if let Some(s) = &o.edge_shards {
+            c.scale.edge_shards = Some(crate::scale::parse_slice(s)?);
+        }
         c.strategy.config.seed = c.run.seed;
         c.validate()?;
         Ok(c)
@@ -373,6 +401,7 @@ impl Config {
         }
         self.aggregation.validate()?;
         self.limits.validate()?;
+        self.scale.validate(self)?;
         self.strategy.check()
     }
 }

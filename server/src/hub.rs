@@ -132,6 +132,40 @@ pub struct Hub {
     next_shard: usize,
     /// Banned client ids and why.
     banned: BTreeMap<u64, String>,
+    /// Set on a root: tabs are told to join an edge instead.
+    refuse_joins: Option<String>,
+    /// On a root: its edges, by name, and which edge each reported client is on.
+    edges: BTreeMap<String, EdgeRow>,
+    edge_of: BTreeMap<u64, String>,
+}
+
+/// An edge of a run spread over servers, as its root sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct EdgeRow {
+    pub name: String,
+    pub url: String,
+    pub connected: usize,
+    pub idle: usize,
+    #[serde(skip)]
+    idle_clients: Vec<ClientView>,
+    #[serde(skip)]
+    seen: Instant,
+    /// Its partials, newest last (the last 20).
+    pub partials: Vec<PartialRow>,
+}
+
+/// What became of one partial an edge sent.
+#[derive(Clone, Debug, Serialize)]
+pub struct PartialRow {
+    pub round: u32,
+    pub results: u64,
+    pub samples: f64,
+    /// Size of its sums, and whether they came through the Object Store.
+    pub sum_bytes: u64,
+    pub in_store: bool,
+    pub edge_seconds: f64,
+    /// `merged`, or why it was ignored (`duplicate`, `stale`, `late`, `wrong round`, `bad`).
+    pub outcome: String,
 }
 
 impl Hub {
@@ -151,6 +185,9 @@ impl Hub {
             next_id: 1,
             next_shard: 0,
             banned: BTreeMap::new(),
+            refuse_joins: None,
+            edges: BTreeMap::new(),
+            edge_of: BTreeMap::new(),
         }
     }
 
@@ -159,6 +196,9 @@ impl Hub {
     /// Registers a client (or re-attaches one that reconnects with its old id) and sends it the
     /// welcome with its data shard. Returns its id, or why it may not join (it was banned).
     pub fn join(&mut self, hello: Hello, tx: Outbox) -> Result<u64, String> {
+        if let Some(why) = &self.refuse_joins {
+            return Err(why.clone());
+        }
         if let Some(why) = hello.resume.and_then(|id| self.banned.get(&id)) {
             return Err(format!("banned: {why}"));
         }
@@ -246,6 +286,90 @@ impl Hub {
 
     pub fn clients(&self) -> impl Iterator<Item = &Client> {
         self.clients.values()
+    }
+
+    // ---- edges (on a root) ----
+
+    /// This server takes no tabs (a root): each is told `why` and sent away.
+    pub fn refuse_joins(&mut self, why: &str) {
+        self.refuse_joins = Some(why.to_string());
+    }
+
+    /// An edge reported its clients.
+    pub fn edge_seen(&mut self, p: crate::scale::wire::Presence) {
+        for (id, _) in &p.idle {
+            self.edge_of.insert(*id, p.edge.clone());
+        }
+        let row = self.edges.entry(p.edge.clone()).or_insert_with(|| EdgeRow {
+            name: p.edge.clone(), url: String::new(), connected: 0, idle: 0, idle_clients: Vec::new(), seen: Instant::now(), partials: Vec::new(),
+        });
+        row.url = p.url;
+        row.connected = p.connected;
+        row.idle = p.idle.len();
+        row.idle_clients = p.idle.into_iter().map(|(id, samples)| ClientView { id, samples }).collect();
+        row.seen = Instant::now();
+    }
+
+    /// What the root did with an edge's partial.
+    pub fn edge_partial(&mut self, edge: &str, row: PartialRow) {
+        if let Some(e) = self.edges.get_mut(edge) {
+            e.partials.push(row);
+            let n = e.partials.len();
+            if n > 20 {
+                e.partials.drain(..n - 20);
+            }
+        }
+    }
+
+    /// Edges heard from within `timeout`.
+    pub fn edge_alive(&self, edge: &str, timeout: std::time::Duration) -> bool {
+        self.edges.get(edge).is_some_and(|e| e.seen.elapsed() <= timeout)
+    }
+
+    /// Idle clients of the edges heard from within `timeout`, as the strategy sees them.
+    pub fn edge_idle_clients(&self, timeout: std::time::Duration) -> Vec<ClientView> {
+        self.edge_idle_since(timeout, None).0
+    }
+
+    /// Idle clients of the edges heard from within `timeout` (and, given `since`, after it),
+    /// and whether every edge heard from within `timeout` has reported since then: a round's
+    /// clients are only known idle again once their edge reported after the round.
+    pub fn edge_idle_since(&self, timeout: std::time::Duration, since: Option<Instant>) -> (Vec<ClientView>, bool) {
+        let alive: Vec<&EdgeRow> = self.edges.values().filter(|e| e.seen.elapsed() <= timeout).collect();
+        let fresh = |e: &EdgeRow| since.is_none_or(|s| e.seen > s);
+        let mut all: Vec<ClientView> = alive.iter().filter(|e| fresh(e)).flat_map(|e| e.idle_clients.iter().cloned()).collect();
+        all.sort_by_key(|c| c.id);
+        (all, alive.iter().all(|e| fresh(e)))
+    }
+
+    /// The edge a client (run-wide id) was last reported on.
+    pub fn edge_of(&self, client: u64) -> Option<&str> {
+        self.edge_of.get(&client).map(|s| s.as_str())
+    }
+
+    /// Clients connected to edges heard from within `timeout`.
+    pub fn edge_connected(&self, timeout: std::time::Duration) -> usize {
+        self.edges.values().filter(|e| e.seen.elapsed() <= timeout).map(|e| e.connected).sum()
+    }
+
+    /// Bytes the edges' tabs moved this round (the root moves none itself).
+    pub fn add_round_bytes(&mut self, up: u64, down: u64) {
+        self.round_bytes_up += up;
+        self.round_bytes_down += down;
+    }
+
+    /// The edges for the dashboard, with how long ago each was heard from.
+    pub fn edges_json(&self) -> serde_json::Value {
+        serde_json::Value::Array(
+            self.edges
+                .values()
+                .map(|e| {
+                    let mut v = serde_json::to_value(e).unwrap_or_default();
+                    v["seen_ms_ago"] = (e.seen.elapsed().as_millis() as u64).into();
+                    v
+                })
+                .collect(),
+        )
     }
 
     /// Connected clients with nothing to do, as the strategy sees them.

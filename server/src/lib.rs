@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod precompressed;
 pub mod run;
+pub mod scale;
 pub mod sim;
 pub mod split_table;
 pub mod upgrade;
@@ -81,7 +82,14 @@ pub async fn start(config: Config) -> Result<Running, String> {
     }
     let test = cap(test, config.data.max_test);
     let (train, validation) = train.split(config.data.validation, seed ^ 0x5eed);
-    let shards = config.data.partition.split(&train, config.data.shards, config.data.local_test, seed);
+    let mut shards = config.data.partition.split(&train, config.data.shards, config.data.local_test, seed);
+    if let (scale::Role::Edge, Some([i, n])) = (config.scale.role, config.scale.edge_shards) {
+        // Edges of one run hand out disjoint shards of the same split.
+        shards = shards.into_iter().enumerate().filter(|(k, _)| k % n == i).map(|(_, s)| s).collect();
+        if shards.is_empty() {
+            return Err(format!("edge shards {i}/{n}: no shard left of {}", config.data.shards));
+        }
+    }
     let arch = Arch::preset(&config.model, train.shape, train.classes).map_err(|e| e.to_string())?;
     let mut strategy = config.strategy.build()?;
     strategy.check_model(&arch)?;
@@ -146,8 +154,25 @@ pub async fn start(config: Config) -> Result<Running, String> {
             tracing::error!("server stopped: {e}");
         }
     });
-    let rounds = tokio::spawn(
-        RoundLoop {
+    let run_name = config.run.name.clone().unwrap_or_default();
+    let link = match config.scale.role {
+        scale::Role::Single => None,
+        role => Some(scale::Link::connect(&config.scale.nats, &run_name, &format!("canopy {role:?} {run_name}"), std::time::Duration::from_secs(30)).await?),
+    };
+    let edges = match (&link, config.scale.role) {
+        (Some(link), scale::Role::Root) => {
+            hub.lock().unwrap().refuse_joins("this server is the root of a run spread over edge servers: open one of the edges' pages to join (see its dashboard)");
+            if !config.run.resume {
+                // A fresh run: what an earlier run of this name left in the stream is not ours.
+                link.stream.clone().purge().await.map_err(|e| format!("clearing the run's stream: {e}"))?;
+            }
+            let scale_cfg = &config.scale;
+            let ms = std::time::Duration::from_millis;
+            Some(scale::root::Edges::start(link.clone(), hub.clone(), ms(scale_cfg.edge_timeout_ms), ms(scale_cfg.grace_ms)).await?)
+        }
+        _ => None,
+    };
+    let round_loop = RoundLoop {
             hub,
             incoming: rx,
             desk,
@@ -167,9 +192,16 @@ pub async fn start(config: Config) -> Result<Running, String> {
             goodbye: std::time::Duration::from_secs_f64(config.run.goodbye_seconds.max(0.0)),
             late: Default::default(),
             carried: Vec::new(),
+            edges,
+    };
+    let rounds = match (link, config.scale.role) {
+        (Some(link), scale::Role::Edge) => {
+            let name = config.scale.edge.clone().unwrap_or_else(|| format!("edge-{}", addr.port()));
+            let url = app.join_urls.first().cloned().unwrap_or_else(|| format!("http://{addr}/"));
+            tokio::spawn(scale::edge::run(round_loop, link, name, url))
         }
-        .run(),
-    );
+        _ => tokio::spawn(round_loop.run()),
+    };
     Ok(Running { addr, run_dir, app, rounds })
 }
 

@@ -141,6 +141,7 @@ pub fn snapshot(hub: &Hub, config: &serde_json::Value, arch: &Arch) -> serde_jso
         "model": model_summary(arch),
         "clients": hub.clients().collect::<Vec<_>>(),
         "rounds": hub.rounds(),
+        "edges": hub.edges_json(),
     })
 }
 

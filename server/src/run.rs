@@ -57,6 +57,8 @@ pub struct RoundLoop {
     /// Late results accepted for the next aggregation (`late_results = "next_round"`), each
     /// with the model its client started from.
     pub carried: Vec<(Contribution, Arc<Vec<f32>>)>,
+    /// On a root: the round's results come from edges through NATS, not from tabs here.
+    pub edges: Option<crate::scale::root::Edges>,
 }
 
 /// A task whose deadline passed before its result came.
@@ -67,17 +69,17 @@ pub struct Late {
 }
 
 /// What came back from one round's clients.
-struct Collected {
+pub(crate) struct Collected {
     /// Buffered results (when the round does not stream).
-    results: Vec<Contribution>,
+    pub(crate) results: Vec<Contribution>,
     /// The round's running sums, when the strategy and the robust rule allow streaming.
-    stream: Option<StreamRound>,
-    dropped: usize,
-    rejected: usize,
+    pub(crate) stream: Option<StreamRound>,
+    pub(crate) dropped: usize,
+    pub(crate) rejected: usize,
     /// Time spent validating and folding results, and how long each waited between its
     /// session reading it and the loop having folded (or buffered) it.
-    fold: Duration,
-    waits: Vec<Duration>,
+    pub(crate) fold: Duration,
+    pub(crate) waits: Vec<Duration>,
 }
 
 impl Collected {
@@ -108,14 +110,22 @@ impl RoundLoop {
                 continue;
             }
             let deadline = tasks.iter().map(|(_, t)| t.deadline_ms).max().unwrap_or(60_000);
-            let pending = self.send_tasks(round, tasks);
-            let send_time = started.elapsed();
-            let sampled = pending.len();
             let start = Arc::new(global.masked_params());
             // Streaming: each accepted result is folded into running sums and dropped.
             let stream = StreamRound::start(&self.robust, self.strategy.fold(), start.clone());
-            let mut got = self.collect(round, pending, Duration::from_millis(deadline), &start, &global, stream).await;
-            self.desk.close();
+            let (mut got, sampled, send_time) = if self.edges.is_some() {
+                match self.from_edges(round, &global, tasks, stream).await {
+                    Some(g) => g,
+                    None => break,
+                }
+            } else {
+                let pending = self.send_tasks(round, tasks);
+                let send_time = started.elapsed();
+                let sampled = pending.len();
+                let got = self.collect(round, pending, Duration::from_millis(deadline), &start, &global, stream).await;
+                self.desk.close();
+                (got, sampled, send_time)
+            };
             if got.count() < self.min_results.min(sampled) || got.count() == 0 {
                 retries += 1;
                 tracing::warn!(round, results = got.count(), needed = self.min_results, "too few results; retrying the round");
@@ -224,6 +234,9 @@ impl RoundLoop {
         }
         let stopped = self.hub.lock().unwrap().control().stop;
         let (phase, reason) = if stopped { (Phase::Stopped, "run stopped from the dashboard") } else { (Phase::Done, "run finished") };
+        if let Some(edges) = &self.edges {
+            edges.finish(reason).await;
+        }
         {
             let mut hub = self.hub.lock().unwrap();
             hub.set_phase(phase, round - 1);
@@ -236,9 +249,30 @@ impl RoundLoop {
         tracing::info!("run finished: {}", self.run_dir.display());
     }
 
+    /// A round run by the edges: announced, then their partials merged as they come. `None`
+    /// when the run cannot go on across edges (a strategy that needs every update).
+    async fn from_edges(&mut self, round: u32, global: &ModelState, tasks: Vec<(u64, Task)>, stream: Option<StreamRound>) -> Option<(Collected, usize, Duration)> {
+        let (Some(fold), Some(stream)) = (self.strategy.fold(), stream) else {
+            tracing::error!(round, "this strategy needs every update in one place this round; it cannot run across edges (see the README, \"Beyond one server\"): stopping");
+            self.hub.lock().unwrap().stop();
+            return None;
+        };
+        let phase = self.strategy.phase();
+        let edges = self.edges.as_mut().expect("checked");
+        match edges.run_round(round, global, tasks, phase, fold, &self.robust, stream).await {
+            Ok(g) => Some((Collected { results: Vec::new(), stream: Some(g.stream), dropped: g.dropped, rejected: g.rejected, fold: g.merge, waits: Vec::new() }, g.sampled, g.send)),
+            Err(e) => {
+                tracing::error!(round, "the round could not run on the edges: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let empty = StreamRound::start(&canopy_core::robust::RobustConfig::default(), Some(fold), Arc::new(global.masked_params()));
+                Some((Collected { results: Vec::new(), stream: empty, dropped: 0, rejected: 0, fold: Duration::ZERO, waits: Vec::new() }, 0, Duration::ZERO))
+            }
+        }
+    }
+
     /// Waits (up to `goodbye`) until every client's session has sent its Bye and ended, so a
     /// server that exits when done does not cut anyone's Bye off.
-    async fn goodbye(&mut self) {
+    pub(crate) async fn goodbye(&mut self) {
         let until = Instant::now() + self.goodbye;
         loop {
             let left = self.hub.lock().unwrap().connected();
@@ -314,14 +348,21 @@ impl RoundLoop {
     async fn wait_for_clients(&mut self, round: u32) -> Vec<ClientView> {
         self.hub.lock().unwrap().set_phase(Phase::WaitingForClients, round);
         let mut said = false;
+        let since = Instant::now();
         loop {
             {
                 let hub = self.hub.lock().unwrap();
                 if hub.control().paused || hub.control().stop {
                     return Vec::new();
                 }
-                let idle = hub.idle_clients();
-                if idle.len() >= self.min_clients.max(1) {
+                let (idle, settled) = match &self.edges {
+                    // Edges' reports from before now may show last round's clients still busy:
+                    // wait (up to the edge timeout) until every live edge has reported again.
+                    Some(e) => hub.edge_idle_since(e.timeout, Some(since)),
+                    None => (hub.idle_clients(), true),
+                };
+                let settled = settled || self.edges.as_ref().is_some_and(|e| since.elapsed() >= e.timeout);
+                if idle.len() >= self.min_clients.max(1) && settled {
                     return idle;
                 }
                 if !said {
@@ -335,7 +376,7 @@ impl RoundLoop {
         }
     }
 
-    fn send_tasks(&mut self, round: u32, tasks: Vec<(u64, Task)>) -> BTreeMap<u64, Task> {
+    pub(crate) fn send_tasks(&mut self, round: u32, tasks: Vec<(u64, Task)>) -> BTreeMap<u64, Task> {
         let mut hub = self.hub.lock().unwrap();
         hub.begin_round(round, self.strategy.phase());
         let mut pending = BTreeMap::new();
@@ -377,7 +418,7 @@ impl RoundLoop {
     /// Collects results until every sampled client answered, vanished or the deadline passed.
     /// A streamed round folds each accepted result at once, in the global model's coordinates
     /// (`Strategy::complete`; a result that cannot be completed is rejected).
-    async fn collect(&mut self, round: u32, mut pending: BTreeMap<u64, Task>, deadline: Duration, start: &Arc<Vec<f32>>, global: &ModelState, stream: Option<StreamRound>) -> Collected {
+    pub(crate) async fn collect(&mut self, round: u32, mut pending: BTreeMap<u64, Task>, deadline: Duration, start: &Arc<Vec<f32>>, global: &ModelState, stream: Option<StreamRound>) -> Collected {
         let until = tokio::time::Instant::now() + deadline;
         let mut got = Collected { results: Vec::new(), stream, dropped: 0, rejected: 0, fold: Duration::ZERO, waits: Vec::new() };
         while !pending.is_empty() {
@@ -473,7 +514,7 @@ impl RoundLoop {
 
     /// Messages that belong to no task pending in this round. `busy`: the client has a task
     /// pending in the current round, so this message must not make it idle.
-    fn stray(&mut self, msg: Incoming, round: Option<u32>, busy: bool) {
+    pub(crate) fn stray(&mut self, msg: Incoming, round: Option<u32>, busy: bool) {
         match msg {
             Incoming::Result { client, result, .. } => {
                 let late = self.late.get(&client).is_some_and(|l| l.task.round == result.round);

@@ -76,7 +76,7 @@ pub fn encode(arch: &Arch, mask: Option<&[bool]>, base: &[bool], mine: &[bool]) 
 }
 
 /// What a decoded upload held besides its bits: for the round's log.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Encoding {
     pub payload_bytes: u64,
     /// Tensors sent as flips (the rest bit-packed).

@@ -7,7 +7,7 @@ use crate::arch::Arch;
 use crate::protocol::{Blob, MaskSpec, Params, Task, Update, UploadSpec};
 
 /// What a decoded update holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum UploadKind {
     /// Trained parameters.
     Weights,

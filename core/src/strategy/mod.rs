@@ -110,8 +110,9 @@ pub struct RoundContext<'a> {
     pub validate: &'a dyn Fn(&ModelState) -> Eval,
 }
 
-/// A validated result, decoded to a full-length vector.
-#[derive(Clone, Debug, PartialEq)]
+/// A validated result, decoded to a full-length vector. Serialisable so an edge aggregator can
+/// send its results' summaries (without vectors) upstream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Contribution {
     pub client: u64,
     pub samples: u64,

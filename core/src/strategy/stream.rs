@@ -16,7 +16,7 @@ use super::Contribution;
 use crate::robust::{self, Combined, RobustConfig, Verdict};
 
 /// Which sums a streaming strategy needs besides the sample-weighted one.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fold {
     /// Σ xᵢ² per entry, one vote per result (AutoFLIP's guidance and moving average).
     pub squares: bool,
@@ -168,8 +168,32 @@ impl StreamRound {
         Ok(())
     }
 
+    /// Adds another aggregator's part of the same round (an edge's partial): its sums, its
+    /// results' summaries (no vectors) and the robust layer's verdicts on them. The caller has
+    /// checked that it answers this round and starts from the same model.
+    pub fn absorb(&mut self, sum: &RunningSum, summaries: Vec<Contribution>, verdicts: Vec<Verdict>) -> Result<(), String> {
+        if sum.count as usize != summaries.len() || verdicts.len() != summaries.len() {
+            return Err(format!("a partial of {} results carries {} summaries and {} verdicts", sum.count, summaries.len(), verdicts.len()));
+        }
+        if sum.count > 0 && (sum.len() != self.sum.len() || sum.squares.len() != self.sum.squares.len()) {
+            return Err(format!("a partial has {} values ({} squares), this round's model {} ({})", sum.len(), sum.squares.len(), self.sum.len(), self.sum.squares.len()));
+        }
+        if summaries.iter().any(|c| !c.values.is_empty()) {
+            return Err("a partial's summaries must not carry vectors".into());
+        }
+        self.sum.merge(sum)?;
+        self.summaries.extend(summaries);
+        self.judged.extend(verdicts);
+        Ok(())
+    }
+
     pub fn results(&self) -> usize {
         self.summaries.len()
+    }
+
+    /// The round's sums so far (what an edge sends upstream).
+    pub fn sum(&self) -> &RunningSum {
+        &self.sum
     }
 
     pub fn finish(mut self) -> Streamed {

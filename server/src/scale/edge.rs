@@ -1,0 +1,201 @@
+//! The edge's loop: reports its idle clients to the root, runs each announced round on its own
+//! tabs exactly as a single server would (the same task sending, result checks, robust layer
+//! per result and streaming sums), and publishes the round's partial.
+//!
+//! An edge runs each (round, model) once: when the root announces the same round on the same
+//! model again (a retry, or a root that restarted), the edge publishes the partial it already
+//! has instead of training twice (its `Msg-Id` makes JetStream drop the copy if the first one
+//! arrived).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::DeliverPolicy;
+use canopy_core::codec::model::{MaskCache, decode_model};
+use canopy_core::protocol::{ModelPayload, ServerMsg, Task};
+use canopy_core::state::ModelState;
+use canopy_core::strategy::stream::StreamRound;
+use canopy_core::strategy::{ClientView, Contribution, Fold, Phase, Strategy};
+use futures_util::StreamExt;
+use rand::rngs::StdRng;
+
+use super::wire::{self, Partial, Presence, RoundMsg};
+use super::{Link, global_id};
+use crate::run::RoundLoop;
+
+/// The strategy an edge's round loop sees: it configures nothing (the root did) and passes
+/// results through; it only names the kind of round and the sums it folds.
+struct Relay {
+    phase: Phase,
+    fold: Fold,
+}
+
+impl Strategy for Relay {
+    fn configure_round(&mut self, _: u32, _: &ModelState, _: &[ClientView], _: &mut StdRng) -> Vec<(u64, Task)> {
+        Vec::new()
+    }
+
+    fn fold(&self) -> Option<Fold> {
+        Some(self.fold)
+    }
+
+    fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    fn complete(&self, result: Contribution, _: &ModelState) -> Result<Contribution, String> {
+        Ok(result)
+    }
+}
+
+/// A phase name from the root as the `&'static str` phases carry (each distinct name once).
+fn phase_named(name: &str) -> Phase {
+    static NAMES: StdMutex<BTreeSet<&'static str>> = StdMutex::new(BTreeSet::new());
+    if name == "training" {
+        return Phase::Training;
+    }
+    let mut names = NAMES.lock().unwrap();
+    let known = names.iter().copied().find(|n| *n == name);
+    let name = known.unwrap_or_else(|| {
+        let leaked: &'static str = Box::leak(name.chars().take(40).collect::<String>().into_boxed_str());
+        names.insert(leaked);
+        leaked
+    });
+    Phase::Own(name)
+}
+
+pub async fn run(mut rl: RoundLoop, link: Link, name: String, url: String) {
+    let prefix = super::edge_prefix(&name);
+    // Reports every half second: the root samples from the idle clients it last heard of.
+    let (hub, reporter) = (rl.hub.clone(), link.clone());
+    let (edge, subject) = (name.clone(), link.subject(&format!("presence.{}", super::token(&name))));
+    // Also right after each partial, so the root learns at once that the round's clients are free.
+    let report_now = Arc::new(tokio::sync::Notify::new());
+    let now = report_now.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = now.notified() => {}
+            }
+            let p = {
+                let hub = hub.lock().unwrap();
+                let idle = hub.idle_clients().into_iter().map(|c| (global_id(prefix, c.id), c.samples)).collect();
+                Presence { edge: edge.clone(), url: url.clone(), connected: hub.connected(), idle }
+            };
+            if let Err(e) = reporter.client.publish(subject.clone(), wire::encode(&p).into()).await {
+                tracing::warn!("reporting to the root: {e}");
+            }
+        }
+    });
+    let mut rounds = match link.follow(link.subject("round.*"), DeliverPolicy::New).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!("edge {name}: {e}");
+            return;
+        }
+    };
+    tracing::info!(edge = %name, "edge ready: waiting for the root's rounds");
+    // The last partial this edge published, and the (round, model) it answers.
+    let mut done: Option<Partial> = None;
+    let reason = loop {
+        let msg = tokio::select! {
+            m = rounds.next() => m,
+            m = rl.incoming.recv() => {
+                if let Some(m) = m {
+                    rl.stray(m, None, false);
+                }
+                continue;
+            }
+        };
+        let msg = match msg {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                tracing::warn!("reading rounds: {e}");
+                continue;
+            }
+            None => break "the root's round stream ended".to_string(),
+        };
+        if msg.subject.as_str().ends_with(".end") {
+            break String::from_utf8_lossy(&msg.payload).into_owned();
+        }
+        let ann: RoundMsg = match wire::decode(&msg.payload, "a round announcement") {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!("{e}");
+                continue;
+            }
+        };
+        if let Some(p) = done.as_ref().filter(|p| p.round == ann.round && p.base == ann.base) {
+            tracing::info!(round = ann.round, "round announced again on the same model: sending the partial again");
+            if let Err(e) = link.publish(link.subject(&format!("partial.{}.{}", p.round, super::token(&p.edge))), &p.msg_id(), wire::encode(p)).await {
+                tracing::warn!("{e}");
+            }
+            continue;
+        }
+        match run_round(&mut rl, &link, &name, prefix, ann).await {
+            Ok(Some(p)) => {
+                done = Some(p);
+                report_now.notify_one();
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(edge = %name, "round failed: {e}"),
+        }
+    };
+    tracing::info!(edge = %name, "run over: {reason}");
+    {
+        let mut hub = rl.hub.lock().unwrap();
+        let round = hub.round();
+        hub.set_phase(crate::hub::Phase::Done, round);
+        hub.broadcast(&ServerMsg::Bye { reason: reason.clone() });
+        hub.close_all();
+    }
+    rl.goodbye().await;
+}
+
+/// One announced round on this edge's tabs; its partial, or None when none of its clients was
+/// sampled.
+async fn run_round(rl: &mut RoundLoop, link: &Link, name: &str, prefix: u64, ann: RoundMsg) -> Result<Option<Partial>, String> {
+    let started = Instant::now();
+    let mine: Vec<&wire::EdgeTask> = ann.tasks.iter().filter(|t| t.client & !0xffff_ffff == prefix).collect();
+    if mine.is_empty() {
+        return Ok(None);
+    }
+    let mut models = Vec::new();
+    for blob in &ann.models {
+        let bytes = link.get(blob).await?;
+        models.push(Arc::new(wire::decode::<ModelPayload>(&bytes, "a round's model")?));
+    }
+    let first = models.first().ok_or("a round without a model")?;
+    let decoded = decode_model(first, &mut MaskCache::default(), false)?;
+    let global = ModelState { arch: decoded.arch, params: decoded.params, mask: decoded.mask, mask_version: ann.mask_version };
+    let start = Arc::new(global.masked_params());
+    let mut tasks = Vec::new();
+    for t in mine {
+        let model = models.get(t.model as usize).ok_or_else(|| format!("task for client {} names model {} of {}", t.client, t.model, models.len()))?;
+        let task = Task { round: ann.round, model: model.clone(), train: t.train.clone(), upload: t.upload.clone(), deadline_ms: t.deadline_ms };
+        tasks.push((t.client & 0xffff_ffff, task));
+    }
+    rl.strategy = Box::new(Relay { phase: phase_named(&ann.phase), fold: ann.fold });
+    let pending = rl.send_tasks(ann.round, tasks);
+    let sampled = pending.len();
+    let stream = StreamRound::start(&ann.robust, Some(ann.fold), start.clone()).ok_or("the root's aggregation rule does not stream")?;
+    let got = rl.collect(ann.round, pending, Duration::from_millis(ann.deadline_ms), &start, &global, Some(stream)).await;
+    rl.desk.close();
+    let s = got.stream.ok_or("the round's sums went missing")?.finish();
+    let (bytes_up, bytes_down) = rl.hub.lock().unwrap().round_bytes();
+    let edge = super::token(name);
+    let sum = link.put(&format!("partial-{}-{edge}-{}", ann.round, ann.attempt), wire::encode(&s.sum)).await?;
+    let summaries: Vec<Contribution> = s.results.into_iter().map(|c| Contribution { client: global_id(prefix, c.client), ..c }).collect();
+    let verdicts = s.combined.verdicts.into_iter().map(|v| canopy_core::robust::Verdict { client: global_id(prefix, v.client), ..v }).collect();
+    let p = Partial {
+        round: ann.round, attempt: ann.attempt, base: ann.base, shape: ann.shape, mask_version: ann.mask_version, edge: name.to_string(),
+        weight: s.sum.weight, clients: s.sum.count, sum, summaries, verdicts, sampled, dropped: got.dropped, rejected: got.rejected,
+        bytes_up, bytes_down, seconds: started.elapsed().as_secs_f64(),
+    };
+    let duplicate = link.publish(link.subject(&format!("partial.{}.{edge}", ann.round)), &p.msg_id(), wire::encode(&p)).await?;
+    tracing::info!(round = ann.round, results = p.clients, dropped = p.dropped, sum_bytes = p.sum.size(), object_store = p.sum.in_store(), duplicate, seconds = format!("{:.2}", p.seconds), "partial published");
+    Ok(Some(p))
+}

@@ -1,0 +1,251 @@
+//! Beyond one server: edge aggregators federated through NATS JetStream.
+//!
+//! An **edge** is an ordinary Canopy server for its own tabs; a **root** runs the strategy. The
+//! root announces each round on `canopy.<run>.round.<r>` (the tasks of the clients it sampled,
+//! from the idle clients every edge reports on `canopy.<run>.presence.<edge>`); each edge runs the
+//! round on its tabs, folds their results into a running sum (streaming aggregation) and
+//! publishes one partial on `canopy.<run>.partial.<r>.<edge>`. Only the root divides. Payloads
+//! over [`INLINE_MAX`] (models, a partial's sums) travel through the JetStream Object Store with
+//! their SHA-256. Both sides are the same binary: `canopy serve --role root|edge --nats URL`.
+//!
+//! `wire` holds the messages, `root` the root's side of the round loop, `edge` the edge's loop.
+
+pub mod edge;
+pub mod root;
+pub mod wire;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy, object_store::ObjectStore};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+use wire::BlobRef;
+
+/// What this server is in a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// One server does everything (the demo).
+    #[default]
+    Single,
+    /// Runs the strategy and combines the edges' partials; serves the dashboard, no tabs.
+    Root,
+    /// Serves its own tabs and runs the root's rounds on them.
+    Edge,
+}
+
+/// `[scale]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScaleConfig {
+    pub role: Role,
+    /// The NATS server (with JetStream: `nats-server -js`) shared by the run's root and edges.
+    pub nats: String,
+    /// This edge's name, unique among the run's edges (default: host and port).
+    pub edge: Option<String>,
+    /// This edge's share of the data shards `[I, N]`: shards I, I+N, I+2N...
+    pub edge_shards: Option<[usize; 2]>,
+    /// An edge that has not reported for this long is taken as gone: the root stops waiting for
+    /// its partial (its clients count as dropped) and samples none of its clients.
+    pub edge_timeout_ms: u64,
+    /// How long the root waits past a round's deadline for partials still coming.
+    pub grace_ms: u64,
+}
+
+impl Default for ScaleConfig {
+    fn default() -> Self {
+        ScaleConfig { role: Role::Single, nats: "nats://127.0.0.1:4222".into(), edge: None, edge_shards: None, edge_timeout_ms: 3_000, grace_ms: 5_000 }
+    }
+}
+
+impl ScaleConfig {
+    pub fn validate(&self, c: &crate::config::Config) -> Result<(), String> {
+        if self.role == Role::Single {
+            return Ok(());
+        }
+        let Some(name) = &c.run.name else {
+            return Err("a root and its edges find each other by the run's name: set run.name (or --name) on every one".into());
+        };
+        if token(name).is_empty() {
+            return Err(format!("run name '{name}' has no letters or digits to name NATS subjects by"));
+        }
+        if let Some([i, n]) = self.edge_shards
+            && (n == 0 || i >= n)
+        {
+            return Err(format!("edge_shards {i}/{n}: need 0 ≤ I < N"));
+        }
+        if self.role == Role::Root && !canopy_core::robust::streams(&c.aggregation) {
+            return Err(format!(
+                "[aggregation] rule {:?} with clip {:?} needs every update in one place; across edges only rules that stream work (rule = \"mean\", clip none or fixed, streaming = true)",
+                c.aggregation.rule, c.aggregation.clip
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `I/N` → `[I, N]`.
+pub fn parse_slice(s: &str) -> Result<[usize; 2], String> {
+    let (i, n) = s.split_once('/').ok_or_else(|| format!("edge shards '{s}': expected I/N, e.g. 0/3"))?;
+    let (i, n) = (i.trim().parse().map_err(|_| format!("bad I in '{s}'"))?, n.trim().parse().map_err(|_| format!("bad N in '{s}'"))?);
+    Ok([i, n])
+}
+
+/// A name made safe for NATS subjects, stream and bucket names: letters, digits, `-` and `_`.
+pub fn token(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect::<String>().trim_matches('_').to_string()
+}
+
+/// FNV-1a, 64 bits: model versions and shape hashes (not a security measure; partials are
+/// also checked by size, and their payloads by SHA-256).
+pub fn fnv64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// The version of a global model: a hash of its (masked) parameters and mask. An edge's partial
+/// counts only if it trained from exactly this model.
+pub fn model_version(m: &canopy_core::state::ModelState) -> u64 {
+    let mut bytes: Vec<u8> = m.masked_params().iter().flat_map(|v| v.to_le_bytes()).collect();
+    if let Some(mask) = &m.mask {
+        bytes.extend(mask.iter().map(|k| *k as u8));
+    }
+    fnv64(&bytes)
+}
+
+/// A hash of the model's shape (its layers), so a partial of another shape is never merged.
+pub fn shape_hash(arch: &canopy_core::arch::Arch) -> u64 {
+    fnv64(format!("{:?}", arch.params()).as_bytes())
+}
+
+/// Client ids across edges: the edge's hash in the high 32 bits, its own id in the low.
+pub fn edge_prefix(edge: &str) -> u64 {
+    (fnv64(edge.as_bytes()) & 0xffff_ffff) << 32
+}
+
+pub fn global_id(prefix: u64, local: u64) -> u64 {
+    prefix | (local & 0xffff_ffff)
+}
+
+/// Payloads up to this size travel inside the message; larger ones through the Object Store
+/// (NATS's default message limit is 1 MiB).
+pub const INLINE_MAX: usize = 256 * 1024;
+
+/// A connection to the run's NATS server: its JetStream stream and object bucket.
+#[derive(Clone)]
+pub struct Link {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub stream: jetstream::stream::Stream,
+    pub store: ObjectStore,
+    /// The run's name as a subject token.
+    pub run: String,
+}
+
+impl Link {
+    /// Connects (retrying for `patience`), then creates or opens the run's stream and bucket.
+    /// After that the client reconnects by itself whenever NATS goes away.
+    pub async fn connect(url: &str, run: &str, who: &str, patience: Duration) -> Result<Link, String> {
+        let until = tokio::time::Instant::now() + patience;
+        let client = loop {
+            let options = async_nats::ConnectOptions::new()
+                .name(who)
+                .connection_timeout(Duration::from_secs(3))
+                .event_callback(|e| async move { tracing::info!("nats: {e}") });
+            match options.connect(url).await {
+                Ok(c) => break c,
+                Err(e) if tokio::time::Instant::now() < until => {
+                    tracing::warn!("cannot reach NATS at {url} yet ({e}); retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(format!("cannot reach NATS at {url}: {e} (is `nats-server -js` running? `just setup` installs it)")),
+            }
+        };
+        let js = jetstream::new(client.clone());
+        let run = token(run);
+        let stream = js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: format!("CANOPY_{run}"),
+                subjects: vec![format!("canopy.{run}.round.*"), format!("canopy.{run}.partial.*.*")],
+                // Long enough for a restarted root to find the partials of its round.
+                max_age: Duration::from_secs(6 * 3600),
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("NATS at {url}: cannot open the run's JetStream stream: {e} (start nats-server with -js)"))?;
+        let bucket = format!("canopy-{run}");
+        let store = match js.get_object_store(&bucket).await {
+            Ok(s) => s,
+            Err(_) => js
+                .create_object_store(jetstream::object_store::Config { bucket: bucket.clone(), max_age: Duration::from_secs(6 * 3600), ..Default::default() })
+                .await
+                .map_err(|e| format!("NATS at {url}: cannot create object bucket {bucket}: {e}"))?,
+        };
+        Ok(Link { client, js, stream, store, run })
+    }
+
+    pub fn subject(&self, what: &str) -> String {
+        format!("canopy.{}.{what}", self.run)
+    }
+
+    /// Stores `bytes` for a message: inline when small, else as object `name` with its SHA-256.
+    pub async fn put(&self, name: &str, bytes: Vec<u8>) -> Result<BlobRef, String> {
+        if bytes.len() <= INLINE_MAX {
+            return Ok(BlobRef::Inline(bytes));
+        }
+        let sha256 = hex(&Sha256::digest(&bytes));
+        let size = bytes.len() as u64;
+        self.store.put(name, &mut bytes.as_slice()).await.map_err(|e| format!("object store: putting {name}: {e}"))?;
+        Ok(BlobRef::Object { name: name.to_string(), size, sha256 })
+    }
+
+    /// The bytes behind a [`BlobRef`], checked against its size and SHA-256.
+    pub async fn get(&self, blob: &BlobRef) -> Result<Vec<u8>, String> {
+        match blob {
+            BlobRef::Inline(b) => Ok(b.clone()),
+            BlobRef::Object { name, size, sha256 } => {
+                if *size > wire::OBJECT_MAX {
+                    return Err(format!("object {name} claims {size} bytes, over the {} limit", wire::OBJECT_MAX));
+                }
+                let mut object = self.store.get(name).await.map_err(|e| format!("object store: getting {name}: {e}"))?;
+                let mut out = Vec::with_capacity(*size as usize);
+                (&mut object).take(*size + 1).read_to_end(&mut out).await.map_err(|e| format!("object store: reading {name}: {e}"))?;
+                if out.len() as u64 != *size {
+                    return Err(format!("object {name}: {} bytes, expected {size}", out.len()));
+                }
+                let got = hex(&Sha256::digest(&out));
+                if &got != sha256 {
+                    return Err(format!("object {name}: SHA-256 {got} differs from the announced {sha256}"));
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// Publishes to the run's stream and waits for JetStream's acknowledgement; `msg_id`
+    /// de-duplicates retries. Returns whether JetStream took it as a duplicate.
+    pub async fn publish(&self, subject: String, msg_id: &str, payload: Vec<u8>) -> Result<bool, String> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", msg_id);
+        let ack = self.js.publish_with_headers(subject.clone(), headers, payload.into()).await.map_err(|e| format!("publishing {subject}: {e}"))?;
+        let ack = ack.await.map_err(|e| format!("publishing {subject}: no acknowledgement: {e}"))?;
+        Ok(ack.duplicate)
+    }
+
+    /// Messages of the run's stream on `filter` (from the start, or from the last one), in order;
+    /// the consumer follows reconnects by itself.
+    pub async fn follow(&self, filter: String, policy: DeliverPolicy) -> Result<jetstream::consumer::pull::Ordered, String> {
+        let consumer = self
+            .stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig { filter_subject: filter.clone(), deliver_policy: policy, ..Default::default() })
+            .await
+            .map_err(|e| format!("following {filter}: {e}"))?;
+        consumer.messages().await.map_err(|e| format!("following {filter}: {e}"))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,119 @@
+//! What root and edges say to each other over NATS (postcard-encoded).
+
+use canopy_core::protocol::UploadSpec;
+use canopy_core::train::TrainSpec;
+use canopy_core::robust::{RobustConfig, Verdict};
+use canopy_core::strategy::{Contribution, Fold};
+use serde::{Deserialize, Serialize};
+
+/// The largest object either side fetches (a model or a partial's sums).
+pub const OBJECT_MAX: u64 = 512 << 20;
+/// The largest message either side decodes (announcements list every sampled client's task).
+pub const MESSAGE_MAX: usize = 8 << 20;
+
+/// Bytes carried in the message itself, or stored in the Object Store under `name`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum BlobRef {
+    Inline(Vec<u8>),
+    Object { name: String, size: u64, sha256: String },
+}
+
+impl BlobRef {
+    pub fn size(&self) -> u64 {
+        match self {
+            BlobRef::Inline(b) => b.len() as u64,
+            BlobRef::Object { size, .. } => *size,
+        }
+    }
+
+    pub fn in_store(&self) -> bool {
+        matches!(self, BlobRef::Object { .. })
+    }
+}
+
+/// An edge's report, every half second on `canopy.<run>.presence.<edge>` (core NATS, not kept).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Presence {
+    pub edge: String,
+    /// Where its tabs join.
+    pub url: String,
+    pub connected: usize,
+    /// Idle clients: (run-wide id, training samples).
+    pub idle: Vec<(u64, u64)>,
+}
+
+/// One client's task in a round, without its model (the round's `models[model]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EdgeTask {
+    pub client: u64,
+    pub model: u32,
+    pub train: TrainSpec,
+    pub upload: UploadSpec,
+    pub deadline_ms: u64,
+}
+
+/// The root's round, on `canopy.<run>.round.<r>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundMsg {
+    pub round: u32,
+    /// Different for every announcement of the round (a retry, a restarted root).
+    pub attempt: u64,
+    /// Version of the global model the round starts from ([`super::model_version`]).
+    pub base: u64,
+    pub shape: u64,
+    pub mask_version: u64,
+    /// The kind of round, for dashboards (`training`, `exploring`...).
+    pub phase: String,
+    /// Which running sums the round needs.
+    pub fold: Fold,
+    /// The root's robust layer, applied per result at the edges (rules that stream only).
+    pub robust: RobustConfig,
+    pub deadline_ms: u64,
+    /// Encoded `ModelPayload`s (usually one, shared by every task).
+    pub models: Vec<BlobRef>,
+    pub tasks: Vec<EdgeTask>,
+}
+
+/// An edge's part of a round, on `canopy.<run>.partial.<r>.<edge>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Partial {
+    pub round: u32,
+    /// The announcement it answers (with the edge's name, the JetStream `Msg-Id`).
+    pub attempt: u64,
+    pub base: u64,
+    pub shape: u64,
+    pub mask_version: u64,
+    pub edge: String,
+    /// Σ nᵢ and the number of results (also inside the sums; here for logs and checks).
+    pub weight: f64,
+    pub clients: u64,
+    /// The encoded `RunningSum`: Σ nᵢ·xᵢ in f64 (and Σ xᵢ² when the round folds squares).
+    pub sum: BlobRef,
+    /// The results without vectors, and the robust layer's verdict on each.
+    pub summaries: Vec<Contribution>,
+    pub verdicts: Vec<Verdict>,
+    pub sampled: usize,
+    pub dropped: usize,
+    pub rejected: usize,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// The edge's own round time, from tasks out to partial ready.
+    pub seconds: f64,
+}
+
+impl Partial {
+    pub fn msg_id(&self) -> String {
+        format!("{}-{}-{}", self.edge, self.round, self.attempt)
+    }
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("plain data encodes")
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, String> {
+    if bytes.len() > MESSAGE_MAX {
+        return Err(format!("{what} of {} bytes is over the {MESSAGE_MAX}-byte limit", bytes.len()));
+    }
+    postcard::from_bytes(bytes).map_err(|e| format!("{what} does not decode: {e}"))
+}

@@ -1,0 +1,280 @@
+//! A run spread over servers, on loopback with a real `nats-server -js`: one root (in this
+//! process), three edges (child processes of the `canopy` binary), 3 × 200 synthetic clients.
+//! Checks that the root's model after every round is single-server FedAvg of exactly the updates
+//! the clients sent, that partial sums over 1 MB travel through the Object Store, that a
+//! duplicate and a stale partial are ignored, and that an edge killed mid-round does not stop
+//! the round (its clients drop out, the others count).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use canopy_core::protocol::{ClientMsg, DeviceInfo, Hello, PROTOCOL_VERSION, Params, ServerMsg, Update, decode, encode};
+use canopy_core::robust::{Clip, Rule};
+use canopy_core::state::ModelState;
+use canopy_core::strategy::{RoundContext, RunningSum, StrategyConfig, build};
+use canopy_core::train::Eval;
+use canopy_server::scale::{Role, wire};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+const PER_EDGE: usize = 200;
+const EDGES: usize = 3;
+/// Edge 3's clients stall in this round, and edge 3 is killed while they do.
+const KILL_ROUND: u32 = 2;
+
+/// A child process killed when the test ends, however it ends.
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_port(port: u16, what: &str) {
+    let until = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < until, "{what} did not listen on port {port} within 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Debian's nats-server with JetStream on a free port, storing under `dir`.
+fn nats(dir: &Path) -> (Kill, String) {
+    let Ok(path) = which("nats-server") else {
+        panic!("nats-server is not installed: `just setup` installs it (Debian package nats-server); the scale-out tests need a real one");
+    };
+    let port = free_port();
+    let child = Command::new(path)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("nats.log")).unwrap())
+        .spawn()
+        .expect("starting nats-server");
+    let guard = Kill(child);
+    wait_port(port, "nats-server");
+    (guard, format!("nats://127.0.0.1:{port}"))
+}
+
+fn which(name: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|f| f.is_file()))
+        .or_else(|| ["/usr/sbin", "/usr/bin"].iter().map(|d| Path::new(d).join(name)).find(|f| f.is_file()))
+        .ok_or(())
+}
+
+/// What the clients did: per round, the sum of what they sent and the model their tasks carried.
+#[derive(Default)]
+struct Book {
+    sent: BTreeMap<u32, RunningSum>,
+    models: BTreeMap<u32, Vec<f32>>,
+    /// A round whose tasks carried different models (must not happen under FedAvg).
+    mixed: Vec<u32>,
+}
+
+/// A synthetic client that records what it sends. `stall` (edge 3's clients): in that round it
+/// reports the task and never answers.
+async fn client(url: String, name: String, book: Arc<Mutex<Book>>, stall: Option<Arc<AtomicUsize>>, welcomed: Arc<AtomicUsize>) {
+    let ws = loop {
+        match tokio_tungstenite::connect_async(url.as_str()).await {
+            Ok((ws, _)) => break ws,
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    let (mut sink, mut stream) = ws.split();
+    let hello = Hello { protocol: PROTOCOL_VERSION, name, device: DeviceInfo::new(canopy_core::protocol::Backend::Native, "test", "test"), resume: None, mask_version: None };
+    sink.send(Message::binary(encode(&ClientMsg::Hello(hello)))).await.unwrap();
+    let (mut samples, mut id) = (1, 0);
+    while let Some(Ok(msg)) = stream.next().await {
+        let Message::Binary(frame) = msg else { continue };
+        let task = match decode::<ServerMsg>(&frame) {
+            Ok(ServerMsg::Welcome(w)) => {
+                samples = (w.shard.train.len() as u64).max(1);
+                id = w.client_id;
+                welcomed.fetch_add(1, Ordering::SeqCst);
+                continue;
+            }
+            Ok(ServerMsg::Task(t)) => t,
+            Ok(ServerMsg::Bye { .. }) => break,
+            _ => continue,
+        };
+        if let Some(stalled) = &stall
+            && task.round == KILL_ROUND
+        {
+            stalled.fetch_add(1, Ordering::SeqCst);
+            continue;
+        }
+        let reply = canopy_server::load::synthetic_result(&task, samples, id);
+        {
+            let Params::Values(model) = &task.model.params else { panic!("a FedAvg task carries values") };
+            let model = model.to_f32().unwrap();
+            let ClientMsg::Result(r) = &reply else { panic!("a synthetic result") };
+            let Update::Weights(w) = &r.update else { panic!("FedAvg uploads weights") };
+            let mut b = book.lock().unwrap();
+            let known = b.models.entry(task.round).or_insert_with(|| model.clone()).clone();
+            if known != model {
+                b.mixed.push(task.round);
+            }
+            let sum = b.sent.entry(task.round).or_insert_with(|| RunningSum::new(model.len(), Default::default()));
+            sum.add(&w.to_f32().unwrap(), r.samples).unwrap();
+        }
+        if sink.send(Message::binary(encode(&reply))).await.is_err() {
+            break;
+        }
+    }
+}
+
+#[test]
+fn edges_through_nats_aggregate_as_one_server() {
+    let dir = std::env::temp_dir().join(format!("canopy-scale-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_nats, url) = nats(&dir);
+
+    let mut config = common::config("scale-test", 3, EDGES * PER_EDGE, "canopy-scale-test");
+    config.run.out_dir = dir.join("runs");
+    config.run.hold = true;
+    config.run.min_clients = 2 * PER_EDGE;
+    config.strategy.name = "fedavg".into();
+    config.strategy.config.deadline_ms = 60_000;
+    config.aggregation.rule = Rule::Mean;
+    config.aggregation.clip = Clip::None;
+    config.aggregation.streaming = true;
+    config.limits.max_connections = 2 * PER_EDGE;
+    config.limits.hello_timeout_ms = 60_000;
+    config.scale.nats = url.clone();
+    config.scale.edge_timeout_ms = 2_000;
+    config.scale.grace_ms = 2_000;
+    let edge_toml = dir.join("edge.toml");
+    std::fs::write(&edge_toml, toml::to_string_pretty(&config).unwrap()).unwrap();
+    config.scale.role = Role::Root;
+
+    // Edges first; they wait for the root's rounds (and reconnect to NATS by themselves).
+    let mut edges = Vec::new();
+    let mut ports = Vec::new();
+    for k in 0..EDGES {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_canopy"))
+            .args(["serve", "--config"])
+            .arg(&edge_toml)
+            .args(["--role", "edge", "--port", &port.to_string(), "--edge-name", &format!("e{}", k + 1), "--edge-shards", &format!("{k}/{EDGES}")])
+            .env("RUST_LOG", "warn,canopy_server::scale=info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join(format!("edge-{}.log", k + 1))).unwrap())
+            .spawn()
+            .expect("starting an edge");
+        edges.push(Some(Kill(child)));
+        ports.push(port);
+    }
+    for (k, p) in ports.iter().enumerate() {
+        wait_port(*p, &format!("edge {}", k + 1));
+    }
+
+    common::runtime().block_on(async move {
+        let running = canopy_server::start(config).await.expect("the root starts");
+        let app = running.app.clone();
+        let book = Arc::new(Mutex::new(Book::default()));
+        let welcomed = Arc::new(AtomicUsize::new(0));
+        let stalled = Arc::new(AtomicUsize::new(0));
+        let mut clients = Vec::new();
+        for (k, port) in ports.iter().enumerate() {
+            for i in 0..PER_EDGE {
+                let stall = (k == EDGES - 1).then(|| stalled.clone());
+                let ws = format!("ws://127.0.0.1:{port}/ws");
+                clients.push(tokio::spawn(client(ws, format!("e{}-{i}", k + 1), book.clone(), stall, welcomed.clone())));
+            }
+        }
+        // Every client joined and every edge reported them: start the run.
+        let until = Instant::now() + Duration::from_secs(120);
+        loop {
+            let idle = app.hub.lock().unwrap().edge_idle_clients(Duration::from_secs(2)).len();
+            if welcomed.load(Ordering::SeqCst) == EDGES * PER_EDGE && idle == EDGES * PER_EDGE {
+                break;
+            }
+            assert!(Instant::now() < until, "clients joined: {}, idle on the root's view: {idle}", welcomed.load(Ordering::SeqCst));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        app.hub.lock().unwrap().start().unwrap();
+
+        // A duplicate and a stale copy of edge 1's partial in the round edge 3 dies in.
+        let nats = async_nats::connect(&url).await.unwrap();
+        let js = async_nats::jetstream::new(nats.clone());
+        let mut partials = nats.subscribe("canopy.scale-test.partial.2.e1").await.unwrap();
+        let injected = tokio::spawn(async move {
+            let m = partials.next().await.unwrap();
+            let p: wire::Partial = wire::decode(&m.payload, "a partial").unwrap();
+            let send = |id: String, p: &wire::Partial| {
+                let (js, payload) = (js.clone(), wire::encode(p));
+                async move {
+                    let mut h = async_nats::HeaderMap::new();
+                    h.insert("Nats-Msg-Id", id.as_str());
+                    js.publish_with_headers("canopy.scale-test.partial.2.e1", h, payload.into()).await.unwrap().await.unwrap()
+                }
+            };
+            // The same Msg-Id again: JetStream itself drops it.
+            assert!(send(p.msg_id(), &p).await.duplicate, "JetStream de-duplicates by Msg-Id");
+            // A copy that got past de-duplication (another id), and one trained on another model.
+            assert!(!send(format!("{}-again", p.msg_id()), &p).await.duplicate);
+            let stale = wire::Partial { base: p.base ^ 1, attempt: p.attempt + 1, ..p.clone() };
+            assert!(!send(stale.msg_id(), &stale).await.duplicate);
+            p
+        });
+
+        // Edge 3 dies while its clients work on round 2.
+        while stalled.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(edges.pop());
+
+        tokio::time::timeout(Duration::from_secs(180), running.rounds).await.expect("the run ends").unwrap();
+        let e1_partial = injected.await.unwrap();
+        for c in clients {
+            c.abort();
+        }
+        assert!(e1_partial.sum.in_store() && e1_partial.sum.size() > 1 << 20, "the MLP's sums ({} bytes) travel through the Object Store", e1_partial.sum.size());
+
+        let records = app.hub.lock().unwrap().rounds().to_vec();
+        assert_eq!(records.len(), 3);
+        let counts: Vec<(usize, usize, usize)> = records.iter().map(|r| (r.sampled, r.results, r.dropped)).collect();
+        assert_eq!(counts, vec![(600, 600, 0), (600, 400, 200), (400, 400, 0)], "sampled, results, dropped per round");
+
+        // The root's model after each round is single-server FedAvg of what the clients sent.
+        let book = book.lock().unwrap();
+        assert!(book.mixed.is_empty(), "rounds whose tasks carried different models: {:?}", book.mixed);
+        let final_model = app.global.lock().unwrap().clone();
+        let validate = |_: &ModelState| Eval::default();
+        let ctx = RoundContext { rounds: 3, validate: &validate };
+        let mut fedavg = build("fedavg", &StrategyConfig::default(), None).unwrap();
+        for round in 1..=3u32 {
+            let sent = &book.sent[&round];
+            assert_eq!(sent.count as usize, records[round as usize - 1].results, "round {round}: results the clients sent");
+            let mut expected = ModelState { params: book.models[&round].clone(), ..final_model.clone() };
+            fedavg.aggregate_sum(round, &mut expected, sent, &[], &ctx).unwrap();
+            let root = if round < 3 { &book.models[&(round + 1)] } else { &final_model.params };
+            let worst = expected.params.iter().zip(root).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst <= 1e-6, "round {round}: the root's model differs from FedAvg of the sent updates by {worst}");
+        }
+
+        // The root's dashboard: every edge, its partials, and what became of the injected ones.
+        let edges_json = app.hub.lock().unwrap().edges_json();
+        let rows = edges_json.as_array().unwrap();
+        assert_eq!(rows.len(), 3, "{edges_json}");
+        let e1: Vec<String> = rows.iter().find(|e| e["name"] == "e1").unwrap()["partials"].as_array().unwrap().iter().map(|p| format!("{}:{}", p["round"], p["outcome"].as_str().unwrap())).collect();
+        assert_eq!(e1, vec!["1:merged", "2:merged", "2:duplicate", "2:stale", "3:merged"]);
+        let e3 = rows.iter().find(|e| e["name"] == "e3").unwrap();
+        assert_eq!(e3["partials"].as_array().unwrap().len(), 1, "edge 3 sent round 1 only: {e3}");
+    });
+}
