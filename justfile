@@ -66,6 +66,14 @@ compare-split *ARGS: setup
     "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/split.toml --table split --partitions dirichlet:0.1 --max-train 20000 --strategies 'fedavg,split{cut=1;bits=32},split{cut=1;bits=8},split{cut=1;bits=4},split{cut=1;bits=8;keep=0.5},split{cut=2;bits=32},split{cut=2;bits=8},split{cut=2;bits=8;keep=0.5},split{cut=1;bits=8;prune=0.5},split{cut=1;bits=8;prune=0.5;prune_kind="magnitude"}' {{ARGS}}
     "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/split.toml --table split --datasets mnist-digits --partitions dirichlet:0.1 --max-train 3000 --rounds 12 --model cnn-small --strategies 'fedavg{strategy.lr=0.1},split{cut=2;bits=8;strategy.lr=0.1},split{cut=2;bits=8;keep=0.5;strategy.lr=0.1}'
 
+# A run spread over servers on this machine: nats-server (JetStream), a root with the dashboard
+# and two edges with their own client pages (README, "Beyond one server"). SIM=N just scale-demo
+# adds N native clients per edge.
+scale-demo *ARGS: setup
+    bash scripts/build-wasm.sh
+    cargo build -p canopy-server --bin canopy
+    bash scripts/scale-demo.sh {{ARGS}}
+
 # The server alone under 100 / 1,000 / 10,000 synthetic clients (tokio tasks, no training):
 # round time, server CPU, peak server RSS, frames/s, result waits; streaming vs buffered.
 load *ARGS: setup

@@ -27,6 +27,8 @@ command -v node >/dev/null || apt_missing+=(nodejs npm)
 # The wasm bundle is served pre-compressed with both (scripts/build-wasm.sh).
 command -v brotli >/dev/null || apt_missing+=(brotli)
 command -v zstd >/dev/null || apt_missing+=(zstd)
+# Scale-out across servers: edges and a root talk through NATS JetStream (`just scale-demo`, tests).
+[ -x /usr/sbin/nats-server ] || command -v nats-server >/dev/null || apt_missing+=(nats-server)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${apt_missing[*]}"
   as_root apt-get update -qq

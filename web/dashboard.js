@@ -167,6 +167,17 @@ function render(d) {
       `<div class="small sub">${counts.length ? counts.join(', ') + ` of ${s.judged}` : `kept ${s.judged}×`}; max ×${s.max_norm_ratio.toPrecision(3)}</div>`;
   };
 
+  // A root's edges: who serves how many tabs, and what became of each partial they sent.
+  const edges = d.edges || [];
+  $('edgesCard').hidden = edges.length === 0;
+  $('edges').innerHTML = edges.map((e) => {
+    const partials = e.partials.slice(-6).map((p) =>
+      `<div class="small ${p.outcome === 'merged' ? '' : 'bad'}">round ${p.round}: ${p.results} results, ${p.samples.toFixed(0)} samples, ` +
+      `${fmtBytes(p.sum_bytes)}${p.in_store ? ' (OS)' : ''}, ${p.edge_seconds.toFixed(2)} s, ${esc(p.outcome)}</div>`).join('');
+    const heard = e.seen_ms_ago < 3000 ? `${(e.seen_ms_ago / 1000).toFixed(1)} s ago` : `<span class="bad">${(e.seen_ms_ago / 1000).toFixed(0)} s ago</span>`;
+    return `<tr><td><b>${esc(e.name)}</b></td><td><a href="${esc(e.url)}">${esc(e.url)}</a></td><td>${e.connected}</td><td>${e.idle}</td><td>${heard}</td><td>${partials || '<span class="sub">none yet</span>'}</td></tr>`;
+  }).join('');
+
   // Contribution: samples trained on for the global model (shard size × rounds done).
   const contrib = (c) => c.train_samples * c.rounds_done;
   const total = d.clients.reduce((a, c) => a + contrib(c), 0) || 1;

@@ -168,7 +168,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
             }
             let scale_cfg = &config.scale;
             let ms = std::time::Duration::from_millis;
-            Some(scale::root::Edges::start(link.clone(), hub.clone(), ms(scale_cfg.edge_timeout_ms), ms(scale_cfg.grace_ms)).await?)
+            Some(scale::root::Edges::start(link.clone(), hub.clone(), first_round, ms(scale_cfg.edge_timeout_ms), ms(scale_cfg.grace_ms)).await?)
         }
         _ => None,
     };

@@ -268,6 +268,16 @@ fn edges_through_nats_aggregate_as_one_server() {
             assert!(worst <= 1e-6, "round {round}: the root's model differs from FedAvg of the sent updates by {worst}");
         }
 
+        // Figures for the record (`cargo test --test scale -- --nocapture`).
+        for r in &records {
+            let x = |k: &str| r.extra.get(k).copied().unwrap_or(f64::NAN);
+            println!(
+                "round {}: {} results of {} sampled, {:.2} s; root: announce {:.1} ms, fetch+merge partials {:.1} ms, aggregate {:.1} ms",
+                r.round, r.results, r.sampled, r.seconds, x(canopy_core::metric_keys::SERVER_SEND_MS), x(canopy_core::metric_keys::SERVER_FOLD_MS), x(canopy_core::metric_keys::SERVER_AGGREGATE_MS)
+            );
+        }
+        println!("{}", serde_json::to_string_pretty(&app.hub.lock().unwrap().edges_json()).unwrap());
+
         // The root's dashboard: every edge, its partials, and what became of the injected ones.
         let edges_json = app.hub.lock().unwrap().edges_json();
         let rows = edges_json.as_array().unwrap();

@@ -35,6 +35,8 @@ pub struct Edges {
     kept: Vec<(Partial, RunningSum)>,
     pub timeout: Duration,
     grace: Duration,
+    /// Rounds before this one are history (a resumed root reads the stream from its start).
+    first_round: u32,
 }
 
 /// What came back from the edges in one round.
@@ -51,7 +53,7 @@ pub struct Gathered {
 impl Edges {
     /// Listens for the edges' reports and partials (from the start of the stream, so a restarted
     /// root sees what was sent while it was down).
-    pub async fn start(link: Link, hub: Arc<Mutex<Hub>>, timeout: Duration, grace: Duration) -> Result<Edges, String> {
+    pub async fn start(link: Link, hub: Arc<Mutex<Hub>>, first_round: u32, timeout: Duration, grace: Duration) -> Result<Edges, String> {
         let mut presence = link.client.subscribe(link.subject("presence.*")).await.map_err(|e| format!("subscribing to edge reports: {e}"))?;
         let h = hub.clone();
         tokio::spawn(async move {
@@ -83,7 +85,7 @@ impl Edges {
                 }
             }
         });
-        Ok(Edges { link, hub, partials, early: Vec::new(), kept: Vec::new(), timeout, grace })
+        Ok(Edges { link, hub, partials, early: Vec::new(), kept: Vec::new(), timeout, grace, first_round })
     }
 
     /// Tells the edges the run is over (they say Bye to their tabs).
@@ -187,6 +189,10 @@ impl Edges {
             let verdict = if p.round > round {
                 // A later round's partial can only come from before a restart; keep it.
                 self.early.push(p);
+                continue;
+            } else if p.round + 1 < round || p.round < self.first_round {
+                // History: a restarted root reads the stream from its start.
+                tracing::debug!(round, edge = %p.edge, partial_round = p.round, "old partial skipped");
                 continue;
             } else if p.round < round {
                 "late"
