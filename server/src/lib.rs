@@ -16,6 +16,7 @@ pub mod inbox;
 pub mod lan;
 pub mod limits;
 pub mod load;
+pub mod load_edges;
 pub mod metrics;
 pub mod outbox;
 pub mod precompressed;

@@ -41,6 +41,10 @@ pub struct LoadArgs {
     /// Skip buffered runs of this many clients or more (their memory grows with clients × model).
     #[arg(long, default_value_t = 100_000)]
     pub buffered_max: usize,
+    /// Also spread the clients over this many edge servers federated through a local
+    /// nats-server (a root runs the rounds), one run per count; e.g. `--edges 3`.
+    #[arg(long, value_delimiter = ',')]
+    pub edges: Vec<usize>,
     /// Folder for the runs' configs, logs and metrics.
     #[arg(long, default_value = "runs/load")]
     pub out: PathBuf,
@@ -84,9 +88,29 @@ pub async fn run(args: LoadArgs) -> Result<Vec<LoadRow>, String> {
             rows.push(row);
         }
     }
+    let mut spread = Vec::new();
+    for &n in &args.clients {
+        for &k in args.edges.iter().filter(|k| **k > 0) {
+            let row = crate::load_edges::one(&exe, &args, n, k).await?;
+            crate::load_edges::print_rows(std::slice::from_ref(&row));
+            spread.push(row);
+        }
+    }
     println!();
     print_rows(&rows);
     print_ratios(&rows);
+    if !spread.is_empty() {
+        println!();
+        crate::load_edges::print_rows(&spread);
+        for e in &spread {
+            if let Some(s) = rows.iter().find(|r| r.mode == "streaming" && r.clients == e.clients) {
+                println!(
+                    "{} clients over {} edges / one server: round time {:.2}×, busiest server's CPU per round {:.2}× (root {:.2} s, each edge {:.2} s, one server {:.2} s)",
+                    e.clients, e.edges, e.round_s / s.round_s.max(1e-9), e.root_cpu_s.max(e.edge_cpu_s) / s.server_cpu_s.max(1e-9), e.root_cpu_s, e.edge_cpu_s, s.server_cpu_s
+                );
+            }
+        }
+    }
     Ok(rows)
 }
 
@@ -208,7 +232,7 @@ async fn one(exe: &Path, args: &LoadArgs, n: usize, mode: &str) -> Result<LoadRo
     })
 }
 
-async fn wait_for_port(port: u16, child: &mut tokio::process::Child) -> Result<(), String> {
+pub async fn wait_for_port(port: u16, child: &mut tokio::process::Child) -> Result<(), String> {
     for _ in 0..600 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
             return Ok(());
@@ -262,7 +286,20 @@ pub async fn client(url: String, i: usize, connecting: Arc<tokio::sync::Semaphor
         return;
     }
     let (mut samples, mut id) = (1u64, i as u64);
-    while let Some(Ok(msg)) = stream.next().await {
+    loop {
+        // At most READERS clients read (and hold a task's model in memory) at once; the others'
+        // tasks wait in their sockets and the server's queues, as a slow network would keep them.
+        // A reader with nothing to read lets go after a moment, so idle clients hold no permit.
+        let reading = READERS.acquire().await.expect("never closed");
+        let msg = match tokio::time::timeout(Duration::from_millis(50), stream.next()).await {
+            Ok(Some(Ok(msg))) => msg,
+            Ok(_) => break,
+            Err(_) => {
+                drop(reading);
+                tokio::time::sleep(Duration::from_millis(100 + (i % 400) as u64)).await;
+                continue;
+            }
+        };
         let Message::Binary(frame) = msg else { continue };
         let reply = match decode::<ServerMsg>(&frame) {
             Ok(ServerMsg::Welcome(w)) => {
@@ -290,8 +327,13 @@ pub async fn client(url: String, i: usize, connecting: Arc<tokio::sync::Semaphor
         if crate::upgrade::send_frame(&mut sink, encode(&reply).into(), TAB_FRAGMENT).await.is_err() {
             break;
         }
+        drop(reading);
     }
 }
+
+/// How many synthetic clients of one process read at once (see [`client`]): 10,000 clients each
+/// holding a 0.8 MB model and its answer would need 16 GB on the generator's side alone.
+static READERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(512);
 
 /// Frame size of a large message sent by a Chromium tab (156: a 0.8 MB message went as
 /// 131,000-byte frames on a raw socket).

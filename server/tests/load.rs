@@ -21,6 +21,7 @@ fn run(mode: &str) -> (Vec<canopy_server::metrics::RoundRecord>, Vec<f32>, usize
         strategy: "fedavg".into(),
         sample: CLIENTS,
         buffered_max: usize::MAX,
+        edges: Vec::new(),
         out: std::env::temp_dir().join(format!("canopy-load-test-{}", std::process::id())),
     };
     let mut config = load_config(&args, CLIENTS, mode, 0, &args.out).unwrap();

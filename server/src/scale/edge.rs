@@ -121,7 +121,7 @@ pub async fn run(mut rl: RoundLoop, link: Link, name: String, url: String) {
         if msg.subject.as_str().ends_with(".end") {
             break String::from_utf8_lossy(&msg.payload).into_owned();
         }
-        let ann: RoundMsg = match wire::decode(&msg.payload, "a round announcement") {
+        let ann = match announced(&link, &msg.payload).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!("{e}");
@@ -153,6 +153,20 @@ pub async fn run(mut rl: RoundLoop, link: Link, name: String, url: String) {
         hub.close_all();
     }
     rl.goodbye().await;
+}
+
+/// The round an announcement carries, fetched from the Object Store when it was too large.
+async fn announced(link: &Link, payload: &[u8]) -> Result<RoundMsg, String> {
+    match wire::decode::<wire::Announcement>(payload, "a round announcement")? {
+        wire::Announcement::Round(r) => Ok(*r),
+        wire::Announcement::Stored(blob) => {
+            let bytes = link.get(&blob).await?;
+            match wire::decode::<wire::Announcement>(&bytes, "a stored round announcement")? {
+                wire::Announcement::Round(r) => Ok(*r),
+                wire::Announcement::Stored(_) => Err("a stored announcement points to another".into()),
+            }
+        }
+    }
 }
 
 /// One announced round on this edge's tabs; its partial, or None when none of its clients was

@@ -137,7 +137,14 @@ impl Edges {
             round, attempt, base, shape, mask_version: global.mask_version, phase: phase.name().to_string(), fold, robust: robust.clone(),
             deadline_ms, models: blobs, tasks: edge_tasks,
         };
-        self.link.publish(self.link.subject(&format!("round.{round}")), &format!("round-{round}-{attempt}"), wire::encode(&msg)).await?;
+        let bytes = wire::encode(&wire::Announcement::Round(Box::new(msg)));
+        let bytes = if bytes.len() > super::INLINE_MAX {
+            let stored = self.link.put(&format!("round-{round}-{attempt}"), bytes[..].to_vec()).await?;
+            wire::encode(&wire::Announcement::Stored(stored))
+        } else {
+            bytes
+        };
+        self.link.publish(self.link.subject(&format!("round.{round}")), &format!("round-{round}-{attempt}"), bytes).await?;
         {
             let mut hub = self.hub.lock().unwrap();
             hub.begin_round(round, phase);

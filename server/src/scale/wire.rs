@@ -74,6 +74,15 @@ pub struct RoundMsg {
     pub tasks: Vec<EdgeTask>,
 }
 
+/// What travels on a round's subject: the round itself, or (for a large round: NATS limits a
+/// message to 1 MiB by default, and an announcement lists every sampled client's task) where
+/// in the Object Store to find it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Announcement {
+    Round(Box<RoundMsg>),
+    Stored(BlobRef),
+}
+
 /// An edge's part of a round, on `canopy.<run>.partial.<r>.<edge>`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Partial {
