@@ -131,6 +131,10 @@ pub struct CanopyClient {
     /// The global model of the latest task and its round, kept outside the runtime so the page
     /// can try it while the runtime is busy training.
     latest: Rc<RefCell<Option<(Arch, Vec<f32>, u32)>>>,
+    /// The Hello as of the last frame handled: a socket that reopens while a task is running
+    /// (the server restarted mid-round) must say Hello at once, and the runtime is borrowed by
+    /// the task until it ends.
+    hello: Rc<RefCell<Vec<u8>>>,
 }
 
 #[wasm_bindgen]
@@ -148,7 +152,9 @@ impl CanopyClient {
         let info = DeviceInfo { backend, adapter, user_agent, speeds };
         let pending = Pending::default();
         let host = WebHost { send, progress, pending: pending.clone() };
-        CanopyClient { rt: Rc::new(RefCell::new(ClientRuntime::new(host, device, info, name))), pending, own: Rc::default(), latest: Rc::default() }
+        let rt = ClientRuntime::new(host, device, info, name);
+        let hello = Rc::new(RefCell::new(encode(&rt.hello())));
+        CanopyClient { rt: Rc::new(RefCell::new(rt)), pending, own: Rc::default(), latest: Rc::default(), hello }
     }
 
     /// What the start-up timing measured, as JSON: `[{backend, samples_per_sec, note}]`.
@@ -201,7 +207,15 @@ impl CanopyClient {
 
     /// The hello frame to send when the socket opens (carries the old id after a reconnect).
     pub fn hello(&self) -> Vec<u8> {
-        encode(&self.rt.borrow().hello())
+        match self.rt.try_borrow() {
+            Ok(rt) => {
+                let h = encode(&rt.hello());
+                *self.hello.borrow_mut() = h.clone();
+                h
+            }
+            // Mid-task: the id and mask version as of the last frame handled.
+            Err(_) => self.hello.borrow().clone(),
+        }
     }
 
     /// Handles one frame from the server. Resolves to a JSON string describing what happened,
@@ -210,6 +224,7 @@ impl CanopyClient {
         let rt = self.rt.clone();
         let own = self.own.clone();
         let latest = self.latest.clone();
+        let hello = self.hello.clone();
         future_to_promise(async move {
             let msg: ServerMsg = match decode(&frame) {
                 Ok(m) => m,
@@ -247,6 +262,7 @@ impl CanopyClient {
             }
             own.borrow_mut().apply(&mut rt);
             let mut reply = rt.handle(msg).await;
+            *hello.borrow_mut() = encode(&rt.hello());
             if welcome {
                 // A (re)joined tab gets its shard afresh: put the student's digits back in.
                 let mut own = own.borrow_mut();

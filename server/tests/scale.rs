@@ -138,6 +138,8 @@ async fn client(url: String, name: String, book: Arc<Mutex<Book>>, stall: Option
 
 #[test]
 fn edges_through_nats_aggregate_as_one_server() {
+    // The root's log, shown when the test fails.
+    let _ = tracing_subscriber::fmt().with_env_filter("warn,canopy_server::scale=info,canopy_server::run=info").with_test_writer().try_init();
     let dir = std::env::temp_dir().join(format!("canopy-scale-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -171,8 +173,8 @@ fn edges_through_nats_aggregate_as_one_server() {
             .arg(&edge_toml)
             .args(["--role", "edge", "--port", &port.to_string(), "--edge-name", &format!("e{}", k + 1), "--edge-shards", &format!("{k}/{EDGES}")])
             .env("RUST_LOG", "warn,canopy_server::scale=info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join(format!("edge-{}.log", k + 1))).unwrap())
+            .stdout(std::fs::File::create(dir.join(format!("edge-{}.log", k + 1))).unwrap())
+            .stderr(std::fs::File::create(dir.join(format!("edge-{}.err", k + 1))).unwrap())
             .spawn()
             .expect("starting an edge");
         edges.push(Some(Kill(child)));
@@ -214,9 +216,10 @@ fn edges_through_nats_aggregate_as_one_server() {
         let mut partials = nats.subscribe("canopy.scale-test.partial.2.e1").await.unwrap();
         let injected = tokio::spawn(async move {
             let m = partials.next().await.unwrap();
-            let p: wire::Partial = wire::decode(&m.payload, "a partial").unwrap();
+            let wire::Envelope::Inline(bytes) = wire::decode(&m.payload, "a partial").unwrap() else { panic!("a small partial travels inline") };
+            let p: wire::Partial = wire::decode(&bytes, "a partial").unwrap();
             let send = |id: String, p: &wire::Partial| {
-                let (js, payload) = (js.clone(), wire::encode(p));
+                let (js, payload) = (js.clone(), wire::encode(&wire::Envelope::Inline(wire::encode(p))));
                 async move {
                     let mut h = async_nats::HeaderMap::new();
                     h.insert("Nats-Msg-Id", id.as_str());
@@ -248,8 +251,16 @@ fn edges_through_nats_aggregate_as_one_server() {
 
         let records = app.hub.lock().unwrap().rounds().to_vec();
         assert_eq!(records.len(), 3);
-        let counts: Vec<(usize, usize, usize)> = records.iter().map(|r| (r.sampled, r.results, r.dropped)).collect();
-        assert_eq!(counts, vec![(600, 600, 0), (600, 400, 200), (400, 400, 0)], "sampled, results, dropped per round");
+        let counts: Vec<(usize, usize)> = records.iter().map(|r| (r.results, r.dropped)).collect();
+        assert_eq!(counts, vec![(600, 0), (400, 200), (400, 0)], "results, dropped per round");
+        // Sampled: every idle client. (A round the root had to announce again, say after a NATS
+        // timeout on a loaded machine, samples afresh while the edges that finished the first
+        // announcement send their partials again, so only a first announcement is checked.)
+        for (r, sampled) in records.iter().zip([600, 600, 400]) {
+            if r.retries == 0 {
+                assert_eq!(r.sampled, sampled, "round {} sampled", r.round);
+            }
+        }
 
         // The root's model after each round is single-server FedAvg of what the clients sent.
         let book = book.lock().unwrap();

@@ -130,7 +130,7 @@ pub async fn run(mut rl: RoundLoop, link: Link, name: String, url: String) {
         };
         if let Some(p) = done.as_ref().filter(|p| p.round == ann.round && p.base == ann.base) {
             tracing::info!(round = ann.round, "round announced again on the same model: sending the partial again");
-            if let Err(e) = link.publish(link.subject(&format!("partial.{}.{}", p.round, super::token(&p.edge))), &p.msg_id(), wire::encode(p)).await {
+            if let Err(e) = publish(&link, p).await {
                 tracing::warn!("{e}");
             }
             continue;
@@ -155,18 +155,17 @@ pub async fn run(mut rl: RoundLoop, link: Link, name: String, url: String) {
     rl.goodbye().await;
 }
 
-/// The round an announcement carries, fetched from the Object Store when it was too large.
+/// The round an announcement carries (fetched from the Object Store when it was too large).
 async fn announced(link: &Link, payload: &[u8]) -> Result<RoundMsg, String> {
-    match wire::decode::<wire::Announcement>(payload, "a round announcement")? {
-        wire::Announcement::Round(r) => Ok(*r),
-        wire::Announcement::Stored(blob) => {
-            let bytes = link.get(&blob).await?;
-            match wire::decode::<wire::Announcement>(&bytes, "a stored round announcement")? {
-                wire::Announcement::Round(r) => Ok(*r),
-                wire::Announcement::Stored(_) => Err("a stored announcement points to another".into()),
-            }
-        }
-    }
+    wire::decode(&link.open(payload, "a round announcement").await?, "a round announcement")
+}
+
+/// Publishes a partial (through the Object Store when its summaries make it large); whether
+/// JetStream took it as a duplicate.
+async fn publish(link: &Link, p: &Partial) -> Result<bool, String> {
+    let edge = super::token(&p.edge);
+    let object = format!("partial-msg-{}-{edge}-{}", p.round, p.attempt);
+    link.publish_large(link.subject(&format!("partial.{}.{edge}", p.round)), &p.msg_id(), &object, wire::encode(p)).await
 }
 
 /// One announced round on this edge's tabs; its partial, or None when none of its clients was
@@ -209,7 +208,11 @@ async fn run_round(rl: &mut RoundLoop, link: &Link, name: &str, prefix: u64, ann
         weight: s.sum.weight, clients: s.sum.count, sum, summaries, verdicts, sampled, dropped: got.dropped, rejected: got.rejected,
         bytes_up, bytes_down, seconds: started.elapsed().as_secs_f64(),
     };
-    let duplicate = link.publish(link.subject(&format!("partial.{}.{edge}", ann.round)), &p.msg_id(), wire::encode(&p)).await?;
+    let duplicate = publish(link, &p).await?;
+    {
+        let mut hub = rl.hub.lock().unwrap();
+        hub.set_phase(crate::hub::Phase::WaitingForClients, ann.round);
+    }
     tracing::info!(round = ann.round, results = p.clients, dropped = p.dropped, sum_bytes = p.sum.size(), object_store = p.sum.in_store(), duplicate, seconds = format!("{:.2}", p.seconds), "partial published");
     Ok(Some(p))
 }

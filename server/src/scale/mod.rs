@@ -234,6 +234,24 @@ impl Link {
         Ok(ack.duplicate)
     }
 
+    /// [`Link::publish`] of an encoded message, through the Object Store (as `object`) when it is
+    /// too large to travel inline.
+    pub async fn publish_large(&self, subject: String, msg_id: &str, object: &str, bytes: Vec<u8>) -> Result<bool, String> {
+        let envelope = match self.put(object, bytes).await? {
+            BlobRef::Inline(b) => wire::Envelope::Inline(b),
+            stored => wire::Envelope::Stored(stored),
+        };
+        self.publish(subject, msg_id, wire::encode(&envelope)).await
+    }
+
+    /// The message inside what [`Link::publish_large`] sent.
+    pub async fn open(&self, payload: &[u8], what: &str) -> Result<Vec<u8>, String> {
+        match wire::decode::<wire::Envelope>(payload, what)? {
+            wire::Envelope::Inline(b) => Ok(b),
+            wire::Envelope::Stored(blob) => self.get(&blob).await,
+        }
+    }
+
     /// Messages of the run's stream on `filter` (from the start, or from the last one), in order;
     /// the consumer follows reconnects by itself.
     pub async fn follow(&self, filter: String, policy: DeliverPolicy) -> Result<jetstream::consumer::pull::Ordered, String> {

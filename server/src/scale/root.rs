@@ -66,6 +66,7 @@ impl Edges {
         });
         let mut messages = link.follow(link.subject("partial.*.*"), DeliverPolicy::All).await?;
         let (tx, partials) = unbounded_channel();
+        let store = link.clone();
         tokio::spawn(async move {
             while let Some(m) = messages.next().await {
                 let m = match m {
@@ -75,7 +76,8 @@ impl Edges {
                         continue;
                     }
                 };
-                match wire::decode::<Partial>(&m.payload, "a partial") {
+                let opened = store.open(&m.payload, "a partial").await;
+                match opened.and_then(|b| wire::decode::<Partial>(&b, "a partial")) {
                     Ok(p) => {
                         if tx.send(p).is_err() {
                             return;
@@ -137,14 +139,8 @@ impl Edges {
             round, attempt, base, shape, mask_version: global.mask_version, phase: phase.name().to_string(), fold, robust: robust.clone(),
             deadline_ms, models: blobs, tasks: edge_tasks,
         };
-        let bytes = wire::encode(&wire::Announcement::Round(Box::new(msg)));
-        let bytes = if bytes.len() > super::INLINE_MAX {
-            let stored = self.link.put(&format!("round-{round}-{attempt}"), bytes[..].to_vec()).await?;
-            wire::encode(&wire::Announcement::Stored(stored))
-        } else {
-            bytes
-        };
-        self.link.publish(self.link.subject(&format!("round.{round}")), &format!("round-{round}-{attempt}"), bytes).await?;
+        let id = format!("round-{round}-{attempt}");
+        self.link.publish_large(self.link.subject(&format!("round.{round}")), &id, &id, wire::encode(&msg)).await?;
         {
             let mut hub = self.hub.lock().unwrap();
             hub.begin_round(round, phase);

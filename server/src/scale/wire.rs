@@ -74,12 +74,12 @@ pub struct RoundMsg {
     pub tasks: Vec<EdgeTask>,
 }
 
-/// What travels on a round's subject: the round itself, or (for a large round: NATS limits a
-/// message to 1 MiB by default, and an announcement lists every sampled client's task) where
-/// in the Object Store to find it.
+/// What travels on a round's or a partial's subject: the encoded message, or where in the
+/// Object Store to find it. NATS limits a message to 1 MiB by default, and an announcement lists
+/// every sampled client's task, a partial every result's summary.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Announcement {
-    Round(Box<RoundMsg>),
+pub enum Envelope {
+    Inline(Vec<u8>),
     Stored(BlobRef),
 }
 
