@@ -11,13 +11,11 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::DeliverPolicy;
 use canopy_core::codec::model::{MaskCache, decode_model};
 use canopy_core::protocol::{ModelPayload, ServerMsg, Task};
 use canopy_core::state::ModelState;
 use canopy_core::strategy::stream::StreamRound;
 use canopy_core::strategy::{ClientView, Contribution, Fold, Phase, Strategy};
-use futures_util::StreamExt;
 use rand::rngs::StdRng;
 
 use super::wire::{self, Partial, Presence, RoundMsg};
@@ -90,7 +88,7 @@ pub async fn run(mut rl: RoundLoop, link: Link, name: String, url: String) {
             }
         }
     });
-    let mut rounds = match link.follow(link.subject("round.*"), DeliverPolicy::New).await {
+    let mut rounds = match link.follow(link.subject("round.*"), false).await {
         Ok(m) => m,
         Err(e) => {
             tracing::error!("edge {name}: {e}");
@@ -102,7 +100,7 @@ pub async fn run(mut rl: RoundLoop, link: Link, name: String, url: String) {
     let mut done: Option<Partial> = None;
     let reason = loop {
         let msg = tokio::select! {
-            m = rounds.next() => m,
+            m = rounds.recv() => m,
             m = rl.incoming.recv() => {
                 if let Some(m) = m {
                     rl.stray(m, None, false);
@@ -110,14 +108,7 @@ pub async fn run(mut rl: RoundLoop, link: Link, name: String, url: String) {
                 continue;
             }
         };
-        let msg = match msg {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => {
-                tracing::warn!("reading rounds: {e}");
-                continue;
-            }
-            None => break "the root's round stream ended".to_string(),
-        };
+        let Some(msg) = msg else { break "the root's round stream ended".to_string() };
         if msg.subject.as_str().ends_with(".end") {
             break String::from_utf8_lossy(&msg.payload).into_owned();
         }

@@ -19,7 +19,9 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::DeliverPolicy, object_store::ObjectStore};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use futures_util::StreamExt;
 use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use wire::BlobRef;
 
@@ -252,16 +254,65 @@ impl Link {
         }
     }
 
-    /// Messages of the run's stream on `filter` (from the start, or from the last one), in order;
-    /// the consumer follows reconnects by itself.
-    pub async fn follow(&self, filter: String, policy: DeliverPolicy) -> Result<jetstream::consumer::pull::Ordered, String> {
-        let consumer = self
-            .stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig { filter_subject: filter.clone(), deliver_policy: policy, ..Default::default() })
-            .await
-            .map_err(|e| format!("following {filter}: {e}"))?;
-        consumer.messages().await.map_err(|e| format!("following {filter}: {e}"))
+    /// Messages of the run's stream on `filter`, in order: from the first one kept (`from_start`)
+    /// or from those published after this call. JetStream loses an ephemeral consumer when the
+    /// NATS server restarts; the follower then opens a new one at the next sequence it has not
+    /// seen, so nothing is skipped or seen twice.
+    pub async fn follow(&self, filter: String, from_start: bool) -> Result<UnboundedReceiver<Followed>, String> {
+        let mut next = if from_start {
+            1
+        } else {
+            let mut stream = self.stream.clone();
+            stream.info().await.map_err(|e| format!("following {filter}: {e}"))?.state.last_sequence + 1
+        };
+        let (tx, rx) = unbounded_channel();
+        let stream = self.stream.clone();
+        tokio::spawn(async move {
+            loop {
+                let config = jetstream::consumer::pull::OrderedConfig {
+                    filter_subject: filter.clone(),
+                    deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: next },
+                    ..Default::default()
+                };
+                let messages = match stream.create_consumer(config).await {
+                    Ok(c) => c.messages().await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match messages {
+                    Ok(mut messages) => {
+                        while let Some(m) = messages.next().await {
+                            match m {
+                                Ok(m) => {
+                                    if let Ok(info) = m.info() {
+                                        next = info.stream_sequence + 1;
+                                    }
+                                    if tx.send(Followed { subject: m.subject.to_string(), payload: m.payload.clone() }).is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(e) => {
+                                    tracing::warn!("following {filter}: {e}; following again from message {next}");
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!("following {filter}: {e}; trying again"),
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        Ok(rx)
     }
+}
+
+/// A message of the run's stream, as [`Link::follow`] hands it on.
+pub struct Followed {
+    pub subject: String,
+    pub payload: bytes::Bytes,
 }
 
 fn hex(bytes: &[u8]) -> String {

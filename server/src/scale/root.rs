@@ -10,7 +10,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::consumer::DeliverPolicy;
 use canopy_core::protocol::Task;
 use canopy_core::robust::RobustConfig;
 use canopy_core::state::ModelState;
@@ -64,18 +63,11 @@ impl Edges {
                 }
             }
         });
-        let mut messages = link.follow(link.subject("partial.*.*"), DeliverPolicy::All).await?;
+        let mut messages = link.follow(link.subject("partial.*.*"), true).await?;
         let (tx, partials) = unbounded_channel();
         let store = link.clone();
         tokio::spawn(async move {
-            while let Some(m) = messages.next().await {
-                let m = match m {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::warn!("reading partials: {e}");
-                        continue;
-                    }
-                };
+            while let Some(m) = messages.recv().await {
                 let opened = store.open(&m.payload, "a partial").await;
                 match opened.and_then(|b| wire::decode::<Partial>(&b, "a partial")) {
                     Ok(p) => {
