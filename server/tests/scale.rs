@@ -299,3 +299,68 @@ fn edges_through_nats_aggregate_as_one_server() {
         assert_eq!(e3["partials"].as_array().unwrap().len(), 1, "edge 3 sent round 1 only: {e3}");
     });
 }
+
+/// HideNseek across two edges with native training clients: the sign votes are sums, so each
+/// edge sends its vote counts and the root takes the majority. The run must learn and upload
+/// about a bit per weight.
+#[test]
+fn hidenseek_votes_across_edges() {
+    let _ = tracing_subscriber::fmt().with_env_filter("warn,canopy_server::scale=info,canopy_server::run=info").with_test_writer().try_init();
+    let dir = std::env::temp_dir().join(format!("canopy-scale-hns-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_nats, url) = nats(&dir);
+    let mut config = common::config("scale-hns", 3, 4, "canopy-scale-hns");
+    config.run.out_dir = dir.join("runs");
+    config.run.min_clients = 4;
+    config.strategy.name = "hidenseek".into();
+    config.aggregation.rule = Rule::Mean;
+    config.aggregation.clip = Clip::None;
+    config.aggregation.streaming = true;
+    config.scale.nats = url;
+    let edge_toml = dir.join("edge.toml");
+    std::fs::write(&edge_toml, toml::to_string_pretty(&config).unwrap()).unwrap();
+    config.scale.role = Role::Root;
+    let mut children = Vec::new();
+    let mut ports = Vec::new();
+    for k in 0..2 {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_canopy"))
+            .args(["serve", "--config"])
+            .arg(&edge_toml)
+            .args(["--role", "edge", "--port", &port.to_string(), "--edge-name", &format!("h{}", k + 1), "--edge-shards", &format!("{k}/2")])
+            .stdout(std::fs::File::create(dir.join(format!("edge-{}.log", k + 1))).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting an edge");
+        children.push(Kill(child));
+        ports.push(port);
+    }
+    for p in &ports {
+        wait_port(*p, "an edge");
+    }
+    for p in &ports {
+        let sim = Command::new(env!("CARGO_BIN_EXE_canopy"))
+            .args(["sim", "--url", &format!("ws://127.0.0.1:{p}/ws"), "--clients", "2", "--name", &format!("sim{p}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting native clients");
+        children.push(Kill(sim));
+    }
+    common::runtime().block_on(async move {
+        let running = canopy_server::start(config).await.expect("the root starts");
+        let app = running.app.clone();
+        tokio::time::timeout(Duration::from_secs(300), running.rounds).await.expect("the run ends").unwrap();
+        let records = app.hub.lock().unwrap().rounds().to_vec();
+        assert_eq!(records.iter().map(|r| r.results).collect::<Vec<_>>(), vec![4, 4, 4], "every client's votes in every round");
+        for r in &records {
+            let bits = r.extra.get(canopy_core::metric_keys::UPLOAD_BITS_PER_WEIGHT).copied().unwrap_or(f64::NAN);
+            assert!(bits > 0.0 && bits <= 1.1, "round {}: {bits} bits per weight up", r.round);
+        }
+        let last = records.last().unwrap().test_accuracy;
+        assert!(last > 0.25, "signs learned across edges: accuracy {last} after 3 rounds (chance 0.1)");
+        println!("hidenseek across 2 edges: accuracy {:?}", records.iter().map(|r| r.test_accuracy).collect::<Vec<_>>());
+    });
+    drop(children);
+}
