@@ -194,7 +194,9 @@ function render(d) {
       `<td><span class="share"><i style="width:${(100 * share).toFixed(1)}%"></i></span> ${(100 * share).toFixed(0)} %</td>` +
       `<td class="suspicion">${suspicion(c)}</td>` +
       `<td>${c.banned ? '<span class="bad small">banned</span>' : `<button class="ban small" data-id="${c.id}" data-name="${esc(c.name)}">Ban</button>`}</td></tr>`;
-  }).join('') || '<tr><td colspan="11" class="sub">No one has joined yet: scan the QR code.</td></tr>';
+  }).join('') || (edges.length
+    ? `<tr><td colspan="11" class="sub">Tabs join this run's edges: ${edges.reduce((a, e) => a + e.connected, 0)} connected to ${edges.length} edges (see Edges above).</td></tr>`
+    : '<tr><td colspan="11" class="sub">No one has joined yet: scan the QR code.</td></tr>');
   for (const b of document.querySelectorAll('button.ban')) {
     b.onclick = () => {
       const reason = prompt(`Ban ${b.dataset.name}? Reason shown to the tab:`, 'banned by the teacher');
