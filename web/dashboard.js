@@ -170,6 +170,13 @@ function render(d) {
   // A root's edges: who serves how many tabs, and what became of each partial they sent.
   const edges = d.edges || [];
   $('edgesCard').hidden = edges.length === 0;
+  // A root takes no tabs: the join link and QR code point to an edge.
+  const edgeUrl = edges.find((e) => e.url)?.url;
+  if (edgeUrl && $('joinUrl').dataset.edge !== edgeUrl) {
+    $('joinUrl').dataset.edge = edgeUrl; $('joinUrl').href = edgeUrl; $('joinUrl').textContent = edgeUrl;
+    $('qr').src = `/api/qr.svg?url=${encodeURIComponent(edgeUrl)}`;
+    $('joinNote').textContent = `This server is a root: tabs join one of its ${edges.length} edges (listed in "Edges").`;
+  }
   $('edges').innerHTML = edges.map((e) => {
     const partials = e.partials.slice(-6).map((p) =>
       `<div class="small ${p.outcome === 'merged' ? '' : 'bad'}">round ${p.round}: ${p.results} results, ${p.samples.toFixed(0)} samples, ` +
@@ -263,6 +270,7 @@ async function showJoin() {
     if (lan) url = lan;
     else note = 'Only this computer can join: start the server with --bind 0.0.0.0 to let phones and laptops on the same network join.';
   }
+  if ($('joinUrl').dataset.edge) return; // a root: render() pointed it at an edge
   $('joinUrl').href = url; $('joinUrl').textContent = url;
   $('qr').src = `/api/qr.svg?url=${encodeURIComponent(url)}`;
   $('joinNote').textContent = note;

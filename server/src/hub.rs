@@ -352,6 +352,11 @@ impl Hub {
         self.edges.values().filter(|e| e.seen.elapsed() <= timeout).map(|e| e.connected).sum()
     }
 
+    /// Where the edges' tabs join, in edge order (on a root).
+    pub fn edge_urls(&self) -> Vec<String> {
+        self.edges.values().map(|e| e.url.clone()).filter(|u| !u.is_empty()).collect()
+    }
+
     /// Bytes the edges' tabs moved this round (the root moves none itself).
     pub fn add_round_bytes(&mut self, up: u64, down: u64) {
         self.round_bytes_up += up;

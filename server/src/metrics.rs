@@ -134,7 +134,8 @@ pub fn snapshot(hub: &Hub, config: &serde_json::Value, arch: &Arch) -> serde_jso
         "phase": hub.phase(),
         "round": hub.round(),
         "elapsed_seconds": hub.elapsed_seconds(),
-        "connected": hub.connected(),
+        // On a root: the tabs connected to its live edges.
+        "connected": hub.connected() + hub.edge_connected(std::time::Duration::from_secs(3)),
         "control": hub.control(),
         "strategies": canopy_core::strategy::names(),
         "metric_keys": metric_keys::published(),

@@ -80,7 +80,9 @@ async fn model(State(app): State<Arc<App>>) -> impl IntoResponse {
 
 /// Where students can join: every usable address of this server.
 async fn join(State(app): State<Arc<App>>) -> impl IntoResponse {
-    Json(json!({ "urls": app.join_urls }))
+    // A root takes no tabs: its edges' pages are where to join.
+    let edges = app.hub.lock().unwrap().edge_urls();
+    Json(json!({ "urls": if edges.is_empty() { app.join_urls.clone() } else { edges } }))
 }
 
 #[derive(Deserialize)]
@@ -90,7 +92,8 @@ struct QrQuery {
 
 /// A QR code for `?url=` (the dashboard passes the join URL it shows), else the best join URL.
 async fn qr(State(app): State<Arc<App>>, Query(q): Query<QrQuery>) -> impl IntoResponse {
-    let url = q.url.or_else(|| app.join_urls.first().cloned()).unwrap_or_default();
+    let edges = app.hub.lock().unwrap().edge_urls();
+    let url = q.url.or_else(|| edges.first().or(app.join_urls.first()).cloned()).unwrap_or_default();
     if url.len() > 300 {
         return (StatusCode::BAD_REQUEST, "url too long").into_response();
     }
