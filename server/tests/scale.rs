@@ -1,7 +1,7 @@
 //! A run spread over servers, on loopback with a real `nats-server -js`: one root (in this
 //! process), three edges (child processes of the `canopy` binary), 3 × 200 synthetic clients.
-//! Checks that the root's model after every round is single-server FedAvg of exactly the updates
-//! the clients sent, that partial sums over 1 MB travel through the Object Store, that a
+//! Checks that the root's model after every round is what one server's FedAvg (and FedAvgM, whose
+//! velocity carries over) makes of exactly the updates the clients sent, that partial sums over 1 MB travel through the Object Store, that a
 //! duplicate and a stale partial are ignored, and that an edge killed mid-round does not stop
 //! the round (its clients drop out, the others count).
 
@@ -121,7 +121,7 @@ async fn client(url: String, name: String, book: Arc<Mutex<Book>>, stall: Option
             let Params::Values(model) = &task.model.params else { panic!("a FedAvg task carries values") };
             let model = model.to_f32().unwrap();
             let ClientMsg::Result(r) = &reply else { panic!("a synthetic result") };
-            let Update::Weights(w) = &r.update else { panic!("FedAvg uploads weights") };
+            let (Update::Weights(w) | Update::Delta(w)) = &r.update else { panic!("FedAvg uploads weights, FedAvgM deltas") };
             let mut b = book.lock().unwrap();
             let known = b.models.entry(task.round).or_insert_with(|| model.clone()).clone();
             if known != model {
@@ -137,19 +137,33 @@ async fn client(url: String, name: String, book: Arc<Mutex<Book>>, stall: Option
 }
 
 #[test]
-fn edges_through_nats_aggregate_as_one_server() {
+fn fedavg_across_edges_equals_one_server() {
+    edges_aggregate_as_one_server("fedavg");
+}
+
+#[test]
+fn fedavgm_across_edges_equals_one_server() {
+    edges_aggregate_as_one_server("fedavgm");
+}
+
+/// The scale tests start several servers each and depend on their reports' timing: one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn edges_aggregate_as_one_server(strategy: &str) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // The root's log, shown when the test fails.
     let _ = tracing_subscriber::fmt().with_env_filter("warn,canopy_server::scale=info,canopy_server::run=info").with_test_writer().try_init();
-    let dir = std::env::temp_dir().join(format!("canopy-scale-test-{}", std::process::id()));
+    let run = format!("scale-{strategy}");
+    let dir = std::env::temp_dir().join(format!("canopy-{run}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let (_nats, url) = nats(&dir);
 
-    let mut config = common::config("scale-test", 3, EDGES * PER_EDGE, "canopy-scale-test");
+    let mut config = common::config(&run, 3, EDGES * PER_EDGE, "canopy-scale-test");
     config.run.out_dir = dir.join("runs");
     config.run.hold = true;
     config.run.min_clients = 2 * PER_EDGE;
-    config.strategy.name = "fedavg".into();
+    config.strategy.name = strategy.into();
     config.strategy.config.deadline_ms = 60_000;
     config.aggregation.rule = Rule::Mean;
     config.aggregation.clip = Clip::None;
@@ -157,7 +171,7 @@ fn edges_through_nats_aggregate_as_one_server() {
     config.limits.max_connections = 2 * PER_EDGE;
     config.limits.hello_timeout_ms = 60_000;
     config.scale.nats = url.clone();
-    config.scale.edge_timeout_ms = 2_000;
+    config.scale.edge_timeout_ms = 4_000;
     config.scale.grace_ms = 2_000;
     let edge_toml = dir.join("edge.toml");
     std::fs::write(&edge_toml, toml::to_string_pretty(&config).unwrap()).unwrap();
@@ -201,7 +215,7 @@ fn edges_through_nats_aggregate_as_one_server() {
         // Every client joined and every edge reported them: start the run.
         let until = Instant::now() + Duration::from_secs(120);
         loop {
-            let idle = app.hub.lock().unwrap().edge_idle_clients(Duration::from_secs(2)).len();
+            let idle = app.hub.lock().unwrap().edge_idle_clients(Duration::from_secs(4)).len();
             if welcomed.load(Ordering::SeqCst) == EDGES * PER_EDGE && idle == EDGES * PER_EDGE {
                 break;
             }
@@ -213,17 +227,18 @@ fn edges_through_nats_aggregate_as_one_server() {
         // A duplicate and a stale copy of edge 1's partial in the round edge 3 dies in.
         let nats = async_nats::connect(&url).await.unwrap();
         let js = async_nats::jetstream::new(nats.clone());
-        let mut partials = nats.subscribe("canopy.scale-test.partial.2.e1").await.unwrap();
+        let subject = format!("canopy.{run}.partial.2.e1");
+        let mut partials = nats.subscribe(subject.clone()).await.unwrap();
         let injected = tokio::spawn(async move {
             let m = partials.next().await.unwrap();
             let wire::Envelope::Inline(bytes) = wire::decode(&m.payload, "a partial").unwrap() else { panic!("a small partial travels inline") };
             let p: wire::Partial = wire::decode(&bytes, "a partial").unwrap();
             let send = |id: String, p: &wire::Partial| {
-                let (js, payload) = (js.clone(), wire::encode(&wire::Envelope::Inline(wire::encode(p))));
+                let (js, payload, subject) = (js.clone(), wire::encode(&wire::Envelope::Inline(wire::encode(p))), subject.clone());
                 async move {
                     let mut h = async_nats::HeaderMap::new();
                     h.insert("Nats-Msg-Id", id.as_str());
-                    js.publish_with_headers("canopy.scale-test.partial.2.e1", h, payload.into()).await.unwrap().await.unwrap()
+                    js.publish_with_headers(subject, h, payload.into()).await.unwrap().await.unwrap()
                 }
             };
             // The same Msg-Id again: JetStream itself drops it.
@@ -268,15 +283,17 @@ fn edges_through_nats_aggregate_as_one_server() {
         let final_model = app.global.lock().unwrap().clone();
         let validate = |_: &ModelState| Eval::default();
         let ctx = RoundContext { rounds: 3, validate: &validate };
-        let mut fedavg = build("fedavg", &StrategyConfig::default(), None).unwrap();
+        // The same strategy on one server, fed the same sums in the same order (FedAvgM's
+        // velocity carries over between rounds).
+        let mut one_server = build(strategy, &StrategyConfig::default(), None).unwrap();
         for round in 1..=3u32 {
             let sent = &book.sent[&round];
             assert_eq!(sent.count as usize, records[round as usize - 1].results, "round {round}: results the clients sent");
             let mut expected = ModelState { params: book.models[&round].clone(), ..final_model.clone() };
-            fedavg.aggregate_sum(round, &mut expected, sent, &[], &ctx).unwrap();
+            one_server.aggregate_sum(round, &mut expected, sent, &[], &ctx).unwrap();
             let root = if round < 3 { &book.models[&(round + 1)] } else { &final_model.params };
             let worst = expected.params.iter().zip(root).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(worst <= 1e-6, "round {round}: the root's model differs from FedAvg of the sent updates by {worst}");
+            assert!(worst <= 1e-6, "{strategy} round {round}: the root's model differs from one server's on the sent updates by {worst}");
         }
 
         // Figures for the record (`cargo test --test scale -- --nocapture`).
@@ -305,6 +322,7 @@ fn edges_through_nats_aggregate_as_one_server() {
 /// about a bit per weight.
 #[test]
 fn hidenseek_votes_across_edges() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let _ = tracing_subscriber::fmt().with_env_filter("warn,canopy_server::scale=info,canopy_server::run=info").with_test_writer().try_init();
     let dir = std::env::temp_dir().join(format!("canopy-scale-hns-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
