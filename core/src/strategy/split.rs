@@ -19,7 +19,7 @@ use burn::tensor::Device;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::{ClientView, Contribution, Exchange, RoundContext, RoundOutcome, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, sample_clients, train_task, weighted_values};
+use super::{ClientView, Contribution, Exchange, RoundContext, RoundOutcome, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, sample_clients, task_on, weighted_values};
 use crate::codec::exchange;
 use crate::metric_keys as keys;
 use crate::protocol::{Task, UploadSpec};
@@ -249,6 +249,8 @@ impl Strategy for Split {
         let mut backs = HashMap::new();
         self.fronts.clear();
         let mut shared_front: Option<Arc<Front>> = None;
+        // Clients without a front of their own share one front and so one encoding of it.
+        let mut shared_payload: Option<Arc<crate::protocol::ModelPayload>> = None;
         for c in sample_clients(clients, self.config.fraction, self.config.min_fit, rng) {
             let front = match (&shared_front, self.own.contains_key(&c.id)) {
                 (Some(f), false) => f.clone(),
@@ -263,7 +265,12 @@ impl Strategy for Split {
             if !self.own.contains_key(&c.id) {
                 shared_front = Some(front.clone());
             }
-            let mut task = train_task(round, &front.model, &self.config, c.id, UploadSpec::Weights);
+            let model = if self.own.contains_key(&c.id) {
+                Arc::new(crate::codec::encode_model(&front.model))
+            } else {
+                shared_payload.get_or_insert_with(|| Arc::new(crate::codec::encode_model(&front.model))).clone()
+            };
+            let mut task = task_on(round, model, &self.config, c.id, UploadSpec::Weights);
             task.train.step.loss = LossSource::Remote { cut: front.model.arch.layers.len() as u32, keep: s.keep };
             backs.insert(c.id, Mutex::new(ClientBack { front: front.clone(), back: Back::new(Vec::new()), next_seq: 0, bytes_up: 0, bytes_down: 0, seconds: 0.0 }));
             self.fronts.insert(c.id, front);
