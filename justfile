@@ -22,7 +22,7 @@ test: setup
 setup:
     bash scripts/setup.sh
 
-# Build the wasm bundle into web/pkg (add --optimize for wasm-opt, slower).
+# Build the wasm bundles into web/pkg and web/pkg-mt, the threaded one (--optimize: wasm-opt, slower; --single: web/pkg only).
 wasm *ARGS:
     bash scripts/build-wasm.sh {{ARGS}}
 

@@ -11,6 +11,18 @@ if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
   rustup target add wasm32-unknown-unknown
 fi
 
+# The threaded bundle (web/pkg-mt, scripts/build-wasm.sh) needs nightly Rust and its std sources:
+# wasm threads rebuild std with atomics (`-Z build-std`). Built and measured with rustc
+# 1.97.0-nightly (e50aa6fba 2026-05-19); CANOPY_NIGHTLY picks another (e.g. a dated one).
+nightly="${CANOPY_NIGHTLY:-nightly}"
+if ! rustup run "$nightly" rustc --version >/dev/null 2>&1; then
+  echo "==> installing Rust $nightly (for the threaded wasm bundle)"
+  rustup toolchain install "$nightly" --profile minimal
+fi
+if ! rustup component list --toolchain "$nightly" --installed | grep -q '^rust-src'; then
+  rustup component add rust-src --toolchain "$nightly"
+fi
+
 # wasm-bindgen-cli must match the wasm-bindgen crate in Cargo.lock exactly.
 want=$(grep -A1 '^name = "wasm-bindgen"$' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p')
 have=$(wasm-bindgen --version 2>/dev/null | awk '{print $2}' || true)

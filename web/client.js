@@ -47,7 +47,10 @@ async function askName() {
 }
 
 // The worker starts downloading and compiling the wasm at once, while the nickname is asked.
-const worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+// It reads the page's query too (`?threads=`, `?backend=`: which bundle to load).
+const workerUrl = new URL('./worker.js', import.meta.url);
+workerUrl.search = location.search;
+const worker = new Worker(workerUrl, { type: 'module' });
 const calls = new Map();
 let nextCall = 0;
 // The client's methods, answered by the worker (same names as the wasm CanopyClient's, all async).

@@ -7,13 +7,28 @@
 // is the tab's whole public state (tests read it as window.canopy.state). From the page:
 // { start: { name, backend, timeSoftware, userAgent } } once, then { call, id, args } for the client's methods
 // ("try the model", "teach it", benchmarks), answered with { reply: id, value } or { reply: id, error }.
-import init, { CanopyClient } from './pkg/canopy_client.js';
+//
+// Two builds of the client: web/pkg-mt (wasm threads: burn's CPU backend on a rayon pool of
+// workers sharing the module's memory; CPU only) and web/pkg (one thread, CPU or WebGPU). The
+// threaded one needs SharedArrayBuffer, so a cross-origin isolated page (the server's COOP/COEP
+// headers, honoured on localhost and https); on a plain-http LAN the tab runs web/pkg. A
+// hardware WebGPU adapter also means web/pkg, which times WebGPU against the CPU backend.
+// The page passes its query on: `?threads=N` forces a pool of N, `?threads=1` web/pkg
+// (`?bundle=pkg-mt&threads=1`: the threaded bundle with a pool of one).
 import { fmtBytes } from './format.js';
+
+const query = new URLSearchParams(self.location.search);
+// Most threads the pool gets unasked: beyond this a tab starves the rest of the machine (other
+// tabs, the page itself) for little gain on models this size.
+const MAX_THREADS = 8;
 
 const state = {
   status: 'loading', backend: null, adapter: null, speeds: [], clientId: null, round: null,
   roundsDone: 0, results: [], bytesSent: 0, bytesReceived: 0, errors: [], finished: false, lastSummary: null,
   firstProgress: null, resources: [],
+  // The bundle the tab runs ('pkg-mt' threaded, 'pkg' single-threaded), the threads burn's CPU
+  // backend computes on, and why that bundle.
+  bundle: null, threads: 1, threadsNote: null, crossOriginIsolated: Boolean(self.crossOriginIsolated),
 };
 
 function post(set = {}, extra = {}) { postMessage({ state, set, ...extra }); }
@@ -142,8 +157,48 @@ async function adapterInfo() {
   }
 }
 
+// Which bundle and how many threads: { threaded, threads, note }.
+function plan(gpu) {
+  const asked = Number.parseInt(query.get('threads') ?? '', 10);
+  const cores = navigator.hardwareConcurrency || 1;
+  const backend = query.get('backend');
+  // `?bundle=pkg-mt&threads=1`: the threaded bundle with a pool of one (benchmarks: what the
+  // threaded build costs or saves apart from the threads).
+  const forced = query.get('bundle') === 'pkg-mt';
+  if (asked === 1 && !forced) return { threaded: false, threads: 1, note: 'one thread (?threads=1)' };
+  if (!self.crossOriginIsolated || typeof SharedArrayBuffer !== 'function') {
+    return { threaded: false, threads: 1, note: 'one thread: the page is not cross-origin isolated (no SharedArrayBuffer; plain http off localhost?)' };
+  }
+  if (backend === 'webgpu' || query.get('time') === 'all' || (gpu && !gpu.software && backend !== 'cpu')) {
+    return { threaded: false, threads: 1, note: 'one thread: the WebGPU build (the threaded one is CPU only)' };
+  }
+  if (asked >= 2 || (forced && asked === 1)) return { threaded: true, threads: asked, note: `${asked} thread${asked > 1 ? 's' : ''} (?threads=${asked})` };
+  const threads = Math.min(cores, MAX_THREADS);
+  if (threads < 2) return { threaded: false, threads: 1, note: 'one thread: the browser reports one core' };
+  return { threaded: true, threads, note: `${threads} threads (navigator.hardwareConcurrency ${cores}${cores > MAX_THREADS ? `, capped at ${MAX_THREADS}` : ''})` };
+}
+
+// Loads a bundle and, for the threaded one, starts its pool. Falls back to web/pkg when the
+// threaded bundle fails (a browser without wasm threads).
+async function load(gpu) {
+  const p = plan(gpu);
+  if (p.threaded) {
+    try {
+      const wasm = await import('./pkg-mt/canopy_client.js');
+      await wasm.default();
+      await wasm.initThreadPool(p.threads);
+      return { wasm, bundle: 'pkg-mt', threads: wasm.cpu_threads(), note: p.note };
+    } catch (e) {
+      p.note = `one thread: the threaded bundle failed (${e})`;
+    }
+  }
+  const wasm = await import('./pkg/canopy_client.js');
+  await wasm.default();
+  return { wasm, bundle: 'pkg', threads: 1, note: p.note };
+}
+
 // The wasm module downloads and compiles while the page asks for a nickname.
-const ready = Promise.all([init(), adapterInfo()]);
+const ready = adapterInfo().then(async (gpu) => [await load(gpu), gpu]);
 const started = new Promise((res) => {
   self.onmessage = (ev) => {
     if (ev.data.start) res(ev.data.start);
@@ -172,21 +227,23 @@ async function answer({ call, id, args }) {
 
 try {
   setStatus('loading the training runtime…');
-  const [[, gpu], start] = await Promise.all([ready, started]);
+  const [[loaded, gpu], start] = await Promise.all([ready, started]);
+  Object.assign(state, { bundle: loaded.bundle, threads: loaded.threads, threadsNote: loaded.note });
   // Absolute times (ms since 1970), so the page can put them on its own clock.
   const now = () => performance.timeOrigin + performance.now();
   state.timing = { wasmReady: now() };
   state.resources = performance.getEntriesByType('resource').map((r) => ({ name: r.name, transferSize: r.transferSize, encodedBodySize: r.encodedBodySize, decodedBodySize: r.decodedBodySize }));
   const wanted = ['cpu', 'webgpu'].includes(start.backend) ? start.backend : 'auto';
   if (wanted === 'auto' && gpu) setStatus('timing the backends…');
-  client = await CanopyClient.create(start.name, wanted, gpu?.software ?? false, start.timeSoftware, start.userAgent, sendFrame, onProgress);
+  client = await loaded.wasm.CanopyClient.create(start.name, wanted, gpu?.software ?? false, start.timeSoftware, start.userAgent, sendFrame, onProgress);
   state.backend = client.backend();
   state.adapter = client.adapter();
   state.speeds = JSON.parse(client.speeds());
   state.timing.backendChosen = now();
   const speedText = state.speeds.map((s) => `${s.backend === 'webgpu' ? 'WebGPU' : 'CPU'} ${s.samples_per_sec === null ? 'not timed (software adapter)' : `${s.samples_per_sec.toFixed(0)} samples/s`}`).join(', ');
-  post({ backend: state.backend === 'webgpu' ? 'WebGPU' : 'CPU (wasm)', adapter: state.adapter, speeds: speedText || '–' }, { ready: true });
-  log(`runtime ready on ${state.backend}${speedText ? ` (timed: ${speedText})` : ''}`);
+  const cpuText = state.threads > 1 ? `CPU (wasm, ${state.threads} threads)` : 'CPU (wasm)';
+  post({ backend: state.backend === 'webgpu' ? 'WebGPU' : cpuText, adapter: state.adapter, speeds: speedText || '–' }, { ready: true });
+  log(`runtime ready on ${state.backend}${speedText ? ` (timed: ${speedText})` : ''}; ${loaded.note}`);
   connect();
 } catch (e) {
   state.errors.push(String(e));

@@ -19,6 +19,26 @@ use serde_json::json;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{JsFuture, future_to_promise};
 
+/// Starts the rayon pool of `n` Web Workers burn's CPU backend computes on (threaded bundle
+/// only; call once, before [`CanopyClient::create`], from a worker: the calling thread blocks
+/// on atomics while the pool works).
+#[cfg(feature = "threads")]
+pub use wasm_bindgen_rayon::init_thread_pool;
+
+/// Threads burn's CPU backend computes on: the rayon pool's size in the threaded bundle (after
+/// `initThreadPool`), 1 in the single-threaded one.
+#[wasm_bindgen]
+pub fn cpu_threads() -> usize {
+    #[cfg(feature = "threads")]
+    {
+        rayon::current_num_threads()
+    }
+    #[cfg(not(feature = "threads"))]
+    {
+        1
+    }
+}
+
 /// Exchange requests awaiting their reply, by (round, seq): the promise's resolve and reject.
 type Pending = Rc<RefCell<HashMap<(u32, u32), (Function, Function)>>>;
 
@@ -148,7 +168,11 @@ impl CanopyClient {
     /// sends a frame; `progress(json)` receives training progress.
     pub async fn create(name: String, backend: String, software_adapter: bool, time_software: bool, user_agent: String, send: Function, progress: Function) -> CanopyClient {
         console_error_panic_hook::set_once();
-        let (device, backend, adapter, speeds) = pick_backend(&backend, software_adapter, time_software).await;
+        let (device, backend, mut adapter, speeds) = pick_backend(&backend, software_adapter, time_software).await;
+        let threads = cpu_threads();
+        if backend == Backend::WasmCpu && threads > 1 {
+            adapter = format!("{adapter}; CPU backend on {threads} wasm threads");
+        }
         let info = DeviceInfo { backend, adapter, user_agent, speeds };
         let pending = Pending::default();
         let host = WebHost { send, progress, pending: pending.clone() };
@@ -408,6 +432,7 @@ struct Timed {
     params: usize,
     flops: u64,
     /// Whether the warm-up step alone went over the budget (the timed steps were skipped).
+    #[cfg_attr(not(feature = "webgpu"), allow(dead_code))]
     over_budget: bool,
 }
 
@@ -442,7 +467,9 @@ async fn timed_run(device: &Device, model: &str, batch: usize, steps: u32, keep:
 const PROBE_STEPS: u32 = 6;
 /// Time WebGPU's warm-up step (which compiles every shader) may take before the CPU backend
 /// wins without the timed steps: generous for a hardware adapter, short for a software one.
+#[cfg(feature = "webgpu")]
 const HARDWARE_BUDGET_MS: f64 = 10_000.0;
+#[cfg(feature = "webgpu")]
 const SOFTWARE_BUDGET_MS: f64 = 1000.0;
 
 /// Chooses the training device (see [`CanopyClient::create`]). Returns the device, its backend,
@@ -451,6 +478,31 @@ async fn pick_backend(wanted: &str, software_adapter: bool, time_software: bool)
     if wanted == "cpu" {
         return (Device::flex(), Backend::WasmCpu, "WebGPU not requested (?backend=cpu)".into(), Vec::new());
     }
+    // The threaded bundle has no WebGPU: web/worker.js loads it only when the browser has no
+    // adapter or a software one (which is not timed unless `time_software`, and then the worker
+    // loads the WebGPU build instead), so the answer is the CPU backend. It still times it, and
+    // says what it did not time, as the WebGPU build would.
+    #[cfg(not(feature = "webgpu"))]
+    {
+        let _ = time_software;
+        if !software_adapter {
+            return (Device::flex(), Backend::WasmCpu, "no WebGPU adapter (the threaded bundle is CPU only)".into(), Vec::new());
+        }
+        let cpu = Device::flex();
+        let cpu_speed = match timed_run(&cpu, "mlp", 32, PROBE_STEPS, 1.0, f64::INFINITY).await {
+            Ok(t) => BackendSpeed { backend: Backend::WasmCpu, samples_per_sec: Some(t.samples_per_sec as f32), note: format!("{PROBE_STEPS} MLP steps of 32 after a warm-up, {:.1} ms a step", t.step_ms) },
+            Err(e) => BackendSpeed { backend: Backend::WasmCpu, samples_per_sec: None, note: format!("failed: {e}") },
+        };
+        let gpu_speed = BackendSpeed { backend: Backend::WebGpu, samples_per_sec: None, note: "software adapter (isFallbackAdapter): not timed, the CPU backend is used".into() };
+        (cpu, Backend::WasmCpu, "CPU backend, not WebGPU on a software adapter".into(), vec![cpu_speed, gpu_speed])
+    }
+    #[cfg(feature = "webgpu")]
+    pick_webgpu(wanted, software_adapter, time_software).await
+}
+
+/// [`pick_backend`] when the bundle has WebGPU.
+#[cfg(feature = "webgpu")]
+async fn pick_webgpu(wanted: &str, software_adapter: bool, time_software: bool) -> (Device, Backend, String, Vec<BackendSpeed>) {
     let (gpu, label) = match Device::wgpu_options().init_with_setup_async().await {
         Ok((device, setup)) => {
             let i = setup.adapter.get_info();

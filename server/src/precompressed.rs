@@ -1,4 +1,4 @@
-//! The wasm bundle (`web/pkg/`), served pre-compressed: scripts/build-wasm.sh writes `.br`
+//! The wasm bundles (`web/pkg/`, and the threaded one in `web/pkg-mt/`), served pre-compressed: scripts/build-wasm.sh writes `.br`
 //! (brotli), `.zst` (zstd) and `.gz` (gzip) beside each file, and a browser gets the smallest
 //! one its `Accept-Encoding` allows, else the file itself. tower-http's `ServeDir` prefers zstd
 //! over brotli whatever the sizes; on this bundle brotli is ~8% smaller, so the choice is made
@@ -75,13 +75,24 @@ fn content_type(name: &str) -> &'static str {
     }
 }
 
-/// `GET /pkg/{file}`: a plain file name only (no folders, no dot files).
+/// `GET /pkg/{file}`: the single-threaded bundle.
 pub async fn pkg_file(State(app): State<Arc<App>>, UrlPath(name): UrlPath<String>, headers: HeaderMap) -> Response {
+    serve(&app, "pkg", &name, &headers).await
+}
+
+/// `GET /pkg-mt/{file}`: the threaded bundle (its thread pool's worker script, under
+/// `snippets/`, is a small file the plain file service sends).
+pub async fn pkg_mt_file(State(app): State<Arc<App>>, UrlPath(name): UrlPath<String>, headers: HeaderMap) -> Response {
+    serve(&app, "pkg-mt", &name, &headers).await
+}
+
+/// A plain file name only (no folders, no dot files) from `dir` under the web folder.
+async fn serve(app: &App, dir: &str, name: &str, headers: &HeaderMap) -> Response {
     if name.starts_with('.') || name.contains(['/', '\\']) {
         return (StatusCode::NOT_FOUND, "not found").into_response();
     }
-    let file = app.web_dir.join("pkg").join(&name);
-    let (encoding, path) = match choose(&file, &accepted(&headers)) {
+    let file = app.web_dir.join(dir).join(name);
+    let (encoding, path) = match choose(&file, &accepted(headers)) {
         Some((token, p)) => (Some(token), p),
         None => (None, file),
     };
@@ -91,7 +102,7 @@ pub async fn pkg_file(State(app): State<Arc<App>>, UrlPath(name): UrlPath<String
     };
     let mut res = Response::new(Body::from(bytes));
     let h = res.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type(&name)));
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type(name)));
     // Caches must key on Accept-Encoding, whichever variant this response is.
     h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
     // A rebuilt bundle keeps its name: browsers revalidate instead of running an old one.

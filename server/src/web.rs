@@ -37,9 +37,24 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/admin/ban", post(crate::admin::ban))
         // The wasm bundle, pre-compressed (brotli, zstd or gzip, whichever is smallest and accepted).
         .route("/pkg/{file}", get(crate::precompressed::pkg_file))
+        .route("/pkg-mt/{file}", get(crate::precompressed::pkg_mt_file))
         .route_service("/dashboard", ServeFile::new(web.join("dashboard.html")))
         .fallback_service(files)
+        .layer(axum::middleware::map_response(cross_origin_isolation))
         .with_state(app)
+}
+
+/// Every response says `Cross-Origin-Opener-Policy: same-origin` and
+/// `Cross-Origin-Embedder-Policy: require-corp`, so the client page, its worker and the threaded
+/// bundle's pool workers are cross-origin isolated and get `SharedArrayBuffer` (wasm threads).
+/// Browsers honour these on secure origins only (https, localhost); on a plain-http LAN they are
+/// ignored and the tab runs the single-threaded bundle. Every page here loads only same-origin
+/// resources, which `require-corp` allows without a `Cross-Origin-Resource-Policy` header.
+async fn cross_origin_isolation(mut res: axum::response::Response) -> axum::response::Response {
+    let h = res.headers_mut();
+    h.insert(header::HeaderName::from_static("cross-origin-opener-policy"), header::HeaderValue::from_static("same-origin"));
+    h.insert(header::HeaderName::from_static("cross-origin-embedder-policy"), header::HeaderValue::from_static("require-corp"));
+    res
 }
 
 fn current_json(app: &App) -> serde_json::Value {

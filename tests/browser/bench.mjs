@@ -4,8 +4,12 @@
 // times both backends at start measures and picks (`?time=all`), and TF.js 4.22 training the
 // same models in the same browser (tfjs-bench.js; its wasm backend with SIMD on one thread, and
 // its plain JS `cpu` backend on the MLP). Run with `just bench-browser`.
+// The tab's CPU backend runs twice: the single-threaded bundle (web/pkg, `?threads=1`) and the
+// threaded one (web/pkg-mt, wasm threads) at 2 threads and more, up to this machine's cores
+// (capped at 8); the "vs tab CPU (worker)" column is then the speed-up over one thread, same run.
 // Prints figures only; nothing here is a pass/fail test.
 import { execFileSync } from 'node:child_process';
+import { availableParallelism } from 'node:os';
 import { createServer } from 'node:http';
 import { readFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
@@ -16,6 +20,9 @@ const CASES = [['mlp', 1.0], ['mlp', 0.5], ['cnn', 1.0], ['cnn-small', 1.0], ['c
 // as TF.js's timed runs below. SwiftShader compiles every shader on the first step and then runs
 // ~20-40× slower, so it gets fewer and skips FedAvg's CNN.
 const STEPS = { cpu: { mlp: 400, cnn: 20, 'cnn-small': 24 }, webgpu: { mlp: 8, 'cnn-small': 2 } };
+// Pool sizes for the threaded bundle (1: the threaded build with a pool of one, which tells the
+// threads' gain apart from the build's).
+const THREADS = [1, 2, 4, 8].filter((n) => n <= Math.max(2, availableParallelism()));
 
 // TF.js: a page on a server of its own serving its UMD bundles and .wasm files from
 // node_modules/@tensorflow (nothing of it goes into the product's web/ page). The page is not
@@ -52,16 +59,28 @@ let picked;
 for (const webgpu of [false, true]) {
   const browser = await launch({ webgpu });
   const logs = [];
-  const page = await openTab(browser, `${server.url}?name=bench-${webgpu ? 'gpu' : 'cpu'}&backend=${webgpu ? 'webgpu' : 'cpu'}`, logs);
+  const page = await openTab(browser, `${server.url}?name=bench-${webgpu ? 'gpu' : 'cpu'}&backend=${webgpu ? 'webgpu' : 'cpu'}&threads=1`, logs);
   await ready(page);
   const backend = await page.evaluate(() => window.canopy.state.backend);
   for (const [model, keep] of CASES) {
     const steps = STEPS[backend][model];
     if (!steps) continue;
     const r = JSON.parse(await page.evaluate(([m, k, s]) => window.canopy.client.bench(m, 32, s, k), [model, keep, steps]));
-    rows.push({ where: backend === 'cpu' ? 'tab CPU, worker' : 'tab WebGPU', backend, model, keep, ...r });
+    rows.push({ where: backend === 'cpu' ? 'tab CPU, worker, 1 thread' : 'tab WebGPU', backend, model, keep, ...r });
   }
   if (!webgpu) {
+    // The threaded bundle in the same browser, one tab per pool size.
+    for (const threads of THREADS) {
+      const mt = await openTab(browser, `${server.url}?name=bench-mt${threads}&backend=cpu&bundle=pkg-mt&threads=${threads}`, logs);
+      await ready(mt);
+      const st = await mt.evaluate(() => window.canopy.state);
+      if (st.bundle !== 'pkg-mt' || st.threads !== threads) throw new Error(`asked for ${threads} threads, got ${st.bundle} with ${st.threads}: ${st.threadsNote}`);
+      for (const [model, keep] of CASES) {
+        const r = JSON.parse(await mt.evaluate(([m, k, s]) => window.canopy.client.bench(m, 32, s, k), [model, keep, STEPS.cpu[model]]));
+        rows.push({ where: `tab CPU, worker, threaded bundle, ${threads} thread${threads > 1 ? 's' : ''}`, backend: `cpu-mt${threads}`, model, keep, ...r });
+      }
+      await mt.close();
+    }
     // The same wasm on the page's main thread (as tabs ran before the worker): for the ratio only.
     for (const [model, keep] of CASES.filter(([m]) => m !== 'cnn')) {
       const r = JSON.parse(await page.evaluate(async ([m, k, s]) => {
@@ -104,16 +123,17 @@ for (const [label, model, keep] of [['mlp, batch 32', 'mlp', 1.0], ['mlp at half
 
 const find = (backend, model, keep) => rows.find((x) => x.backend === backend && x.model === model && x.keep === keep);
 const ratio = (a, b) => (a && b ? `${(a / b).toFixed(2)}×` : '–');
-console.log('| where | model | width | params | MFLOP/sample | step ms | samples/s | vs full width | vs native | vs tab CPU (worker) | Canopy tab CPU / TF.js |');
-console.log('|---|---|---|---|---|---|---|---|---|---|---|');
+console.log('| where | model | width | params | MFLOP/sample | step ms | samples/s | vs full width | vs native | vs tab CPU (worker) | vs threaded bundle, 1 thread | Canopy tab CPU / TF.js |');
+console.log('|---|---|---|---|---|---|---|---|---|---|---|---|');
 for (const r of rows) {
   const full = find(r.backend, r.model, 1.0);
   const cpu = find('cpu', r.model, r.keep);
-  console.log(`| ${r.where} | ${r.model} | ${(r.keep * 100).toFixed(0)}% | ${r.params} | ${(r.flops / 1e6).toFixed(2)} | ${r.step_ms.toFixed(1)} | ${r.samples_per_sec.toFixed(0)} | ${ratio(r.samples_per_sec, full?.samples_per_sec)} | ${ratio(r.samples_per_sec, native[`${r.model}@${r.keep}`])} | ${r.backend === 'cpu' ? '1.00×' : ratio(r.samples_per_sec, cpu?.samples_per_sec)} | ${r.backend.startsWith('tfjs-') ? ratio(cpu?.samples_per_sec, r.samples_per_sec) : ''} |`);
+  const mt1 = r.backend.startsWith('cpu-mt') ? find('cpu-mt1', r.model, r.keep) : null;
+  console.log(`| ${r.where} | ${r.model} | ${(r.keep * 100).toFixed(0)}% | ${r.params} | ${(r.flops / 1e6).toFixed(2)} | ${r.step_ms.toFixed(1)} | ${r.samples_per_sec.toFixed(0)} | ${ratio(r.samples_per_sec, full?.samples_per_sec)} | ${ratio(r.samples_per_sec, native[`${r.model}@${r.keep}`])} | ${r.backend === 'cpu' ? '1.00×' : ratio(r.samples_per_sec, cpu?.samples_per_sec)} | ${mt1 ? ratio(r.samples_per_sec, mt1.samples_per_sec) : ''} | ${r.backend.startsWith('tfjs-') ? ratio(cpu?.samples_per_sec, r.samples_per_sec) : ''} |`);
 }
 for (const [k, v] of Object.entries(native)) {
   const [model, keep] = k.split('@');
-  console.log(`| native (canopy bench) | ${model} | ${(Number(keep) * 100).toFixed(0)}% | | | | ${v} | | 1.00× | ${ratio(v, find('cpu', model, Number(keep))?.samples_per_sec)} | |`);
+  console.log(`| native (canopy bench) | ${model} | ${(Number(keep) * 100).toFixed(0)}% | | | | ${v} | | 1.00× | ${ratio(v, find('cpu', model, Number(keep))?.samples_per_sec)} | | |`);
 }
 // Issue 12's goals against TF.js: ≥ 1.5× on the MLP, ≥ 3× on FedAvg's CNN (no goal for cnn-small).
 const GOALS = { mlp: 1.5, cnn: 3 };
@@ -129,5 +149,6 @@ for (const model of ['mlp', 'cnn', 'cnn-small']) {
 if (picked) {
   console.log(`\nA tab choosing its backend (?time=all, MLP, batch 32): ${picked.speeds.map((s) => `${s.backend} ${s.samples_per_sec?.toFixed(0) ?? '–'} samples/s (${s.note})`).join('; ')} → trains on ${picked.backend}`);
 }
+console.log(`(Threaded rows: web/pkg-mt, burn's CPU backend on a pool of wasm threads; "vs tab CPU (worker)" is against web/pkg on one thread, "vs threaded bundle, 1 thread" against web/pkg-mt with a pool of one, both in this run. This machine has ${availableParallelism()} cores.)`);
 console.log('(WebGPU here is SwiftShader, a software adapter: its figures say nothing about a real GPU.)');
 console.log('(TF.js trains on the page\'s main thread with tf.fused ops, NHWC, its wasm backend lacking Conv2DBackpropFilter: tfjs-bench.js adds one from its Conv2D.)');

@@ -1,5 +1,7 @@
 // The real server and three headless Chromium tabs: one trains on WebGPU (SwiftShader), two fall
-// back to the CPU backend because their browser has no WebGPU adapter.
+// back to the CPU backend because their browser has no WebGPU adapter; of those, one runs the
+// threaded bundle (wasm threads, the default on a cross-origin isolated localhost page) and one
+// the single-threaded bundle (`?threads=1`, what a plain-http LAN tab gets).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { runWithTabs } from './harness.mjs';
@@ -8,13 +10,18 @@ test('three browser tabs train a model together with FedAvg', { timeout: 600_000
   const { pages: tabs, states, metrics: m, close } = await runWithTabs([
     '--rounds', '3', '--shards', '3', '--min-clients', '3', '--clients-per-round', '3',
     '--partition', 'iid', '--max-train', '3000', '--epochs', '1', '--batch-size', '32', '--lr', '0.1', '--name', 'browser-fedavg',
-  ], [{ name: 'gpu-tab', webgpu: true }, { name: 'cpu-tab-1', webgpu: false }, { name: 'cpu-tab-2', webgpu: false }], 'fedavg');
+  ], [{ name: 'gpu-tab', webgpu: true }, { name: 'cpu-tab-1', webgpu: false }, { name: 'cpu-tab-2', webgpu: false, query: 'threads=1' }], 'fedavg');
   try {
     // Each tab reported the backend it really used.
     assert.equal(states[0].backend, 'webgpu', `tab 0: ${states[0].adapter}`);
     assert.equal(states[1].backend, 'cpu');
     assert.equal(states[2].backend, 'cpu');
     assert.match(states[1].adapter, /no WebGPU/);
+    // Which bundle each tab ran: WebGPU and `?threads=1` the single-threaded one, the other CPU
+    // tab the threaded one on every core this machine reports (at least 2).
+    assert.deepEqual(states.map((s) => s.bundle), ['pkg', 'pkg-mt', 'pkg'], states.map((s) => s.threadsNote).join('; '));
+    assert.ok(states[1].threads >= 2, `threads: ${states[1].threads} (${states[1].threadsNote})`);
+    assert.equal(states[2].threads, 1);
 
     assert.equal(m.rounds.length, 3);
     for (const r of m.rounds) {
@@ -36,15 +43,18 @@ test('three browser tabs train a model together with FedAvg', { timeout: 600_000
       const px = new Float32Array(784).map((_, i) => ((i * 7919) % 255) / 255);
       return Array.from(await window.canopy.client.predict(px));
     });
-    const [pg, pc] = [await probe(tabs[0]), await probe(tabs[1])];
+    const [pg, pc, p1] = [await probe(tabs[0]), await probe(tabs[1]), await probe(tabs[2])];
     assert.equal(pg.length, 10);
     const diff = Math.max(...pg.map((v, i) => Math.abs(v - pc[i])));
     assert.ok(diff < 1e-3, `WebGPU and CPU predictions differ by ${diff}: ${pg} vs ${pc}`);
+    // So do the threaded and single-threaded bundles.
+    const diffMt = Math.max(...p1.map((v, i) => Math.abs(v - pc[i])));
+    assert.ok(diffMt < 1e-3, `threaded and single-threaded predictions differ by ${diffMt}: ${pc} vs ${p1}`);
     assert.ok(Math.abs(pg.reduce((a, b) => a + b) - 1) < 1e-3, 'probabilities sum to 1');
 
     // Figures for the record.
     const sps = (name) => m.clients.find((c) => c.name === name).samples_per_sec.toFixed(0);
-    console.log(`samples/s: webgpu ${sps('gpu-tab')}, cpu ${sps('cpu-tab-1')}; bytes/round up ${last.bytes_up} down ${last.bytes_down}; accuracy ${m.rounds.map((r) => r.test_accuracy.toFixed(3)).join(' → ')}`);
+    console.log(`samples/s: webgpu ${sps('gpu-tab')}, cpu ${sps('cpu-tab-1')} (${states[1].threads} threads), cpu ${sps('cpu-tab-2')} (1 thread); bytes/round up ${last.bytes_up} down ${last.bytes_down}; accuracy ${m.rounds.map((r) => r.test_accuracy.toFixed(3)).join(' → ')}`);
   } finally {
     await close();
   }

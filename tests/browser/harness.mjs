@@ -70,7 +70,7 @@ export async function waitFor(fn, timeoutMs, what) {
   }
 }
 
-// Starts a server with `serverArgs`, opens one tab per entry of `tabs` ({ name, webgpu }), waits
+// Starts a server with `serverArgs`, opens one tab per entry of `tabs` ({ name, webgpu, query? }), waits
 // for the run to end, screenshots every tab into the run folder, and checks the server exited 0.
 // Returns the pages (still open: call `close()` when done), their states and the run's metrics.
 export async function runWithTabs(serverArgs, tabs, shotPrefix) {
@@ -87,7 +87,8 @@ export async function runWithTabs(serverArgs, tabs, shotPrefix) {
       browsers[t.webgpu] ??= await launch({ webgpu: t.webgpu });
       // A WebGPU tab is forced onto WebGPU: left to choose, it would time SwiftShader against
       // its CPU backend and train on the CPU (tab.test.mjs checks that choice).
-      pages.push(await openTab(browsers[t.webgpu], `${server.url}?name=${t.name}${t.webgpu ? '&backend=webgpu' : ''}`, logs));
+      // `query` adds to the page's query (`threads=1`: the single-threaded bundle).
+      pages.push(await openTab(browsers[t.webgpu], `${server.url}?name=${t.name}${t.webgpu ? '&backend=webgpu' : ''}${t.query ? `&${t.query}` : ''}`, logs));
     }
     let timer;
     const code = await Promise.race([server.exited, new Promise((r) => { timer = setTimeout(() => r('timeout'), 540_000); })]);

@@ -12,7 +12,7 @@ const head = (url, acceptEncoding) => new Promise((res, rej) => {
   get(url, { headers: acceptEncoding ? { 'accept-encoding': acceptEncoding } : {} }, (r) => {
     let n = 0;
     r.on('data', (d) => { n += d.length; });
-    r.on('end', () => res({ status: r.statusCode, encoding: r.headers['content-encoding'], vary: r.headers.vary, type: r.headers['content-type'], bytes: n }));
+    r.on('end', () => res({ status: r.statusCode, encoding: r.headers['content-encoding'], vary: r.headers.vary, type: r.headers['content-type'], bytes: n, coop: r.headers['cross-origin-opener-policy'], coep: r.headers['cross-origin-embedder-policy'] }));
   }).on('error', rej);
 });
 
@@ -36,12 +36,27 @@ test('a tab downloads ≤ 2 MB, picks its faster backend and trains a CNN off th
       variants[want ?? 'identity'] = r.bytes;
     }
     assert.ok(variants.br < variants.gzip && variants.zstd < variants.gzip && variants.gzip < variants.identity, JSON.stringify(variants));
+    // Cross-origin isolation (SharedArrayBuffer, so wasm threads): the page, its worker and both
+    // bundles say COOP same-origin and COEP require-corp.
+    for (const path of ['', 'worker.js', 'pkg/canopy_client.js', 'pkg-mt/canopy_client.js', 'pkg-mt/canopy_client_bg.wasm', 'dashboard']) {
+      const r = await head(`${server.url}${path}`, 'br');
+      assert.equal(r.status, 200, path);
+      assert.deepEqual([r.coop, r.coep], ['same-origin', 'require-corp'], `headers of /${path}`);
+    }
 
     const page = await openTab(browser, `${server.url}?name=new-user`, logs);
     await waitFor(async () => (await state(page))?.roundsDone >= 1, 240_000, 'the CNN round')
       .catch(async (e) => { throw new Error(`${e.message}: ${JSON.stringify(await state(page))}\n${logs.join('\n')}`); });
     const s = await state(page);
     assert.deepEqual(s.errors, []);
+    // On localhost the page is cross-origin isolated: the tab runs the threaded bundle with a
+    // pool of at least 2 wasm threads (one per core the browser reports), and its result counts.
+    assert.equal(await page.evaluate(() => self.crossOriginIsolated), true);
+    assert.equal(s.bundle, 'pkg-mt', s.threadsNote);
+    assert.ok(s.threads >= 2, `threads: ${s.threads} (${s.threadsNote})`);
+    assert.match(s.adapter, /CPU backend on \d+ wasm threads/);
+    const run = await waitFor(async () => { const j = await (await fetch(`${server.url}api/metrics`)).json(); return j.rounds?.length ? j : null; }, 30_000, 'the round on the server');
+    assert.equal(run.rounds[0].results, 1, `the threaded tab's result was aggregated: ${JSON.stringify(run.rounds)}`);
 
     // The choice: WebGPU is there but only as SwiftShader, a software adapter: the CPU backend
     // is timed and used, WebGPU is not timed (`?time=all` would; see bench.mjs).
@@ -79,7 +94,7 @@ test('a tab downloads ≤ 2 MB, picks its faster backend and trains a CNN off th
     console.log(`tab: transferred ${(transferred / 1e6).toFixed(3)} MB in all (wasm ${(wasm.transferSize / 1e6).toFixed(3)} MB as sent, ${(wasm.decodedBodySize / 1e6).toFixed(1)} MB raw; variants br ${variants.br}, zstd ${variants.zstd}, gzip ${variants.gzip}, identity ${variants.identity} bytes)`);
     const at = (t) => (t - v.timeOrigin).toFixed(0);
     console.log(`tab: wasm loaded ${at(s.timing.wasmReady)} ms and backend chosen ${at(s.timing.backendChosen)} ms after navigation start; runtime ready on the page at ${v.marks.ready.toFixed(0)} ms; first training step done by ${v.marks.firstProgress.pageMs.toFixed(0)} ms (progress after step ${v.marks.firstProgress.step}); CNN round result at ${v.marks.firstResult.toFixed(0)} ms`);
-    console.log(`tab: backend ${s.backend}; ${s.speeds.map((x) => `${x.backend} ${x.samples_per_sec?.toFixed(0) ?? '–'} samples/s (${x.note})`).join(', ')}`);
+    console.log(`tab: ${s.bundle}, ${s.threads} threads (${s.threadsNote}); backend ${s.backend}; ${s.speeds.map((x) => `${x.backend} ${x.samples_per_sec?.toFixed(0) ?? '–'} samples/s (${x.note})`).join(', ')}`);
     console.log(`tab: CNN round ${r.steps} steps at ${r.samples_per_sec.toFixed(0)} samples/s in the worker; main-thread long tasks during it: ${during.length} (on the page in all: ${v.longTasks.length}, the longest ${Math.max(0, ...v.longTasks.map((t) => t.duration)).toFixed(0)} ms)`);
   } finally {
     await browser.close();
