@@ -145,6 +145,15 @@ for (const model of ['mlp', 'cnn', 'cnn-small']) {
   const x = c.samples_per_sec / t.samples_per_sec;
   const goal = GOALS[model] ? ` (goal ≥ ${GOALS[model]}×: ${x >= GOALS[model] ? 'met' : 'missed'})` : '';
   console.log(`${model}: Canopy tab CPU ${c.samples_per_sec.toFixed(0)} samples/s (${c.step_ms.toFixed(1)} ms a step), TF.js wasm ${t.samples_per_sec.toFixed(0)} samples/s (${t.step_ms.toFixed(1)} ms a step, ${t.steps} steps) → Canopy / TF.js ${x.toFixed(2)}×${goal}`);
+  // What an isolated page (localhost, https) runs: the threaded CPU bundle, on one thread (TF.js's
+  // count) and on every core.
+  for (const threads of [1, 2]) {
+    const m = find(`cpu-mt${threads}`, model, 1.0);
+    if (!m) continue;
+    const y = m.samples_per_sec / t.samples_per_sec;
+    const g = GOALS[model] ? ` (goal: ${y >= GOALS[model] ? 'met' : 'missed'})` : '';
+    console.log(`${model}: threaded bundle, ${threads} thread${threads > 1 ? 's' : ''}: ${m.samples_per_sec.toFixed(0)} samples/s → / TF.js ${y.toFixed(2)}×${g}`);
+  }
 }
 if (picked) {
   console.log(`\nA tab choosing its backend (?time=all, MLP, batch 32): ${picked.speeds.map((s) => `${s.backend} ${s.samples_per_sec?.toFixed(0) ?? '–'} samples/s (${s.note})`).join('; ')} → trains on ${picked.backend}`);
