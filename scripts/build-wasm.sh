@@ -69,7 +69,7 @@ mt_dir="$CARGO_TARGET_DIR/threads"
 link=(--shared-memory --import-memory --max-memory=4294967296 --export=__wasm_init_tls --export=__tls_size --export=__tls_align --export=__tls_base)
 RUSTFLAGS='-C target-feature=+atomics,+bulk-memory,+mutable-globals,+simd128' \
   CARGO_TARGET_DIR="$mt_dir" \
-  cargo "+${CANOPY_NIGHTLY:-nightly}" rustc -p canopy-client --lib --no-default-features --features threads \
+  cargo "+${CANOPY_NIGHTLY:-nightly-2026-05-20}" rustc -p canopy-client --lib --no-default-features --features threads \
   --target wasm32-unknown-unknown --profile wasm -Z build-std=panic_abort,std \
   -- "${link[@]/#/-Clink-arg=}"
 bundle web/pkg-mt "$mt_dir/wasm32-unknown-unknown/wasm/canopy_client.wasm"

@@ -13,8 +13,8 @@ fi
 
 # The threaded bundle (web/pkg-mt, scripts/build-wasm.sh) needs nightly Rust and its std sources:
 # wasm threads rebuild std with atomics (`-Z build-std`). Built and measured with rustc
-# 1.97.0-nightly (e50aa6fba 2026-05-19); CANOPY_NIGHTLY picks another (e.g. a dated one).
-nightly="${CANOPY_NIGHTLY:-nightly}"
+# 1.97.0-nightly (e50aa6fba 2026-05-19), pinned as nightly-2026-05-20; CANOPY_NIGHTLY picks another.
+nightly="${CANOPY_NIGHTLY:-nightly-2026-05-20}"
 if ! rustup run "$nightly" rustc --version >/dev/null 2>&1; then
   echo "==> installing Rust $nightly (for the threaded wasm bundle)"
   rustup toolchain install "$nightly" --profile minimal
