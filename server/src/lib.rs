@@ -120,7 +120,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
         strategy = %config.strategy.name, "run prepared"
     );
     let info = RunInfo {
-        run_id: run_name,
+        run_id: run_name.clone(),
         strategy: config.strategy.name.clone(),
         model: config.model.clone(),
         dataset: config.data.dataset.clone(),
@@ -155,7 +155,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
             tracing::error!("server stopped: {e}");
         }
     });
-    let run_name = config.run.name.clone().unwrap_or_default();
+    // Root and edges find each other by the run's name (config validation made sure it is set).
     let link = match config.scale.role {
         scale::Role::Single => None,
         role => Some(scale::Link::connect(&config.scale.nats, &run_name, &format!("canopy {role:?} {run_name}"), std::time::Duration::from_secs(30)).await?),
@@ -174,26 +174,26 @@ pub async fn start(config: Config) -> Result<Running, String> {
         _ => None,
     };
     let round_loop = RoundLoop {
-            hub,
-            incoming: rx,
-            desk,
-            strategy,
-            global,
-            test: Arc::new(test),
-            validation: Arc::new(validation),
-            rounds: config.run.rounds,
-            min_clients: config.run.min_clients,
-            min_results: config.run.min_results,
-            seed,
-            run_dir: run_dir.clone(),
-            config_json,
-            first_round,
-            robust: config.aggregation.clone(),
-            late_results: config.run.late_results,
-            goodbye: std::time::Duration::from_secs_f64(config.run.goodbye_seconds.max(0.0)),
-            late: Default::default(),
-            carried: Vec::new(),
-            edges,
+        hub,
+        incoming: rx,
+        desk,
+        strategy,
+        global,
+        test: Arc::new(test),
+        validation: Arc::new(validation),
+        rounds: config.run.rounds,
+        min_clients: config.run.min_clients,
+        min_results: config.run.min_results,
+        seed,
+        run_dir: run_dir.clone(),
+        config_json,
+        first_round,
+        robust: config.aggregation.clone(),
+        late_results: config.run.late_results,
+        goodbye: std::time::Duration::from_secs_f64(config.run.goodbye_seconds.max(0.0)),
+        late: Default::default(),
+        carried: Vec::new(),
+        edges,
     };
     let rounds = match (link, config.scale.role) {
         (Some(link), scale::Role::Edge) => {

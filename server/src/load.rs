@@ -148,7 +148,7 @@ pub fn load_config(args: &LoadArgs, n: usize, mode: &str, port: u16, out: &Path)
 }
 
 async fn one(exe: &Path, args: &LoadArgs, n: usize, mode: &str) -> Result<LoadRow, String> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+    let port = free_port()?;
     let out = std::path::absolute(&args.out).map_err(|e| e.to_string())?;
     let config = load_config(args, n, mode, port, &out)?;
     let run_dir = out.join(config.run.name.as_deref().unwrap_or("load"));
@@ -245,10 +245,24 @@ pub async fn wait_for_port(port: u16, child: &mut tokio::process::Child) -> Resu
     Err("the server did not listen within 60 s".into())
 }
 
-fn read_records(run_dir: &Path) -> Vec<RoundRecord> {
-    let Ok(text) = std::fs::read_to_string(run_dir.join("metrics.json")) else { return Vec::new() };
-    let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else { return Vec::new() };
+/// A run's `metrics.json` as the server last wrote it (None before the first write).
+pub fn read_metrics(run_dir: &Path) -> Option<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(run_dir.join("metrics.json")).ok()?).ok()
+}
+
+/// The finished rounds in a run's `metrics.json`.
+pub fn read_records(run_dir: &Path) -> Vec<RoundRecord> {
+    read_metrics(run_dir).map(|json| records_of(&json)).unwrap_or_default()
+}
+
+/// The finished rounds in a parsed `metrics.json`.
+pub fn records_of(json: &serde_json::Value) -> Vec<RoundRecord> {
     json.get("rounds").and_then(|r| serde_json::from_value(r.clone()).ok()).unwrap_or_default()
+}
+
+/// A port nothing listens on now, for a child server.
+pub fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).map_err(|e| e.to_string())
 }
 
 /// One synthetic client: joins, then answers each task at once with a valid update of the

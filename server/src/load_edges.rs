@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use canopy_core::metric_keys as keys;
 use tokio::process::{Child, Command};
 
-use crate::load::{LoadArgs, client, cpu_seconds, load_config, vm_hwm_kb, wait_for_port};
+use crate::load::{LoadArgs, client, cpu_seconds, free_port, load_config, read_metrics, records_of, vm_hwm_kb, wait_for_port};
 use crate::scale::Role;
 
 /// One spread-out run's figures.
@@ -42,10 +42,6 @@ fn spawn(exe: &Path, args: &[String], log: PathBuf) -> Result<Child, String> {
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("starting {}: {e}", exe.display()))
-}
-
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).map_err(|e| e.to_string())
 }
 
 pub async fn one(exe: &Path, args: &LoadArgs, n: usize, edges: usize) -> Result<EdgeRow, String> {
@@ -166,12 +162,11 @@ pub async fn one(exe: &Path, args: &LoadArgs, n: usize, edges: usize) -> Result<
     })
 }
 
+/// The root's finished rounds and its edges' rows (with their partials).
 fn read_root(run_dir: &Path) -> (Vec<crate::metrics::RoundRecord>, Vec<serde_json::Value>) {
-    let Ok(text) = std::fs::read_to_string(run_dir.join("metrics.json")) else { return Default::default() };
-    let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else { return Default::default() };
-    let records = json.get("rounds").and_then(|r| serde_json::from_value(r.clone()).ok()).unwrap_or_default();
+    let Some(json) = read_metrics(run_dir) else { return Default::default() };
     let edges = json.get("edges").and_then(|e| e.as_array().cloned()).unwrap_or_default();
-    (records, edges)
+    (records_of(&json), edges)
 }
 
 pub fn print_rows(rows: &[EdgeRow]) {

@@ -114,7 +114,7 @@ impl RoundLoop {
             // Streaming: each accepted result is folded into running sums and dropped.
             let stream = StreamRound::start(&self.robust, self.strategy.fold(), start.clone());
             let (mut got, sampled, send_time) = if self.edges.is_some() {
-                match self.from_edges(round, &global, tasks, stream).await {
+                match self.from_edges(round, &global, tasks, deadline, stream).await {
                     Some(g) => g,
                     None => break,
                 }
@@ -237,13 +237,7 @@ impl RoundLoop {
         if let Some(edges) = &self.edges {
             edges.finish(reason).await;
         }
-        {
-            let mut hub = self.hub.lock().unwrap();
-            hub.set_phase(phase, round - 1);
-            hub.broadcast(&ServerMsg::Bye { reason: reason.into() });
-            // Each session's writer sends the Bye, then closes: the run is over for everyone.
-            hub.close_all();
-        }
+        self.say_bye(phase, round - 1, reason);
         self.save();
         self.goodbye().await;
         tracing::info!("run finished: {}", self.run_dir.display());
@@ -251,7 +245,7 @@ impl RoundLoop {
 
     /// A round run by the edges: announced, then their partials merged as they come. `None`
     /// when the run cannot go on across edges (a strategy that needs every update).
-    async fn from_edges(&mut self, round: u32, global: &ModelState, tasks: Vec<(u64, Task)>, stream: Option<StreamRound>) -> Option<(Collected, usize, Duration)> {
+    async fn from_edges(&mut self, round: u32, global: &ModelState, tasks: Vec<(u64, Task)>, deadline_ms: u64, stream: Option<StreamRound>) -> Option<(Collected, usize, Duration)> {
         let (Some(fold), Some(stream)) = (self.strategy.fold(), stream) else {
             tracing::error!(round, "this strategy needs every update in one place this round; it cannot run across edges (see the README, \"Beyond one server\"): stopping");
             self.hub.lock().unwrap().stop();
@@ -259,15 +253,24 @@ impl RoundLoop {
         };
         let phase = self.strategy.phase();
         let edges = self.edges.as_mut().expect("checked");
-        match edges.run_round(round, global, tasks, phase, fold, &self.robust, stream).await {
+        match edges.run_round(round, global, tasks, deadline_ms, phase, fold, &self.robust, stream).await {
             Ok(g) => Some((Collected { results: Vec::new(), stream: Some(g.stream), dropped: g.dropped, rejected: g.rejected, fold: g.merge, waits: Vec::new() }, g.sampled, g.send)),
             Err(e) => {
                 tracing::error!(round, "the round could not run on the edges: {e}");
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let empty = StreamRound::start(&canopy_core::robust::RobustConfig::default(), Some(fold), Arc::new(global.masked_params()));
-                Some((Collected { results: Vec::new(), stream: empty, dropped: 0, rejected: 0, fold: Duration::ZERO, waits: Vec::new() }, 0, Duration::ZERO))
+                // No results: the loop retries the round.
+                Some((Collected { results: Vec::new(), stream: None, dropped: 0, rejected: 0, fold: Duration::ZERO, waits: Vec::new() }, 0, Duration::ZERO))
             }
         }
+    }
+
+    /// The run is over: every client is told why, and each session's writer sends the Bye, then
+    /// closes. (Then [`RoundLoop::goodbye`] waits for them.)
+    pub(crate) fn say_bye(&self, phase: Phase, round: u32, reason: &str) {
+        let mut hub = self.hub.lock().unwrap();
+        hub.set_phase(phase, round);
+        hub.broadcast(&ServerMsg::Bye { reason: reason.into() });
+        hub.close_all();
     }
 
     /// Waits (up to `goodbye`) until every client's session has sent its Bye and ended, so a

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use canopy_core::codec::model::{MaskCache, decode_model};
-use canopy_core::protocol::{ModelPayload, ServerMsg, Task};
+use canopy_core::protocol::{ModelPayload, Task};
 use canopy_core::state::ModelState;
 use canopy_core::strategy::stream::StreamRound;
 use canopy_core::strategy::{ClientView, Contribution, Fold, Phase, Strategy};
@@ -136,13 +136,8 @@ pub async fn run(mut rl: RoundLoop, link: Link, name: String, url: String) {
         }
     };
     tracing::info!(edge = %name, "run over: {reason}");
-    {
-        let mut hub = rl.hub.lock().unwrap();
-        let round = hub.round();
-        hub.set_phase(crate::hub::Phase::Done, round);
-        hub.broadcast(&ServerMsg::Bye { reason: reason.clone() });
-        hub.close_all();
-    }
+    let round = rl.hub.lock().unwrap().round();
+    rl.say_bye(crate::hub::Phase::Done, round, &reason);
     rl.goodbye().await;
 }
 
@@ -163,7 +158,7 @@ async fn publish(link: &Link, p: &Partial) -> Result<bool, String> {
 /// sampled.
 async fn run_round(rl: &mut RoundLoop, link: &Link, name: &str, prefix: u64, ann: RoundMsg) -> Result<Option<Partial>, String> {
     let started = Instant::now();
-    let mine: Vec<&wire::EdgeTask> = ann.tasks.iter().filter(|t| t.client & !0xffff_ffff == prefix).collect();
+    let mine: Vec<&wire::EdgeTask> = ann.tasks.iter().filter(|t| super::local_id(prefix, t.client).is_some()).collect();
     if mine.is_empty() {
         return Ok(None);
     }
@@ -180,7 +175,7 @@ async fn run_round(rl: &mut RoundLoop, link: &Link, name: &str, prefix: u64, ann
     for t in mine {
         let model = models.get(t.model as usize).ok_or_else(|| format!("task for client {} names model {} of {}", t.client, t.model, models.len()))?;
         let task = Task { round: ann.round, model: model.clone(), train: t.train.clone(), upload: t.upload.clone(), deadline_ms: t.deadline_ms };
-        tasks.push((t.client & 0xffff_ffff, task));
+        tasks.push((super::local_id(prefix, t.client).expect("filtered"), task));
     }
     rl.strategy = Box::new(Relay { phase: phase_named(&ann.phase), fold: ann.fold });
     let pending = rl.send_tasks(ann.round, tasks);

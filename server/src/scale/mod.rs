@@ -130,6 +130,11 @@ pub fn global_id(prefix: u64, local: u64) -> u64 {
     prefix | (local & 0xffff_ffff)
 }
 
+/// The edge's own id of a run-wide one, if the client is on the edge with this prefix.
+pub fn local_id(prefix: u64, global: u64) -> Option<u64> {
+    (global & !0xffff_ffff == prefix).then_some(global & 0xffff_ffff)
+}
+
 /// Payloads up to this size travel inside the message; larger ones through the Object Store
 /// (NATS's default message limit is 1 MiB).
 pub const INLINE_MAX: usize = 256 * 1024;

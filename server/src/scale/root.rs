@@ -93,7 +93,7 @@ impl Edges {
     /// Announces the round and merges the edges' partials into `stream` until every edge with
     /// tasks answered, went silent, or the deadline (plus grace) passed.
     #[allow(clippy::too_many_arguments)]
-    pub async fn run_round(&mut self, round: u32, global: &ModelState, tasks: Vec<(u64, Task)>, phase: Phase, fold: Fold, robust: &RobustConfig, mut stream: StreamRound) -> Result<Gathered, String> {
+    pub async fn run_round(&mut self, round: u32, global: &ModelState, tasks: Vec<(u64, Task)>, deadline_ms: u64, phase: Phase, fold: Fold, robust: &RobustConfig, mut stream: StreamRound) -> Result<Gathered, String> {
         let sending = Instant::now();
         let base = model_version(global);
         let shape = shape_hash(&global.arch);
@@ -103,7 +103,6 @@ impl Edges {
         let mut dropped = 0;
         let mut models: Vec<(usize, Arc<canopy_core::protocol::ModelPayload>)> = Vec::new();
         let mut edge_tasks = Vec::new();
-        let deadline_ms = tasks.iter().map(|(_, t)| t.deadline_ms).max().unwrap_or(60_000);
         {
             let hub = self.hub.lock().unwrap();
             for (client, task) in &tasks {
@@ -133,10 +132,7 @@ impl Edges {
         };
         let id = format!("round-{round}-{attempt}");
         self.link.publish_large(self.link.subject(&format!("round.{round}")), &id, &id, wire::encode(&msg)).await?;
-        {
-            let mut hub = self.hub.lock().unwrap();
-            hub.begin_round(round, phase);
-        }
+        self.hub.lock().unwrap().begin_round(round, phase);
         let send = sending.elapsed();
         tracing::info!(round, edges = waiting.len(), tasks = tasks.len(), "round announced to the edges");
 
