@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the browser client's two bundles and pre-compresses them: brotli (-q 11), zstd (-19, an
 # 8 MiB window, the most browsers accept for Content-Encoding: zstd) and gzip (-9) beside each
-# file; the server sends the smallest the browser accepts (server/src/precompressed.rs).
+# file; the server sends the smallest the browser accepts (server/src/serve/precompressed.rs).
 #   web/pkg     single-threaded, stable Rust: works on every page (plain-http LAN included).
 #   web/pkg-mt  threaded (wasm threads, burn's CPU backend on a rayon pool of Web Workers):
 #               nightly Rust, `+atomics,+bulk-memory,+mutable-globals`, std rebuilt with

@@ -9,10 +9,13 @@ use std::rc::Rc;
 
 use burn::tensor::Device;
 use canopy_core::client::{ClientHost, ClientRuntime};
-use canopy_core::arch::Arch;
 use canopy_core::codec::{self, MaskCache};
-use canopy_core::protocol::{Backend, BackendSpeed, Blob, ClientMsg, DeviceInfo, MaskSpec, ServerMsg, decode, encode, is_exchange_reply};
-use canopy_core::state::ModelState;
+use canopy_core::model::arch::Arch;
+use canopy_core::model::state::ModelState;
+use canopy_core::protocol::{
+    Backend, BackendSpeed, Blob, ClientMsg, DeviceInfo, MaskSpec, ServerMsg, decode, encode,
+    is_exchange_reply,
+};
 use canopy_core::train::{Host, Progress, predict};
 use js_sys::{Function, Promise, Uint8Array};
 use serde_json::json;
@@ -78,7 +81,9 @@ impl Host for WebHost {
 
     async fn progress(&mut self, p: &Progress) {
         let v = json!({ "epoch": p.epoch, "epochs": p.epochs, "step": p.step, "steps": p.steps, "loss": p.loss, "samples_per_sec": p.samples_per_sec });
-        let _ = self.progress.call1(&JsValue::NULL, &JsValue::from_str(&v.to_string()));
+        let _ = self
+            .progress
+            .call1(&JsValue::NULL, &JsValue::from_str(&v.to_string()));
         yield_now().await;
     }
 }
@@ -86,7 +91,9 @@ impl Host for WebHost {
 impl ClientHost for WebHost {
     fn send(&mut self, msg: ClientMsg) {
         let bytes = encode(&msg);
-        let _ = self.send.call1(&JsValue::NULL, &Uint8Array::from(bytes.as_slice()));
+        let _ = self
+            .send
+            .call1(&JsValue::NULL, &Uint8Array::from(bytes.as_slice()));
     }
 
     /// Sends the request and awaits a promise that [`CanopyClient::route`] settles when the
@@ -96,7 +103,11 @@ impl ClientHost for WebHost {
         let reply = Promise::new(&mut |resolve, reject| {
             pending.borrow_mut().insert((round, seq), (resolve, reject));
         });
-        self.send(ClientMsg::Exchange { round, seq, payload: Blob(payload) });
+        self.send(ClientMsg::Exchange {
+            round,
+            seq,
+            payload: Blob(payload),
+        });
         match JsFuture::from(reply).await {
             Ok(v) => Ok(Blob(Uint8Array::new(&v).to_vec())),
             Err(e) => Err(e.as_string().unwrap_or_else(|| "exchange failed".into())),
@@ -166,19 +177,43 @@ impl CanopyClient {
     /// usable GPU) is not timed unless `time_software`: its warm-up step took 12–21 s here, with
     /// the worker blocked for 10 s of it, and it then trained ~20–100× slower than the CPU backend. `send(Uint8Array)`
     /// sends a frame; `progress(json)` receives training progress.
-    pub async fn create(name: String, backend: String, software_adapter: bool, time_software: bool, user_agent: String, send: Function, progress: Function) -> CanopyClient {
+    pub async fn create(
+        name: String,
+        backend: String,
+        software_adapter: bool,
+        time_software: bool,
+        user_agent: String,
+        send: Function,
+        progress: Function,
+    ) -> CanopyClient {
         console_error_panic_hook::set_once();
-        let (device, backend, mut adapter, speeds) = pick_backend(&backend, software_adapter, time_software).await;
+        let (device, backend, mut adapter, speeds) =
+            pick_backend(&backend, software_adapter, time_software).await;
         let threads = cpu_threads();
         if backend == Backend::WasmCpu && threads > 1 {
             adapter = format!("{adapter}; CPU backend on {threads} wasm threads");
         }
-        let info = DeviceInfo { backend, adapter, user_agent, speeds };
+        let info = DeviceInfo {
+            backend,
+            adapter,
+            user_agent,
+            speeds,
+        };
         let pending = Pending::default();
-        let host = WebHost { send, progress, pending: pending.clone() };
+        let host = WebHost {
+            send,
+            progress,
+            pending: pending.clone(),
+        };
         let rt = ClientRuntime::new(host, device, info, name);
         let hello = Rc::new(RefCell::new(encode(&rt.hello())));
-        CanopyClient { rt: Rc::new(RefCell::new(rt)), pending, own: Rc::default(), latest: Rc::default(), hello }
+        CanopyClient {
+            rt: Rc::new(RefCell::new(rt)),
+            pending,
+            own: Rc::default(),
+            latest: Rc::default(),
+            hello,
+        }
     }
 
     /// What the start-up timing measured, as JSON: `[{backend, samples_per_sec, note}]`.
@@ -196,15 +231,27 @@ impl CanopyClient {
             return false;
         }
         match decode::<ServerMsg>(frame) {
-            Ok(ServerMsg::Exchange { round, seq, payload }) => {
+            Ok(ServerMsg::Exchange {
+                round,
+                seq,
+                payload,
+            }) => {
                 if let Some((resolve, _)) = self.pending.borrow_mut().remove(&(round, seq)) {
                     let _ = resolve.call1(&JsValue::NULL, &Uint8Array::from(payload.0.as_slice()));
                 }
                 true
             }
-            Ok(ServerMsg::ExchangeFailed { round, seq, message, .. }) => {
+            Ok(ServerMsg::ExchangeFailed {
+                round,
+                seq,
+                message,
+                ..
+            }) => {
                 if let Some((_, reject)) = self.pending.borrow_mut().remove(&(round, seq)) {
-                    let _ = reject.call1(&JsValue::NULL, &JsValue::from_str(&format!("exchange refused: {message}")));
+                    let _ = reject.call1(
+                        &JsValue::NULL,
+                        &JsValue::from_str(&format!("exchange refused: {message}")),
+                    );
                 }
                 true
             }
@@ -216,7 +263,10 @@ impl CanopyClient {
     /// instead of waiting forever.
     pub fn connection_lost(&self) {
         for (_, (_, reject)) in self.pending.borrow_mut().drain() {
-            let _ = reject.call1(&JsValue::NULL, &JsValue::from_str("connection lost while awaiting an exchange reply"));
+            let _ = reject.call1(
+                &JsValue::NULL,
+                &JsValue::from_str("connection lost while awaiting an exchange reply"),
+            );
         }
     }
 
@@ -252,7 +302,11 @@ impl CanopyClient {
         future_to_promise(async move {
             let msg: ServerMsg = match decode(&frame) {
                 Ok(m) => m,
-                Err(e) => return Ok(JsValue::from_str(&json!({ "kind": "bad_frame", "message": e.to_string() }).to_string())),
+                Err(e) => {
+                    return Ok(JsValue::from_str(
+                        &json!({ "kind": "bad_frame", "message": e.to_string() }).to_string(),
+                    ));
+                }
             };
             let summary = match &msg {
                 ServerMsg::Welcome(w) => json!({
@@ -269,13 +323,26 @@ impl CanopyClient {
                         MaskSpec::Cached { version } => json!({ "version": version, "sent": false }),
                     }),
                 }),
-                ServerMsg::Wait { round, reason } => json!({ "kind": "wait", "round": round, "reason": reason }),
-                ServerMsg::Error { code, message } => json!({ "kind": "error", "code": format!("{code:?}"), "message": message }),
+                ServerMsg::Wait { round, reason } => {
+                    json!({ "kind": "wait", "round": round, "reason": reason })
+                }
+                ServerMsg::Error { code, message } => {
+                    json!({ "kind": "error", "code": format!("{code:?}"), "message": message })
+                }
                 ServerMsg::Bye { reason } => json!({ "kind": "bye", "reason": reason }),
-                ServerMsg::Exchange { round, seq, .. } => json!({ "kind": "exchange", "round": round, "seq": seq }),
-                ServerMsg::ExchangeFailed { round, seq, message, .. } => json!({ "kind": "error", "round": round, "seq": seq, "message": message }),
+                ServerMsg::Exchange { round, seq, .. } => {
+                    json!({ "kind": "exchange", "round": round, "seq": seq })
+                }
+                ServerMsg::ExchangeFailed {
+                    round,
+                    seq,
+                    message,
+                    ..
+                } => json!({ "kind": "error", "round": round, "seq": seq, "message": message }),
             };
-            let mut rt = rt.try_borrow_mut().map_err(|_| JsValue::from_str("handle() called while a task is running"))?;
+            let mut rt = rt
+                .try_borrow_mut()
+                .map_err(|_| JsValue::from_str("handle() called while a task is running"))?;
             let welcome = matches!(msg, ServerMsg::Welcome(_));
             if let ServerMsg::Task(t) = &msg {
                 // Peek at the model for "try the model" (the runtime decodes it for training).
@@ -291,7 +358,8 @@ impl CanopyClient {
                 // A (re)joined tab gets its shard afresh: put the student's digits back in.
                 let mut own = own.borrow_mut();
                 if let Some(s) = rt.shard.as_ref() {
-                    (own.server_train, own.sample_len, own.classes) = (s.train.len() as u64, s.train.sample_len(), s.train.classes);
+                    (own.server_train, own.sample_len, own.classes) =
+                        (s.train.len() as u64, s.train.sample_len(), s.train.classes);
                 }
                 own.applied = 0;
                 own.apply(&mut rt);
@@ -316,7 +384,10 @@ impl CanopyClient {
                 }
                 let bytes = encode(&reply);
                 summary["reply_bytes"] = json!(bytes.len());
-                let _ = rt.host.send.call1(&JsValue::NULL, &Uint8Array::from(bytes.as_slice()));
+                let _ = rt
+                    .host
+                    .send
+                    .call1(&JsValue::NULL, &Uint8Array::from(bytes.as_slice()));
             }
             Ok(JsValue::from_str(&summary.to_string()))
         })
@@ -328,8 +399,14 @@ impl CanopyClient {
     pub fn bench(&self, model: String, batch: usize, steps: u32, keep: f32) -> Promise {
         let rt = self.rt.clone();
         future_to_promise(async move {
-            let device = rt.try_borrow().map_err(|_| JsValue::from_str("busy training"))?.device.clone();
-            let r = timed_run(&device, &model, batch, steps, keep, f64::INFINITY).await.map_err(|e| JsValue::from_str(&e))?;
+            let device = rt
+                .try_borrow()
+                .map_err(|_| JsValue::from_str("busy training"))?
+                .device
+                .clone();
+            let r = timed_run(&device, &model, batch, steps, keep, f64::INFINITY)
+                .await
+                .map_err(|e| JsValue::from_str(&e))?;
             let v = json!({ "samples_per_sec": r.samples_per_sec, "params": r.params, "flops": r.flops, "step_ms": r.step_ms });
             Ok(JsValue::from_str(&v.to_string()))
         })
@@ -343,15 +420,25 @@ impl CanopyClient {
             (own.sample_len, own.classes)
         };
         if len == 0 {
-            return Err(JsValue::from_str("no data shard yet: wait until the tab has joined"));
+            return Err(JsValue::from_str(
+                "no data shard yet: wait until the tab has joined",
+            ));
         }
         if pixels.len() != len {
-            return Err(JsValue::from_str(&format!("expected {len} pixels, got {}", pixels.len())));
+            return Err(JsValue::from_str(&format!(
+                "expected {len} pixels, got {}",
+                pixels.len()
+            )));
         }
         if label as usize >= classes {
-            return Err(JsValue::from_str(&format!("label {label} is not below {classes}")));
+            return Err(JsValue::from_str(&format!(
+                "label {label} is not below {classes}"
+            )));
         }
-        let bytes = pixels.iter().map(|p| (p.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
+        let bytes = pixels
+            .iter()
+            .map(|p| (p.clamp(0.0, 1.0) * 255.0).round() as u8)
+            .collect();
         let mut own = self.own.borrow_mut();
         own.samples.push((bytes, label));
         // Straight into the shard when no task is running; otherwise before the next task.
@@ -365,7 +452,9 @@ impl CanopyClient {
     /// while a task runs, what it will hold for the next one.
     pub fn train_samples(&self) -> u32 {
         match self.rt.try_borrow() {
-            Ok(rt) if self.own.borrow().applied == self.own.borrow().samples.len() => rt.shard.as_ref().map_or(0, |s| s.train.len() as u32),
+            Ok(rt) if self.own.borrow().applied == self.own.borrow().samples.len() => {
+                rt.shard.as_ref().map_or(0, |s| s.train.len() as u32)
+            }
             _ => {
                 let own = self.own.borrow();
                 own.server_train as u32 + own.samples.len() as u32
@@ -379,11 +468,17 @@ impl CanopyClient {
         let latest = self.latest.borrow().clone();
         let classes = self.own.borrow().classes;
         future_to_promise(async move {
-            let (arch, params, _) = latest.ok_or_else(|| JsValue::from_str("no model yet: the first round has not started"))?;
+            let (arch, params, _) = latest.ok_or_else(|| {
+                JsValue::from_str("no model yet: the first round has not started")
+            })?;
             if arch.classes != classes {
-                return Err(JsValue::from_str("this tab holds only the front of the model (split learning): try the whole model on the dashboard"));
+                return Err(JsValue::from_str(
+                    "this tab holds only the front of the model (split learning): try the whole model on the dashboard",
+                ));
             }
-            let probs = predict(&arch, &params, &pixels, &Device::flex()).await.map_err(|e| JsValue::from_str(&e))?;
+            let probs = predict(&arch, &params, &pixels, &Device::flex())
+                .await
+                .map_err(|e| JsValue::from_str(&e))?;
             Ok(js_sys::Float32Array::from(probs.as_slice()).into())
         })
     }
@@ -398,11 +493,18 @@ impl CanopyClient {
         let rt = self.rt.clone();
         future_to_promise(async move {
             let (arch, params, device) = {
-                let rt = rt.try_borrow().map_err(|_| JsValue::from_str("busy training"))?;
-                let (a, p) = rt.last_model.clone().ok_or_else(|| JsValue::from_str("no model yet"))?;
+                let rt = rt
+                    .try_borrow()
+                    .map_err(|_| JsValue::from_str("busy training"))?;
+                let (a, p) = rt
+                    .last_model
+                    .clone()
+                    .ok_or_else(|| JsValue::from_str("no model yet"))?;
                 (a, p, rt.device.clone())
             };
-            let probs = predict(&arch, &params, &pixels, &device).await.map_err(|e| JsValue::from_str(&e))?;
+            let probs = predict(&arch, &params, &pixels, &device)
+                .await
+                .map_err(|e| JsValue::from_str(&e))?;
             Ok(js_sys::Float32Array::from(probs.as_slice()).into())
         })
     }
@@ -414,13 +516,27 @@ impl CanopyClient {
 pub fn predict_with_model(model: Vec<u8>, pixels: Vec<f32>) -> Promise {
     console_error_panic_hook::set_once();
     future_to_promise(async move {
-        let state: ModelState = postcard::from_bytes(&model).map_err(|e| JsValue::from_str(&format!("model.bin: {e}")))?;
-        state.arch.validate().map_err(|e| JsValue::from_str(&e.to_string()))?;
+        let state: ModelState = postcard::from_bytes(&model)
+            .map_err(|e| JsValue::from_str(&format!("model.bin: {e}")))?;
+        state
+            .arch
+            .validate()
+            .map_err(|e| JsValue::from_str(&e.to_string()))?;
         let expected: usize = state.arch.input.iter().product();
         if pixels.len() != expected {
-            return Err(JsValue::from_str(&format!("expected {expected} pixels, got {}", pixels.len())));
+            return Err(JsValue::from_str(&format!(
+                "expected {expected} pixels, got {}",
+                pixels.len()
+            )));
         }
-        let probs = predict(&state.arch, &state.masked_params(), &pixels, &Device::flex()).await.map_err(|e| JsValue::from_str(&e))?;
+        let probs = predict(
+            &state.arch,
+            &state.masked_params(),
+            &pixels,
+            &Device::flex(),
+        )
+        .await
+        .map_err(|e| JsValue::from_str(&e))?;
         Ok(js_sys::Float32Array::from(probs.as_slice()).into())
     })
 }
@@ -439,27 +555,75 @@ struct Timed {
 /// `steps` steps of `model` (a preset name) on random 28×28 inputs after one warm-up step
 /// (shader compilation on WebGPU), every hidden layer cut to `keep` of its units. When the
 /// warm-up alone takes longer than `budget_ms`, its own speed is returned instead.
-async fn timed_run(device: &Device, model: &str, batch: usize, steps: u32, keep: f32, budget_ms: f64) -> Result<Timed, String> {
+async fn timed_run(
+    device: &Device,
+    model: &str,
+    batch: usize,
+    steps: u32,
+    keep: f32,
+    budget_ms: f64,
+) -> Result<Timed, String> {
     let arch = Arch::preset(model, [1, 28, 28], 10).map_err(|e| e.to_string())?;
-    let state = canopy_core::surgery::shrink_to(&ModelState::init(arch, 1), keep);
+    let state = canopy_core::model::surgery::shrink_to(&ModelState::init(arch, 1), keep);
     let n = batch * steps as usize;
     let images: Vec<u8> = (0..n * 784).map(|i| (i * 7919 % 251) as u8).collect();
     let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
-    let data = canopy_core::data::Dataset { shape: [1, 28, 28], classes: 10, images, labels };
+    let data = canopy_core::data::Dataset {
+        shape: [1, 28, 28],
+        classes: 10,
+        images,
+        labels,
+    };
     let spec = canopy_core::train::TrainSpec {
-        epochs: 1, batch_size: batch, lr: 0.01, optimizer: canopy_core::train::Optimizer::Sgd { momentum: 0.0 }, seed: 1, patience: 0, step: Default::default(),
+        epochs: 1,
+        batch_size: batch,
+        lr: 0.01,
+        optimizer: canopy_core::train::Optimizer::Sgd { momentum: 0.0 },
+        seed: 1,
+        patience: 0,
+        step: Default::default(),
     };
     let mut host = BenchHost;
     let (params, flops) = (state.arch.num_params(), state.arch.flops_per_sample());
     let warm = data.select(&(0..batch).collect::<Vec<_>>());
     let t0 = now_ms();
-    canopy_core::train::train_local(&state.arch, &state.params, None, &warm, &spec, device, &mut host).await?;
+    canopy_core::train::train_local(
+        &state.arch,
+        &state.params,
+        None,
+        &warm,
+        &spec,
+        device,
+        &mut host,
+    )
+    .await?;
     let warm_ms = now_ms() - t0;
     if warm_ms > budget_ms {
-        return Ok(Timed { samples_per_sec: batch as f64 * 1000.0 / warm_ms, step_ms: warm_ms, params, flops, over_budget: true });
+        return Ok(Timed {
+            samples_per_sec: batch as f64 * 1000.0 / warm_ms,
+            step_ms: warm_ms,
+            params,
+            flops,
+            over_budget: true,
+        });
     }
-    let t = canopy_core::train::train_local(&state.arch, &state.params, None, &data, &spec, device, &mut host).await?;
-    Ok(Timed { samples_per_sec: t.samples_per_sec(), step_ms: 1000.0 * t.seconds / t.steps.max(1) as f64, params, flops, over_budget: false })
+    let t = canopy_core::train::train_local(
+        &state.arch,
+        &state.params,
+        None,
+        &data,
+        &spec,
+        device,
+        &mut host,
+    )
+    .await?;
+    Ok(Timed {
+        samples_per_sec: t.samples_per_sec(),
+        step_ms: 1000.0 * t.seconds / t.steps.max(1) as f64,
+        params,
+        flops,
+        over_budget: false,
+    })
 }
 
 /// Timed steps of the start-up comparison (MLP, batch 32): enough to average out one slow step,
@@ -474,9 +638,18 @@ const SOFTWARE_BUDGET_MS: f64 = 1000.0;
 
 /// Chooses the training device (see [`CanopyClient::create`]). Returns the device, its backend,
 /// the adapter description (or why WebGPU is not used) and the timings behind the choice.
-async fn pick_backend(wanted: &str, software_adapter: bool, time_software: bool) -> (Device, Backend, String, Vec<BackendSpeed>) {
+async fn pick_backend(
+    wanted: &str,
+    software_adapter: bool,
+    time_software: bool,
+) -> (Device, Backend, String, Vec<BackendSpeed>) {
     if wanted == "cpu" {
-        return (Device::flex(), Backend::WasmCpu, "WebGPU not requested (?backend=cpu)".into(), Vec::new());
+        return (
+            Device::flex(),
+            Backend::WasmCpu,
+            "WebGPU not requested (?backend=cpu)".into(),
+            Vec::new(),
+        );
     }
     // The threaded bundle has no WebGPU: web/worker.js loads it only when the browser has no
     // adapter or a software one (which is not timed unless `time_software`, and then the worker
@@ -486,15 +659,40 @@ async fn pick_backend(wanted: &str, software_adapter: bool, time_software: bool)
     {
         let _ = time_software;
         if !software_adapter {
-            return (Device::flex(), Backend::WasmCpu, "no WebGPU adapter (the threaded bundle is CPU only)".into(), Vec::new());
+            return (
+                Device::flex(),
+                Backend::WasmCpu,
+                "no WebGPU adapter (the threaded bundle is CPU only)".into(),
+                Vec::new(),
+            );
         }
         let cpu = Device::flex();
         let cpu_speed = match timed_run(&cpu, "mlp", 32, PROBE_STEPS, 1.0, f64::INFINITY).await {
-            Ok(t) => BackendSpeed { backend: Backend::WasmCpu, samples_per_sec: Some(t.samples_per_sec as f32), note: format!("{PROBE_STEPS} MLP steps of 32 after a warm-up, {:.1} ms a step", t.step_ms) },
-            Err(e) => BackendSpeed { backend: Backend::WasmCpu, samples_per_sec: None, note: format!("failed: {e}") },
+            Ok(t) => BackendSpeed {
+                backend: Backend::WasmCpu,
+                samples_per_sec: Some(t.samples_per_sec as f32),
+                note: format!(
+                    "{PROBE_STEPS} MLP steps of 32 after a warm-up, {:.1} ms a step",
+                    t.step_ms
+                ),
+            },
+            Err(e) => BackendSpeed {
+                backend: Backend::WasmCpu,
+                samples_per_sec: None,
+                note: format!("failed: {e}"),
+            },
         };
-        let gpu_speed = BackendSpeed { backend: Backend::WebGpu, samples_per_sec: None, note: "software adapter (isFallbackAdapter): not timed, the CPU backend is used".into() };
-        (cpu, Backend::WasmCpu, "CPU backend, not WebGPU on a software adapter".into(), vec![cpu_speed, gpu_speed])
+        let gpu_speed = BackendSpeed {
+            backend: Backend::WebGpu,
+            samples_per_sec: None,
+            note: "software adapter (isFallbackAdapter): not timed, the CPU backend is used".into(),
+        };
+        (
+            cpu,
+            Backend::WasmCpu,
+            "CPU backend, not WebGPU on a software adapter".into(),
+            vec![cpu_speed, gpu_speed],
+        )
     }
     #[cfg(feature = "webgpu")]
     pick_webgpu(wanted, software_adapter, time_software).await
@@ -502,7 +700,11 @@ async fn pick_backend(wanted: &str, software_adapter: bool, time_software: bool)
 
 /// [`pick_backend`] when the bundle has WebGPU.
 #[cfg(feature = "webgpu")]
-async fn pick_webgpu(wanted: &str, software_adapter: bool, time_software: bool) -> (Device, Backend, String, Vec<BackendSpeed>) {
+async fn pick_webgpu(
+    wanted: &str,
+    software_adapter: bool,
+    time_software: bool,
+) -> (Device, Backend, String, Vec<BackendSpeed>) {
     let (gpu, label) = match Device::wgpu_options().init_with_setup_async().await {
         Ok((device, setup)) => {
             let i = setup.adapter.get_info();
@@ -512,32 +714,105 @@ async fn pick_webgpu(wanted: &str, software_adapter: bool, time_software: bool) 
                 .cloned()
                 .collect::<Vec<_>>()
                 .join(" / ");
-            let kind = if software_adapter { ", software adapter" } else { "" };
-            (device, format!("{} ({:?}, vendor {:#x}{kind})", if name.is_empty() { "WebGPU adapter" } else { &name }, i.device_type, i.vendor))
+            let kind = if software_adapter {
+                ", software adapter"
+            } else {
+                ""
+            };
+            (
+                device,
+                format!(
+                    "{} ({:?}, vendor {:#x}{kind})",
+                    if name.is_empty() {
+                        "WebGPU adapter"
+                    } else {
+                        &name
+                    },
+                    i.device_type,
+                    i.vendor
+                ),
+            )
         }
-        Err(e) => return (Device::flex(), Backend::WasmCpu, format!("no WebGPU: {e}"), Vec::new()),
+        Err(e) => {
+            return (
+                Device::flex(),
+                Backend::WasmCpu,
+                format!("no WebGPU: {e}"),
+                Vec::new(),
+            );
+        }
     };
     if wanted == "webgpu" {
-        return (gpu, Backend::WebGpu, format!("{label}; forced by ?backend=webgpu"), Vec::new());
+        return (
+            gpu,
+            Backend::WebGpu,
+            format!("{label}; forced by ?backend=webgpu"),
+            Vec::new(),
+        );
     }
     let cpu = Device::flex();
     let speed = |backend, t: Result<Timed, String>, budget: f64| match t {
-        Ok(t) if t.over_budget => BackendSpeed { backend, samples_per_sec: Some(t.samples_per_sec as f32), note: format!("warm-up step alone took {:.0} ms, over its {budget:.0} ms budget (an upper bound)", t.step_ms) },
-        Ok(t) => BackendSpeed { backend, samples_per_sec: Some(t.samples_per_sec as f32), note: format!("{PROBE_STEPS} MLP steps of 32 after a warm-up, {:.1} ms a step", t.step_ms) },
-        Err(e) => BackendSpeed { backend, samples_per_sec: None, note: format!("failed: {e}") },
+        Ok(t) if t.over_budget => BackendSpeed {
+            backend,
+            samples_per_sec: Some(t.samples_per_sec as f32),
+            note: format!(
+                "warm-up step alone took {:.0} ms, over its {budget:.0} ms budget (an upper bound)",
+                t.step_ms
+            ),
+        },
+        Ok(t) => BackendSpeed {
+            backend,
+            samples_per_sec: Some(t.samples_per_sec as f32),
+            note: format!(
+                "{PROBE_STEPS} MLP steps of 32 after a warm-up, {:.1} ms a step",
+                t.step_ms
+            ),
+        },
+        Err(e) => BackendSpeed {
+            backend,
+            samples_per_sec: None,
+            note: format!("failed: {e}"),
+        },
     };
-    let cpu_speed = speed(Backend::WasmCpu, timed_run(&cpu, "mlp", 32, PROBE_STEPS, 1.0, f64::INFINITY).await, f64::INFINITY);
+    let cpu_speed = speed(
+        Backend::WasmCpu,
+        timed_run(&cpu, "mlp", 32, PROBE_STEPS, 1.0, f64::INFINITY).await,
+        f64::INFINITY,
+    );
     let gpu_speed = if software_adapter && !time_software {
-        BackendSpeed { backend: Backend::WebGpu, samples_per_sec: None, note: "software adapter (isFallbackAdapter): not timed, the CPU backend is used".into() }
+        BackendSpeed {
+            backend: Backend::WebGpu,
+            samples_per_sec: None,
+            note: "software adapter (isFallbackAdapter): not timed, the CPU backend is used".into(),
+        }
     } else {
-        let budget = if software_adapter { SOFTWARE_BUDGET_MS } else { HARDWARE_BUDGET_MS };
-        speed(Backend::WebGpu, timed_run(&gpu, "mlp", 32, PROBE_STEPS, 1.0, budget).await, budget)
+        let budget = if software_adapter {
+            SOFTWARE_BUDGET_MS
+        } else {
+            HARDWARE_BUDGET_MS
+        };
+        speed(
+            Backend::WebGpu,
+            timed_run(&gpu, "mlp", 32, PROBE_STEPS, 1.0, budget).await,
+            budget,
+        )
     };
-    let faster = gpu_speed.samples_per_sec.unwrap_or(0.0) > cpu_speed.samples_per_sec.unwrap_or(0.0);
+    let faster =
+        gpu_speed.samples_per_sec.unwrap_or(0.0) > cpu_speed.samples_per_sec.unwrap_or(0.0);
     let speeds = vec![cpu_speed, gpu_speed];
     if faster {
-        (gpu, Backend::WebGpu, format!("{label}; faster than the CPU backend"), speeds)
+        (
+            gpu,
+            Backend::WebGpu,
+            format!("{label}; faster than the CPU backend"),
+            speeds,
+        )
     } else {
-        (cpu, Backend::WasmCpu, format!("CPU backend, not WebGPU on {label}"), speeds)
+        (
+            cpu,
+            Backend::WasmCpu,
+            format!("CPU backend, not WebGPU on {label}"),
+            speeds,
+        )
     }
 }

@@ -8,9 +8,12 @@
 use burn::tensor::Device;
 
 use crate::codec::{self, MaskCache, Model, supermask};
-use crate::partition::Shard;
-use crate::protocol::{Blob, ClientMetrics, ClientMsg, DeviceInfo, Hello, PROTOCOL_VERSION, RunInfo, ServerMsg, Task, TaskResult};
-use crate::step::{Frozen, Learn};
+use crate::data::partition::Shard;
+use crate::protocol::{
+    Blob, ClientMetrics, ClientMsg, DeviceInfo, Hello, PROTOCOL_VERSION, RunInfo, ServerMsg, Task,
+    TaskResult,
+};
+use crate::train::step::{Frozen, Learn};
 use crate::train::{Host, Progress, Trained, evaluate, train};
 
 /// The outside world of the runtime: a clock, progress, frames to the server, and the
@@ -20,7 +23,12 @@ pub trait ClientHost: Host {
     fn send(&mut self, msg: ClientMsg);
     /// Sends exchange request `seq` of `round` and awaits the server's reply to it (matched by
     /// round and sequence number; an `ExchangeFailed` reply is an error).
-    fn request(&mut self, round: u32, seq: u32, payload: Vec<u8>) -> impl std::future::Future<Output = Result<Blob, String>>;
+    fn request(
+        &mut self,
+        round: u32,
+        seq: u32,
+        payload: Vec<u8>,
+    ) -> impl std::future::Future<Output = Result<Blob, String>>;
 }
 
 /// What a client keeps from task to task.
@@ -38,8 +46,17 @@ pub struct ClientState {
 impl ClientState {
     /// Where a supermask task's scores start: this client's own magnitudes (or |θ₀| the first
     /// time), signed by the task's bits, so the model starts as the global one.
-    fn start_scores(&self, theta0: &[f32], mask: Option<&[bool]>, bits: &[bool], personal: bool) -> Vec<f32> {
-        let own = self.scores.as_ref().filter(|s| personal && s.len() == theta0.len());
+    fn start_scores(
+        &self,
+        theta0: &[f32],
+        mask: Option<&[bool]>,
+        bits: &[bool],
+        personal: bool,
+    ) -> Vec<f32> {
+        let own = self
+            .scores
+            .as_ref()
+            .filter(|s| personal && s.len() == theta0.len());
         let mut b = bits.iter();
         (0..theta0.len())
             .map(|i| {
@@ -48,7 +65,11 @@ impl ClientState {
                 }
                 // A zero score would have no sign: keep a floor.
                 let mag = own.map_or(theta0[i].abs(), |s| s[i].abs()).max(1e-6);
-                if *b.next().expect("one bit per kept entry") { mag } else { -mag }
+                if *b.next().expect("one bit per kept entry") {
+                    mag
+                } else {
+                    -mag
+                }
             })
             .collect()
     }
@@ -63,7 +84,7 @@ pub struct ClientRuntime<H: ClientHost> {
     pub run: Option<RunInfo>,
     pub shard: Option<Shard>,
     /// The last global model received (before local training), for "try the model" panels.
-    pub last_model: Option<(crate::arch::Arch, Vec<f32>)>,
+    pub last_model: Option<(crate::model::arch::Arch, Vec<f32>)>,
     pub state: ClientState,
 }
 
@@ -81,7 +102,10 @@ impl<H: ClientHost> Host for RoundHost<'_, H> {
     }
 
     async fn progress(&mut self, p: &Progress) {
-        self.inner.send(ClientMsg::Progress { round: self.round, progress: p.clone() });
+        self.inner.send(ClientMsg::Progress {
+            round: self.round,
+            progress: p.clone(),
+        });
         self.inner.progress(p).await;
     }
 
@@ -95,7 +119,17 @@ impl<H: ClientHost> Host for RoundHost<'_, H> {
 
 impl<H: ClientHost> ClientRuntime<H> {
     pub fn new(host: H, device: Device, info: DeviceInfo, name: String) -> Self {
-        ClientRuntime { host, device, info, name, client_id: None, run: None, shard: None, last_model: None, state: ClientState::default() }
+        ClientRuntime {
+            host,
+            device,
+            info,
+            name,
+            client_id: None,
+            run: None,
+            shard: None,
+            last_model: None,
+            state: ClientState::default(),
+        }
     }
 
     pub fn hello(&self) -> ClientMsg {
@@ -122,10 +156,17 @@ impl<H: ClientHost> ClientRuntime<H> {
                 let round = task.round;
                 Some(match self.run_task(task).await {
                     Ok(result) => ClientMsg::Result(result),
-                    Err(message) => ClientMsg::Error { round: Some(round), message },
+                    Err(message) => ClientMsg::Error {
+                        round: Some(round),
+                        message,
+                    },
                 })
             }
-            ServerMsg::Wait { .. } | ServerMsg::Error { .. } | ServerMsg::Exchange { .. } | ServerMsg::ExchangeFailed { .. } | ServerMsg::Bye { .. } => None,
+            ServerMsg::Wait { .. }
+            | ServerMsg::Error { .. }
+            | ServerMsg::Exchange { .. }
+            | ServerMsg::ExchangeFailed { .. }
+            | ServerMsg::Bye { .. } => None,
         }
     }
 
@@ -133,10 +174,31 @@ impl<H: ClientHost> ClientRuntime<H> {
         let model = codec::decode_model(&task.model, &mut self.state.mask, true)?;
         let (arch, mask) = (&model.arch, model.mask.as_deref());
         self.last_model = Some((arch.clone(), model.params.clone()));
-        let shard = self.shard.as_ref().ok_or("task before welcome: no data shard yet")?;
-        let mut host = RoundHost { inner: &mut self.host, round: task.round, waited_ms: 0.0 };
-        let t = learn(&model, &mut self.state, &shard.train, &task, &self.device, &mut host).await?;
-        let pruned_nonzero = mask.map_or(0, |m| t.params.iter().zip(m).filter(|(v, k)| !**k && **v != 0.0).count() as u64);
+        let shard = self
+            .shard
+            .as_ref()
+            .ok_or("task before welcome: no data shard yet")?;
+        let mut host = RoundHost {
+            inner: &mut self.host,
+            round: task.round,
+            waited_ms: 0.0,
+        };
+        let t = learn(
+            &model,
+            &mut self.state,
+            &shard.train,
+            &task,
+            &self.device,
+            &mut host,
+        )
+        .await?;
+        let pruned_nonzero = mask.map_or(0, |m| {
+            t.params
+                .iter()
+                .zip(m)
+                .filter(|(v, k)| !**k && **v != 0.0)
+                .count() as u64
+        });
         let mut metrics = ClientMetrics {
             train_loss: t.mean_loss,
             epochs: t.epochs,
@@ -147,31 +209,81 @@ impl<H: ClientHost> ClientRuntime<H> {
             exchange_seconds: host.waited_ms / 1000.0,
             ..Default::default()
         };
-        let update = codec::encode_update(task.upload, arch, &model.params, &t.params, mask, &mut self.state.residual);
+        let update = codec::encode_update(
+            task.upload,
+            arch,
+            &model.params,
+            &t.params,
+            mask,
+            &mut self.state.residual,
+        );
         // The local test split measures the model this client ends the task with (a split
         // learning front alone outputs activations, not classes: nothing to measure).
         if !shard.test.is_empty() && arch.classes == shard.test.classes {
             metrics.local_test = evaluate(arch, &t.params, &shard.test, &self.device).await?;
         }
         let samples = shard.train.len() as u64;
-        Ok(TaskResult { round: task.round, samples, update, metrics, mask_version: self.state.mask.version() })
+        Ok(TaskResult {
+            round: task.round,
+            samples,
+            update,
+            metrics,
+            mask_version: self.state.mask.version(),
+        })
     }
 }
 
 /// Trains as the task's step says; returns the trained weights the model computes with (for a
 /// supermask, the effective weights of the learned scores, which stay with this client).
-async fn learn<H: crate::train::Host>(model: &Model, state: &mut ClientState, data: &crate::data::Dataset, task: &Task, device: &Device, host: &mut H) -> Result<Trained, String> {
+async fn learn<H: crate::train::Host>(
+    model: &Model,
+    state: &mut ClientState,
+    data: &crate::data::Dataset,
+    task: &Task,
+    device: &Device,
+    host: &mut H,
+) -> Result<Trained, String> {
     let (arch, mask) = (&model.arch, model.mask.as_deref());
     match (task.train.step.learn, &model.supermask) {
-        (Learn::Weights, _) => train(arch, &model.params, mask, None, data, &task.train, device, host).await,
+        (Learn::Weights, _) => {
+            train(
+                arch,
+                &model.params,
+                mask,
+                None,
+                data,
+                &task.train,
+                device,
+                host,
+            )
+            .await
+        }
         (Learn::Scores { personal }, Some(sm)) => {
             let start = state.start_scores(&sm.theta0, mask, &sm.bits, personal);
-            let frozen = Frozen { kind: sm.kind, theta0: &sm.theta0 };
-            let mut t = train(arch, &start, mask, Some(frozen), data, &task.train, device, host).await?;
+            let frozen = Frozen {
+                kind: sm.kind,
+                theta0: &sm.theta0,
+            };
+            let mut t = train(
+                arch,
+                &start,
+                mask,
+                Some(frozen),
+                data,
+                &task.train,
+                device,
+                host,
+            )
+            .await?;
             let bits = supermask::bits_of_scores(&t.params, mask);
-            state.scores = Some(std::mem::replace(&mut t.params, supermask::effective(sm.kind, &sm.theta0, mask, &bits)));
+            state.scores = Some(std::mem::replace(
+                &mut t.params,
+                supermask::effective(sm.kind, &sm.theta0, mask, &bits),
+            ));
             Ok(t)
         }
-        (Learn::Scores { .. }, None) => Err("the task learns scores but its model is no supermask".into()),
+        (Learn::Scores { .. }, None) => {
+            Err("the task learns scores but its model is no supermask".into())
+        }
     }
 }

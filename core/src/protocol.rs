@@ -8,8 +8,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::arch::Arch;
-use crate::partition::Shard;
+pub use crate::bytes::{Bits, Blob};
+use crate::data::partition::Shard;
+use crate::model::arch::Arch;
+pub use crate::train::step::SupermaskKind;
 use crate::train::{Eval, Progress, TrainSpec};
 
 pub const PROTOCOL_VERSION: u8 = 4;
@@ -29,65 +31,6 @@ pub enum ProtocolError {
     Version { got: u8 },
     #[error("malformed message: {0}")]
     Malformed(String),
-    #[error("tensor payload of {0} bytes is not a whole number of f32 values")]
-    Tensor(usize),
-}
-
-/// Raw bytes; tensors are little-endian f32.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Blob(#[serde(with = "serde_bytes")] pub Vec<u8>);
-
-impl Blob {
-    pub fn from_f32(values: &[f32]) -> Blob {
-        let mut b = Vec::with_capacity(values.len() * 4);
-        for v in values {
-            b.extend_from_slice(&v.to_le_bytes());
-        }
-        Blob(b)
-    }
-
-    pub fn to_f32(&self) -> Result<Vec<f32>, ProtocolError> {
-        if self.0.len() % 4 != 0 {
-            return Err(ProtocolError::Tensor(self.0.len()));
-        }
-        Ok(self.0.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-/// A packed bit vector (LSB first), used for masks.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Bits {
-    pub len: u64,
-    #[serde(with = "serde_bytes")]
-    pub bytes: Vec<u8>,
-}
-
-impl Bits {
-    pub fn pack(bits: &[bool]) -> Bits {
-        let mut bytes = vec![0u8; bits.len().div_ceil(8)];
-        for (i, &b) in bits.iter().enumerate() {
-            if b {
-                bytes[i / 8] |= 1 << (i % 8);
-            }
-        }
-        Bits { len: bits.len() as u64, bytes }
-    }
-
-    pub fn unpack(&self) -> Result<Vec<bool>, ProtocolError> {
-        let len = self.len as usize;
-        if self.bytes.len() != len.div_ceil(8) {
-            return Err(ProtocolError::Malformed(format!("{} bits in {} bytes", len, self.bytes.len())));
-        }
-        Ok((0..len).map(|i| self.bytes[i / 8] >> (i % 8) & 1 == 1).collect())
-    }
 }
 
 /// Named in JSON as its `Display` form (postcard sends the variant index).
@@ -127,8 +70,17 @@ pub struct DeviceInfo {
 
 impl DeviceInfo {
     /// A client that did not choose between backends.
-    pub fn new(backend: Backend, adapter: impl Into<String>, user_agent: impl Into<String>) -> Self {
-        DeviceInfo { backend, adapter: adapter.into(), user_agent: user_agent.into(), speeds: Vec::new() }
+    pub fn new(
+        backend: Backend,
+        adapter: impl Into<String>,
+        user_agent: impl Into<String>,
+    ) -> Self {
+        DeviceInfo {
+            backend,
+            adapter: adapter.into(),
+            user_agent: user_agent.into(),
+            speeds: Vec::new(),
+        }
     }
 }
 
@@ -187,16 +139,11 @@ pub enum Params {
     Values(Blob),
     /// A supermask over frozen random weights: the client regenerates θ₀ bit-exactly from `seed`
     /// (the same `ModelState::init` both sides run), and `bits` has one bit per kept entry.
-    Supermask { seed: u64, kind: SupermaskKind, bits: Bits },
-}
-
-/// What a supermask's bit means for its weight.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SupermaskKind {
-    /// HideNseek: weight = |θ₀| × (bit ? +1 : −1).
-    Sign,
-    /// Binary supermask (FedPM's family): weight = θ₀ × bit.
-    Keep,
+    Supermask {
+        seed: u64,
+        kind: SupermaskKind,
+        bits: Bits,
+    },
 }
 
 /// A pruning mask travels once; afterwards the server names the version the client holds.
@@ -224,7 +171,11 @@ pub enum UploadSpec {
     /// The delta on the mask's kept entries only (all entries without a mask), optionally int8
     /// with one scale per tensor, optionally only the `top_k` fraction largest in magnitude,
     /// with the rest carried to the next round (error feedback).
-    Sparse { int8: bool, top_k: f32, error_feedback: bool },
+    Sparse {
+        int8: bool,
+        top_k: f32,
+        error_feedback: bool,
+    },
     /// The client's supermask bits on the kept entries, per tensor either bit-packed or as the
     /// positions that differ from the task's bits, whichever is smaller.
     Supermask { kind: SupermaskKind },
@@ -264,7 +215,7 @@ pub enum MaskBits {
 /// Delta entries on the kept positions of the task's mask; see [`crate::codec`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SparseUpdate {
-    /// Ascending indices into the list of kept entries, coded by [`crate::positions`] (a bitmap
+    /// Ascending indices into the list of kept entries, coded by [`crate::codec::positions`] (a bitmap
     /// or delta varints, whichever is smaller); `None`: all of them.
     pub positions: Option<Blob>,
     pub values: Values,
@@ -274,7 +225,10 @@ pub struct SparseUpdate {
 pub enum Values {
     F32(Blob),
     /// One i8 per value; value = i8 × scales[tensor of that value].
-    Int8 { scales: Vec<f32>, data: Blob },
+    Int8 {
+        scales: Vec<f32>,
+        data: Blob,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -320,12 +274,22 @@ pub enum ErrorCode {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ClientMsg {
     Hello(Hello),
-    Progress { round: u32, progress: Progress },
+    Progress {
+        round: u32,
+        progress: Progress,
+    },
     Result(TaskResult),
-    Error { round: Option<u32>, message: String },
+    Error {
+        round: Option<u32>,
+        message: String,
+    },
     /// A request within a task, answered by `ServerMsg::Exchange` (or `ExchangeFailed`) with the
     /// same round and sequence number; the client awaits it (split learning's activations).
-    Exchange { round: u32, seq: u32, payload: Blob },
+    Exchange {
+        round: u32,
+        seq: u32,
+        payload: Blob,
+    },
     Bye,
 }
 
@@ -334,13 +298,30 @@ pub enum ServerMsg {
     Welcome(Welcome),
     Task(Task),
     /// Nothing to do right now (not sampled, waiting for clients, run finished).
-    Wait { round: u32, reason: String },
-    Error { code: ErrorCode, message: String },
+    Wait {
+        round: u32,
+        reason: String,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
     /// The reply to the client's exchange request `seq` of `round`.
-    Exchange { round: u32, seq: u32, payload: Blob },
+    Exchange {
+        round: u32,
+        seq: u32,
+        payload: Blob,
+    },
     /// Exchange request `seq` of `round` was refused (stale round, no task, malformed...).
-    ExchangeFailed { round: u32, seq: u32, code: ErrorCode, message: String },
-    Bye { reason: String },
+    ExchangeFailed {
+        round: u32,
+        seq: u32,
+        code: ErrorCode,
+        message: String,
+    },
+    Bye {
+        reason: String,
+    },
 }
 
 /// Whether a server frame is an exchange reply (`Exchange` or `ExchangeFailed`), read from its
@@ -369,7 +350,11 @@ const TASK_VARIANT: u8 = 1;
 /// upload, deadline). A server sending one model to many clients encodes the model part once and
 /// shares it; only the small parts differ per client.
 pub fn encode_task_parts(task: &Task) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
-    (encode_task_head(task), encode_model_part(&task.model), encode_task_tail(task))
+    (
+        encode_task_head(task),
+        encode_model_part(&task.model),
+        encode_task_tail(task),
+    )
 }
 
 /// The first part of [`encode_task_parts`]: frame header, message kind and round.
@@ -388,7 +373,8 @@ pub fn encode_model_part(model: &ModelPayload) -> Vec<u8> {
 
 /// The per-client part of [`encode_task_parts`]: training, upload and deadline.
 pub fn encode_task_tail(task: &Task) -> Vec<u8> {
-    postcard::to_allocvec(&(&task.train, &task.upload, task.deadline_ms)).expect("postcard encoding")
+    postcard::to_allocvec(&(&task.train, &task.upload, task.deadline_ms))
+        .expect("postcard encoding")
 }
 
 pub fn decode<T: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<T, ProtocolError> {
@@ -401,9 +387,13 @@ pub fn decode<T: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<T, ProtocolE
     if frame[2] != PROTOCOL_VERSION {
         return Err(ProtocolError::Version { got: frame[2] });
     }
-    let (msg, rest) = postcard::take_from_bytes(&frame[3..]).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    let (msg, rest) = postcard::take_from_bytes(&frame[3..])
+        .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(ProtocolError::Malformed(format!("{} trailing bytes", rest.len())));
+        return Err(ProtocolError::Malformed(format!(
+            "{} trailing bytes",
+            rest.len()
+        )));
     }
     Ok(msg)
 }
@@ -430,9 +420,20 @@ mod tests {
             model: Arc::new(ModelPayload {
                 params: Params::Values(Blob::from_f32(&vec![0.5; arch.num_params()])),
                 arch,
-                mask: Some(MaskSpec::Full { version: 2, bits: Bits::pack(&[true, false, true]) }),
+                mask: Some(MaskSpec::Full {
+                    version: 2,
+                    bits: Bits::pack(&[true, false, true]),
+                }),
             }),
-            train: TrainSpec { epochs: 1, batch_size: 10, lr: 0.1, optimizer: Optimizer::Sgd { momentum: 0.0 }, seed: 1, patience: 0, step: Default::default() },
+            train: TrainSpec {
+                epochs: 1,
+                batch_size: 10,
+                lr: 0.1,
+                optimizer: Optimizer::Sgd { momentum: 0.0 },
+                seed: 1,
+                patience: 0,
+                step: Default::default(),
+            },
             upload: UploadSpec::Weights,
             deadline_ms: 1000,
         }
@@ -469,50 +470,72 @@ mod tests {
         // The parameter bytes appear verbatim in the frame.
         let needle = 0.5f32.to_le_bytes().repeat(8);
         assert!(frame.windows(needle.len()).any(|w| w == needle));
-        assert!(frame.len() < arch_params + 200, "frame {} for {} payload bytes", frame.len(), arch_params);
-        assert_eq!(Blob(vec![0, 0, 128, 63]).to_f32().unwrap(), vec![1.0]);
-        assert_eq!(Blob(vec![1, 2, 3]).to_f32(), Err(ProtocolError::Tensor(3)));
+        assert!(
+            frame.len() < arch_params + 200,
+            "frame {} for {} payload bytes",
+            frame.len(),
+            arch_params
+        );
     }
 
     #[test]
     fn malformed_frames_are_typed_errors() {
         let frame = encode(&ServerMsg::Task(task()));
         assert_eq!(decode::<ServerMsg>(b"CN"), Err(ProtocolError::NotCanopy));
-        assert_eq!(decode::<ServerMsg>(b"GET / HTTP/1.1"), Err(ProtocolError::NotCanopy));
+        assert_eq!(
+            decode::<ServerMsg>(b"GET / HTTP/1.1"),
+            Err(ProtocolError::NotCanopy)
+        );
         let mut old = frame.clone();
         old[2] = 0;
-        assert_eq!(decode::<ServerMsg>(&old), Err(ProtocolError::Version { got: 0 }));
+        assert_eq!(
+            decode::<ServerMsg>(&old),
+            Err(ProtocolError::Version { got: 0 })
+        );
         // Every truncation is an error, never a panic.
         for cut in 3..frame.len() {
             assert!(decode::<ServerMsg>(&frame[..cut]).is_err(), "cut at {cut}");
         }
         let mut extra = frame.clone();
         extra.push(0);
-        assert!(matches!(decode::<ServerMsg>(&extra), Err(ProtocolError::Malformed(_))));
+        assert!(matches!(
+            decode::<ServerMsg>(&extra),
+            Err(ProtocolError::Malformed(_))
+        ));
         let mut garbage = frame.clone();
         garbage[3] = 200;
         assert!(decode::<ServerMsg>(&garbage).is_err());
         let big = vec![0u8; MAX_FRAME_BYTES + 1];
-        assert_eq!(decode::<ServerMsg>(&big), Err(ProtocolError::TooLarge(MAX_FRAME_BYTES + 1)));
+        assert_eq!(
+            decode::<ServerMsg>(&big),
+            Err(ProtocolError::TooLarge(MAX_FRAME_BYTES + 1))
+        );
     }
 
     #[test]
     fn exchange_replies_are_told_apart_by_their_header() {
-        let reply = ServerMsg::Exchange { round: 3, seq: 7, payload: Blob(vec![1, 2]) };
-        let failed = ServerMsg::ExchangeFailed { round: 3, seq: 7, code: ErrorCode::Rejected, message: "no".into() };
+        let reply = ServerMsg::Exchange {
+            round: 3,
+            seq: 7,
+            payload: Blob(vec![1, 2]),
+        };
+        let failed = ServerMsg::ExchangeFailed {
+            round: 3,
+            seq: 7,
+            code: ErrorCode::Rejected,
+            message: "no".into(),
+        };
         assert!(is_exchange_reply(&encode(&reply)) && is_exchange_reply(&encode(&failed)));
-        for other in [ServerMsg::Task(task()), ServerMsg::Wait { round: 1, reason: "x".into() }, ServerMsg::Bye { reason: "x".into() }] {
+        for other in [
+            ServerMsg::Task(task()),
+            ServerMsg::Wait {
+                round: 1,
+                reason: "x".into(),
+            },
+            ServerMsg::Bye { reason: "x".into() },
+        ] {
             assert!(!is_exchange_reply(&encode(&other)), "{other:?}");
         }
         assert!(!is_exchange_reply(b"CN"));
-    }
-
-    #[test]
-    fn bits_pack_round_trip() {
-        let bits: Vec<bool> = (0..19).map(|i| i % 3 == 0).collect();
-        let p = Bits::pack(&bits);
-        assert_eq!(p.bytes.len(), 3);
-        assert_eq!(p.unpack().unwrap(), bits);
-        assert!(Bits { len: 30, bytes: vec![0; 2] }.unpack().is_err());
     }
 }

@@ -5,21 +5,29 @@
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Tensor, TensorData};
-use canopy_core::conv::conv2d_im2col;
+use canopy_core::model::conv::conv2d_im2col;
 
 /// Deterministic values in [-1, 1).
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
 }
 
 fn tensor<const D: usize>(shape: [usize; D], seed: u64, device: &Device) -> Tensor<D> {
-    Tensor::from_data(TensorData::new(values(shape.iter().product(), seed), shape), device).require_grad()
+    Tensor::from_data(
+        TensorData::new(values(shape.iter().product(), seed), shape),
+        device,
+    )
+    .require_grad()
 }
 
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -28,7 +36,10 @@ fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Output, then gradients of x, weight, bias of `sum(conv(x) ⊙ r)`, for either convolution.
@@ -40,12 +51,25 @@ fn run(im2col: bool, [b, c, h, w]: [usize; 4], f: usize, k: usize, pad: usize) -
     let out = if im2col {
         conv2d_im2col(x.clone(), wt.clone(), bias.clone(), pad)
     } else {
-        conv2d(x.clone(), wt.clone(), Some(bias.clone()), ConvOptions::new([1, 1], [pad, pad], [1, 1], 1))
+        conv2d(
+            x.clone(),
+            wt.clone(),
+            Some(bias.clone()),
+            ConvOptions::new([1, 1], [pad, pad], [1, 1], 1),
+        )
     };
-    let r = Tensor::from_data(TensorData::new(values(out.shape().num_elements(), 4), out.dims()), &device);
+    let r = Tensor::from_data(
+        TensorData::new(values(out.shape().num_elements(), 4), out.dims()),
+        &device,
+    );
     let grads = (out.clone() * r).sum().backward();
     let g = |t: &Tensor<_>| host(t.grad(&grads).expect("gradient"));
-    [host(out), g(&x), g(&wt), host(bias.grad(&grads).expect("bias gradient"))]
+    [
+        host(out),
+        g(&x),
+        g(&wt),
+        host(bias.grad(&grads).expect("bias gradient")),
+    ]
 }
 
 #[test]
@@ -64,9 +88,20 @@ fn im2col_conv_matches_burn_conv2d_forward_and_gradients() {
     for (shape, f, k, pad) in cases {
         let want = run(false, shape, f, k, pad);
         let got = run(true, shape, f, k, pad);
-        for (what, (a, b)) in ["output", "input gradient", "weight gradient", "bias gradient"].iter().zip(want.iter().zip(&got)) {
+        for (what, (a, b)) in [
+            "output",
+            "input gradient",
+            "weight gradient",
+            "bias gradient",
+        ]
+        .iter()
+        .zip(want.iter().zip(&got))
+        {
             let d = max_diff(a, b);
-            assert!(d <= 1e-4, "{what} differs by {d} for input {shape:?}, {f} filters, kernel {k}, padding {pad}");
+            assert!(
+                d <= 1e-4,
+                "{what} differs by {d} for input {shape:?}, {f} filters, kernel {k}, padding {pad}"
+            );
         }
     }
 }

@@ -33,7 +33,16 @@ fn mutate(rng: &mut StdRng, seeds: &[Vec<u8>]) -> Vec<u8> {
             2 => {
                 if f.len() >= 4 {
                     let i = rng.random_range(0..f.len() - 3);
-                    let v: u32 = [0, 1, u32::MAX, i32::MAX as u32, 0x7f80_0000, 0x7fc0_0000, 0x7f7f_ffff, f.len() as u32][rng.random_range(0..8)];
+                    let v: u32 = [
+                        0,
+                        1,
+                        u32::MAX,
+                        i32::MAX as u32,
+                        0x7f80_0000,
+                        0x7fc0_0000,
+                        0x7f7f_ffff,
+                        f.len() as u32,
+                    ][rng.random_range(0..8)];
                     f[i..i + 4].copy_from_slice(&v.to_le_bytes());
                 }
             }
@@ -107,18 +116,35 @@ fn random_and_mutated_frames_never_panic() {
     // The real frames themselves pass, and each result is accepted by the task it answers.
     let honest: Vec<Tally> = seeds.iter().map(|s| feed(s, &targets)).collect();
     assert!(honest.iter().all(|t| t.decoded == 1), "{honest:?}");
-    assert!(honest.iter().filter(|t| t.results == 1).all(|t| t.accepted >= 1 && t.aggregated >= 1), "{honest:?}");
+    assert!(
+        honest
+            .iter()
+            .filter(|t| t.results == 1)
+            .all(|t| t.accepted >= 1 && t.aggregated >= 1),
+        "{honest:?}"
+    );
     let mut rng = StdRng::seed_from_u64(0xf422);
     let mut total = Tally::default();
     for i in 0..MUTATED + RANDOM {
-        let frame = if i < MUTATED { mutate(&mut rng, &seeds) } else { random_frame(&mut rng) };
+        let frame = if i < MUTATED {
+            mutate(&mut rng, &seeds)
+        } else {
+            random_frame(&mut rng)
+        };
         let t = feed(&frame, &targets);
         total.decoded += t.decoded;
         total.results += t.results;
         total.accepted += t.accepted;
         total.aggregated += t.aggregated;
     }
-    eprintln!("{} frames in {:.2} s: {total:?}", MUTATED + RANDOM, t0.elapsed().as_secs_f64());
+    eprintln!(
+        "{} frames in {:.2} s: {total:?}",
+        MUTATED + RANDOM,
+        t0.elapsed().as_secs_f64()
+    );
     // The mutations reach deep: many still decode, and some mutated results are accepted.
-    assert!(total.decoded > 5_000 && total.results > 3_000 && total.accepted > 1_000, "{total:?}");
+    assert!(
+        total.decoded > 5_000 && total.results > 3_000 && total.accepted > 1_000,
+        "{total:?}"
+    );
 }

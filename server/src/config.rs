@@ -3,11 +3,11 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use canopy_core::partition::Partition;
-use canopy_core::robust::{Clip, RobustConfig, Rule};
+use canopy_core::aggregate::robust::{Clip, RobustConfig, Rule};
+use canopy_core::data::partition::Partition;
 use canopy_core::strategy::{self, Settings, Strategy, StrategyConfig};
 
-use crate::limits::LimitsConfig;
+use crate::serve::limits::LimitsConfig;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -106,22 +106,39 @@ impl StrategySection {
 
     /// Sets one key of a method's section (`[strategy.<method>] key = value`).
     pub fn set(&mut self, method: &str, key: &str, value: impl Serialize) {
-        let section = self.methods.entry(method.to_string()).or_insert_with(|| serde_json::json!({}));
+        let section = self
+            .methods
+            .entry(method.to_string())
+            .or_insert_with(|| serde_json::json!({}));
         if let Some(table) = section.as_object_mut() {
-            table.insert(key.to_string(), serde_json::to_value(value).expect("a plain setting"));
+            table.insert(
+                key.to_string(),
+                serde_json::to_value(value).expect("a plain setting"),
+            );
         }
     }
 
     /// Every section must belong to a known strategy and parse (a typo in any of them, or an
     /// unknown shared key, is an error rather than silently ignored).
     fn check(&self) -> Result<(), String> {
-        strategy::lookup(&self.name).ok_or_else(|| format!("unknown strategy '{}' (known: {})", self.name, strategy::names().join(", ")))?;
+        strategy::lookup(&self.name).ok_or_else(|| {
+            format!(
+                "unknown strategy '{}' (known: {})",
+                self.name,
+                strategy::names().join(", ")
+            )
+        })?;
         for (key, section) in &self.methods {
             let Some(m) = strategy::lookup(key) else {
-                return Err(format!("[strategy]: unknown setting '{key}' (shared settings are fraction, min_fit, epochs, batch_size, lr, optimizer, deadline_ms, server_momentum, server_lr; method sections are {})", strategy::names().join(", ")));
+                return Err(format!(
+                    "[strategy]: unknown setting '{key}' (shared settings are fraction, min_fit, epochs, batch_size, lr, optimizer, deadline_ms, server_momentum, server_lr; method sections are {})",
+                    strategy::names().join(", ")
+                ));
             };
             if !section.is_object() {
-                return Err(format!("[strategy]: '{key}' must be a section ([strategy.{key}])"));
+                return Err(format!(
+                    "[strategy]: '{key}' must be a section ([strategy.{key}])"
+                ));
             }
             (m.build)(self.config.clone(), Some(section)).map(|_| ())?;
         }
@@ -159,7 +176,19 @@ impl Default for Config {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        RunConfig { name: None, rounds: 20, min_clients: 1, min_results: 1, seed: 1, out_dir: "runs".into(), linger: true, hold: false, resume: false, late_results: LateResults::Drop, goodbye_seconds: 10.0 }
+        RunConfig {
+            name: None,
+            rounds: 20,
+            min_clients: 1,
+            min_results: 1,
+            seed: 1,
+            out_dir: "runs".into(),
+            linger: true,
+            hold: false,
+            resume: false,
+            late_results: LateResults::Drop,
+            goodbye_seconds: 10.0,
+        }
     }
 }
 
@@ -181,13 +210,22 @@ impl Default for DataConfig {
 
 impl Default for StrategySection {
     fn default() -> Self {
-        StrategySection { name: "fedavg".into(), config: StrategyConfig::default(), methods: BTreeMap::new() }
+        StrategySection {
+            name: "fedavg".into(),
+            config: StrategyConfig::default(),
+            methods: BTreeMap::new(),
+        }
     }
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { bind: "127.0.0.1".into(), port: 8080, web_dir: "web".into(), admin_token: None }
+        ServerConfig {
+            bind: "127.0.0.1".into(),
+            port: 8080,
+            web_dir: "web".into(),
+            admin_token: None,
+        }
     }
 }
 
@@ -277,10 +315,17 @@ pub struct Overrides {
 pub fn parse_defence(s: &str, base: &RobustConfig) -> Result<RobustConfig, String> {
     let (rule, clip) = match s.trim().split_once('+') {
         Some((r, "clip")) => (r, true),
-        Some(_) => return Err(format!("unknown defence '{s}' (a rule, optionally with +clip)")),
+        Some(_) => {
+            return Err(format!(
+                "unknown defence '{s}' (a rule, optionally with +clip)"
+            ));
+        }
         None => (s.trim(), false),
     };
-    let mut c = RobustConfig { clip: if clip { Clip::Median } else { Clip::None }, ..base.clone() };
+    let mut c = RobustConfig {
+        clip: if clip { Clip::Median } else { Clip::None },
+        ..base.clone()
+    };
     c.rule = match rule {
         "none" | "mean" => Rule::Mean,
         "norm-bound" => {
@@ -290,7 +335,11 @@ pub fn parse_defence(s: &str, base: &RobustConfig) -> Result<RobustConfig, Strin
         "median" => Rule::Median,
         "trimmed-mean" => Rule::TrimmedMean,
         "multi-krum" | "krum" => Rule::MultiKrum,
-        _ => return Err(format!("unknown defence '{s}' (none, norm-bound, median, trimmed-mean, multi-krum; +clip)")),
+        _ => {
+            return Err(format!(
+                "unknown defence '{s}' (none, norm-bound, median, trimmed-mean, multi-krum; +clip)"
+            ));
+        }
     };
     Ok(c)
 }
@@ -300,17 +349,28 @@ pub fn parse_partition(s: &str) -> Result<Partition, String> {
     match kind {
         "iid" => Ok(Partition::Iid),
         "dirichlet" => {
-            let alpha: f64 = arg.parse().map_err(|_| format!("dirichlet needs α, e.g. dirichlet:0.5 (got '{s}')"))?;
+            let alpha: f64 = arg
+                .parse()
+                .map_err(|_| format!("dirichlet needs α, e.g. dirichlet:0.5 (got '{s}')"))?;
             if alpha <= 0.0 {
                 return Err("dirichlet α must be positive".into());
             }
             Ok(Partition::Dirichlet { alpha })
         }
         "shards" => {
-            let n: usize = if arg.is_empty() { 2 } else { arg.parse().map_err(|_| format!("bad shard count in '{s}'"))? };
-            Ok(Partition::Shards { shards_per_client: n.max(1) })
+            let n: usize = if arg.is_empty() {
+                2
+            } else {
+                arg.parse()
+                    .map_err(|_| format!("bad shard count in '{s}'"))?
+            };
+            Ok(Partition::Shards {
+                shards_per_client: n.max(1),
+            })
         }
-        _ => Err(format!("unknown partition '{s}' (iid, dirichlet:ALPHA, shards:N)")),
+        _ => Err(format!(
+            "unknown partition '{s}' (iid, dirichlet:ALPHA, shards:N)"
+        )),
     }
 }
 
@@ -318,7 +378,8 @@ impl Config {
     pub fn load(o: &Overrides) -> Result<Config, String> {
         let mut c = match &o.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("reading {}: {e}", path.display()))?;
                 toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
             }
             None => Config::default(),
@@ -390,18 +451,24 @@ impl Config {
             return Err("data.shards must be at least 1".into());
         }
         if self.run.min_results == 0 {
-            return Err("run.min_results must be at least 1: a round is never aggregated from nothing".into());
+            return Err(
+                "run.min_results must be at least 1: a round is never aggregated from nothing"
+                    .into(),
+            );
         }
         let s = &self.strategy.config;
         if s.batch_size == 0 || s.epochs == 0 || !(s.lr > 0.0) {
             return Err("strategy needs batch_size ≥ 1, epochs ≥ 1 and lr > 0".into());
         }
-        if !(0.0..=1.0).contains(&self.data.local_test) || !(0.0..1.0).contains(&self.data.test_fraction) {
+        if !(0.0..=1.0).contains(&self.data.local_test)
+            || !(0.0..1.0).contains(&self.data.test_fraction)
+        {
             return Err("data.local_test and data.test_fraction must lie in [0, 1)".into());
         }
         self.aggregation.validate()?;
         self.limits.validate()?;
-        self.scale.validate(self)?;
+        self.scale
+            .validate(self.run.name.as_deref(), &self.aggregation)?;
         self.strategy.check()
     }
 }
@@ -416,20 +483,63 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("run.toml");
         std::fs::write(&path, "model = \"cnn\"\n[run]\nrounds = 7\n[data]\npartition = { kind = \"shards\", shards_per_client = 2 }\n[strategy]\nname = \"fedavgm\"\nlr = 0.01\n").unwrap();
-        let o = Overrides { config: Some(path.clone()), rounds: Some(9), partition: Some("dirichlet:0.1".into()), ..Default::default() };
+        let o = Overrides {
+            config: Some(path.clone()),
+            rounds: Some(9),
+            partition: Some("dirichlet:0.1".into()),
+            ..Default::default()
+        };
         let c = Config::load(&o).unwrap();
-        assert_eq!((c.model.as_str(), c.run.rounds, c.strategy.name.as_str()), ("cnn", 9, "fedavgm"));
+        assert_eq!(
+            (c.model.as_str(), c.run.rounds, c.strategy.name.as_str()),
+            ("cnn", 9, "fedavgm")
+        );
         assert_eq!(c.data.partition, Partition::Dirichlet { alpha: 0.1 });
         assert_eq!(c.strategy.config.lr, 0.01);
         std::fs::write(&path, "[run]\nroundz = 7\n").unwrap();
-        assert!(Config::load(&Overrides { config: Some(path.clone()), ..Default::default() }).unwrap_err().contains("roundz"));
+        assert!(
+            Config::load(&Overrides {
+                config: Some(path.clone()),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .contains("roundz")
+        );
         std::fs::write(&path, "[strategy]\nname = \"autoflip\"\nepochz = 2\n").unwrap();
-        assert!(Config::load(&Overrides { config: Some(path.clone()), ..Default::default() }).unwrap_err().contains("epochz"));
+        assert!(
+            Config::load(&Overrides {
+                config: Some(path.clone()),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .contains("epochz")
+        );
         std::fs::write(&path, "[strategy]\nname = \"autoflip\"\n[strategy.autoflip]\nq = 0.4\n[strategy.structured]\nlambdaa = 1\n").unwrap();
-        assert!(Config::load(&Overrides { config: Some(path.clone()), ..Default::default() }).unwrap_err().contains("lambdaa"));
-        std::fs::write(&path, "[strategy]\nname = \"autoflip\"\nlr = 0.2\n[strategy.autoflip]\nq = 0.4\n").unwrap();
-        let c = Config::load(&Overrides { config: Some(path.clone()), ..Default::default() }).unwrap();
-        assert_eq!((c.strategy.config.lr, c.strategy.methods["autoflip"]["q"].as_f64()), (0.2, Some(0.4)));
+        assert!(
+            Config::load(&Overrides {
+                config: Some(path.clone()),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .contains("lambdaa")
+        );
+        std::fs::write(
+            &path,
+            "[strategy]\nname = \"autoflip\"\nlr = 0.2\n[strategy.autoflip]\nq = 0.4\n",
+        )
+        .unwrap();
+        let c = Config::load(&Overrides {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (
+                c.strategy.config.lr,
+                c.strategy.methods["autoflip"]["q"].as_f64()
+            ),
+            (0.2, Some(0.4))
+        );
         // The resolved config written to the run folder reads back the same.
         let again: Config = toml::from_str(&toml::to_string_pretty(&c).unwrap()).unwrap();
         assert_eq!(again.strategy.methods, c.strategy.methods);
@@ -437,16 +547,56 @@ mod tests {
         // [aggregation] in TOML, and the --aggregation shorthand.
         let path = dir.join("robust.toml");
         std::fs::write(&path, "[aggregation]\nrule = \"trimmed_mean\"\ntrim = 0.2\nclip = \"median\"\nclip_multiple = 2.5\n[limits]\nmax_per_address = 4\n").unwrap();
-        let c = Config::load(&Overrides { config: Some(path.clone()), ..Default::default() }).unwrap();
-        assert_eq!((c.aggregation.rule, c.aggregation.trim, c.aggregation.clip, c.aggregation.clip_multiple), (Rule::TrimmedMean, 0.2, Clip::Median, 2.5));
+        let c = Config::load(&Overrides {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (
+                c.aggregation.rule,
+                c.aggregation.trim,
+                c.aggregation.clip,
+                c.aggregation.clip_multiple
+            ),
+            (Rule::TrimmedMean, 0.2, Clip::Median, 2.5)
+        );
         assert_eq!(c.limits.max_per_address, 4);
-        let c = Config::load(&Overrides { config: Some(path.clone()), aggregation: Some("multi-krum".into()), ..Default::default() }).unwrap();
-        assert_eq!((c.aggregation.rule, c.aggregation.clip), (Rule::MultiKrum, Clip::None));
-        assert_eq!(parse_defence("median+clip", &RobustConfig::default()).unwrap().clip, Clip::Median);
-        assert_eq!(parse_defence("norm-bound", &RobustConfig::default()).unwrap(), RobustConfig::norm_bound());
+        let c = Config::load(&Overrides {
+            config: Some(path.clone()),
+            aggregation: Some("multi-krum".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (c.aggregation.rule, c.aggregation.clip),
+            (Rule::MultiKrum, Clip::None)
+        );
+        assert_eq!(
+            parse_defence("median+clip", &RobustConfig::default())
+                .unwrap()
+                .clip,
+            Clip::Median
+        );
+        assert_eq!(
+            parse_defence("norm-bound", &RobustConfig::default()).unwrap(),
+            RobustConfig::norm_bound()
+        );
         assert!(parse_defence("bulyan", &RobustConfig::default()).is_err());
         std::fs::write(&path, "[aggregation]\ntrim = 0.7\n").unwrap();
-        assert!(Config::load(&Overrides { config: Some(path), ..Default::default() }).unwrap_err().contains("trim"));
-        assert_eq!(parse_partition("shards:2").unwrap(), Partition::Shards { shards_per_client: 2 });
+        assert!(
+            Config::load(&Overrides {
+                config: Some(path),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .contains("trim")
+        );
+        assert_eq!(
+            parse_partition("shards:2").unwrap(),
+            Partition::Shards {
+                shards_per_client: 2
+            }
+        );
     }
 }

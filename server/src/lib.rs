@@ -1,48 +1,37 @@
 //! Canopy's aggregator: serves the client page and dashboard, talks to clients over WebSockets
 //! and runs the rounds.
+//!
+//! The rooms: [`serve`] (HTTP, WebSocket sessions, frames out, limits, the admin API, LAN join
+//! URLs), [`hub`] (who is connected and the run's public state), [`round`] (the round loop and
+//! what it uses: the in-round exchange desk, results in, evaluation, records, checkpoints),
+//! [`scale`] (a run spread over edges through NATS), [`lab`] (simulated clients, load, attacks,
+//! comparisons and benchmarks: tools around a server, never used by one), and [`config`] and
+//! [`datasets`], which every room reads.
 
-pub mod admin;
-pub mod attack;
-pub mod bench;
-pub mod bench_split;
-pub mod checkpoint;
-pub mod compare;
 pub mod config;
 pub mod datasets;
-pub mod evaluate;
-pub mod exchange;
 pub mod hub;
-pub mod inbox;
-pub mod lan;
-pub mod limits;
-pub mod load;
-pub mod load_edges;
-pub mod metrics;
-pub mod outbox;
-pub mod precompressed;
-pub mod run;
+pub mod lab;
+pub mod round;
 pub mod scale;
-pub mod sim;
-pub mod split_table;
-pub mod upgrade;
-pub mod web;
-pub mod ws;
+pub mod serve;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use canopy_core::arch::Arch;
 use canopy_core::data::Dataset;
+use canopy_core::model::arch::Arch;
+use canopy_core::model::state::ModelState;
 use canopy_core::protocol::RunInfo;
-use canopy_core::state::ModelState;
 use tokio::sync::mpsc::UnboundedSender;
 
 use config::Config;
-use exchange::Desk;
 use hub::Hub;
-use inbox::Incoming;
-use run::RoundLoop;
+use round::exchange::Desk;
+use round::inbox::Incoming;
+use round::run::RoundLoop;
+use serve::{admin, lan, limits, web};
 
 /// State shared by every request handler and the round loop.
 pub struct App {
@@ -83,15 +72,28 @@ pub async fn start(config: Config) -> Result<Running, String> {
     }
     let test = cap(test, config.data.max_test);
     let (train, validation) = train.split(config.data.validation, seed ^ 0x5eed);
-    let mut shards = config.data.partition.split(&train, config.data.shards, config.data.local_test, seed);
+    let mut shards =
+        config
+            .data
+            .partition
+            .split(&train, config.data.shards, config.data.local_test, seed);
     if let (scale::Role::Edge, Some([i, n])) = (config.scale.role, config.scale.edge_shards) {
         // Edges of one run hand out disjoint shards of the same split.
-        shards = shards.into_iter().enumerate().filter(|(k, _)| k % n == i).map(|(_, s)| s).collect();
+        shards = shards
+            .into_iter()
+            .enumerate()
+            .filter(|(k, _)| k % n == i)
+            .map(|(_, s)| s)
+            .collect();
         if shards.is_empty() {
-            return Err(format!("edge shards {i}/{n}: no shard left of {}", config.data.shards));
+            return Err(format!(
+                "edge shards {i}/{n}: no shard left of {}",
+                config.data.shards
+            ));
         }
     }
-    let arch = Arch::preset(&config.model, train.shape, train.classes).map_err(|e| e.to_string())?;
+    let arch =
+        Arch::preset(&config.model, train.shape, train.classes).map_err(|e| e.to_string())?;
     let mut strategy = config.strategy.build()?;
     strategy.check_model(&arch)?;
     let mut global = ModelState::init(arch, seed);
@@ -100,18 +102,27 @@ pub async fn start(config: Config) -> Result<Running, String> {
     let mut first_round = 1;
     let mut done_rounds = Vec::new();
     if config.run.resume {
-        match checkpoint::resume(&run_dir)? {
+        match round::checkpoint::resume(&run_dir)? {
             Some((ckpt, rounds)) => {
                 strategy.load_state(&ckpt.strategy)?;
                 global = ckpt.global;
                 first_round = ckpt.round + 1;
                 done_rounds = rounds;
-                tracing::info!(round = ckpt.round, "resuming {} after round {}", run_dir.display(), ckpt.round);
+                tracing::info!(
+                    round = ckpt.round,
+                    "resuming {} after round {}",
+                    run_dir.display(),
+                    ckpt.round
+                );
             }
-            None => tracing::info!("nothing to resume in {}: starting afresh", run_dir.display()),
+            None => tracing::info!(
+                "nothing to resume in {}: starting afresh",
+                run_dir.display()
+            ),
         }
     }
-    std::fs::create_dir_all(&run_dir).map_err(|e| format!("creating {}: {e}", run_dir.display()))?;
+    std::fs::create_dir_all(&run_dir)
+        .map_err(|e| format!("creating {}: {e}", run_dir.display()))?;
     let toml = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
     std::fs::write(run_dir.join("config.toml"), toml).map_err(|e| e.to_string())?;
     tracing::info!(
@@ -127,7 +138,12 @@ pub async fn start(config: Config) -> Result<Running, String> {
         partition: config.data.partition.to_string(),
         rounds: config.run.rounds,
     };
-    let hub = Arc::new(Mutex::new(Hub::new(info, shards, done_rounds, config.run.hold)));
+    let hub = Arc::new(Mutex::new(Hub::new(
+        info,
+        shards,
+        done_rounds,
+        config.run.hold,
+    )));
     let desk = Arc::new(Desk::default());
     let global = Arc::new(Mutex::new(global));
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -144,32 +160,62 @@ pub async fn start(config: Config) -> Result<Running, String> {
         web_dir: config.server.web_dir.clone(),
         config_json: config_json.clone(),
         run_dir: run_dir.clone(),
-        admin_token: config.server.admin_token.clone().unwrap_or_else(admin::random_token),
+        admin_token: config
+            .server
+            .admin_token
+            .clone()
+            .unwrap_or_else(admin::random_token),
         join_urls: lan::join_urls(&config.server.bind, addr.port()),
         limits: limits::Limits::new(config.limits.clone()),
     });
     let router = web::router(app.clone());
     tokio::spawn(async move {
         // Sessions need the peer's address for the per-address limit.
-        if let Err(e) = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).await {
+        if let Err(e) = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        {
             tracing::error!("server stopped: {e}");
         }
     });
     // Root and edges find each other by the run's name (config validation made sure it is set).
     let link = match config.scale.role {
         scale::Role::Single => None,
-        role => Some(scale::Link::connect(&config.scale.nats, &run_name, &format!("canopy {role:?} {run_name}"), std::time::Duration::from_secs(30)).await?),
+        role => Some(
+            scale::Link::connect(
+                &config.scale.nats,
+                &run_name,
+                &format!("canopy {role:?} {run_name}"),
+                std::time::Duration::from_secs(30),
+            )
+            .await?,
+        ),
     };
     let edges = match (&link, config.scale.role) {
         (Some(link), scale::Role::Root) => {
             hub.lock().unwrap().refuse_joins("this server is the root of a run spread over edge servers: open one of the edges' pages to join (see its dashboard)");
             if !config.run.resume {
                 // A fresh run: what an earlier run of this name left in the stream is not ours.
-                link.stream.clone().purge().await.map_err(|e| format!("clearing the run's stream: {e}"))?;
+                link.stream
+                    .clone()
+                    .purge()
+                    .await
+                    .map_err(|e| format!("clearing the run's stream: {e}"))?;
             }
             let scale_cfg = &config.scale;
             let ms = std::time::Duration::from_millis;
-            Some(scale::root::Edges::start(link.clone(), hub.clone(), first_round, ms(scale_cfg.edge_timeout_ms), ms(scale_cfg.grace_ms)).await?)
+            Some(
+                scale::root::Edges::start(
+                    link.clone(),
+                    hub.clone(),
+                    first_round,
+                    ms(scale_cfg.edge_timeout_ms),
+                    ms(scale_cfg.grace_ms),
+                )
+                .await?,
+            )
         }
         _ => None,
     };
@@ -197,13 +243,26 @@ pub async fn start(config: Config) -> Result<Running, String> {
     };
     let rounds = match (link, config.scale.role) {
         (Some(link), scale::Role::Edge) => {
-            let name = config.scale.edge.clone().unwrap_or_else(|| format!("edge-{}", addr.port()));
-            let url = app.join_urls.first().cloned().unwrap_or_else(|| format!("http://{addr}/"));
+            let name = config
+                .scale
+                .edge
+                .clone()
+                .unwrap_or_else(|| format!("edge-{}", addr.port()));
+            let url = app
+                .join_urls
+                .first()
+                .cloned()
+                .unwrap_or_else(|| format!("http://{addr}/"));
             tokio::spawn(scale::edge::run(round_loop, link, name, url))
         }
         _ => tokio::spawn(round_loop.run()),
     };
-    Ok(Running { addr, run_dir, app, rounds })
+    Ok(Running {
+        addr,
+        run_dir,
+        app,
+        rounds,
+    })
 }
 
 fn cap(d: Dataset, max: usize) -> Dataset {
@@ -214,6 +273,9 @@ fn cap(d: Dataset, max: usize) -> Dataset {
 }
 
 fn timestamp() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     format!("run-{secs}")
 }

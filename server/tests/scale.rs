@@ -14,9 +14,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use canopy_core::protocol::{ClientMsg, DeviceInfo, Hello, PROTOCOL_VERSION, Params, ServerMsg, Update, decode, encode};
-use canopy_core::robust::{Clip, Rule};
-use canopy_core::state::ModelState;
+use canopy_core::aggregate::robust::{Clip, Rule};
+use canopy_core::model::state::ModelState;
+use canopy_core::protocol::{
+    ClientMsg, DeviceInfo, Hello, PROTOCOL_VERSION, Params, ServerMsg, Update, decode, encode,
+};
 use canopy_core::strategy::{RoundContext, RunningSum, StrategyConfig, build};
 use canopy_core::train::Eval;
 use canopy_server::scale::{Role, wire};
@@ -39,13 +41,20 @@ impl Drop for Kill {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn wait_port(port: u16, what: &str) {
     let until = Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < until, "{what} did not listen on port {port} within 60 s");
+        assert!(
+            Instant::now() < until,
+            "{what} did not listen on port {port} within 60 s"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -53,7 +62,9 @@ fn wait_port(port: u16, what: &str) {
 /// Debian's nats-server with JetStream on a free port, storing under `dir`.
 fn nats(dir: &Path) -> (Kill, String) {
     let Ok(path) = which("nats-server") else {
-        panic!("nats-server is not installed: `just setup` installs it (Debian package nats-server); the scale-out tests need a real one");
+        panic!(
+            "nats-server is not installed: `just setup` installs it (Debian package nats-server); the scale-out tests need a real one"
+        );
     };
     let port = free_port();
     let child = Command::new(path)
@@ -70,8 +81,17 @@ fn nats(dir: &Path) -> (Kill, String) {
 
 fn which(name: &str) -> Result<PathBuf, ()> {
     std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|f| f.is_file()))
-        .or_else(|| ["/usr/sbin", "/usr/bin"].iter().map(|d| Path::new(d).join(name)).find(|f| f.is_file()))
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .find(|f| f.is_file())
+        })
+        .or_else(|| {
+            ["/usr/sbin", "/usr/bin"]
+                .iter()
+                .map(|d| Path::new(d).join(name))
+                .find(|f| f.is_file())
+        })
         .ok_or(())
 }
 
@@ -86,7 +106,13 @@ struct Book {
 
 /// A synthetic client that records what it sends. `stall` (edge 3's clients): in that round it
 /// reports the task and never answers.
-async fn client(url: String, name: String, book: Arc<Mutex<Book>>, stall: Option<Arc<AtomicUsize>>, welcomed: Arc<AtomicUsize>) {
+async fn client(
+    url: String,
+    name: String,
+    book: Arc<Mutex<Book>>,
+    stall: Option<Arc<AtomicUsize>>,
+    welcomed: Arc<AtomicUsize>,
+) {
     let ws = loop {
         match tokio_tungstenite::connect_async(url.as_str()).await {
             Ok((ws, _)) => break ws,
@@ -94,11 +120,21 @@ async fn client(url: String, name: String, book: Arc<Mutex<Book>>, stall: Option
         }
     };
     let (mut sink, mut stream) = ws.split();
-    let hello = Hello { protocol: PROTOCOL_VERSION, name, device: DeviceInfo::new(canopy_core::protocol::Backend::Native, "test", "test"), resume: None, mask_version: None };
-    sink.send(Message::binary(encode(&ClientMsg::Hello(hello)))).await.unwrap();
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        name,
+        device: DeviceInfo::new(canopy_core::protocol::Backend::Native, "test", "test"),
+        resume: None,
+        mask_version: None,
+    };
+    sink.send(Message::binary(encode(&ClientMsg::Hello(hello))))
+        .await
+        .unwrap();
     let (mut samples, mut id) = (1, 0);
     while let Some(Ok(msg)) = stream.next().await {
-        let Message::Binary(frame) = msg else { continue };
+        let Message::Binary(frame) = msg else {
+            continue;
+        };
         let task = match decode::<ServerMsg>(&frame) {
             Ok(ServerMsg::Welcome(w)) => {
                 samples = (w.shard.train.len() as u64).max(1);
@@ -116,18 +152,31 @@ async fn client(url: String, name: String, book: Arc<Mutex<Book>>, stall: Option
             stalled.fetch_add(1, Ordering::SeqCst);
             continue;
         }
-        let reply = canopy_server::load::synthetic_result(&task, samples, id);
+        let reply = canopy_server::lab::load::support::synthetic_result(&task, samples, id);
         {
-            let Params::Values(model) = &task.model.params else { panic!("a FedAvg task carries values") };
+            let Params::Values(model) = &task.model.params else {
+                panic!("a FedAvg task carries values")
+            };
             let model = model.to_f32().unwrap();
-            let ClientMsg::Result(r) = &reply else { panic!("a synthetic result") };
-            let (Update::Weights(w) | Update::Delta(w)) = &r.update else { panic!("FedAvg uploads weights, FedAvgM deltas") };
+            let ClientMsg::Result(r) = &reply else {
+                panic!("a synthetic result")
+            };
+            let (Update::Weights(w) | Update::Delta(w)) = &r.update else {
+                panic!("FedAvg uploads weights, FedAvgM deltas")
+            };
             let mut b = book.lock().unwrap();
-            let known = b.models.entry(task.round).or_insert_with(|| model.clone()).clone();
+            let known = b
+                .models
+                .entry(task.round)
+                .or_insert_with(|| model.clone())
+                .clone();
             if known != model {
                 b.mixed.push(task.round);
             }
-            let sum = b.sent.entry(task.round).or_insert_with(|| RunningSum::new(model.len(), Default::default()));
+            let sum = b
+                .sent
+                .entry(task.round)
+                .or_insert_with(|| RunningSum::new(model.len(), Default::default()));
             sum.add(&w.to_f32().unwrap(), r.samples).unwrap();
         }
         if sink.send(Message::binary(encode(&reply))).await.is_err() {
@@ -152,7 +201,10 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 fn edges_aggregate_as_one_server(strategy: &str) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // The root's log, shown when the test fails.
-    let _ = tracing_subscriber::fmt().with_env_filter("warn,canopy_server::scale=info,canopy_server::run=info").with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn,canopy_server::scale=info,canopy_server::round::run=info")
+        .with_test_writer()
+        .try_init();
     let run = format!("scale-{strategy}");
     let dir = std::env::temp_dir().join(format!("canopy-{run}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -185,7 +237,16 @@ fn edges_aggregate_as_one_server(strategy: &str) {
         let child = Command::new(env!("CARGO_BIN_EXE_canopy"))
             .args(["serve", "--config"])
             .arg(&edge_toml)
-            .args(["--role", "edge", "--port", &port.to_string(), "--edge-name", &format!("e{}", k + 1), "--edge-shards", &format!("{k}/{EDGES}")])
+            .args([
+                "--role",
+                "edge",
+                "--port",
+                &port.to_string(),
+                "--edge-name",
+                &format!("e{}", k + 1),
+                "--edge-shards",
+                &format!("{k}/{EDGES}"),
+            ])
             .env("RUST_LOG", "warn,canopy_server::scale=info")
             .stdout(std::fs::File::create(dir.join(format!("edge-{}.log", k + 1))).unwrap())
             .stderr(std::fs::File::create(dir.join(format!("edge-{}.err", k + 1))).unwrap())
@@ -323,7 +384,10 @@ fn edges_aggregate_as_one_server(strategy: &str) {
 #[test]
 fn hidenseek_votes_across_edges() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let _ = tracing_subscriber::fmt().with_env_filter("warn,canopy_server::scale=info,canopy_server::run=info").with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn,canopy_server::scale=info,canopy_server::round::run=info")
+        .with_test_writer()
+        .try_init();
     let dir = std::env::temp_dir().join(format!("canopy-scale-hns-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -346,7 +410,16 @@ fn hidenseek_votes_across_edges() {
         let child = Command::new(env!("CARGO_BIN_EXE_canopy"))
             .args(["serve", "--config"])
             .arg(&edge_toml)
-            .args(["--role", "edge", "--port", &port.to_string(), "--edge-name", &format!("h{}", k + 1), "--edge-shards", &format!("{k}/2")])
+            .args([
+                "--role",
+                "edge",
+                "--port",
+                &port.to_string(),
+                "--edge-name",
+                &format!("h{}", k + 1),
+                "--edge-shards",
+                &format!("{k}/2"),
+            ])
             .stdout(std::fs::File::create(dir.join(format!("edge-{}.log", k + 1))).unwrap())
             .stderr(Stdio::null())
             .spawn()
@@ -359,7 +432,15 @@ fn hidenseek_votes_across_edges() {
     }
     for p in &ports {
         let sim = Command::new(env!("CARGO_BIN_EXE_canopy"))
-            .args(["sim", "--url", &format!("ws://127.0.0.1:{p}/ws"), "--clients", "2", "--name", &format!("sim{p}")])
+            .args([
+                "sim",
+                "--url",
+                &format!("ws://127.0.0.1:{p}/ws"),
+                "--clients",
+                "2",
+                "--name",
+                &format!("sim{p}"),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -369,16 +450,37 @@ fn hidenseek_votes_across_edges() {
     common::runtime().block_on(async move {
         let running = canopy_server::start(config).await.expect("the root starts");
         let app = running.app.clone();
-        tokio::time::timeout(Duration::from_secs(300), running.rounds).await.expect("the run ends").unwrap();
+        tokio::time::timeout(Duration::from_secs(300), running.rounds)
+            .await
+            .expect("the run ends")
+            .unwrap();
         let records = app.hub.lock().unwrap().rounds().to_vec();
-        assert_eq!(records.iter().map(|r| r.results).collect::<Vec<_>>(), vec![4, 4, 4], "every client's votes in every round");
+        assert_eq!(
+            records.iter().map(|r| r.results).collect::<Vec<_>>(),
+            vec![4, 4, 4],
+            "every client's votes in every round"
+        );
         for r in &records {
-            let bits = r.extra.get(canopy_core::metric_keys::UPLOAD_BITS_PER_WEIGHT).copied().unwrap_or(f64::NAN);
-            assert!(bits > 0.0 && bits <= 1.1, "round {}: {bits} bits per weight up", r.round);
+            let bits = r
+                .extra
+                .get(canopy_core::metric_keys::UPLOAD_BITS_PER_WEIGHT)
+                .copied()
+                .unwrap_or(f64::NAN);
+            assert!(
+                bits > 0.0 && bits <= 1.1,
+                "round {}: {bits} bits per weight up",
+                r.round
+            );
         }
         let last = records.last().unwrap().test_accuracy;
-        assert!(last > 0.25, "signs learned across edges: accuracy {last} after 3 rounds (chance 0.1)");
-        println!("hidenseek across 2 edges: accuracy {:?}", records.iter().map(|r| r.test_accuracy).collect::<Vec<_>>());
+        assert!(
+            last > 0.25,
+            "signs learned across edges: accuracy {last} after 3 rounds (chance 0.1)"
+        );
+        println!(
+            "hidenseek across 2 edges: accuracy {:?}",
+            records.iter().map(|r| r.test_accuracy).collect::<Vec<_>>()
+        );
     });
     drop(children);
 }

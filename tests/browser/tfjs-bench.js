@@ -1,4 +1,4 @@
-// TF.js 4.22 training the same models as Canopy's `bench` (core/src/arch.rs presets), for
+// TF.js 4.22 training the same models as Canopy's `bench` (core/src/model/arch.rs presets), for
 // `bench.mjs` to compare against the tab in the same browser. A classic script on a page that
 // has loaded TF.js's UMD bundles (tf-core, tf-backend-cpu, tf-backend-wasm); bench.mjs serves
 // them from node_modules. It defines `window.tfjsBench(backend, model, batch, budgetMs)`.

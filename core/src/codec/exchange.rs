@@ -25,7 +25,12 @@ impl Dropout {
     /// The kept entries of `n`.
     pub fn mask(&self, n: usize) -> Vec<bool> {
         let threshold = (self.keep.clamp(0.0, 1.0) as f64 * u64::MAX as f64) as u64;
-        (0..n as u64).map(|i| self.keep >= 1.0 || splitmix(self.seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15)) < threshold).collect()
+        (0..n as u64)
+            .map(|i| {
+                self.keep >= 1.0
+                    || splitmix(self.seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15)) < threshold
+            })
+            .collect()
     }
 }
 
@@ -83,25 +88,51 @@ pub fn check_bits(bits: u8) -> Result<(), String> {
 
 /// Encodes a batch's output (`rows` × `cols`, all values); with `dropout`, only the kept ones
 /// travel. Returns the bytes and the kept entries (None: all), which the reply is expanded by.
-pub fn encode_request(values: &[f32], rows: usize, cols: usize, labels: &[u8], dropout: Option<Dropout>) -> (Vec<u8>, Option<Vec<bool>>) {
-    let kept = dropout.filter(|d| d.keep < 1.0).map(|d| d.mask(values.len()));
+pub fn encode_request(
+    values: &[f32],
+    rows: usize,
+    cols: usize,
+    labels: &[u8],
+    dropout: Option<Dropout>,
+) -> (Vec<u8>, Option<Vec<bool>>) {
+    let kept = dropout
+        .filter(|d| d.keep < 1.0)
+        .map(|d| d.mask(values.len()));
     let sent: Vec<f32> = match &kept {
-        Some(k) => values.iter().zip(k).filter(|(_, k)| **k).map(|(v, _)| *v).collect(),
+        Some(k) => values
+            .iter()
+            .zip(k)
+            .filter(|(_, k)| **k)
+            .map(|(v, _)| *v)
+            .collect(),
         None => values.to_vec(),
     };
-    let r = Request { rows: rows as u32, cols: cols as u32, values: Blob::from_f32(&sent), labels: labels.to_vec(), dropout: dropout.filter(|d| d.keep < 1.0) };
+    let r = Request {
+        rows: rows as u32,
+        cols: cols as u32,
+        values: Blob::from_f32(&sent),
+        labels: labels.to_vec(),
+        dropout: dropout.filter(|d| d.keep < 1.0),
+    };
     (postcard::to_allocvec(&r).expect("encoding a request"), kept)
 }
 
 /// Decodes and checks a request: sizes agree, values are finite, labels below `classes`, κ in
 /// (0, 1].
 pub fn decode_request(bytes: &[u8], classes: usize) -> Result<Batch, String> {
-    let r: Request = postcard::from_bytes(bytes).map_err(|e| format!("malformed exchange request: {e}"))?;
+    let r: Request =
+        postcard::from_bytes(bytes).map_err(|e| format!("malformed exchange request: {e}"))?;
     let (rows, cols) = (r.rows as usize, r.cols as usize);
     let sent = r.values.to_f32().map_err(|e| e.to_string())?;
-    let n = rows.checked_mul(cols).filter(|n| *n <= crate::protocol::MAX_FRAME_BYTES).ok_or("request shape too large")?;
+    let n = rows
+        .checked_mul(cols)
+        .filter(|n| *n <= crate::protocol::MAX_FRAME_BYTES)
+        .ok_or("request shape too large")?;
     if rows == 0 || r.labels.len() != rows {
-        return Err(format!("request of {} labels for {rows} rows", r.labels.len()));
+        return Err(format!(
+            "request of {} labels for {rows} rows",
+            r.labels.len()
+        ));
     }
     if let Some(i) = sent.iter().position(|v| !v.is_finite()) {
         return Err(format!("request value {i} is {} (not finite)", sent[i]));
@@ -111,22 +142,46 @@ pub fn decode_request(bytes: &[u8], classes: usize) -> Result<Batch, String> {
     }
     let (values, kept) = match r.dropout {
         None => (sent, None),
-        Some(d) if !(d.keep > 0.0 && d.keep <= 1.0) => return Err(format!("dropout keeps {} (not in (0, 1])", d.keep)),
+        Some(d) if !(d.keep > 0.0 && d.keep <= 1.0) => {
+            return Err(format!("dropout keeps {} (not in (0, 1])", d.keep));
+        }
         Some(d) => {
             let mask = d.mask(n);
             let mut it = sent.iter();
             let scale = 1.0 / d.keep;
-            let full: Vec<f32> = mask.iter().map(|&k| if k { it.next().map_or(f32::NAN, |v| v * scale) } else { 0.0 }).collect();
+            let full: Vec<f32> = mask
+                .iter()
+                .map(|&k| {
+                    if k {
+                        it.next().map_or(f32::NAN, |v| v * scale)
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
             if it.next().is_some() || full.iter().any(|v| v.is_nan()) {
-                return Err(format!("request sends {} values, its dropout keeps {}", sent.len(), mask.iter().filter(|k| **k).count()));
+                return Err(format!(
+                    "request sends {} values, its dropout keeps {}",
+                    sent.len(),
+                    mask.iter().filter(|k| **k).count()
+                ));
             }
             (full, Some((mask, d.keep)))
         }
     };
     if values.len() != n {
-        return Err(format!("request of {} values for {rows} × {cols}", values.len()));
+        return Err(format!(
+            "request of {} values for {rows} × {cols}",
+            values.len()
+        ));
     }
-    Ok(Batch { rows, cols, values, labels: r.labels, kept })
+    Ok(Batch {
+        rows,
+        cols,
+        values,
+        labels: r.labels,
+        kept,
+    })
 }
 
 /// Encodes the reply to `batch`: `grad` is ∂loss/∂(the values the server used), full size. The
@@ -134,25 +189,46 @@ pub fn decode_request(bytes: &[u8], classes: usize) -> Result<Batch, String> {
 /// (stochastic rounding drawn from `seed`).
 pub fn encode_reply(loss: f32, grad: &[f32], batch: &Batch, bits: u8, seed: u64) -> Vec<u8> {
     let sent: Vec<f32> = match &batch.kept {
-        Some((mask, keep)) => grad.iter().zip(mask).filter(|(_, k)| **k).map(|(g, _)| g / keep).collect(),
+        Some((mask, keep)) => grad
+            .iter()
+            .zip(mask)
+            .filter(|(_, k)| **k)
+            .map(|(g, _)| g / keep)
+            .collect(),
         None => grad.to_vec(),
     };
-    let grad = if bits >= 32 { Grad::F32(Blob::from_f32(&sent)) } else { quantize(&sent, bits, seed) };
+    let grad = if bits >= 32 {
+        Grad::F32(Blob::from_f32(&sent))
+    } else {
+        quantize(&sent, bits, seed)
+    };
     postcard::to_allocvec(&Reply { loss, grad }).expect("encoding a reply")
 }
 
 /// Decodes a reply to a request of `expected` values whose kept entries were `kept` (None: all),
 /// checking sizes and finiteness; returns the loss and the full-size gradient (zeros where
 /// nothing was sent).
-pub fn decode_reply(bytes: &[u8], expected: usize, kept: Option<&[bool]>) -> Result<(f32, Vec<f32>), String> {
-    let r: Reply = postcard::from_bytes(bytes).map_err(|e| format!("malformed exchange reply: {e}"))?;
+pub fn decode_reply(
+    bytes: &[u8],
+    expected: usize,
+    kept: Option<&[bool]>,
+) -> Result<(f32, Vec<f32>), String> {
+    let r: Reply =
+        postcard::from_bytes(bytes).map_err(|e| format!("malformed exchange reply: {e}"))?;
     let sent_len = kept.map_or(expected, |k| k.iter().filter(|k| **k).count());
     let grad = match r.grad {
         Grad::F32(b) => b.to_f32().map_err(|e| e.to_string())?,
-        Grad::Quantized { bits, scale, packed } => dequantize(bits, scale, &packed, sent_len)?,
+        Grad::Quantized {
+            bits,
+            scale,
+            packed,
+        } => dequantize(bits, scale, &packed, sent_len)?,
     };
     if grad.len() != sent_len {
-        return Err(format!("reply has {} gradient values, expected {sent_len}", grad.len()));
+        return Err(format!(
+            "reply has {} gradient values, expected {sent_len}",
+            grad.len()
+        ));
     }
     if !r.loss.is_finite() || grad.iter().any(|g| !g.is_finite()) {
         return Err("reply has non-finite values".into());
@@ -161,7 +237,9 @@ pub fn decode_reply(bytes: &[u8], expected: usize, kept: Option<&[bool]>) -> Res
         None => grad,
         Some(k) => {
             let mut it = grad.into_iter();
-            k.iter().map(|&k| if k { it.next().unwrap_or(0.0) } else { 0.0 }).collect()
+            k.iter()
+                .map(|&k| if k { it.next().unwrap_or(0.0) } else { 0.0 })
+                .collect()
         }
     };
     Ok((r.loss, full))
@@ -179,25 +257,43 @@ pub fn quantize(values: &[f32], bits: u8, seed: u64) -> Grad {
     let mut w = BitWriter::default();
     let mut state = seed;
     for v in values {
-        let x = if scale > 0.0 { *v as f64 / scale as f64 * l } else { 0.0 };
+        let x = if scale > 0.0 {
+            *v as f64 / scale as f64 * l
+        } else {
+            0.0
+        };
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let u = (splitmix(state) >> 11) as f64 / (1u64 << 53) as f64;
         let q = (x.floor() + ((x - x.floor()) > u) as u8 as f64).clamp(-l, l);
         w.put((q + l) as u32, bits);
     }
-    Grad::Quantized { bits, scale, packed: w.bytes }
+    Grad::Quantized {
+        bits,
+        scale,
+        packed: w.bytes,
+    }
 }
 
 /// The values of a quantized gradient; `n` of them, or an error if the bytes do not hold exactly
 /// that many codes.
 pub fn dequantize(bits: u8, scale: f32, packed: &[u8], n: usize) -> Result<Vec<f32>, String> {
     check_bits(bits)?;
-    if bits == 32 || packed.len() != (n * bits as usize).div_ceil(8) || !scale.is_finite() || scale < 0.0 {
-        return Err(format!("quantized gradient of {} bytes at {bits} bits (scale {scale}) for {n} values", packed.len()));
+    if bits == 32
+        || packed.len() != (n * bits as usize).div_ceil(8)
+        || !scale.is_finite()
+        || scale < 0.0
+    {
+        return Err(format!(
+            "quantized gradient of {} bytes at {bits} bits (scale {scale}) for {n} values",
+            packed.len()
+        ));
     }
     let l = levels(bits);
     let step = scale / l as f32;
-    let mut r = BitReader { bytes: packed, at: 0 };
+    let mut r = BitReader {
+        bytes: packed,
+        at: 0,
+    };
     (0..n)
         .map(|_| {
             let code = r.take(bits);
@@ -283,9 +379,15 @@ mod tests {
         let (bytes, kept) = encode_request(&values, 2, 3, &[2, 0], None);
         assert!(kept.is_none());
         let b = decode_request(&bytes, 3).unwrap();
-        assert_eq!((b.rows, b.cols, b.values.as_slice(), b.labels.as_slice()), (2, 3, &values[..], &[2u8, 0][..]));
+        assert_eq!(
+            (b.rows, b.cols, b.values.as_slice(), b.labels.as_slice()),
+            (2, 3, &values[..], &[2u8, 0][..])
+        );
         assert!(decode_request(&bytes, 2).unwrap_err().contains("label 2"));
-        assert!(decode_request(&encode_request(&values, 3, 3, &[0, 0, 0], None).0, 3).is_err(), "size mismatch");
+        assert!(
+            decode_request(&encode_request(&values, 3, 3, &[0, 0, 0], None).0, 3).is_err(),
+            "size mismatch"
+        );
         assert!(decode_request(&encode_request(&[f32::NAN], 1, 1, &[0], None).0, 3).is_err());
         assert!(decode_request(&bytes[..bytes.len() - 1], 3).is_err());
         let (loss, grad) = cross_entropy_grad(&b);
@@ -304,7 +406,10 @@ mod tests {
     fn dropout_keeps_about_kappa_rescales_and_routes_gradients_back() {
         let n = 20_000;
         let values: Vec<f32> = (0..n).map(|i| (i % 7) as f32 + 1.0).collect();
-        let d = Dropout { seed: 42, keep: 0.5 };
+        let d = Dropout {
+            seed: 42,
+            keep: 0.5,
+        };
         let (bytes, kept) = encode_request(&values, 100, 200, &[0; 100], Some(d));
         let kept = kept.unwrap();
         let frac = kept.iter().filter(|k| **k).count() as f64 / n as f64;
@@ -323,12 +428,26 @@ mod tests {
             assert_eq!(back[i], if kept[i] { g[i] * 2.0 } else { 0.0 });
         }
         // Another seed keeps other entries; a wrong count of values is refused.
-        assert_ne!(Dropout { seed: 43, keep: 0.5 }.mask(n), kept);
+        assert_ne!(
+            Dropout {
+                seed: 43,
+                keep: 0.5
+            }
+            .mask(n),
+            kept
+        );
         let mut r: Request = postcard::from_bytes(&bytes).unwrap();
         r.dropout = Some(Dropout { seed: 7, keep: 0.5 });
         assert!(decode_request(&postcard::to_allocvec(&r).unwrap(), 10).is_err());
-        r.dropout = Some(Dropout { seed: 42, keep: 0.0 });
-        assert!(decode_request(&postcard::to_allocvec(&r).unwrap(), 10).unwrap_err().contains("dropout"));
+        r.dropout = Some(Dropout {
+            seed: 42,
+            keep: 0.0,
+        });
+        assert!(
+            decode_request(&postcard::to_allocvec(&r).unwrap(), 10)
+                .unwrap_err()
+                .contains("dropout")
+        );
     }
 
     #[test]
@@ -340,23 +459,46 @@ mod tests {
             let draws = 4000;
             let mut mean = vec![0f64; values.len()];
             for s in 0..draws {
-                let Grad::Quantized { bits: b, scale: sc, packed } = quantize(&values, bits, s) else { panic!() };
+                let Grad::Quantized {
+                    bits: b,
+                    scale: sc,
+                    packed,
+                } = quantize(&values, bits, s)
+                else {
+                    panic!()
+                };
                 assert_eq!(packed.len(), (64 * bits as usize).div_ceil(8));
                 let q = dequantize(b, sc, &packed, values.len()).unwrap();
                 for (i, (v, x)) in values.iter().zip(&q).enumerate() {
-                    assert!((v - x).abs() <= step * 1.0001, "bits {bits}: {x} is more than a step from {v}");
+                    assert!(
+                        (v - x).abs() <= step * 1.0001,
+                        "bits {bits}: {x} is more than a step from {v}"
+                    );
                     mean[i] += *x as f64 / draws as f64;
                 }
             }
             // Mean error over many draws goes to zero (well under a step / √draws · 4).
-            let worst = values.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).abs()).fold(0f64, f64::max);
-            assert!(worst < step as f64 * 4.0 / (draws as f64).sqrt(), "bits {bits}: mean error {worst}, step {step}");
+            let worst = values
+                .iter()
+                .zip(&mean)
+                .map(|(v, m)| (*v as f64 - m).abs())
+                .fold(0f64, f64::max);
+            assert!(
+                worst < step as f64 * 4.0 / (draws as f64).sqrt(),
+                "bits {bits}: mean error {worst}, step {step}"
+            );
         }
         // The extremes are exact; a wrong length or a code out of range is refused.
-        let Grad::Quantized { packed, .. } = quantize(&[1.0, -1.0], 4, 0) else { panic!() };
+        let Grad::Quantized { packed, .. } = quantize(&[1.0, -1.0], 4, 0) else {
+            panic!()
+        };
         assert_eq!(dequantize(4, 1.0, &packed, 2).unwrap(), vec![1.0, -1.0]);
         assert!(dequantize(4, 1.0, &packed, 3).is_err());
-        assert!(dequantize(4, 1.0, &[0xff], 2).unwrap_err().contains("code 15"));
+        assert!(
+            dequantize(4, 1.0, &[0xff], 2)
+                .unwrap_err()
+                .contains("code 15")
+        );
         assert!(check_bits(1).is_err() && check_bits(17).is_err() && check_bits(8).is_ok());
     }
 }

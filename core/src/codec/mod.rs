@@ -14,11 +14,14 @@
 
 pub mod exchange;
 pub mod model;
+pub mod positions;
 pub mod sparse;
 pub mod supermask;
 pub mod update;
 
-pub use model::{MaskCache, Model, Supermask, decode_model, encode_model, encode_supermask, for_client};
+pub use model::{
+    MaskCache, Model, Supermask, decode_model, encode_model, encode_supermask, for_client,
+};
 pub use sparse::payload_bytes;
 pub use update::{decode_update, encode_update};
 
@@ -26,18 +29,30 @@ pub use update::{decode_update, encode_update};
 pub fn kept_indices(mask: Option<&[bool]>, len: usize) -> Vec<u32> {
     match mask {
         None => (0..len as u32).collect(),
-        Some(m) => m.iter().enumerate().filter(|(_, k)| **k).map(|(i, _)| i as u32).collect(),
+        Some(m) => m
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| **k)
+            .map(|(i, _)| i as u32)
+            .collect(),
     }
 }
 
 /// Spreads the kept values over a full-length vector (zeros elsewhere).
 pub fn expand(values: &[f32], mask: Option<&[bool]>, len: usize) -> Result<Vec<f32>, String> {
     if mask.is_some_and(|m| m.len() != len) {
-        return Err(format!("mask has {} entries, the model {len}", mask.map_or(0, |m| m.len())));
+        return Err(format!(
+            "mask has {} entries, the model {len}",
+            mask.map_or(0, |m| m.len())
+        ));
     }
     let kept = kept_indices(mask, len);
     if values.len() != kept.len() {
-        return Err(format!("model has {} values, expected {} (of {len} parameters)", values.len(), kept.len()));
+        return Err(format!(
+            "model has {} values, expected {} (of {len} parameters)",
+            values.len(),
+            kept.len()
+        ));
     }
     let mut full = vec![0f32; len];
     for (&i, v) in kept.iter().zip(values) {
@@ -50,6 +65,11 @@ pub fn expand(values: &[f32], mask: Option<&[bool]>, len: usize) -> Result<Vec<f
 pub fn compact(values: &[f32], mask: Option<&[bool]>) -> Vec<f32> {
     match mask {
         None => values.to_vec(),
-        Some(m) => values.iter().zip(m).filter(|(_, k)| **k).map(|(v, _)| *v).collect(),
+        Some(m) => values
+            .iter()
+            .zip(m)
+            .filter(|(_, k)| **k)
+            .map(|(v, _)| *v)
+            .collect(),
     }
 }

@@ -2,9 +2,9 @@
 //! which travels once per client and is named by its version afterwards.
 
 use super::{compact, expand, supermask};
-use crate::arch::Arch;
+use crate::model::arch::Arch;
+use crate::model::state::ModelState;
 use crate::protocol::{Bits, Blob, MaskSpec, ModelPayload, Params, SupermaskKind};
-use crate::state::ModelState;
 
 /// The global model as a task carries it, mask in full.
 pub fn encode_model(global: &ModelState) -> ModelPayload {
@@ -12,7 +12,10 @@ pub fn encode_model(global: &ModelState) -> ModelPayload {
     ModelPayload {
         arch: global.arch.clone(),
         params: Params::Values(Blob::from_f32(&compact(&global.params, mask))),
-        mask: mask.map(|m| MaskSpec::Full { version: global.mask_version, bits: Bits::pack(m) }),
+        mask: mask.map(|m| MaskSpec::Full {
+            version: global.mask_version,
+            bits: Bits::pack(m),
+        }),
     }
 }
 
@@ -23,8 +26,15 @@ pub fn encode_supermask(global: &ModelState, seed: u64, kind: SupermaskKind) -> 
     let bits = supermask::bits_of_weights(kind, &global.params, mask);
     ModelPayload {
         arch: global.arch.clone(),
-        params: Params::Supermask { seed, kind, bits: Bits::pack(&bits) },
-        mask: mask.map(|m| MaskSpec::Full { version: global.mask_version, bits: Bits::pack(m) }),
+        params: Params::Supermask {
+            seed,
+            kind,
+            bits: Bits::pack(&bits),
+        },
+        mask: mask.map(|m| MaskSpec::Full {
+            version: global.mask_version,
+            bits: Bits::pack(m),
+        }),
     }
 }
 
@@ -32,9 +42,11 @@ pub fn encode_supermask(global: &ModelState, seed: u64, kind: SupermaskKind) -> 
 /// only the version number.
 pub fn for_client(payload: &ModelPayload, held: Option<u64>) -> ModelPayload {
     match &payload.mask {
-        Some(MaskSpec::Full { version, .. }) if held == Some(*version) => {
-            ModelPayload { arch: payload.arch.clone(), params: payload.params.clone(), mask: Some(MaskSpec::Cached { version: *version }) }
-        }
+        Some(MaskSpec::Full { version, .. }) if held == Some(*version) => ModelPayload {
+            arch: payload.arch.clone(),
+            params: payload.params.clone(),
+            mask: Some(MaskSpec::Cached { version: *version }),
+        },
         _ => payload.clone(),
     }
 }
@@ -55,7 +67,12 @@ impl MaskCache {
 
     /// The task's mask: sent in full (and remembered when `remember`), or named by a version
     /// held here.
-    fn resolve(&mut self, spec: Option<&MaskSpec>, len: usize, remember: bool) -> Result<Option<Vec<bool>>, String> {
+    fn resolve(
+        &mut self,
+        spec: Option<&MaskSpec>,
+        len: usize,
+        remember: bool,
+    ) -> Result<Option<Vec<bool>>, String> {
         match spec {
             None => Ok(None),
             Some(MaskSpec::Full { version, bits }) => {
@@ -74,7 +91,9 @@ impl MaskCache {
                     if remember {
                         self.0 = None;
                     }
-                    Err(format!("mask version {version} is not cached here; please resend it"))
+                    Err(format!(
+                        "mask version {version} is not cached here; please resend it"
+                    ))
                 }
             },
         }
@@ -103,7 +122,11 @@ pub struct Supermask {
 
 /// Decodes a task's model, checking every size; a mask sent in full is cached for next time
 /// (`cache` is only read when `remember` is false: "try the model" panels peek this way).
-pub fn decode_model(payload: &ModelPayload, cache: &mut MaskCache, remember: bool) -> Result<Model, String> {
+pub fn decode_model(
+    payload: &ModelPayload,
+    cache: &mut MaskCache,
+    remember: bool,
+) -> Result<Model, String> {
     let arch = payload.arch.clone();
     arch.validate().map_err(|e| e.to_string())?;
     let n = arch.num_params();
@@ -112,17 +135,36 @@ pub fn decode_model(payload: &ModelPayload, cache: &mut MaskCache, remember: boo
         Params::Values(blob) => {
             let values = blob.to_f32().map_err(|e| e.to_string())?;
             let params = expand(&values, mask.as_deref(), n)?;
-            Ok(Model { arch, params, mask, supermask: None })
+            Ok(Model {
+                arch,
+                params,
+                mask,
+                supermask: None,
+            })
         }
         Params::Supermask { seed, kind, bits } => {
             let bits = bits.unpack().map_err(|e| e.to_string())?;
-            let kept = mask.as_ref().map_or(n, |m| m.iter().filter(|k| **k).count());
+            let kept = mask
+                .as_ref()
+                .map_or(n, |m| m.iter().filter(|k| **k).count());
             if bits.len() != kept {
-                return Err(format!("supermask has {} bits for {kept} kept entries", bits.len()));
+                return Err(format!(
+                    "supermask has {} bits for {kept} kept entries",
+                    bits.len()
+                ));
             }
             let theta0 = ModelState::init(arch.clone(), *seed).params;
             let params = supermask::effective(*kind, &theta0, mask.as_deref(), &bits);
-            Ok(Model { arch, params, mask, supermask: Some(Supermask { kind: *kind, theta0, bits }) })
+            Ok(Model {
+                arch,
+                params,
+                mask,
+                supermask: Some(Supermask {
+                    kind: *kind,
+                    theta0,
+                    bits,
+                }),
+            })
         }
     }
 }
@@ -138,19 +180,35 @@ mod tests {
         let mask: Vec<bool> = (0..g.params.len()).map(|i| i % 3 != 0).collect();
         g.set_mask(mask.clone());
         let full = encode_model(&g);
-        let Params::Values(values) = &full.params else { panic!("plain values") };
-        assert_eq!(values.len(), 4 * mask.iter().filter(|k| **k).count(), "only kept values travel");
+        let Params::Values(values) = &full.params else {
+            panic!("plain values")
+        };
+        assert_eq!(
+            values.len(),
+            4 * mask.iter().filter(|k| **k).count(),
+            "only kept values travel"
+        );
         let mut cache = MaskCache::default();
         let m = decode_model(&full, &mut cache, true).unwrap();
-        assert_eq!((m.params.clone(), m.mask.clone()), (g.params.clone(), Some(mask.clone())));
+        assert_eq!(
+            (m.params.clone(), m.mask.clone()),
+            (g.params.clone(), Some(mask.clone()))
+        );
         assert_eq!(cache.version(), Some(g.mask_version));
         // Next time only the version travels, and the cached mask fills it in.
         let short = for_client(&full, cache.version());
         assert!(matches!(short.mask, Some(MaskSpec::Cached { .. })));
         assert_eq!(decode_model(&short, &mut cache, true).unwrap(), m);
-        assert!(matches!(for_client(&full, None).mask, Some(MaskSpec::Full { .. })));
+        assert!(matches!(
+            for_client(&full, None).mask,
+            Some(MaskSpec::Full { .. })
+        ));
         // A version this client does not hold is an error that asks for the mask again.
-        assert!(decode_model(&short, &mut MaskCache::default(), true).unwrap_err().contains("resend"));
+        assert!(
+            decode_model(&short, &mut MaskCache::default(), true)
+                .unwrap_err()
+                .contains("resend")
+        );
     }
 
     #[test]
@@ -166,10 +224,22 @@ mod tests {
             }
         }
         let p = encode_supermask(&g, 9, SupermaskKind::Sign);
-        let Params::Supermask { bits, .. } = &p.params else { panic!("supermask") };
-        assert_eq!(bits.bytes.len(), mask.iter().filter(|k| **k).count().div_ceil(8), "one bit per kept entry");
+        let Params::Supermask { bits, .. } = &p.params else {
+            panic!("supermask")
+        };
+        assert_eq!(
+            bits.bytes.len(),
+            mask.iter().filter(|k| **k).count().div_ceil(8),
+            "one bit per kept entry"
+        );
         let m = decode_model(&p, &mut MaskCache::default(), true).unwrap();
-        assert_eq!(m.params, g.params, "θ₀ regenerated from the seed, signs from the bits");
-        assert_eq!(m.supermask.unwrap().theta0, ModelState::init(arch, 9).params);
+        assert_eq!(
+            m.params, g.params,
+            "θ₀ regenerated from the seed, signs from the bits"
+        );
+        assert_eq!(
+            m.supermask.unwrap().theta0,
+            ModelState::init(arch, 9).params
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! tensor, optionally only the largest `top_k` fraction with error feedback.
 
 use super::kept_indices;
-use crate::arch::Arch;
+use crate::model::arch::Arch;
 use crate::protocol::{Blob, SparseUpdate, Values};
 
 /// The tensor (index into `arch.params()`) of every flat index.
@@ -37,7 +37,11 @@ pub fn encode_sparse(
         let k = ((kept.len() as f64 * top_k as f64).round() as usize).clamp(1, kept.len().max(1));
         let mut order: Vec<u32> = (0..kept.len() as u32).collect();
         if k < order.len() {
-            order.select_nth_unstable_by(k - 1, |a, b| value(kept[*b as usize]).abs().total_cmp(&value(kept[*a as usize]).abs()));
+            order.select_nth_unstable_by(k - 1, |a, b| {
+                value(kept[*b as usize])
+                    .abs()
+                    .total_cmp(&value(kept[*a as usize]).abs())
+            });
             order.truncate(k);
         }
         order.sort_unstable();
@@ -62,11 +66,25 @@ pub fn encode_sparse(
             .zip(&raw)
             .map(|(&i, v)| {
                 let s = scales[tensors[i as usize] as usize];
-                if s > 0.0 { (v / s).round().clamp(-127.0, 127.0) as i8 as u8 } else { 0 }
+                if s > 0.0 {
+                    (v / s).round().clamp(-127.0, 127.0) as i8 as u8
+                } else {
+                    0
+                }
             })
             .collect();
-        let decoded: Vec<f32> = sent.iter().zip(&q).map(|(&i, b)| *b as i8 as f32 * scales[tensors[i as usize] as usize]).collect();
-        (Values::Int8 { scales, data: Blob(q) }, decoded)
+        let decoded: Vec<f32> = sent
+            .iter()
+            .zip(&q)
+            .map(|(&i, b)| *b as i8 as f32 * scales[tensors[i as usize] as usize])
+            .collect();
+        (
+            Values::Int8 {
+                scales,
+                data: Blob(q),
+            },
+            decoded,
+        )
     } else {
         (Values::F32(Blob::from_f32(&raw)), raw.clone())
     };
@@ -79,7 +97,7 @@ pub fn encode_sparse(
             r[i as usize] -= d;
         }
     }
-    let positions = positions.map(|p| Blob(crate::positions::encode(&p, kept.len())));
+    let positions = positions.map(|p| Blob(crate::codec::positions::encode(&p, kept.len())));
     SparseUpdate { positions, values }
 }
 
@@ -88,7 +106,11 @@ fn value_with(delta: &[f32], r: &[f32], i: u32) -> f32 {
 }
 
 /// Decodes to a full-length delta (zeros where nothing was sent), checking every bound.
-pub fn decode_sparse(arch: &Arch, update: &SparseUpdate, mask: Option<&[bool]>) -> Result<Vec<f32>, String> {
+pub fn decode_sparse(
+    arch: &Arch,
+    update: &SparseUpdate,
+    mask: Option<&[bool]>,
+) -> Result<Vec<f32>, String> {
     let n = arch.num_params();
     if mask.is_some_and(|m| m.len() != n) {
         return Err("mask does not match the model".into());
@@ -97,26 +119,45 @@ pub fn decode_sparse(arch: &Arch, update: &SparseUpdate, mask: Option<&[bool]>) 
     let sent: Vec<u32> = match &update.positions {
         None => kept,
         // Ascending and within the kept entries by construction of the coding.
-        Some(b) => crate::positions::decode(&b.0, kept.len()).map_err(|e| e.to_string())?.into_iter().map(|p| kept[p as usize]).collect(),
+        Some(b) => crate::codec::positions::decode(&b.0, kept.len())
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|p| kept[p as usize])
+            .collect(),
     };
     let values: Vec<f32> = match &update.values {
         Values::F32(b) => b.to_f32().map_err(|e| e.to_string())?,
         Values::Int8 { scales, data } => {
             if scales.len() != arch.params().len() {
-                return Err(format!("{} scales for {} tensors", scales.len(), arch.params().len()));
+                return Err(format!(
+                    "{} scales for {} tensors",
+                    scales.len(),
+                    arch.params().len()
+                ));
             }
             if scales.iter().any(|s| !s.is_finite() || *s < 0.0) {
                 return Err("int8 scales must be finite and non-negative".into());
             }
             if data.0.len() != sent.len() {
-                return Err(format!("{} int8 values for {} positions", data.0.len(), sent.len()));
+                return Err(format!(
+                    "{} int8 values for {} positions",
+                    data.0.len(),
+                    sent.len()
+                ));
             }
             let tensors = tensor_of(arch);
-            sent.iter().zip(&data.0).map(|(&i, b)| *b as i8 as f32 * scales[tensors[i as usize] as usize]).collect()
+            sent.iter()
+                .zip(&data.0)
+                .map(|(&i, b)| *b as i8 as f32 * scales[tensors[i as usize] as usize])
+                .collect()
         }
     };
     if values.len() != sent.len() {
-        return Err(format!("{} values for {} positions", values.len(), sent.len()));
+        return Err(format!(
+            "{} values for {} positions",
+            values.len(),
+            sent.len()
+        ));
     }
     let mut full = vec![0f32; n];
     for (&i, v) in sent.iter().zip(values) {
@@ -137,15 +178,27 @@ pub fn payload_bytes(update: &SparseUpdate) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::Layer;
+    use crate::model::arch::Layer;
 
     fn arch() -> Arch {
-        Arch { input: [1, 2, 2], classes: 3, layers: vec![Layer::Flatten, Layer::Dense { inputs: 4, units: 3 }] }
+        Arch {
+            input: [1, 2, 2],
+            classes: 3,
+            layers: vec![
+                Layer::Flatten,
+                Layer::Dense {
+                    inputs: 4,
+                    units: 3,
+                },
+            ],
+        }
     }
 
     /// Distinct magnitudes, so top-k has no ties.
     fn delta() -> Vec<f32> {
-        (0..15).map(|i| (i as f32 - 7.0) * 0.1 + i as f32 * 0.001).collect()
+        (0..15)
+            .map(|i| (i as f32 - 7.0) * 0.1 + i as f32 * 0.001)
+            .collect()
     }
 
     #[test]
@@ -163,7 +216,9 @@ mod tests {
     #[test]
     fn int8_is_four_times_smaller_and_close() {
         let a = arch();
-        let d: Vec<f32> = (0..15).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.013).collect();
+        let d: Vec<f32> = (0..15)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.013)
+            .collect();
         let u = encode_sparse(&a, &d, None, true, 1.0, None);
         assert_eq!(payload_bytes(&u), 15 + 4 * 2);
         let back = decode_sparse(&a, &u, None).unwrap();
@@ -181,7 +236,11 @@ mod tests {
         let u = encode_sparse(&a, &d, None, false, 0.2, Some(&mut residual));
         let back = decode_sparse(&a, &u, None).unwrap();
         let sent: Vec<usize> = (0..15).filter(|&i| back[i] != 0.0).collect();
-        assert_eq!(sent, vec![0, 13, 14], "the three largest magnitudes: {back:?}");
+        assert_eq!(
+            sent,
+            vec![0, 13, 14],
+            "the three largest magnitudes: {back:?}"
+        );
         // Error feedback: sent + residual reconstructs the delta exactly.
         for i in 0..15 {
             assert!((back[i] + residual[i] - d[i]).abs() < 1e-6);
@@ -189,22 +248,51 @@ mod tests {
         // Next round the residual is added: a zero delta now sends what was held back.
         let u2 = encode_sparse(&a, &vec![0.0; 15], None, false, 0.2, Some(&mut residual));
         let back2 = decode_sparse(&a, &u2, None).unwrap();
-        assert_eq!((0..15).filter(|&i| back2[i] != 0.0).collect::<Vec<_>>(), vec![1, 2, 12]);
+        assert_eq!(
+            (0..15).filter(|&i| back2[i] != 0.0).collect::<Vec<_>>(),
+            vec![1, 2, 12]
+        );
     }
 
     #[test]
     fn top_k_positions_cost_at_most_a_bit_or_a_byte_each() {
         // 1,000 kept entries, top 30%: a bitmap (126 bytes) instead of 1,200 bytes of u32s.
-        let a = Arch { input: [1, 10, 10], classes: 10, layers: vec![Layer::Flatten, Layer::Dense { inputs: 100, units: 10 }] };
-        let d: Vec<f32> = (0..1010).map(|i| ((i * 7919 % 1009) as f32 - 504.0) * 1e-3).collect();
+        let a = Arch {
+            input: [1, 10, 10],
+            classes: 10,
+            layers: vec![
+                Layer::Flatten,
+                Layer::Dense {
+                    inputs: 100,
+                    units: 10,
+                },
+            ],
+        };
+        let d: Vec<f32> = (0..1010)
+            .map(|i| ((i * 7919 % 1009) as f32 - 504.0) * 1e-3)
+            .collect();
         let u = encode_sparse(&a, &d, None, true, 0.3, None);
-        assert_eq!(u.positions.as_ref().unwrap().len(), 1 + 1010usize.div_ceil(8));
+        assert_eq!(
+            u.positions.as_ref().unwrap().len(),
+            1 + 1010usize.div_ceil(8)
+        );
         let back = decode_sparse(&a, &u, None).unwrap();
         assert_eq!(back.iter().filter(|v| **v != 0.0).count(), 303);
         // Top 2%: delta varints, about a byte each.
         let u = encode_sparse(&a, &d, None, true, 0.02, None);
-        assert!(u.positions.as_ref().unwrap().len() <= 1 + 2 * 20, "{}", u.positions.as_ref().unwrap().len());
-        assert_eq!(decode_sparse(&a, &u, None).unwrap().iter().filter(|v| **v != 0.0).count(), 20);
+        assert!(
+            u.positions.as_ref().unwrap().len() <= 1 + 2 * 20,
+            "{}",
+            u.positions.as_ref().unwrap().len()
+        );
+        assert_eq!(
+            decode_sparse(&a, &u, None)
+                .unwrap()
+                .iter()
+                .filter(|v| **v != 0.0)
+                .count(),
+            20
+        );
     }
 
     #[test]
@@ -214,10 +302,14 @@ mod tests {
         assert!(decode_sparse(&a, &u, None).is_ok());
         let good = u.clone();
         u.positions = Some(Blob(vec![5, 0, 0, 0, 1, 0, 0, 0]));
-        assert!(decode_sparse(&a, &u, None).unwrap_err().contains("unknown coding"));
-        u.positions = Some(Blob(vec![crate::positions::VARINTS, 99]));
+        assert!(
+            decode_sparse(&a, &u, None)
+                .unwrap_err()
+                .contains("unknown coding")
+        );
+        u.positions = Some(Blob(vec![crate::codec::positions::VARINTS, 99]));
         assert!(decode_sparse(&a, &u, None).unwrap_err().contains("beyond"));
-        u.positions = Some(Blob(vec![crate::positions::VARINTS, 0x80]));
+        u.positions = Some(Blob(vec![crate::codec::positions::VARINTS, 0x80]));
         assert!(decode_sparse(&a, &u, None).is_err());
         let mut u = good.clone();
         if let Values::Int8 { scales, .. } = &mut u.values {
@@ -229,6 +321,13 @@ mod tests {
             data.0.pop();
         }
         assert!(decode_sparse(&a, &u, None).is_err());
-        assert!(decode_sparse(&a, &encode_sparse(&a, &delta(), None, false, 1.0, None), Some(&[true; 3])).is_err());
+        assert!(
+            decode_sparse(
+                &a,
+                &encode_sparse(&a, &delta(), None, false, 1.0, None),
+                Some(&[true; 3])
+            )
+            .is_err()
+        );
     }
 }

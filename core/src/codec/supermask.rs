@@ -3,20 +3,37 @@
 //! each tensor travels either bit-packed (⌈kept/8⌉ bytes) or as the positions whose bit differs
 //! from the task's (LEB128 gaps), whichever is smaller.
 
-use crate::arch::Arch;
-use crate::positions;
+use crate::codec::positions;
+use crate::model::arch::Arch;
 use crate::protocol::{MaskBits, SupermaskKind};
 
 /// The effective weights: θ₀ on the kept entries, shaped by the bits (in kept order).
-pub fn effective(kind: SupermaskKind, theta0: &[f32], mask: Option<&[bool]>, bits: &[bool]) -> Vec<f32> {
+pub fn effective(
+    kind: SupermaskKind,
+    theta0: &[f32],
+    mask: Option<&[bool]>,
+    bits: &[bool],
+) -> Vec<f32> {
     let mut out = vec![0f32; theta0.len()];
     let mut b = bits.iter();
     for (i, w) in theta0.iter().enumerate() {
         if mask.is_none_or(|m| m[i]) {
             let bit = *b.next().expect("one bit per kept entry");
             out[i] = match kind {
-                SupermaskKind::Sign => if bit { w.abs() } else { -w.abs() },
-                SupermaskKind::Keep => if bit { *w } else { 0.0 },
+                SupermaskKind::Sign => {
+                    if bit {
+                        w.abs()
+                    } else {
+                        -w.abs()
+                    }
+                }
+                SupermaskKind::Keep => {
+                    if bit {
+                        *w
+                    } else {
+                        0.0
+                    }
+                }
             };
         }
     }
@@ -34,17 +51,32 @@ pub fn bit_of_weight(kind: SupermaskKind, w: f32) -> bool {
 
 /// The bits (in kept order) of a supermask model's weights.
 pub fn bits_of_weights(kind: SupermaskKind, weights: &[f32], mask: Option<&[bool]>) -> Vec<bool> {
-    super::compact(weights, mask).iter().map(|w| bit_of_weight(kind, *w)).collect()
+    super::compact(weights, mask)
+        .iter()
+        .map(|w| bit_of_weight(kind, *w))
+        .collect()
 }
 
 /// The bits (in kept order) of real-valued scores: positive means + (sign) or kept (keep).
 pub fn bits_of_scores(scores: &[f32], mask: Option<&[bool]>) -> Vec<bool> {
-    scores.iter().enumerate().filter(|(i, _)| mask.is_none_or(|m| m[*i])).map(|(_, s)| *s > 0.0).collect()
+    scores
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| mask.is_none_or(|m| m[*i]))
+        .map(|(_, s)| *s > 0.0)
+        .collect()
 }
 
 /// Kept entries per parameter tensor.
 fn kept_per_tensor(arch: &Arch, mask: Option<&[bool]>) -> Vec<usize> {
-    arch.params().iter().map(|p| mask.map_or(p.len, |m| m[p.offset..p.offset + p.len].iter().filter(|k| **k).count())).collect()
+    arch.params()
+        .iter()
+        .map(|p| {
+            mask.map_or(p.len, |m| {
+                m[p.offset..p.offset + p.len].iter().filter(|k| **k).count()
+            })
+        })
+        .collect()
 }
 
 fn pack(bits: &[bool]) -> Vec<u8> {
@@ -57,7 +89,13 @@ fn pack(bits: &[bool]) -> Vec<u8> {
 
 /// The positions where `mine` differs from `base`, as varint gaps.
 fn flips(mine: &[bool], base: &[bool]) -> Vec<u8> {
-    let at: Vec<u32> = mine.iter().zip(base).enumerate().filter(|(_, (a, b))| a != b).map(|(i, _)| i as u32).collect();
+    let at: Vec<u32> = mine
+        .iter()
+        .zip(base)
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, _)| i as u32)
+        .collect();
     positions::varints(&at)
 }
 
@@ -70,7 +108,11 @@ pub fn encode(arch: &Arch, mask: Option<&[bool]>, base: &[bool], mine: &[bool]) 
             let (m, b) = (&mine[at..at + k], &base[at..at + k]);
             at += k;
             let (packed, flipped) = (pack(m), flips(m, b));
-            if flipped.len() < packed.len() { MaskBits::Flips(flipped) } else { MaskBits::Packed(packed) }
+            if flipped.len() < packed.len() {
+                MaskBits::Flips(flipped)
+            } else {
+                MaskBits::Packed(packed)
+            }
         })
         .collect()
 }
@@ -86,13 +128,25 @@ pub struct Encoding {
 
 /// Decodes an upload to bits in kept order, checking every size: a packed tensor must be exactly
 /// ⌈kept/8⌉ bytes with zero padding, flips strictly inside the tensor.
-pub fn decode(arch: &Arch, mask: Option<&[bool]>, base: &[bool], update: &[MaskBits]) -> Result<(Vec<bool>, Encoding), String> {
+pub fn decode(
+    arch: &Arch,
+    mask: Option<&[bool]>,
+    base: &[bool],
+    update: &[MaskBits],
+) -> Result<(Vec<bool>, Encoding), String> {
     let kept = kept_per_tensor(arch, mask);
     if update.len() != kept.len() {
-        return Err(format!("supermask upload has {} tensors, the model {}", update.len(), kept.len()));
+        return Err(format!(
+            "supermask upload has {} tensors, the model {}",
+            update.len(),
+            kept.len()
+        ));
     }
     let mut out = Vec::with_capacity(base.len());
-    let mut enc = Encoding { tensors: kept.len() as u32, ..Default::default() };
+    let mut enc = Encoding {
+        tensors: kept.len() as u32,
+        ..Default::default()
+    };
     let mut at = 0;
     for (t, (k, u)) in kept.iter().zip(update).enumerate() {
         let b = &base[at..at + k];
@@ -101,7 +155,11 @@ pub fn decode(arch: &Arch, mask: Option<&[bool]>, base: &[bool], update: &[MaskB
             MaskBits::Packed(bytes) => {
                 enc.payload_bytes += bytes.len() as u64;
                 if bytes.len() != k.div_ceil(8) {
-                    return Err(format!("tensor {t}: {} bytes for {k} bits (expected {})", bytes.len(), k.div_ceil(8)));
+                    return Err(format!(
+                        "tensor {t}: {} bytes for {k} bits (expected {})",
+                        bytes.len(),
+                        k.div_ceil(8)
+                    ));
                 }
                 if k % 8 != 0 && bytes[k / 8] >> (k % 8) != 0 {
                     return Err(format!("tensor {t}: bits set beyond its {k} entries"));
@@ -112,7 +170,9 @@ pub fn decode(arch: &Arch, mask: Option<&[bool]>, base: &[bool], update: &[MaskB
                 enc.payload_bytes += bytes.len() as u64;
                 enc.flip_tensors += 1;
                 let mut mine = b.to_vec();
-                for i in positions::decode_varints(bytes, *k).map_err(|e| format!("tensor {t}: {e}"))? {
+                for i in
+                    positions::decode_varints(bytes, *k).map_err(|e| format!("tensor {t}: {e}"))?
+                {
                     mine[i as usize] = !mine[i as usize];
                 }
                 out.extend(mine);
@@ -125,10 +185,20 @@ pub fn decode(arch: &Arch, mask: Option<&[bool]>, base: &[bool], update: &[MaskB
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::Layer;
+    use crate::model::arch::Layer;
 
     fn arch() -> Arch {
-        Arch { input: [1, 1, 20], classes: 3, layers: vec![Layer::Flatten, Layer::Dense { inputs: 20, units: 3 }] }
+        Arch {
+            input: [1, 1, 20],
+            classes: 3,
+            layers: vec![
+                Layer::Flatten,
+                Layer::Dense {
+                    inputs: 20,
+                    units: 3,
+                },
+            ],
+        }
     }
 
     #[test]
@@ -145,7 +215,10 @@ mod tests {
         assert!(matches!(up[0], MaskBits::Flips(_)));
         let (back, enc) = decode(&a, Some(&mask), &base, &up).unwrap();
         assert_eq!(back, few);
-        assert_eq!(enc.flip_tensors, 2, "the weights as two flips, the unchanged bias as none");
+        assert_eq!(
+            enc.flip_tensors, 2,
+            "the weights as two flips, the unchanged bias as none"
+        );
         // Many flips: bit-packed, exactly ⌈kept/8⌉ bytes per tensor.
         let many: Vec<bool> = base.iter().map(|b| !b).collect();
         let up = encode(&a, Some(&mask), &base, &many);
@@ -153,7 +226,10 @@ mod tests {
         assert_eq!(up[0], MaskBits::Packed(pack(&many[..kept_w])));
         let (back, enc) = decode(&a, Some(&mask), &base, &up).unwrap();
         assert_eq!(back, many);
-        assert_eq!(enc.payload_bytes as usize, kept_w.div_ceil(8) + (kept - kept_w).div_ceil(8));
+        assert_eq!(
+            enc.payload_bytes as usize,
+            kept_w.div_ceil(8) + (kept - kept_w).div_ceil(8)
+        );
     }
 
     #[test]
@@ -161,19 +237,35 @@ mod tests {
         let a = arch();
         let base = vec![false; 63];
         let good = encode(&a, None, &base, &vec![true; 63]);
-        assert!(decode(&a, None, &base, &good[..1]).is_err(), "a tensor missing");
+        assert!(
+            decode(&a, None, &base, &good[..1]).is_err(),
+            "a tensor missing"
+        );
         let mut long = good.clone();
         long[0] = MaskBits::Packed(vec![0xff; 9]);
-        assert!(decode(&a, None, &base, &long).unwrap_err().contains("bytes for 60 bits"));
+        assert!(
+            decode(&a, None, &base, &long)
+                .unwrap_err()
+                .contains("bytes for 60 bits")
+        );
         let mut pad = good.clone();
         pad[1] = MaskBits::Packed(vec![0xff]);
-        assert!(decode(&a, None, &base, &pad).unwrap_err().contains("beyond"), "3 bias bits: the other 5 must be zero");
+        assert!(
+            decode(&a, None, &base, &pad)
+                .unwrap_err()
+                .contains("beyond"),
+            "3 bias bits: the other 5 must be zero"
+        );
         let mut out_of_range = good.clone();
         out_of_range[1] = MaskBits::Flips(vec![3]);
         assert!(decode(&a, None, &base, &out_of_range).is_err());
         let mut truncated = good;
         truncated[1] = MaskBits::Flips(vec![0x81]);
-        assert!(decode(&a, None, &base, &truncated).unwrap_err().contains("truncated"));
+        assert!(
+            decode(&a, None, &base, &truncated)
+                .unwrap_err()
+                .contains("truncated")
+        );
     }
 
     #[test]
@@ -181,8 +273,17 @@ mod tests {
         let theta = [0.5f32, -0.25, 0.125, -1.0];
         let mask = [true, true, false, true];
         let bits = [false, true, true];
-        assert_eq!(effective(SupermaskKind::Sign, &theta, Some(&mask), &bits), vec![-0.5, 0.25, 0.0, 1.0]);
-        assert_eq!(effective(SupermaskKind::Keep, &theta, Some(&mask), &bits), vec![0.0, -0.25, 0.0, -1.0]);
-        assert_eq!(bits_of_scores(&[0.1, -0.2, 0.3, 0.0], Some(&mask)), vec![true, false, false]);
+        assert_eq!(
+            effective(SupermaskKind::Sign, &theta, Some(&mask), &bits),
+            vec![-0.5, 0.25, 0.0, 1.0]
+        );
+        assert_eq!(
+            effective(SupermaskKind::Keep, &theta, Some(&mask), &bits),
+            vec![0.0, -0.25, 0.0, -1.0]
+        );
+        assert_eq!(
+            bits_of_scores(&[0.1, -0.2, 0.3, 0.0], Some(&mask)),
+            vec![true, false, false]
+        );
     }
 }

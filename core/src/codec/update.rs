@@ -3,7 +3,7 @@
 
 use super::sparse::{decode_sparse, encode_sparse};
 use super::supermask::{self, Encoding};
-use crate::arch::Arch;
+use crate::model::arch::Arch;
 use crate::protocol::{Blob, MaskSpec, Params, Task, Update, UploadSpec};
 
 /// What a decoded update holds.
@@ -19,18 +19,36 @@ pub enum UploadKind {
 
 /// The client's update from its starting and trained parameters. `residual` carries what top-k
 /// and int8 left out to the next round (error feedback), when the spec asks for it.
-pub fn encode_update(spec: UploadSpec, arch: &Arch, start: &[f32], trained: &[f32], mask: Option<&[bool]>, residual: &mut Option<Vec<f32>>) -> Update {
+pub fn encode_update(
+    spec: UploadSpec,
+    arch: &Arch,
+    start: &[f32],
+    trained: &[f32],
+    mask: Option<&[bool]>,
+    residual: &mut Option<Vec<f32>>,
+) -> Update {
     let delta = || -> Vec<f32> { trained.iter().zip(start).map(|(a, b)| a - b).collect() };
     match spec {
         UploadSpec::Weights => Update::Weights(Blob::from_f32(trained)),
         UploadSpec::Delta => Update::Delta(Blob::from_f32(&delta())),
-        UploadSpec::Sparse { int8, top_k, error_feedback } => {
-            let carry = if error_feedback { Some(residual.get_or_insert_with(Vec::new)) } else { None };
+        UploadSpec::Sparse {
+            int8,
+            top_k,
+            error_feedback,
+        } => {
+            let carry = if error_feedback {
+                Some(residual.get_or_insert_with(Vec::new))
+            } else {
+                None
+            };
             Update::Sparse(encode_sparse(arch, &delta(), mask, int8, top_k, carry))
         }
         UploadSpec::Supermask { kind } => {
             // `start` and `trained` are the effective weights: their bits are the task's and ours.
-            let (base, mine) = (supermask::bits_of_weights(kind, start, mask), supermask::bits_of_weights(kind, trained, mask));
+            let (base, mine) = (
+                supermask::bits_of_weights(kind, start, mask),
+                supermask::bits_of_weights(kind, trained, mask),
+            );
             Update::Supermask(supermask::encode(arch, mask, &base, &mine))
         }
     }
@@ -52,7 +70,9 @@ pub fn decode_update(task: &Task, update: &Update) -> Result<Decoded, String> {
     let arch = &task.model.arch;
     let mask = match &task.model.mask {
         Some(MaskSpec::Full { bits, .. }) => Some(bits.unpack().map_err(|e| e.to_string())?),
-        Some(MaskSpec::Cached { .. }) => return Err("internal: a pending task lost its mask".into()),
+        Some(MaskSpec::Cached { .. }) => {
+            return Err("internal: a pending task lost its mask".into());
+        }
         None => None,
     };
     let mut encoding = Encoding::default();
@@ -64,17 +84,41 @@ pub fn decode_update(task: &Task, update: &Update) -> Result<Decoded, String> {
             let base = bits.unpack().map_err(|e| e.to_string())?;
             let (mine, enc) = supermask::decode(arch, mask.as_deref(), &base, u)?;
             encoding = enc;
-            let votes = mine.iter().map(|b| if *b { 1.0 } else { -1.0 }).collect::<Vec<f32>>();
-            (UploadKind::Votes, super::expand(&votes, mask.as_deref(), arch.num_params())?)
+            let votes = mine
+                .iter()
+                .map(|b| if *b { 1.0 } else { -1.0 })
+                .collect::<Vec<f32>>();
+            (
+                UploadKind::Votes,
+                super::expand(&votes, mask.as_deref(), arch.num_params())?,
+            )
         }
-        (Update::Weights(b), UploadSpec::Weights) => (UploadKind::Weights, b.to_f32().map_err(|e| e.to_string())?),
-        (Update::Delta(b), UploadSpec::Delta) => (UploadKind::Delta, b.to_f32().map_err(|e| e.to_string())?),
-        (Update::Sparse(u), UploadSpec::Sparse { .. }) => (UploadKind::Delta, decode_sparse(arch, u, mask.as_deref())?),
-        _ => return Err(format!("update kind does not match the requested {:?}", task.upload)),
+        (Update::Weights(b), UploadSpec::Weights) => {
+            (UploadKind::Weights, b.to_f32().map_err(|e| e.to_string())?)
+        }
+        (Update::Delta(b), UploadSpec::Delta) => {
+            (UploadKind::Delta, b.to_f32().map_err(|e| e.to_string())?)
+        }
+        (Update::Sparse(u), UploadSpec::Sparse { .. }) => {
+            (UploadKind::Delta, decode_sparse(arch, u, mask.as_deref())?)
+        }
+        _ => {
+            return Err(format!(
+                "update kind does not match the requested {:?}",
+                task.upload
+            ));
+        }
     };
     let n = arch.num_params();
     if values.len() != n {
-        return Err(format!("update has {} values, the model has {n}", values.len()));
+        return Err(format!(
+            "update has {} values, the model has {n}",
+            values.len()
+        ));
     }
-    Ok(Decoded { kind, values, encoding })
+    Ok(Decoded {
+        kind,
+        values,
+        encoding,
+    })
 }

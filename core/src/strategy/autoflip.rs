@@ -11,12 +11,15 @@
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::{ClientView, Contribution, Fold, Phase, RoundContext, RoundOutcome, RunningSum, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, sample_clients, task_on};
+use super::{
+    ClientView, Contribution, Fold, Phase, RoundContext, RoundOutcome, RunningSum, Settings,
+    Strategy, StrategyConfig, UploadKind, parse_settings, sample_clients, task_on,
+};
 use crate::aggregate::momentum_step;
-use crate::arch::Arch;
 use crate::metric_keys as keys;
+use crate::model::arch::Arch;
+use crate::model::state::ModelState;
 use crate::protocol::{Task, UploadSpec};
-use crate::state::ModelState;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -98,18 +101,36 @@ impl AutoFlip {
         if !(a.top_k > 0.0 && a.top_k <= 1.0) {
             return Err("autoflip top_k must lie in (0, 1]".into());
         }
-        Ok(AutoFlip { config, settings, explored_in: 0, base: Vec::new(), velocity: Vec::new(), ema: Vec::new(), q0: 0.0 })
+        Ok(AutoFlip {
+            config,
+            settings,
+            explored_in: 0,
+            base: Vec::new(),
+            velocity: Vec::new(),
+            ema: Vec::new(),
+            q0: 0.0,
+        })
     }
 
     /// `sum`: the clients' deltas, sample-weighted, and their squares (one vote per client).
-    fn explore(&mut self, global: &mut ModelState, sum: &RunningSum, results: &[Contribution], ctx: &RoundContext) -> Result<RoundOutcome, String> {
+    fn explore(
+        &mut self,
+        global: &mut ModelState,
+        sum: &RunningSum,
+        results: &[Contribution],
+        ctx: &RoundContext,
+    ) -> Result<RoundOutcome, String> {
         let a = self.settings.clone();
         let n = global.params.len();
         let sq = sum.mean_squares()?;
         let g = guidance(&global.arch, &sq);
         let mean_delta = sum.mean()?;
         let start: Vec<f32> = if a.start_from_explored {
-            self.base.iter().zip(&mean_delta).map(|(b, d)| b + d).collect()
+            self.base
+                .iter()
+                .zip(&mean_delta)
+                .map(|(b, d)| b + d)
+                .collect()
         } else {
             self.base.clone()
         };
@@ -126,22 +147,45 @@ impl AutoFlip {
         self.q0 = global.sparsity();
         self.ema = Vec::new();
         self.velocity = vec![0.0; n];
-        let epochs: f64 = results.iter().map(|c| c.metrics.epochs as f64).sum::<f64>() / results.len() as f64;
+        let epochs: f64 =
+            results.iter().map(|c| c.metrics.epochs as f64).sum::<f64>() / results.len() as f64;
         outcome.metrics.insert("q".into(), q);
-        outcome.metrics.insert("explore_clients".into(), results.len() as f64);
+        outcome
+            .metrics
+            .insert("explore_clients".into(), results.len() as f64);
         outcome.metrics.insert("explore_epochs_mean".into(), epochs);
         Ok(outcome)
     }
 
-    fn train(&mut self, round: u32, global: &mut ModelState, sum: &RunningSum, ctx: &RoundContext) -> Result<RoundOutcome, String> {
+    fn train(
+        &mut self,
+        round: u32,
+        global: &mut ModelState,
+        sum: &RunningSum,
+        ctx: &RoundContext,
+    ) -> Result<RoundOutcome, String> {
         let a = self.settings.clone();
         let mean_delta = sum.mean()?;
         if self.velocity.len() != global.params.len() {
             self.velocity = vec![0.0; global.params.len()];
         }
-        momentum_step(&mut global.params, &mut self.velocity, &mean_delta, self.config.server_momentum, self.config.server_lr);
-        let mask = global.mask.clone().unwrap_or_else(|| vec![true; global.params.len()]);
-        for ((p, v), k) in global.params.iter_mut().zip(self.velocity.iter_mut()).zip(&mask) {
+        momentum_step(
+            &mut global.params,
+            &mut self.velocity,
+            &mean_delta,
+            self.config.server_momentum,
+            self.config.server_lr,
+        );
+        let mask = global
+            .mask
+            .clone()
+            .unwrap_or_else(|| vec![true; global.params.len()]);
+        for ((p, v), k) in global
+            .params
+            .iter_mut()
+            .zip(self.velocity.iter_mut())
+            .zip(&mask)
+        {
             if !k {
                 *p = 0.0;
                 *v = 0.0;
@@ -159,13 +203,21 @@ impl AutoFlip {
         }
         let mut outcome = RoundOutcome::default();
         let since = round - self.explored_in;
-        if a.reprune_every > 0 && since % a.reprune_every == 0 && a.target_sparsity > global.sparsity() {
+        if a.reprune_every > 0
+            && since % a.reprune_every == 0
+            && a.target_sparsity > global.sparsity()
+        {
             // Linear schedule from the post-exploration sparsity to the target at the last round.
             let span = (ctx.rounds - self.explored_in).max(1) as f64;
             let want = self.q0 + (a.target_sparsity - self.q0) * (since as f64 / span).min(1.0);
             if want > global.sparsity() {
                 let g = guidance(&global.arch, &self.ema);
-                global.set_mask(prune_lowest(&g, want, Some(&mask), self.config.seed ^ round as u64));
+                global.set_mask(prune_lowest(
+                    &g,
+                    want,
+                    Some(&mask),
+                    self.config.seed ^ round as u64,
+                ));
                 for (v, k) in self.velocity.iter_mut().zip(global.mask.as_ref().unwrap()) {
                     if !k {
                         *v = 0.0;
@@ -179,33 +231,65 @@ impl AutoFlip {
 }
 
 /// Settings: `[strategy.autoflip]` ([`AutoflipConfig`]), plus the shared server momentum.
-pub fn build(config: StrategyConfig, settings: Option<&Settings>) -> Result<Box<dyn Strategy>, String> {
-    Ok(Box::new(AutoFlip::new(config, parse_settings("autoflip", settings)?)?))
+pub fn build(
+    config: StrategyConfig,
+    settings: Option<&Settings>,
+) -> Result<Box<dyn Strategy>, String> {
+    Ok(Box::new(AutoFlip::new(
+        config,
+        parse_settings("autoflip", settings)?,
+    )?))
 }
 
 impl Strategy for AutoFlip {
     fn phase(&self) -> Phase {
-        if self.explored_in == 0 { Phase::Own("exploring") } else { Phase::Training }
+        if self.explored_in == 0 {
+            Phase::Own("exploring")
+        } else {
+            Phase::Training
+        }
     }
 
     fn save_state(&self) -> Vec<u8> {
-        postcard::to_allocvec(&(self.explored_in, &self.velocity, &self.ema, self.q0)).expect("encoding")
+        postcard::to_allocvec(&(self.explored_in, &self.velocity, &self.ema, self.q0))
+            .expect("encoding")
     }
 
     fn load_state(&mut self, bytes: &[u8]) -> Result<(), String> {
-        let (explored_in, velocity, ema, q0): (u32, Vec<f32>, Vec<f32>, f64) = postcard::from_bytes(bytes).map_err(|e| format!("autoflip state: {e}"))?;
+        let (explored_in, velocity, ema, q0): (u32, Vec<f32>, Vec<f32>, f64) =
+            postcard::from_bytes(bytes).map_err(|e| format!("autoflip state: {e}"))?;
         (self.explored_in, self.velocity, self.ema, self.q0) = (explored_in, velocity, ema, q0);
         Ok(())
     }
 
-    fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
+    fn configure_round(
+        &mut self,
+        round: u32,
+        global: &ModelState,
+        clients: &[ClientView],
+        rng: &mut StdRng,
+    ) -> Vec<(u64, Task)> {
         let a = &self.settings;
         let exploring = self.explored_in == 0;
         let (fraction, upload) = if exploring {
             self.base = global.params.clone();
-            (a.explore_fraction, UploadSpec::Sparse { int8: a.explore_int8, top_k: 1.0, error_feedback: false })
+            (
+                a.explore_fraction,
+                UploadSpec::Sparse {
+                    int8: a.explore_int8,
+                    top_k: 1.0,
+                    error_feedback: false,
+                },
+            )
         } else {
-            (self.config.fraction, UploadSpec::Sparse { int8: a.int8, top_k: a.top_k, error_feedback: a.error_feedback })
+            (
+                self.config.fraction,
+                UploadSpec::Sparse {
+                    int8: a.int8,
+                    top_k: a.top_k,
+                    error_feedback: a.error_feedback,
+                },
+            )
         };
         let mut config = self.config.clone();
         if exploring {
@@ -232,7 +316,14 @@ impl Strategy for AutoFlip {
         Some(Fold { squares: true })
     }
 
-    fn aggregate_sum(&mut self, round: u32, global: &mut ModelState, sum: &RunningSum, results: &[Contribution], ctx: &RoundContext) -> Result<RoundOutcome, String> {
+    fn aggregate_sum(
+        &mut self,
+        round: u32,
+        global: &mut ModelState,
+        sum: &RunningSum,
+        results: &[Contribution],
+        ctx: &RoundContext,
+    ) -> Result<RoundOutcome, String> {
         if results.iter().any(|c| c.kind != UploadKind::Delta) {
             return Err("autoflip expects deltas".into());
         }
@@ -253,7 +344,11 @@ pub fn guidance(arch: &Arch, sq_mean: &[f32]) -> Vec<f32> {
     let mut g = sq_mean.to_vec();
     for p in arch.params() {
         let t = &mut g[p.offset..p.offset + p.len];
-        let (lo, hi) = t.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), v| (l.min(*v), h.max(*v)));
+        let (lo, hi) = t
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), v| {
+                (l.min(*v), h.max(*v))
+            });
         let span = hi - lo;
         for v in t.iter_mut() {
             *v = if span > 0.0 { (*v - lo) / span } else { 0.0 };
@@ -276,7 +371,11 @@ pub fn prune_lowest(g: &[f32], q: f64, already: Option<&[bool]>, seed: u64) -> V
     }
     let mut order: Vec<usize> = (0..n).filter(|&i| mask[i]).collect();
     let tie = |i: usize| splitmix64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    order.sort_by(|&a, &b| g[a].total_cmp(&g[b]).then_with(|| tie(a).cmp(&tie(b))).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| {
+        g[a].total_cmp(&g[b])
+            .then_with(|| tie(a).cmp(&tie(b)))
+            .then(a.cmp(&b))
+    });
     for &i in order.iter().take(target - pruned) {
         mask[i] = false;
     }
@@ -293,10 +392,22 @@ fn splitmix64(mut x: u64) -> u64 {
 
 /// The largest q on a 0.1 grid whose pruned model's validation loss stays within `tolerance`
 /// (relative) of the unpruned model's; 0 when even q = 0.1 costs too much.
-fn choose_q(global: &ModelState, start: &[f32], g: &[f32], tolerance: f64, ctx: &RoundContext, outcome: &mut RoundOutcome) -> f64 {
-    let mut probe = ModelState { params: start.to_vec(), ..global.clone() };
+fn choose_q(
+    global: &ModelState,
+    start: &[f32],
+    g: &[f32],
+    tolerance: f64,
+    ctx: &RoundContext,
+    outcome: &mut RoundOutcome,
+) -> f64 {
+    let mut probe = ModelState {
+        params: start.to_vec(),
+        ..global.clone()
+    };
     let dense = (ctx.validate)(&probe).loss as f64;
-    outcome.metrics.insert("q_auto_dense_val_loss".into(), dense);
+    outcome
+        .metrics
+        .insert("q_auto_dense_val_loss".into(), dense);
     for step in (1..=9).rev() {
         let q = step as f64 / 10.0;
         probe.params = start.to_vec();
@@ -313,15 +424,26 @@ fn choose_q(global: &ModelState, start: &[f32], g: &[f32], tolerance: f64, ctx: 
 
 /// Sparsity overall and per weight tensor, and FLOPs with pruned weights skipped.
 pub fn mask_metrics(global: &ModelState, outcome: &mut RoundOutcome) {
-    outcome.metrics.insert(keys::SPARSITY.into(), global.sparsity());
+    outcome
+        .metrics
+        .insert(keys::SPARSITY.into(), global.sparsity());
     let dense = global.arch.flops_per_sample() as f64;
     let effective = global.arch.effective_flops(global.mask.as_deref()) as f64;
-    outcome.metrics.insert(keys::EFFECTIVE_FLOPS.into(), effective);
-    outcome.metrics.insert(keys::FLOPS_RATIO.into(), effective / dense.max(1.0));
+    outcome
+        .metrics
+        .insert(keys::EFFECTIVE_FLOPS.into(), effective);
+    outcome
+        .metrics
+        .insert(keys::FLOPS_RATIO.into(), effective / dense.max(1.0));
     if let Some(m) = &global.mask {
         for p in global.arch.params() {
-            let pruned = m[p.offset..p.offset + p.len].iter().filter(|k| !**k).count();
-            outcome.metrics.insert(keys::tensor_sparsity(&p.name), pruned as f64 / p.len as f64);
+            let pruned = m[p.offset..p.offset + p.len]
+                .iter()
+                .filter(|k| !**k)
+                .count();
+            outcome
+                .metrics
+                .insert(keys::tensor_sparsity(&p.name), pruned as f64 / p.len as f64);
         }
     }
 }
@@ -329,10 +451,20 @@ pub fn mask_metrics(global: &ModelState, outcome: &mut RoundOutcome) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::Layer;
+    use crate::model::arch::Layer;
 
     fn arch() -> Arch {
-        Arch { input: [1, 1, 2], classes: 2, layers: vec![Layer::Flatten, Layer::Dense { inputs: 2, units: 2 }] }
+        Arch {
+            input: [1, 1, 2],
+            classes: 2,
+            layers: vec![
+                Layer::Flatten,
+                Layer::Dense {
+                    inputs: 2,
+                    units: 2,
+                },
+            ],
+        }
     }
 
     #[test]
@@ -340,21 +472,35 @@ mod tests {
         // Two clients' deltas on a 2×2 weight and a 2-entry bias.
         let d1 = [1.0f32, 0.0, 2.0, 0.0, 0.5, 0.5];
         let d2 = [1.0f32, 0.0, 0.0, 2.0, 0.5, 0.5];
-        let sq: Vec<f32> = d1.iter().zip(&d2).map(|(a, b)| (a * a + b * b) / 2.0).collect();
+        let sq: Vec<f32> = d1
+            .iter()
+            .zip(&d2)
+            .map(|(a, b)| (a * a + b * b) / 2.0)
+            .collect();
         assert_eq!(sq, vec![1.0, 0.0, 2.0, 2.0, 0.25, 0.25]);
         let g = guidance(&arch(), &sq);
-        assert_eq!(g, vec![0.5, 0.0, 1.0, 1.0, 0.0, 0.0], "weights scaled within themselves; a flat bias maps to 0");
+        assert_eq!(
+            g,
+            vec![0.5, 0.0, 1.0, 1.0, 0.0, 0.0],
+            "weights scaled within themselves; a flat bias maps to 0"
+        );
     }
 
     #[test]
     fn one_global_threshold_prunes_the_lowest() {
         let g = [0.5f32, 0.0, 1.0, 1.0, 0.0, 0.2];
-        assert_eq!(prune_lowest(&g, 0.5, None, 1), vec![true, false, true, true, false, false]);
+        assert_eq!(
+            prune_lowest(&g, 0.5, None, 1),
+            vec![true, false, true, true, false, false]
+        );
         assert_eq!(prune_lowest(&g, 0.0, None, 1), vec![true; 6]);
         // Re-pruning keeps what is pruned and adds the next lowest.
         let m = prune_lowest(&g, 0.34, None, 1);
         assert_eq!(m, vec![true, false, true, true, false, true]);
-        assert_eq!(prune_lowest(&g, 0.5, Some(&m), 1), vec![true, false, true, true, false, false]);
+        assert_eq!(
+            prune_lowest(&g, 0.5, Some(&m), 1),
+            vec![true, false, true, true, false, false]
+        );
         assert_eq!(prune_lowest(&g, 0.1, Some(&m), 1), m, "never un-prunes");
     }
 
@@ -365,9 +511,17 @@ mod tests {
         let a = prune_lowest(&g, 0.1, None, 7);
         let pruned: Vec<usize> = (0..1000).filter(|&i| !a[i]).collect();
         assert_eq!(pruned.len(), 100);
-        assert!(pruned.iter().filter(|&&i| i < 500).count() > 30 && pruned.iter().filter(|&&i| i >= 500).count() > 30, "{pruned:?}");
+        assert!(
+            pruned.iter().filter(|&&i| i < 500).count() > 30
+                && pruned.iter().filter(|&&i| i >= 500).count() > 30,
+            "{pruned:?}"
+        );
         assert_eq!(prune_lowest(&g, 0.1, None, 7), a, "reproducible for a seed");
-        assert_ne!(prune_lowest(&g, 0.1, None, 8), a, "another seed, another draw");
+        assert_ne!(
+            prune_lowest(&g, 0.1, None, 8),
+            a,
+            "another seed, another draw"
+        );
         // Ties never override the order of distinct values.
         let g: Vec<f32> = (0..10).map(|i| if i < 5 { 1.0 } else { 0.0 }).collect();
         assert!((0..10).all(|i| prune_lowest(&g, 0.5, None, 3)[i] == (i < 5)));
@@ -375,28 +529,68 @@ mod tests {
 
     #[test]
     fn the_repruning_average_starts_from_normal_rounds() {
-        let cfg = AutoflipConfig { q: 0.0, ..Default::default() };
+        let cfg = AutoflipConfig {
+            q: 0.0,
+            ..Default::default()
+        };
         let validate = |_: &ModelState| crate::train::Eval::default();
         let (mut s, mut global, _) = explore_once(cfg, &validate);
         assert!(s.ema.is_empty(), "the exploration's Δ² does not seed it");
-        let ctx = RoundContext { rounds: 5, validate: &validate };
-        let c = |v: f32| Contribution { client: 0, samples: 10, kind: UploadKind::Delta, values: vec![v; 22], metrics: Default::default(), encoding: Default::default() };
+        let ctx = RoundContext {
+            rounds: 5,
+            validate: &validate,
+        };
+        let c = |v: f32| Contribution {
+            client: 0,
+            samples: 10,
+            kind: UploadKind::Delta,
+            values: vec![v; 22],
+            metrics: Default::default(),
+            encoding: Default::default(),
+        };
         s.aggregate(2, &mut global, &[c(0.1)], &ctx).unwrap();
         assert!(s.ema.iter().all(|e| (e - 0.01).abs() < 1e-7), "{:?}", s.ema);
         s.aggregate(3, &mut global, &[c(0.0)], &ctx).unwrap();
-        assert!(s.ema.iter().all(|e| (e - 0.009).abs() < 1e-7), "β = 0.9: {:?}", s.ema);
+        assert!(
+            s.ema.iter().all(|e| (e - 0.009).abs() < 1e-7),
+            "β = 0.9: {:?}",
+            s.ema
+        );
     }
 
-    fn explore_once(cfg: AutoflipConfig, validate: &dyn Fn(&ModelState) -> crate::train::Eval) -> (AutoFlip, ModelState, RoundOutcome) {
-        let arch = Arch { input: [1, 2, 5], classes: 2, layers: vec![Layer::Flatten, Layer::Dense { inputs: 10, units: 2 }] };
+    fn explore_once(
+        cfg: AutoflipConfig,
+        validate: &dyn Fn(&ModelState) -> crate::train::Eval,
+    ) -> (AutoFlip, ModelState, RoundOutcome) {
+        let arch = Arch {
+            input: [1, 2, 5],
+            classes: 2,
+            layers: vec![
+                Layer::Flatten,
+                Layer::Dense {
+                    inputs: 10,
+                    units: 2,
+                },
+            ],
+        };
         let mut s = AutoFlip::new(StrategyConfig::default(), cfg).unwrap();
         let mut global = ModelState::init(arch, 1);
         let clients = [ClientView { id: 0, samples: 10 }];
         let mut rng = rand::SeedableRng::seed_from_u64(1);
         s.configure_round(1, &global, &clients, &mut rng);
         let values: Vec<f32> = (0..22).map(|i| i as f32 * 0.01).collect();
-        let c = Contribution { client: 0, samples: 10, kind: UploadKind::Delta, values, metrics: Default::default(), encoding: Default::default() };
-        let ctx = RoundContext { rounds: 5, validate };
+        let c = Contribution {
+            client: 0,
+            samples: 10,
+            kind: UploadKind::Delta,
+            values,
+            metrics: Default::default(),
+            encoding: Default::default(),
+        };
+        let ctx = RoundContext {
+            rounds: 5,
+            validate,
+        };
         let out = s.aggregate(1, &mut global, &[c], &ctx).unwrap();
         (s, global, out)
     }
@@ -407,10 +601,17 @@ mod tests {
         cfg.auto_q = true;
         cfg.q_tolerance = 0.35;
         // Validation loss grows with sparsity: 1 + sparsity. Within 35% of the dense loss: q ≤ 0.3.
-        let validate = |m: &ModelState| crate::train::Eval { loss: 1.0 + m.sparsity() as f32, ..Default::default() };
+        let validate = |m: &ModelState| crate::train::Eval {
+            loss: 1.0 + m.sparsity() as f32,
+            ..Default::default()
+        };
         let (_, global, out) = explore_once(cfg.clone(), &validate);
         assert_eq!(out.metrics["q_auto"], 0.3);
-        assert!((global.sparsity() - 0.3).abs() < 0.05, "{}", global.sparsity());
+        assert!(
+            (global.sparsity() - 0.3).abs() < 0.05,
+            "{}",
+            global.sparsity()
+        );
         // When every q costs too much, nothing is pruned.
         cfg.q_tolerance = 0.01;
         let (_, global, out) = explore_once(cfg, &validate);
@@ -428,19 +629,40 @@ mod tests {
         let (mut s, mut global, _) = explore_once(cfg, &validate);
         let before = global.mask.clone().unwrap();
         assert!((global.sparsity() - 0.2).abs() < 0.05);
-        let ctx = RoundContext { rounds: 5, validate: &validate };
-        let c = Contribution { client: 0, samples: 10, kind: UploadKind::Delta, values: (0..22).map(|i| 0.01 * (22 - i) as f32).collect(), metrics: Default::default(), encoding: Default::default() };
+        let ctx = RoundContext {
+            rounds: 5,
+            validate: &validate,
+        };
+        let c = Contribution {
+            client: 0,
+            samples: 10,
+            kind: UploadKind::Delta,
+            values: (0..22).map(|i| 0.01 * (22 - i) as f32).collect(),
+            metrics: Default::default(),
+            encoding: Default::default(),
+        };
         let out = s.aggregate(2, &mut global, &[c.clone()], &ctx).unwrap();
         assert_eq!(out.metrics["repruned"], 1.0);
         let after = global.mask.clone().unwrap();
         // A quarter of the way from 0.2 to 0.6 after one of four remaining rounds.
-        assert!((global.sparsity() - 0.3).abs() < 0.05, "{}", global.sparsity());
-        assert!(before.iter().zip(&after).all(|(b, a)| *b || !*a), "pruned weights stay pruned");
+        assert!(
+            (global.sparsity() - 0.3).abs() < 0.05,
+            "{}",
+            global.sparsity()
+        );
+        assert!(
+            before.iter().zip(&after).all(|(b, a)| *b || !*a),
+            "pruned weights stay pruned"
+        );
         assert_eq!(global.mask_version, 2);
         for r in 3..=5 {
             s.aggregate(r, &mut global, &[c.clone()], &ctx).unwrap();
         }
-        assert!((global.sparsity() - 0.6).abs() < 0.05, "{}", global.sparsity());
+        assert!(
+            (global.sparsity() - 0.6).abs() < 0.05,
+            "{}",
+            global.sparsity()
+        );
     }
 
     #[test]
@@ -454,20 +676,48 @@ mod tests {
         let tasks = s.configure_round(1, &global, &clients, &mut rng);
         assert_eq!(tasks.len(), 2);
         assert_eq!(tasks[0].1.train.epochs, 20);
-        let contrib = |client, v: [f32; 6]| Contribution { client, samples: 10, kind: UploadKind::Delta, values: v.to_vec(), metrics: Default::default(), encoding: Default::default() };
+        let contrib = |client, v: [f32; 6]| Contribution {
+            client,
+            samples: 10,
+            kind: UploadKind::Delta,
+            values: v.to_vec(),
+            metrics: Default::default(),
+            encoding: Default::default(),
+        };
         let validate = |_: &ModelState| crate::train::Eval::default();
-        let ctx = RoundContext { rounds: 5, validate: &validate };
-        let r = [contrib(0, [1.0, 0.0, 2.0, 0.0, 0.5, 0.1]), contrib(1, [1.0, 0.0, 0.0, 2.0, 0.5, 0.3])];
+        let ctx = RoundContext {
+            rounds: 5,
+            validate: &validate,
+        };
+        let r = [
+            contrib(0, [1.0, 0.0, 2.0, 0.0, 0.5, 0.1]),
+            contrib(1, [1.0, 0.0, 0.0, 2.0, 0.5, 0.3]),
+        ];
         let out = s.aggregate(1, &mut global, &r, &ctx).unwrap();
         assert_eq!(out.metrics["sparsity"], 0.5);
         let mask = global.mask.clone().unwrap();
         assert_eq!(mask.iter().filter(|k| !**k).count(), 3);
-        assert!(global.params.iter().zip(&mask).all(|(p, k)| *k || *p == 0.0));
+        assert!(
+            global
+                .params
+                .iter()
+                .zip(&mask)
+                .all(|(p, k)| *k || *p == 0.0)
+        );
         // A training round: the pruned entries stay zero after the server's momentum step.
         let tasks = s.configure_round(2, &global, &clients, &mut rng);
-        assert!(matches!(tasks[0].1.upload, UploadSpec::Sparse { int8: true, .. }));
+        assert!(matches!(
+            tasks[0].1.upload,
+            UploadSpec::Sparse { int8: true, .. }
+        ));
         let r = [contrib(0, [0.1; 6]), contrib(1, [0.2; 6])];
         s.aggregate(2, &mut global, &r, &ctx).unwrap();
-        assert!(global.params.iter().zip(&mask).all(|(p, k)| *k || *p == 0.0));
+        assert!(
+            global
+                .params
+                .iter()
+                .zip(&mask)
+                .all(|(p, k)| *k || *p == 0.0)
+        );
     }
 }

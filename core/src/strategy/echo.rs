@@ -11,12 +11,15 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use rand::rngs::StdRng;
 
 use super::fedavg::NoSettings;
-use super::{ClientView, Contribution, Exchange, RoundContext, RoundOutcome, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, plain_round, weighted_values};
+use super::{
+    ClientView, Contribution, Exchange, RoundContext, RoundOutcome, Settings, Strategy,
+    StrategyConfig, UploadKind, parse_settings, plain_round, weighted_values,
+};
 use crate::codec::exchange;
 use crate::metric_keys as keys;
+use crate::model::state::ModelState;
 use crate::protocol::{Task, UploadSpec};
-use crate::state::ModelState;
-use crate::step::LossSource;
+use crate::train::step::LossSource;
 
 pub struct Echo {
     config: StrategyConfig,
@@ -32,16 +35,28 @@ pub struct LossServer {
 
 impl LossServer {
     pub fn for_classes(classes: usize) -> LossServer {
-        LossServer { classes: AtomicUsize::new(classes), served: AtomicU64::new(0) }
+        LossServer {
+            classes: AtomicUsize::new(classes),
+            served: AtomicU64::new(0),
+        }
     }
 }
 
 impl Exchange for LossServer {
-    fn handle(&self, _round: u32, _client: u64, _seq: u32, request: &[u8]) -> Result<Vec<u8>, String> {
+    fn handle(
+        &self,
+        _round: u32,
+        _client: u64,
+        _seq: u32,
+        request: &[u8],
+    ) -> Result<Vec<u8>, String> {
         let classes = self.classes.load(Ordering::Relaxed);
         let batch = exchange::decode_request(request, classes)?;
         if batch.cols != classes {
-            return Err(format!("output has {} columns, the model {classes} classes", batch.cols));
+            return Err(format!(
+                "output has {} columns, the model {classes} classes",
+                batch.cols
+            ));
         }
         let (loss, grad) = exchange::cross_entropy_grad(&batch);
         self.served.fetch_add(1, Ordering::Relaxed);
@@ -51,20 +66,41 @@ impl Exchange for LossServer {
 
 impl Echo {
     pub fn new(config: StrategyConfig) -> Self {
-        Echo { config, server: Arc::default() }
+        Echo {
+            config,
+            server: Arc::default(),
+        }
     }
 }
 
-pub fn build(config: StrategyConfig, settings: Option<&Settings>) -> Result<Box<dyn Strategy>, String> {
+pub fn build(
+    config: StrategyConfig,
+    settings: Option<&Settings>,
+) -> Result<Box<dyn Strategy>, String> {
     let NoSettings {} = parse_settings("echo", settings)?;
     Ok(Box::new(Echo::new(config)))
 }
 
 impl Strategy for Echo {
-    fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
-        self.server.classes.store(global.arch.classes, Ordering::Relaxed);
+    fn configure_round(
+        &mut self,
+        round: u32,
+        global: &ModelState,
+        clients: &[ClientView],
+        rng: &mut StdRng,
+    ) -> Vec<(u64, Task)> {
+        self.server
+            .classes
+            .store(global.arch.classes, Ordering::Relaxed);
         let cut = global.arch.layers.len() as u32;
-        let mut tasks = plain_round(round, global, &self.config, clients, rng, UploadSpec::Weights);
+        let mut tasks = plain_round(
+            round,
+            global,
+            &self.config,
+            clients,
+            rng,
+            UploadSpec::Weights,
+        );
         for (_, t) in &mut tasks {
             t.train.step.loss = LossSource::Remote { cut, keep: 1.0 };
         }
@@ -75,13 +111,22 @@ impl Strategy for Echo {
         Some(self.server.clone())
     }
 
-    fn aggregate(&mut self, _round: u32, global: &mut ModelState, results: &[Contribution], _ctx: &RoundContext) -> Result<RoundOutcome, String> {
+    fn aggregate(
+        &mut self,
+        _round: u32,
+        global: &mut ModelState,
+        results: &[Contribution],
+        _ctx: &RoundContext,
+    ) -> Result<RoundOutcome, String> {
         if results.iter().any(|c| c.kind != UploadKind::Weights) {
             return Err("echo expects weights".into());
         }
         global.params = weighted_values(results)?;
         let mut outcome = RoundOutcome::default();
-        outcome.metrics.insert(keys::EXCHANGES.into(), self.server.served.swap(0, Ordering::Relaxed) as f64);
+        outcome.metrics.insert(
+            keys::EXCHANGES.into(),
+            self.server.served.swap(0, Ordering::Relaxed) as f64,
+        );
         Ok(outcome)
     }
 }

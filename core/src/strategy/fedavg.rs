@@ -2,9 +2,12 @@
 
 use rand::rngs::StdRng;
 
-use super::{ClientView, Contribution, Fold, RoundContext, RoundOutcome, RunningSum, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, plain_round};
+use super::{
+    ClientView, Contribution, Fold, RoundContext, RoundOutcome, RunningSum, Settings, Strategy,
+    StrategyConfig, UploadKind, parse_settings, plain_round,
+};
+use crate::model::state::ModelState;
 use crate::protocol::{Task, UploadSpec};
-use crate::state::ModelState;
 
 pub struct FedAvg {
     config: StrategyConfig,
@@ -17,7 +20,10 @@ impl FedAvg {
 }
 
 /// FedAvg has no settings of its own: a `[strategy.fedavg]` section must be empty.
-pub fn build(config: StrategyConfig, settings: Option<&Settings>) -> Result<Box<dyn Strategy>, String> {
+pub fn build(
+    config: StrategyConfig,
+    settings: Option<&Settings>,
+) -> Result<Box<dyn Strategy>, String> {
     let NoSettings {} = parse_settings("fedavg", settings)?;
     Ok(Box::new(FedAvg::new(config)))
 }
@@ -27,16 +33,35 @@ pub fn build(config: StrategyConfig, settings: Option<&Settings>) -> Result<Box<
 pub(super) struct NoSettings {}
 
 impl Strategy for FedAvg {
-    fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
-        plain_round(round, global, &self.config, clients, rng, UploadSpec::Weights)
+    fn configure_round(
+        &mut self,
+        round: u32,
+        global: &ModelState,
+        clients: &[ClientView],
+        rng: &mut StdRng,
+    ) -> Vec<(u64, Task)> {
+        plain_round(
+            round,
+            global,
+            &self.config,
+            clients,
+            rng,
+            UploadSpec::Weights,
+        )
     }
 
     fn fold(&self) -> Option<Fold> {
         Some(Fold::default())
     }
 
-
-    fn aggregate_sum(&mut self, _round: u32, global: &mut ModelState, sum: &RunningSum, results: &[Contribution], _ctx: &RoundContext) -> Result<RoundOutcome, String> {
+    fn aggregate_sum(
+        &mut self,
+        _round: u32,
+        global: &mut ModelState,
+        sum: &RunningSum,
+        results: &[Contribution],
+        _ctx: &RoundContext,
+    ) -> Result<RoundOutcome, String> {
         if results.iter().any(|c| c.kind != UploadKind::Weights) {
             return Err("fedavg expects weights".into());
         }

@@ -4,10 +4,13 @@
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::{ClientView, Contribution, Fold, RoundContext, RoundOutcome, RunningSum, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, plain_round};
+use super::{
+    ClientView, Contribution, Fold, RoundContext, RoundOutcome, RunningSum, Settings, Strategy,
+    StrategyConfig, UploadKind, parse_settings, plain_round,
+};
 use crate::aggregate::momentum_step;
+use crate::model::state::ModelState;
 use crate::protocol::{Task, UploadSpec};
-use crate::state::ModelState;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -31,12 +34,19 @@ pub struct FedAvgM {
 
 impl FedAvgM {
     pub fn new(config: StrategyConfig, own: FedavgmConfig) -> Self {
-        FedAvgM { config, own, velocity: Vec::new() }
+        FedAvgM {
+            config,
+            own,
+            velocity: Vec::new(),
+        }
     }
 }
 
 /// FedAvgM reads the shared `server_momentum` and `server_lr`, and `[strategy.fedavgm]`.
-pub fn build(config: StrategyConfig, settings: Option<&Settings>) -> Result<Box<dyn Strategy>, String> {
+pub fn build(
+    config: StrategyConfig,
+    settings: Option<&Settings>,
+) -> Result<Box<dyn Strategy>, String> {
     let own: FedavgmConfig = parse_settings("fedavgm", settings)?;
     if !(own.lr_decay > 0.0) {
         return Err("fedavgm lr_decay must be > 0".into());
@@ -45,7 +55,13 @@ pub fn build(config: StrategyConfig, settings: Option<&Settings>) -> Result<Box<
 }
 
 impl Strategy for FedAvgM {
-    fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
+    fn configure_round(
+        &mut self,
+        round: u32,
+        global: &ModelState,
+        clients: &[ClientView],
+        rng: &mut StdRng,
+    ) -> Vec<(u64, Task)> {
         let mut config = self.config.clone();
         config.lr *= self.own.lr_decay.powi(round as i32 - 1);
         plain_round(round, global, &config, clients, rng, UploadSpec::Delta)
@@ -64,8 +80,14 @@ impl Strategy for FedAvgM {
         Some(Fold::default())
     }
 
-
-    fn aggregate_sum(&mut self, _round: u32, global: &mut ModelState, sum: &RunningSum, results: &[Contribution], _ctx: &RoundContext) -> Result<RoundOutcome, String> {
+    fn aggregate_sum(
+        &mut self,
+        _round: u32,
+        global: &mut ModelState,
+        sum: &RunningSum,
+        results: &[Contribution],
+        _ctx: &RoundContext,
+    ) -> Result<RoundOutcome, String> {
         if results.iter().any(|c| c.kind != UploadKind::Delta) {
             return Err("fedavgm expects deltas".into());
         }
@@ -73,8 +95,19 @@ impl Strategy for FedAvgM {
         if self.velocity.len() != global.params.len() {
             self.velocity = vec![0.0; global.params.len()];
         }
-        momentum_step(&mut global.params, &mut self.velocity, &mean_delta, self.config.server_momentum, self.config.server_lr);
-        let speed = (self.velocity.iter().map(|v| (*v as f64).powi(2)).sum::<f64>()).sqrt();
+        momentum_step(
+            &mut global.params,
+            &mut self.velocity,
+            &mean_delta,
+            self.config.server_momentum,
+            self.config.server_lr,
+        );
+        let speed = (self
+            .velocity
+            .iter()
+            .map(|v| (*v as f64).powi(2))
+            .sum::<f64>())
+        .sqrt();
         let mut outcome = RoundOutcome::default();
         outcome.metrics.insert("server_velocity_norm".into(), speed);
         Ok(outcome)
@@ -84,7 +117,7 @@ impl Strategy for FedAvgM {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::Arch;
+    use crate::model::arch::Arch;
     use rand::SeedableRng;
 
     #[test]
@@ -95,7 +128,19 @@ mod tests {
         let global = ModelState::init(Arch::preset("mlp", [1, 2, 2], 2).unwrap(), 1);
         let clients = [ClientView { id: 0, samples: 4 }];
         let mut rng = StdRng::seed_from_u64(1);
-        assert_eq!(s.configure_round(1, &global, &clients, &mut rng)[0].1.train.lr, 0.1);
-        assert_eq!(s.configure_round(3, &global, &clients, &mut rng)[0].1.train.lr, 0.025);
+        assert_eq!(
+            s.configure_round(1, &global, &clients, &mut rng)[0]
+                .1
+                .train
+                .lr,
+            0.1
+        );
+        assert_eq!(
+            s.configure_round(3, &global, &clients, &mut rng)[0]
+                .1
+                .train
+                .lr,
+            0.025
+        );
     }
 }

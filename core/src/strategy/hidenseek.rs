@@ -14,15 +14,18 @@
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::{ClientView, Contribution, Fold, RoundContext, RoundOutcome, RunningSum, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, plain_round};
+use super::{
+    ClientView, Contribution, Fold, RoundContext, RoundOutcome, RunningSum, Settings, Strategy,
+    StrategyConfig, UploadKind, parse_settings, plain_round,
+};
 use crate::codec::supermask::bit_of_weight;
 use crate::codec::{compact, encode_supermask};
 use crate::metric_keys as keys;
+use crate::model::state::ModelState;
+use crate::model::synflow::{layer_density, synflow_mask};
 use crate::protocol::{SupermaskKind, Task, UploadSpec};
-use crate::state::ModelState;
-use crate::step::Learn;
-use crate::synflow::{layer_density, synflow_mask};
 use crate::train::Optimizer;
+use crate::train::step::Learn;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -45,7 +48,14 @@ pub struct SupermaskConfig {
 
 impl SupermaskConfig {
     fn hidenseek() -> Self {
-        SupermaskConfig { density: 0.5, synflow_iters: 100, score_lr: 0.01, score_optimizer: Optimizer::Adam, personal_scores: true, vote_momentum: 0.0 }
+        SupermaskConfig {
+            density: 0.5,
+            synflow_iters: 100,
+            score_lr: 0.01,
+            score_optimizer: Optimizer::Adam,
+            personal_scores: true,
+            vote_momentum: 0.0,
+        }
     }
 }
 
@@ -63,7 +73,10 @@ struct BinaryConfig(SupermaskConfig);
 
 impl Default for BinaryConfig {
     fn default() -> Self {
-        BinaryConfig(SupermaskConfig { density: 1.0, ..SupermaskConfig::hidenseek() })
+        BinaryConfig(SupermaskConfig {
+            density: 1.0,
+            ..SupermaskConfig::hidenseek()
+        })
     }
 }
 
@@ -78,7 +91,11 @@ pub struct Supermask {
 }
 
 impl Supermask {
-    pub fn new(config: StrategyConfig, settings: SupermaskConfig, kind: SupermaskKind) -> Result<Self, String> {
+    pub fn new(
+        config: StrategyConfig,
+        settings: SupermaskConfig,
+        kind: SupermaskKind,
+    ) -> Result<Self, String> {
         if !(settings.density > 0.0 && settings.density <= 1.0) {
             return Err("density must lie in (0, 1]".into());
         }
@@ -88,7 +105,13 @@ impl Supermask {
         if !(0.0..1.0).contains(&settings.vote_momentum) {
             return Err("vote_momentum must lie in [0, 1)".into());
         }
-        Ok(Supermask { config, settings, kind, pending_mask: None, tally: Vec::new() })
+        Ok(Supermask {
+            config,
+            settings,
+            kind,
+            pending_mask: None,
+            tally: Vec::new(),
+        })
     }
 
     /// θ₀: the same numbers the clients regenerate from the seed.
@@ -101,7 +124,13 @@ impl Supermask {
         let theta0 = self.theta0(global);
         let mask = match self.pending_mask.clone() {
             Some(m) => m,
-            None => synflow_mask(&global.arch, &theta0, self.settings.density, self.settings.synflow_iters, &burn::tensor::Device::flex()),
+            None => synflow_mask(
+                &global.arch,
+                &theta0,
+                self.settings.density,
+                self.settings.synflow_iters,
+                &burn::tensor::Device::flex(),
+            ),
         };
         self.pending_mask = Some(mask.clone());
         let mut m = global.clone();
@@ -111,11 +140,21 @@ impl Supermask {
     }
 }
 
-pub fn build_hidenseek(config: StrategyConfig, settings: Option<&Settings>) -> Result<Box<dyn Strategy>, String> {
-    Ok(Box::new(Supermask::new(config, parse_settings("hidenseek", settings)?, SupermaskKind::Sign)?))
+pub fn build_hidenseek(
+    config: StrategyConfig,
+    settings: Option<&Settings>,
+) -> Result<Box<dyn Strategy>, String> {
+    Ok(Box::new(Supermask::new(
+        config,
+        parse_settings("hidenseek", settings)?,
+        SupermaskKind::Sign,
+    )?))
 }
 
-pub fn build_binary(config: StrategyConfig, settings: Option<&Settings>) -> Result<Box<dyn Strategy>, String> {
+pub fn build_binary(
+    config: StrategyConfig,
+    settings: Option<&Settings>,
+) -> Result<Box<dyn Strategy>, String> {
     let BinaryConfig(s) = parse_settings("supermask", settings)?;
     Ok(Box::new(Supermask::new(config, s, SupermaskKind::Keep)?))
 }
@@ -130,13 +169,32 @@ impl Strategy for Supermask {
         Ok(())
     }
 
-    fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
-        let model = if global.mask.is_none() { self.initial(global) } else { global.clone() };
+    fn configure_round(
+        &mut self,
+        round: u32,
+        global: &ModelState,
+        clients: &[ClientView],
+        rng: &mut StdRng,
+    ) -> Vec<(u64, Task)> {
+        let model = if global.mask.is_none() {
+            self.initial(global)
+        } else {
+            global.clone()
+        };
         let payload = std::sync::Arc::new(encode_supermask(&model, self.config.seed, self.kind));
-        let mut tasks = plain_round(round, &model, &self.config, clients, rng, UploadSpec::Supermask { kind: self.kind });
+        let mut tasks = plain_round(
+            round,
+            &model,
+            &self.config,
+            clients,
+            rng,
+            UploadSpec::Supermask { kind: self.kind },
+        );
         for (_, t) in &mut tasks {
             t.model = payload.clone();
-            t.train.step.learn = Learn::Scores { personal: self.settings.personal_scores };
+            t.train.step.learn = Learn::Scores {
+                personal: self.settings.personal_scores,
+            };
             t.train.lr = self.settings.score_lr;
             t.train.optimizer = self.settings.score_optimizer.clone();
         }
@@ -148,8 +206,14 @@ impl Strategy for Supermask {
         Some(Fold::default())
     }
 
-
-    fn aggregate_sum(&mut self, _round: u32, global: &mut ModelState, sum: &RunningSum, results: &[Contribution], _ctx: &RoundContext) -> Result<RoundOutcome, String> {
+    fn aggregate_sum(
+        &mut self,
+        _round: u32,
+        global: &mut ModelState,
+        sum: &RunningSum,
+        results: &[Contribution],
+        _ctx: &RoundContext,
+    ) -> Result<RoundOutcome, String> {
         if results.iter().any(|c| c.kind != UploadKind::Votes) {
             return Err("supermask strategies expect votes".into());
         }
@@ -157,46 +221,126 @@ impl Strategy for Supermask {
         if global.mask.is_none() {
             *global = self.initial(global);
             self.pending_mask = None;
-            for (name, d) in layer_density(&global.arch, global.mask.as_deref().expect("installed")) {
+            for (name, d) in layer_density(&global.arch, global.mask.as_deref().expect("installed"))
+            {
                 outcome.metrics.insert(keys::tensor_density(&name), d);
             }
         }
         let mask = global.mask.clone().expect("installed");
         let theta0 = self.theta0(global);
-        let previous: Vec<bool> = global.params.iter().map(|w| bit_of_weight(self.kind, *w)).collect();
+        let previous: Vec<bool> = global
+            .params
+            .iter()
+            .map(|w| bit_of_weight(self.kind, *w))
+            .collect();
         if sum.len() != previous.len() {
-            return Err(format!("{} votes for a model of {} entries", sum.len(), previous.len()));
+            return Err(format!(
+                "{} votes for a model of {} entries",
+                sum.len(),
+                previous.len()
+            ));
         }
         let next: Vec<bool> = if self.settings.vote_momentum > 0.0 {
             let beta = self.settings.vote_momentum;
             if self.tally.len() != previous.len() {
-                self.tally = previous.iter().map(|b| if *b { 1.0 } else { -1.0 }).collect();
+                self.tally = previous
+                    .iter()
+                    .map(|b| if *b { 1.0 } else { -1.0 })
+                    .collect();
             }
             let total = sum.weight.max(1.0);
             for (i, t) in self.tally.iter_mut().enumerate() {
                 let mean = sum.weighted[i] / total;
                 *t = beta * *t + (1.0 - beta) * mean as f32;
             }
-            self.tally.iter().zip(&previous).map(|(t, p)| if *t > 0.0 { true } else if *t < 0.0 { false } else { *p }).collect()
+            self.tally
+                .iter()
+                .zip(&previous)
+                .map(|(t, p)| {
+                    if *t > 0.0 {
+                        true
+                    } else if *t < 0.0 {
+                        false
+                    } else {
+                        *p
+                    }
+                })
+                .collect()
         } else {
             // Sample-weighted majority per entry; a tie keeps the previous bit.
-            sum.weighted.iter().zip(&previous).map(|(s, p)| if *s > 0.0 { true } else if *s < 0.0 { false } else { *p }).collect()
+            sum.weighted
+                .iter()
+                .zip(&previous)
+                .map(|(s, p)| {
+                    if *s > 0.0 {
+                        true
+                    } else if *s < 0.0 {
+                        false
+                    } else {
+                        *p
+                    }
+                })
+                .collect()
         };
         let kept = mask.iter().filter(|k| **k).count();
-        let changed = (0..next.len()).filter(|&i| mask[i] && next[i] != previous[i]).count();
-        let kept_bits: Vec<bool> = next.iter().zip(&mask).filter(|(_, k)| **k).map(|(b, _)| *b).collect();
-        global.params = crate::codec::supermask::effective(self.kind, &theta0, Some(&mask), &kept_bits);
-        let weights: usize = global.arch.params().iter().filter(|p| p.name.ends_with(".weight")).map(|p| p.len).sum();
-        let kept_weights: usize = global.arch.params().iter().filter(|p| p.name.ends_with(".weight")).map(|p| mask[p.offset..p.offset + p.len].iter().filter(|k| **k).count()).sum();
+        let changed = (0..next.len())
+            .filter(|&i| mask[i] && next[i] != previous[i])
+            .count();
+        let kept_bits: Vec<bool> = next
+            .iter()
+            .zip(&mask)
+            .filter(|(_, k)| **k)
+            .map(|(b, _)| *b)
+            .collect();
+        global.params =
+            crate::codec::supermask::effective(self.kind, &theta0, Some(&mask), &kept_bits);
+        let weights: usize = global
+            .arch
+            .params()
+            .iter()
+            .filter(|p| p.name.ends_with(".weight"))
+            .map(|p| p.len)
+            .sum();
+        let kept_weights: usize = global
+            .arch
+            .params()
+            .iter()
+            .filter(|p| p.name.ends_with(".weight"))
+            .map(|p| {
+                mask[p.offset..p.offset + p.len]
+                    .iter()
+                    .filter(|k| **k)
+                    .count()
+            })
+            .sum();
         let payload: u64 = results.iter().map(|c| c.encoding.payload_bytes).sum();
-        let (flips, tensors): (u32, u32) = results.iter().fold((0, 0), |(f, t), c| (f + c.encoding.flip_tensors, t + c.encoding.tensors));
-        outcome.metrics.insert(keys::DENSITY.into(), kept_weights as f64 / weights.max(1) as f64);
-        outcome.metrics.insert(keys::UPLOAD_BITS_PER_WEIGHT.into(), 8.0 * payload as f64 / (results.len() * kept).max(1) as f64);
-        outcome.metrics.insert(keys::FLIP_TENSORS.into(), flips as f64 / tensors.max(1) as f64);
-        outcome.metrics.insert(keys::BITS_CHANGED.into(), changed as f64 / kept.max(1) as f64);
+        let (flips, tensors): (u32, u32) = results.iter().fold((0, 0), |(f, t), c| {
+            (f + c.encoding.flip_tensors, t + c.encoding.tensors)
+        });
+        outcome.metrics.insert(
+            keys::DENSITY.into(),
+            kept_weights as f64 / weights.max(1) as f64,
+        );
+        outcome.metrics.insert(
+            keys::UPLOAD_BITS_PER_WEIGHT.into(),
+            8.0 * payload as f64 / (results.len() * kept).max(1) as f64,
+        );
+        outcome.metrics.insert(
+            keys::FLIP_TENSORS.into(),
+            flips as f64 / tensors.max(1) as f64,
+        );
+        outcome.metrics.insert(
+            keys::BITS_CHANGED.into(),
+            changed as f64 / kept.max(1) as f64,
+        );
         if self.kind == SupermaskKind::Keep {
-            let on = compact(&global.params, Some(&mask)).iter().filter(|w| **w != 0.0).count();
-            outcome.metrics.insert(keys::MASK_ON.into(), on as f64 / kept.max(1) as f64);
+            let on = compact(&global.params, Some(&mask))
+                .iter()
+                .filter(|w| **w != 0.0)
+                .count();
+            outcome
+                .metrics
+                .insert(keys::MASK_ON.into(), on as f64 / kept.max(1) as f64);
         }
         Ok(outcome)
     }
@@ -205,32 +349,81 @@ impl Strategy for Supermask {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::Arch;
     use crate::codec::supermask::Encoding;
+    use crate::model::arch::Arch;
 
     #[test]
     fn first_round_prunes_by_synflow_and_votes_set_the_signs() {
         let arch = Arch::preset("mlp", [1, 4, 4], 3).unwrap();
-        let config = StrategyConfig { seed: 7, ..Default::default() };
-        let mut s = Supermask::new(config, SupermaskConfig { density: 0.3, synflow_iters: 10, ..Default::default() }, SupermaskKind::Sign).unwrap();
+        let config = StrategyConfig {
+            seed: 7,
+            ..Default::default()
+        };
+        let mut s = Supermask::new(
+            config,
+            SupermaskConfig {
+                density: 0.3,
+                synflow_iters: 10,
+                ..Default::default()
+            },
+            SupermaskKind::Sign,
+        )
+        .unwrap();
         let mut global = ModelState::init(arch, 7);
         let clients: Vec<ClientView> = (0..3).map(|id| ClientView { id, samples: 10 }).collect();
-        let tasks = s.configure_round(1, &global, &clients, &mut rand::SeedableRng::seed_from_u64(1));
+        let tasks = s.configure_round(
+            1,
+            &global,
+            &clients,
+            &mut rand::SeedableRng::seed_from_u64(1),
+        );
         assert_eq!(tasks.len(), 3);
-        assert_eq!(tasks[0].1.train.step.learn, Learn::Scores { personal: true });
-        assert!(matches!(tasks[0].1.upload, UploadSpec::Supermask { kind: SupermaskKind::Sign }));
+        assert_eq!(
+            tasks[0].1.train.step.learn,
+            Learn::Scores { personal: true }
+        );
+        assert!(matches!(
+            tasks[0].1.upload,
+            UploadSpec::Supermask {
+                kind: SupermaskKind::Sign
+            }
+        ));
         // Every client votes "flip entry 0 negative"; two of three vote "+" elsewhere.
         let theta0 = ModelState::init(global.arch.clone(), 7).params;
         let vote = |sign: f32| -> Vec<f32> { theta0.iter().map(|_| sign).collect() };
-        let c = |client, v: Vec<f32>| Contribution { client, samples: 10, kind: UploadKind::Votes, values: v, metrics: Default::default(), encoding: Encoding::default() };
+        let c = |client, v: Vec<f32>| Contribution {
+            client,
+            samples: 10,
+            kind: UploadKind::Votes,
+            values: v,
+            metrics: Default::default(),
+            encoding: Encoding::default(),
+        };
         let validate = |_: &ModelState| crate::train::Eval::default();
-        let ctx = RoundContext { rounds: 5, validate: &validate };
-        let out = s.aggregate(1, &mut global, &[c(0, vote(1.0)), c(1, vote(1.0)), c(2, vote(-1.0))], &ctx).unwrap();
+        let ctx = RoundContext {
+            rounds: 5,
+            validate: &validate,
+        };
+        let out = s
+            .aggregate(
+                1,
+                &mut global,
+                &[c(0, vote(1.0)), c(1, vote(1.0)), c(2, vote(-1.0))],
+                &ctx,
+            )
+            .unwrap();
         let mask = global.mask.clone().unwrap();
-        assert!((out.metrics[keys::DENSITY] - 0.3).abs() < 0.01, "{}", out.metrics[keys::DENSITY]);
+        assert!(
+            (out.metrics[keys::DENSITY] - 0.3).abs() < 0.01,
+            "{}",
+            out.metrics[keys::DENSITY]
+        );
         for i in 0..theta0.len() {
             let expect = if mask[i] { theta0[i].abs() } else { 0.0 };
-            assert_eq!(global.params[i], expect, "entry {i}: magnitudes are θ₀'s, signs the vote's");
+            assert_eq!(
+                global.params[i], expect,
+                "entry {i}: magnitudes are θ₀'s, signs the vote's"
+            );
         }
     }
 }

@@ -9,17 +9,18 @@ mod fedavg;
 mod fedavgm;
 mod hidenseek;
 mod split;
-pub mod stream;
 mod structured;
 
 pub use autoflip::{AutoFlip, AutoflipConfig};
 pub use echo::{Echo, LossServer};
+pub use fedavg::FedAvg;
+pub use fedavgm::{FedAvgM, FedavgmConfig};
 pub use hidenseek::{Supermask, SupermaskConfig};
 pub use split::{BackServer, PruneKind, Split, SplitConfig};
 pub use structured::{Structured, StructuredConfig, UnitScore};
-pub use fedavg::FedAvg;
-pub use fedavgm::{FedAvgM, FedavgmConfig};
-pub use stream::{Fold, RunningSum};
+// A strategy file finds everything it works with here.
+pub use crate::aggregate::Contribution;
+pub use crate::aggregate::stream::{Fold, RunningSum};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,11 +28,11 @@ use std::sync::Arc;
 use rand::{rngs::StdRng, seq::SliceRandom};
 use serde::{Deserialize, Serialize};
 
-pub use crate::codec::update::UploadKind;
 use crate::codec;
-use crate::protocol::{ClientMetrics, Task, TaskResult, UploadSpec};
-use crate::state::ModelState;
-use crate::step::Step;
+pub use crate::codec::update::UploadKind;
+use crate::model::state::ModelState;
+use crate::protocol::{Task, TaskResult, UploadSpec};
+use crate::train::step::Step;
 use crate::train::{Eval, Optimizer, TrainSpec};
 
 /// What a strategy knows about a connected client.
@@ -88,7 +89,10 @@ pub type Settings = serde_json::Value;
 
 /// Reads a strategy's section into its settings type; no section means the defaults. Unknown
 /// keys are errors that name the section.
-pub fn parse_settings<T: serde::de::DeserializeOwned + Default>(name: &str, settings: Option<&Settings>) -> Result<T, String> {
+pub fn parse_settings<T: serde::de::DeserializeOwned + Default>(
+    name: &str,
+    settings: Option<&Settings>,
+) -> Result<T, String> {
     match settings {
         None => Ok(T::default()),
         Some(v) => serde_json::from_value(v.clone()).map_err(|e| format!("[strategy.{name}]: {e}")),
@@ -108,20 +112,6 @@ pub struct RoundContext<'a> {
     pub rounds: u32,
     /// Loss and accuracy of a model on the server's validation split (never the test set).
     pub validate: &'a dyn Fn(&ModelState) -> Eval,
-}
-
-/// A validated result, decoded to a full-length vector. Serialisable so an edge aggregator can
-/// send its results' summaries (without vectors) upstream.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Contribution {
-    pub client: u64,
-    pub samples: u64,
-    /// Trained parameters (`Weights`) or trained minus starting ones (`Delta`, `Sparse`).
-    pub kind: UploadKind,
-    pub values: Vec<f32>,
-    pub metrics: ClientMetrics,
-    /// How a supermask upload travelled (payload bytes, tensors sent as flips).
-    pub encoding: codec::supermask::Encoding,
 }
 
 /// What kind of round a strategy is running, for dashboards. Methods add their own by name.
@@ -163,8 +153,16 @@ pub trait Strategy: Send {
     /// By default (for a strategy that streams): the buffered results folded into the same
     /// running sum the streamed path builds, then [`Strategy::aggregate_sum`], so both paths
     /// share one piece of code. A strategy that does not stream implements this itself.
-    fn aggregate(&mut self, round: u32, global: &mut ModelState, results: &[Contribution], ctx: &RoundContext) -> Result<RoundOutcome, String> {
-        let fold = self.fold().ok_or("this strategy aggregates neither results nor running sums")?;
+    fn aggregate(
+        &mut self,
+        round: u32,
+        global: &mut ModelState,
+        results: &[Contribution],
+        ctx: &RoundContext,
+    ) -> Result<RoundOutcome, String> {
+        let fold = self
+            .fold()
+            .ok_or("this strategy aggregates neither results nor running sums")?;
         let sum = RunningSum::of(results, fold)?;
         self.aggregate_sum(round, global, &sum, results, ctx)
     }
@@ -180,7 +178,14 @@ pub trait Strategy: Send {
     /// [`Strategy::fold`] said it can. `results` are the round's contributions without their
     /// vectors (empty `values`): who, how many samples, metrics, encoding. Must give what
     /// `aggregate` gives on the same results, up to rounding.
-    fn aggregate_sum(&mut self, _round: u32, _global: &mut ModelState, _sum: &RunningSum, _results: &[Contribution], _ctx: &RoundContext) -> Result<RoundOutcome, String> {
+    fn aggregate_sum(
+        &mut self,
+        _round: u32,
+        _global: &mut ModelState,
+        _sum: &RunningSum,
+        _results: &[Contribution],
+        _ctx: &RoundContext,
+    ) -> Result<RoundOutcome, String> {
         Err("this strategy does not aggregate running sums".into())
     }
 
@@ -193,7 +198,7 @@ pub trait Strategy: Send {
 
     /// Checks the strategy's settings against the run's model at start-up (a split point that
     /// does not exist, say), so a mistake stops the server with a message before any round.
-    fn check_model(&self, _arch: &crate::arch::Arch) -> Result<(), String> {
+    fn check_model(&self, _arch: &crate::model::arch::Arch) -> Result<(), String> {
         Ok(())
     }
 
@@ -228,14 +233,46 @@ pub struct Method {
 
 /// Every strategy, in the order dashboards list them. Adding a method adds a line here.
 pub const METHODS: &[Method] = &[
-    Method { name: "fedavg", about: "FedAvg: sample-weighted mean of the clients' weights", build: fedavg::build },
-    Method { name: "fedavgm", about: "FedAvgM: FedAvg with server momentum", build: fedavgm::build },
-    Method { name: "autoflip", about: "AutoFLIP: loss exploration, then global informed pruning", build: autoflip::build },
-    Method { name: "structured", about: "Automatic structured pruning: the model physically shrinks", build: structured::build },
-    Method { name: "hidenseek", about: "HideNseek: SynFlow pruning at init, clients learn weight signs (1 bit per weight up)", build: hidenseek::build_hidenseek },
-    Method { name: "supermask", about: "Binary supermask over frozen random weights (FedPM's family), 1 bit per weight up", build: hidenseek::build_binary },
-    Method { name: "split", about: "Split learning: clients train a pruned front, the server the back, per batch", build: split::build },
-    Method { name: "echo", about: "FedAvg with each batch's loss computed on the server (the in-round exchange)", build: echo::build },
+    Method {
+        name: "fedavg",
+        about: "FedAvg: sample-weighted mean of the clients' weights",
+        build: fedavg::build,
+    },
+    Method {
+        name: "fedavgm",
+        about: "FedAvgM: FedAvg with server momentum",
+        build: fedavgm::build,
+    },
+    Method {
+        name: "autoflip",
+        about: "AutoFLIP: loss exploration, then global informed pruning",
+        build: autoflip::build,
+    },
+    Method {
+        name: "structured",
+        about: "Automatic structured pruning: the model physically shrinks",
+        build: structured::build,
+    },
+    Method {
+        name: "hidenseek",
+        about: "HideNseek: SynFlow pruning at init, clients learn weight signs (1 bit per weight up)",
+        build: hidenseek::build_hidenseek,
+    },
+    Method {
+        name: "supermask",
+        about: "Binary supermask over frozen random weights (FedPM's family), 1 bit per weight up",
+        build: hidenseek::build_binary,
+    },
+    Method {
+        name: "split",
+        about: "Split learning: clients train a pruned front, the server the back, per batch",
+        build: split::build,
+    },
+    Method {
+        name: "echo",
+        about: "FedAvg with each batch's loss computed on the server (the in-round exchange)",
+        build: echo::build,
+    },
 ];
 
 pub fn lookup(name: &str) -> Option<&'static Method> {
@@ -247,13 +284,23 @@ pub fn names() -> Vec<&'static str> {
 }
 
 /// The strategy called `name`, with the shared settings and its own section (if any).
-pub fn build(name: &str, config: &StrategyConfig, settings: Option<&Settings>) -> Result<Box<dyn Strategy>, String> {
-    let m = lookup(name).ok_or_else(|| format!("unknown strategy '{name}' (known: {})", names().join(", ")))?;
+pub fn build(
+    name: &str,
+    config: &StrategyConfig,
+    settings: Option<&Settings>,
+) -> Result<Box<dyn Strategy>, String> {
+    let m = lookup(name)
+        .ok_or_else(|| format!("unknown strategy '{name}' (known: {})", names().join(", ")))?;
     (m.build)(config.clone(), settings)
 }
 
 /// Samples ⌈C·K⌉ clients, at least `min_fit` (if that many are connected).
-pub fn sample_clients(clients: &[ClientView], fraction: f64, min_fit: usize, rng: &mut StdRng) -> Vec<ClientView> {
+pub fn sample_clients(
+    clients: &[ClientView],
+    fraction: f64,
+    min_fit: usize,
+    rng: &mut StdRng,
+) -> Vec<ClientView> {
     let k = clients.len();
     let m = ((fraction * k as f64).ceil() as usize).max(min_fit).min(k);
     let mut picked: Vec<ClientView> = clients.to_vec();
@@ -282,9 +329,17 @@ mod tests {
 
     #[test]
     fn unknown_strategy_is_an_error() {
-        assert!(build("fedprox", &StrategyConfig::default(), None).err().unwrap().contains("fedavg, fedavgm"));
+        assert!(
+            build("fedprox", &StrategyConfig::default(), None)
+                .err()
+                .unwrap()
+                .contains("fedavg, fedavgm")
+        );
         for name in names() {
-            assert!(build(name, &StrategyConfig::default(), None).is_ok(), "{name} builds with its defaults");
+            assert!(
+                build(name, &StrategyConfig::default(), None).is_ok(),
+                "{name} builds with its defaults"
+            );
         }
     }
 
@@ -293,27 +348,62 @@ mod tests {
         let ok = serde_json::json!({ "q": 0.5 });
         assert!(build("autoflip", &StrategyConfig::default(), Some(&ok)).is_ok());
         let typo = serde_json::json!({ "qq": 0.5 });
-        let e = build("autoflip", &StrategyConfig::default(), Some(&typo)).err().unwrap();
+        let e = build("autoflip", &StrategyConfig::default(), Some(&typo))
+            .err()
+            .unwrap();
         assert!(e.contains("[strategy.autoflip]") && e.contains("qq"), "{e}");
-        assert!(build("fedavg", &StrategyConfig::default(), Some(&ok)).err().unwrap().contains("[strategy.fedavg]"));
+        assert!(
+            build("fedavg", &StrategyConfig::default(), Some(&ok))
+                .err()
+                .unwrap()
+                .contains("[strategy.fedavg]")
+        );
     }
 }
 
 /// Samples clients as `config` says and gives each the plain training task.
-pub fn plain_round(round: u32, global: &ModelState, config: &StrategyConfig, clients: &[ClientView], rng: &mut StdRng, upload: UploadSpec) -> Vec<(u64, Task)> {
+pub fn plain_round(
+    round: u32,
+    global: &ModelState,
+    config: &StrategyConfig,
+    clients: &[ClientView],
+    rng: &mut StdRng,
+    upload: UploadSpec,
+) -> Vec<(u64, Task)> {
     let picked = sample_clients(clients, config.fraction, config.min_fit, rng);
     // Encoded once and shared by every sampled client's task.
     let model = Arc::new(codec::encode_model(global));
-    picked.into_iter().map(|c| (c.id, task_on(round, model.clone(), config, c.id, upload))).collect()
+    picked
+        .into_iter()
+        .map(|c| (c.id, task_on(round, model.clone(), config, c.id, upload)))
+        .collect()
 }
 
 /// A plain training task on the whole global model (masked if the model has a mask).
-pub fn train_task(round: u32, global: &ModelState, config: &StrategyConfig, client: u64, upload: UploadSpec) -> Task {
-    task_on(round, Arc::new(codec::encode_model(global)), config, client, upload)
+pub fn train_task(
+    round: u32,
+    global: &ModelState,
+    config: &StrategyConfig,
+    client: u64,
+    upload: UploadSpec,
+) -> Task {
+    task_on(
+        round,
+        Arc::new(codec::encode_model(global)),
+        config,
+        client,
+        upload,
+    )
 }
 
 /// A plain training task on an encoded model that several clients' tasks share.
-pub fn task_on(round: u32, model: Arc<crate::protocol::ModelPayload>, config: &StrategyConfig, client: u64, upload: UploadSpec) -> Task {
+pub fn task_on(
+    round: u32,
+    model: Arc<crate::protocol::ModelPayload>,
+    config: &StrategyConfig,
+    client: u64,
+    upload: UploadSpec,
+) -> Task {
     Task {
         round,
         model,
@@ -334,16 +424,31 @@ pub fn task_on(round: u32, model: Arc<crate::protocol::ModelPayload>, config: &S
 
 /// Checks a result against the task it answers and decodes its update. The server calls this
 /// for every result, so strategies only ever see well-formed, finite, full-length vectors.
-pub fn accept(client: u64, task: &Task, result: TaskResult, shard_samples: u64) -> Result<Contribution, String> {
+pub fn accept(
+    client: u64,
+    task: &Task,
+    result: TaskResult,
+    shard_samples: u64,
+) -> Result<Contribution, String> {
     if result.round != task.round {
-        return Err(format!("result for round {} but the task was round {}", result.round, task.round));
+        return Err(format!(
+            "result for round {} but the task was round {}",
+            result.round, task.round
+        ));
     }
-    let codec::update::Decoded { kind, values, encoding } = codec::decode_update(task, &result.update)?;
+    let codec::update::Decoded {
+        kind,
+        values,
+        encoding,
+    } = codec::decode_update(task, &result.update)?;
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         return Err(format!("update value {i} is {} (not finite)", values[i]));
     }
     if result.metrics.pruned_nonzero > 0 {
-        return Err(format!("the mask was not enforced: {} pruned parameters moved", result.metrics.pruned_nonzero));
+        return Err(format!(
+            "the mask was not enforced: {} pruned parameters moved",
+            result.metrics.pruned_nonzero
+        ));
     }
     if let Some(crate::protocol::MaskSpec::Full { bits, .. }) = &task.model.mask {
         // A masked task's update must keep pruned entries at exactly zero (weights) or unchanged.
@@ -353,9 +458,19 @@ pub fn accept(client: u64, task: &Task, result: TaskResult, shard_samples: u64) 
         }
     }
     if result.samples == 0 || result.samples > shard_samples {
-        return Err(format!("claims {} samples, the client's shard has {shard_samples}", result.samples));
+        return Err(format!(
+            "claims {} samples, the client's shard has {shard_samples}",
+            result.samples
+        ));
     }
-    Ok(Contribution { client, samples: result.samples, kind, values, metrics: result.metrics, encoding })
+    Ok(Contribution {
+        client,
+        samples: result.samples,
+        kind,
+        values,
+        metrics: result.metrics,
+        encoding,
+    })
 }
 
 /// Sample-weighted mean of the contributions' vectors.
@@ -363,6 +478,9 @@ pub fn weighted_values(results: &[Contribution]) -> Result<Vec<f32>, String> {
     if results.is_empty() {
         return Err("nothing to aggregate".into());
     }
-    let items: Vec<(&[f32], u64)> = results.iter().map(|c| (c.values.as_slice(), c.samples)).collect();
+    let items: Vec<(&[f32], u64)> = results
+        .iter()
+        .map(|c| (c.values.as_slice(), c.samples))
+        .collect();
     Ok(crate::aggregate::weighted_mean(&items))
 }

@@ -19,14 +19,17 @@ use burn::tensor::Device;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::{ClientView, Contribution, Exchange, RoundContext, RoundOutcome, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, sample_clients, task_on, weighted_values};
+use super::{
+    ClientView, Contribution, Exchange, RoundContext, RoundOutcome, Settings, Strategy,
+    StrategyConfig, UploadKind, parse_settings, sample_clients, task_on, weighted_values,
+};
 use crate::codec::exchange;
 use crate::metric_keys as keys;
+use crate::model::state::ModelState;
 use crate::protocol::{Task, UploadSpec};
-use crate::split::{Back, Front, back_offset, back_step};
-use crate::state::ModelState;
-use crate::step::LossSource;
 use crate::train::Optimizer;
+use crate::train::split::{Back, Front, back_offset, back_step};
+use crate::train::step::LossSource;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -61,7 +64,15 @@ pub struct SplitConfig {
 
 impl Default for SplitConfig {
     fn default() -> Self {
-        SplitConfig { cut: 1, keep: 1.0, bits: 8, prune: 0.0, prune_kind: PruneKind::Structured, front_every: 1, shared_back: false }
+        SplitConfig {
+            cut: 1,
+            keep: 1.0,
+            bits: 8,
+            prune: 0.0,
+            prune_kind: PruneKind::Structured,
+            front_every: 1,
+            shared_back: false,
+        }
     }
 }
 
@@ -69,7 +80,10 @@ impl SplitConfig {
     fn check(&self) -> Result<(), String> {
         exchange::check_bits(self.bits)?;
         if !(self.keep > 0.0 && self.keep <= 1.0) {
-            return Err(format!("keep {}: the fraction of activations sent must be in (0, 1]", self.keep));
+            return Err(format!(
+                "keep {}: the fraction of activations sent must be in (0, 1]",
+                self.keep
+            ));
         }
         if !(0.0..1.0).contains(&self.prune) {
             return Err(format!("prune {}: must be in [0, 1)", self.prune));
@@ -81,7 +95,10 @@ impl SplitConfig {
     }
 }
 
-pub fn build(config: StrategyConfig, settings: Option<&Settings>) -> Result<Box<dyn Strategy>, String> {
+pub fn build(
+    config: StrategyConfig,
+    settings: Option<&Settings>,
+) -> Result<Box<dyn Strategy>, String> {
     let s: SplitConfig = parse_settings("split", settings)?;
     s.check().map_err(|e| format!("[strategy.split]: {e}"))?;
     Ok(Box::new(Split::new(config, s)))
@@ -100,7 +117,14 @@ pub struct Split {
 
 impl Split {
     pub fn new(config: StrategyConfig, settings: SplitConfig) -> Split {
-        Split { config, settings, server: Arc::default(), own: HashMap::new(), fronts: HashMap::new(), mask_version: 0 }
+        Split {
+            config,
+            settings,
+            server: Arc::default(),
+            own: HashMap::new(),
+            fronts: HashMap::new(),
+            mask_version: 0,
+        }
     }
 
     /// The front client `client` trains this round.
@@ -170,7 +194,7 @@ impl Drop for InWork<'_> {
 /// What the back needs for one round.
 struct RoundBacks {
     round: u32,
-    arch: crate::arch::Arch,
+    arch: crate::model::arch::Arch,
     cut: usize,
     lr: f64,
     momentum: f64,
@@ -193,23 +217,56 @@ impl Exchange for BackServer {
     fn handle(&self, round: u32, client: u64, seq: u32, request: &[u8]) -> Result<Vec<u8>, String> {
         let t0 = Instant::now();
         let _work = InWork::new(self);
-        let r = self.round.lock().unwrap().clone().filter(|r| r.round == round).ok_or(format!("no split round {round} in progress"))?;
-        let mut c = r.clients.get(&client).ok_or("no split task of yours in this round")?.lock().unwrap();
+        let r = self
+            .round
+            .lock()
+            .unwrap()
+            .clone()
+            .filter(|r| r.round == round)
+            .ok_or(format!("no split round {round} in progress"))?;
+        let mut c = r
+            .clients
+            .get(&client)
+            .ok_or("no split task of yours in this round")?
+            .lock()
+            .unwrap();
         if seq != c.next_seq {
-            return Err(format!("batch {seq} out of order: expected batch {}", c.next_seq));
+            return Err(format!(
+                "batch {seq} out of order: expected batch {}",
+                c.next_seq
+            ));
         }
         let batch = exchange::decode_request(request, r.arch.classes)?;
         let width = c.front.features.len();
         if batch.cols != width {
-            return Err(format!("activations of width {}, your front outputs {width}", batch.cols));
+            return Err(format!(
+                "activations of width {}, your front outputs {width}",
+                batch.cols
+            ));
         }
         let mut full = batch.clone();
         full.cols = c.front.full_width;
         full.values = c.front.widen(batch.rows, &batch.values);
         let device = Device::flex();
         let (loss, grad) = match &r.shared {
-            Some(shared) => pollster::block_on(back_step(&r.arch, r.cut, &mut shared.lock().unwrap(), &full, r.lr, r.momentum, &device))?,
-            None => pollster::block_on(back_step(&r.arch, r.cut, &mut c.back, &full, r.lr, r.momentum, &device))?,
+            Some(shared) => pollster::block_on(back_step(
+                &r.arch,
+                r.cut,
+                &mut shared.lock().unwrap(),
+                &full,
+                r.lr,
+                r.momentum,
+                &device,
+            ))?,
+            None => pollster::block_on(back_step(
+                &r.arch,
+                r.cut,
+                &mut c.back,
+                &full,
+                r.lr,
+                r.momentum,
+                &device,
+            ))?,
         };
         let grad = c.front.narrow(batch.rows, &grad);
         // Stochastic rounding drawn per client and batch, reproducibly.
@@ -228,7 +285,13 @@ impl Exchange for BackServer {
 }
 
 impl Strategy for Split {
-    fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
+    fn configure_round(
+        &mut self,
+        round: u32,
+        global: &ModelState,
+        clients: &[ClientView],
+        rng: &mut StdRng,
+    ) -> Vec<(u64, Task)> {
         let s = self.settings.clone();
         let cut = match global.arch.split_point(s.cut) {
             Ok(c) => c,
@@ -268,11 +331,26 @@ impl Strategy for Split {
             let model = if self.own.contains_key(&c.id) {
                 Arc::new(crate::codec::encode_model(&front.model))
             } else {
-                shared_payload.get_or_insert_with(|| Arc::new(crate::codec::encode_model(&front.model))).clone()
+                shared_payload
+                    .get_or_insert_with(|| Arc::new(crate::codec::encode_model(&front.model)))
+                    .clone()
             };
             let mut task = task_on(round, model, &self.config, c.id, UploadSpec::Weights);
-            task.train.step.loss = LossSource::Remote { cut: front.model.arch.layers.len() as u32, keep: s.keep };
-            backs.insert(c.id, Mutex::new(ClientBack { front: front.clone(), back: Back::new(Vec::new()), next_seq: 0, bytes_up: 0, bytes_down: 0, seconds: 0.0 }));
+            task.train.step.loss = LossSource::Remote {
+                cut: front.model.arch.layers.len() as u32,
+                keep: s.keep,
+            };
+            backs.insert(
+                c.id,
+                Mutex::new(ClientBack {
+                    front: front.clone(),
+                    back: Back::new(Vec::new()),
+                    next_seq: 0,
+                    bytes_up: 0,
+                    bytes_down: 0,
+                    seconds: 0.0,
+                }),
+            );
             self.fronts.insert(c.id, front);
             tasks.push((c.id, task));
         }
@@ -284,12 +362,23 @@ impl Strategy for Split {
             }
         }
         let lr = self.config.lr;
-        *self.server.round.lock().unwrap() = Some(Arc::new(RoundBacks { round, arch: global.arch.clone(), cut, lr, momentum, bits: s.bits, clients: backs, shared }));
+        *self.server.round.lock().unwrap() = Some(Arc::new(RoundBacks {
+            round,
+            arch: global.arch.clone(),
+            cut,
+            lr,
+            momentum,
+            bits: s.bits,
+            clients: backs,
+            shared,
+        }));
         tasks
     }
 
-    fn check_model(&self, arch: &crate::arch::Arch) -> Result<(), String> {
-        arch.split_point(self.settings.cut).map(|_| ()).map_err(|e| format!("[strategy.split]: {e}"))
+    fn check_model(&self, arch: &crate::model::arch::Arch) -> Result<(), String> {
+        arch.split_point(self.settings.cut)
+            .map(|_| ())
+            .map_err(|e| format!("[strategy.split]: {e}"))
     }
 
     fn exchange(&self) -> Option<Arc<dyn Exchange>> {
@@ -302,16 +391,37 @@ impl Strategy for Split {
         if c.kind != UploadKind::Weights {
             return Err("split learning expects front weights".into());
         }
-        let r = self.server.round.lock().unwrap().clone().ok_or("no split round in progress")?;
-        let f = self.fronts.get(&c.client).ok_or(format!("a result from client {} without a front this round", c.client))?;
+        let r = self
+            .server
+            .round
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or("no split round in progress")?;
+        let f = self.fronts.get(&c.client).ok_or(format!(
+            "a result from client {} without a front this round",
+            c.client
+        ))?;
         let base = back_offset(&global.arch, r.cut);
-        let mut full = self.own.get(&c.client).cloned().unwrap_or_else(|| global.params[..base].to_vec());
+        let mut full = self
+            .own
+            .get(&c.client)
+            .cloned()
+            .unwrap_or_else(|| global.params[..base].to_vec());
         f.expand_into(&c.values, &mut full)?;
-        let cb = r.clients.get(&c.client).ok_or("a result without a back")?.lock().unwrap();
+        let cb = r
+            .clients
+            .get(&c.client)
+            .ok_or("a result without a back")?
+            .lock()
+            .unwrap();
         // The front trained on exactly the batches the server answered this round (a result
         // carried over from an earlier round, or one that skipped batches, does not fit).
         if c.metrics.steps != cb.next_seq {
-            return Err(format!("a result of {} batches, the server answered {} this round", c.metrics.steps, cb.next_seq));
+            return Err(format!(
+                "a result of {} batches, the server answered {} this round",
+                c.metrics.steps, cb.next_seq
+            ));
         }
         match &r.shared {
             Some(b) => full.extend_from_slice(&b.lock().unwrap().params),
@@ -321,18 +431,38 @@ impl Strategy for Split {
         Ok(c)
     }
 
-    fn aggregate(&mut self, round: u32, global: &mut ModelState, results: &[Contribution], _ctx: &RoundContext) -> Result<RoundOutcome, String> {
+    fn aggregate(
+        &mut self,
+        round: u32,
+        global: &mut ModelState,
+        results: &[Contribution],
+        _ctx: &RoundContext,
+    ) -> Result<RoundOutcome, String> {
         let s = self.settings.clone();
-        let r = self.server.round.lock().unwrap().take().filter(|r| r.round == round).ok_or("no split round to aggregate")?;
-        if results.iter().any(|c| c.kind != UploadKind::Weights || c.values.len() != global.params.len()) {
-            return Err("split learning aggregates whole models (fronts completed with their backs)".into());
+        let r = self
+            .server
+            .round
+            .lock()
+            .unwrap()
+            .take()
+            .filter(|r| r.round == round)
+            .ok_or("no split round to aggregate")?;
+        if results
+            .iter()
+            .any(|c| c.kind != UploadKind::Weights || c.values.len() != global.params.len())
+        {
+            return Err(
+                "split learning aggregates whole models (fronts completed with their backs)".into(),
+            );
         }
         let base = back_offset(&global.arch, r.cut);
         let (mut up, mut down, mut server_s, mut batches) = (0u64, 0u64, 0f64, 0u64);
         let mut tab_ms = Vec::new();
         for c in results {
             // A client that vanished mid-round took its back with it: only results count.
-            let Some(cb) = r.clients.get(&c.client) else { continue };
+            let Some(cb) = r.clients.get(&c.client) else {
+                continue;
+            };
             let cb = cb.lock().unwrap();
             up += cb.bytes_up;
             down += cb.bytes_down;
@@ -356,7 +486,12 @@ impl Strategy for Split {
                 self.own.insert(c.client, c.values[..base].to_vec());
             }
         }
-        let front = self.fronts.values().next().map(|f| f.model.params.len()).unwrap_or(0);
+        let front = self
+            .fronts
+            .values()
+            .next()
+            .map(|f| f.model.params.len())
+            .unwrap_or(0);
         let mut m = BTreeMap::new();
         m.insert(keys::SPLIT_CUT.into(), s.cut as f64);
         m.insert(keys::SPLIT_PRUNE.into(), s.prune as f64);
@@ -367,14 +502,29 @@ impl Strategy for Split {
         m.insert(keys::SERVER_SECONDS.into(), server_s);
         m.insert(keys::EXCHANGES.into(), batches as f64);
         m.insert(keys::FRONT_PARAMS.into(), front as f64);
-        m.insert(keys::EXCHANGES_AT_ONCE.into(), self.server.peak.swap(0, Ordering::SeqCst) as f64);
-        m.insert(keys::EXCHANGE_SWITCHES.into(), self.server.switches.swap(0, Ordering::SeqCst) as f64);
+        m.insert(
+            keys::EXCHANGES_AT_ONCE.into(),
+            self.server.peak.swap(0, Ordering::SeqCst) as f64,
+        );
+        m.insert(
+            keys::EXCHANGE_SWITCHES.into(),
+            self.server.switches.swap(0, Ordering::SeqCst) as f64,
+        );
         self.server.last.store(0, Ordering::SeqCst);
         if !tab_ms.is_empty() {
-            m.insert(keys::TAB_MS_PER_BATCH.into(), tab_ms.iter().sum::<f64>() / tab_ms.len() as f64);
+            m.insert(
+                keys::TAB_MS_PER_BATCH.into(),
+                tab_ms.iter().sum::<f64>() / tab_ms.len() as f64,
+            );
         }
         if s.prune_kind == PruneKind::Magnitude {
-            m.insert(keys::SPARSITY.into(), self.fronts.values().next().map_or(0.0, |f| f.model.sparsity()));
+            m.insert(
+                keys::SPARSITY.into(),
+                self.fronts
+                    .values()
+                    .next()
+                    .map_or(0.0, |f| f.model.sparsity()),
+            );
         }
         Ok(RoundOutcome { metrics: m })
     }
@@ -388,7 +538,8 @@ impl Strategy for Split {
         if bytes.is_empty() {
             return Ok(());
         }
-        let (v, own): (u64, BTreeMap<u64, Vec<f32>>) = postcard::from_bytes(bytes).map_err(|e| format!("split state: {e}"))?;
+        let (v, own): (u64, BTreeMap<u64, Vec<f32>>) =
+            postcard::from_bytes(bytes).map_err(|e| format!("split state: {e}"))?;
         self.mask_version = v;
         self.own = own.into_iter().collect();
         Ok(())

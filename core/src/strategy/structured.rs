@@ -11,12 +11,15 @@
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::{ClientView, Contribution, RoundContext, RoundOutcome, Settings, Strategy, StrategyConfig, UploadKind, parse_settings, plain_round, weighted_values};
+use super::{
+    ClientView, Contribution, RoundContext, RoundOutcome, Settings, Strategy, StrategyConfig,
+    UploadKind, parse_settings, plain_round, weighted_values,
+};
 use crate::metric_keys as keys;
-use crate::arch::Layer;
+use crate::model::arch::Layer;
+use crate::model::state::ModelState;
+use crate::model::surgery::{keep_within_bounds, shrink, unit_norms};
 use crate::protocol::{Task, UploadSpec};
-use crate::state::ModelState;
-use crate::surgery::{keep_within_bounds, shrink, unit_norms};
 
 /// What a unit's score measures.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,7 +99,14 @@ impl Structured {
         if !(settings.lambda >= 0.0) {
             return Err("structured lambda must be ≥ 0".into());
         }
-        Ok(Structured { config, settings, stale: 0, stopped: false, reference: Vec::new(), init: Vec::new() })
+        Ok(Structured {
+            config,
+            settings,
+            stale: 0,
+            stopped: false,
+            reference: Vec::new(),
+            init: Vec::new(),
+        })
     }
 
     /// Whether round `round` may prune: before patience ran out and up to `prune_until` inclusive.
@@ -115,7 +125,9 @@ impl Structured {
                 layer.map(|sc| {
                     // A unit that did not move at all sits far below the others, not at −∞.
                     let floor = 1e-6 * sc.iter().sum::<f32>() / sc.len().max(1) as f32;
-                    sc.iter().map(|v| v.max(floor).max(f32::MIN_POSITIVE).ln()).collect()
+                    sc.iter()
+                        .map(|v| v.max(floor).max(f32::MIN_POSITIVE).ln())
+                        .collect()
                 })
             })
             .collect()
@@ -128,7 +140,12 @@ impl Structured {
         match s.score {
             UnitScore::L1 => unit_norms(arch, &global.params, conv_only),
             UnitScore::Movement => {
-                let moved: Vec<f32> = global.params.iter().zip(&self.reference).map(|(p, r)| p - r).collect();
+                let moved: Vec<f32> = global
+                    .params
+                    .iter()
+                    .zip(&self.reference)
+                    .map(|(p, r)| p - r)
+                    .collect();
                 unit_norms(arch, &moved, conv_only)
             }
             UnitScore::InitRelative => {
@@ -145,29 +162,65 @@ impl Structured {
 
 /// `values` (in `state`'s layout) cut to the units `keep` keeps, like the model itself.
 fn cut(state: &ModelState, values: &[f32], keep: &[Option<Vec<usize>>]) -> Vec<f32> {
-    shrink(&ModelState { arch: state.arch.clone(), params: values.to_vec(), mask: None, mask_version: 0 }, keep).params
+    shrink(
+        &ModelState {
+            arch: state.arch.clone(),
+            params: values.to_vec(),
+            mask: None,
+            mask_version: 0,
+        },
+        keep,
+    )
+    .params
 }
 
 /// Settings: `[strategy.structured]` ([`StructuredConfig`]).
-pub fn build(config: StrategyConfig, settings: Option<&Settings>) -> Result<Box<dyn Strategy>, String> {
-    Ok(Box::new(Structured::new(config, parse_settings("structured", settings)?)?))
+pub fn build(
+    config: StrategyConfig,
+    settings: Option<&Settings>,
+) -> Result<Box<dyn Strategy>, String> {
+    Ok(Box::new(Structured::new(
+        config,
+        parse_settings("structured", settings)?,
+    )?))
 }
 
 impl Strategy for Structured {
-    fn configure_round(&mut self, round: u32, global: &ModelState, clients: &[ClientView], rng: &mut StdRng) -> Vec<(u64, Task)> {
-        plain_round(round, global, &self.config, clients, rng, UploadSpec::Weights)
+    fn configure_round(
+        &mut self,
+        round: u32,
+        global: &ModelState,
+        clients: &[ClientView],
+        rng: &mut StdRng,
+    ) -> Vec<(u64, Task)> {
+        plain_round(
+            round,
+            global,
+            &self.config,
+            clients,
+            rng,
+            UploadSpec::Weights,
+        )
     }
 
     fn save_state(&self) -> Vec<u8> {
-        postcard::to_allocvec(&(self.stale, self.stopped, &self.reference, &self.init)).expect("encoding")
+        postcard::to_allocvec(&(self.stale, self.stopped, &self.reference, &self.init))
+            .expect("encoding")
     }
 
     fn load_state(&mut self, bytes: &[u8]) -> Result<(), String> {
-        (self.stale, self.stopped, self.reference, self.init) = postcard::from_bytes(bytes).map_err(|e| format!("structured state: {e}"))?;
+        (self.stale, self.stopped, self.reference, self.init) =
+            postcard::from_bytes(bytes).map_err(|e| format!("structured state: {e}"))?;
         Ok(())
     }
 
-    fn aggregate(&mut self, round: u32, global: &mut ModelState, results: &[Contribution], ctx: &RoundContext) -> Result<RoundOutcome, String> {
+    fn aggregate(
+        &mut self,
+        round: u32,
+        global: &mut ModelState,
+        results: &[Contribution],
+        ctx: &RoundContext,
+    ) -> Result<RoundOutcome, String> {
         if results.iter().any(|c| c.kind != UploadKind::Weights) {
             return Err("structured pruning expects weights".into());
         }
@@ -182,17 +235,27 @@ impl Strategy for Structured {
         // Both accuracies, on the server's validation split: the round's trained model, and the
         // model the next round starts from (after any surgery).
         let trained = (ctx.validate)(global);
-        outcome.metrics.insert("val_acc_trained".into(), trained.accuracy as f64);
+        outcome
+            .metrics
+            .insert("val_acc_trained".into(), trained.accuracy as f64);
         let active = self.pruning_active(round);
         let mut after = trained;
         if active {
-            let keep: Vec<Option<Vec<usize>>> =
-                self.scores(global).into_iter().map(|scores| scores.map(|sc| keep_within_bounds(&sc, s.lambda, s.min_units, s.upper_tail))).collect();
+            let keep: Vec<Option<Vec<usize>>> = self
+                .scores(global)
+                .into_iter()
+                .map(|scores| {
+                    scores.map(|sc| keep_within_bounds(&sc, s.lambda, s.min_units, s.upper_tail))
+                })
+                .collect();
             let before = global.arch.num_params();
             let smaller = shrink(global, &keep);
             if smaller.arch.num_params() < before {
-                let removed: usize = global.arch.widths().iter().sum::<usize>() - smaller.arch.widths().iter().sum::<usize>();
-                outcome.metrics.insert(keys::PRUNED_UNITS.into(), removed as f64);
+                let removed: usize = global.arch.widths().iter().sum::<usize>()
+                    - smaller.arch.widths().iter().sum::<usize>();
+                outcome
+                    .metrics
+                    .insert(keys::PRUNED_UNITS.into(), removed as f64);
                 if s.reinit {
                     *global = ModelState::init(smaller.arch, self.config.seed ^ round as u64);
                     self.init = global.params.clone();
@@ -210,15 +273,26 @@ impl Strategy for Structured {
                 }
             }
         }
-        outcome.metrics.insert("val_acc_after_surgery".into(), after.accuracy as f64);
-        outcome.metrics.insert("pruning_active".into(), active as u8 as f64);
-        outcome.metrics.insert("params_next".into(), global.arch.num_params() as f64);
-        outcome.metrics.insert("flops_next".into(), global.arch.flops_per_sample() as f64);
+        outcome
+            .metrics
+            .insert("val_acc_after_surgery".into(), after.accuracy as f64);
+        outcome
+            .metrics
+            .insert("pruning_active".into(), active as u8 as f64);
+        outcome
+            .metrics
+            .insert("params_next".into(), global.arch.num_params() as f64);
+        outcome
+            .metrics
+            .insert("flops_next".into(), global.arch.flops_per_sample() as f64);
         for (i, w) in global.arch.widths().iter().enumerate() {
             outcome.metrics.insert(keys::width(i), *w as f64);
         }
         for p in global.arch.params() {
-            *outcome.metrics.entry(keys::layer_bytes(p.layer)).or_default() += 4.0 * p.len as f64;
+            *outcome
+                .metrics
+                .entry(keys::layer_bytes(p.layer))
+                .or_default() += 4.0 * p.len as f64;
         }
         Ok(outcome)
     }
@@ -227,7 +301,7 @@ impl Strategy for Structured {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::Arch;
+    use crate::model::arch::Arch;
 
     #[test]
     fn prunes_outliers_then_stops_after_patience() {
@@ -241,15 +315,32 @@ mod tests {
         let arch = Arch::preset("mlp", [1, 4, 4], 3).unwrap();
         let mut global = ModelState::init(arch, 1);
         let validate = |_: &ModelState| crate::train::Eval::default();
-        let ctx = RoundContext { rounds: 10, validate: &validate };
-        let w = |g: &ModelState| Contribution { client: 0, samples: 5, kind: UploadKind::Weights, values: g.params.clone(), metrics: Default::default(), encoding: Default::default() };
+        let ctx = RoundContext {
+            rounds: 10,
+            validate: &validate,
+        };
+        let w = |g: &ModelState| Contribution {
+            client: 0,
+            samples: 5,
+            kind: UploadKind::Weights,
+            values: g.params.clone(),
+            metrics: Default::default(),
+            encoding: Default::default(),
+        };
         let before = global.arch.num_params();
         let r = [w(&global)];
         let out = s.aggregate(1, &mut global, &r, &ctx).unwrap();
-        assert!(global.arch.num_params() < before, "λ = 1 prunes the tails of random weights");
+        assert!(
+            global.arch.num_params() < before,
+            "λ = 1 prunes the tails of random weights"
+        );
         assert!(out.metrics["pruned_units"] > 0.0);
         assert_eq!(global.params.len(), global.arch.num_params());
-        assert_eq!(*global.arch.widths().last().unwrap(), 3, "the output layer keeps every class");
+        assert_eq!(
+            *global.arch.widths().last().unwrap(),
+            3,
+            "the output layer keeps every class"
+        );
         // With λ huge nothing falls outside the band: patience runs out and pruning stops.
         s.settings.lambda = 100.0;
         let n = global.arch.num_params();
@@ -258,7 +349,10 @@ mod tests {
         let r = [w(&global)];
         let out = s.aggregate(3, &mut global, &r, &ctx).unwrap();
         assert_eq!(global.arch.num_params(), n);
-        assert_eq!(out.metrics["pruning_active"], 1.0, "round 3 still tried, and ran out of patience");
+        assert_eq!(
+            out.metrics["pruning_active"], 1.0,
+            "round 3 still tried, and ran out of patience"
+        );
         s.settings.lambda = 0.1;
         let r = [w(&global)];
         let out = s.aggregate(4, &mut global, &r, &ctx).unwrap();
@@ -267,7 +361,14 @@ mod tests {
     }
 
     fn weights(g: &ModelState) -> Contribution {
-        Contribution { client: 0, samples: 5, kind: UploadKind::Weights, values: g.params.clone(), metrics: Default::default(), encoding: Default::default() }
+        Contribution {
+            client: 0,
+            samples: 5,
+            kind: UploadKind::Weights,
+            values: g.params.clone(),
+            metrics: Default::default(),
+            encoding: Default::default(),
+        }
     }
 
     #[test]
@@ -282,7 +383,10 @@ mod tests {
         let mut s = Structured::new(StrategyConfig::default(), cfg).unwrap();
         let mut global = ModelState::init(Arch::preset("mlp", [1, 4, 4], 3).unwrap(), 1);
         let validate = |_: &ModelState| crate::train::Eval::default();
-        let ctx = RoundContext { rounds: 10, validate: &validate };
+        let ctx = RoundContext {
+            rounds: 10,
+            validate: &validate,
+        };
         let r = [weights(&global)];
         s.aggregate(1, &mut global, &r, &ctx).unwrap();
         // Round 2 = prune_until: pruning runs, and the metric says so.
@@ -290,7 +394,10 @@ mod tests {
         let r = [weights(&global)];
         let out = s.aggregate(2, &mut global, &r, &ctx).unwrap();
         assert_eq!(out.metrics["pruning_active"], 1.0);
-        assert!(global.arch.num_params() < before, "λ = 1 still cuts the tails in round prune_until");
+        assert!(
+            global.arch.num_params() < before,
+            "λ = 1 still cuts the tails in round prune_until"
+        );
         // Round 3: neither.
         let before = global.arch.num_params();
         let r = [weights(&global)];
@@ -318,15 +425,30 @@ mod tests {
                 trained.params[w.offset + i * 200 + j] += 0.1;
             }
         }
-        let validate = |m: &ModelState| crate::train::Eval { accuracy: m.arch.num_params() as f32, ..Default::default() };
-        let ctx = RoundContext { rounds: 10, validate: &validate };
-        let out = s.aggregate(1, &mut global, &[weights(&trained)], &ctx).unwrap();
-        assert_eq!(global.arch.widths(), vec![199, 200, 3], "only the still unit goes; the unmoved layer keeps all");
+        let validate = |m: &ModelState| crate::train::Eval {
+            accuracy: m.arch.num_params() as f32,
+            ..Default::default()
+        };
+        let ctx = RoundContext {
+            rounds: 10,
+            validate: &validate,
+        };
+        let out = s
+            .aggregate(1, &mut global, &[weights(&trained)], &ctx)
+            .unwrap();
+        assert_eq!(
+            global.arch.widths(),
+            vec![199, 200, 3],
+            "only the still unit goes; the unmoved layer keeps all"
+        );
         // The trained values were kept (no re-initialisation): unit 8 is now column 7.
         assert_eq!(global.params[7], trained.params[8]);
         // Both accuracies are logged: before the cut (full model) and after it.
         assert_eq!(out.metrics["val_acc_trained"], arch.num_params() as f64);
-        assert_eq!(out.metrics["val_acc_after_surgery"], global.arch.num_params() as f64);
+        assert_eq!(
+            out.metrics["val_acc_after_surgery"],
+            global.arch.num_params() as f64
+        );
         // Movement restarts from the cut model: nothing moved since, so nothing more goes.
         let r = [weights(&global)];
         s.aggregate(2, &mut global, &r, &ctx).unwrap();
@@ -357,8 +479,12 @@ mod tests {
                 }
             }
             let validate = |_: &ModelState| crate::train::Eval::default();
-            let ctx = RoundContext { rounds: 10, validate: &validate };
-            s.aggregate(1, &mut global, &[weights(&trained)], &ctx).unwrap();
+            let ctx = RoundContext {
+                rounds: 10,
+                validate: &validate,
+            };
+            s.aggregate(1, &mut global, &[weights(&trained)], &ctx)
+                .unwrap();
             global.arch.widths()[0]
         };
         assert_eq!(run(false), 200);
@@ -377,8 +503,12 @@ mod tests {
         let mut trained = global.clone();
         trained.params.iter_mut().for_each(|v| *v *= 1.5);
         let validate = |_: &ModelState| crate::train::Eval::default();
-        let ctx = RoundContext { rounds: 10, validate: &validate };
-        s.aggregate(1, &mut global, &[weights(&trained)], &ctx).unwrap();
+        let ctx = RoundContext {
+            rounds: 10,
+            validate: &validate,
+        };
+        s.aggregate(1, &mut global, &[weights(&trained)], &ctx)
+            .unwrap();
         assert_eq!(global.arch.widths(), vec![200, 200, 3]);
     }
 
@@ -394,7 +524,10 @@ mod tests {
         let mut s = Structured::new(StrategyConfig::default(), cfg).unwrap();
         let mut global = ModelState::init(Arch::preset("cnn", [1, 8, 8], 3).unwrap(), 1);
         let validate = |_: &ModelState| crate::train::Eval::default();
-        let ctx = RoundContext { rounds: 10, validate: &validate };
+        let ctx = RoundContext {
+            rounds: 10,
+            validate: &validate,
+        };
         let r = [weights(&global)];
         s.aggregate(1, &mut global, &r, &ctx).unwrap();
         let w = global.arch.widths();

@@ -6,7 +6,9 @@ use canopy_core::data::Dataset;
 pub fn blocks(n: usize, seed: u64) -> Dataset {
     let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
     let mut rnd = move || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (state >> 33) as u32
     };
     let (mut images, mut labels) = (Vec::new(), Vec::new());
@@ -20,6 +22,10 @@ pub fn blocks(n: usize, seed: u64) -> Dataset {
         images.extend(img);
         labels.push(c as u8);
     }
-    Dataset { shape: [1, 8, 8], classes: 10, images, labels }
+    Dataset {
+        shape: [1, 8, 8],
+        classes: 10,
+        images,
+        labels,
+    }
 }
-

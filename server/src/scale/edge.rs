@@ -11,16 +11,16 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
+use canopy_core::aggregate::stream::StreamRound;
 use canopy_core::codec::model::{MaskCache, decode_model};
+use canopy_core::model::state::ModelState;
 use canopy_core::protocol::{ModelPayload, Task};
-use canopy_core::state::ModelState;
-use canopy_core::strategy::stream::StreamRound;
 use canopy_core::strategy::{ClientView, Contribution, Fold, Phase, Strategy};
 use rand::rngs::StdRng;
 
 use super::wire::{self, Partial, Presence, RoundMsg};
 use super::{Link, global_id};
-use crate::run::RoundLoop;
+use crate::round::run::RoundLoop;
 
 /// The strategy an edge's round loop sees: it configures nothing (the root did) and passes
 /// results through; it only names the kind of round and the sums it folds.
@@ -30,7 +30,13 @@ struct Relay {
 }
 
 impl Strategy for Relay {
-    fn configure_round(&mut self, _: u32, _: &ModelState, _: &[ClientView], _: &mut StdRng) -> Vec<(u64, Task)> {
+    fn configure_round(
+        &mut self,
+        _: u32,
+        _: &ModelState,
+        _: &[ClientView],
+        _: &mut StdRng,
+    ) -> Vec<(u64, Task)> {
         Vec::new()
     }
 
@@ -56,7 +62,8 @@ fn phase_named(name: &str) -> Phase {
     let mut names = NAMES.lock().unwrap();
     let known = names.iter().copied().find(|n| *n == name);
     let name = known.unwrap_or_else(|| {
-        let leaked: &'static str = Box::leak(name.chars().take(40).collect::<String>().into_boxed_str());
+        let leaked: &'static str =
+            Box::leak(name.chars().take(40).collect::<String>().into_boxed_str());
         names.insert(leaked);
         leaked
     });
@@ -67,7 +74,10 @@ pub async fn run(mut rl: RoundLoop, link: Link, name: String, url: String) {
     let prefix = super::edge_prefix(&name);
     // Reports every half second: the root samples from the idle clients it last heard of.
     let (hub, reporter) = (rl.hub.clone(), link.clone());
-    let (edge, subject) = (name.clone(), link.subject(&format!("presence.{}", super::token(&name))));
+    let (edge, subject) = (
+        name.clone(),
+        link.subject(&format!("presence.{}", super::token(&name))),
+    );
     // Also right after each partial, so the root learns at once that the round's clients are free.
     let report_now = Arc::new(tokio::sync::Notify::new());
     let now = report_now.clone();
@@ -80,10 +90,23 @@ pub async fn run(mut rl: RoundLoop, link: Link, name: String, url: String) {
             }
             let p = {
                 let hub = hub.lock().unwrap();
-                let idle = hub.idle_clients().into_iter().map(|c| (global_id(prefix, c.id), c.samples)).collect();
-                Presence { edge: edge.clone(), url: url.clone(), connected: hub.connected(), idle }
+                let idle = hub
+                    .idle_clients()
+                    .into_iter()
+                    .map(|c| (global_id(prefix, c.id), c.samples))
+                    .collect();
+                Presence {
+                    edge: edge.clone(),
+                    url: url.clone(),
+                    connected: hub.connected(),
+                    idle,
+                }
             };
-            if let Err(e) = reporter.client.publish(subject.clone(), wire::encode(&p).into()).await {
+            if let Err(e) = reporter
+                .client
+                .publish(subject.clone(), wire::encode(&p).into())
+                .await
+            {
                 tracing::warn!("reporting to the root: {e}");
             }
         }
@@ -108,7 +131,9 @@ pub async fn run(mut rl: RoundLoop, link: Link, name: String, url: String) {
                 continue;
             }
         };
-        let Some(msg) = msg else { break "the root's round stream ended".to_string() };
+        let Some(msg) = msg else {
+            break "the root's round stream ended".to_string();
+        };
         if msg.subject.as_str().ends_with(".end") {
             break String::from_utf8_lossy(&msg.payload).into_owned();
         }
@@ -119,8 +144,14 @@ pub async fn run(mut rl: RoundLoop, link: Link, name: String, url: String) {
                 continue;
             }
         };
-        if let Some(p) = done.as_ref().filter(|p| p.round == ann.round && p.base == ann.base) {
-            tracing::info!(round = ann.round, "round announced again on the same model: sending the partial again");
+        if let Some(p) = done
+            .as_ref()
+            .filter(|p| p.round == ann.round && p.base == ann.base)
+        {
+            tracing::info!(
+                round = ann.round,
+                "round announced again on the same model: sending the partial again"
+            );
             if let Err(e) = publish(&link, p).await {
                 tracing::warn!("{e}");
             }
@@ -143,7 +174,10 @@ pub async fn run(mut rl: RoundLoop, link: Link, name: String, url: String) {
 
 /// The round an announcement carries (fetched from the Object Store when it was too large).
 async fn announced(link: &Link, payload: &[u8]) -> Result<RoundMsg, String> {
-    wire::decode(&link.open(payload, "a round announcement").await?, "a round announcement")
+    wire::decode(
+        &link.open(payload, "a round announcement").await?,
+        "a round announcement",
+    )
 }
 
 /// Publishes a partial (through the Object Store when its summaries make it large); whether
@@ -151,54 +185,147 @@ async fn announced(link: &Link, payload: &[u8]) -> Result<RoundMsg, String> {
 async fn publish(link: &Link, p: &Partial) -> Result<bool, String> {
     let edge = super::token(&p.edge);
     let object = format!("partial-msg-{}-{edge}-{}", p.round, p.attempt);
-    link.publish_large(link.subject(&format!("partial.{}.{edge}", p.round)), &p.msg_id(), &object, wire::encode(p)).await
+    link.publish_large(
+        link.subject(&format!("partial.{}.{edge}", p.round)),
+        &p.msg_id(),
+        &object,
+        wire::encode(p),
+    )
+    .await
 }
 
 /// One announced round on this edge's tabs; its partial, or None when none of its clients was
 /// sampled.
-async fn run_round(rl: &mut RoundLoop, link: &Link, name: &str, prefix: u64, ann: RoundMsg) -> Result<Option<Partial>, String> {
+async fn run_round(
+    rl: &mut RoundLoop,
+    link: &Link,
+    name: &str,
+    prefix: u64,
+    ann: RoundMsg,
+) -> Result<Option<Partial>, String> {
     let started = Instant::now();
-    let mine: Vec<&wire::EdgeTask> = ann.tasks.iter().filter(|t| super::local_id(prefix, t.client).is_some()).collect();
+    let mine: Vec<&wire::EdgeTask> = ann
+        .tasks
+        .iter()
+        .filter(|t| super::local_id(prefix, t.client).is_some())
+        .collect();
     if mine.is_empty() {
         return Ok(None);
     }
     let mut models = Vec::new();
     for blob in &ann.models {
         let bytes = link.get(blob).await?;
-        models.push(Arc::new(wire::decode::<ModelPayload>(&bytes, "a round's model")?));
+        models.push(Arc::new(wire::decode::<ModelPayload>(
+            &bytes,
+            "a round's model",
+        )?));
     }
     let first = models.first().ok_or("a round without a model")?;
     let decoded = decode_model(first, &mut MaskCache::default(), false)?;
-    let global = ModelState { arch: decoded.arch, params: decoded.params, mask: decoded.mask, mask_version: ann.mask_version };
+    let global = ModelState {
+        arch: decoded.arch,
+        params: decoded.params,
+        mask: decoded.mask,
+        mask_version: ann.mask_version,
+    };
     let start = Arc::new(global.masked_params());
     let mut tasks = Vec::new();
     for t in mine {
-        let model = models.get(t.model as usize).ok_or_else(|| format!("task for client {} names model {} of {}", t.client, t.model, models.len()))?;
-        let task = Task { round: ann.round, model: model.clone(), train: t.train.clone(), upload: t.upload.clone(), deadline_ms: t.deadline_ms };
+        let model = models.get(t.model as usize).ok_or_else(|| {
+            format!(
+                "task for client {} names model {} of {}",
+                t.client,
+                t.model,
+                models.len()
+            )
+        })?;
+        let task = Task {
+            round: ann.round,
+            model: model.clone(),
+            train: t.train.clone(),
+            upload: t.upload.clone(),
+            deadline_ms: t.deadline_ms,
+        };
         tasks.push((super::local_id(prefix, t.client).expect("filtered"), task));
     }
-    rl.strategy = Box::new(Relay { phase: phase_named(&ann.phase), fold: ann.fold });
+    rl.strategy = Box::new(Relay {
+        phase: phase_named(&ann.phase),
+        fold: ann.fold,
+    });
     let pending = rl.send_tasks(ann.round, tasks);
     let sampled = pending.len();
-    let stream = StreamRound::start(&ann.robust, Some(ann.fold), start.clone()).ok_or("the root's aggregation rule does not stream")?;
-    let got = rl.collect(ann.round, pending, Duration::from_millis(ann.deadline_ms), &start, &global, Some(stream)).await;
+    let stream = StreamRound::start(&ann.robust, Some(ann.fold), start.clone())
+        .ok_or("the root's aggregation rule does not stream")?;
+    let got = rl
+        .collect(
+            ann.round,
+            pending,
+            Duration::from_millis(ann.deadline_ms),
+            &start,
+            &global,
+            Some(stream),
+        )
+        .await;
     rl.desk.close();
     let s = got.stream.ok_or("the round's sums went missing")?.finish();
     let (bytes_up, bytes_down) = rl.hub.lock().unwrap().round_bytes();
     let edge = super::token(name);
-    let sum = link.put(&format!("partial-{}-{edge}-{}", ann.round, ann.attempt), wire::encode(&s.sum)).await?;
-    let summaries: Vec<Contribution> = s.results.into_iter().map(|c| Contribution { client: global_id(prefix, c.client), ..c }).collect();
-    let verdicts = s.combined.verdicts.into_iter().map(|v| canopy_core::robust::Verdict { client: global_id(prefix, v.client), ..v }).collect();
+    let sum = link
+        .put(
+            &format!("partial-{}-{edge}-{}", ann.round, ann.attempt),
+            wire::encode(&s.sum),
+        )
+        .await?;
+    let summaries: Vec<Contribution> = s
+        .results
+        .into_iter()
+        .map(|c| Contribution {
+            client: global_id(prefix, c.client),
+            ..c
+        })
+        .collect();
+    let verdicts = s
+        .combined
+        .verdicts
+        .into_iter()
+        .map(|v| canopy_core::aggregate::robust::Verdict {
+            client: global_id(prefix, v.client),
+            ..v
+        })
+        .collect();
     let p = Partial {
-        round: ann.round, attempt: ann.attempt, base: ann.base, shape: ann.shape, mask_version: ann.mask_version, edge: name.to_string(),
-        weight: s.sum.weight, clients: s.sum.count, sum, summaries, verdicts, sampled, dropped: got.dropped, rejected: got.rejected,
-        bytes_up, bytes_down, seconds: started.elapsed().as_secs_f64(),
+        round: ann.round,
+        attempt: ann.attempt,
+        base: ann.base,
+        shape: ann.shape,
+        mask_version: ann.mask_version,
+        edge: name.to_string(),
+        weight: s.sum.weight,
+        clients: s.sum.count,
+        sum,
+        summaries,
+        verdicts,
+        sampled,
+        dropped: got.dropped,
+        rejected: got.rejected,
+        bytes_up,
+        bytes_down,
+        seconds: started.elapsed().as_secs_f64(),
     };
     let duplicate = publish(link, &p).await?;
     {
         let mut hub = rl.hub.lock().unwrap();
         hub.set_phase(crate::hub::Phase::WaitingForClients, ann.round);
     }
-    tracing::info!(round = ann.round, results = p.clients, dropped = p.dropped, sum_bytes = p.sum.size(), object_store = p.sum.in_store(), duplicate, seconds = format!("{:.2}", p.seconds), "partial published");
+    tracing::info!(
+        round = ann.round,
+        results = p.clients,
+        dropped = p.dropped,
+        sum_bytes = p.sum.size(),
+        object_store = p.sum.in_store(),
+        duplicate,
+        seconds = format!("{:.2}", p.seconds),
+        "partial published"
+    );
     Ok(Some(p))
 }

@@ -17,9 +17,9 @@ pub mod wire;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy, object_store::ObjectStore};
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use futures_util::StreamExt;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
@@ -58,30 +58,45 @@ pub struct ScaleConfig {
 
 impl Default for ScaleConfig {
     fn default() -> Self {
-        ScaleConfig { role: Role::Single, nats: "nats://127.0.0.1:4222".into(), edge: None, edge_shards: None, edge_timeout_ms: 3_000, grace_ms: 5_000 }
+        ScaleConfig {
+            role: Role::Single,
+            nats: "nats://127.0.0.1:4222".into(),
+            edge: None,
+            edge_shards: None,
+            edge_timeout_ms: 3_000,
+            grace_ms: 5_000,
+        }
     }
 }
 
 impl ScaleConfig {
-    pub fn validate(&self, c: &crate::config::Config) -> Result<(), String> {
+    /// Checks the section against the run it belongs to: its name (root and edges find each other
+    /// by it) and its aggregation rule (only streaming rules run across edges).
+    pub fn validate(
+        &self,
+        run_name: Option<&str>,
+        aggregation: &canopy_core::aggregate::robust::RobustConfig,
+    ) -> Result<(), String> {
         if self.role == Role::Single {
             return Ok(());
         }
-        let Some(name) = &c.run.name else {
+        let Some(name) = run_name else {
             return Err("a root and its edges find each other by the run's name: set run.name (or --name) on every one".into());
         };
         if token(name).is_empty() {
-            return Err(format!("run name '{name}' has no letters or digits to name NATS subjects by"));
+            return Err(format!(
+                "run name '{name}' has no letters or digits to name NATS subjects by"
+            ));
         }
         if let Some([i, n]) = self.edge_shards
             && (n == 0 || i >= n)
         {
             return Err(format!("edge_shards {i}/{n}: need 0 ≤ I < N"));
         }
-        if self.role == Role::Root && !canopy_core::robust::streams(&c.aggregation) {
+        if self.role == Role::Root && !canopy_core::aggregate::robust::streams(aggregation) {
             return Err(format!(
                 "[aggregation] rule {:?} with clip {:?} needs every update in one place; across edges only rules that stream work (rule = \"mean\", clip none or fixed, streaming = true)",
-                c.aggregation.rule, c.aggregation.clip
+                aggregation.rule, aggregation.clip
             ));
         }
         Ok(())
@@ -90,26 +105,47 @@ impl ScaleConfig {
 
 /// `I/N` → `[I, N]`.
 pub fn parse_slice(s: &str) -> Result<[usize; 2], String> {
-    let (i, n) = s.split_once('/').ok_or_else(|| format!("edge shards '{s}': expected I/N, e.g. 0/3"))?;
-    let (i, n) = (i.trim().parse().map_err(|_| format!("bad I in '{s}'"))?, n.trim().parse().map_err(|_| format!("bad N in '{s}'"))?);
+    let (i, n) = s
+        .split_once('/')
+        .ok_or_else(|| format!("edge shards '{s}': expected I/N, e.g. 0/3"))?;
+    let (i, n) = (
+        i.trim().parse().map_err(|_| format!("bad I in '{s}'"))?,
+        n.trim().parse().map_err(|_| format!("bad N in '{s}'"))?,
+    );
     Ok([i, n])
 }
 
 /// A name made safe for NATS subjects, stream and bucket names: letters, digits, `-` and `_`.
 pub fn token(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect::<String>().trim_matches('_').to_string()
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect::<String>()
+        .trim_matches('_')
+        .to_string()
 }
 
 /// FNV-1a, 64 bits: model versions and shape hashes (not a security measure; partials are
 /// also checked by size, and their payloads by SHA-256).
 pub fn fnv64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// The version of a global model: a hash of its (masked) parameters and mask. An edge's partial
 /// counts only if it trained from exactly this model.
-pub fn model_version(m: &canopy_core::state::ModelState) -> u64 {
-    let mut bytes: Vec<u8> = m.masked_params().iter().flat_map(|v| v.to_le_bytes()).collect();
+pub fn model_version(m: &canopy_core::model::state::ModelState) -> u64 {
+    let mut bytes: Vec<u8> = m
+        .masked_params()
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     if let Some(mask) = &m.mask {
         bytes.extend(mask.iter().map(|k| *k as u8));
     }
@@ -117,7 +153,7 @@ pub fn model_version(m: &canopy_core::state::ModelState) -> u64 {
 }
 
 /// A hash of the model's shape (its layers), so a partial of another shape is never merged.
-pub fn shape_hash(arch: &canopy_core::arch::Arch) -> u64 {
+pub fn shape_hash(arch: &canopy_core::model::arch::Arch) -> u64 {
     fnv64(format!("{:?}", arch.params()).as_bytes())
 }
 
@@ -153,7 +189,12 @@ pub struct Link {
 impl Link {
     /// Connects (retrying for `patience`), then creates or opens the run's stream and bucket.
     /// After that the client reconnects by itself whenever NATS goes away.
-    pub async fn connect(url: &str, run: &str, who: &str, patience: Duration) -> Result<Link, String> {
+    pub async fn connect(
+        url: &str,
+        run: &str,
+        who: &str,
+        patience: Duration,
+    ) -> Result<Link, String> {
         let until = tokio::time::Instant::now() + patience;
         let client = loop {
             let options = async_nats::ConnectOptions::new()
@@ -166,7 +207,11 @@ impl Link {
                     tracing::warn!("cannot reach NATS at {url} yet ({e}); retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                Err(e) => return Err(format!("cannot reach NATS at {url}: {e} (is `nats-server -js` running? `just setup` installs it)")),
+                Err(e) => {
+                    return Err(format!(
+                        "cannot reach NATS at {url}: {e} (is `nats-server -js` running? `just setup` installs it)"
+                    ));
+                }
             }
         };
         let js = jetstream::new(client.clone());
@@ -186,11 +231,21 @@ impl Link {
         let store = match js.get_object_store(&bucket).await {
             Ok(s) => s,
             Err(_) => js
-                .create_object_store(jetstream::object_store::Config { bucket: bucket.clone(), max_age: Duration::from_secs(6 * 3600), ..Default::default() })
+                .create_object_store(jetstream::object_store::Config {
+                    bucket: bucket.clone(),
+                    max_age: Duration::from_secs(6 * 3600),
+                    ..Default::default()
+                })
                 .await
                 .map_err(|e| format!("NATS at {url}: cannot create object bucket {bucket}: {e}"))?,
         };
-        Ok(Link { client, js, stream, store, run })
+        Ok(Link {
+            client,
+            js,
+            stream,
+            store,
+            run,
+        })
     }
 
     pub fn subject(&self, what: &str) -> String {
@@ -204,8 +259,15 @@ impl Link {
         }
         let sha256 = hex(&Sha256::digest(&bytes));
         let size = bytes.len() as u64;
-        self.store.put(name, &mut bytes.as_slice()).await.map_err(|e| format!("object store: putting {name}: {e}"))?;
-        Ok(BlobRef::Object { name: name.to_string(), size, sha256 })
+        self.store
+            .put(name, &mut bytes.as_slice())
+            .await
+            .map_err(|e| format!("object store: putting {name}: {e}"))?;
+        Ok(BlobRef::Object {
+            name: name.to_string(),
+            size,
+            sha256,
+        })
     }
 
     /// The bytes behind a [`BlobRef`], checked against its size and SHA-256.
@@ -214,17 +276,33 @@ impl Link {
             BlobRef::Inline(b) => Ok(b.clone()),
             BlobRef::Object { name, size, sha256 } => {
                 if *size > wire::OBJECT_MAX {
-                    return Err(format!("object {name} claims {size} bytes, over the {} limit", wire::OBJECT_MAX));
+                    return Err(format!(
+                        "object {name} claims {size} bytes, over the {} limit",
+                        wire::OBJECT_MAX
+                    ));
                 }
-                let mut object = self.store.get(name).await.map_err(|e| format!("object store: getting {name}: {e}"))?;
+                let mut object = self
+                    .store
+                    .get(name)
+                    .await
+                    .map_err(|e| format!("object store: getting {name}: {e}"))?;
                 let mut out = Vec::with_capacity(*size as usize);
-                (&mut object).take(*size + 1).read_to_end(&mut out).await.map_err(|e| format!("object store: reading {name}: {e}"))?;
+                (&mut object)
+                    .take(*size + 1)
+                    .read_to_end(&mut out)
+                    .await
+                    .map_err(|e| format!("object store: reading {name}: {e}"))?;
                 if out.len() as u64 != *size {
-                    return Err(format!("object {name}: {} bytes, expected {size}", out.len()));
+                    return Err(format!(
+                        "object {name}: {} bytes, expected {size}",
+                        out.len()
+                    ));
                 }
                 let got = hex(&Sha256::digest(&out));
                 if &got != sha256 {
-                    return Err(format!("object {name}: SHA-256 {got} differs from the announced {sha256}"));
+                    return Err(format!(
+                        "object {name}: SHA-256 {got} differs from the announced {sha256}"
+                    ));
                 }
                 Ok(out)
             }
@@ -233,17 +311,34 @@ impl Link {
 
     /// Publishes to the run's stream and waits for JetStream's acknowledgement; `msg_id`
     /// de-duplicates retries. Returns whether JetStream took it as a duplicate.
-    pub async fn publish(&self, subject: String, msg_id: &str, payload: Vec<u8>) -> Result<bool, String> {
+    pub async fn publish(
+        &self,
+        subject: String,
+        msg_id: &str,
+        payload: Vec<u8>,
+    ) -> Result<bool, String> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", msg_id);
-        let ack = self.js.publish_with_headers(subject.clone(), headers, payload.into()).await.map_err(|e| format!("publishing {subject}: {e}"))?;
-        let ack = ack.await.map_err(|e| format!("publishing {subject}: no acknowledgement: {e}"))?;
+        let ack = self
+            .js
+            .publish_with_headers(subject.clone(), headers, payload.into())
+            .await
+            .map_err(|e| format!("publishing {subject}: {e}"))?;
+        let ack = ack
+            .await
+            .map_err(|e| format!("publishing {subject}: no acknowledgement: {e}"))?;
         Ok(ack.duplicate)
     }
 
     /// [`Link::publish`] of an encoded message, through the Object Store (as `object`) when it is
     /// too large to travel inline.
-    pub async fn publish_large(&self, subject: String, msg_id: &str, object: &str, bytes: Vec<u8>) -> Result<bool, String> {
+    pub async fn publish_large(
+        &self,
+        subject: String,
+        msg_id: &str,
+        object: &str,
+        bytes: Vec<u8>,
+    ) -> Result<bool, String> {
         let envelope = match self.put(object, bytes).await? {
             BlobRef::Inline(b) => wire::Envelope::Inline(b),
             stored => wire::Envelope::Stored(stored),
@@ -263,12 +358,22 @@ impl Link {
     /// or from those published after this call. JetStream loses an ephemeral consumer when the
     /// NATS server restarts; the follower then opens a new one at the next sequence it has not
     /// seen, so nothing is skipped or seen twice.
-    pub async fn follow(&self, filter: String, from_start: bool) -> Result<UnboundedReceiver<Followed>, String> {
+    pub async fn follow(
+        &self,
+        filter: String,
+        from_start: bool,
+    ) -> Result<UnboundedReceiver<Followed>, String> {
         let mut next = if from_start {
             1
         } else {
             let mut stream = self.stream.clone();
-            stream.info().await.map_err(|e| format!("following {filter}: {e}"))?.state.last_sequence + 1
+            stream
+                .info()
+                .await
+                .map_err(|e| format!("following {filter}: {e}"))?
+                .state
+                .last_sequence
+                + 1
         };
         let (tx, rx) = unbounded_channel();
         let stream = self.stream.clone();
@@ -276,7 +381,9 @@ impl Link {
             loop {
                 let config = jetstream::consumer::pull::OrderedConfig {
                     filter_subject: filter.clone(),
-                    deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: next },
+                    deliver_policy: DeliverPolicy::ByStartSequence {
+                        start_sequence: next,
+                    },
                     ..Default::default()
                 };
                 let messages = match stream.create_consumer(config).await {
@@ -291,12 +398,20 @@ impl Link {
                                     if let Ok(info) = m.info() {
                                         next = info.stream_sequence + 1;
                                     }
-                                    if tx.send(Followed { subject: m.subject.to_string(), payload: m.payload.clone() }).is_err() {
+                                    if tx
+                                        .send(Followed {
+                                            subject: m.subject.to_string(),
+                                            payload: m.payload.clone(),
+                                        })
+                                        .is_err()
+                                    {
                                         return;
                                     }
                                 }
                                 Err(e) => {
-                                    tracing::warn!("following {filter}: {e}; following again from message {next}");
+                                    tracing::warn!(
+                                        "following {filter}: {e}; following again from message {next}"
+                                    );
                                     break;
                                 }
                             }

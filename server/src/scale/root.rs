@@ -10,10 +10,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use canopy_core::aggregate::robust::RobustConfig;
+use canopy_core::aggregate::stream::StreamRound;
+use canopy_core::model::state::ModelState;
 use canopy_core::protocol::Task;
-use canopy_core::robust::RobustConfig;
-use canopy_core::state::ModelState;
-use canopy_core::strategy::stream::StreamRound;
 use canopy_core::strategy::{Fold, Phase, RunningSum};
 use futures_util::StreamExt;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
@@ -52,8 +52,18 @@ pub struct Gathered {
 impl Edges {
     /// Listens for the edges' reports and partials (from the start of the stream, so a restarted
     /// root sees what was sent while it was down).
-    pub async fn start(link: Link, hub: Arc<Mutex<Hub>>, first_round: u32, timeout: Duration, grace: Duration) -> Result<Edges, String> {
-        let mut presence = link.client.subscribe(link.subject("presence.*")).await.map_err(|e| format!("subscribing to edge reports: {e}"))?;
+    pub async fn start(
+        link: Link,
+        hub: Arc<Mutex<Hub>>,
+        first_round: u32,
+        timeout: Duration,
+        grace: Duration,
+    ) -> Result<Edges, String> {
+        let mut presence = link
+            .client
+            .subscribe(link.subject("presence.*"))
+            .await
+            .map_err(|e| format!("subscribing to edge reports: {e}"))?;
         let h = hub.clone();
         tokio::spawn(async move {
             while let Some(m) = presence.next().await {
@@ -79,13 +89,36 @@ impl Edges {
                 }
             }
         });
-        Ok(Edges { link, hub, partials, early: Vec::new(), kept: Vec::new(), timeout, grace, first_round })
+        Ok(Edges {
+            link,
+            hub,
+            partials,
+            early: Vec::new(),
+            kept: Vec::new(),
+            timeout,
+            grace,
+            first_round,
+        })
     }
 
     /// Tells the edges the run is over (they say Bye to their tabs).
     pub async fn finish(&self, reason: &str) {
-        let id = format!("end-{}", SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0));
-        if let Err(e) = self.link.publish(self.link.subject("round.end"), &id, reason.as_bytes().to_vec()).await {
+        let id = format!(
+            "end-{}",
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_micros())
+                .unwrap_or(0)
+        );
+        if let Err(e) = self
+            .link
+            .publish(
+                self.link.subject("round.end"),
+                &id,
+                reason.as_bytes().to_vec(),
+            )
+            .await
+        {
             tracing::warn!("telling the edges the run is over: {e}");
         }
     }
@@ -93,11 +126,24 @@ impl Edges {
     /// Announces the round and merges the edges' partials into `stream` until every edge with
     /// tasks answered, went silent, or the deadline (plus grace) passed.
     #[allow(clippy::too_many_arguments)]
-    pub async fn run_round(&mut self, round: u32, global: &ModelState, tasks: Vec<(u64, Task)>, deadline_ms: u64, phase: Phase, fold: Fold, robust: &RobustConfig, mut stream: StreamRound) -> Result<Gathered, String> {
+    pub async fn run_round(
+        &mut self,
+        round: u32,
+        global: &ModelState,
+        tasks: Vec<(u64, Task)>,
+        deadline_ms: u64,
+        phase: Phase,
+        fold: Fold,
+        robust: &RobustConfig,
+        mut stream: StreamRound,
+    ) -> Result<Gathered, String> {
         let sending = Instant::now();
         let base = model_version(global);
         let shape = shape_hash(&global.arch);
-        let attempt = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);
+        let attempt = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
         // Which edge serves each sampled client; clients whose edge is unknown count as dropped.
         let mut waiting: BTreeMap<String, usize> = BTreeMap::new();
         let mut dropped = 0;
@@ -119,26 +165,61 @@ impl Edges {
                         models.len() - 1
                     }
                 } as u32;
-                edge_tasks.push(EdgeTask { client: *client, model, train: task.train.clone(), upload: task.upload.clone(), deadline_ms: task.deadline_ms });
+                edge_tasks.push(EdgeTask {
+                    client: *client,
+                    model,
+                    train: task.train.clone(),
+                    upload: task.upload.clone(),
+                    deadline_ms: task.deadline_ms,
+                });
             }
         }
         let mut blobs = Vec::new();
         for (i, (_, m)) in models.iter().enumerate() {
-            blobs.push(self.link.put(&format!("round-{round}-{attempt}-model-{i}"), wire::encode(m.as_ref())).await?);
+            blobs.push(
+                self.link
+                    .put(
+                        &format!("round-{round}-{attempt}-model-{i}"),
+                        wire::encode(m.as_ref()),
+                    )
+                    .await?,
+            );
         }
         let msg = RoundMsg {
-            round, attempt, base, shape, mask_version: global.mask_version, phase: phase.name().to_string(), fold, robust: robust.clone(),
-            deadline_ms, models: blobs, tasks: edge_tasks,
+            round,
+            attempt,
+            base,
+            shape,
+            mask_version: global.mask_version,
+            phase: phase.name().to_string(),
+            fold,
+            robust: robust.clone(),
+            deadline_ms,
+            models: blobs,
+            tasks: edge_tasks,
         };
         let id = format!("round-{round}-{attempt}");
-        self.link.publish_large(self.link.subject(&format!("round.{round}")), &id, &id, wire::encode(&msg)).await?;
+        self.link
+            .publish_large(
+                self.link.subject(&format!("round.{round}")),
+                &id,
+                &id,
+                wire::encode(&msg),
+            )
+            .await?;
         self.hub.lock().unwrap().begin_round(round, phase);
         let send = sending.elapsed();
-        tracing::info!(round, edges = waiting.len(), tasks = tasks.len(), "round announced to the edges");
+        tracing::info!(
+            round,
+            edges = waiting.len(),
+            tasks = tasks.len(),
+            "round announced to the edges"
+        );
 
         let (mut rejected, mut merge) = (0, Duration::ZERO);
         // Partials of this round merged before (a retry of the same round on the same model).
-        self.kept.retain(|(p, _)| p.round == round && p.base == base && p.shape == shape);
+        self.kept
+            .retain(|(p, _)| p.round == round && p.base == base && p.shape == shape);
         let mut merged: BTreeSet<String> = BTreeSet::new();
         for (p, sum) in &self.kept {
             if merged.insert(p.edge.clone()) {
@@ -195,16 +276,27 @@ impl Edges {
                 "merge"
             };
             let row = |p: &Partial, outcome: &str| PartialRow {
-                round: p.round, results: p.clients, samples: p.weight, sum_bytes: p.sum.size(), in_store: p.sum.in_store(), edge_seconds: p.seconds, outcome: outcome.to_string(),
+                round: p.round,
+                results: p.clients,
+                samples: p.weight,
+                sum_bytes: p.sum.size(),
+                in_store: p.sum.in_store(),
+                edge_seconds: p.seconds,
+                outcome: outcome.to_string(),
             };
             if verdict != "merge" {
                 tracing::warn!(round, edge = %p.edge, partial_round = p.round, "{verdict} partial ignored");
-                self.hub.lock().unwrap().edge_partial(&p.edge, row(&p, verdict));
+                self.hub
+                    .lock()
+                    .unwrap()
+                    .edge_partial(&p.edge, row(&p, verdict));
                 continue;
             }
             let merging = Instant::now();
             let outcome = match self.fetch(&p).await {
-                Ok(sum) => stream.absorb(&sum, p.summaries.clone(), p.verdicts.clone()).map(|_| sum),
+                Ok(sum) => stream
+                    .absorb(&sum, p.summaries.clone(), p.verdicts.clone())
+                    .map(|_| sum),
                 Err(e) => Err(e),
             };
             merge += merging.elapsed();
@@ -223,21 +315,41 @@ impl Edges {
                 }
                 Err(e) => {
                     tracing::warn!(round, edge = %p.edge, "bad partial ignored: {e}");
-                    self.hub.lock().unwrap().edge_partial(&p.edge, row(&p, "bad"));
+                    self.hub
+                        .lock()
+                        .unwrap()
+                        .edge_partial(&p.edge, row(&p, "bad"));
                 }
             }
         }
-        Ok(Gathered { sampled: tasks.len(), dropped, rejected, stream, merge, send })
+        Ok(Gathered {
+            sampled: tasks.len(),
+            dropped,
+            rejected,
+            stream,
+            merge,
+            send,
+        })
     }
 
     /// A partial's sums, checked against what it claims.
     async fn fetch(&self, p: &Partial) -> Result<RunningSum, String> {
         let bytes = self.link.get(&p.sum).await?;
-        let sum: RunningSum = postcard::from_bytes(&bytes).map_err(|e| format!("its sums do not decode: {e}"))?;
-        if sum.count != p.clients || (sum.weight - p.weight).abs() > 1e-6 * p.weight.abs().max(1.0) {
-            return Err(format!("its sums hold {} results of weight {}, it claims {} of {}", sum.count, sum.weight, p.clients, p.weight));
+        let sum: RunningSum =
+            postcard::from_bytes(&bytes).map_err(|e| format!("its sums do not decode: {e}"))?;
+        if sum.count != p.clients || (sum.weight - p.weight).abs() > 1e-6 * p.weight.abs().max(1.0)
+        {
+            return Err(format!(
+                "its sums hold {} results of weight {}, it claims {} of {}",
+                sum.count, sum.weight, p.clients, p.weight
+            ));
         }
-        if sum.weighted.iter().chain(&sum.squares).any(|v| !v.is_finite()) {
+        if sum
+            .weighted
+            .iter()
+            .chain(&sum.squares)
+            .any(|v| !v.is_finite())
+        {
             return Err("its sums are not finite".into());
         }
         Ok(sum)

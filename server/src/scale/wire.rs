@@ -1,9 +1,9 @@
 //! What root and edges say to each other over NATS (postcard-encoded).
 
+use canopy_core::aggregate::robust::{RobustConfig, Verdict};
 use canopy_core::protocol::UploadSpec;
-use canopy_core::train::TrainSpec;
-use canopy_core::robust::{RobustConfig, Verdict};
 use canopy_core::strategy::{Contribution, Fold};
+use canopy_core::train::TrainSpec;
 use serde::{Deserialize, Serialize};
 
 /// The largest object either side fetches (a model or a partial's sums).
@@ -15,7 +15,11 @@ pub const MESSAGE_MAX: usize = 8 << 20;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum BlobRef {
     Inline(Vec<u8>),
-    Object { name: String, size: u64, sha256: String },
+    Object {
+        name: String,
+        size: u64,
+        sha256: String,
+    },
 }
 
 impl BlobRef {
@@ -122,7 +126,10 @@ pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, String> {
     if bytes.len() > MESSAGE_MAX {
-        return Err(format!("{what} of {} bytes is over the {MESSAGE_MAX}-byte limit", bytes.len()));
+        return Err(format!(
+            "{what} of {} bytes is over the {MESSAGE_MAX}-byte limit",
+            bytes.len()
+        ));
     }
     postcard::from_bytes(bytes).map_err(|e| format!("{what} does not decode: {e}"))
 }

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use canopy_core::partition::Partition;
+use canopy_core::data::partition::Partition;
 use canopy_server::config::Config;
 
 /// A run of `rounds` rounds on the digits, IID over `shards` clients that must all be
@@ -26,5 +26,9 @@ pub fn config(name: &str, rounds: u32, shards: usize, folder: &str) -> Config {
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }

@@ -1,0 +1,1143 @@
+//! Robust aggregation: one layer every strategy shares, between result acceptance and the
+//! strategy's own aggregation.
+//!
+//! It works on update vectors relative to the round's global model (a full-weights upload
+//! becomes `weights − global` first), so the same rules serve FedAvg's weights, FedAvgM's and
+//! AutoFLIP's deltas (sparse ones included: entries a client did not send are zeros, exactly as
+//! the plain mean sees them) and structured pruning's shrinking models (all updates of one round
+//! have the model length of that round; nothing is kept between rounds).
+//!
+//! Two stages, configured by the TOML section `[aggregation]` ([`RobustConfig`]):
+//!
+//! 1. **Norm bounding** (`clip`): every update whose L2 norm exceeds the bound is scaled down to
+//!    it. The bound is `clip_multiple ×` the round's median norm (`clip = "median"`), or a fixed
+//!    `max_norm` (`clip = "fixed"`).
+//! 2. **The rule** that combines the (bounded) updates:
+//!    - `mean`: the sample-weighted mean (FedAvg's own rule).
+//!    - `median`: the coordinate-wise median, one vote per client.
+//!    - `trimmed_mean`: per coordinate, drop the `⌊trim·n⌋` largest and smallest values and take
+//!      the sample-weighted mean of the rest.
+//!    - `multi_krum`: score each update by the summed squared distances to its `n − f − 2`
+//!      nearest neighbours, keep the `n − f` best scored and take their sample-weighted mean
+//!      (`f = ⌊attackers·n⌋`).
+//!
+//! What each tolerates (n = results in the round; "attackers" send anything finite):
+//!
+//! | stage | assumption | leaves through |
+//! |---|---|---|
+//! | clip, median multiple | fewer than half the updates are attackers' (the median norm is an honest one) | attacks within the bound: sign flips, label flips, noise of honest size; a bounded push per attacker every round |
+//! | clip, fixed bound | none on the count; needs a bound that fits honest updates (it depends on model, lr and epochs) | the same |
+//! | median | fewer than half the clients per coordinate | non-IID honest clients lose weight too; ignores sample counts |
+//! | trimmed mean, `trim` = β | at most β·n attackers (β < 0.5) | more than β·n attackers on one side |
+//! | multi-Krum, `attackers` = f/n | at most f attackers and n ≥ 2f + 3 (f is lowered to fit smaller rounds) | attackers close to the honest cluster (small sign flips, label flips) |
+//!
+//! Sign-vote methods (HideNseek and the binary supermask upload votes, ±1 per kept entry): the
+//! layer combines the vote vectors as they are. Every client has exactly one vote per coordinate,
+//! so magnitude attacks are void by construction and the median-norm bound does nothing (vote
+//! vectors all have the same norm); the coordinate-wise median of votes is the unweighted
+//! majority vote itself (a tie gives 0), and multi-Krum on votes is Krum on Hamming distances.
+//! What a vote cannot stop is a coordinated minority flipping close votes.
+//!
+//! Memory: the mean with no bound or a fixed one judges each update alone, so a round can stream
+//! (each result folded into running sums as it arrives, [`streams`]); the median norm bound, the
+//! median, the trimmed mean and multi-Krum need the round's updates together, so the server keeps
+//! them all (clients × model) until the round ends.
+//!
+//! Every update gets a [`Verdict`]: its norm and norm ÷ the round's median norm, its clipping
+//! factor, and whether it was clipped, down-weighted (coordinate-wise rules: most of its
+//! coordinates fell outside the values the rule used) or rejected (multi-Krum left it out).
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::Contribution;
+use crate::codec::update::UploadKind;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rule {
+    #[default]
+    Mean,
+    Median,
+    TrimmedMean,
+    MultiKrum,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Clip {
+    #[default]
+    None,
+    /// Bound = `clip_multiple` × the round's median update norm.
+    Median,
+    /// Bound = `max_norm`.
+    Fixed,
+}
+
+/// The `[aggregation]` section.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RobustConfig {
+    pub rule: Rule,
+    pub clip: Clip,
+    /// `clip = "median"`: the bound as a multiple of the round's median norm (> 0).
+    pub clip_multiple: f64,
+    /// `clip = "fixed"`: the L2 bound on each update (> 0).
+    pub max_norm: f64,
+    /// `trimmed_mean`: fraction of values dropped at each end of every coordinate, in [0, 0.5).
+    pub trim: f64,
+    /// `multi_krum`: the fraction of attackers assumed among a round's results, in [0, 0.5).
+    pub attackers: f64,
+    /// Fold each result into running sums as it arrives (when the strategy and the rule allow:
+    /// see [`streams`]); `false` keeps every update until the round ends (for comparisons).
+    pub streaming: bool,
+}
+
+impl Default for RobustConfig {
+    /// Plain FedAvg: the sample-weighted mean, nothing bounded (verdicts are still reported).
+    fn default() -> Self {
+        RobustConfig {
+            rule: Rule::Mean,
+            clip: Clip::None,
+            clip_multiple: 3.0,
+            max_norm: 0.0,
+            trim: 0.1,
+            attackers: 0.2,
+            streaming: true,
+        }
+    }
+}
+
+impl RobustConfig {
+    /// The demo's setting: bound every update to 3× the round's median norm, then the mean.
+    pub fn norm_bound() -> Self {
+        RobustConfig {
+            clip: Clip::Median,
+            ..RobustConfig::default()
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.clip == Clip::Median
+            && !(self.clip_multiple > 0.0 && self.clip_multiple.is_finite())
+        {
+            return Err(format!(
+                "aggregation.clip_multiple must be positive, got {}",
+                self.clip_multiple
+            ));
+        }
+        if self.clip == Clip::Fixed && !(self.max_norm > 0.0 && self.max_norm.is_finite()) {
+            return Err(format!(
+                "aggregation.clip = \"fixed\" needs a positive max_norm, got {}",
+                self.max_norm
+            ));
+        }
+        if !(0.0..0.5).contains(&self.trim) {
+            return Err(format!(
+                "aggregation.trim must be in [0, 0.5), got {}",
+                self.trim
+            ));
+        }
+        if !(0.0..0.5).contains(&self.attackers) {
+            return Err(format!(
+                "aggregation.attackers must be in [0, 0.5), got {}",
+                self.attackers
+            ));
+        }
+        Ok(())
+    }
+
+    /// A short name for tables and logs ("median-clip 3× + mean").
+    pub fn describe(&self) -> String {
+        let rule = match self.rule {
+            Rule::Mean => "mean".to_string(),
+            Rule::Median => "median".to_string(),
+            Rule::TrimmedMean => format!("trimmed mean {}", self.trim),
+            Rule::MultiKrum => format!("multi-Krum f={}", self.attackers),
+        };
+        match self.clip {
+            Clip::None => rule,
+            Clip::Median => format!("norm bound {}× median + {rule}", self.clip_multiple),
+            Clip::Fixed => format!("norm bound {} + {rule}", self.max_norm),
+        }
+    }
+}
+
+/// What the layer did to one client's update this round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub client: u64,
+    /// L2 norm of the update as received (relative to the global model).
+    pub norm: f64,
+    /// `norm` ÷ the round's median norm (capped at 1e9).
+    pub norm_ratio: f64,
+    /// Factor the norm bound multiplied the update by (1: untouched).
+    pub scale: f64,
+    /// Coordinate-wise rules: the share of its coordinates that fell outside the values the rule
+    /// used (0 for the other rules).
+    pub outside: f64,
+    pub clipped: bool,
+    pub down_weighted: bool,
+    pub rejected: bool,
+}
+
+impl Verdict {
+    /// The strongest thing done: "rejected", "down-weighted", "clipped" or "kept".
+    pub fn action(&self) -> &'static str {
+        if self.rejected {
+            "rejected"
+        } else if self.down_weighted {
+            "down-weighted"
+        } else if self.clipped {
+            "clipped"
+        } else {
+            "kept"
+        }
+    }
+}
+
+/// What the layer has done to one client over the run: shown on the dashboard's client table
+/// and in the metrics.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Suspicion {
+    /// Results judged (accepted by validation and passed through the layer).
+    pub judged: u32,
+    pub clipped: u32,
+    pub down_weighted: u32,
+    pub rejected: u32,
+    /// Norm ÷ the round's median norm in its latest judged round, and the largest seen.
+    pub last_norm_ratio: f64,
+    pub max_norm_ratio: f64,
+}
+
+impl Suspicion {
+    pub fn record(&mut self, v: &Verdict) {
+        self.judged += 1;
+        self.clipped += v.clipped as u32;
+        self.down_weighted += v.down_weighted as u32;
+        self.rejected += v.rejected as u32;
+        self.last_norm_ratio = v.norm_ratio;
+        self.max_norm_ratio = self.max_norm_ratio.max(v.norm_ratio);
+    }
+}
+
+/// Per-round figures for the metrics: how many updates each stage acted on, and the median norm.
+pub fn round_metrics(c: &Combined) -> Vec<(String, f64)> {
+    let count = |f: fn(&Verdict) -> bool| c.verdicts.iter().filter(|v| f(v)).count() as f64;
+    vec![
+        ("robust.median_norm".into(), c.median_norm),
+        ("robust.clipped".into(), count(|v| v.clipped)),
+        ("robust.down_weighted".into(), count(|v| v.down_weighted)),
+        ("robust.rejected".into(), count(|v| v.rejected)),
+        (
+            "robust.max_norm_ratio".into(),
+            c.verdicts.iter().map(|v| v.norm_ratio).fold(0.0, f64::max),
+        ),
+    ]
+}
+
+/// One update going into [`combine`].
+#[derive(Clone, Copy, Debug)]
+pub struct Input<'a> {
+    pub client: u64,
+    /// Aggregation weight.
+    pub samples: u64,
+    /// Relative to the global model.
+    pub delta: &'a [f32],
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Combined {
+    /// The combined update.
+    pub delta: Vec<f32>,
+    /// In input order.
+    pub verdicts: Vec<Verdict>,
+    pub median_norm: f64,
+}
+
+/// A coordinate-wise median client counts as down-weighted when more than this share of its
+/// coordinates lie outside the middle half of the values (an honest client: about half, at most
+/// two thirds in rounds of 3 or 6).
+pub const MEDIAN_OUTSIDE_SUSPICIOUS: f64 = 0.75;
+/// A trimmed-mean client counts as down-weighted when more than this share of its coordinates
+/// were trimmed (an honest client: about 2·trim).
+pub const TRIMMED_SUSPICIOUS: f64 = 0.5;
+
+/// Combines the updates by `config`. Every input must have the same length.
+pub fn combine(config: &RobustConfig, inputs: &[Input]) -> Result<Combined, String> {
+    config.validate()?;
+    let n = inputs.len();
+    if n == 0 {
+        return Err("nothing to aggregate".into());
+    }
+    let len = inputs[0].delta.len();
+    if let Some(i) = inputs.iter().position(|u| u.delta.len() != len) {
+        return Err(format!(
+            "update of client {} has {} values, the first has {len}",
+            inputs[i].client,
+            inputs[i].delta.len()
+        ));
+    }
+    let norms: Vec<f64> = inputs.iter().map(|u| norm(u.delta)).collect();
+    let median_norm = median_of(&norms);
+    let bound = match config.clip {
+        Clip::None => f64::INFINITY,
+        Clip::Median => config.clip_multiple * median_norm,
+        Clip::Fixed => config.max_norm,
+    };
+    let scales: Vec<f64> = norms
+        .iter()
+        .map(|&nm| if nm > bound { bound / nm } else { 1.0 })
+        .collect();
+    let mut verdicts: Vec<Verdict> = inputs
+        .iter()
+        .zip(&norms)
+        .zip(&scales)
+        .map(|((u, &nm), &s)| Verdict {
+            client: u.client,
+            norm: nm,
+            norm_ratio: ratio(nm, median_norm),
+            scale: s,
+            outside: 0.0,
+            clipped: s < 1.0,
+            down_weighted: false,
+            rejected: false,
+        })
+        .collect();
+    let weights: Vec<f64> = inputs.iter().map(|u| u.samples as f64).collect();
+    let delta = match config.rule {
+        Rule::Mean => weighted_mean(inputs, &scales, &weights, &vec![true; n]),
+        Rule::MultiKrum => {
+            let selected = multi_krum(inputs, &scales, config.attackers);
+            for (v, s) in verdicts.iter_mut().zip(&selected) {
+                v.rejected = !s;
+            }
+            weighted_mean(inputs, &scales, &weights, &selected)
+        }
+        Rule::Median | Rule::TrimmedMean => {
+            let (delta, outside) = coordinate_wise(config, inputs, &scales, &weights);
+            let limit = if config.rule == Rule::Median {
+                MEDIAN_OUTSIDE_SUSPICIOUS
+            } else {
+                TRIMMED_SUSPICIOUS
+            };
+            for (v, o) in verdicts.iter_mut().zip(outside) {
+                v.outside = o;
+                v.down_weighted = o > limit;
+            }
+            delta
+        }
+    };
+    Ok(Combined {
+        delta,
+        verdicts,
+        median_norm,
+    })
+}
+
+fn norm(v: &[f32]) -> f64 {
+    v.iter()
+        .map(|x| (*x as f64) * (*x as f64))
+        .sum::<f64>()
+        .sqrt()
+}
+
+fn ratio(norm: f64, median: f64) -> f64 {
+    if median > 0.0 {
+        (norm / median).min(1e9)
+    } else if norm > 0.0 {
+        1e9
+    } else {
+        1.0
+    }
+}
+
+/// The median (the mean of the two middle values for an even count).
+pub fn median_of(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+/// Σ w_i s_i x_i / Σ w_i over the selected inputs (plain mean when their weights sum to 0).
+fn weighted_mean(inputs: &[Input], scales: &[f64], weights: &[f64], selected: &[bool]) -> Vec<f32> {
+    let len = inputs[0].delta.len();
+    let total: f64 = weights
+        .iter()
+        .zip(selected)
+        .filter(|(_, s)| **s)
+        .map(|(w, _)| w)
+        .sum();
+    let count = selected.iter().filter(|s| **s).count().max(1) as f64;
+    let mut acc = vec![0f64; len];
+    for (i, u) in inputs.iter().enumerate() {
+        if !selected[i] {
+            continue;
+        }
+        let w = if total > 0.0 {
+            weights[i] / total
+        } else {
+            1.0 / count
+        } * scales[i];
+        for (a, x) in acc.iter_mut().zip(u.delta) {
+            *a += w * *x as f64;
+        }
+    }
+    acc.into_iter().map(|a| a as f32).collect()
+}
+
+/// Which inputs multi-Krum keeps.
+fn multi_krum(inputs: &[Input], scales: &[f64], attackers: f64) -> Vec<bool> {
+    let n = inputs.len();
+    if n < 3 {
+        return vec![true; n];
+    }
+    // Krum needs n ≥ 2f + 3; a smaller round assumes fewer attackers.
+    let f = ((attackers * n as f64).floor() as usize).min((n - 3) / 2);
+    let neighbours = n - f - 2;
+    let mut dist = vec![0f64; n * n];
+    for i in 0..n {
+        for j in i + 1..n {
+            let (a, b, sa, sb) = (inputs[i].delta, inputs[j].delta, scales[i], scales[j]);
+            let d: f64 = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (sa * *x as f64 - sb * *y as f64).powi(2))
+                .sum();
+            dist[i * n + j] = d;
+            dist[j * n + i] = d;
+        }
+    }
+    let scores: Vec<f64> = (0..n)
+        .map(|i| {
+            let mut row: Vec<f64> = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| dist[i * n + j])
+                .collect();
+            row.sort_by(f64::total_cmp);
+            row.iter().take(neighbours).sum()
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
+    let mut selected = vec![false; n];
+    for &i in order.iter().take(n - f) {
+        selected[i] = true;
+    }
+    selected
+}
+
+/// Coordinate-wise median or trimmed mean; also each input's share of coordinates outside the
+/// band of values the rule used (median: the middle half; trimmed mean: what was not trimmed).
+fn coordinate_wise(
+    config: &RobustConfig,
+    inputs: &[Input],
+    scales: &[f64],
+    weights: &[f64],
+) -> (Vec<f32>, Vec<f64>) {
+    let n = inputs.len();
+    let len = inputs[0].delta.len();
+    // Values are dropped from each end: the median keeps the middle one or two (the band used for
+    // verdicts is the middle half, ⌊n/4⌉ dropped at each end, so that colluding attackers on one
+    // side fall outside it too); the trimmed mean drops k at each end, at least one value kept.
+    let k = match config.rule {
+        Rule::Median => ((n as f64 / 4.0).round() as usize).min((n - 1) / 2),
+        _ => ((config.trim * n as f64).floor() as usize).min((n - 1) / 2),
+    };
+    let total_w: f64 = weights.iter().sum();
+    let mut out = vec![0f32; len];
+    let mut outside = vec![0usize; n];
+    let mut col: Vec<(f32, usize)> = Vec::with_capacity(n);
+    for (j, o) in out.iter_mut().enumerate() {
+        col.clear();
+        col.extend(
+            inputs
+                .iter()
+                .enumerate()
+                .map(|(i, u)| ((scales[i] * u.delta[j] as f64) as f32, i)),
+        );
+        col.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let (lo, hi) = (col[k].0, col[n - 1 - k].0);
+        for &(v, i) in &col {
+            if v < lo || v > hi {
+                outside[i] += 1;
+            }
+        }
+        *o = match config.rule {
+            Rule::Median => {
+                let m = n / 2;
+                if n % 2 == 1 {
+                    col[m].0
+                } else {
+                    ((col[m - 1].0 as f64 + col[m].0 as f64) / 2.0) as f32
+                }
+            }
+            _ => {
+                let kept = &col[k..n - k];
+                let w: f64 = kept.iter().map(|(_, i)| weights[*i]).sum();
+                if w > 0.0 && total_w > 0.0 {
+                    (kept
+                        .iter()
+                        .map(|(v, i)| weights[*i] * *v as f64)
+                        .sum::<f64>()
+                        / w) as f32
+                } else {
+                    (kept.iter().map(|(v, _)| *v as f64).sum::<f64>() / kept.len() as f64) as f32
+                }
+            }
+        };
+    }
+    let shares = outside
+        .into_iter()
+        .map(|c| c as f64 / len.max(1) as f64)
+        .collect();
+    (out, shares)
+}
+
+/// The layer as the server runs it: turns the round's accepted results into what the strategy
+/// aggregates, and says what it did to each.
+///
+/// `reference` is the model the clients started from (the global model, masked). With `mean` and
+/// `multi_krum` each surviving result keeps its own (bounded) vector, so a strategy that looks at
+/// individual updates (AutoFLIP's squared deltas) still can; rejected results are removed. With the
+/// coordinate-wise rules every result carries the combined update, so any sample-weighted mean of
+/// them is that update. Results the layer leaves untouched are returned bit for bit.
+pub fn apply(
+    config: &RobustConfig,
+    reference: &[f32],
+    results: Vec<Contribution>,
+) -> Result<(Vec<Contribution>, Combined), String> {
+    if let Some(c) = results.iter().find(|c| c.values.len() != reference.len()) {
+        return Err(format!(
+            "update of client {} has {} values, the model has {}",
+            c.client,
+            c.values.len(),
+            reference.len()
+        ));
+    }
+    let deltas: Vec<Cow<[f32]>> = results
+        .iter()
+        .map(|c| match c.kind {
+            // Votes (±1 per kept entry) are combined as they are: see "sign-vote methods" above.
+            UploadKind::Delta | UploadKind::Votes => Cow::Borrowed(c.values.as_slice()),
+            UploadKind::Weights => {
+                Cow::Owned(c.values.iter().zip(reference).map(|(w, g)| w - g).collect())
+            }
+        })
+        .collect();
+    let inputs: Vec<Input> = results
+        .iter()
+        .zip(&deltas)
+        .map(|(c, d)| Input {
+            client: c.client,
+            samples: c.samples,
+            delta: d,
+        })
+        .collect();
+    let combined = combine(config, &inputs)?;
+    if let Some(i) = combined.delta.iter().position(|v| !v.is_finite()) {
+        return Err(format!("the combined update is not finite at entry {i}"));
+    }
+    let per_client = matches!(config.rule, Rule::Mean | Rule::MultiKrum);
+    let new: Vec<Option<Vec<f32>>> = deltas
+        .iter()
+        .zip(&combined.verdicts)
+        .zip(&results)
+        .map(|((d, v), c)| {
+            if v.rejected {
+                return None;
+            }
+            let delta: Cow<[f32]> = if !per_client {
+                Cow::Borrowed(combined.delta.as_slice())
+            } else if v.scale < 1.0 {
+                Cow::Owned(d.iter().map(|x| (*x as f64 * v.scale) as f32).collect())
+            } else {
+                return Some(Vec::new()); // untouched: keep the original
+            };
+            Some(match c.kind {
+                UploadKind::Delta | UploadKind::Votes => delta.into_owned(),
+                UploadKind::Weights => delta.iter().zip(reference).map(|(d, g)| g + d).collect(),
+            })
+        })
+        .collect();
+    drop(inputs);
+    drop(deltas);
+    let out = results
+        .into_iter()
+        .zip(new)
+        .filter_map(|(mut c, v)| {
+            let v = v?;
+            if !v.is_empty() || c.values.is_empty() {
+                c.values = v;
+            }
+            Some(c)
+        })
+        .collect();
+    Ok((out, combined))
+}
+
+/// Whether a rule can judge and combine each update alone, as it arrives (streaming
+/// aggregation): the mean, with no bound or a fixed one. The median norm bound, the median, the
+/// trimmed mean and multi-Krum need the round's updates together, so they force buffering.
+pub fn streams(config: &RobustConfig) -> bool {
+    config.streaming && config.rule == Rule::Mean && config.clip != Clip::Median
+}
+
+/// The layer on one update of a streamed round ([`streams`]): bounds `c` in place exactly as
+/// [`apply`] would and returns its verdict, whose norm ratio waits for [`finish_streamed`].
+pub fn bound_one(config: &RobustConfig, reference: &[f32], c: &mut Contribution) -> Verdict {
+    let delta: Cow<[f32]> = match c.kind {
+        UploadKind::Delta | UploadKind::Votes => Cow::Borrowed(c.values.as_slice()),
+        UploadKind::Weights => {
+            Cow::Owned(c.values.iter().zip(reference).map(|(w, g)| w - g).collect())
+        }
+    };
+    let nm = norm(&delta);
+    let bound = if config.clip == Clip::Fixed {
+        config.max_norm
+    } else {
+        f64::INFINITY
+    };
+    let scale = if nm > bound { bound / nm } else { 1.0 };
+    if scale < 1.0 {
+        let d: Vec<f32> = delta.iter().map(|x| (*x as f64 * scale) as f32).collect();
+        c.values = match c.kind {
+            UploadKind::Delta | UploadKind::Votes => d,
+            UploadKind::Weights => d.iter().zip(reference).map(|(d, g)| g + d).collect(),
+        };
+    }
+    Verdict {
+        client: c.client,
+        norm: nm,
+        norm_ratio: 1.0,
+        scale,
+        outside: 0.0,
+        clipped: scale < 1.0,
+        down_weighted: false,
+        rejected: false,
+    }
+}
+
+/// The verdicts of a streamed round, with norm ratios against the round's median norm; the
+/// combined vector stays empty (the strategy aggregates the running sums).
+pub fn finish_streamed(mut verdicts: Vec<Verdict>) -> Combined {
+    verdicts.sort_by_key(|v| v.client);
+    let norms: Vec<f64> = verdicts.iter().map(|v| v.norm).collect();
+    let median_norm = median_of(&norms);
+    for v in &mut verdicts {
+        v.norm_ratio = ratio(v.norm, median_norm);
+    }
+    Combined {
+        delta: Vec::new(),
+        verdicts,
+        median_norm,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ClientMetrics;
+    use rand::{RngExt, SeedableRng, rngs::StdRng};
+
+    fn inputs<'a>(vs: &'a [Vec<f32>], samples: &[u64]) -> Vec<Input<'a>> {
+        vs.iter()
+            .enumerate()
+            .map(|(i, v)| Input {
+                client: i as u64 + 1,
+                samples: samples[i],
+                delta: v,
+            })
+            .collect()
+    }
+
+    fn close(a: &[f32], b: &[f32], tol: f32) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol)
+    }
+
+    fn cfg(rule: Rule, clip: Clip) -> RobustConfig {
+        RobustConfig {
+            rule,
+            clip,
+            ..RobustConfig::default()
+        }
+    }
+
+    #[test]
+    fn median_norm_bound_clips_only_the_outlier() {
+        // Norms 5, 1, 2, 1000: median (2 + 5) / 2 = 3.5; 2× → bound 7.
+        let vs = vec![
+            vec![3.0, 4.0],
+            vec![0.0, 1.0],
+            vec![0.0, 2.0],
+            vec![600.0, 800.0],
+        ];
+        let c = RobustConfig {
+            clip_multiple: 2.0,
+            ..cfg(Rule::Mean, Clip::Median)
+        };
+        let out = combine(&c, &inputs(&vs, &[1, 1, 1, 1])).unwrap();
+        assert_eq!(out.median_norm, 3.5);
+        // The outlier becomes [4.2, 5.6]; the mean is ([3+0+0+4.2]/4, [4+1+2+5.6]/4).
+        assert!(close(&out.delta, &[1.8, 3.15], 1e-6), "{:?}", out.delta);
+        let v = &out.verdicts;
+        assert!(!v[0].clipped && !v[1].clipped && !v[2].clipped && v[3].clipped);
+        assert!((v[3].scale - 0.007).abs() < 1e-12 && (v[3].norm - 1000.0).abs() < 1e-9);
+        assert!(
+            (v[3].norm_ratio - 1000.0 / 3.5).abs() < 1e-9
+                && (v[1].norm_ratio - 1.0 / 3.5).abs() < 1e-12
+        );
+        assert_eq!(v[3].action(), "clipped");
+        assert_eq!(v[0].action(), "kept");
+    }
+
+    #[test]
+    fn fixed_bound_and_sample_weights() {
+        let vs = vec![vec![3.0, 4.0], vec![0.0, 1.0]];
+        let c = RobustConfig {
+            max_norm: 1.0,
+            ..cfg(Rule::Mean, Clip::Fixed)
+        };
+        // [0.6, 0.8] weighted 3 and [0, 1] weighted 1: ([1.8 + 0] / 4, [2.4 + 1] / 4).
+        let out = combine(&c, &inputs(&vs, &[3, 1])).unwrap();
+        assert!(close(&out.delta, &[0.45, 0.85], 1e-6), "{:?}", out.delta);
+        assert!(out.verdicts[0].clipped && !out.verdicts[1].clipped);
+        // Without a bound it is FedAvg's weighted mean.
+        let plain = combine(&RobustConfig::default(), &inputs(&vs, &[3, 1])).unwrap();
+        assert!(close(&plain.delta, &[2.25, 3.25], 1e-6));
+        assert!(plain.verdicts.iter().all(|v| v.action() == "kept"));
+    }
+
+    #[test]
+    fn coordinate_wise_median_by_hand() {
+        // Odd count: the middle value; even count: the mean of the two middle ones.
+        let vs = vec![
+            vec![1.0, 0.0],
+            vec![2.0, 0.0],
+            vec![3.0, 0.0],
+            vec![100.0, 0.0],
+            vec![-50.0, 1e6],
+        ];
+        let out = combine(
+            &cfg(Rule::Median, Clip::None),
+            &inputs(&vs, &[1, 1, 1, 1, 1]),
+        )
+        .unwrap();
+        assert_eq!(out.delta, vec![2.0, 0.0]);
+        let even = combine(
+            &cfg(Rule::Median, Clip::None),
+            &inputs(&vs[..4], &[5, 1, 1, 1]),
+        )
+        .unwrap();
+        assert_eq!(
+            even.delta,
+            vec![2.5, 0.0],
+            "one vote per client, whatever the samples"
+        );
+        // Middle half of 5 values: sorted positions 1..=3. Client 5 is outside on both
+        // coordinates, client 4 on the first only; the zeros of the second are all alike.
+        let shares: Vec<f64> = out.verdicts.iter().map(|v| v.outside).collect();
+        assert_eq!(shares, vec![0.0, 0.0, 0.0, 0.5, 1.0]);
+        assert!(out.verdicts[4].down_weighted && !out.verdicts[3].down_weighted);
+    }
+
+    #[test]
+    fn trimmed_mean_by_hand() {
+        // trim 0.2 of 5: drop one value at each end, weighted mean of the middle three.
+        let vs = vec![vec![1.0], vec![2.0], vec![3.0], vec![100.0], vec![-50.0]];
+        let c = RobustConfig {
+            trim: 0.2,
+            ..cfg(Rule::TrimmedMean, Clip::None)
+        };
+        let out = combine(&c, &inputs(&vs, &[1, 1, 1, 1, 1])).unwrap();
+        assert_eq!(out.delta, vec![2.0]);
+        // Samples 1, 1, 3 on the kept values 1, 2, 3: (1 + 2 + 9) / 5.
+        let out = combine(&c, &inputs(&vs, &[1, 1, 3, 1, 1])).unwrap();
+        assert!(close(&out.delta, &[2.4], 1e-6));
+        let trimmed: Vec<bool> = out.verdicts.iter().map(|v| v.down_weighted).collect();
+        assert_eq!(trimmed, vec![false, false, false, true, true]);
+        // trim 0 is the weighted mean.
+        let c0 = RobustConfig { trim: 0.0, ..c };
+        assert!(close(
+            &combine(&c0, &inputs(&vs, &[1, 1, 1, 1, 1])).unwrap().delta,
+            &[11.2],
+            1e-5
+        ));
+    }
+
+    #[test]
+    fn multi_krum_by_hand() {
+        // Four close updates and one far away; f = ⌊0.2·5⌋ = 1, so 2 neighbours and 4 selected.
+        let vs = vec![
+            vec![1.0, 1.0],
+            vec![1.1, 1.0],
+            vec![1.0, 1.1],
+            vec![0.9, 1.0],
+            vec![10.0, -10.0],
+        ];
+        let c = RobustConfig {
+            attackers: 0.2,
+            ..cfg(Rule::MultiKrum, Clip::None)
+        };
+        let out = combine(&c, &inputs(&vs, &[1, 1, 1, 1, 1])).unwrap();
+        let rejected: Vec<bool> = out.verdicts.iter().map(|v| v.rejected).collect();
+        assert_eq!(rejected, vec![false, false, false, false, true]);
+        assert!(close(&out.delta, &[1.0, 1.025], 1e-6), "{:?}", out.delta);
+        assert_eq!(out.verdicts[4].action(), "rejected");
+        // (Scores: client 1 is 0.01 from each of the other three close ones, so its two nearest
+        // sum to 0.02; client 5 is over 100 from everyone.) A round of two keeps both: Krum
+        // needs n ≥ 3.
+        let two = combine(&c, &inputs(&vs[3..], &[1, 1])).unwrap();
+        assert!(two.verdicts.iter().all(|v| !v.rejected));
+    }
+
+    /// Nine honest updates around a common direction plus attackers; each defence must keep the
+    /// combined update near the honest mean.
+    fn honest(rng: &mut StdRng, d: usize) -> Vec<Vec<f32>> {
+        let base: Vec<f32> = (0..d).map(|i| ((i as f32) * 0.37).sin() * 0.1).collect();
+        (0..10)
+            .map(|_| {
+                base.iter()
+                    .map(|b| b + rng.random_range(-0.02..0.02f32))
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn distance(a: &[f32], b: &[f32]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| ((x - y) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    #[test]
+    fn defences_hold_against_one_attacker_of_ten() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let d = 200;
+        let clean = honest(&mut rng, d);
+        let honest_mean = combine(&RobustConfig::default(), &inputs(&clean[1..], &[1; 9]))
+            .unwrap()
+            .delta;
+        let hn = norm(&honest_mean);
+        let attacks: Vec<(&str, Vec<f32>)> = vec![
+            ("scaled ×1e3", clean[0].iter().map(|x| x * 1e3).collect()),
+            ("constant 1e6", vec![1e6; d]),
+            ("sign flip", clean[0].iter().map(|x| -x).collect()),
+            ("noise", {
+                let v: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+                let s = norm(&clean[0]) / norm(&v);
+                v.iter().map(|x| x * s as f32).collect()
+            }),
+        ];
+        let defences = [
+            RobustConfig::norm_bound(),
+            cfg(Rule::Median, Clip::None),
+            cfg(Rule::TrimmedMean, Clip::None),
+            cfg(Rule::MultiKrum, Clip::None),
+        ];
+        for (name, bad) in &attacks {
+            let mut vs = clean.clone();
+            vs[0] = bad.clone();
+            let undefended = combine(&RobustConfig::default(), &inputs(&vs, &[1; 10]))
+                .unwrap()
+                .delta;
+            for def in &defences {
+                let out = combine(def, &inputs(&vs, &[1; 10])).unwrap();
+                let err = distance(&out.delta, &honest_mean) / hn;
+                // A norm bound still gives the attacker a tenth of the weight with up to 3× an
+                // honest norm (0.15–0.32 of the honest mean here); the robust rules stay within 0.05.
+                let limit = if def.rule == Rule::Mean { 0.35 } else { 0.06 };
+                assert!(
+                    err < limit,
+                    "{name} vs {}: relative error {err:.4}",
+                    def.describe()
+                );
+                if matches!(*name, "scaled ×1e3" | "constant 1e6") {
+                    let v = &out.verdicts[0];
+                    assert!(v.norm_ratio > 100.0, "{name}: ratio {}", v.norm_ratio);
+                    assert!(
+                        v.action() != "kept",
+                        "{name} vs {}: the attacker went unnoticed",
+                        def.describe()
+                    );
+                    assert!(
+                        distance(&undefended, &honest_mean) / hn > 10.0,
+                        "{name} wrecks the plain mean"
+                    );
+                }
+                // Multi-Krum always leaves out f = 2 of 10; everyone else keeps every honest client.
+                let honest_rejected = out.verdicts[1..].iter().filter(|v| v.rejected).count();
+                assert!(
+                    honest_rejected <= if def.rule == Rule::MultiKrum { 1 } else { 0 },
+                    "{name} vs {}: honest clients rejected",
+                    def.describe()
+                );
+                assert!(
+                    out.verdicts[1..]
+                        .iter()
+                        .all(|v| !v.down_weighted && !v.clipped),
+                    "{name} vs {}: an honest client flagged",
+                    def.describe()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn robust_rules_hold_against_three_of_ten() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let d = 100;
+        let clean = honest(&mut rng, d);
+        let honest_mean = combine(&RobustConfig::default(), &inputs(&clean[3..], &[1; 7]))
+            .unwrap()
+            .delta;
+        let hn = norm(&honest_mean);
+        let mut vs = clean.clone();
+        for v in vs.iter_mut().take(3) {
+            *v = vec![1e6; d];
+        }
+        for def in [
+            cfg(Rule::Median, Clip::None),
+            RobustConfig {
+                trim: 0.3,
+                ..cfg(Rule::TrimmedMean, Clip::None)
+            },
+            RobustConfig {
+                attackers: 0.3,
+                ..cfg(Rule::MultiKrum, Clip::None)
+            },
+        ] {
+            let out = combine(&def, &inputs(&vs, &[1; 10])).unwrap();
+            let err = distance(&out.delta, &honest_mean) / hn;
+            assert!(err < 0.2, "{}: relative error {err:.4}", def.describe());
+        }
+        // The median flags all three colluders (they share one side of every coordinate).
+        let med = combine(&cfg(Rule::Median, Clip::None), &inputs(&vs, &[1; 10])).unwrap();
+        let flagged: Vec<bool> = med.verdicts.iter().map(|v| v.down_weighted).collect();
+        assert_eq!(
+            flagged,
+            [
+                true, true, true, false, false, false, false, false, false, false
+            ]
+        );
+        // A trim smaller than the attackers' share is not enough, as documented.
+        let weak = combine(
+            &RobustConfig {
+                trim: 0.1,
+                ..cfg(Rule::TrimmedMean, Clip::None)
+            },
+            &inputs(&vs, &[1; 10]),
+        )
+        .unwrap();
+        assert!(distance(&weak.delta, &honest_mean) / hn > 10.0);
+    }
+
+    #[test]
+    fn sparse_deltas_and_any_length() {
+        // Top-k deltas: zeros where nothing was sent; a coordinate nobody sent stays zero.
+        let vs = vec![
+            vec![0.0, 0.5, 0.0, 0.0],
+            vec![0.0, 0.4, 0.1, 0.0],
+            vec![0.0, 0.0, 0.2, 0.0],
+        ];
+        for rule in [Rule::Mean, Rule::Median, Rule::TrimmedMean, Rule::MultiKrum] {
+            let out = combine(
+                &RobustConfig::norm_bound().clone_with(rule),
+                &inputs(&vs, &[1, 1, 1]),
+            )
+            .unwrap();
+            assert_eq!(out.delta.len(), 4);
+            assert_eq!((out.delta[0], out.delta[3]), (0.0, 0.0), "{rule:?}");
+        }
+        assert_eq!(
+            combine(&cfg(Rule::Median, Clip::None), &inputs(&vs, &[1, 1, 1]))
+                .unwrap()
+                .delta,
+            vec![0.0, 0.4, 0.1, 0.0]
+        );
+        // Lengths differ between rounds, never within one.
+        assert!(
+            combine(
+                &RobustConfig::default(),
+                &inputs(&[vec![1.0], vec![1.0, 2.0]], &[1, 1])
+            )
+            .is_err()
+        );
+        assert!(combine(&RobustConfig::default(), &[]).is_err());
+        let one = combine(
+            &cfg(Rule::MultiKrum, Clip::Median),
+            &inputs(&[vec![2.0; 7]], &[3]),
+        )
+        .unwrap();
+        assert_eq!(one.delta, vec![2.0; 7]);
+    }
+
+    impl RobustConfig {
+        fn clone_with(&self, rule: Rule) -> RobustConfig {
+            RobustConfig {
+                rule,
+                ..self.clone()
+            }
+        }
+    }
+
+    #[test]
+    fn suspicion_accumulates_over_rounds() {
+        let vs = vec![
+            vec![3.0, 4.0],
+            vec![0.0, 1.0],
+            vec![0.0, 2.0],
+            vec![600.0, 800.0],
+        ];
+        let out = combine(
+            &RobustConfig {
+                clip_multiple: 2.0,
+                ..cfg(Rule::Mean, Clip::Median)
+            },
+            &inputs(&vs, &[1; 4]),
+        )
+        .unwrap();
+        let mut s = Suspicion::default();
+        s.record(&out.verdicts[3]);
+        s.record(&out.verdicts[0]);
+        assert_eq!(
+            (s.judged, s.clipped, s.down_weighted, s.rejected),
+            (2, 1, 0, 0)
+        );
+        assert!(
+            (s.max_norm_ratio - 1000.0 / 3.5).abs() < 1e-9
+                && (s.last_norm_ratio - 5.0 / 3.5).abs() < 1e-9
+        );
+        let m = round_metrics(&out);
+        assert_eq!(m[0], ("robust.median_norm".to_string(), 3.5));
+        assert_eq!(m[1], ("robust.clipped".to_string(), 1.0));
+    }
+
+    #[test]
+    fn bad_settings_are_errors() {
+        assert!(
+            RobustConfig {
+                trim: 0.5,
+                ..RobustConfig::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            RobustConfig {
+                attackers: -0.1,
+                ..RobustConfig::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            RobustConfig {
+                clip: Clip::Fixed,
+                ..RobustConfig::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            RobustConfig {
+                clip_multiple: 0.0,
+                ..RobustConfig::norm_bound()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(RobustConfig::norm_bound().validate().is_ok());
+        assert_eq!(
+            RobustConfig::norm_bound().describe(),
+            "norm bound 3× median + mean"
+        );
+    }
+
+    fn contribution(client: u64, kind: UploadKind, values: Vec<f32>) -> Contribution {
+        Contribution {
+            client,
+            samples: 10,
+            kind,
+            values,
+            metrics: ClientMetrics::default(),
+            encoding: Default::default(),
+        }
+    }
+
+    #[test]
+    fn apply_works_on_weights_relative_to_the_global_model() {
+        let global = vec![1.0f32, -1.0, 0.5];
+        // Weights uploads: deltas (0.1, 0, 0), (0, 0.1, 0) and the attacker's huge one.
+        let results = vec![
+            contribution(1, UploadKind::Weights, vec![1.1, -1.0, 0.5]),
+            contribution(2, UploadKind::Weights, vec![1.0, -0.9, 0.5]),
+            contribution(3, UploadKind::Weights, vec![1e6, 1e6, 1e6]),
+        ];
+        // No defence: untouched results come back bit for bit.
+        let (plain, report) = apply(&RobustConfig::default(), &global, results.clone()).unwrap();
+        assert_eq!(plain, results);
+        assert!(report.verdicts[2].norm_ratio > 1e5);
+        // The norm bound (3 × median 0.1): the attacker's weights end 0.3 from the global model.
+        let (bounded, report) =
+            apply(&RobustConfig::norm_bound(), &global, results.clone()).unwrap();
+        assert_eq!(&bounded[..2], &results[..2]);
+        let moved: Vec<f32> = bounded[2]
+            .values
+            .iter()
+            .zip(&global)
+            .map(|(w, g)| w - g)
+            .collect();
+        assert!((norm(&moved) - 0.3).abs() < 1e-4, "{moved:?}");
+        assert!(report.verdicts[2].clipped);
+        // Median: every result carries global + the median delta.
+        let (med, _) = apply(&cfg(Rule::Median, Clip::None), &global, results.clone()).unwrap();
+        assert_eq!(med.len(), 3);
+        for c in &med {
+            assert!(close(&c.values, &[1.1, -0.9, 0.5], 1e-6), "{:?}", c.values);
+        }
+        // Multi-Krum (f lowered to 0 for three results) keeps all; with five it drops the attacker.
+        let mut five = results.clone();
+        five.insert(
+            0,
+            contribution(4, UploadKind::Weights, vec![1.05, -0.95, 0.5]),
+        );
+        five.insert(
+            0,
+            contribution(5, UploadKind::Weights, vec![1.05, -1.0, 0.55]),
+        );
+        let (krum, report) = apply(&cfg(Rule::MultiKrum, Clip::None), &global, five).unwrap();
+        assert_eq!(
+            krum.iter().map(|c| c.client).collect::<Vec<_>>(),
+            vec![5, 4, 1, 2]
+        );
+        assert!(report.verdicts[4].rejected);
+        // Deltas are used as they are.
+        let deltas = vec![
+            contribution(1, UploadKind::Delta, vec![0.0, 3.0, 0.0]),
+            contribution(2, UploadKind::Delta, vec![0.0, 1.0, 0.0]),
+        ];
+        let (d, _) = apply(
+            &RobustConfig {
+                max_norm: 2.0,
+                ..cfg(Rule::Mean, Clip::Fixed)
+            },
+            &global,
+            deltas,
+        )
+        .unwrap();
+        assert_eq!(d[0].values, vec![0.0, 2.0, 0.0]);
+        assert!(apply(&RobustConfig::default(), &global[..2], results).is_err());
+    }
+}

@@ -1,0 +1,121 @@
+//! The pluggable part of local training, as a typed part of every task ([`Step`]).
+//!
+//! The loop in [`crate::train`] is the same for every method: batches, forward, loss, backward,
+//! optimizer step, progress. Two things vary and are chosen here:
+//! - **what is learned** ([`Learn`]) and how the forward pass gets its weights from it (a
+//!   [`Reparam`], in the spirit of burn's `Reparameterization`): the weights themselves; the
+//!   weights under a mask (pruned entries held at exactly zero after every step). A method that
+//!   learns scores over frozen weights adds a variant and a `Reparam`;
+//! - **where the loss comes from** ([`LossSource`]): the client's own labels, or the server, which
+//!   receives the output of the layers the client runs and answers with the gradient (the echo
+//!   strategy with the whole model; split learning with a front).
+
+mod loss;
+mod scores;
+mod weights;
+
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+pub(crate) use loss::{BatchLoss, LossValue, batch_loss, cross_entropy};
+
+use crate::model::Net;
+use crate::model::arch::Arch;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    pub learn: Learn,
+    pub loss: LossSource,
+}
+
+impl Step {
+    /// Layers the client runs: all of them, or the front up to a remote loss's cut.
+    pub fn layers(&self, arch: &Arch) -> Result<std::ops::Range<usize>, String> {
+        match self.loss {
+            LossSource::Local => Ok(0..arch.layers.len()),
+            LossSource::Remote { keep, .. } if !(keep > 0.0 && keep <= 1.0) => Err(format!(
+                "activation dropout keeps {keep}: must be in (0, 1]"
+            )),
+            LossSource::Remote { cut, .. } if (1..=arch.layers.len()).contains(&(cut as usize)) => {
+                Ok(0..cut as usize)
+            }
+            LossSource::Remote { cut, .. } => Err(format!(
+                "cut {cut} outside the model's {} layers",
+                arch.layers.len()
+            )),
+        }
+    }
+}
+
+/// What the optimizer updates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Learn {
+    /// The weights themselves; with the task's mask, pruned entries stay exactly zero.
+    #[default]
+    Weights,
+    /// Real-valued scores over the frozen weights of a supermask model: the forward pass uses
+    /// |θ₀| ⊙ M ⊙ sign(s) (sign supermask) or θ₀ ⊙ M ⊙ [s > 0] (binary supermask), and the
+    /// backward pass goes straight through the sign or threshold to the scores. With
+    /// `personal`, a client's scores keep their magnitudes from task to task (their signs
+    /// restart from the task's bits); without, every task starts from |θ₀|.
+    Scores { personal: bool },
+}
+
+/// What a supermask's bit means for its weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SupermaskKind {
+    /// HideNseek: weight = |θ₀| × (bit ? +1 : −1).
+    Sign,
+    /// Binary supermask (FedPM's family): weight = θ₀ × bit.
+    Keep,
+}
+
+/// The frozen side of a supermask task: what the scores act on.
+#[derive(Clone, Copy, Debug)]
+pub struct Frozen<'a> {
+    pub kind: SupermaskKind,
+    pub theta0: &'a [f32],
+}
+
+/// Where each batch's loss comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub enum LossSource {
+    /// Cross-entropy on the client's own labels.
+    #[default]
+    Local,
+    /// The client runs layers `..cut` and sends their output with the labels; the server
+    /// answers with the loss and its gradient at the cut, which the client back-propagates.
+    /// One request per batch, awaited within the task (`cut` = every layer: the server
+    /// computes only the loss). With `keep` < 1 the client sends a random fraction `keep` of
+    /// its output values (activation dropout, see [`crate::codec::exchange`]).
+    Remote { cut: u32, keep: f32 },
+}
+
+/// How the forward pass gets its weights from the learned tensors, and what happens to the
+/// learned tensors after each optimizer step.
+pub trait Reparam {
+    /// The weights the forward pass uses, differentiable in the learned tensors.
+    fn weights(&self, learned: &Net) -> Vec<Tensor<1>>;
+    /// Called after every optimizer step (a mask is re-applied here).
+    fn after_step(&self, learned: Net) -> Net {
+        learned
+    }
+}
+
+/// The reparameterisation for `learn` on this task's mask (and frozen weights, for scores).
+pub(crate) fn reparam(
+    learn: Learn,
+    arch: &Arch,
+    mask: Option<&[bool]>,
+    frozen: Option<Frozen>,
+    device: &Device,
+) -> Result<Box<dyn Reparam>, String> {
+    Ok(match (learn, mask, frozen) {
+        (Learn::Weights, None, _) => Box::new(weights::Plain),
+        (Learn::Weights, Some(m), _) => Box::new(weights::Masked::new(arch, m, device)),
+        (Learn::Scores { .. }, _, Some(f)) => Box::new(scores::Scores::new(arch, f, mask, device)),
+        (Learn::Scores { .. }, _, None) => {
+            return Err("learning scores needs a supermask model (frozen weights)".into());
+        }
+    })
+}

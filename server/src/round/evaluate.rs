@@ -1,0 +1,34 @@
+//! The server's own evaluation of global models: on the test set after every round, and on
+//! its validation split when a strategy tunes on data. burn's CPU backend, off the async runtime.
+
+use std::sync::Arc;
+
+use burn::tensor::Device;
+use canopy_core::data::Dataset;
+use canopy_core::model::state::ModelState;
+use canopy_core::train::{Eval, evaluate};
+
+/// Loss and accuracy of `model` on `data`, on a blocking thread.
+pub async fn on(model: &ModelState, data: &Arc<Dataset>) -> Result<Eval, String> {
+    let (arch, params, data) = (model.arch.clone(), model.masked_params(), data.clone());
+    tokio::task::spawn_blocking(move || {
+        pollster::block_on(evaluate(&arch, &params, &data, &Device::flex()))
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r)
+}
+
+/// A synchronous evaluator for strategies (called from within their aggregation, which already
+/// runs off the async runtime).
+pub fn validator(data: Arc<Dataset>) -> impl Fn(&ModelState) -> Eval {
+    move |m: &ModelState| {
+        pollster::block_on(evaluate(
+            &m.arch,
+            &m.masked_params(),
+            &data,
+            &Device::flex(),
+        ))
+        .unwrap_or_default()
+    }
+}

@@ -1,0 +1,23 @@
+//! What WebSocket sessions pass to the round loop.
+
+use std::time::Instant;
+
+use canopy_core::protocol::TaskResult;
+
+pub enum Incoming {
+    /// `at`: when its session read it (the round loop measures how long a result waits).
+    Result {
+        client: u64,
+        result: TaskResult,
+        at: Instant,
+    },
+    /// The client reported that it could not do its task.
+    Failed {
+        client: u64,
+        round: Option<u32>,
+        message: String,
+    },
+    Gone {
+        client: u64,
+    },
+}
