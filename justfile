@@ -11,12 +11,17 @@ demo *ARGS: setup
     cargo build -p canopy-server --bin canopy
     "$CARGO_TARGET_DIR/debug/canopy" serve --config configs/demo.toml {{ARGS}}
 
-# Run every test: unit, native federation, and headless-browser tests.
-test: setup
+# Run every test: formatting and lints, unit, native federation, and headless-browser tests.
+test: setup lint
     bash scripts/build-wasm.sh
     cargo build -p canopy-server --bin canopy
     cargo test -p canopy-core -p canopy-server
     node --test --test-concurrency=1 tests/browser/
+
+# rustfmt (rustfmt.toml) and clippy with every warning an error, on the native crates.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy -p canopy-core -p canopy-server --all-targets -- -D warnings
 
 # Install what the project needs (idempotent): wasm target, wasm-bindgen-cli, Chromium, npm packages, datasets.
 setup:

@@ -11,6 +11,14 @@ if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
   rustup target add wasm32-unknown-unknown
 fi
 
+# `just lint` (run by `just test`): rustfmt and clippy on the stable toolchain.
+for component in rustfmt clippy; do
+  if ! rustup component list --installed | grep -q "^$component"; then
+    echo "==> adding the $component component"
+    rustup component add "$component"
+  fi
+done
+
 # The threaded bundle (web/pkg-mt, scripts/build-wasm.sh) needs nightly Rust and its std sources:
 # wasm threads rebuild std with atomics (`-Z build-std`). Built and measured with rustc
 # 1.97.0-nightly (e50aa6fba 2026-05-19), pinned as nightly-2026-05-20; CANOPY_NIGHTLY picks another.
