@@ -96,6 +96,13 @@ pub async fn start(config: Config) -> Result<Running, String> {
         Arch::preset(&config.model, train.shape, train.classes).map_err(|e| e.to_string())?;
     let mut strategy = config.strategy.build()?;
     strategy.check_model(&arch)?;
+    if strategy.needs_validation() && validation.is_empty() {
+        return Err(format!(
+            "strategy '{}' as configured decides on the server's validation split, which is empty: \
+             set data.validation above 0 (it is {})",
+            config.strategy.name, config.data.validation
+        ));
+    }
     let mut global = ModelState::init(arch, seed);
     let run_name = config.run.name.clone().unwrap_or_else(timestamp);
     let run_dir = config.run.out_dir.join(&run_name);
@@ -143,6 +150,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
         shards,
         done_rounds,
         config.run.hold,
+        std::time::Duration::from_millis(config.scale.edge_timeout_ms),
     )));
     let desk = Arc::new(Desk::default());
     let global = Arc::new(Mutex::new(global));

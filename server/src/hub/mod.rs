@@ -139,6 +139,8 @@ pub struct Hub {
     /// On a root: its edges, by name, and which edge each reported client is on.
     edges: BTreeMap<String, EdgeRow>,
     edge_of: BTreeMap<u64, String>,
+    /// On a root: how long an edge stays live without reporting (`[scale] edge_timeout_ms`).
+    edge_timeout: std::time::Duration,
 }
 
 /// An edge of a run spread over servers, as its root sees it.
@@ -166,13 +168,22 @@ pub struct PartialRow {
     pub sum_bytes: u64,
     pub in_store: bool,
     pub edge_seconds: f64,
-    /// `merged`, or why it was ignored (`duplicate`, `stale`, `late`, `wrong round`, `bad`).
+    /// `merged`, or why it was ignored: `late` (the previous round's), `stale` (cut from another
+    /// model or shape), `duplicate` (this edge's round is merged already), `bad` (its sums could
+    /// not be fetched or merged). Older partials are skipped and later ones kept, with no row.
     pub outcome: String,
 }
 
 impl Hub {
-    /// A hub for a run; `done` are the rounds a resumed run already finished.
-    pub fn new(info: RunInfo, shards: Vec<Shard>, done: Vec<RoundRecord>, hold: bool) -> Hub {
+    /// A hub for a run; `done` are the rounds a resumed run already finished; `edge_timeout` is
+    /// how long an edge counts as live after its last report (on a root).
+    pub fn new(
+        info: RunInfo,
+        shards: Vec<Shard>,
+        done: Vec<RoundRecord>,
+        hold: bool,
+        edge_timeout: std::time::Duration,
+    ) -> Hub {
         Hub {
             info,
             shards,
@@ -193,7 +204,13 @@ impl Hub {
             refuse_joins: None,
             edges: BTreeMap::new(),
             edge_of: BTreeMap::new(),
+            edge_timeout,
         }
+    }
+
+    /// How long an edge counts as live after its last report.
+    pub fn edge_timeout(&self) -> std::time::Duration {
+        self.edge_timeout
     }
 
     // ---- clients ----
