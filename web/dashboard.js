@@ -181,7 +181,8 @@ function render(d) {
     const partials = e.partials.slice(-6).map((p) =>
       `<div class="small ${p.outcome === 'merged' ? '' : 'bad'}">round ${p.round}: ${p.results} results, ${p.samples.toFixed(0)} samples, ` +
       `${fmtBytes(p.sum_bytes)}${p.in_store ? ' (OS)' : ''}, ${p.edge_seconds.toFixed(2)} s, ${esc(p.outcome)}</div>`).join('');
-    const heard = e.seen_ms_ago < 3000 ? `${(e.seen_ms_ago / 1000).toFixed(1)} s ago` : `<span class="bad">${(e.seen_ms_ago / 1000).toFixed(0)} s ago</span>`;
+    // Late past the root's edge timeout ([scale] edge_timeout_ms), when it stops counting the edge.
+    const heard = e.seen_ms_ago < d.edge_timeout_ms ? `${(e.seen_ms_ago / 1000).toFixed(1)} s ago` : `<span class="bad">${(e.seen_ms_ago / 1000).toFixed(0)} s ago</span>`;
     return `<tr><td><b>${esc(e.name)}</b></td><td><a href="${esc(e.url)}">${esc(e.url)}</a></td><td>${e.connected}</td><td>${e.idle}</td><td>${heard}</td><td>${partials || '<span class="sub">none yet</span>'}</td></tr>`;
   }).join('');
 

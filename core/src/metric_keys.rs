@@ -1,5 +1,5 @@
-//! Names of the figures strategies report per round (`RoundOutcome::metrics`, a round record's
-//! `extra`). Rust code uses these constants; the dashboard reads the same names from
+//! Names of the figures reported per round (`RoundOutcome::metrics` from strategies, the round
+//! loop's own `server.*`, `robust.*` and `late_results`; a round record's `extra`). Rust code uses these constants; the dashboard reads the same names from
 //! `metric_keys` in `/api/metrics` rather than spelling them itself.
 
 use serde::Serialize;
@@ -26,6 +26,41 @@ pub const FLIP_TENSORS: &str = "flip_tensors";
 pub const BITS_CHANGED: &str = "bits_changed";
 /// Fraction of the kept entries a binary supermask has switched on.
 pub const MASK_ON: &str = "mask_on";
+
+/// AutoFLIP: the fraction pruned after exploration; the automatic choice of it (when asked), with
+/// the validation loss of the unpruned model and of the chosen pruned one.
+pub const Q: &str = "q";
+pub const Q_AUTO: &str = "q_auto";
+pub const Q_AUTO_DENSE_VAL_LOSS: &str = "q_auto_dense_val_loss";
+pub const Q_AUTO_VAL_LOSS: &str = "q_auto_val_loss";
+/// AutoFLIP: clients that explored, and their mean exploration epochs.
+pub const EXPLORE_CLIENTS: &str = "explore_clients";
+pub const EXPLORE_EPOCHS_MEAN: &str = "explore_epochs_mean";
+/// AutoFLIP: 1 in a round that re-pruned the mask.
+pub const REPRUNED: &str = "repruned";
+
+/// Structured pruning: validation accuracy of the round's trained model and of the model after
+/// surgery (present only with a validation split).
+pub const VAL_ACC_TRAINED: &str = "val_acc_trained";
+pub const VAL_ACC_AFTER_SURGERY: &str = "val_acc_after_surgery";
+/// Structured pruning: 1 while pruning is active; the next round's model size and cost.
+pub const PRUNING_ACTIVE: &str = "pruning_active";
+pub const PARAMS_NEXT: &str = "params_next";
+pub const FLOPS_NEXT: &str = "flops_next";
+
+/// FedAvgM: the norm of the server's velocity after the round.
+pub const SERVER_VELOCITY_NORM: &str = "server_velocity_norm";
+
+/// Results from the previous round folded into this one (`run.late_results = "next_round"`).
+pub const LATE_RESULTS: &str = "late_results";
+
+/// The robust layer per round (written by the round loop for every strategy): the median update
+/// norm, how many updates were clipped, down-weighted and rejected, and the largest norm ratio.
+pub const ROBUST_MEDIAN_NORM: &str = "robust.median_norm";
+pub const ROBUST_CLIPPED: &str = "robust.clipped";
+pub const ROBUST_DOWN_WEIGHTED: &str = "robust.down_weighted";
+pub const ROBUST_REJECTED: &str = "robust.rejected";
+pub const ROBUST_MAX_NORM_RATIO: &str = "robust.max_norm_ratio";
 
 /// The server's own work per round (written by the round loop, not a strategy): 1 when the
 /// round was aggregated from running sums as results arrived, 0 when results were buffered.

@@ -1,10 +1,12 @@
 //! Property test: random frames and mutations of real client frames go through the server's
-//! path (decode → accept → robust aggregation) without a panic. Seeded, so a failure repeats;
+//! path (decode → accept → robust aggregation; exchange payloads → request and reply decoding)
+//! without a panic, and reach deep enough into it for that to mean something. Seeded, so a failure repeats;
 //! `cargo fuzz` (see `fuzz/`) explores the same function without end.
 
 use std::time::Instant;
 
 use canopy_core::fuzzing::{Tally, feed, seed_frames, targets};
+use canopy_core::protocol::PROTOCOL_VERSION;
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 const MUTATED: usize = 100_000;
@@ -91,14 +93,16 @@ fn mutate(rng: &mut StdRng, seeds: &[Vec<u8>]) -> Vec<u8> {
     f
 }
 
-fn random_frame(rng: &mut StdRng) -> Vec<u8> {
+/// Random bytes; about half of them behind a valid header, so they reach postcard. Returns the
+/// frame and whether it got the header.
+fn random_frame(rng: &mut StdRng) -> (Vec<u8>, bool) {
     let n = rng.random_range(0..200);
     let mut f: Vec<u8> = (0..n).map(|_| rng.random()).collect();
-    // Half of them get a valid header, so they reach postcard.
-    if rng.random_bool(0.5) && f.len() >= 3 {
-        f[..3].copy_from_slice(b"CN\x01");
+    let headed = rng.random_bool(0.5) && f.len() >= 3;
+    if headed {
+        f[..3].copy_from_slice(&[b'C', b'N', PROTOCOL_VERSION]);
     }
-    f
+    (f, headed)
 }
 
 #[test]
@@ -123,28 +127,44 @@ fn random_and_mutated_frames_never_panic() {
             .all(|t| t.accepted >= 1 && t.aggregated >= 1),
         "{honest:?}"
     );
+    assert!(honest.iter().any(|t| t.votes >= 1), "{honest:?}");
+    assert!(
+        honest.iter().filter(|t| t.requests == 1).count() >= 2,
+        "{honest:?}"
+    );
+    assert!(
+        honest.iter().filter(|t| t.replies == 1).count() >= 4,
+        "{honest:?}"
+    );
     let mut rng = StdRng::seed_from_u64(0xf422);
-    let mut total = Tally::default();
-    for i in 0..MUTATED + RANDOM {
-        let frame = if i < MUTATED {
-            mutate(&mut rng, &seeds)
-        } else {
-            random_frame(&mut rng)
-        };
-        let t = feed(&frame, &targets);
-        total.decoded += t.decoded;
-        total.results += t.results;
-        total.accepted += t.accepted;
-        total.aggregated += t.aggregated;
+    let mut mutated = Tally::default();
+    for _ in 0..MUTATED {
+        mutated.add(&feed(&mutate(&mut rng, &seeds), &targets));
+    }
+    let (mut random, mut headed) = (Tally::default(), 0);
+    for _ in 0..RANDOM {
+        let (frame, h) = random_frame(&mut rng);
+        headed += h as usize;
+        random.add(&feed(&frame, &targets));
     }
     eprintln!(
-        "{} frames in {:.2} s: {total:?}",
+        "{} frames in {:.2} s: mutated {mutated:?}, random {random:?} ({headed} with a header)",
         MUTATED + RANDOM,
         t0.elapsed().as_secs_f64()
     );
-    // The mutations reach deep: many still decode, and some mutated results are accepted.
+    // Every random frame with a valid header gets past it to postcard.
     assert!(
-        total.decoded > 5_000 && total.results > 3_000 && total.accepted > 1_000,
-        "{total:?}"
+        headed > RANDOM / 3 && random.framed >= headed,
+        "{random:?}, {headed}"
+    );
+    // The mutations reach deep: many still decode, some mutated results are accepted (supermask
+    // votes among them) and some mutated exchange payloads still decode on either side.
+    assert!(
+        mutated.decoded > 5_000 && mutated.results > 3_000 && mutated.accepted > 1_000,
+        "{mutated:?}"
+    );
+    assert!(
+        mutated.votes > 100 && mutated.requests > 100 && mutated.replies > 100,
+        "{mutated:?}"
     );
 }

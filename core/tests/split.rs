@@ -110,7 +110,7 @@ fn one_round(
     };
     let c = s.complete(c, global).unwrap();
     let mut g = global.clone();
-    let validate = |_: &ModelState| Eval::default();
+    let validate = |_: &ModelState| Ok(Eval::default());
     s.aggregate(
         1,
         &mut g,
@@ -481,7 +481,7 @@ fn between_front_averagings_each_client_keeps_its_own_front() {
             };
             results.push(s.complete(c, &global).unwrap());
         }
-        let validate = |_: &ModelState| Eval::default();
+        let validate = |_: &ModelState| Ok(Eval::default());
         s.aggregate(
             round,
             &mut global,

@@ -374,10 +374,26 @@ fn sign_scores_learn_through_the_straight_through_estimator() {
         scores.len()
     );
     assert!(flipped > 0, "no sign flipped");
-    // Magnitudes never change: the model is |θ₀| with the learned signs, and it learned.
+    // Magnitudes never change: the model is |θ₀| with the learned scores' signs (so exactly the
+    // flipped scores flip a weight), and it learned.
     let bits = canopy_core::codec::supermask::bits_of_scores(&t.params, None);
     let w = canopy_core::codec::supermask::effective(SupermaskKind::Sign, &theta0, None, &bits);
-    assert!(w.iter().zip(&theta0).all(|(a, b)| a.abs() == b.abs()));
+    assert!(
+        w.iter()
+            .zip(&theta0)
+            .zip(&t.params)
+            .all(|((w, t0), s)| *w == if *s > 0.0 { t0.abs() } else { -t0.abs() }),
+        "the model is |θ₀| signed by the scores"
+    );
+    let flipped_weights = w
+        .iter()
+        .zip(&theta0)
+        .filter(|(w, t0)| (**w > 0.0) != (**t0 > 0.0))
+        .count();
+    assert_eq!(
+        flipped_weights, flipped,
+        "one weight flipped per flipped score"
+    );
     let before = pollster::block_on(evaluate(&arch, &theta0, &test, &Device::flex())).unwrap();
     let after = pollster::block_on(evaluate(&arch, &w, &test, &Device::flex())).unwrap();
     assert!(

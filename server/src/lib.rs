@@ -68,6 +68,13 @@ pub async fn start(config: Config) -> Result<Running, String> {
     let seed = config.run.seed;
     let data = load_data(&config)?;
     let (mut strategy, mut global) = build_model(&config, &data.train)?;
+    if strategy.needs_validation() && data.validation.is_empty() {
+        return Err(format!(
+            "strategy '{}' as configured decides on the server's validation split, which is empty: \
+             set data.validation above 0 (it is {})",
+            config.strategy.name, config.data.validation
+        ));
+    }
     let run_name = config.run.name.clone().unwrap_or_else(timestamp);
     let run_dir = config.run.out_dir.join(&run_name);
     let Resumed { first_round, done } = resume(&config, &run_dir, strategy.as_mut(), &mut global)?;
@@ -84,6 +91,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
         shards,
         done,
         config.run.hold,
+        std::time::Duration::from_millis(config.scale.edge_timeout_ms),
     )));
     let desk = Arc::new(Desk::default());
     let global = Arc::new(Mutex::new(global));

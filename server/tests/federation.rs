@@ -139,6 +139,25 @@ fn autoflip(name: &str, q: f64, rounds: u32) -> Config {
 }
 
 #[test]
+fn automatic_q_without_a_validation_split_stops_the_server_at_start() {
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = autoflip("autoflip-auto-q-no-validation", 0.3, 2);
+        c.strategy.set("autoflip", "auto_q", true);
+        c.data.validation = 0.0;
+        let e = canopy_server::start(c.clone())
+            .await
+            .err()
+            .expect("an empty validation split is refused");
+        assert!(e.contains("data.validation"), "{e}");
+        // With a split, the same run starts.
+        c.data.validation = 0.05;
+        c.run.rounds = 1;
+        assert!(canopy_server::start(c).await.is_ok());
+    });
+}
+
+#[test]
 fn autoflip_prunes_half_and_keeps_learning() {
     let rt = runtime();
     rt.block_on(async {

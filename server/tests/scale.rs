@@ -342,7 +342,7 @@ fn edges_aggregate_as_one_server(strategy: &str) {
         let book = book.lock().unwrap();
         assert!(book.mixed.is_empty(), "rounds whose tasks carried different models: {:?}", book.mixed);
         let final_model = app.global.lock().unwrap().clone();
-        let validate = |_: &ModelState| Eval::default();
+        let validate = |_: &ModelState| Ok(Eval::default());
         let ctx = RoundContext { rounds: 3, validate: &validate };
         // The same strategy on one server, fed the same sums in the same order (FedAvgM's
         // velocity carries over between rounds).

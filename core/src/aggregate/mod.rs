@@ -61,50 +61,9 @@ pub fn momentum_step(
     }
 }
 
-/// Sample-weighted majority vote per entry: `votes` hold +1 / −1 (0: no vote, a pruned entry).
-/// Returns `true` where the weighted sum is positive, `false` where negative, and `previous`
-/// where it ties.
-pub fn weighted_vote(votes: &[(&[f32], u64)], previous: &[bool]) -> Vec<bool> {
-    let mut sum = vec![0f64; previous.len()];
-    for (v, w) in votes {
-        assert_eq!(v.len(), previous.len(), "vote length mismatch");
-        for (s, x) in sum.iter_mut().zip(v.iter()) {
-            *s += *w as f64 * *x as f64;
-        }
-    }
-    sum.iter()
-        .zip(previous)
-        .map(|(s, p)| {
-            if *s > 0.0 {
-                true
-            } else if *s < 0.0 {
-                false
-            } else {
-                *p
-            }
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn votes_are_weighted_by_samples_and_ties_keep_the_previous_bit() {
-        let a = [1.0, 1.0, -1.0, 0.0];
-        let b = [-1.0, -1.0, -1.0, 0.0];
-        // Weights 3 and 1: a wins entries 0 and 1; both say − at 2; nobody votes at 3.
-        assert_eq!(
-            weighted_vote(&[(&a, 3), (&b, 1)], &[false, false, true, true]),
-            vec![true, true, false, true]
-        );
-        // Equal weights: 0 and 1 tie and keep what they were.
-        assert_eq!(
-            weighted_vote(&[(&a, 2), (&b, 2)], &[false, true, true, false]),
-            vec![false, true, false, false]
-        );
-    }
 
     #[test]
     fn weighted_mean_matches_hand_computation() {

@@ -53,6 +53,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregate::Contribution;
 use crate::codec::update::UploadKind;
+use crate::metric_keys as keys;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -226,12 +227,15 @@ impl Suspicion {
 pub fn round_metrics(c: &Combined) -> Vec<(String, f64)> {
     let count = |f: fn(&Verdict) -> bool| c.verdicts.iter().filter(|v| f(v)).count() as f64;
     vec![
-        ("robust.median_norm".into(), c.median_norm),
-        ("robust.clipped".into(), count(|v| v.clipped)),
-        ("robust.down_weighted".into(), count(|v| v.down_weighted)),
-        ("robust.rejected".into(), count(|v| v.rejected)),
+        (keys::ROBUST_MEDIAN_NORM.into(), c.median_norm),
+        (keys::ROBUST_CLIPPED.into(), count(|v| v.clipped)),
         (
-            "robust.max_norm_ratio".into(),
+            keys::ROBUST_DOWN_WEIGHTED.into(),
+            count(|v| v.down_weighted),
+        ),
+        (keys::ROBUST_REJECTED.into(), count(|v| v.rejected)),
+        (
+            keys::ROBUST_MAX_NORM_RATIO.into(),
             c.verdicts.iter().map(|v| v.norm_ratio).fold(0.0, f64::max),
         ),
     ]

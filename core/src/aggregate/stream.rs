@@ -248,11 +248,6 @@ impl StreamRound {
         self.summaries.len()
     }
 
-    /// The round's sums so far (what an edge sends upstream).
-    pub fn sum(&self) -> &RunningSum {
-        &self.sum
-    }
-
     pub fn finish(mut self) -> Streamed {
         self.summaries.sort_by_key(|c| c.client);
         let combined = robust::finish_streamed(self.judged);
@@ -332,7 +327,7 @@ mod tests {
         );
         assert!(streamed.fold().is_some(), "{name} streams");
         let (mut gb, mut gs) = (start.clone(), start.clone());
-        let validate = |_: &ModelState| Eval::default();
+        let validate = |_: &ModelState| Ok(Eval::default());
         let ctx = RoundContext {
             rounds: 10,
             validate: &validate,

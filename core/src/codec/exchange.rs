@@ -166,6 +166,13 @@ pub fn decode_request(bytes: &[u8], classes: usize) -> Result<Batch, String> {
                     mask.iter().filter(|k| **k).count()
                 ));
             }
+            // A finite value can overflow once rescaled by 1/κ; the loss would then be NaN.
+            if full.iter().any(|v| v.is_infinite()) {
+                return Err(format!(
+                    "request values overflow when rescaled by 1/{} (dropout)",
+                    d.keep
+                ));
+            }
             (full, Some((mask, d.keep)))
         }
     };
@@ -400,6 +407,20 @@ mod tests {
         let row0 = ((1f64.exp() + 2f64.exp() + 0.5f64.exp()).ln() - 0.5) as f32;
         let row1 = ((-1f64).exp() + 1.0 + 3f64.exp()).ln() as f32 + 1.0;
         assert!((loss - (row0 + row1) / 2.0).abs() < 1e-5, "{loss}");
+    }
+
+    #[test]
+    fn a_value_that_overflows_once_rescaled_is_refused() {
+        // Finite as sent; 2 × f32::MAX is infinite after rescaling by 1/κ = 2, and the loss NaN.
+        let d = Dropout { seed: 1, keep: 0.5 };
+        let values = [f32::MAX; 8];
+        let (bytes, kept) = encode_request(&values, 2, 4, &[0, 1], Some(d));
+        assert!(kept.unwrap().iter().any(|k| *k));
+        let e = decode_request(&bytes, 4).unwrap_err();
+        assert!(e.contains("overflow"), "{e}");
+        // Without dropout nothing is rescaled: the same values decode.
+        let (bytes, _) = encode_request(&values, 2, 4, &[0, 1], None);
+        assert!(decode_request(&bytes, 4).is_ok());
     }
 
     #[test]

@@ -19,9 +19,7 @@ pub mod sparse;
 pub mod supermask;
 pub mod update;
 
-pub use model::{
-    MaskCache, Model, Supermask, decode_model, encode_model, encode_supermask, for_client,
-};
+pub use model::{MaskCache, Model, Supermask, decode_model, encode_model, encode_supermask};
 pub use sparse::payload_bytes;
 pub use update::{decode_update, encode_update};
 

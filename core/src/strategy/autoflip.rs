@@ -136,8 +136,8 @@ impl AutoFlip {
         };
         let mut outcome = RoundOutcome::default();
         let q = if a.auto_q {
-            let q = choose_q(global, &start, &g, a.q_tolerance, ctx, &mut outcome);
-            outcome.metrics.insert("q_auto".into(), q);
+            let q = choose_q(global, &start, &g, a.q_tolerance, ctx, &mut outcome)?;
+            outcome.metrics.insert(keys::Q_AUTO.into(), q);
             q
         } else {
             a.q
@@ -149,11 +149,13 @@ impl AutoFlip {
         self.velocity = vec![0.0; n];
         let epochs: f64 =
             results.iter().map(|c| c.metrics.epochs as f64).sum::<f64>() / results.len() as f64;
-        outcome.metrics.insert("q".into(), q);
+        outcome.metrics.insert(keys::Q.into(), q);
         outcome
             .metrics
-            .insert("explore_clients".into(), results.len() as f64);
-        outcome.metrics.insert("explore_epochs_mean".into(), epochs);
+            .insert(keys::EXPLORE_CLIENTS.into(), results.len() as f64);
+        outcome
+            .metrics
+            .insert(keys::EXPLORE_EPOCHS_MEAN.into(), epochs);
         Ok(outcome)
     }
 
@@ -223,7 +225,7 @@ impl AutoFlip {
                         *v = 0.0;
                     }
                 }
-                outcome.metrics.insert("repruned".into(), 1.0);
+                outcome.metrics.insert(keys::REPRUNED.into(), 1.0);
             }
         }
         Ok(outcome)
@@ -242,6 +244,10 @@ pub fn build(
 }
 
 impl Strategy for AutoFlip {
+    fn needs_validation(&self) -> bool {
+        self.settings.auto_q
+    }
+
     fn phase(&self) -> Phase {
         if self.explored_in == 0 {
             Phase::Own("exploring")
@@ -391,7 +397,9 @@ fn splitmix64(mut x: u64) -> u64 {
 }
 
 /// The largest q on a 0.1 grid whose pruned model's validation loss stays within `tolerance`
-/// (relative) of the unpruned model's; 0 when even q = 0.1 costs too much.
+/// (relative) of the unpruned model's; 0 when even q = 0.1 costs too much. An error when the
+/// validation split cannot be evaluated: with no evidence every loss would read the same and the
+/// largest q would win.
 fn choose_q(
     global: &ModelState,
     start: &[f32],
@@ -399,27 +407,30 @@ fn choose_q(
     tolerance: f64,
     ctx: &RoundContext,
     outcome: &mut RoundOutcome,
-) -> f64 {
+) -> Result<f64, String> {
+    let validate = |m: &ModelState| {
+        (ctx.validate)(m).map_err(|e| format!("autoflip cannot choose q automatically: {e}"))
+    };
     let mut probe = ModelState {
         params: start.to_vec(),
         ..global.clone()
     };
-    let dense = (ctx.validate)(&probe).loss as f64;
+    let dense = validate(&probe)?.loss as f64;
     outcome
         .metrics
-        .insert("q_auto_dense_val_loss".into(), dense);
+        .insert(keys::Q_AUTO_DENSE_VAL_LOSS.into(), dense);
     for step in (1..=9).rev() {
         let q = step as f64 / 10.0;
         probe.params = start.to_vec();
         probe.mask = None;
         probe.set_mask(prune_lowest(g, q, None, 0));
-        let loss = (ctx.validate)(&probe).loss as f64;
+        let loss = validate(&probe)?.loss as f64;
         if loss <= dense * (1.0 + tolerance) {
-            outcome.metrics.insert("q_auto_val_loss".into(), loss);
-            return q;
+            outcome.metrics.insert(keys::Q_AUTO_VAL_LOSS.into(), loss);
+            return Ok(q);
         }
     }
-    0.0
+    Ok(0.0)
 }
 
 /// Sparsity overall and per weight tensor, and FLOPs with pruned weights skipped.
@@ -533,7 +544,7 @@ mod tests {
             q: 0.0,
             ..Default::default()
         };
-        let validate = |_: &ModelState| crate::train::Eval::default();
+        let validate = |_: &ModelState| Ok(crate::train::Eval::default());
         let (mut s, mut global, _) = explore_once(cfg, &validate);
         assert!(s.ema.is_empty(), "the exploration's Δ² does not seed it");
         let ctx = RoundContext {
@@ -560,8 +571,15 @@ mod tests {
 
     fn explore_once(
         cfg: AutoflipConfig,
-        validate: &dyn Fn(&ModelState) -> crate::train::Eval,
+        validate: &dyn Fn(&ModelState) -> Result<crate::train::Eval, String>,
     ) -> (AutoFlip, ModelState, RoundOutcome) {
+        try_explore_once(cfg, validate).unwrap()
+    }
+
+    fn try_explore_once(
+        cfg: AutoflipConfig,
+        validate: &dyn Fn(&ModelState) -> Result<crate::train::Eval, String>,
+    ) -> Result<(AutoFlip, ModelState, RoundOutcome), String> {
         let arch = Arch {
             input: [1, 2, 5],
             classes: 2,
@@ -591,8 +609,35 @@ mod tests {
             rounds: 5,
             validate,
         };
-        let out = s.aggregate(1, &mut global, &[c], &ctx).unwrap();
-        (s, global, out)
+        let out = s.aggregate(1, &mut global, &[c], &ctx)?;
+        Ok((s, global, out))
+    }
+
+    #[test]
+    fn automatic_q_refuses_to_choose_without_validation() {
+        let mut cfg = AutoflipConfig::default();
+        cfg.auto_q = true;
+        assert!(
+            AutoFlip::new(StrategyConfig::default(), cfg.clone())
+                .unwrap()
+                .needs_validation()
+        );
+        // No evidence (the server's split is empty): an error, not 90% pruning on equal zeros.
+        let none = |_: &ModelState| Err("the server's validation split is empty".to_string());
+        let e = try_explore_once(cfg.clone(), &none)
+            .err()
+            .expect("no q chosen");
+        assert!(e.contains("cannot choose q") && e.contains("empty"), "{e}");
+        // A fixed q needs no validation.
+        cfg.auto_q = false;
+        assert!(
+            !AutoFlip::new(StrategyConfig::default(), cfg.clone())
+                .unwrap()
+                .needs_validation()
+        );
+        let (_, global, out) = explore_once(cfg, &none);
+        assert_eq!(out.metrics["q"], 0.3);
+        assert!((global.sparsity() - 0.3).abs() < 0.05);
     }
 
     #[test]
@@ -601,9 +646,11 @@ mod tests {
         cfg.auto_q = true;
         cfg.q_tolerance = 0.35;
         // Validation loss grows with sparsity: 1 + sparsity. Within 35% of the dense loss: q ≤ 0.3.
-        let validate = |m: &ModelState| crate::train::Eval {
-            loss: 1.0 + m.sparsity() as f32,
-            ..Default::default()
+        let validate = |m: &ModelState| {
+            Ok(crate::train::Eval {
+                loss: 1.0 + m.sparsity() as f32,
+                ..Default::default()
+            })
         };
         let (_, global, out) = explore_once(cfg.clone(), &validate);
         assert_eq!(out.metrics["q_auto"], 0.3);
@@ -625,7 +672,7 @@ mod tests {
         cfg.q = 0.2;
         cfg.reprune_every = 1;
         cfg.target_sparsity = 0.6;
-        let validate = |_: &ModelState| crate::train::Eval::default();
+        let validate = |_: &ModelState| Ok(crate::train::Eval::default());
         let (mut s, mut global, _) = explore_once(cfg, &validate);
         let before = global.mask.clone().unwrap();
         assert!((global.sparsity() - 0.2).abs() < 0.05);
@@ -684,7 +731,7 @@ mod tests {
             metrics: Default::default(),
             encoding: Default::default(),
         };
-        let validate = |_: &ModelState| crate::train::Eval::default();
+        let validate = |_: &ModelState| Ok(crate::train::Eval::default());
         let ctx = RoundContext {
             rounds: 5,
             validate: &validate,

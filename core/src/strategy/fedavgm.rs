@@ -109,7 +109,9 @@ impl Strategy for FedAvgM {
             .sum::<f64>())
         .sqrt();
         let mut outcome = RoundOutcome::default();
-        outcome.metrics.insert("server_velocity_norm".into(), speed);
+        outcome
+            .metrics
+            .insert(crate::metric_keys::SERVER_VELOCITY_NORM.into(), speed);
         Ok(outcome)
     }
 }

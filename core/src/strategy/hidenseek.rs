@@ -399,7 +399,7 @@ mod tests {
             metrics: Default::default(),
             encoding: Encoding::default(),
         };
-        let validate = |_: &ModelState| crate::train::Eval::default();
+        let validate = |_: &ModelState| Ok(crate::train::Eval::default());
         let ctx = RoundContext {
             rounds: 5,
             validate: &validate,

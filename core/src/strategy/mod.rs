@@ -110,8 +110,9 @@ pub struct RoundOutcome {
 pub struct RoundContext<'a> {
     /// Rounds in the whole run.
     pub rounds: u32,
-    /// Loss and accuracy of a model on the server's validation split (never the test set).
-    pub validate: &'a dyn Fn(&ModelState) -> Eval,
+    /// Loss and accuracy of a model on the server's validation split (never the test set); an
+    /// error when the split is empty or evaluation failed, so no strategy decides on zeros.
+    pub validate: &'a dyn Fn(&ModelState) -> Result<Eval, String>,
 }
 
 /// What kind of round a strategy is running, for dashboards. Methods add their own by name.
@@ -200,6 +201,12 @@ pub trait Strategy: Send {
     /// does not exist, say), so a mistake stops the server with a message before any round.
     fn check_model(&self, _arch: &crate::model::arch::Arch) -> Result<(), String> {
         Ok(())
+    }
+
+    /// Whether this strategy decides on the server's validation split ([`RoundContext::validate`]):
+    /// the server then refuses to start with an empty one.
+    fn needs_validation(&self) -> bool {
+        false
     }
 
     /// The kind of round [`Strategy::configure_round`] just configured, for dashboards.

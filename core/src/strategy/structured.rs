@@ -233,11 +233,14 @@ impl Strategy for Structured {
         let s = self.settings.clone();
         let mut outcome = RoundOutcome::default();
         // Both accuracies, on the server's validation split: the round's trained model, and the
-        // model the next round starts from (after any surgery).
-        let trained = (ctx.validate)(global);
-        outcome
-            .metrics
-            .insert("val_acc_trained".into(), trained.accuracy as f64);
+        // model the next round starts from (after any surgery). They are only reported (no
+        // decision rests on them), so without a split they are left out rather than read as 0.
+        let trained = (ctx.validate)(global).ok();
+        if let Some(t) = &trained {
+            outcome
+                .metrics
+                .insert(keys::VAL_ACC_TRAINED.into(), t.accuracy as f64);
+        }
         let active = self.pruning_active(round);
         let mut after = trained;
         if active {
@@ -265,7 +268,7 @@ impl Strategy for Structured {
                 }
                 self.reference = global.params.clone();
                 self.stale = 0;
-                after = (ctx.validate)(global);
+                after = (ctx.validate)(global).ok();
             } else {
                 self.stale += 1;
                 if self.stale >= s.patience {
@@ -273,18 +276,21 @@ impl Strategy for Structured {
                 }
             }
         }
+        if let Some(a) = &after {
+            outcome
+                .metrics
+                .insert(keys::VAL_ACC_AFTER_SURGERY.into(), a.accuracy as f64);
+        }
         outcome
             .metrics
-            .insert("val_acc_after_surgery".into(), after.accuracy as f64);
+            .insert(keys::PRUNING_ACTIVE.into(), active as u8 as f64);
         outcome
             .metrics
-            .insert("pruning_active".into(), active as u8 as f64);
-        outcome
-            .metrics
-            .insert("params_next".into(), global.arch.num_params() as f64);
-        outcome
-            .metrics
-            .insert("flops_next".into(), global.arch.flops_per_sample() as f64);
+            .insert(keys::PARAMS_NEXT.into(), global.arch.num_params() as f64);
+        outcome.metrics.insert(
+            keys::FLOPS_NEXT.into(),
+            global.arch.flops_per_sample() as f64,
+        );
         for (i, w) in global.arch.widths().iter().enumerate() {
             outcome.metrics.insert(keys::width(i), *w as f64);
         }
@@ -314,7 +320,7 @@ mod tests {
         let mut s = Structured::new(StrategyConfig::default(), cfg).unwrap();
         let arch = Arch::preset("mlp", [1, 4, 4], 3).unwrap();
         let mut global = ModelState::init(arch, 1);
-        let validate = |_: &ModelState| crate::train::Eval::default();
+        let validate = |_: &ModelState| Ok(crate::train::Eval::default());
         let ctx = RoundContext {
             rounds: 10,
             validate: &validate,
@@ -382,7 +388,7 @@ mod tests {
         cfg.patience = 10;
         let mut s = Structured::new(StrategyConfig::default(), cfg).unwrap();
         let mut global = ModelState::init(Arch::preset("mlp", [1, 4, 4], 3).unwrap(), 1);
-        let validate = |_: &ModelState| crate::train::Eval::default();
+        let validate = |_: &ModelState| Ok(crate::train::Eval::default());
         let ctx = RoundContext {
             rounds: 10,
             validate: &validate,
@@ -425,9 +431,11 @@ mod tests {
                 trained.params[w.offset + i * 200 + j] += 0.1;
             }
         }
-        let validate = |m: &ModelState| crate::train::Eval {
-            accuracy: m.arch.num_params() as f32,
-            ..Default::default()
+        let validate = |m: &ModelState| {
+            Ok(crate::train::Eval {
+                accuracy: m.arch.num_params() as f32,
+                ..Default::default()
+            })
         };
         let ctx = RoundContext {
             rounds: 10,
@@ -478,7 +486,7 @@ mod tests {
                     };
                 }
             }
-            let validate = |_: &ModelState| crate::train::Eval::default();
+            let validate = |_: &ModelState| Ok(crate::train::Eval::default());
             let ctx = RoundContext {
                 rounds: 10,
                 validate: &validate,
@@ -502,7 +510,7 @@ mod tests {
         // Everything scaled by the same factor: every unit grew alike, nothing is an outlier.
         let mut trained = global.clone();
         trained.params.iter_mut().for_each(|v| *v *= 1.5);
-        let validate = |_: &ModelState| crate::train::Eval::default();
+        let validate = |_: &ModelState| Ok(crate::train::Eval::default());
         let ctx = RoundContext {
             rounds: 10,
             validate: &validate,
@@ -523,7 +531,7 @@ mod tests {
         cfg.min_units = 1;
         let mut s = Structured::new(StrategyConfig::default(), cfg).unwrap();
         let mut global = ModelState::init(Arch::preset("cnn", [1, 8, 8], 3).unwrap(), 1);
-        let validate = |_: &ModelState| crate::train::Eval::default();
+        let validate = |_: &ModelState| Ok(crate::train::Eval::default());
         let ctx = RoundContext {
             rounds: 10,
             validate: &validate,

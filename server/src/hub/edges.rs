@@ -38,7 +38,9 @@ pub struct PartialRow {
     pub sum_bytes: u64,
     pub in_store: bool,
     pub edge_seconds: f64,
-    /// `merged`, or why it was ignored (`duplicate`, `stale`, `late`, `wrong round`, `bad`).
+    /// `merged`, or why it was ignored: `late` (the previous round's), `stale` (cut from another
+    /// model or shape), `duplicate` (this edge's round is merged already), `bad` (its sums could
+    /// not be fetched or merged). Older partials are skipped and later ones kept, with no row.
     pub outcome: String,
 }
 

@@ -39,16 +39,31 @@ pub struct Hub {
     rounds: Rounds,
     /// On a root: its edges (empty elsewhere).
     edges: EdgeTable,
+    /// On a root: how long an edge stays live without reporting (`[scale] edge_timeout_ms`).
+    edge_timeout: std::time::Duration,
 }
 
 impl Hub {
-    /// A hub for a run; `done` are the rounds a resumed run already finished.
-    pub fn new(info: RunInfo, shards: Vec<Shard>, done: Vec<RoundRecord>, hold: bool) -> Hub {
+    /// A hub for a run; `done` are the rounds a resumed run already finished; `edge_timeout` is
+    /// how long an edge counts as live after its last report (on a root).
+    pub fn new(
+        info: RunInfo,
+        shards: Vec<Shard>,
+        done: Vec<RoundRecord>,
+        hold: bool,
+        edge_timeout: std::time::Duration,
+    ) -> Hub {
         Hub {
             clients: Clients::new(shards),
             rounds: Rounds::new(info, done, hold),
             edges: EdgeTable::default(),
+            edge_timeout,
         }
+    }
+
+    /// How long an edge counts as live after its last report.
+    pub fn edge_timeout(&self) -> std::time::Duration {
+        self.edge_timeout
     }
 
     // ---- clients ----
@@ -356,7 +371,7 @@ mod tests {
     use rounds::tests::info;
 
     fn hub() -> Hub {
-        Hub::new(info(3), shards(2), Vec::new(), false)
+        Hub::new(info(3), shards(2), Vec::new(), false, Duration::from_secs(3))
     }
 
     /// The messages queued for a connection, and whether a close followed them.

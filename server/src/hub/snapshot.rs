@@ -15,8 +15,10 @@ pub fn snapshot(hub: &Hub, config: &serde_json::Value, arch: &Arch) -> serde_jso
         "phase": hub.phase(),
         "round": hub.round(),
         "elapsed_seconds": hub.elapsed_seconds(),
-        // On a root: the tabs connected to its live edges.
-        "connected": hub.connected() + hub.edge_connected(std::time::Duration::from_secs(3)),
+        // On a root: the tabs connected to its live edges (heard from within the edge timeout,
+        // which the dashboard also marks late edges by).
+        "connected": hub.connected() + hub.edge_connected(hub.edge_timeout()),
+        "edge_timeout_ms": hub.edge_timeout().as_millis() as u64,
         "control": hub.control(),
         "strategies": canopy_core::strategy::names(),
         "metric_keys": metric_keys::published(),
@@ -51,4 +53,41 @@ fn model_summary(arch: &Arch) -> serde_json::Value {
         "widths": arch.widths(),
         "layers": layers,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use canopy_core::protocol::RunInfo;
+
+    use super::*;
+    use crate::scale::wire::Presence;
+
+    #[test]
+    fn live_edges_follow_the_configured_timeout() {
+        let arch = Arch::preset("mlp", [1, 4, 4], 3).unwrap();
+        let info = RunInfo {
+            run_id: "r".into(),
+            strategy: "fedavg".into(),
+            model: "mlp".into(),
+            dataset: "digits".into(),
+            partition: "iid".into(),
+            rounds: 1,
+        };
+        for (timeout_ms, connected) in [(60_000u64, 4), (1, 0)] {
+            let timeout = Duration::from_millis(timeout_ms);
+            let mut hub = Hub::new(info.clone(), Vec::new(), Vec::new(), false, timeout);
+            hub.edge_seen(Presence {
+                edge: "e1".into(),
+                url: "http://e1/".into(),
+                connected: 4,
+                idle: Vec::new(),
+            });
+            std::thread::sleep(Duration::from_millis(20));
+            let s = snapshot(&hub, &json!({}), &arch);
+            assert_eq!(s["connected"], connected, "timeout {timeout_ms} ms");
+            assert_eq!(s["edge_timeout_ms"], timeout_ms);
+        }
+    }
 }

@@ -154,7 +154,9 @@ pub fn run(train: &Dataset) -> Vec<(String, String)> {
         let _ = weighted_mean(&items);
     });
     rows.push((
-        "FedAvg aggregation, 20 mlp updates".into(),
+        // Buffered (`aggregate::weighted_mean`, what echo, split and structured pruning use);
+        // FedAvg itself aggregates through running sums, the next row.
+        "weighted mean, 20 mlp updates, buffered".into(),
         format!(
             "{:.1} ms ({:.0} M params/s)",
             agg * 1000.0,
@@ -172,7 +174,7 @@ pub fn run(train: &Dataset) -> Vec<(String, String)> {
     });
     let n = arch.num_params() as f64;
     rows.push((
-        "  the same, streamed (running sums)".into(),
+        "  the same, streamed (running sums, FedAvg's path)".into(),
         format!(
             "{:.1} ms ({:.2}× buffered); keeps {:.1} MB of sums, not {:.1} MB of updates",
             streamed * 1000.0,

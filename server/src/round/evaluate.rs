@@ -20,15 +20,18 @@ pub async fn on(model: &ModelState, data: &Arc<Dataset>) -> Result<Eval, String>
 }
 
 /// A synchronous evaluator for strategies (called from within their aggregation, which already
-/// runs off the async runtime).
-pub fn validator(data: Arc<Dataset>) -> impl Fn(&ModelState) -> Eval {
+/// runs off the async runtime). An empty split is an error, not a loss of 0.
+pub fn validator(data: Arc<Dataset>) -> impl Fn(&ModelState) -> Result<Eval, String> {
     move |m: &ModelState| {
+        if data.is_empty() {
+            return Err("the server's validation split is empty (data.validation)".into());
+        }
         pollster::block_on(evaluate(
             &m.arch,
             &m.masked_params(),
             &data,
             &Device::flex(),
         ))
-        .unwrap_or_default()
+        .map_err(|e| format!("validation failed: {e}"))
     }
 }

@@ -95,7 +95,8 @@ impl Collected {
 
 impl RoundLoop {
     pub async fn run(mut self) {
-        // The sampling stream continues where a resumed run left it.
+        // Seeded from the run's seed and the first round: a resumed run samples reproducibly for
+        // its resume point, but from a new stream, not the draws the uninterrupted run would make.
         let mut rng = StdRng::seed_from_u64(self.seed ^ (self.first_round as u64 - 1));
         let mut round = self.first_round;
         let mut retries = 0;
@@ -250,7 +251,8 @@ impl RoundLoop {
                 Ok(mut o) => {
                     o.metrics.extend(robust::round_metrics(&combined));
                     if self.late_results == LateResults::NextRound {
-                        o.metrics.insert("late_results".into(), late_count as f64);
+                        o.metrics
+                            .insert(keys::LATE_RESULTS.into(), late_count as f64);
                     }
                     got.waits.sort();
                     let pct = |p: f64| {

@@ -257,7 +257,7 @@ pub fn markdown(rows: &[Row], target: f32) -> String {
         s.push_str(&format!(
             "| {} | {} | {} | {:.4} | {:.4} | {} | {:.4} | {:.4} | {} | {:.3} | {} | {} | {:.3}× | {} → {} | {:.0}% | {:.2} | {} | {:.2} → {:.2} | {:.0} |\n",
             r.dataset, r.partition, r.strategy.replace('|', "\\|"), r.final_acc(), r.tail_acc(),
-            r.extra("val_acc_trained").map_or("–".into(), |v| format!("{v:.4}")),
+            r.extra(keys::VAL_ACC_TRAINED).map_or("–".into(), |v| format!("{v:.4}")),
             r.best_acc(), r.local_acc(), r.to_target(target), r.bits_per_param(), mb(r.up()), mb(r.down()),
             r.up() as f64 / baseline.up().max(1) as f64,
             r.span(|x| x.params).0, r.span(|x| x.params).1, 100.0 * r.params_removed(), r.flops_ratio(),
@@ -276,7 +276,7 @@ fn csv(rows: &[Row], target: f32) -> String {
     for r in rows {
         s.push_str(&format!(
             "{},{},\"{}\",{:.4},{:.4},{},{:.4},{:.4},{:.4},{},{target},{},{},{},{},{:.4},{},{:.3},{:.3},{:.1}\n",
-            r.dataset, r.partition, r.strategy.replace('"', "'"), r.final_acc(), r.tail_acc(), r.extra("val_acc_trained").map_or(String::new(), |v| format!("{v:.4}")), r.best_acc(), r.local_acc(), r.bits_per_param(), r.to_target(target).replace('–', ""), r.up(), r.down(),
+            r.dataset, r.partition, r.strategy.replace('"', "'"), r.final_acc(), r.tail_acc(), r.extra(keys::VAL_ACC_TRAINED).map_or(String::new(), |v| format!("{v:.4}")), r.best_acc(), r.local_acc(), r.bits_per_param(), r.to_target(target).replace('–', ""), r.up(), r.down(),
             r.span(|x| x.params).0, r.span(|x| x.params).1, r.flops_ratio(),
             r.extra(keys::SPARSITY).unwrap_or(0.0), r.span(|x| x.step_ms).0, r.span(|x| x.step_ms).1, r.seconds
         ));
