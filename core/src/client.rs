@@ -2,8 +2,8 @@
 //!
 //! It executes whatever a [`Task`] says (how to train, what to upload) and knows no strategy.
 //! Payloads are encoded and decoded by [`crate::codec`]; what a client keeps between tasks
-//! (its data shard, the mask it holds, the top-k residual, what its learners keep) lives here, in one place, and
-//! survives reconnects of the same tab.
+//! (its data shard, the mask it holds, the top-k residual, what its learners keep) lives here,
+//! in one place, and survives reconnects of the same tab.
 
 use burn::tensor::Device;
 

@@ -4,8 +4,9 @@
 //! optimizer step, progress. Two things vary and are chosen here:
 //! - **what is learned** ([`Learn`]) and how the forward pass gets its weights from it (a
 //!   [`Reparam`], in the spirit of burn's `Reparameterization`): the weights themselves; the
-//!   weights under a mask (pruned entries held at exactly zero after every step). A method that
-//!   learns scores over frozen weights adds a variant and a `Reparam`;
+//!   weights under a mask (pruned entries held at exactly zero after every step); scores over
+//!   frozen weights (supermasks). A method that learns something else adds a variant, its
+//!   `Reparam` and its [`Learner`];
 //! - **where the loss comes from** ([`LossSource`]): the client's own labels, or the server, which
 //!   receives the output of the layers the client runs and answers with the gradient (the echo
 //!   strategy with the whole model; split learning with a front).
