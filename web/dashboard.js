@@ -93,6 +93,38 @@ function layerChart(canvas, layers) {
   });
 }
 
+// Colours of the strategies' figures, by their place in /api/metrics' list; lines of figures
+// that are not the chart's own quantity are dashed (bytes beside the traffic totals, bits per
+// weight beside fractions).
+const PALETTE = ['#b26a00', '#6d4c41', '#1565c0', '#00838f', '#c2185b', '#455a64', '#7b1fa2', '#558b2f'];
+const DASH = { bytes: [2, 2], bits: [4, 3] };
+
+// A figure written as its kind says.
+function fmtFigure(kind, v) {
+  if (!Number.isFinite(v)) return '–';
+  switch (kind) {
+    case 'fraction': return `${(100 * v).toFixed(0)} %`;
+    case 'bytes': return fmtBytes(v);
+    case 'count': return Math.round(v).toLocaleString('en');
+    case 'milliseconds': return `${v.toFixed(1)} ms`;
+    case 'seconds': return v < 1 ? `${(1e3 * v).toFixed(1)} ms` : `${v.toFixed(2)} s`;
+    case 'bits': return v.toFixed(2);
+    default: return String(v);
+  }
+}
+
+// A sentence of /api/metrics with its {key} and {key/per} slots filled from one round's extra;
+// empty when the round reports none of its figures.
+function sentence(text, figures, extra) {
+  const kindOf = (key) => figures.find((f) => f.key === key)?.kind;
+  let any = false;
+  const out = text.replace(/\{([^{}/]+)(?:\/([^{}]+))?\}/g, (_, key, per) => {
+    if (key in extra) any = true;
+    return fmtFigure(kindOf(key), per ? extra[key] / extra[per] : extra[key]);
+  });
+  return any ? out : '';
+}
+
 function render(d) {
   const r = d.run;
   $('runline').textContent = `${r.strategy} · model ${r.model} · ${r.dataset} · ${r.partition} · run ${r.run_id}`;
@@ -115,35 +147,28 @@ function render(d) {
   ], { leftMax: 1 });
   let up = 0, down = 0;
   const cum = rounds.map((x) => (up += x.bytes_up, down += x.bytes_down, up + down));
-  const k = d.metric_keys, extraOf = (key) => rounds.map((x) => x.extra?.[key] ?? NaN);
+  const keys = d.metric_keys, extraOf = (key) => rounds.map((x) => x.extra?.[key] ?? NaN);
+  // The strategy's own figures, as /api/metrics describes them, where some round reports them.
+  const reported = (f) => rounds.some((x) => x.extra && f.key in x.extra);
+  const figureLines = (panel, axis) => keys.figures
+    .map((f, i) => ({ f, i })).filter(({ f }) => f.panel === panel && reported(f))
+    .map(({ f, i }) => ({ label: f.label, color: PALETTE[i % PALETTE.length], values: extraOf(f.key), axis, dash: DASH[f.kind] }));
   const traffic = [
     { label: 'up', color: '#1565c0', values: rounds.map((x) => x.bytes_up), axis: 'left' },
     // Dashed: with full weights both ways, up and down are often equal and would hide each other.
     { label: 'down', color: '#8e24aa', values: rounds.map((x) => x.bytes_down), axis: 'left', dash: [6, 4] },
     { label: 'in all', color: '#555', values: cum, axis: 'right', dash: [4, 3] },
+    ...figureLines('traffic', 'left'),
   ];
-  // Split learning: the per-batch part of the traffic (activations up, gradients down).
-  const split = rounds.some((x) => x.extra && k.act_bytes_up in x.extra);
-  if (split) {
-    traffic.push({ label: 'activations up', color: '#00838f', values: extraOf(k.act_bytes_up), axis: 'left', dash: [2, 2] });
-    traffic.push({ label: 'gradients down', color: '#c2185b', values: extraOf(k.grad_bytes_down), axis: 'left', dash: [2, 2] });
-  }
   lineChart($('bytesChart'), xs, traffic);
-  const e = last?.extra || {};
-  $('splitLine').textContent = split && last
-    ? `split at layer ${e[k.split_cut]} · front pruned ${(100 * e[k.split_prune]).toFixed(0)} % (${Math.round(e[k.front_params]).toLocaleString('en')} parameters in tabs) · κ ${e[k.split_keep]} · ${e[k.split_bits]}-bit gradients · per batch ${fmtBytes(e[k.act_bytes_up] / e[k.exchanges])} up, ${fmtBytes(e[k.grad_bytes_down] / e[k.exchanges])} down · tab ${e[k.tab_ms_per_batch]?.toFixed(1)} ms, server ${(1e3 * e[k.server_seconds] / e[k.exchanges]).toFixed(1)} ms per batch`
-    : '';
-  const size = [{ label: 'parameters', color: '#2f7d32', values: rounds.map((x) => x.params), axis: 'left' }];
-  const keys = d.metric_keys;
-  const sparse = rounds.some((x) => x.extra && keys.sparsity in x.extra);
-  if (sparse) size.push({ label: 'sparsity', color: '#b26a00', values: rounds.map((x) => x.extra?.[keys.sparsity] ?? NaN), axis: 'right' });
-  // Pruning at init (HideNseek): density, and the bits each client sent per surviving weight.
-  const dense = rounds.some((x) => x.extra && keys.density in x.extra);
-  if (dense) size.push({ label: 'density', color: '#6d4c41', values: rounds.map((x) => x.extra?.[keys.density] ?? NaN), axis: 'right' });
-  const bits = rounds.some((x) => x.extra && keys.upload_bits_per_weight in x.extra);
-  if (bits) size.push({ label: 'bits/weight up', color: '#1565c0', values: rounds.map((x) => x.extra?.[keys.upload_bits_per_weight] ?? NaN), axis: 'right', dash: [4, 3] });
+  $('figureLine').textContent = last ? keys.sentences.map((s) => sentence(s, keys.figures, last.extra || {})).filter(Boolean).join(' · ') : '';
+  const size = [
+    { label: 'parameters', color: '#2f7d32', values: rounds.map((x) => x.params), axis: 'left' },
+    ...figureLines('size', 'right'),
+  ];
   lineChart($('sizeChart'), xs, size, { rightMax: 1.05 });
-  const pruned = sparse || dense || new Set(rounds.map((x) => x.params)).size > 1;
+  // A fraction of the model's size reported (sparsity, density) means it is pruned.
+  const pruned = keys.figures.some((f) => f.panel === 'size' && f.kind === 'fraction' && reported(f)) || new Set(rounds.map((x) => x.params)).size > 1;
   $('sizeNote').textContent = pruned ? '' : `No pruning in this run: ${d.model.params.toLocaleString()} parameters, ${fmtAxis(d.model.flops_per_sample)} FLOPs per sample.`;
   // Per-layer sparsity, when the strategy reports it for the layer's weight tensor.
   const extra = last?.extra || {};

@@ -2,18 +2,18 @@
 //!
 //! It executes whatever a [`Task`] says (how to train, what to upload) and knows no strategy.
 //! Payloads are encoded and decoded by [`crate::codec`]; what a client keeps between tasks
-//! (its data shard, the mask it holds, the top-k residual) lives here, in one place, and
-//! survives reconnects of the same tab.
+//! (its data shard, the mask it holds, the top-k residual, what its learners keep) lives here,
+//! in one place, and survives reconnects of the same tab.
 
 use burn::tensor::Device;
 
-use crate::codec::{self, MaskCache, Model, supermask};
+use crate::codec::{self, MaskCache, Model};
 use crate::data::partition::Shard;
 use crate::protocol::{
     Blob, ClientMetrics, ClientMsg, DeviceInfo, Hello, PROTOCOL_VERSION, RunInfo, ServerMsg, Task,
     TaskResult,
 };
-use crate::train::step::{Frozen, Learn};
+use crate::train::step::{Frozen, Given, Learners};
 use crate::train::{Host, Progress, Trained, evaluate, train};
 
 /// The outside world of the runtime: a clock, progress, frames to the server, and the
@@ -38,41 +38,9 @@ pub struct ClientState {
     pub mask: MaskCache,
     /// Error-feedback residual of top-k uploads, carried from round to round.
     pub residual: Option<Vec<f32>>,
-    /// This client's own supermask scores (personalisation): their magnitudes carry over from
-    /// round to round, their signs restart from the global bits each task.
-    pub scores: Option<Vec<f32>>,
-}
-
-impl ClientState {
-    /// Where a supermask task's scores start: this client's own magnitudes (or |θ₀| the first
-    /// time), signed by the task's bits, so the model starts as the global one.
-    fn start_scores(
-        &self,
-        theta0: &[f32],
-        mask: Option<&[bool]>,
-        bits: &[bool],
-        personal: bool,
-    ) -> Vec<f32> {
-        let own = self
-            .scores
-            .as_ref()
-            .filter(|s| personal && s.len() == theta0.len());
-        let mut b = bits.iter();
-        (0..theta0.len())
-            .map(|i| {
-                if mask.is_some_and(|m| !m[i]) {
-                    return 0.0;
-                }
-                // A zero score would have no sign: keep a floor.
-                let mag = own.map_or(theta0[i].abs(), |s| s[i].abs()).max(1e-6);
-                if *b.next().expect("one bit per kept entry") {
-                    mag
-                } else {
-                    -mag
-                }
-            })
-            .collect()
-    }
+    /// What each kind of learning keeps between tasks (e.g. a supermask's own scores): opaque
+    /// here, see [`crate::train::step::Learner`].
+    pub learners: Learners,
 }
 
 pub struct ClientRuntime<H: ClientHost> {
@@ -185,7 +153,7 @@ impl<H: ClientHost> ClientRuntime<H> {
         };
         let t = learn(
             &model,
-            &mut self.state,
+            &mut self.state.learners,
             &shard.train,
             &task,
             &self.device,
@@ -233,57 +201,42 @@ impl<H: ClientHost> ClientRuntime<H> {
     }
 }
 
-/// Trains as the task's step says; returns the trained weights the model computes with (for a
-/// supermask, the effective weights of the learned scores, which stay with this client).
+/// Trains as the task's step says, starting from what the task's learner makes of the model and
+/// this client's kept state; returns the trained weights the model computes with (for a
+/// supermask, the effective weights of the learned scores, which stay with the learner).
 async fn learn<H: crate::train::Host>(
     model: &Model,
-    state: &mut ClientState,
+    learners: &mut Learners,
     data: &crate::data::Dataset,
     task: &Task,
     device: &Device,
     host: &mut H,
 ) -> Result<Trained, String> {
-    let (arch, mask) = (&model.arch, model.mask.as_deref());
-    match (task.train.step.learn, &model.supermask) {
-        (Learn::Weights, _) => {
-            train(
-                arch,
-                &model.params,
-                mask,
-                None,
-                data,
-                &task.train,
-                device,
-                host,
-            )
-            .await
-        }
-        (Learn::Scores { personal }, Some(sm)) => {
-            let start = state.start_scores(&sm.theta0, mask, &sm.bits, personal);
+    let given = Given {
+        params: &model.params,
+        mask: model.mask.as_deref(),
+        supermask: model.supermask.as_ref().map(|sm| {
             let frozen = Frozen {
                 kind: sm.kind,
                 theta0: &sm.theta0,
             };
-            let mut t = train(
-                arch,
-                &start,
-                mask,
-                Some(frozen),
-                data,
-                &task.train,
-                device,
-                host,
-            )
-            .await?;
-            let bits = supermask::bits_of_scores(&t.params, mask);
-            state.scores = Some(std::mem::replace(
-                &mut t.params,
-                supermask::effective(sm.kind, &sm.theta0, mask, &bits),
-            ));
-            Ok(t)
-        }
-        (Learn::Scores { .. }, None) => {
-            Err("the task learns scores but its model is no supermask".into())
-        }
-    }
+            (frozen, sm.bits.as_slice())
+        }),
+    };
+    let learn = task.train.step.learn;
+    let learner = learners.get(learn);
+    let start = learner.start(learn, given)?;
+    let mut t = train(
+        &model.arch,
+        &start.learned,
+        given.mask,
+        start.frozen,
+        data,
+        &task.train,
+        device,
+        host,
+    )
+    .await?;
+    t.params = learner.finish(given, std::mem::take(&mut t.params));
+    Ok(t)
 }

@@ -117,50 +117,172 @@ pub fn layer_bytes(layer: usize) -> String {
     format!("bytes.layers.{layer}")
 }
 
-/// What `/api/metrics` publishes so the dashboard needs no copy of these names.
+/// What `/api/metrics` publishes so the dashboard needs no copy of these names: how to draw each
+/// per-round figure (see [`FIGURES`]) and where per-tensor figures start.
 #[derive(Serialize)]
 pub struct Published {
-    pub sparsity: &'static str,
     /// Prefix of per-tensor sparsity: `<prefix><parameter name>`.
     pub tensor_sparsity_prefix: String,
-    pub effective_flops: &'static str,
-    pub flops_ratio: &'static str,
-    pub pruned_units: &'static str,
-    pub density: &'static str,
     /// Prefix of per-tensor density: `<prefix><parameter name>`.
     pub tensor_density_prefix: String,
-    pub upload_bits_per_weight: &'static str,
-    pub act_bytes_up: &'static str,
-    pub grad_bytes_down: &'static str,
-    pub server_seconds: &'static str,
-    pub tab_ms_per_batch: &'static str,
-    pub exchanges: &'static str,
-    pub split_cut: &'static str,
-    pub split_prune: &'static str,
-    pub split_keep: &'static str,
-    pub split_bits: &'static str,
-    pub front_params: &'static str,
+    pub figures: &'static [Figure],
+    pub sentences: Vec<String>,
 }
 
 pub fn published() -> Published {
     Published {
-        sparsity: SPARSITY,
         tensor_sparsity_prefix: tensor_sparsity(""),
-        effective_flops: EFFECTIVE_FLOPS,
-        flops_ratio: FLOPS_RATIO,
-        pruned_units: PRUNED_UNITS,
-        density: DENSITY,
         tensor_density_prefix: tensor_density(""),
-        upload_bits_per_weight: UPLOAD_BITS_PER_WEIGHT,
-        act_bytes_up: ACT_BYTES_UP,
-        grad_bytes_down: GRAD_BYTES_DOWN,
-        server_seconds: SERVER_SECONDS,
-        tab_ms_per_batch: TAB_MS_PER_BATCH,
-        exchanges: EXCHANGES,
-        split_cut: SPLIT_CUT,
-        split_prune: SPLIT_PRUNE,
-        split_keep: SPLIT_KEEP,
-        split_bits: SPLIT_BITS,
-        front_params: FRONT_PARAMS,
+        figures: FIGURES,
+        sentences: sentences(),
+    }
+}
+
+/// How the dashboard draws one per-round figure, when a round's `extra` reports it.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Figure {
+    pub key: &'static str,
+    /// What the figure is called on a chart.
+    pub label: &'static str,
+    pub kind: Kind,
+    pub panel: Panel,
+}
+
+/// What a figure's value is, which says how it is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Between 0 and 1, written as a percentage.
+    Fraction,
+    Bytes,
+    /// A whole number.
+    Count,
+    /// Any other number, written as it is.
+    Number,
+    Seconds,
+    Milliseconds,
+    /// Bits per weight.
+    Bits,
+}
+
+/// Where a figure is drawn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Panel {
+    /// A line on the chart of bytes per round (left axis).
+    Traffic,
+    /// A line on the chart of model size (right axis, 0 to 1).
+    Size,
+    /// Only in a sentence under the chart of bytes (see [`sentences`]).
+    Summary,
+}
+
+const fn figure(key: &'static str, label: &'static str, kind: Kind, panel: Panel) -> Figure {
+    Figure {
+        key,
+        label,
+        kind,
+        panel,
+    }
+}
+
+/// The per-round figures the dashboard draws, each where a round reports it. The order is the
+/// order of lines on a chart (and picks each line's colour).
+pub const FIGURES: &[Figure] = &[
+    figure(SPARSITY, "sparsity", Kind::Fraction, Panel::Size),
+    figure(DENSITY, "density", Kind::Fraction, Panel::Size),
+    figure(
+        UPLOAD_BITS_PER_WEIGHT,
+        "bits/weight up",
+        Kind::Bits,
+        Panel::Size,
+    ),
+    figure(ACT_BYTES_UP, "activations up", Kind::Bytes, Panel::Traffic),
+    figure(
+        GRAD_BYTES_DOWN,
+        "gradients down",
+        Kind::Bytes,
+        Panel::Traffic,
+    ),
+    figure(SPLIT_CUT, "cut layer", Kind::Count, Panel::Summary),
+    figure(SPLIT_PRUNE, "front pruned", Kind::Fraction, Panel::Summary),
+    figure(
+        FRONT_PARAMS,
+        "parameters in tabs",
+        Kind::Count,
+        Panel::Summary,
+    ),
+    figure(SPLIT_KEEP, "κ", Kind::Number, Panel::Summary),
+    figure(SPLIT_BITS, "gradient bits", Kind::Count, Panel::Summary),
+    figure(EXCHANGES, "exchanges", Kind::Count, Panel::Summary),
+    figure(
+        TAB_MS_PER_BATCH,
+        "tab per batch",
+        Kind::Milliseconds,
+        Panel::Summary,
+    ),
+    figure(
+        SERVER_SECONDS,
+        "server seconds",
+        Kind::Seconds,
+        Panel::Summary,
+    ),
+];
+
+/// Where a sentence puts figure `key` of the last round: `{key}`.
+fn slot(key: &str) -> String {
+    format!("{{{key}}}")
+}
+
+/// Where a sentence puts figure `key` divided by figure `per` of the same round: `{key/per}`.
+fn slot_per(key: &str, per: &str) -> String {
+    format!("{{{key}/{per}}}")
+}
+
+/// Sentences under the chart of bytes, each shown when the last round reports one of its
+/// figures: `{key}` (or `{key/per}`) stands for a figure written as its [`Kind`] says.
+pub fn sentences() -> Vec<String> {
+    vec![format!(
+        "split at layer {} · front pruned {} ({} parameters in tabs) · κ {} · {}-bit gradients \
+         · per batch {} up, {} down · tab {}, server {} per batch",
+        slot(SPLIT_CUT),
+        slot(SPLIT_PRUNE),
+        slot(FRONT_PARAMS),
+        slot(SPLIT_KEEP),
+        slot(SPLIT_BITS),
+        slot_per(ACT_BYTES_UP, EXCHANGES),
+        slot_per(GRAD_BYTES_DOWN, EXCHANGES),
+        slot(TAB_MS_PER_BATCH),
+        slot_per(SERVER_SECONDS, EXCHANGES),
+    )]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_figure_is_described_once_and_sentences_name_described_figures() {
+        for (i, f) in FIGURES.iter().enumerate() {
+            assert!(
+                FIGURES[..i].iter().all(|g| g.key != f.key),
+                "{} twice",
+                f.key
+            );
+        }
+        for s in sentences() {
+            let slots: Vec<&str> = s
+                .split('{')
+                .skip(1)
+                .map(|t| t.split('}').next().unwrap())
+                .collect();
+            assert!(!slots.is_empty(), "{s}");
+            for key in slots.iter().flat_map(|t| t.split('/')) {
+                assert!(FIGURES.iter().any(|f| f.key == key), "{key} in {s}");
+            }
+        }
+        let json = serde_json::to_value(published()).unwrap();
+        assert_eq!(json["figures"][0]["kind"], "fraction");
+        assert_eq!(json["figures"][3]["panel"], "traffic");
     }
 }

@@ -112,6 +112,11 @@ test('live dashboard, admin controls and draw-a-digit', { timeout: 240_000 }, as
     assert.equal(acc.series[0].values.length, 3);
     assert.ok(acc.series[0].values[2] > 0.3, `accuracy after 3 rounds: ${acc.series[0].values}`);
     assert.equal(v.charts.bytesChart.series[2].values.length, 3, 'cumulative bytes');
+    // FedAvg reports none of the described method figures: no extra lines, no sentence.
+    assert.ok(v.data.metric_keys.figures.length > 0, 'the server describes its figures');
+    assert.equal(v.charts.bytesChart.series.length, 3);
+    assert.deepEqual(v.charts.sizeChart.series.map((s) => s.label), ['parameters']);
+    assert.equal(await dash.textContent('#figureLine'), '');
     assert.deepEqual(v.charts.layerChart.layers.map((l) => l.width), [200, 200, 10]);
     const rows = await dash.$$eval('#clients tr', (trs) => trs.map((tr) => Array.from(tr.cells, (c) => c.textContent)));
     assert.deepEqual(rows.map((r) => r[0]).sort(), ['alice', 'bob']);

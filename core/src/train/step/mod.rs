@@ -6,14 +6,22 @@
 //!   [`Reparam`], in the spirit of burn's `Reparameterization`): the weights themselves; the
 //!   weights under a mask (pruned entries held at exactly zero after every step); or real-valued
 //!   scores over the frozen weights of a supermask model (`scores.rs`, HideNseek's signs and the
-//!   binary supermask's keep bits). Another kind of learning adds a variant and a `Reparam`;
+//!   binary supermask's keep bits). A method that learns something else adds a variant, its
+//!   `Reparam` and its [`Learner`];
 //! - **where the loss comes from** ([`LossSource`]): the client's own labels, or the server, which
 //!   receives the output of the layers the client runs and answers with the gradient (the echo
 //!   strategy with the whole model; split learning with a front).
+//!
+//! What a client keeps between tasks for what it learns (a supermask's own scores, say) is a
+//! [`Learner`], one per kind of [`Learn`], held in the client's [`Learners`]: the client runtime
+//! asks it where training starts and hands it the result, knowing no method.
 
 mod loss;
 mod scores;
 mod weights;
+
+use std::borrow::Cow;
+use std::mem::Discriminant;
 
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -119,4 +127,59 @@ pub(crate) fn reparam(
             return Err("learning scores needs a supermask model (frozen weights)".into());
         }
     })
+}
+
+/// What a task's model offers a learner: the weights it computes with, its mask and, for a
+/// supermask model, the frozen weights with the task's bits (in kept order).
+#[derive(Clone, Copy, Debug)]
+pub struct Given<'a> {
+    pub params: &'a [f32],
+    pub mask: Option<&'a [bool]>,
+    pub supermask: Option<(Frozen<'a>, &'a [bool])>,
+}
+
+/// Where the training loop starts: the values of what it learns, and the frozen weights they
+/// act on (none when the weights themselves are learned).
+pub struct Start<'a> {
+    pub learned: Cow<'a, [f32]>,
+    pub frozen: Option<Frozen<'a>>,
+}
+
+/// A client's state for one kind of learning, kept from task to task (in the spirit of
+/// Flower's client `Context.state`).
+pub trait Learner: Send {
+    /// What the training loop learns from for this task, out of the task's model and what this
+    /// client kept.
+    fn start<'a>(&mut self, learn: Learn, given: Given<'a>) -> Result<Start<'a>, String>;
+    /// Takes back the learned values after training, keeps what it should, and returns the
+    /// weights the trained model computes with (what is measured and uploaded).
+    fn finish(&mut self, given: Given, learned: Vec<f32>) -> Vec<f32>;
+}
+
+/// A client's learners, one per kind of [`Learn`] (its parameters aside), each made on the
+/// first task that needs it and kept for the ones after.
+#[derive(Default)]
+pub struct Learners(Vec<(Discriminant<Learn>, Box<dyn Learner>)>);
+
+impl Learners {
+    /// The learner for `learn`, made now if this client has none yet.
+    pub fn get(&mut self, learn: Learn) -> &mut dyn Learner {
+        let kind = std::mem::discriminant(&learn);
+        let at = match self.0.iter().position(|(k, _)| *k == kind) {
+            Some(at) => at,
+            None => {
+                self.0.push((kind, learner(learn)));
+                self.0.len() - 1
+            }
+        };
+        self.0[at].1.as_mut()
+    }
+}
+
+/// A fresh learner for `learn`, with nothing kept yet.
+fn learner(learn: Learn) -> Box<dyn Learner> {
+    match learn {
+        Learn::Weights => Box::new(weights::Weights),
+        Learn::Scores { .. } => Box::new(scores::OwnScores::default()),
+    }
 }

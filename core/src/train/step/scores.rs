@@ -1,9 +1,12 @@
 //! Learning scores over frozen weights (supermasks): the weights never change; the sign or the
-//! keep-bit of each score decides how its weight enters the model.
+//! keep-bit of each score decides how its weight enters the model. A client's own scores are
+//! kept between tasks by [`OwnScores`].
+
+use std::borrow::Cow;
 
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::{Frozen, Reparam, SupermaskKind};
+use super::{Frozen, Given, Learn, Learner, Reparam, Start, SupermaskKind};
 use crate::model::Net;
 use crate::model::arch::Arch;
 
@@ -59,5 +62,184 @@ impl Reparam for Scores {
                 base.clone() * ste
             })
             .collect()
+    }
+}
+
+/// This client's own supermask scores (personalisation): their magnitudes carry over from task
+/// to task when the task says `personal`, their signs restart from the task's bits each time.
+#[derive(Default)]
+pub struct OwnScores {
+    scores: Option<Vec<f32>>,
+}
+
+impl OwnScores {
+    /// Where a task's scores start: this client's own magnitudes (or |θ₀| the first time, or
+    /// when not personal), signed by the task's bits, so the model starts as the global one.
+    fn start_scores(
+        &self,
+        theta0: &[f32],
+        mask: Option<&[bool]>,
+        bits: &[bool],
+        personal: bool,
+    ) -> Vec<f32> {
+        let own = self
+            .scores
+            .as_ref()
+            .filter(|s| personal && s.len() == theta0.len());
+        let mut b = bits.iter();
+        (0..theta0.len())
+            .map(|i| {
+                if mask.is_some_and(|m| !m[i]) {
+                    return 0.0;
+                }
+                // A zero score would have no sign: keep a floor.
+                let mag = own.map_or(theta0[i].abs(), |s| s[i].abs()).max(1e-6);
+                if *b.next().expect("one bit per kept entry") {
+                    mag
+                } else {
+                    -mag
+                }
+            })
+            .collect()
+    }
+}
+
+impl Learner for OwnScores {
+    fn start<'a>(&mut self, learn: Learn, given: Given<'a>) -> Result<Start<'a>, String> {
+        let personal = matches!(learn, Learn::Scores { personal: true });
+        let (frozen, bits) = given
+            .supermask
+            .ok_or("the task learns scores but its model is no supermask")?;
+        let start = self.start_scores(frozen.theta0, given.mask, bits, personal);
+        Ok(Start {
+            learned: Cow::Owned(start),
+            frozen: Some(frozen),
+        })
+    }
+
+    /// Keeps the learned scores; the model computes with the effective weights of their bits.
+    fn finish(&mut self, given: Given, learned: Vec<f32>) -> Vec<f32> {
+        let Some((frozen, _)) = given.supermask else {
+            return learned;
+        };
+        let weights = effective(frozen, given.mask, &learned);
+        self.scores = Some(learned);
+        weights
+    }
+}
+
+/// The weights scores stand for (what the forward pass computes with): on the kept entries
+/// |θ₀| signed by the score (sign) or θ₀ where the score is positive (keep); zero elsewhere.
+/// The same as `codec::supermask::effective` of the scores' bits.
+fn effective(frozen: Frozen, mask: Option<&[bool]>, scores: &[f32]) -> Vec<f32> {
+    (0..frozen.theta0.len())
+        .map(|i| {
+            if mask.is_some_and(|m| !m[i]) {
+                return 0.0;
+            }
+            let (w, on) = (frozen.theta0[i], scores[i] > 0.0);
+            match (frozen.kind, on) {
+                (SupermaskKind::Sign, true) => w.abs(),
+                (SupermaskKind::Sign, false) => -w.abs(),
+                (SupermaskKind::Keep, true) => w,
+                (SupermaskKind::Keep, false) => 0.0,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Learners;
+    use super::*;
+
+    const THETA0: [f32; 4] = [0.5, -0.25, 0.0, 2.0];
+    /// The third entry pruned: the bits cover the other three.
+    const MASK: [bool; 4] = [true, true, false, true];
+
+    fn given<'a>(kind: SupermaskKind, bits: &'a [bool]) -> Given<'a> {
+        Given {
+            params: &[0.0; 4],
+            mask: Some(&MASK),
+            supermask: Some((
+                Frozen {
+                    kind,
+                    theta0: &THETA0,
+                },
+                bits,
+            )),
+        }
+    }
+
+    fn start(learners: &mut Learners, personal: bool, bits: &[bool]) -> Vec<f32> {
+        let learn = Learn::Scores { personal };
+        let s = learners
+            .get(learn)
+            .start(learn, given(SupermaskKind::Sign, bits))
+            .unwrap();
+        assert!(s.frozen.is_some(), "scores act on the frozen weights");
+        s.learned.into_owned()
+    }
+
+    #[test]
+    fn personal_scores_keep_their_magnitudes_and_take_the_tasks_signs() {
+        let mut learners = Learners::default();
+        let learn = Learn::Scores { personal: true };
+        // The first time: |θ₀|, signed by the task's bits; pruned entries zero.
+        assert_eq!(
+            start(&mut learners, true, &[true, false, true]),
+            [0.5, -0.25, 0.0, 2.0]
+        );
+        // Training ends with these scores; the model computes with their effective weights.
+        let g = given(SupermaskKind::Sign, &[true, false, true]);
+        let weights = learners.get(learn).finish(g, vec![-3.0, 0.75, 0.0, 0.0]);
+        assert_eq!(weights, [-0.5, 0.25, 0.0, -2.0]);
+        // The next task: the kept magnitudes (a zero one floored), the new task's signs.
+        assert_eq!(
+            start(&mut learners, true, &[false, true, true]),
+            [-3.0, 0.75, 0.0, 1e-6]
+        );
+    }
+
+    #[test]
+    fn non_personal_scores_start_from_theta0_every_task() {
+        let mut learners = Learners::default();
+        let learn = Learn::Scores { personal: false };
+        start(&mut learners, false, &[true, true, true]);
+        let g = given(SupermaskKind::Sign, &[true, true, true]);
+        learners.get(learn).finish(g, vec![9.0, 9.0, 0.0, 9.0]);
+        // |θ₀| again, whatever was learned before.
+        assert_eq!(
+            start(&mut learners, false, &[false, true, true]),
+            [-0.5, 0.25, 0.0, 2.0]
+        );
+    }
+
+    #[test]
+    fn keep_scores_switch_weights_on_and_off() {
+        let mut learners = Learners::default();
+        let learn = Learn::Scores { personal: true };
+        let g = given(SupermaskKind::Keep, &[true, true, true]);
+        learners.get(learn).start(learn, g).unwrap();
+        let weights = learners.get(learn).finish(g, vec![1.0, 0.5, 7.0, -1.0]);
+        assert_eq!(weights, [0.5, -0.25, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn scores_need_a_supermask_and_weights_keep_nothing() {
+        let mut learners = Learners::default();
+        let plain = Given {
+            params: &THETA0,
+            mask: None,
+            supermask: None,
+        };
+        let learn = Learn::Scores { personal: true };
+        let err = learners.get(learn).start(learn, plain).err().unwrap();
+        assert!(err.contains("no supermask"), "{err}");
+        let w = learners.get(Learn::Weights);
+        let s = w.start(Learn::Weights, plain).unwrap();
+        assert_eq!(&*s.learned, &THETA0);
+        assert!(s.frozen.is_none());
+        assert_eq!(w.finish(plain, vec![1.0; 4]), [1.0; 4]);
     }
 }

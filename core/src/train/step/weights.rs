@@ -1,8 +1,10 @@
 //! Learning the weights themselves, with or without a mask.
 
+use std::borrow::Cow;
+
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::Reparam;
+use super::{Given, Learn, Learner, Reparam, Start};
 use crate::model::Net;
 use crate::model::arch::Arch;
 
@@ -49,5 +51,22 @@ impl Reparam for Masked {
             .map(|(p, m)| p.map(|t| (t * m.clone()).detach().require_grad()))
             .collect();
         Net { params }
+    }
+}
+
+/// Learning weights keeps nothing between tasks: training starts from the task's model and its
+/// result is the trained model.
+pub struct Weights;
+
+impl Learner for Weights {
+    fn start<'a>(&mut self, _: Learn, given: Given<'a>) -> Result<Start<'a>, String> {
+        Ok(Start {
+            learned: Cow::Borrowed(given.params),
+            frozen: None,
+        })
+    }
+
+    fn finish(&mut self, _: Given, learned: Vec<f32>) -> Vec<f32> {
+        learned
     }
 }
