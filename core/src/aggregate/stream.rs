@@ -330,7 +330,6 @@ mod tests {
             build(name, &config, None).unwrap(),
             build(name, &config, None).unwrap(),
         );
-        assert!(streamed.fold().is_some(), "{name} streams");
         let (mut gb, mut gs) = (start.clone(), start.clone());
         let validate = |_: &ModelState| Eval::default();
         let ctx = RoundContext {
@@ -352,19 +351,22 @@ mod tests {
                 &clients,
                 &mut StdRng::seed_from_u64(round as u64),
             );
-            streamed.configure_round(
-                round,
-                &gs,
-                &clients,
-                &mut StdRng::seed_from_u64(round as u64),
-            );
+            let fold = streamed
+                .configure_round(
+                    round,
+                    &gs,
+                    &clients,
+                    &mut StdRng::seed_from_u64(round as u64),
+                )
+                .fold;
+            assert!(fold.is_some(), "{name} streams");
             let reference = Arc::new(gb.masked_params());
             let results = contributions(kind, &reference, 9, &mut rng);
             let (judged, combined_b) = robust::apply(robust, &reference, results.clone()).unwrap();
             buffered.aggregate(round, &mut gb, &judged, &ctx).unwrap();
 
-            let mut stream = StreamRound::start(robust, streamed.fold(), reference.clone())
-                .expect("this rule streams");
+            let mut stream =
+                StreamRound::start(robust, fold, reference.clone()).expect("this rule streams");
             let mut arriving = results.clone();
             arriving.shuffle(&mut rng);
             for c in arriving {
@@ -463,15 +465,15 @@ mod tests {
             )
             .is_none()
         );
-        // Strategies that do not stream say so.
+        // Strategies that do not stream say so in their plans.
+        let global = ModelState::init(Arch::preset("mlp", [1, 4, 4], 3).unwrap(), 5);
+        let clients = [crate::strategy::ClientView { id: 1, samples: 10 }];
         for name in ["structured", "echo"] {
-            assert!(
-                build(name, &StrategyConfig::default(), None)
-                    .unwrap()
-                    .fold()
-                    .is_none(),
-                "{name}"
-            );
+            let plan = build(name, &StrategyConfig::default(), None)
+                .unwrap()
+                .configure_round(1, &global, &clients, &mut StdRng::seed_from_u64(1));
+            assert_eq!(plan.tasks.len(), 1, "{name}");
+            assert!(plan.fold.is_none(), "{name}");
         }
     }
 

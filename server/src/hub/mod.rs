@@ -28,7 +28,7 @@ pub enum Status {
 }
 
 /// What the run is doing, as the dashboard shows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Phase {
     WaitingForClients,
     /// Clients are working on the round's tasks; the strategy names what kind of round it is.
@@ -42,7 +42,7 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub fn name(&self) -> &'static str {
+    pub fn name(&self) -> &str {
         match self {
             Phase::WaitingForClients => "waiting_for_clients",
             Phase::Round(p) => p.name(),
@@ -591,7 +591,7 @@ impl Hub {
     }
 
     pub fn phase(&self) -> Phase {
-        self.phase
+        self.phase.clone()
     }
 
     /// The round under way (or the last one, between rounds).
