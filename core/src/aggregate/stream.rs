@@ -1,9 +1,9 @@
 //! Streaming aggregation: each accepted result is folded into the round's running sums as it
 //! arrives and then dropped, so the server holds O(model) per round instead of O(clients × model).
 //!
-//! A strategy opts in with [`crate::strategy::Strategy::fold`] (saying which sums it needs) and
-//! [`crate::strategy::Strategy::aggregate_sum`]; one that does not is aggregated from the buffered list of
-//! results as before. The robust layer decides too: only rules that need no other update can
+//! A strategy opts in round by round with its plan's [`crate::strategy::RoundPlan::fold`]
+//! (saying which sums it needs) and [`crate::strategy::Strategy::aggregate_sum`]; a round that
+//! does not is aggregated from the buffered list of results as before. The robust layer decides too: only rules that need no other update can
 //! stream ([`crate::aggregate::robust::streams`]).
 //!
 //! [`RunningSum`] is small and serialisable, and two of them merge: an edge aggregator can send

@@ -185,7 +185,7 @@ impl RoundLoop {
         }
         let deadline = plan.deadline_ms().unwrap_or(60_000);
         let mut got = if self.edges.is_some() {
-            match self.from_edges(round, &global, plan, deadline).await {
+            match self.on_edges(round, &global, plan, deadline).await {
                 Some(g) => g,
                 None => return Attempt::Stop,
             }
@@ -477,7 +477,7 @@ impl RoundLoop {
 
     /// A round run by the edges: announced, then their partials merged as they come. `None`
     /// when the run cannot go on across edges (a round that needs every update in one place).
-    async fn from_edges(
+    async fn on_edges(
         &mut self,
         round: u32,
         global: &ModelState,
