@@ -69,12 +69,14 @@ fn one_round(
         id: 7,
         samples: data.len() as u64,
     }];
-    let tasks = s.configure_round(1, global, &clients, &mut StdRng::seed_from_u64(1));
-    let (id, task) = tasks.into_iter().next().unwrap();
+    let plan = s.configure_round(1, global, &clients, &mut StdRng::seed_from_u64(1));
+    assert!(plan.fold.is_none(), "split learning never streams");
+    let handler = plan.exchange.expect("split answers batches");
+    let (id, task) = plan.tasks.into_iter().next().unwrap();
     let front = codec::decode_model(&task.model, &mut MaskCache::default(), true).unwrap();
     let mut host = Direct {
         t0: Instant::now(),
-        handler: s.exchange().unwrap(),
+        handler,
         round: 1,
         client: id,
         requests: 0,
@@ -331,8 +333,10 @@ fn the_back_server_refuses_what_does_not_fit() {
         ClientView { id: 1, samples: 10 },
         ClientView { id: 2, samples: 10 },
     ];
-    s.configure_round(4, &global, &clients, &mut StdRng::seed_from_u64(1));
-    let h = s.exchange().unwrap();
+    let h = s
+        .configure_round(4, &global, &clients, &mut StdRng::seed_from_u64(1))
+        .exchange
+        .unwrap();
     let ok = encode_request(&[0.5; 400], 2, 200, &[1, 2], None).0;
     assert!(
         h.handle(3, 1, 0, &ok).unwrap_err().contains("round 3"),
@@ -436,12 +440,13 @@ fn between_front_averagings_each_client_keeps_its_own_front() {
     ];
     let mut fronts = Vec::new();
     for round in 1..=3 {
-        let tasks = s.configure_round(
+        let plan = s.configure_round(
             round,
             &global,
             &clients,
             &mut StdRng::seed_from_u64(round as u64),
         );
+        let (tasks, handler) = (plan.tasks, plan.exchange.unwrap());
         let models: Vec<_> = tasks
             .iter()
             .map(|(_, t)| codec::decode_model(&t.model, &mut MaskCache::default(), true).unwrap())
@@ -451,7 +456,7 @@ fn between_front_averagings_each_client_keeps_its_own_front() {
         for ((id, task), (m, d)) in tasks.iter().zip(models.iter().zip(&data)) {
             let mut host = Direct {
                 t0: Instant::now(),
-                handler: s.exchange().unwrap(),
+                handler: handler.clone(),
                 round,
                 client: *id,
                 requests: 0,

@@ -1,9 +1,9 @@
 //! Streaming aggregation: each accepted result is folded into the round's running sums as it
 //! arrives and then dropped, so the server holds O(model) per round instead of O(clients × model).
 //!
-//! A strategy opts in with [`crate::strategy::Strategy::fold`] (saying which sums it needs) and
-//! [`crate::strategy::Strategy::aggregate_sum`]; one that does not is aggregated from the buffered list of
-//! results as before. The robust layer decides too: only rules that need no other update can
+//! A strategy opts in round by round with its plan's [`crate::strategy::RoundPlan::fold`]
+//! (saying which sums it needs) and [`crate::strategy::Strategy::aggregate_sum`]; a round that
+//! does not is aggregated from the buffered list of results as before. The robust layer decides too: only rules that need no other update can
 //! stream ([`crate::aggregate::robust::streams`]).
 //!
 //! [`RunningSum`] is small and serialisable, and two of them merge: an edge aggregator can send
@@ -325,7 +325,6 @@ mod tests {
             build(name, &config, None).unwrap(),
             build(name, &config, None).unwrap(),
         );
-        assert!(streamed.fold().is_some(), "{name} streams");
         let (mut gb, mut gs) = (start.clone(), start.clone());
         let validate = |_: &ModelState| Ok(Eval::default());
         let ctx = RoundContext {
@@ -347,19 +346,22 @@ mod tests {
                 &clients,
                 &mut StdRng::seed_from_u64(round as u64),
             );
-            streamed.configure_round(
-                round,
-                &gs,
-                &clients,
-                &mut StdRng::seed_from_u64(round as u64),
-            );
+            let fold = streamed
+                .configure_round(
+                    round,
+                    &gs,
+                    &clients,
+                    &mut StdRng::seed_from_u64(round as u64),
+                )
+                .fold;
+            assert!(fold.is_some(), "{name} streams");
             let reference = Arc::new(gb.masked_params());
             let results = contributions(kind, &reference, 9, &mut rng);
             let (judged, combined_b) = robust::apply(robust, &reference, results.clone()).unwrap();
             buffered.aggregate(round, &mut gb, &judged, &ctx).unwrap();
 
-            let mut stream = StreamRound::start(robust, streamed.fold(), reference.clone())
-                .expect("this rule streams");
+            let mut stream =
+                StreamRound::start(robust, fold, reference.clone()).expect("this rule streams");
             let mut arriving = results.clone();
             arriving.shuffle(&mut rng);
             for c in arriving {
@@ -458,15 +460,15 @@ mod tests {
             )
             .is_none()
         );
-        // Strategies that do not stream say so.
+        // Strategies that do not stream say so in their plans.
+        let global = ModelState::init(Arch::preset("mlp", [1, 4, 4], 3).unwrap(), 5);
+        let clients = [crate::strategy::ClientView { id: 1, samples: 10 }];
         for name in ["structured", "echo"] {
-            assert!(
-                build(name, &StrategyConfig::default(), None)
-                    .unwrap()
-                    .fold()
-                    .is_none(),
-                "{name}"
-            );
+            let plan = build(name, &StrategyConfig::default(), None)
+                .unwrap()
+                .configure_round(1, &global, &clients, &mut StdRng::seed_from_u64(1));
+            assert_eq!(plan.tasks.len(), 1, "{name}");
+            assert!(plan.fold.is_none(), "{name}");
         }
     }
 

@@ -12,14 +12,15 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ClientView, Contribution, Fold, Phase, RoundContext, RoundOutcome, RunningSum, Settings,
-    Strategy, StrategyConfig, UploadKind, parse_settings, sample_clients, task_on,
+    ClientView, Contribution, Fold, Phase, RoundContext, RoundOutcome, RoundPlan, RunningSum,
+    Settings, Strategy, StrategyConfig, UploadKind, aggregate_folded, parse_settings,
+    sample_clients, task_on,
 };
 use crate::aggregate::momentum_step;
 use crate::metric_keys as keys;
 use crate::model::arch::Arch;
 use crate::model::state::ModelState;
-use crate::protocol::{Task, UploadSpec};
+use crate::protocol::UploadSpec;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -243,17 +244,12 @@ pub fn build(
     )?))
 }
 
+/// AutoFLIP needs the deltas' weighted mean and their mean squares: both are running sums.
+const FOLD: Fold = Fold { squares: true };
+
 impl Strategy for AutoFlip {
     fn needs_validation(&self) -> bool {
         self.settings.auto_q
-    }
-
-    fn phase(&self) -> Phase {
-        if self.explored_in == 0 {
-            Phase::Own("exploring")
-        } else {
-            Phase::Training
-        }
     }
 
     fn save_state(&self) -> Vec<u8> {
@@ -274,7 +270,7 @@ impl Strategy for AutoFlip {
         global: &ModelState,
         clients: &[ClientView],
         rng: &mut StdRng,
-    ) -> Vec<(u64, Task)> {
+    ) -> RoundPlan {
         let a = &self.settings;
         let exploring = self.explored_in == 0;
         let (fraction, upload) = if exploring {
@@ -305,7 +301,7 @@ impl Strategy for AutoFlip {
         }
         // One encoded model, shared by every sampled client's task.
         let model = std::sync::Arc::new(crate::codec::encode_model(global));
-        sample_clients(clients, fraction, self.config.min_fit, rng)
+        let tasks = sample_clients(clients, fraction, self.config.min_fit, rng)
             .into_iter()
             .map(|c| {
                 let mut task = task_on(round, model.clone(), &config, c.id, upload);
@@ -314,12 +310,23 @@ impl Strategy for AutoFlip {
                 }
                 (c.id, task)
             })
-            .collect()
+            .collect();
+        let plan = RoundPlan::streamed(tasks, FOLD);
+        if exploring {
+            plan.with_phase(Phase::Own("exploring".into()))
+        } else {
+            plan
+        }
     }
 
-    /// AutoFLIP needs the deltas' weighted mean and their mean squares: both are running sums.
-    fn fold(&self) -> Option<Fold> {
-        Some(Fold { squares: true })
+    fn aggregate(
+        &mut self,
+        round: u32,
+        global: &mut ModelState,
+        results: &[Contribution],
+        ctx: &RoundContext,
+    ) -> Result<RoundOutcome, String> {
+        aggregate_folded(self, FOLD, round, global, results, ctx)
     }
 
     fn aggregate_sum(
@@ -720,7 +727,10 @@ mod tests {
         let mut global = ModelState::init(arch(), 1);
         let clients: Vec<ClientView> = (0..2).map(|id| ClientView { id, samples: 10 }).collect();
         let mut rng = rand::SeedableRng::seed_from_u64(1);
-        let tasks = s.configure_round(1, &global, &clients, &mut rng);
+        let plan = s.configure_round(1, &global, &clients, &mut rng);
+        assert_eq!(plan.phase, Phase::Own("exploring".into()));
+        assert_eq!(plan.fold, Some(FOLD), "exploration streams too");
+        let tasks = plan.tasks;
         assert_eq!(tasks.len(), 2);
         assert_eq!(tasks[0].1.train.epochs, 20);
         let contrib = |client, v: [f32; 6]| Contribution {
@@ -752,7 +762,9 @@ mod tests {
                 .all(|(p, k)| *k || *p == 0.0)
         );
         // A training round: the pruned entries stay zero after the server's momentum step.
-        let tasks = s.configure_round(2, &global, &clients, &mut rng);
+        let plan = s.configure_round(2, &global, &clients, &mut rng);
+        assert_eq!(plan.phase, Phase::Training);
+        let tasks = plan.tasks;
         assert!(matches!(
             tasks[0].1.upload,
             UploadSpec::Sparse { int8: true, .. }

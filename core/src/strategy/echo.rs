@@ -12,13 +12,13 @@ use rand::rngs::StdRng;
 
 use super::fedavg::NoSettings;
 use super::{
-    ClientView, Contribution, Exchange, RoundContext, RoundOutcome, Settings, Strategy,
+    ClientView, Contribution, Exchange, RoundContext, RoundOutcome, RoundPlan, Settings, Strategy,
     StrategyConfig, UploadKind, parse_settings, plain_round, weighted_values,
 };
 use crate::codec::exchange;
 use crate::metric_keys as keys;
 use crate::model::state::ModelState;
-use crate::protocol::{Task, UploadSpec};
+use crate::protocol::UploadSpec;
 use crate::train::step::LossSource;
 
 pub struct Echo {
@@ -88,7 +88,7 @@ impl Strategy for Echo {
         global: &ModelState,
         clients: &[ClientView],
         rng: &mut StdRng,
-    ) -> Vec<(u64, Task)> {
+    ) -> RoundPlan {
         self.server
             .classes
             .store(global.arch.classes, Ordering::Relaxed);
@@ -104,11 +104,7 @@ impl Strategy for Echo {
         for (_, t) in &mut tasks {
             t.train.step.loss = LossSource::Remote { cut, keep: 1.0 };
         }
-        tasks
-    }
-
-    fn exchange(&self) -> Option<Arc<dyn Exchange>> {
-        Some(self.server.clone())
+        RoundPlan::buffered(tasks).with_exchange(self.server.clone())
     }
 
     fn aggregate(

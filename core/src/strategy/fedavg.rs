@@ -3,11 +3,11 @@
 use rand::rngs::StdRng;
 
 use super::{
-    ClientView, Contribution, Fold, RoundContext, RoundOutcome, RunningSum, Settings, Strategy,
-    StrategyConfig, UploadKind, parse_settings, plain_round,
+    ClientView, Contribution, Fold, RoundContext, RoundOutcome, RoundPlan, RunningSum, Settings,
+    Strategy, StrategyConfig, UploadKind, aggregate_folded, parse_settings, plain_round,
 };
 use crate::model::state::ModelState;
-use crate::protocol::{Task, UploadSpec};
+use crate::protocol::UploadSpec;
 
 pub struct FedAvg {
     config: StrategyConfig,
@@ -39,19 +39,26 @@ impl Strategy for FedAvg {
         global: &ModelState,
         clients: &[ClientView],
         rng: &mut StdRng,
-    ) -> Vec<(u64, Task)> {
-        plain_round(
+    ) -> RoundPlan {
+        let tasks = plain_round(
             round,
             global,
             &self.config,
             clients,
             rng,
             UploadSpec::Weights,
-        )
+        );
+        RoundPlan::streamed(tasks, Fold::default())
     }
 
-    fn fold(&self) -> Option<Fold> {
-        Some(Fold::default())
+    fn aggregate(
+        &mut self,
+        round: u32,
+        global: &mut ModelState,
+        results: &[Contribution],
+        ctx: &RoundContext,
+    ) -> Result<RoundOutcome, String> {
+        aggregate_folded(self, Fold::default(), round, global, results, ctx)
     }
 
     fn aggregate_sum(

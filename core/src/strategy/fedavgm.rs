@@ -5,12 +5,12 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ClientView, Contribution, Fold, RoundContext, RoundOutcome, RunningSum, Settings, Strategy,
-    StrategyConfig, UploadKind, parse_settings, plain_round,
+    ClientView, Contribution, Fold, RoundContext, RoundOutcome, RoundPlan, RunningSum, Settings,
+    Strategy, StrategyConfig, UploadKind, aggregate_folded, parse_settings, plain_round,
 };
 use crate::aggregate::momentum_step;
 use crate::model::state::ModelState;
-use crate::protocol::{Task, UploadSpec};
+use crate::protocol::UploadSpec;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -61,10 +61,11 @@ impl Strategy for FedAvgM {
         global: &ModelState,
         clients: &[ClientView],
         rng: &mut StdRng,
-    ) -> Vec<(u64, Task)> {
+    ) -> RoundPlan {
         let mut config = self.config.clone();
         config.lr *= self.own.lr_decay.powi(round as i32 - 1);
-        plain_round(round, global, &config, clients, rng, UploadSpec::Delta)
+        let tasks = plain_round(round, global, &config, clients, rng, UploadSpec::Delta);
+        RoundPlan::streamed(tasks, Fold::default())
     }
 
     fn save_state(&self) -> Vec<u8> {
@@ -76,8 +77,14 @@ impl Strategy for FedAvgM {
         Ok(())
     }
 
-    fn fold(&self) -> Option<Fold> {
-        Some(Fold::default())
+    fn aggregate(
+        &mut self,
+        round: u32,
+        global: &mut ModelState,
+        results: &[Contribution],
+        ctx: &RoundContext,
+    ) -> Result<RoundOutcome, String> {
+        aggregate_folded(self, Fold::default(), round, global, results, ctx)
     }
 
     fn aggregate_sum(
@@ -131,14 +138,14 @@ mod tests {
         let clients = [ClientView { id: 0, samples: 4 }];
         let mut rng = StdRng::seed_from_u64(1);
         assert_eq!(
-            s.configure_round(1, &global, &clients, &mut rng)[0]
+            s.configure_round(1, &global, &clients, &mut rng).tasks[0]
                 .1
                 .train
                 .lr,
             0.1
         );
         assert_eq!(
-            s.configure_round(3, &global, &clients, &mut rng)[0]
+            s.configure_round(3, &global, &clients, &mut rng).tasks[0]
                 .1
                 .train
                 .lr,

@@ -15,15 +15,15 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ClientView, Contribution, Fold, RoundContext, RoundOutcome, RunningSum, Settings, Strategy,
-    StrategyConfig, UploadKind, parse_settings, plain_round,
+    ClientView, Contribution, Fold, RoundContext, RoundOutcome, RoundPlan, RunningSum, Settings,
+    Strategy, StrategyConfig, UploadKind, aggregate_folded, parse_settings, plain_round,
 };
 use crate::codec::supermask::bit_of_weight;
 use crate::codec::{compact, encode_supermask};
 use crate::metric_keys as keys;
 use crate::model::state::ModelState;
 use crate::model::synflow::{layer_density, synflow_mask};
-use crate::protocol::{SupermaskKind, Task, UploadSpec};
+use crate::protocol::{SupermaskKind, UploadSpec};
 use crate::train::Optimizer;
 use crate::train::step::Learn;
 
@@ -175,7 +175,7 @@ impl Strategy for Supermask {
         global: &ModelState,
         clients: &[ClientView],
         rng: &mut StdRng,
-    ) -> Vec<(u64, Task)> {
+    ) -> RoundPlan {
         let model = if global.mask.is_none() {
             self.initial(global)
         } else {
@@ -198,12 +198,19 @@ impl Strategy for Supermask {
             t.train.lr = self.settings.score_lr;
             t.train.optimizer = self.settings.score_optimizer.clone();
         }
-        tasks
+        // The vote is a sample-weighted sum of ±1 per entry: a running sum (exact, being
+        // integers).
+        RoundPlan::streamed(tasks, Fold::default())
     }
 
-    /// The vote is a sample-weighted sum of ±1 per entry: a running sum (exact, being integers).
-    fn fold(&self) -> Option<Fold> {
-        Some(Fold::default())
+    fn aggregate(
+        &mut self,
+        round: u32,
+        global: &mut ModelState,
+        results: &[Contribution],
+        ctx: &RoundContext,
+    ) -> Result<RoundOutcome, String> {
+        aggregate_folded(self, Fold::default(), round, global, results, ctx)
     }
 
     fn aggregate_sum(
@@ -371,12 +378,14 @@ mod tests {
         .unwrap();
         let mut global = ModelState::init(arch, 7);
         let clients: Vec<ClientView> = (0..3).map(|id| ClientView { id, samples: 10 }).collect();
-        let tasks = s.configure_round(
-            1,
-            &global,
-            &clients,
-            &mut rand::SeedableRng::seed_from_u64(1),
-        );
+        let tasks = s
+            .configure_round(
+                1,
+                &global,
+                &clients,
+                &mut rand::SeedableRng::seed_from_u64(1),
+            )
+            .tasks;
         assert_eq!(tasks.len(), 3);
         assert_eq!(
             tasks[0].1.train.step.learn,

@@ -8,6 +8,7 @@ mod echo;
 mod fedavg;
 mod fedavgm;
 mod hidenseek;
+mod plan;
 mod split;
 mod structured;
 
@@ -16,6 +17,7 @@ pub use echo::{Echo, LossServer};
 pub use fedavg::FedAvg;
 pub use fedavgm::{FedAvgM, FedavgmConfig};
 pub use hidenseek::{Supermask, SupermaskConfig};
+pub use plan::{Exchange, Phase, RoundPlan};
 pub use split::{BackServer, PruneKind, Split, SplitConfig};
 pub use structured::{Structured, StructuredConfig, UnitScore};
 // A strategy file finds everything it works with here.
@@ -115,68 +117,34 @@ pub struct RoundContext<'a> {
     pub validate: &'a dyn Fn(&ModelState) -> Result<Eval, String>,
 }
 
-/// What kind of round a strategy is running, for dashboards. Methods add their own by name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    Training,
-    /// A method's own kind of round (AutoFLIP's "exploring").
-    Own(&'static str),
-}
-
-impl Phase {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Phase::Training => "training",
-            Phase::Own(name) => name,
-        }
-    }
-}
-
-/// A strategy's per-request work within a round: a client sends a request in the middle of its
-/// task and awaits the reply (split learning's per-batch back pass; the echo strategy's loss
-/// gradient). The server runs it on a worker pool, for many clients at once, so it takes
-/// `&self`: per-client state needs its own lock.
-pub trait Exchange: Send + Sync {
-    fn handle(&self, round: u32, client: u64, seq: u32, request: &[u8]) -> Result<Vec<u8>, String>;
-}
-
 pub trait Strategy: Send {
-    /// Picks clients and gives each a task. `clients` are the ones connected and idle.
+    /// Picks clients, gives each a task, and says how the round runs: whether it streams, its
+    /// phase, who answers in-round requests ([`RoundPlan`]). `clients` are the ones connected
+    /// and idle.
     fn configure_round(
         &mut self,
         round: u32,
         global: &ModelState,
         clients: &[ClientView],
         rng: &mut StdRng,
-    ) -> Vec<(u64, Task)>;
+    ) -> RoundPlan;
 
-    /// Folds validated, decoded results into `global`.
-    /// By default (for a strategy that streams): the buffered results folded into the same
-    /// running sum the streamed path builds, then [`Strategy::aggregate_sum`], so both paths
-    /// share one piece of code. A strategy that does not stream implements this itself.
+    /// Folds validated, decoded results into `global`: what the server calls when a round's
+    /// results were kept (its plan does not stream, or the robust rule needs every update). A
+    /// strategy that streams answers with [`aggregate_folded`], so both paths share one piece
+    /// of code.
     fn aggregate(
         &mut self,
-        round: u32,
-        global: &mut ModelState,
-        results: &[Contribution],
-        ctx: &RoundContext,
+        _round: u32,
+        _global: &mut ModelState,
+        _results: &[Contribution],
+        _ctx: &RoundContext,
     ) -> Result<RoundOutcome, String> {
-        let fold = self
-            .fold()
-            .ok_or("this strategy aggregates neither results nor running sums")?;
-        let sum = RunningSum::of(results, fold)?;
-        self.aggregate_sum(round, global, &sum, results, ctx)
+        Err("this strategy aggregates neither results nor running sums".into())
     }
 
-    /// Whether this strategy can aggregate the round just configured from running sums
-    /// (streaming aggregation), and which sums it needs. `None` (the default): the server keeps
-    /// every result until the round ends and calls [`Strategy::aggregate`].
-    fn fold(&self) -> Option<Fold> {
-        None
-    }
-
-    /// [`Strategy::aggregate`] from the round's running sums, for a strategy whose
-    /// [`Strategy::fold`] said it can. `results` are the round's contributions without their
+    /// [`Strategy::aggregate`] from the round's running sums, for a round whose plan's
+    /// [`RoundPlan::fold`] said it can. `results` are the round's contributions without their
     /// vectors (empty `values`): who, how many samples, metrics, encoding. Must give what
     /// `aggregate` gives on the same results, up to rounding.
     fn aggregate_sum(
@@ -209,11 +177,6 @@ pub trait Strategy: Send {
         false
     }
 
-    /// The kind of round [`Strategy::configure_round`] just configured, for dashboards.
-    fn phase(&self) -> Phase {
-        Phase::Training
-    }
-
     /// The strategy's own state between rounds (server momentum, pruning stage...), saved with
     /// every checkpoint so a restarted server resumes where it stopped.
     fn save_state(&self) -> Vec<u8> {
@@ -223,12 +186,21 @@ pub trait Strategy: Send {
     fn load_state(&mut self, _bytes: &[u8]) -> Result<(), String> {
         Ok(())
     }
+}
 
-    /// Who answers in-round requests in the round just configured (None: the strategy takes
-    /// none, and the server refuses them).
-    fn exchange(&self) -> Option<Arc<dyn Exchange>> {
-        None
-    }
+/// [`Strategy::aggregate`] for a strategy that streams: the buffered results folded into the
+/// same running sum the streamed path builds (`fold`, as its plans say), then
+/// [`Strategy::aggregate_sum`].
+pub fn aggregate_folded<S: Strategy + ?Sized>(
+    strategy: &mut S,
+    fold: Fold,
+    round: u32,
+    global: &mut ModelState,
+    results: &[Contribution],
+    ctx: &RoundContext,
+) -> Result<RoundOutcome, String> {
+    let sum = RunningSum::of(results, fold)?;
+    strategy.aggregate_sum(round, global, &sum, results, ctx)
 }
 
 /// One entry of the registry: a strategy's name, a line about it, and its constructor.

@@ -20,13 +20,13 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ClientView, Contribution, Exchange, RoundContext, RoundOutcome, Settings, Strategy,
+    ClientView, Contribution, Exchange, RoundContext, RoundOutcome, RoundPlan, Settings, Strategy,
     StrategyConfig, UploadKind, parse_settings, sample_clients, task_on, weighted_values,
 };
 use crate::codec::exchange;
 use crate::metric_keys as keys;
 use crate::model::state::ModelState;
-use crate::protocol::{Task, UploadSpec};
+use crate::protocol::UploadSpec;
 use crate::train::Optimizer;
 use crate::train::split::{Back, Front, back_offset, back_step};
 use crate::train::step::LossSource;
@@ -291,7 +291,7 @@ impl Strategy for Split {
         global: &ModelState,
         clients: &[ClientView],
         rng: &mut StdRng,
-    ) -> Vec<(u64, Task)> {
+    ) -> RoundPlan {
         let s = self.settings.clone();
         let cut = match global.arch.split_point(s.cut) {
             Ok(c) => c,
@@ -299,7 +299,7 @@ impl Strategy for Split {
                 // `check_model` passed at start-up, so only a model that changed shape since
                 // gets here: give no tasks, say why.
                 eprintln!("split: {e}");
-                return Vec::new();
+                return RoundPlan::buffered(Vec::new());
             }
         };
         self.mask_version += 1;
@@ -321,7 +321,7 @@ impl Strategy for Split {
                     Ok(f) => Arc::new(f),
                     Err(e) => {
                         eprintln!("split: {e}");
-                        return Vec::new();
+                        return RoundPlan::buffered(Vec::new());
                     }
                 },
             };
@@ -372,17 +372,15 @@ impl Strategy for Split {
             clients: backs,
             shared,
         }));
-        tasks
+        // The server trains the back batch by batch, and each client's result needs its own
+        // back (`complete`): the round does not stream.
+        RoundPlan::buffered(tasks).with_exchange(self.server.clone())
     }
 
     fn check_model(&self, arch: &crate::model::arch::Arch) -> Result<(), String> {
         arch.split_point(self.settings.cut)
             .map(|_| ())
             .map_err(|e| format!("[strategy.split]: {e}"))
-    }
-
-    fn exchange(&self) -> Option<Arc<dyn Exchange>> {
-        Some(self.server.clone())
     }
 
     /// The client's trained front written into its full-width front, followed by the back the

@@ -12,14 +12,14 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ClientView, Contribution, RoundContext, RoundOutcome, Settings, Strategy, StrategyConfig,
-    UploadKind, parse_settings, plain_round, weighted_values,
+    ClientView, Contribution, RoundContext, RoundOutcome, RoundPlan, Settings, Strategy,
+    StrategyConfig, UploadKind, parse_settings, plain_round, weighted_values,
 };
 use crate::metric_keys as keys;
 use crate::model::arch::Layer;
 use crate::model::state::ModelState;
 use crate::model::surgery::{keep_within_bounds, shrink, unit_norms};
-use crate::protocol::{Task, UploadSpec};
+use crate::protocol::UploadSpec;
 
 /// What a unit's score measures.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,15 +192,16 @@ impl Strategy for Structured {
         global: &ModelState,
         clients: &[ClientView],
         rng: &mut StdRng,
-    ) -> Vec<(u64, Task)> {
-        plain_round(
+    ) -> RoundPlan {
+        // Surgery needs every client's weights together: the round does not stream.
+        RoundPlan::buffered(plain_round(
             round,
             global,
             &self.config,
             clients,
             rng,
             UploadSpec::Weights,
-        )
+        ))
     }
 
     fn save_state(&self) -> Vec<u8> {

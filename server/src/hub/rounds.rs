@@ -10,7 +10,7 @@ use serde::{Serialize, Serializer};
 use crate::round::record::RoundRecord;
 
 /// What the run is doing, as the dashboard shows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Phase {
     WaitingForClients,
     /// Clients are working on the round's tasks; the strategy names what kind of round it is.
@@ -24,7 +24,7 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub fn name(&self) -> &'static str {
+    pub fn name(&self) -> &str {
         match self {
             Phase::WaitingForClients => "waiting_for_clients",
             Phase::Round(p) => p.name(),
@@ -104,7 +104,7 @@ impl Rounds {
     }
 
     pub fn phase(&self) -> Phase {
-        self.phase
+        self.phase.clone()
     }
 
     /// The round under way (or the last one, between rounds).

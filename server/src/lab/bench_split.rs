@@ -56,18 +56,17 @@ fn per_batch(model: &str, data: &Dataset, cut: usize, prune: f32) -> (f64, f64, 
         id: 1,
         samples: data.len() as u64,
     }];
-    let (_, task) = s
-        .configure_round(
-            1,
-            &global,
-            &clients,
-            &mut rand::rngs::StdRng::seed_from_u64(1),
-        )
-        .remove(0);
+    let mut plan = s.configure_round(
+        1,
+        &global,
+        &clients,
+        &mut rand::rngs::StdRng::seed_from_u64(1),
+    );
+    let (_, task) = plan.tasks.remove(0);
     let front = codec::decode_model(&task.model, &mut MaskCache::default(), true).expect("front");
     let mut host = Direct {
         t0: Instant::now(),
-        handler: s.exchange().expect("split answers batches"),
+        handler: plan.exchange.expect("split answers batches"),
         waited_ms: 0.0,
     };
     let t = pollster::block_on(train(

@@ -1,5 +1,8 @@
 //! The round loop. It knows the [`Strategy`] trait only: which method runs is the strategy's
-//! business, as are the tasks it hands out and how results become the next global model.
+//! business, as are the tasks it hands out and how results become the next global model. Each
+//! round runs as the strategy's [`RoundPlan`] says (its tasks, whether it streams, its phase,
+//! its exchange), through [`RoundLoop::run_plan`], the seam an edge runs the root's rounds
+//! through too.
 //! Records, checkpoints and evaluation live beside it (`metrics`, `checkpoint`, `evaluate`);
 //! in-round requests are answered by the [`Desk`], never here.
 
@@ -18,7 +21,10 @@ use canopy_core::protocol::{
     ErrorCode, MaskSpec, ModelPayload, ServerMsg, Task, encode_model_part, encode_task_head,
     encode_task_tail,
 };
-use canopy_core::strategy::{ClientView, Contribution, RoundContext, Strategy, accept};
+use canopy_core::strategy::{
+    ClientView, Contribution, RoundContext, RoundOutcome, RoundPlan, Strategy, accept,
+};
+use canopy_core::train::Eval;
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::{sleep_until, timeout};
@@ -31,6 +37,9 @@ use crate::round::exchange::Desk;
 use crate::round::inbox::Incoming;
 use crate::round::record::{self, RoundRecord, RoundTally};
 use crate::serve::outbox::Frame;
+
+#[cfg(test)]
+mod tests;
 
 pub struct RoundLoop {
     pub hub: Arc<Mutex<Hub>>,
@@ -71,26 +80,68 @@ pub struct Late {
     pub start: Arc<Vec<f32>>,
 }
 
-/// What came back from one round's clients.
-pub(crate) struct Collected {
+/// What came back from one round's clients ([`RoundLoop::run_plan`], or the edges' partials).
+pub struct Collected {
     /// Buffered results (when the round does not stream).
-    pub(crate) results: Vec<Contribution>,
-    /// The round's running sums, when the strategy and the robust rule allow streaming.
-    pub(crate) stream: Option<StreamRound>,
-    pub(crate) dropped: usize,
-    pub(crate) rejected: usize,
+    pub results: Vec<Contribution>,
+    /// The round's running sums, when the plan and the robust rule allow streaming.
+    pub stream: Option<StreamRound>,
+    /// The (masked) global model the round's tasks started from.
+    pub start: Arc<Vec<f32>>,
+    /// Clients whose task went out.
+    pub sampled: usize,
+    pub dropped: usize,
+    pub rejected: usize,
+    /// Time spent queueing the task frames (or announcing the round to the edges).
+    pub send: Duration,
     /// Time spent validating and folding results, and how long each waited between its
     /// session reading it and the loop having folded (or buffered) it.
-    pub(crate) fold: Duration,
-    pub(crate) waits: Vec<Duration>,
+    pub fold: Duration,
+    pub waits: Vec<Duration>,
 }
 
 impl Collected {
-    fn count(&self) -> usize {
+    /// Results that came back (buffered or folded).
+    pub fn count(&self) -> usize {
         self.stream
             .as_ref()
             .map_or(self.results.len(), |s| s.results())
     }
+
+    /// Nothing came back (the round could not be run; the loop retries it).
+    fn none(start: Arc<Vec<f32>>) -> Collected {
+        Collected {
+            results: Vec::new(),
+            stream: None,
+            start,
+            sampled: 0,
+            dropped: 0,
+            rejected: 0,
+            send: Duration::ZERO,
+            fold: Duration::ZERO,
+            waits: Vec::new(),
+        }
+    }
+}
+
+/// How one attempt at a round ended, for [`RoundLoop::run`].
+enum Attempt {
+    /// Aggregated, recorded and saved: on to the next round.
+    Done,
+    /// Too few results, or aggregation failed: the same round again, counted as a retry.
+    Retry,
+    /// No clients or no tasks this time: the same round again, not counted.
+    Again,
+    /// The run cannot go on.
+    Stop,
+}
+
+/// A round's aggregation: the next global model, what the strategy reported and what the robust
+/// layer did.
+struct Aggregated {
+    next: ModelState,
+    outcome: Result<RoundOutcome, String>,
+    combined: robust::Combined,
 }
 
 impl RoundLoop {
@@ -101,228 +152,315 @@ impl RoundLoop {
         let mut round = self.first_round;
         let mut retries = 0;
         while self.proceed(round).await {
-            let views = self.wait_for_clients(round).await;
-            if views.is_empty() {
-                continue; // paused or stopped while waiting: proceed() decides
+            match self.attempt(round, retries, &mut rng).await {
+                Attempt::Done => {
+                    retries = 0;
+                    round += 1;
+                }
+                Attempt::Retry => retries += 1,
+                Attempt::Again => {}
+                Attempt::Stop => break,
             }
-            let views = self.cap_clients(views, &mut rng);
-            let global = self.global.lock().unwrap().clone();
-            let started = Instant::now();
-            // A strategy may compute here (HideNseek's SynFlow): off the async workers' backs.
-            let tasks = tokio::task::block_in_place(|| {
-                self.strategy
-                    .configure_round(round, &global, &views, &mut rng)
-            });
-            if tasks.is_empty() {
-                tracing::warn!(round, "strategy configured no tasks; waiting");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-            let deadline = tasks
-                .iter()
-                .map(|(_, t)| t.deadline_ms)
-                .max()
-                .unwrap_or(60_000);
-            let start = Arc::new(global.masked_params());
-            // Streaming: each accepted result is folded into running sums and dropped.
-            let stream = StreamRound::start(&self.robust, self.strategy.fold(), start.clone());
-            let (mut got, sampled, send_time) = if self.edges.is_some() {
-                match self
-                    .from_edges(round, &global, tasks, deadline, stream)
-                    .await
-                {
-                    Some(g) => g,
-                    None => break,
-                }
-            } else {
-                let pending = self.send_tasks(round, tasks);
-                let send_time = started.elapsed();
-                let sampled = pending.len();
-                let got = self
-                    .collect(
-                        round,
-                        pending,
-                        Duration::from_millis(deadline),
-                        &start,
-                        &global,
-                        stream,
-                    )
-                    .await;
-                self.desk.close();
-                (got, sampled, send_time)
-            };
-            if got.count() < self.min_results.min(sampled) || got.count() == 0 {
-                retries += 1;
-                tracing::warn!(
-                    round,
-                    results = got.count(),
-                    needed = self.min_results,
-                    "too few results; retrying the round"
-                );
-                continue;
-            }
-            self.hub
-                .lock()
-                .unwrap()
-                .set_phase(Phase::Aggregating, round);
-            let aggregating = Instant::now();
-            let late = self.take_carried(round, &start);
-            let late_count = late.len();
-            let streamed = got.stream.is_some();
-            let mut next = global.clone();
-            let (aggregated, combined) = {
-                // Not held across an await below: the validator is not Send.
-                let validate = evaluate::validator(self.validation.clone());
-                let ctx = RoundContext {
-                    rounds: self.rounds,
-                    validate: &validate,
-                };
-                if let Some(mut stream) = got.stream.take() {
-                    for c in late {
-                        let client = c.client;
-                        if let Err(e) = self
-                            .strategy
-                            .complete(c, &global)
-                            .and_then(|c| stream.add(c))
-                        {
-                            tracing::warn!(round, client, "late result set aside: {e}");
-                        }
-                    }
-                    let s = stream.finish();
-                    self.note_verdicts(round, &s.combined);
-                    got.results = s.results;
-                    let a = tokio::task::block_in_place(|| {
-                        self.strategy
-                            .aggregate_sum(round, &mut next, &s.sum, &got.results, &ctx)
-                    });
-                    (a, s.combined)
-                } else {
-                    // Arrival order varies from run to run; summing in client order keeps runs reproducible.
-                    got.results.sort_by_key(|c| c.client);
-                    got.results.extend(late);
-                    // In the global model's coordinates (split learning: the front with its back).
-                    got.results = std::mem::take(&mut got.results)
-                        .into_iter()
-                        .filter_map(|c| {
-                            let client = c.client;
-                            self.strategy
-                                .complete(c, &global)
-                                .map_err(|e| tracing::warn!(round, client, "result set aside: {e}"))
-                                .ok()
-                        })
-                        .collect();
-                    if got.results.is_empty() {
-                        retries += 1;
-                        tracing::warn!(round, "no result could be completed; retrying the round");
-                        continue;
-                    }
-                    // The record keeps who contributed what (not the vectors); the layer takes the vectors.
-                    let summary: Vec<Contribution> = got
-                        .results
-                        .iter()
-                        .map(|c| Contribution {
-                            values: Vec::new(),
-                            metrics: c.metrics.clone(),
-                            ..*c
-                        })
-                        .collect();
-                    let judged =
-                        self.judge(round, &start, std::mem::replace(&mut got.results, summary));
-                    let (robust_results, combined) = match judged {
-                        Ok(r) => r,
-                        Err(e) => {
-                            retries += 1;
-                            tracing::error!(
-                                round,
-                                "robust aggregation failed, retrying the round: {e}"
-                            );
-                            continue;
-                        }
-                    };
-                    let a = tokio::task::block_in_place(|| {
-                        self.strategy
-                            .aggregate(round, &mut next, &robust_results, &ctx)
-                    });
-                    (a, combined)
-                }
-            };
-            let aggregate_time = aggregating.elapsed();
-            let outcome = match aggregated {
-                Ok(mut o) => {
-                    o.metrics.extend(robust::round_metrics(&combined));
-                    if self.late_results == LateResults::NextRound {
-                        o.metrics
-                            .insert(keys::LATE_RESULTS.into(), late_count as f64);
-                    }
-                    got.waits.sort();
-                    let pct = |p: f64| {
-                        got.waits
-                            .get(((got.waits.len() as f64 - 1.0) * p).round() as usize)
-                            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
-                    };
-                    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-                    o.metrics.extend([
-                        (keys::SERVER_STREAMED.to_string(), streamed as u8 as f64),
-                        (keys::SERVER_SEND_MS.to_string(), ms(send_time)),
-                        (keys::SERVER_FOLD_MS.to_string(), ms(got.fold)),
-                        (keys::SERVER_AGGREGATE_MS.to_string(), ms(aggregate_time)),
-                        (keys::SERVER_RESULT_WAIT_P50_MS.to_string(), pct(0.5)),
-                        (keys::SERVER_RESULT_WAIT_P99_MS.to_string(), pct(0.99)),
-                    ]);
-                    o
-                }
-                Err(e) => {
-                    retries += 1;
-                    tracing::error!(round, "aggregation failed, retrying the round: {e}");
-                    continue;
-                }
-            };
-            let eval = evaluate::on(&next, &self.test).await.unwrap_or_else(|e| {
-                tracing::error!(round, "evaluating the global model failed: {e}");
-                Default::default()
-            });
-            let record = {
-                let mut hub = self.hub.lock().unwrap();
-                let tally = RoundTally {
-                    round,
-                    seconds: started.elapsed().as_secs_f64(),
-                    sampled,
-                    dropped: got.dropped,
-                    rejected: got.rejected,
-                    retries,
-                };
-                // The model the clients trained this round (a strategy may shrink it after).
-                let backend_of = |id| {
-                    hub.client(id)
-                        .map(|c| c.device.backend.to_string())
-                        .unwrap_or_default()
-                };
-                let record = RoundRecord::new(
-                    tally,
-                    &got.results,
-                    eval,
-                    &global.arch,
-                    hub.round_bytes(),
-                    backend_of,
-                    outcome,
-                );
-                hub.record(record.clone());
-                record
-            };
-            *self.global.lock().unwrap() = next;
-            tracing::info!(
-                round,
-                accuracy = format!("{:.4}", record.test_accuracy),
-                loss = format!("{:.4}", record.test_loss),
-                results = record.results,
-                up = record.bytes_up,
-                down = record.bytes_down,
-                "round done"
-            );
-            self.save();
-            retries = 0;
-            round += 1;
         }
+        self.end(round).await;
+    }
+
+    /// One attempt at round `round`: clients, the strategy's plan, the round on the clients (or
+    /// the edges), aggregation, evaluation, the record and the save.
+    async fn attempt(&mut self, round: u32, retries: u32, rng: &mut StdRng) -> Attempt {
+        let views = self.wait_for_clients(round).await;
+        if views.is_empty() {
+            return Attempt::Again; // paused or stopped while waiting: proceed() decides
+        }
+        let views = self.cap_clients(views, rng);
+        let global = self.global.lock().unwrap().clone();
+        let started = Instant::now();
+        // A strategy may compute here (HideNseek's SynFlow): off the async workers' backs.
+        let plan = tokio::task::block_in_place(|| {
+            self.strategy.configure_round(round, &global, &views, rng)
+        });
+        if plan.tasks.is_empty() {
+            tracing::warn!(round, "strategy configured no tasks; waiting");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            return Attempt::Again;
+        }
+        let deadline = plan.deadline_ms().unwrap_or(60_000);
+        let mut got = if self.edges.is_some() {
+            match self.on_edges(round, &global, plan, deadline).await {
+                Some(g) => g,
+                None => return Attempt::Stop,
+            }
+        } else {
+            let configured = started.elapsed();
+            let robust = self.robust.clone();
+            let mut got = self.run_plan(round, plan, &global, deadline, &robust).await;
+            // The send time counts configuring the round too.
+            got.send += configured;
+            got
+        };
+        if self.too_few(round, &got) {
+            return Attempt::Retry;
+        }
+        self.hub
+            .lock()
+            .unwrap()
+            .set_phase(Phase::Aggregating, round);
+        let Some((next, outcome)) = self.aggregate(round, &global, &mut got) else {
+            return Attempt::Retry;
+        };
+        let eval = evaluate::on(&next, &self.test).await.unwrap_or_else(|e| {
+            tracing::error!(round, "evaluating the global model failed: {e}");
+            Default::default()
+        });
+        let tally = RoundTally {
+            round,
+            seconds: started.elapsed().as_secs_f64(),
+            sampled: got.sampled,
+            dropped: got.dropped,
+            rejected: got.rejected,
+            retries,
+        };
+        self.record_and_save(tally, &got.results, eval, &global, next, outcome);
+        Attempt::Done
+    }
+
+    /// Runs one round on this server's own clients, as `plan` says: sends its tasks (the
+    /// dashboard showing its phase, the desk answering in-round requests with its exchange),
+    /// then collects results until every sampled client answered, vanished or `deadline_ms`
+    /// passed. Each accepted result is folded into running sums as it comes, bounded by
+    /// `robust` one at a time, when the plan's fold and the rule allow streaming; otherwise it
+    /// is kept whole. The single-server loop runs every round through here; an edge runs each
+    /// round the root announces.
+    pub async fn run_plan(
+        &mut self,
+        round: u32,
+        plan: RoundPlan,
+        global: &ModelState,
+        deadline_ms: u64,
+        robust: &RobustConfig,
+    ) -> Collected {
+        let sending = Instant::now();
+        let start = Arc::new(global.masked_params());
+        // Streaming: each accepted result is folded into running sums and dropped.
+        let stream = StreamRound::start(robust, plan.fold, start.clone());
+        let pending = self.send_tasks(round, plan);
+        let send = sending.elapsed();
+        let sampled = pending.len();
+        let mut got = Collected {
+            stream,
+            sampled,
+            send,
+            ..Collected::none(start)
+        };
+        self.collect(
+            round,
+            pending,
+            Duration::from_millis(deadline_ms),
+            global,
+            &mut got,
+        )
+        .await;
+        self.desk.close();
+        got
+    }
+
+    /// Too few results to aggregate: the round is retried.
+    fn too_few(&self, round: u32, got: &Collected) -> bool {
+        let few = got.count() < self.min_results.min(got.sampled) || got.count() == 0;
+        if few {
+            tracing::warn!(
+                round,
+                results = got.count(),
+                needed = self.min_results,
+                "too few results; retrying the round"
+            );
+        }
+        few
+    }
+
+    /// The round's results, with the late ones carried into it, become the next global model:
+    /// from the running sums when the round streamed, through the robust layer and
+    /// `Strategy::aggregate` when it did not. `None` (said why): the round is retried.
+    fn aggregate(
+        &mut self,
+        round: u32,
+        global: &ModelState,
+        got: &mut Collected,
+    ) -> Option<(ModelState, RoundOutcome)> {
+        let aggregating = Instant::now();
+        let late = self.take_carried(round, &got.start);
+        let late_count = late.len();
+        let streamed = got.stream.is_some();
+        let Aggregated {
+            next,
+            outcome,
+            combined,
+        } = {
+            // Not held across an await below: the validator is not Send.
+            let validate = evaluate::validator(self.validation.clone());
+            let ctx = RoundContext {
+                rounds: self.rounds,
+                validate: &validate,
+            };
+            match got.stream.take() {
+                Some(stream) => self.aggregate_streamed(round, global, stream, late, got, &ctx),
+                None => self.aggregate_buffered(round, global, late, got, &ctx)?,
+            }
+        };
+        let aggregate_time = aggregating.elapsed();
+        let mut o = outcome
+            .map_err(|e| tracing::error!(round, "aggregation failed, retrying the round: {e}"))
+            .ok()?;
+        o.metrics.extend(robust::round_metrics(&combined));
+        if self.late_results == LateResults::NextRound {
+            o.metrics.insert(keys::LATE_RESULTS.into(), late_count as f64);
+        }
+        o.metrics.extend(timings(got, streamed, aggregate_time));
+        Some((next, o))
+    }
+
+    /// A streamed round: late results folded into its sums too, then the strategy aggregates
+    /// the sums. `got.results` become the summaries (no vectors) the record keeps.
+    fn aggregate_streamed(
+        &mut self,
+        round: u32,
+        global: &ModelState,
+        mut stream: StreamRound,
+        late: Vec<Contribution>,
+        got: &mut Collected,
+        ctx: &RoundContext,
+    ) -> Aggregated {
+        for c in late {
+            let client = c.client;
+            if let Err(e) = self
+                .strategy
+                .complete(c, global)
+                .and_then(|c| stream.add(c))
+            {
+                tracing::warn!(round, client, "late result set aside: {e}");
+            }
+        }
+        let s = stream.finish();
+        self.note_verdicts(round, &s.combined);
+        got.results = s.results;
+        let mut next = global.clone();
+        let outcome = tokio::task::block_in_place(|| {
+            self.strategy
+                .aggregate_sum(round, &mut next, &s.sum, &got.results, ctx)
+        });
+        Aggregated {
+            next,
+            outcome,
+            combined: s.combined,
+        }
+    }
+
+    /// A buffered round: every result (late ones too) completed into the global model's
+    /// coordinates, judged together by the robust layer, then aggregated by the strategy.
+    /// `got.results` become the summaries (no vectors) the record keeps. `None` (said why):
+    /// nothing could be completed, or the robust layer failed.
+    fn aggregate_buffered(
+        &mut self,
+        round: u32,
+        global: &ModelState,
+        late: Vec<Contribution>,
+        got: &mut Collected,
+        ctx: &RoundContext,
+    ) -> Option<Aggregated> {
+        // Arrival order varies from run to run; summing in client order keeps runs reproducible.
+        got.results.sort_by_key(|c| c.client);
+        got.results.extend(late);
+        // In the global model's coordinates (split learning: the front with its back).
+        got.results = std::mem::take(&mut got.results)
+            .into_iter()
+            .filter_map(|c| {
+                let client = c.client;
+                self.strategy
+                    .complete(c, global)
+                    .map_err(|e| tracing::warn!(round, client, "result set aside: {e}"))
+                    .ok()
+            })
+            .collect();
+        if got.results.is_empty() {
+            tracing::warn!(round, "no result could be completed; retrying the round");
+            return None;
+        }
+        // The record keeps who contributed what (not the vectors); the layer takes the vectors.
+        let summary: Vec<Contribution> = got
+            .results
+            .iter()
+            .map(|c| Contribution {
+                values: Vec::new(),
+                metrics: c.metrics.clone(),
+                ..*c
+            })
+            .collect();
+        let start = got.start.clone();
+        let judged = self.judge(round, &start, std::mem::replace(&mut got.results, summary));
+        let (robust_results, combined) = judged
+            .map_err(|e| {
+                tracing::error!(round, "robust aggregation failed, retrying the round: {e}")
+            })
+            .ok()?;
+        let mut next = global.clone();
+        let outcome = tokio::task::block_in_place(|| {
+            self.strategy
+                .aggregate(round, &mut next, &robust_results, ctx)
+        });
+        Some(Aggregated {
+            next,
+            outcome,
+            combined,
+        })
+    }
+
+    /// The round's record into the hub, the next model into place, the run folder saved.
+    fn record_and_save(
+        &mut self,
+        tally: RoundTally,
+        results: &[Contribution],
+        eval: Eval,
+        global: &ModelState,
+        next: ModelState,
+        outcome: RoundOutcome,
+    ) {
+        let round = tally.round;
+        let record = {
+            let mut hub = self.hub.lock().unwrap();
+            // The model the clients trained this round (a strategy may shrink it after).
+            let backend_of = |id| {
+                hub.client(id)
+                    .map(|c| c.device.backend.to_string())
+                    .unwrap_or_default()
+            };
+            let record = RoundRecord::new(
+                tally,
+                results,
+                eval,
+                &global.arch,
+                hub.round_bytes(),
+                backend_of,
+                outcome,
+            );
+            hub.record(record.clone());
+            record
+        };
+        *self.global.lock().unwrap() = next;
+        tracing::info!(
+            round,
+            accuracy = format!("{:.4}", record.test_accuracy),
+            loss = format!("{:.4}", record.test_loss),
+            results = record.results,
+            up = record.bytes_up,
+            down = record.bytes_down,
+            "round done"
+        );
+        self.save();
+    }
+
+    /// The run is over (finished, or stopped from the dashboard): the edges and every client
+    /// are told, the run folder saved, and clients given time to take their Bye.
+    async fn end(&mut self, round: u32) {
         let stopped = self.hub.lock().unwrap().control().stop;
         let (phase, reason) = if stopped {
             (Phase::Stopped, "run stopped from the dashboard")
@@ -339,16 +477,17 @@ impl RoundLoop {
     }
 
     /// A round run by the edges: announced, then their partials merged as they come. `None`
-    /// when the run cannot go on across edges (a strategy that needs every update).
-    async fn from_edges(
+    /// when the run cannot go on across edges (a round that needs every update in one place).
+    async fn on_edges(
         &mut self,
         round: u32,
         global: &ModelState,
-        tasks: Vec<(u64, Task)>,
+        plan: RoundPlan,
         deadline_ms: u64,
-        stream: Option<StreamRound>,
-    ) -> Option<(Collected, usize, Duration)> {
-        let (Some(fold), Some(stream)) = (self.strategy.fold(), stream) else {
+    ) -> Option<Collected> {
+        let start = Arc::new(global.masked_params());
+        let stream = StreamRound::start(&self.robust, plan.fold, start.clone());
+        let (Some(fold), Some(stream)) = (plan.fold, stream) else {
             tracing::error!(
                 round,
                 "this strategy needs every update in one place this round; it cannot run across edges (see the README, \"Beyond one server\"): stopping"
@@ -356,56 +495,41 @@ impl RoundLoop {
             self.hub.lock().unwrap().stop();
             return None;
         };
-        let phase = self.strategy.phase();
         let edges = self.edges.as_mut().expect("checked");
         match edges
             .run_round(
                 round,
                 global,
-                tasks,
+                plan.tasks,
                 deadline_ms,
-                phase,
+                plan.phase,
                 fold,
                 &self.robust,
                 stream,
             )
             .await
         {
-            Ok(g) => Some((
-                Collected {
-                    results: Vec::new(),
-                    stream: Some(g.stream),
-                    dropped: g.dropped,
-                    rejected: g.rejected,
-                    fold: g.merge,
-                    waits: Vec::new(),
-                },
-                g.sampled,
-                g.send,
-            )),
+            Ok(g) => Some(Collected {
+                stream: Some(g.stream),
+                sampled: g.sampled,
+                dropped: g.dropped,
+                rejected: g.rejected,
+                send: g.send,
+                fold: g.merge,
+                ..Collected::none(start)
+            }),
             Err(e) => {
                 tracing::error!(round, "the round could not run on the edges: {e}");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 // No results: the loop retries the round.
-                Some((
-                    Collected {
-                        results: Vec::new(),
-                        stream: None,
-                        dropped: 0,
-                        rejected: 0,
-                        fold: Duration::ZERO,
-                        waits: Vec::new(),
-                    },
-                    0,
-                    Duration::ZERO,
-                ))
+                Some(Collected::none(start))
             }
         }
     }
 
     /// The run is over: every client is told why, and each session's writer sends the Bye, then
     /// closes. (Then [`RoundLoop::goodbye`] waits for them.)
-    pub(crate) fn say_bye(&self, phase: Phase, round: u32, reason: &str) {
+    pub fn say_bye(&self, phase: Phase, round: u32, reason: &str) {
         let mut hub = self.hub.lock().unwrap();
         hub.set_phase(phase, round);
         hub.broadcast(&ServerMsg::Bye {
@@ -416,7 +540,7 @@ impl RoundLoop {
 
     /// Waits (up to `goodbye`) until every client's session has sent its Bye and ended, so a
     /// server that exits when done does not cut anyone's Bye off.
-    pub(crate) async fn goodbye(&mut self) {
+    pub async fn goodbye(&mut self) {
         let until = Instant::now() + self.goodbye;
         loop {
             let left = self.hub.lock().unwrap().connected();
@@ -474,7 +598,7 @@ impl RoundLoop {
                 hub.set_phase(Phase::Paused, round - 1);
             }
             if let Ok(Some(msg)) = timeout(Duration::from_millis(200), self.incoming.recv()).await {
-                self.stray(msg, None, false);
+                self.between_rounds(msg);
             }
         }
     }
@@ -531,25 +655,27 @@ impl RoundLoop {
                 }
             }
             if let Ok(Some(msg)) = timeout(Duration::from_millis(200), self.incoming.recv()).await {
-                self.stray(msg, None, false);
+                self.between_rounds(msg);
             }
         }
     }
 
-    pub(crate) fn send_tasks(
-        &mut self,
-        round: u32,
-        tasks: Vec<(u64, Task)>,
-    ) -> BTreeMap<u64, Task> {
+    /// Sends the plan's tasks: the round begins (under the plan's phase), the desk opens to its
+    /// exchange, each client gets its task frame and every idle one a Wait. The tasks that went
+    /// out, by client.
+    fn send_tasks(&mut self, round: u32, plan: RoundPlan) -> BTreeMap<u64, Task> {
+        let RoundPlan {
+            tasks,
+            phase,
+            exchange,
+            ..
+        } = plan;
         let mut hub = self.hub.lock().unwrap();
-        hub.begin_round(round, self.strategy.phase());
+        hub.begin_round(round, phase);
         let mut pending = BTreeMap::new();
         // Requests within the round may come as soon as the first task is out.
-        self.desk.open(
-            round,
-            self.strategy.exchange(),
-            tasks.iter().map(|(id, _)| *id),
-        );
+        self.desk
+            .open(round, exchange, tasks.iter().map(|(id, _)| *id));
         // Each distinct model is encoded once (twice with a mask: in full, and with only its
         // version for clients that hold it) and shared by every frame that carries it.
         let mut encoded: BTreeMap<(usize, bool), Bytes> = BTreeMap::new();
@@ -596,27 +722,19 @@ impl RoundLoop {
         pending
     }
 
-    /// Collects results until every sampled client answered, vanished or the deadline passed.
-    /// A streamed round folds each accepted result at once, in the global model's coordinates
-    /// (`Strategy::complete`; a result that cannot be completed is rejected).
-    pub(crate) async fn collect(
+    /// Collects results into `got` until every sampled client answered, vanished or the
+    /// deadline passed. A streamed round (`got.stream`) folds each accepted result at once, in
+    /// the global model's coordinates (`Strategy::complete`; a result that cannot be completed
+    /// is rejected).
+    async fn collect(
         &mut self,
         round: u32,
         mut pending: BTreeMap<u64, Task>,
         deadline: Duration,
-        start: &Arc<Vec<f32>>,
         global: &ModelState,
-        stream: Option<StreamRound>,
-    ) -> Collected {
+        got: &mut Collected,
+    ) {
         let until = tokio::time::Instant::now() + deadline;
-        let mut got = Collected {
-            results: Vec::new(),
-            stream,
-            dropped: 0,
-            rejected: 0,
-            fold: Duration::ZERO,
-            waits: Vec::new(),
-        };
         while !pending.is_empty() {
             let msg = tokio::select! {
                 m = self.incoming.recv() => match m { Some(m) => m, None => break },
@@ -627,7 +745,7 @@ impl RoundLoop {
                     // Still busy (status Training): not sampled again until the result or a disconnect.
                     for (id, task) in std::mem::take(&mut pending) {
                         self.desk.close_client(id);
-                        self.late.insert(id, Late { task, start: start.clone() });
+                        self.late.insert(id, Late { task, start: got.start.clone() });
                     }
                     break;
                 }
@@ -702,7 +820,6 @@ impl RoundLoop {
                 }
             }
         }
-        got
     }
 
     /// The robust layer: what the strategy aggregates, and each client's verdict (logged, and
@@ -738,9 +855,15 @@ impl RoundLoop {
         }
     }
 
+    /// A message that came between rounds (an edge waiting for the root's next round, the loop
+    /// waiting for clients): a late result, a failure or a departure.
+    pub fn between_rounds(&mut self, msg: Incoming) {
+        self.stray(msg, None, false);
+    }
+
     /// Messages that belong to no task pending in this round. `busy`: the client has a task
     /// pending in the current round, so this message must not make it idle.
-    pub(crate) fn stray(&mut self, msg: Incoming, round: Option<u32>, busy: bool) {
+    fn stray(&mut self, msg: Incoming, round: Option<u32>, busy: bool) {
         match msg {
             Incoming::Result { client, result, .. } => {
                 let late = self
@@ -871,4 +994,23 @@ impl RoundLoop {
             tracing::error!("{e}");
         }
     }
+}
+
+/// The loop's own figures for a round: whether it streamed, and where its time went.
+fn timings(got: &mut Collected, streamed: bool, aggregate_time: Duration) -> Vec<(String, f64)> {
+    got.waits.sort();
+    let pct = |p: f64| {
+        got.waits
+            .get(((got.waits.len() as f64 - 1.0) * p).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    vec![
+        (keys::SERVER_STREAMED.to_string(), streamed as u8 as f64),
+        (keys::SERVER_SEND_MS.to_string(), ms(got.send)),
+        (keys::SERVER_FOLD_MS.to_string(), ms(got.fold)),
+        (keys::SERVER_AGGREGATE_MS.to_string(), ms(aggregate_time)),
+        (keys::SERVER_RESULT_WAIT_P50_MS.to_string(), pct(0.5)),
+        (keys::SERVER_RESULT_WAIT_P99_MS.to_string(), pct(0.99)),
+    ]
 }

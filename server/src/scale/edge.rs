@@ -1,74 +1,30 @@
 //! The edge's loop: reports its idle clients to the root, runs each announced round on its own
-//! tabs exactly as a single server would (the same task sending, result checks, robust layer
-//! per result and streaming sums), and publishes the round's partial.
+//! tabs exactly as a single server would, and publishes the round's partial. The announcement
+//! becomes a [`RoundPlan`] (the root's tasks, sums and phase) that the round loop's own seam,
+//! [`RoundLoop::run_plan`], runs under the root's robust rule: the same task sending, result
+//! checks, robust layer per result and streaming sums. (Results are completed by the edge's own
+//! strategy, which leaves them as they are for every method that streams.)
 //!
 //! An edge runs each (round, model) once: when the root announces the same round on the same
 //! model again (a retry, or a root that restarted), the edge publishes the partial it already
 //! has instead of training twice (its `Msg-Id` makes JetStream drop the copy if the first one
 //! arrived).
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use canopy_core::aggregate::stream::StreamRound;
+use canopy_core::aggregate::robust;
 use canopy_core::codec::model::{MaskCache, decode_model};
 use canopy_core::model::state::ModelState;
 use canopy_core::protocol::{ModelPayload, Task};
-use canopy_core::strategy::{ClientView, Contribution, Fold, Phase, Strategy};
-use rand::rngs::StdRng;
+use canopy_core::strategy::{Contribution, Phase, RoundPlan};
 
 use super::wire::{self, Partial, Presence, RoundMsg};
 use super::{Link, global_id};
 use crate::round::run::RoundLoop;
 
-/// The strategy an edge's round loop sees: it configures nothing (the root did) and passes
-/// results through; it only names the kind of round and the sums it folds.
-struct Relay {
-    phase: Phase,
-    fold: Fold,
-}
-
-impl Strategy for Relay {
-    fn configure_round(
-        &mut self,
-        _: u32,
-        _: &ModelState,
-        _: &[ClientView],
-        _: &mut StdRng,
-    ) -> Vec<(u64, Task)> {
-        Vec::new()
-    }
-
-    fn fold(&self) -> Option<Fold> {
-        Some(self.fold)
-    }
-
-    fn phase(&self) -> Phase {
-        self.phase
-    }
-
-    fn complete(&self, result: Contribution, _: &ModelState) -> Result<Contribution, String> {
-        Ok(result)
-    }
-}
-
-/// A phase name from the root as the `&'static str` phases carry (each distinct name once).
-fn phase_named(name: &str) -> Phase {
-    static NAMES: StdMutex<BTreeSet<&'static str>> = StdMutex::new(BTreeSet::new());
-    if name == "training" {
-        return Phase::Training;
-    }
-    let mut names = NAMES.lock().unwrap();
-    let known = names.iter().copied().find(|n| *n == name);
-    let name = known.unwrap_or_else(|| {
-        let leaked: &'static str =
-            Box::leak(name.chars().take(40).collect::<String>().into_boxed_str());
-        names.insert(leaked);
-        leaked
-    });
-    Phase::Own(name)
-}
+/// The longest phase name an edge shows for its root.
+const PHASE_NAME_MAX: usize = 40;
 
 pub async fn run(mut rl: RoundLoop, link: Link, name: String, url: String) {
     let prefix = super::edge_prefix(&name);
@@ -126,7 +82,7 @@ pub async fn run(mut rl: RoundLoop, link: Link, name: String, url: String) {
             m = rounds.recv() => m,
             m = rl.incoming.recv() => {
                 if let Some(m) = m {
-                    rl.stray(m, None, false);
+                    rl.between_rounds(m);
                 }
                 continue;
             }
@@ -228,7 +184,6 @@ async fn run_round(
         mask: decoded.mask,
         mask_version: ann.mask_version,
     };
-    let start = Arc::new(global.masked_params());
     let mut tasks = Vec::new();
     for t in mine {
         let model = models.get(t.model as usize).ok_or_else(|| {
@@ -248,25 +203,20 @@ async fn run_round(
         };
         tasks.push((super::local_id(prefix, t.client).expect("filtered"), task));
     }
-    rl.strategy = Box::new(Relay {
-        phase: phase_named(&ann.phase),
-        fold: ann.fold,
-    });
-    let pending = rl.send_tasks(ann.round, tasks);
-    let sampled = pending.len();
-    let stream = StreamRound::start(&ann.robust, Some(ann.fold), start.clone())
-        .ok_or("the root's aggregation rule does not stream")?;
+    if !robust::streams(&ann.robust) {
+        return Err("the root's aggregation rule does not stream".into());
+    }
+    // The root planned the round: its tasks, sums and phase. Tasks at an edge take no in-round
+    // requests (a round that needs them never runs across edges).
+    let plan = RoundPlan {
+        tasks,
+        fold: Some(ann.fold),
+        phase: Phase::named(ann.phase.chars().take(PHASE_NAME_MAX).collect::<String>()),
+        exchange: None,
+    };
     let got = rl
-        .collect(
-            ann.round,
-            pending,
-            Duration::from_millis(ann.deadline_ms),
-            &start,
-            &global,
-            Some(stream),
-        )
+        .run_plan(ann.round, plan, &global, ann.deadline_ms, &ann.robust)
         .await;
-    rl.desk.close();
     let s = got.stream.ok_or("the round's sums went missing")?.finish();
     let (bytes_up, bytes_down) = rl.hub.lock().unwrap().round_bytes();
     let edge = super::token(name);
@@ -288,7 +238,7 @@ async fn run_round(
         .combined
         .verdicts
         .into_iter()
-        .map(|v| canopy_core::aggregate::robust::Verdict {
+        .map(|v| robust::Verdict {
             client: global_id(prefix, v.client),
             ..v
         })
@@ -305,7 +255,7 @@ async fn run_round(
         sum,
         summaries,
         verdicts,
-        sampled,
+        sampled: got.sampled,
         dropped: got.dropped,
         rejected: got.rejected,
         bytes_up,
