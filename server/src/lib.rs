@@ -31,7 +31,7 @@ use hub::Hub;
 use round::exchange::Desk;
 use round::inbox::Incoming;
 use round::run::RoundLoop;
-use serve::{admin, lan, limits, web};
+use serve::{admin, lan, limits, listen, tls, web};
 
 /// State shared by every request handler and the round loop.
 pub struct App {
@@ -49,6 +49,12 @@ pub struct App {
     pub join_urls: Vec<String>,
     /// Connections counted against the `[limits]`.
     pub limits: Arc<limits::Limits>,
+    /// With https: the SHA-256 fingerprint of the certificate (on the dashboard and join page,
+    /// so a student can check the certificate they accept) and where it came from.
+    pub tls_fingerprint: Option<String>,
+    pub tls_origin: Option<String>,
+    /// With https and `http_port`: the plain-http address that redirects to https.
+    pub http_redirect: Option<SocketAddr>,
 }
 
 pub struct Running {
@@ -152,6 +158,25 @@ pub async fn start(config: Config) -> Result<Running, String> {
         .await
         .map_err(|e| format!("binding {}:{}: {e}", config.server.bind, config.server.port))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let https = config.server.https();
+    let join_urls = lan::join_urls(
+        &config.server.bind,
+        addr.port(),
+        if https { "https" } else { "http" },
+    );
+    let hosts: Vec<String> = join_urls.iter().map(|u| tls::url_host(u)).collect();
+    let server = &config.server;
+    let tls = tls::prepare(
+        server.tls,
+        server.tls_cert.as_deref(),
+        server.tls_key.as_deref(),
+        &server.state_dir(),
+        &hosts,
+    )?;
+    let http_redirect = match server.http_port {
+        Some(port) if https => Some(listen::spawn_redirect(&server.bind, port, addr.port()).await?),
+        _ => None,
+    };
     let app = Arc::new(App {
         hub: hub.clone(),
         incoming: tx,
@@ -165,21 +190,13 @@ pub async fn start(config: Config) -> Result<Running, String> {
             .admin_token
             .clone()
             .unwrap_or_else(admin::random_token),
-        join_urls: lan::join_urls(&config.server.bind, addr.port()),
+        join_urls,
         limits: limits::Limits::new(config.limits.clone()),
+        tls_fingerprint: tls.as_ref().map(|t| t.fingerprint.clone()),
+        tls_origin: tls.as_ref().map(|t| t.origin.clone()),
+        http_redirect,
     });
-    let router = web::router(app.clone());
-    tokio::spawn(async move {
-        // Sessions need the peer's address for the per-address limit.
-        if let Err(e) = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        {
-            tracing::error!("server stopped: {e}");
-        }
-    });
+    listen::spawn(listener, web::router(app.clone()), tls);
     // Root and edges find each other by the run's name (config validation made sure it is set).
     let link = match config.scale.role {
         scale::Role::Single => None,

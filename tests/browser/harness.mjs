@@ -23,7 +23,7 @@ export async function startServer(args, { linger = false, port = 0, outDir = mkd
     const timer = setTimeout(() => rej(new Error(`server did not start:\n${log}`)), 60_000);
     const onData = (d) => {
       log += d;
-      const m = log.match(/Join as a client:\s+(http:\/\/\S+)[\s\S]*Metrics:\s+\S+\n/);
+      const m = log.match(/Join as a client:\s+(https?:\/\/\S+)[\s\S]*Metrics:\s+\S+\n/);
       if (m) { clearTimeout(timer); res(m[1]); }
     };
     proc.stdout.on('data', onData);
