@@ -16,6 +16,7 @@ test: setup lint
     bash scripts/build-wasm.sh
     cargo build -p canopy-server --bin canopy
     cargo test -p canopy-core -p canopy-server
+    node --test tests/web/
     node --test --test-concurrency=1 tests/browser/
 
 # rustfmt (rustfmt.toml) and clippy with every warning an error, on the native crates.

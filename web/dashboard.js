@@ -331,7 +331,7 @@ async function predict() {
   try {
     if (!wasm) {
       $('guess').textContent = 'loading the model runtime…';
-      wasm = await import('./pkg/canopy_client.js');
+      wasm = await import('./pkg-cpu/canopy_client.js');
       await wasm.default();
     }
     const round = completedRounds();

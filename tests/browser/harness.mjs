@@ -87,7 +87,7 @@ export async function runWithTabs(serverArgs, tabs, shotPrefix) {
       browsers[t.webgpu] ??= await launch({ webgpu: t.webgpu });
       // A WebGPU tab is forced onto WebGPU: left to choose, it would time SwiftShader against
       // its CPU backend and train on the CPU (tab.test.mjs checks that choice).
-      // `query` adds to the page's query (`threads=1`: the single-threaded bundle).
+      // `query` adds to the page's query (`threads=1`: the CPU-only single-threaded bundle).
       pages.push(await openTab(browsers[t.webgpu], `${server.url}?name=${t.name}${t.webgpu ? '&backend=webgpu' : ''}${t.query ? `&${t.query}` : ''}`, logs));
     }
     let timer;

@@ -41,6 +41,10 @@ pub fn router(app: Arc<App>) -> Router {
             "/pkg-mt/{file}",
             get(crate::serve::precompressed::pkg_mt_file),
         )
+        .route(
+            "/pkg-cpu/{file}",
+            get(crate::serve::precompressed::pkg_cpu_file),
+        )
         .route_service("/dashboard", ServeFile::new(web.join("dashboard.html")))
         .fallback_service(files)
         .layer(axum::middleware::map_response(cross_origin_isolation))

@@ -1,4 +1,6 @@
-// A classroom tab over https with the self-signed certificate, opened the way a student opens it:
+// Classroom tabs on a LAN-like origin, each the way a student opens it. Over plain http (an
+// insecure origin): no WebGPU, no isolation, so the CPU-only bundle, which says why, trains, and
+// downloads ≤ 2 MB with gzip alone. Over https with the self-signed certificate:
 // on a LAN-like name (classroom.test, resolved to 127.0.0.1 by Chromium's --host-resolver-rules,
 // so the page is not on localhost and nothing leaves this machine), through the certificate
 // warning by clicking "Advanced" and "Proceed". The page must then be a secure context, cross-
@@ -16,6 +18,14 @@ import { startServer, state, waitFor, artifactsDir } from './harness.mjs';
 
 const ARGS = ['--headless', '--no-sandbox', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic',
   '--host-resolver-rules=MAP classroom.test 127.0.0.1', '--enable-unsafe-webgpu'];
+
+// Bytes over the wire for the page and its worker (headers included), from the browser's own
+// resource timing.
+async function transferred(page, s) {
+  const own = await page.evaluate(() => performance.getEntriesByType('resource').concat(performance.getEntriesByType('navigation')).map((r) => ({ name: r.name, transferSize: r.transferSize })));
+  const all = [...own, ...s.resources];
+  return { total: all.reduce((n, r) => n + r.transferSize, 0), wasm: s.resources.find((r) => r.name.endsWith('.wasm')) };
+}
 
 const plainGet = (url) => new Promise((res, rej) => {
   get(url, (r) => { r.resume(); r.on('end', () => res({ status: r.statusCode, location: r.headers.location })); }).on('error', rej);
@@ -68,6 +78,46 @@ test('an https classroom tab, past the certificate warning, is isolated, threade
     }, 30_000, 'the round on the server');
     assert.equal(run.rounds[0].results, 1, `the https tab's result was aggregated: ${JSON.stringify(run.rounds)}`);
     await page.screenshot({ path: join(shots, 'https-tab.png') });
+    const bytes = await transferred(page, s);
+    console.log(`https LAN tab: transferred ${(bytes.total / 1e6).toFixed(3)} MB in all (${bytes.wasm.name.split('/').slice(-2).join('/')} ${(bytes.wasm.transferSize / 1e6).toFixed(3)} MB as sent)`);
+    assert.ok(bytes.total <= 2_000_000, `transferred ${bytes.total} bytes`);
+  } finally {
+    await browser.close();
+    server.proc.kill();
+  }
+});
+
+test('a plain-http LAN tab loads the CPU-only bundle, says why, trains and is aggregated', { timeout: 300_000 }, async () => {
+  const server = await startServer([
+    '--rounds', '1', '--shards', '1', '--min-clients', '1', '--partition', 'iid', '--max-train', '600',
+    '--epochs', '1', '--batch-size', '32', '--lr', '0.05', '--name', 'browser-insecure',
+  ], { linger: true });
+  const port = new URL(server.url).port;
+  const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', args: ARGS });
+  const logs = [];
+  try {
+    const page = await browser.newPage();
+    page.on('console', (m) => logs.push(`[${m.type()}] ${m.text()}`));
+    await page.goto(`http://classroom.test:${port}/?name=student`);
+    await waitFor(async () => (await state(page))?.roundsDone >= 1, 240_000, 'the round in the plain-http tab')
+      .catch(async (e) => { throw new Error(`${e.message}: ${JSON.stringify(await state(page))}\n${logs.join('\n')}`); });
+    const s = await state(page);
+    assert.deepEqual(s.errors, []);
+    const env = await page.evaluate(() => ({ secure: self.isSecureContext, isolated: self.crossOriginIsolated, gpu: 'gpu' in navigator }));
+    assert.deepEqual(env, { secure: false, isolated: false, gpu: false }, 'plain http off localhost: none of the three');
+    assert.equal(s.bundle, 'pkg-cpu', s.threadsNote);
+    assert.equal(s.threads, 1);
+    assert.match(s.threadsNote, /insecure origin.*no WebGPU, no threads/);
+    // The server and its dashboard are told which bundle and why (the Hello's adapter line).
+    const m = await waitFor(async () => { const j = await (await fetch(`${server.url}api/metrics`)).json(); return j.rounds?.length ? j : null; }, 30_000, 'the round on the server');
+    assert.match(m.clients[0].device.adapter, /bundle pkg-cpu: one thread: insecure origin/);
+    assert.equal(m.rounds[0]?.results, 1, `the plain-http tab's result was aggregated: ${JSON.stringify(m.rounds)}`);
+    // Only the chosen bundle was downloaded.
+    const wasms = s.resources.filter((r) => r.name.endsWith('.wasm')).map((r) => r.name.split('/').slice(-2).join('/'));
+    assert.deepEqual(wasms, ['pkg-cpu/canopy_client_bg.wasm']);
+    const bytes = await transferred(page, s);
+    console.log(`plain-http LAN tab: transferred ${(bytes.total / 1e6).toFixed(3)} MB in all (${wasms[0]} ${(bytes.wasm.transferSize / 1e6).toFixed(3)} MB as sent, gzip); ${s.bundle}: ${s.threadsNote}`);
+    assert.ok(bytes.total <= 2_000_000, `transferred ${bytes.total} bytes`);
   } finally {
     await browser.close();
     server.proc.kill();
