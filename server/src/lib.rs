@@ -17,19 +17,23 @@ pub mod scale;
 pub mod serve;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use canopy_core::data::Dataset;
+use canopy_core::data::partition::Shard;
 use canopy_core::model::arch::Arch;
 use canopy_core::model::state::ModelState;
 use canopy_core::protocol::RunInfo;
+use canopy_core::strategy::Strategy;
+use tokio::net::TcpListener;
 use tokio::sync::mpsc::UnboundedSender;
 
 use config::Config;
 use hub::Hub;
 use round::exchange::Desk;
 use round::inbox::Incoming;
+use round::record::RoundRecord;
 use round::run::RoundLoop;
 use serve::{admin, lan, limits, listen, tls, web};
 
@@ -67,116 +71,36 @@ pub struct Running {
 
 /// Loads data, builds the model and strategy, binds the port and starts the round loop.
 pub async fn start(config: Config) -> Result<Running, String> {
-    let loaded = datasets::load(&config.data)?;
     let seed = config.run.seed;
-    let (mut train, test) = match loaded.test {
-        Some(test) => (loaded.train, test),
-        None => loaded.train.split(config.data.test_fraction, seed),
-    };
-    if config.data.max_train > 0 && train.len() > config.data.max_train {
-        train = train.select(&(0..config.data.max_train).collect::<Vec<_>>());
-    }
-    let test = cap(test, config.data.max_test);
-    let (train, validation) = train.split(config.data.validation, seed ^ 0x5eed);
-    let mut shards =
-        config
-            .data
-            .partition
-            .split(&train, config.data.shards, config.data.local_test, seed);
-    if let (scale::Role::Edge, Some([i, n])) = (config.scale.role, config.scale.edge_shards) {
-        // Edges of one run hand out disjoint shards of the same split.
-        shards = shards
-            .into_iter()
-            .enumerate()
-            .filter(|(k, _)| k % n == i)
-            .map(|(_, s)| s)
-            .collect();
-        if shards.is_empty() {
-            return Err(format!(
-                "edge shards {i}/{n}: no shard left of {}",
-                config.data.shards
-            ));
-        }
-    }
-    let arch =
-        Arch::preset(&config.model, train.shape, train.classes).map_err(|e| e.to_string())?;
-    let mut strategy = config.strategy.build()?;
-    strategy.check_model(&arch)?;
-    let mut global = ModelState::init(arch, seed);
+    let data = load_data(&config)?;
+    let (mut strategy, mut global) = build_model(&config, &data.train)?;
     let run_name = config.run.name.clone().unwrap_or_else(timestamp);
     let run_dir = config.run.out_dir.join(&run_name);
-    let mut first_round = 1;
-    let mut done_rounds = Vec::new();
-    if config.run.resume {
-        match round::checkpoint::resume(&run_dir)? {
-            Some((ckpt, rounds)) => {
-                strategy.load_state(&ckpt.strategy)?;
-                global = ckpt.global;
-                first_round = ckpt.round + 1;
-                done_rounds = rounds;
-                tracing::info!(
-                    round = ckpt.round,
-                    "resuming {} after round {}",
-                    run_dir.display(),
-                    ckpt.round
-                );
-            }
-            None => tracing::info!(
-                "nothing to resume in {}: starting afresh",
-                run_dir.display()
-            ),
-        }
-    }
-    std::fs::create_dir_all(&run_dir)
-        .map_err(|e| format!("creating {}: {e}", run_dir.display()))?;
-    let toml = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
-    std::fs::write(run_dir.join("config.toml"), toml).map_err(|e| e.to_string())?;
-    tracing::info!(
-        dataset = %config.data.dataset, train = train.len(), test = test.len(), shards = shards.len(),
-        partition = %config.data.partition, model = %config.model, params = global.arch.num_params(),
-        strategy = %config.strategy.name, "run prepared"
-    );
-    let info = RunInfo {
-        run_id: run_name.clone(),
-        strategy: config.strategy.name.clone(),
-        model: config.model.clone(),
-        dataset: config.data.dataset.clone(),
-        partition: config.data.partition.to_string(),
-        rounds: config.run.rounds,
-    };
-    let hub = Arc::new(Mutex::new(Hub::new(
-        info,
+    let Resumed { first_round, done } = resume(&config, &run_dir, strategy.as_mut(), &mut global)?;
+    write_run_folder(&run_dir, &config)?;
+    log_prepared(&config, &data, &global);
+    let Data {
+        test,
+        validation,
         shards,
-        done_rounds,
+        ..
+    } = data;
+    let hub = Arc::new(Mutex::new(Hub::new(
+        run_info(&config, &run_name),
+        shards,
+        done,
         config.run.hold,
     )));
     let desk = Arc::new(Desk::default());
     let global = Arc::new(Mutex::new(global));
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let config_json = serde_json::to_value(&config).map_err(|e| e.to_string())?;
-    let listener = tokio::net::TcpListener::bind((config.server.bind.as_str(), config.server.port))
-        .await
-        .map_err(|e| format!("binding {}:{}: {e}", config.server.bind, config.server.port))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let https = config.server.https();
-    let join_urls = lan::join_urls(
-        &config.server.bind,
-        addr.port(),
-        if https { "https" } else { "http" },
-    );
-    let hosts: Vec<String> = join_urls.iter().map(|u| tls::url_host(u)).collect();
-    let server = &config.server;
-    let tls = tls::prepare(
-        server.tls,
-        server.tls_cert.as_deref(),
-        server.tls_key.as_deref(),
-        &server.state_dir(),
-        &hosts,
-    )?;
-    let http_redirect = match server.http_port {
-        Some(port) if https => Some(listen::spawn_redirect(&server.bind, port, addr.port()).await?),
-        _ => None,
-    };
+    let (listener, addr) = bind(&config).await?;
+    let Web {
+        join_urls,
+        tls,
+        http_redirect,
+    } = web_setup(&config, addr).await?;
     let app = Arc::new(App {
         hub: hub.clone(),
         incoming: tx,
@@ -197,42 +121,10 @@ pub async fn start(config: Config) -> Result<Running, String> {
         http_redirect,
     });
     listen::spawn(listener, web::router(app.clone()), tls);
-    // Root and edges find each other by the run's name (config validation made sure it is set).
-    let link = match config.scale.role {
-        scale::Role::Single => None,
-        role => Some(
-            scale::Link::connect(
-                &config.scale.nats,
-                &run_name,
-                &format!("canopy {role:?} {run_name}"),
-                std::time::Duration::from_secs(30),
-            )
-            .await?,
-        ),
-    };
+    let link = connect(&config, &run_name).await?;
     let edges = match (&link, config.scale.role) {
         (Some(link), scale::Role::Root) => {
-            hub.lock().unwrap().refuse_joins("this server is the root of a run spread over edge servers: open one of the edges' pages to join (see its dashboard)");
-            if !config.run.resume {
-                // A fresh run: what an earlier run of this name left in the stream is not ours.
-                link.stream
-                    .clone()
-                    .purge()
-                    .await
-                    .map_err(|e| format!("clearing the run's stream: {e}"))?;
-            }
-            let scale_cfg = &config.scale;
-            let ms = std::time::Duration::from_millis;
-            Some(
-                scale::root::Edges::start(
-                    link.clone(),
-                    hub.clone(),
-                    first_round,
-                    ms(scale_cfg.edge_timeout_ms),
-                    ms(scale_cfg.grace_ms),
-                )
-                .await?,
-            )
+            Some(start_root(&config, link, &hub, first_round).await?)
         }
         _ => None,
     };
@@ -258,7 +150,255 @@ pub async fn start(config: Config) -> Result<Running, String> {
         carried: Vec::new(),
         edges,
     };
-    let rounds = match (link, config.scale.role) {
+    let rounds = spawn_rounds(round_loop, link, &config, &app, addr);
+    Ok(Running {
+        addr,
+        run_dir,
+        app,
+        rounds,
+    })
+}
+
+/// The run's data: the clients' shards and the server's own validation and test sets.
+struct Data {
+    /// What the shards were cut from (its shape and classes size the model).
+    train: Dataset,
+    validation: Dataset,
+    test: Dataset,
+    shards: Vec<Shard>,
+}
+
+/// Loads the dataset and splits it: a test set (the dataset's own, or a share of it), capped
+/// training and test sets, a validation share, and the training samples partitioned into shards.
+fn load_data(config: &Config) -> Result<Data, String> {
+    let c = &config.data;
+    let seed = config.run.seed;
+    let loaded = datasets::load(c)?;
+    let (mut train, test) = match loaded.test {
+        Some(test) => (loaded.train, test),
+        None => loaded.train.split(c.test_fraction, seed),
+    };
+    if c.max_train > 0 && train.len() > c.max_train {
+        train = train.select(&(0..c.max_train).collect::<Vec<_>>());
+    }
+    let test = cap(test, c.max_test);
+    let (train, validation) = train.split(c.validation, seed ^ 0x5eed);
+    let shards = c.partition.split(&train, c.shards, c.local_test, seed);
+    let shards = edge_shards(config, shards)?;
+    Ok(Data {
+        train,
+        validation,
+        test,
+        shards,
+    })
+}
+
+/// Edges of one run hand out disjoint shards of the same split: edge `i` of `n` keeps the shards
+/// `k` with `k % n == i`. Any other server keeps them all.
+fn edge_shards(config: &Config, shards: Vec<Shard>) -> Result<Vec<Shard>, String> {
+    let (scale::Role::Edge, Some([i, n])) = (config.scale.role, config.scale.edge_shards) else {
+        return Ok(shards);
+    };
+    let shards: Vec<Shard> = shards
+        .into_iter()
+        .enumerate()
+        .filter(|(k, _)| k % n == i)
+        .map(|(_, s)| s)
+        .collect();
+    if shards.is_empty() {
+        return Err(format!(
+            "edge shards {i}/{n}: no shard left of {}",
+            config.data.shards
+        ));
+    }
+    Ok(shards)
+}
+
+/// The strategy, checked against the model it will train, and that model, freshly initialised.
+fn build_model(
+    config: &Config,
+    train: &Dataset,
+) -> Result<(Box<dyn Strategy>, ModelState), String> {
+    let arch =
+        Arch::preset(&config.model, train.shape, train.classes).map_err(|e| e.to_string())?;
+    let strategy = config.strategy.build()?;
+    strategy.check_model(&arch)?;
+    Ok((strategy, ModelState::init(arch, config.run.seed)))
+}
+
+/// Where a run starts: after the rounds a resumed run finished, or at round 1.
+struct Resumed {
+    first_round: u32,
+    done: Vec<RoundRecord>,
+}
+
+/// With `run.resume`, picks the run up from the checkpoint in its folder: the strategy's state
+/// and the global model are loaded, and the rounds it finished are kept. Without one (or with
+/// nothing to resume), the run starts afresh.
+fn resume(
+    config: &Config,
+    run_dir: &Path,
+    strategy: &mut dyn Strategy,
+    global: &mut ModelState,
+) -> Result<Resumed, String> {
+    let fresh = Resumed {
+        first_round: 1,
+        done: Vec::new(),
+    };
+    if !config.run.resume {
+        return Ok(fresh);
+    }
+    let Some((ckpt, rounds)) = round::checkpoint::resume(run_dir)? else {
+        tracing::info!(
+            "nothing to resume in {}: starting afresh",
+            run_dir.display()
+        );
+        return Ok(fresh);
+    };
+    strategy.load_state(&ckpt.strategy)?;
+    *global = ckpt.global;
+    tracing::info!(
+        round = ckpt.round,
+        "resuming {} after round {}",
+        run_dir.display(),
+        ckpt.round
+    );
+    Ok(Resumed {
+        first_round: ckpt.round + 1,
+        done: rounds,
+    })
+}
+
+/// Creates the run folder and writes the run's settings into it (`config.toml`).
+fn write_run_folder(run_dir: &Path, config: &Config) -> Result<(), String> {
+    std::fs::create_dir_all(run_dir).map_err(|e| format!("creating {}: {e}", run_dir.display()))?;
+    let toml = toml::to_string_pretty(config).map_err(|e| e.to_string())?;
+    std::fs::write(run_dir.join("config.toml"), toml).map_err(|e| e.to_string())
+}
+
+fn log_prepared(config: &Config, data: &Data, global: &ModelState) {
+    tracing::info!(
+        dataset = %config.data.dataset, train = data.train.len(), test = data.test.len(),
+        shards = data.shards.len(), partition = %config.data.partition, model = %config.model,
+        params = global.arch.num_params(), strategy = %config.strategy.name, "run prepared"
+    );
+}
+
+/// What the run is, for the client page to show.
+fn run_info(config: &Config, run_name: &str) -> RunInfo {
+    RunInfo {
+        run_id: run_name.to_string(),
+        strategy: config.strategy.name.clone(),
+        model: config.model.clone(),
+        dataset: config.data.dataset.clone(),
+        partition: config.data.partition.to_string(),
+        rounds: config.run.rounds,
+    }
+}
+
+/// Binds the configured address (port 0: any free port) and says which address it got.
+async fn bind(config: &Config) -> Result<(TcpListener, SocketAddr), String> {
+    let (host, port) = (config.server.bind.as_str(), config.server.port);
+    let listener = TcpListener::bind((host, port))
+        .await
+        .map_err(|e| format!("binding {host}:{port}: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    Ok((listener, addr))
+}
+
+/// What the bound port serves with: the join URLs (https or http), the certificate, and the
+/// plain-http port that redirects to https.
+struct Web {
+    join_urls: Vec<String>,
+    tls: Option<tls::Tls>,
+    http_redirect: Option<SocketAddr>,
+}
+
+/// The certificate (self-signed for every join address, or the configured files) and the http
+/// redirect, once the port is known.
+async fn web_setup(config: &Config, addr: SocketAddr) -> Result<Web, String> {
+    let server = &config.server;
+    let https = server.https();
+    let join_urls = lan::join_urls(
+        &server.bind,
+        addr.port(),
+        if https { "https" } else { "http" },
+    );
+    let hosts: Vec<String> = join_urls.iter().map(|u| tls::url_host(u)).collect();
+    let tls = tls::prepare(
+        server.tls,
+        server.tls_cert.as_deref(),
+        server.tls_key.as_deref(),
+        &server.state_dir(),
+        &hosts,
+    )?;
+    let http_redirect = match server.http_port {
+        Some(port) if https => Some(listen::spawn_redirect(&server.bind, port, addr.port()).await?),
+        _ => None,
+    };
+    Ok(Web {
+        join_urls,
+        tls,
+        http_redirect,
+    })
+}
+
+/// A root or an edge connects to NATS (a single server has no link). Root and edges find each
+/// other by the run's name (config validation made sure it is set).
+async fn connect(config: &Config, run_name: &str) -> Result<Option<scale::Link>, String> {
+    let role = config.scale.role;
+    if role == scale::Role::Single {
+        return Ok(None);
+    }
+    let who = format!("canopy {role:?} {run_name}");
+    let link = scale::Link::connect(
+        &config.scale.nats,
+        run_name,
+        &who,
+        std::time::Duration::from_secs(30),
+    )
+    .await?;
+    Ok(Some(link))
+}
+
+/// A root takes no tabs (they are sent to the edges), clears what an earlier run of its name
+/// left in the stream unless it resumes, and starts listening to its edges.
+async fn start_root(
+    config: &Config,
+    link: &scale::Link,
+    hub: &Arc<Mutex<Hub>>,
+    first_round: u32,
+) -> Result<scale::root::Edges, String> {
+    hub.lock().unwrap().refuse_joins("this server is the root of a run spread over edge servers: open one of the edges' pages to join (see its dashboard)");
+    if !config.run.resume {
+        // A fresh run: what an earlier run of this name left in the stream is not ours.
+        link.stream
+            .clone()
+            .purge()
+            .await
+            .map_err(|e| format!("clearing the run's stream: {e}"))?;
+    }
+    let ms = std::time::Duration::from_millis;
+    scale::root::Edges::start(
+        link.clone(),
+        hub.clone(),
+        first_round,
+        ms(config.scale.edge_timeout_ms),
+        ms(config.scale.grace_ms),
+    )
+    .await
+}
+
+/// Runs the rounds in the background: on an edge under its root (named by `scale.edge`, or by
+/// its port), elsewhere on their own.
+fn spawn_rounds(
+    round_loop: RoundLoop,
+    link: Option<scale::Link>,
+    config: &Config,
+    app: &App,
+    addr: SocketAddr,
+) -> tokio::task::JoinHandle<()> {
+    match (link, config.scale.role) {
         (Some(link), scale::Role::Edge) => {
             let name = config
                 .scale
@@ -273,13 +413,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
             tokio::spawn(scale::edge::run(round_loop, link, name, url))
         }
         _ => tokio::spawn(round_loop.run()),
-    };
-    Ok(Running {
-        addr,
-        run_dir,
-        app,
-        rounds,
-    })
+    }
 }
 
 fn cap(d: Dataset, max: usize) -> Dataset {
