@@ -16,6 +16,7 @@ test: setup lint
     bash scripts/build-wasm.sh
     cargo build -p canopy-server --bin canopy
     cargo test -p canopy-core -p canopy-server
+    node --test tests/web/
     node --test --test-concurrency=1 tests/browser/
 
 # rustfmt (rustfmt.toml) and clippy with every warning an error, on the native crates.
@@ -93,11 +94,13 @@ bench-browser: setup
     node tests/browser/bench.mjs
 
 # Classroom mode: the demo on every network interface (join URLs and a QR code are printed),
-# held until the teacher presses Start on the dashboard.
+# held until the teacher presses Start on the dashboard. Over https with a self-signed
+# certificate kept and reused in ~/.local/state/canopy/tls (LAN tabs then get WebGPU and
+# threads); plain http on port 8080 redirects to https on 8443.
 classroom *ARGS: setup
     bash scripts/build-wasm.sh
     cargo build -p canopy-server --bin canopy
-    "$CARGO_TARGET_DIR/debug/canopy" serve --config configs/demo.toml --bind 0.0.0.0 --hold {{ARGS}}
+    "$CARGO_TARGET_DIR/debug/canopy" serve --config configs/demo.toml --bind 0.0.0.0 --hold --tls self-signed --port 8443 --http-port 8080 {{ARGS}}
 
 # Fuzz frame decoding and result acceptance with cargo-fuzz for SECONDS (nightly Rust and
 # cargo-fuzz are installed on demand; not part of `just test`). Crashes land in fuzz/artifacts/.

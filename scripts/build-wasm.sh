@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Builds the browser client's two bundles and pre-compresses them: brotli (-q 11), zstd (-19, an
-# 8 MiB window, the most browsers accept for Content-Encoding: zstd) and gzip (-9) beside each
+# Builds the browser client's three bundles and pre-compresses them: brotli (-q 11), zstd (-19,
+# an 8 MiB window, the most browsers accept for Content-Encoding: zstd) and gzip (-9) beside each
 # file; the server sends the smallest the browser accepts (server/src/serve/precompressed.rs).
-#   web/pkg     single-threaded, stable Rust: works on every page (plain-http LAN included).
-#   web/pkg-mt  threaded (wasm threads, burn's CPU backend on a rayon pool of Web Workers):
-#               nightly Rust, `+atomics,+bulk-memory,+mutable-globals`, std rebuilt with
-#               `-Z build-std`. Needs SharedArrayBuffer, so a cross-origin isolated page
-#               (COOP/COEP headers on localhost or https); web/worker.js picks it when it can.
+# web/bundle.js picks one per tab:
+#   web/pkg      single-threaded with WebGPU (burn's wgpu backend) and the CPU backend, stable
+#                Rust: a tab with a hardware WebGPU adapter.
+#   web/pkg-mt   threaded (wasm threads, burn's CPU backend on a rayon pool of Web Workers):
+#                nightly Rust, `+atomics,+bulk-memory,+mutable-globals`, std rebuilt with
+#                `-Z build-std`. Needs SharedArrayBuffer, so a cross-origin isolated page
+#                (COOP/COEP headers on localhost or https).
+#   web/pkg-cpu  single-threaded, CPU only (no wgpu compiled in: smaller and faster on the CPU
+#                backend), stable Rust: every other page, a plain-http LAN above all.
 # --optimize also runs wasm-opt -Os (2–4 minutes); measured on this bundle it cuts the raw size
 # 15% but makes the gzipped download 8% larger, so the demo does not use it.
 # --single builds web/pkg only.
@@ -29,7 +33,9 @@ bundle() {
   mkdir -p "$out"
   local stamp="$out/.built-from"
   local sig
-  sig="$(stat -c %Y "$raw")-$optimize"
+  # The content, not the time: web/pkg and web/pkg-cpu are two feature sets of one crate, and
+  # cargo copies whichever it built last to the same path.
+  sig="$(sha256sum "$raw" | cut -c1-16)-$optimize"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sig" ] && [ -f "$out/canopy_client_bg.wasm.br" ] && [ -f "$out/canopy_client_bg.wasm.zst" ]; then
     echo "$out is up to date"
     return
@@ -54,9 +60,13 @@ bundle() {
   echo "$out: $(size '') bytes raw, $(size .br) brotli, $(size .zst) zstd, $(size .gz) gzip"
 }
 
+raw="$CARGO_TARGET_DIR/wasm32-unknown-unknown/wasm/canopy_client.wasm"
 cargo build -p canopy-client --target wasm32-unknown-unknown --profile wasm
-bundle web/pkg "$CARGO_TARGET_DIR/wasm32-unknown-unknown/wasm/canopy_client.wasm"
+bundle web/pkg "$raw"
 [ "$single" = 1 ] && exit 0
+
+cargo build -p canopy-client --target wasm32-unknown-unknown --profile wasm --no-default-features
+bundle web/pkg-cpu "$raw"
 
 # The threaded build has its own target folder: other RUSTFLAGS and a rebuilt std would
 # otherwise invalidate the single-threaded build's artefacts every time. RUSTFLAGS replaces

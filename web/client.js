@@ -130,3 +130,18 @@ for (let d = 0; d < 10; d++) {
   };
   $('labels').append(b);
 }
+
+// What this page's origin allows, and on https the certificate's fingerprint, so a student can
+// check that the certificate they accepted is this server's (the dashboard shows the same one).
+async function showOrigin() {
+  const parts = [location.protocol === 'https:' ? 'https' : 'plain http'];
+  parts.push(window.isSecureContext ? 'secure context' : 'not a secure context (no WebGPU, no threads)');
+  if (window.crossOriginIsolated) parts.push('cross-origin isolated');
+  try {
+    const { fingerprint } = await (await fetch('/api/join')).json();
+    if (fingerprint) parts.push(`certificate SHA-256 ${fingerprint}`);
+  } catch { /* the line is informative only */ }
+  $('origin').textContent = parts.join(' · ');
+  state.origin = { secure: window.isSecureContext, isolated: window.crossOriginIsolated, protocol: location.protocol };
+}
+showOrigin();

@@ -290,8 +290,11 @@ async function showJoin() {
   const local = /^(localhost|127\.|\[::1\])/.test(location.hostname);
   let url = `${location.origin}/`;
   let note = '';
+  const join = await (await fetch('/api/join')).json();
+  // https: the certificate students are asked to accept, to check against their browser's.
+  $('joinCert').textContent = join.fingerprint ? `Certificate SHA-256: ${join.fingerprint}` : '';
   if (local) {
-    const { urls } = await (await fetch('/api/join')).json();
+    const { urls } = join;
     const lan = urls.find((u) => !/\/\/(localhost|127\.)/.test(u));
     if (lan) url = lan;
     else note = 'Only this computer can join: start the server with --bind 0.0.0.0 to let phones and laptops on the same network join.';
@@ -354,7 +357,7 @@ async function predict() {
   try {
     if (!wasm) {
       $('guess').textContent = 'loading the model runtime…';
-      wasm = await import('./pkg/canopy_client.js');
+      wasm = await import('./pkg-cpu/canopy_client.js');
       await wasm.default();
     }
     const round = completedRounds();

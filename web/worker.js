@@ -8,26 +8,21 @@
 // { start: { name, backend, timeSoftware, userAgent } } once, then { call, id, args } for the client's methods
 // ("try the model", "teach it", benchmarks), answered with { reply: id, value } or { reply: id, error }.
 //
-// Two builds of the client: web/pkg-mt (wasm threads: burn's CPU backend on a rayon pool of
-// workers sharing the module's memory; CPU only) and web/pkg (one thread, CPU or WebGPU). The
-// threaded one needs SharedArrayBuffer, so a cross-origin isolated page (the server's COOP/COEP
-// headers, honoured on localhost and https); on a plain-http LAN the tab runs web/pkg. A
-// hardware WebGPU adapter also means web/pkg, which times WebGPU against the CPU backend.
-// The page passes its query on: `?threads=N` forces a pool of N, `?threads=1` web/pkg
-// (`?bundle=pkg-mt&threads=1`: the threaded bundle with a pool of one).
+// Three builds of the client, chosen by web/bundle.js from what the tab really has: web/pkg
+// (WebGPU and the CPU backend, one thread) for a hardware WebGPU adapter, web/pkg-mt (threaded,
+// CPU only) on a cross-origin isolated page (https, localhost), web/pkg-cpu (one thread, CPU
+// only) otherwise, a plain-http LAN page above all. Only the chosen one is downloaded.
 import { fmtBytes } from './format.js';
+import { chooseBundle } from './bundle.js';
 
 const query = new URLSearchParams(self.location.search);
-// Most threads the pool gets unasked: beyond this a tab starves the rest of the machine (other
-// tabs, the page itself) for little gain on models this size.
-const MAX_THREADS = 8;
 
 const state = {
   status: 'loading', backend: null, adapter: null, speeds: [], clientId: null, round: null,
   roundsDone: 0, results: [], bytesSent: 0, bytesReceived: 0, errors: [], finished: false, lastSummary: null,
   firstProgress: null, resources: [],
-  // The bundle the tab runs ('pkg-mt' threaded, 'pkg' single-threaded), the threads burn's CPU
-  // backend computes on, and why that bundle.
+  // The bundle the tab runs ('pkg' WebGPU, 'pkg-mt' threaded, 'pkg-cpu' single-threaded CPU),
+  // the threads burn's CPU backend computes on, and why that bundle.
   bundle: null, threads: 1, threadsNote: null, crossOriginIsolated: Boolean(self.crossOriginIsolated),
 };
 
@@ -157,44 +152,33 @@ async function adapterInfo() {
   }
 }
 
-// Which bundle and how many threads: { threaded, threads, note }.
-function plan(gpu) {
-  const asked = Number.parseInt(query.get('threads') ?? '', 10);
-  const cores = navigator.hardwareConcurrency || 1;
-  const backend = query.get('backend');
-  // `?bundle=pkg-mt&threads=1`: the threaded bundle with a pool of one (benchmarks: what the
-  // threaded build costs or saves apart from the threads).
-  const forced = query.get('bundle') === 'pkg-mt';
-  if (asked === 1 && !forced) return { threaded: false, threads: 1, note: 'one thread (?threads=1)' };
-  if (!self.crossOriginIsolated || typeof SharedArrayBuffer !== 'function') {
-    return { threaded: false, threads: 1, note: 'one thread: the page is not cross-origin isolated (no SharedArrayBuffer; plain http off localhost?)' };
-  }
-  if (backend === 'webgpu' || query.get('time') === 'all' || (gpu && !gpu.software && backend !== 'cpu')) {
-    return { threaded: false, threads: 1, note: 'one thread: the WebGPU build (the threaded one is CPU only)' };
-  }
-  if (asked >= 2 || (forced && asked === 1)) return { threaded: true, threads: asked, note: `${asked} thread${asked > 1 ? 's' : ''} (?threads=${asked})` };
-  const threads = Math.min(cores, MAX_THREADS);
-  if (threads < 2) return { threaded: false, threads: 1, note: 'one thread: the browser reports one core' };
-  return { threaded: true, threads, note: `${threads} threads (navigator.hardwareConcurrency ${cores}${cores > MAX_THREADS ? `, capped at ${MAX_THREADS}` : ''})` };
+// What the tab has, as web/bundle.js reads it.
+function environment(gpu) {
+  return {
+    secure: Boolean(self.isSecureContext),
+    isolated: Boolean(self.crossOriginIsolated) && typeof SharedArrayBuffer === 'function',
+    cores: navigator.hardwareConcurrency || 1,
+    gpu,
+  };
 }
 
-// Loads a bundle and, for the threaded one, starts its pool. Falls back to web/pkg when the
-// threaded bundle fails (a browser without wasm threads).
+// Loads the chosen bundle and, for the threaded one, starts its pool. Falls back to web/pkg-cpu
+// when the threaded bundle fails (a browser without wasm threads).
 async function load(gpu) {
-  const p = plan(gpu);
-  if (p.threaded) {
+  const p = chooseBundle(environment(gpu), query);
+  if (p.bundle === 'pkg-mt') {
     try {
       const wasm = await import('./pkg-mt/canopy_client.js');
       await wasm.default();
       await wasm.initThreadPool(p.threads);
       return { wasm, bundle: 'pkg-mt', threads: wasm.cpu_threads(), note: p.note };
     } catch (e) {
-      p.note = `one thread: the threaded bundle failed (${e})`;
+      Object.assign(p, { bundle: 'pkg-cpu', note: `one thread: the threaded bundle failed (${e})` });
     }
   }
-  const wasm = await import('./pkg/canopy_client.js');
+  const wasm = await import(p.bundle === 'pkg' ? './pkg/canopy_client.js' : './pkg-cpu/canopy_client.js');
   await wasm.default();
-  return { wasm, bundle: 'pkg', threads: 1, note: p.note };
+  return { wasm, bundle: p.bundle, threads: 1, note: p.note };
 }
 
 // The wasm module downloads and compiles while the page asks for a nickname.
@@ -235,7 +219,9 @@ try {
   state.resources = performance.getEntriesByType('resource').map((r) => ({ name: r.name, transferSize: r.transferSize, encodedBodySize: r.encodedBodySize, decodedBodySize: r.decodedBodySize }));
   const wanted = ['cpu', 'webgpu'].includes(start.backend) ? start.backend : 'auto';
   if (wanted === 'auto' && gpu) setStatus('timing the backends…');
-  client = await loaded.wasm.CanopyClient.create(start.name, wanted, gpu?.software ?? false, start.timeSoftware, start.userAgent, sendFrame, onProgress);
+  // The Hello's adapter line says which bundle and why (the dashboard shows it per client).
+  const bundleText = `bundle ${loaded.bundle}: ${loaded.note}`;
+  client = await loaded.wasm.CanopyClient.create(start.name, wanted, gpu?.software ?? false, start.timeSoftware, start.userAgent, bundleText, sendFrame, onProgress);
   state.backend = client.backend();
   state.adapter = client.adapter();
   state.speeds = JSON.parse(client.speeds());

@@ -176,13 +176,15 @@ impl CanopyClient {
     /// worker read `isFallbackAdapter` and the adapter info; SwiftShader when Chromium has no
     /// usable GPU) is not timed unless `time_software`: its warm-up step took 12–21 s here, with
     /// the worker blocked for 10 s of it, and it then trained ~20–100× slower than the CPU backend. `send(Uint8Array)`
-    /// sends a frame; `progress(json)` receives training progress.
+    /// sends a frame; `progress(json)` receives training progress. `bundle` says which build
+    /// the worker loaded and why; it joins the adapter line of the Hello.
     pub async fn create(
         name: String,
         backend: String,
         software_adapter: bool,
         time_software: bool,
         user_agent: String,
+        bundle: String,
         send: Function,
         progress: Function,
     ) -> CanopyClient {
@@ -192,6 +194,11 @@ impl CanopyClient {
         let threads = cpu_threads();
         if backend == Backend::WasmCpu && threads > 1 {
             adapter = format!("{adapter}; CPU backend on {threads} wasm threads");
+        }
+        // Which build the worker loaded and why ("bundle pkg-cpu: one thread: insecure
+        // origin..."), so the dashboard can say why a tab is slow.
+        if !bundle.is_empty() {
+            adapter = format!("{adapter}; {bundle}");
         }
         let info = DeviceInfo {
             backend,
@@ -651,10 +658,11 @@ async fn pick_backend(
             Vec::new(),
         );
     }
-    // The threaded bundle has no WebGPU: web/worker.js loads it only when the browser has no
-    // adapter or a software one (which is not timed unless `time_software`, and then the worker
-    // loads the WebGPU build instead), so the answer is the CPU backend. It still times it, and
-    // says what it did not time, as the WebGPU build would.
+    // The CPU-only bundles (threaded web/pkg-mt, single-threaded web/pkg-cpu) have no WebGPU:
+    // web/bundle.js picks them only when the browser has no adapter or a software one (which is
+    // not timed unless `time_software`, and then the worker loads the WebGPU build instead), so
+    // the answer is the CPU backend. It still times it, and says what it did not time, as the
+    // WebGPU build would.
     #[cfg(not(feature = "webgpu"))]
     {
         let _ = time_software;
@@ -662,7 +670,7 @@ async fn pick_backend(
             return (
                 Device::flex(),
                 Backend::WasmCpu,
-                "no WebGPU adapter (the threaded bundle is CPU only)".into(),
+                "no WebGPU adapter (this bundle is CPU only)".into(),
                 Vec::new(),
             );
         }

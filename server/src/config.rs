@@ -8,6 +8,7 @@ use canopy_core::data::partition::Partition;
 use canopy_core::strategy::{self, Settings, Strategy, StrategyConfig};
 
 use crate::serve::limits::LimitsConfig;
+use crate::serve::tls::TlsMode;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -157,6 +158,40 @@ pub struct ServerConfig {
     /// or the metrics (they are public), hence not read from TOML either.
     #[serde(skip)]
     pub admin_token: Option<String>,
+    /// `"self-signed"`: https with a certificate made for the join addresses and kept in
+    /// `state_dir` (see `serve/tls.rs`); `"off"` (default): plain http, or https with
+    /// `tls_cert` and `tls_key` when both are set.
+    pub tls: TlsMode,
+    /// A PEM certificate (chain) and its key: https with a certificate of one's own.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// With https: a plain-http port that sends every request to the https one.
+    pub http_port: Option<u16>,
+    /// Where the server keeps what outlives a run (the self-signed certificate). Default:
+    /// `$XDG_STATE_HOME/canopy`, else `~/.local/state/canopy`.
+    pub state_dir: Option<PathBuf>,
+}
+
+impl ServerConfig {
+    /// https, with a self-signed certificate or one's own.
+    pub fn https(&self) -> bool {
+        self.tls == TlsMode::SelfSigned || self.tls_cert.is_some() || self.tls_key.is_some()
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        if let Some(d) = &self.state_dir {
+            return d.clone();
+        }
+        let home = || {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| ".".into())
+        };
+        std::env::var_os("XDG_STATE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| home().join(".local/state"))
+            .join("canopy")
+    }
 }
 
 impl Default for Config {
@@ -225,6 +260,11 @@ impl Default for ServerConfig {
             port: 8080,
             web_dir: "web".into(),
             admin_token: None,
+            tls: TlsMode::Off,
+            tls_cert: None,
+            tls_key: None,
+            http_port: None,
+            state_dir: None,
         }
     }
 }
@@ -292,6 +332,22 @@ pub struct Overrides {
     /// Admin token for the dashboard's controls (default: a random one, printed at start).
     #[arg(long)]
     pub admin_token: Option<String>,
+    /// `self-signed`: serve https with a certificate made for the join addresses (kept in the
+    /// state folder and reused), so LAN tabs get WebGPU and threads; `off`: plain http.
+    #[arg(long)]
+    pub tls: Option<TlsMode>,
+    /// Serve https with this PEM certificate (chain) instead (with --tls-key).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// With https: a plain-http port that redirects every request to the https port.
+    #[arg(long)]
+    pub http_port: Option<u16>,
+    /// Where the self-signed certificate is kept between runs.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
     /// Robust aggregation: none, norm-bound, median, trimmed-mean or multi-krum; `+clip` adds
     /// the median-norm bound to a rule (`median+clip`).
     #[arg(long)]
@@ -426,6 +482,21 @@ impl Config {
         if o.admin_token.is_some() {
             c.server.admin_token = o.admin_token.clone();
         }
+        if let Some(t) = o.tls {
+            c.server.tls = t;
+        }
+        for (from, to) in [
+            (&o.tls_cert, &mut c.server.tls_cert),
+            (&o.tls_key, &mut c.server.tls_key),
+            (&o.state_dir, &mut c.server.state_dir),
+        ] {
+            if from.is_some() {
+                *to = from.clone();
+            }
+        }
+        if o.http_port.is_some() {
+            c.server.http_port = o.http_port;
+        }
         if let Some(r) = o.role {
             c.scale.role = r;
         }
@@ -466,6 +537,16 @@ impl Config {
             return Err("data.local_test and data.test_fraction must lie in [0, 1)".into());
         }
         self.aggregation.validate()?;
+        let tls = &self.server;
+        if tls.tls_cert.is_some() != tls.tls_key.is_some() {
+            return Err("server.tls_cert and server.tls_key go together: give both".into());
+        }
+        if tls.tls == TlsMode::SelfSigned && tls.tls_cert.is_some() {
+            return Err("tls = \"self-signed\" makes its own certificate: drop tls_cert and tls_key, or tls".into());
+        }
+        if tls.http_port.is_some() && !tls.https() {
+            return Err("server.http_port redirects to https: it needs --tls self-signed or --tls-cert/--tls-key".into());
+        }
         self.limits.validate()?;
         self.scale
             .validate(self.run.name.as_deref(), &self.aggregation)?;

@@ -35,7 +35,7 @@ use round::exchange::Desk;
 use round::inbox::Incoming;
 use round::record::RoundRecord;
 use round::run::RoundLoop;
-use serve::{admin, lan, limits, web};
+use serve::{admin, lan, limits, listen, tls, web};
 
 /// State shared by every request handler and the round loop.
 pub struct App {
@@ -53,6 +53,12 @@ pub struct App {
     pub join_urls: Vec<String>,
     /// Connections counted against the `[limits]`.
     pub limits: Arc<limits::Limits>,
+    /// With https: the SHA-256 fingerprint of the certificate (on the dashboard and join page,
+    /// so a student can check the certificate they accept) and where it came from.
+    pub tls_fingerprint: Option<String>,
+    pub tls_origin: Option<String>,
+    /// With https and `http_port`: the plain-http address that redirects to https.
+    pub http_redirect: Option<SocketAddr>,
 }
 
 pub struct Running {
@@ -98,6 +104,11 @@ pub async fn start(config: Config) -> Result<Running, String> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let config_json = serde_json::to_value(&config).map_err(|e| e.to_string())?;
     let (listener, addr) = bind(&config).await?;
+    let Web {
+        join_urls,
+        tls,
+        http_redirect,
+    } = web_setup(&config, addr).await?;
     let app = Arc::new(App {
         hub: hub.clone(),
         incoming: tx,
@@ -111,10 +122,13 @@ pub async fn start(config: Config) -> Result<Running, String> {
             .admin_token
             .clone()
             .unwrap_or_else(admin::random_token),
-        join_urls: lan::join_urls(&config.server.bind, addr.port()),
+        join_urls,
         limits: limits::Limits::new(config.limits.clone()),
+        tls_fingerprint: tls.as_ref().map(|t| t.fingerprint.clone()),
+        tls_origin: tls.as_ref().map(|t| t.origin.clone()),
+        http_redirect,
     });
-    serve_routes(listener, app.clone());
+    listen::spawn(listener, web::router(app.clone()), tls);
     let link = connect(&config, &run_name).await?;
     let edges = match (&link, config.scale.role) {
         (Some(link), scale::Role::Root) => {
@@ -300,20 +314,41 @@ async fn bind(config: &Config) -> Result<(TcpListener, SocketAddr), String> {
     Ok((listener, addr))
 }
 
-/// Serves the routes on `listener` in the background.
-fn serve_routes(listener: TcpListener, app: Arc<App>) {
-    let router = web::router(app);
-    tokio::spawn(async move {
-        // Sessions need the peer's address for the per-address limit.
-        if let Err(e) = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        {
-            tracing::error!("server stopped: {e}");
-        }
-    });
+/// What the bound port serves with: the join URLs (https or http), the certificate, and the
+/// plain-http port that redirects to https.
+struct Web {
+    join_urls: Vec<String>,
+    tls: Option<tls::Tls>,
+    http_redirect: Option<SocketAddr>,
+}
+
+/// The certificate (self-signed for every join address, or the configured files) and the http
+/// redirect, once the port is known.
+async fn web_setup(config: &Config, addr: SocketAddr) -> Result<Web, String> {
+    let server = &config.server;
+    let https = server.https();
+    let join_urls = lan::join_urls(
+        &server.bind,
+        addr.port(),
+        if https { "https" } else { "http" },
+    );
+    let hosts: Vec<String> = join_urls.iter().map(|u| tls::url_host(u)).collect();
+    let tls = tls::prepare(
+        server.tls,
+        server.tls_cert.as_deref(),
+        server.tls_key.as_deref(),
+        &server.state_dir(),
+        &hosts,
+    )?;
+    let http_redirect = match server.http_port {
+        Some(port) if https => Some(listen::spawn_redirect(&server.bind, port, addr.port()).await?),
+        _ => None,
+    };
+    Ok(Web {
+        join_urls,
+        tls,
+        http_redirect,
+    })
 }
 
 /// A root or an edge connects to NATS (a single server has no link). Root and edges find each

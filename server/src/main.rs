@@ -136,6 +136,17 @@ async fn serve(o: Overrides) -> Result<(), String> {
         "  Admin token:       {}   (dashboard controls: {base}/dashboard#token={})",
         app.admin_token, app.admin_token
     );
+    if let (Some(fp), Some(origin)) = (&app.tls_fingerprint, &app.tls_origin) {
+        println!("  HTTPS certificate: {origin}");
+        println!("  SHA-256:           {fp}");
+        if let Some(http) = app.http_redirect {
+            println!("  Plain http on port {} redirects to https.", http.port());
+        }
+        if config.server.tls_cert.is_none() {
+            println!("  The first time, each browser warns that the certificate is self-signed:");
+            println!("  compare the SHA-256 above with the one on the join page, then proceed.");
+        }
+    }
     println!("  Metrics:           {}", running.run_dir.display());
     println!();
     if canopy_server::serve::lan::is_loopback_url(&join) {

@@ -4,9 +4,10 @@
 // times both backends at start measures and picks (`?time=all`), and TF.js 4.22 training the
 // same models in the same browser (tfjs-bench.js; its wasm backend with SIMD on one thread, and
 // its plain JS `cpu` backend on the MLP). Run with `just bench-browser`.
-// The tab's CPU backend runs twice: the single-threaded bundle (web/pkg, `?threads=1`) and the
-// threaded one (web/pkg-mt, wasm threads) at 2 threads and more, up to this machine's cores
-// (capped at 8); the "vs tab CPU (worker)" column is then the speed-up over one thread, same run.
+// The tab's CPU backend runs in all three bundles: the WebGPU build on its CPU backend (web/pkg,
+// `?bundle=pkg`), the CPU-only single-threaded one (web/pkg-cpu, what a plain-http LAN tab gets)
+// and the threaded one (web/pkg-mt, wasm threads) at 1, 2 threads and more, up to this machine's
+// cores (capped at 8); the "vs tab CPU (worker)" column is against web/pkg, same run.
 // Prints figures only; nothing here is a pass/fail test.
 import { execFileSync } from 'node:child_process';
 import { availableParallelism } from 'node:os';
@@ -59,7 +60,7 @@ let picked;
 for (const webgpu of [false, true]) {
   const browser = await launch({ webgpu });
   const logs = [];
-  const page = await openTab(browser, `${server.url}?name=bench-${webgpu ? 'gpu' : 'cpu'}&backend=${webgpu ? 'webgpu' : 'cpu'}&threads=1`, logs);
+  const page = await openTab(browser, `${server.url}?name=bench-${webgpu ? 'gpu' : 'cpu'}&backend=${webgpu ? 'webgpu' : 'cpu'}&bundle=pkg`, logs);
   await ready(page);
   const backend = await page.evaluate(() => window.canopy.state.backend);
   for (const [model, keep] of CASES) {
@@ -69,6 +70,14 @@ for (const webgpu of [false, true]) {
     rows.push({ where: backend === 'cpu' ? 'tab CPU, worker, 1 thread' : 'tab WebGPU', backend, model, keep, ...r });
   }
   if (!webgpu) {
+    // The CPU-only single-threaded bundle in the same browser.
+    const lean = await openTab(browser, `${server.url}?name=bench-cpu-only&bundle=pkg-cpu`, logs);
+    await ready(lean);
+    for (const [model, keep] of CASES) {
+      const r = JSON.parse(await lean.evaluate(([m, k, s]) => window.canopy.client.bench(m, 32, s, k), [model, keep, STEPS.cpu[model]]));
+      rows.push({ where: 'tab CPU, worker, CPU-only bundle, 1 thread', backend: 'cpu-only', model, keep, ...r });
+    }
+    await lean.close();
     // The threaded bundle in the same browser, one tab per pool size.
     for (const threads of THREADS) {
       const mt = await openTab(browser, `${server.url}?name=bench-mt${threads}&backend=cpu&bundle=pkg-mt&threads=${threads}`, logs);
@@ -86,7 +95,7 @@ for (const webgpu of [false, true]) {
       const r = JSON.parse(await page.evaluate(async ([m, k, s]) => {
         const w = await import('/pkg/canopy_client.js');
         await w.default();
-        const c = await w.CanopyClient.create('main', 'cpu', false, false, '', () => {}, () => {});
+        const c = await w.CanopyClient.create('main', 'cpu', false, false, '', 'bundle pkg (main thread)', () => {}, () => {});
         return c.bench(m, 32, s, k);
       }, [model, keep, STEPS.cpu[model]]));
       rows.push({ where: 'tab CPU, main thread', backend: 'cpu-main', model, keep, ...r });
@@ -145,6 +154,14 @@ for (const model of ['mlp', 'cnn', 'cnn-small']) {
   const x = c.samples_per_sec / t.samples_per_sec;
   const goal = GOALS[model] ? ` (goal ≥ ${GOALS[model]}×: ${x >= GOALS[model] ? 'met' : 'missed'})` : '';
   console.log(`${model}: Canopy tab CPU ${c.samples_per_sec.toFixed(0)} samples/s (${c.step_ms.toFixed(1)} ms a step), TF.js wasm ${t.samples_per_sec.toFixed(0)} samples/s (${t.step_ms.toFixed(1)} ms a step, ${t.steps} steps) → Canopy / TF.js ${x.toFixed(2)}×${goal}`);
+  // What a plain-http LAN page runs: the CPU-only bundle (goals: ≥ 2× web/pkg, ≥ 2.5× TF.js on
+  // the MLP).
+  const lean = find('cpu-only', model, 1.0);
+  if (lean) {
+    const [vsPkg, vsTf] = [lean.samples_per_sec / c.samples_per_sec, lean.samples_per_sec / t.samples_per_sec];
+    const g = model === 'mlp' ? ` (goals ≥ 2× and ≥ 2.5×: ${vsPkg >= 2 && vsTf >= 2.5 ? 'met' : 'missed'})` : '';
+    console.log(`${model}: CPU-only bundle (plain-http LAN), 1 thread: ${lean.samples_per_sec.toFixed(0)} samples/s → / web/pkg ${vsPkg.toFixed(2)}×, / TF.js ${vsTf.toFixed(2)}×${g}`);
+  }
   // What an isolated page (localhost, https) runs: the threaded CPU bundle, on one thread (TF.js's
   // count) and on every core.
   for (const threads of [1, 2]) {
@@ -158,6 +175,6 @@ for (const model of ['mlp', 'cnn', 'cnn-small']) {
 if (picked) {
   console.log(`\nA tab choosing its backend (?time=all, MLP, batch 32): ${picked.speeds.map((s) => `${s.backend} ${s.samples_per_sec?.toFixed(0) ?? '–'} samples/s (${s.note})`).join('; ')} → trains on ${picked.backend}`);
 }
-console.log(`(Threaded rows: web/pkg-mt, burn's CPU backend on a pool of wasm threads; "vs tab CPU (worker)" is against web/pkg on one thread, "vs threaded bundle, 1 thread" against web/pkg-mt with a pool of one, both in this run. This machine has ${availableParallelism()} cores.)`);
+console.log(`(CPU-only row: web/pkg-cpu, one thread, no wgpu compiled in. Threaded rows: web/pkg-mt, burn's CPU backend on a pool of wasm threads; "vs tab CPU (worker)" is against web/pkg on one thread, "vs threaded bundle, 1 thread" against web/pkg-mt with a pool of one, both in this run. This machine has ${availableParallelism()} cores.)`);
 console.log('(WebGPU here is SwiftShader, a software adapter: its figures say nothing about a real GPU.)');
 console.log('(TF.js trains on the page\'s main thread with tf.fused ops, NHWC, its wasm backend lacking Conv2DBackpropFilter: tfjs-bench.js adds one from its Conv2D.)');

@@ -46,12 +46,12 @@ test('live dashboard, admin controls and draw-a-digit', { timeout: 240_000 }, as
     });
     await waitFor(async () => (await dv()).updates > 0, 30_000, 'the first live update');
 
-    // The single-threaded bundle (`threads=1`): the pause below needs rounds that last a moment,
-    // and the threaded bundle trains these MLP rounds in ~0.3 s each (all 4 were over before
-    // the Pause click landed).
+    // The slowest bundle (`bundle=pkg`, the WebGPU build on its CPU backend): the pause below
+    // needs rounds that last a moment, and the threaded bundle trains these MLP rounds in ~0.3 s
+    // each (all 4 were over before the Pause click landed).
     const tabs = [
-      await openTab(browser, `${server.url}?name=alice&backend=cpu&threads=1`, logs),
-      await openTab(browser, `${server.url}?name=bob&backend=cpu&threads=1`, logs),
+      await openTab(browser, `${server.url}?name=alice&backend=cpu&bundle=pkg`, logs),
+      await openTab(browser, `${server.url}?name=bob&backend=cpu&bundle=pkg`, logs),
     ];
     await waitFor(() => dash.evaluate(() => document.querySelectorAll('#clients tr.idle').length === 2), 60_000, 'two client rows');
     assert.equal(await dash.textContent('#phase'), 'waiting for Start', 'held until the teacher starts');

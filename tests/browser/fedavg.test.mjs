@@ -1,7 +1,8 @@
 // The real server and three headless Chromium tabs: one trains on WebGPU (SwiftShader), two fall
 // back to the CPU backend because their browser has no WebGPU adapter; of those, one runs the
 // threaded bundle (wasm threads, the default on a cross-origin isolated localhost page) and one
-// the single-threaded bundle (`?threads=1`, what a plain-http LAN tab gets).
+// the single-threaded CPU-only bundle (`?threads=1`, what a plain-http LAN tab gets): all three
+// builds of the client in one run.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { runWithTabs } from './harness.mjs';
@@ -17,9 +18,9 @@ test('three browser tabs train a model together with FedAvg', { timeout: 600_000
     assert.equal(states[1].backend, 'cpu');
     assert.equal(states[2].backend, 'cpu');
     assert.match(states[1].adapter, /no WebGPU/);
-    // Which bundle each tab ran: WebGPU and `?threads=1` the single-threaded one, the other CPU
-    // tab the threaded one on every core this machine reports (at least 2).
-    assert.deepEqual(states.map((s) => s.bundle), ['pkg', 'pkg-mt', 'pkg'], states.map((s) => s.threadsNote).join('; '));
+    // Which bundle each tab ran: WebGPU the WebGPU build, `?threads=1` the CPU-only one, the
+    // other CPU tab the threaded one on every core this machine reports (at least 2).
+    assert.deepEqual(states.map((s) => s.bundle), ['pkg', 'pkg-mt', 'pkg-cpu'], states.map((s) => s.threadsNote).join('; '));
     assert.ok(states[1].threads >= 2, `threads: ${states[1].threads} (${states[1].threadsNote})`);
     assert.equal(states[2].threads, 1);
 
@@ -47,7 +48,7 @@ test('three browser tabs train a model together with FedAvg', { timeout: 600_000
     assert.equal(pg.length, 10);
     const diff = Math.max(...pg.map((v, i) => Math.abs(v - pc[i])));
     assert.ok(diff < 1e-3, `WebGPU and CPU predictions differ by ${diff}: ${pg} vs ${pc}`);
-    // So do the threaded and single-threaded bundles.
+    // So do the threaded and the CPU-only single-threaded bundles.
     const diffMt = Math.max(...p1.map((v, i) => Math.abs(v - pc[i])));
     assert.ok(diffMt < 1e-3, `threaded and single-threaded predictions differ by ${diffMt}: ${pc} vs ${p1}`);
     assert.ok(Math.abs(pg.reduce((a, b) => a + b) - 1) < 1e-3, 'probabilities sum to 1');

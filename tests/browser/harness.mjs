@@ -23,7 +23,7 @@ export async function startServer(args, { linger = false, port = 0, outDir = mkd
     const timer = setTimeout(() => rej(new Error(`server did not start:\n${log}`)), 60_000);
     const onData = (d) => {
       log += d;
-      const m = log.match(/Join as a client:\s+(http:\/\/\S+)[\s\S]*Metrics:\s+\S+\n/);
+      const m = log.match(/Join as a client:\s+(https?:\/\/\S+)[\s\S]*Metrics:\s+\S+\n/);
       if (m) { clearTimeout(timer); res(m[1]); }
     };
     proc.stdout.on('data', onData);
@@ -87,7 +87,7 @@ export async function runWithTabs(serverArgs, tabs, shotPrefix) {
       browsers[t.webgpu] ??= await launch({ webgpu: t.webgpu });
       // A WebGPU tab is forced onto WebGPU: left to choose, it would time SwiftShader against
       // its CPU backend and train on the CPU (tab.test.mjs checks that choice).
-      // `query` adds to the page's query (`threads=1`: the single-threaded bundle).
+      // `query` adds to the page's query (`threads=1`: the CPU-only single-threaded bundle).
       pages.push(await openTab(browsers[t.webgpu], `${server.url}?name=${t.name}${t.webgpu ? '&backend=webgpu' : ''}${t.query ? `&${t.query}` : ''}`, logs));
     }
     let timer;

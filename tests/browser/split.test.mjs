@@ -1,15 +1,16 @@
 // Split learning in real tabs (WebGPU and CPU): each tab trains a pruned front and, for every
 // batch, sends half its activations and awaits the 8-bit gradient from the server, which trains
 // the back. The server serves both tabs' batches side by side. The CPU tab runs the
-// single-threaded bundle (`threads=1`): with the threaded one, faster on this MLP, the batches
-// switched tabs only once a round (1, 1) in the run that tried it.
+// single-threaded WebGPU build on its CPU backend (`bundle=pkg`), the slowest: with the threaded
+// one, faster on this MLP, the batches switched tabs only once a round (1, 1) in the run that
+// tried it.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { root, runWithTabs } from './harness.mjs';
 
 test('tabs train pruned fronts, the server the back, batch by batch', { timeout: 600_000 }, async () => {
-  const { states, metrics: m, close } = await runWithTabs(['--config', join(root, 'tests/browser/split.toml'), '--name', 'browser-split'], [{ name: 'gpu-tab', webgpu: true }, { name: 'cpu-tab', webgpu: false, query: 'threads=1' }], 'split');
+  const { states, metrics: m, close } = await runWithTabs(['--config', join(root, 'tests/browser/split.toml'), '--name', 'browser-split'], [{ name: 'gpu-tab', webgpu: true }, { name: 'cpu-tab', webgpu: false, query: 'bundle=pkg' }], 'split');
   try {
     assert.deepEqual(states.map((s) => s.backend), ['webgpu', 'cpu']);
     assert.equal(m.rounds.length, 2);

@@ -8,7 +8,7 @@ use qrcode::render::{svg, unicode};
 /// Client-page URLs for a server bound to `bind`, best first. Bound to every interface
 /// (`0.0.0.0`), that is each usable IPv4 address of this machine (LAN first, loopback last);
 /// bound to one address, just that one.
-pub fn join_urls(bind: &str, port: u16) -> Vec<String> {
+pub fn join_urls(bind: &str, port: u16, scheme: &str) -> Vec<String> {
     let addrs = match bind {
         "0.0.0.0" | "::" => {
             let found = if_addrs::get_if_addrs().unwrap_or_default();
@@ -18,12 +18,12 @@ pub fn join_urls(bind: &str, port: u16) -> Vec<String> {
         other => match other.parse::<Ipv4Addr>() {
             Ok(a) => vec![a],
             // A host name or IPv6 literal: show it as given.
-            Err(_) => return vec![format!("http://{}/", host_port(other, port))],
+            Err(_) => return vec![format!("{scheme}://{}/", host_port(other, port))],
         },
     };
     addrs
         .iter()
-        .map(|a| format!("http://{a}:{port}/"))
+        .map(|a| format!("{scheme}://{a}:{port}/"))
         .collect()
 }
 
@@ -57,6 +57,7 @@ fn host_port(host: &str, port: u16) -> String {
 pub fn is_loopback_url(url: &str) -> bool {
     let host = url
         .trim_start_matches("http://")
+        .trim_start_matches("https://")
         .split([':', '/'])
         .next()
         .unwrap_or("");
@@ -111,7 +112,7 @@ mod tests {
     #[test]
     fn urls_for_one_address_and_qr_codes_render() {
         assert_eq!(
-            join_urls("127.0.0.1", 8080),
+            join_urls("127.0.0.1", 8080, "http"),
             vec!["http://127.0.0.1:8080/".to_string()]
         );
         assert!(
@@ -119,9 +120,13 @@ mod tests {
                 && !is_loopback_url("http://192.168.1.2:8080/")
         );
         assert!(
-            join_urls("0.0.0.0", 80)
+            join_urls("0.0.0.0", 80, "http")
                 .iter()
                 .all(|u| u.starts_with("http://") && u.ends_with(":80/"))
+        );
+        assert_eq!(
+            join_urls("127.0.0.1", 8443, "https"),
+            vec!["https://127.0.0.1:8443/".to_string()]
         );
         assert!(qr_svg("http://192.168.1.2:8080/").unwrap().contains("<svg"));
         assert!(

@@ -1,4 +1,4 @@
-//! The wasm bundles (`web/pkg/`, and the threaded one in `web/pkg-mt/`), served pre-compressed: scripts/build-wasm.sh writes `.br`
+//! The wasm bundles (`web/pkg/` with WebGPU, the threaded `web/pkg-mt/` and the CPU-only `web/pkg-cpu/`), served pre-compressed: scripts/build-wasm.sh writes `.br`
 //! (brotli), `.zst` (zstd) and `.gz` (gzip) beside each file, and a browser gets the smallest
 //! one its `Accept-Encoding` allows, else the file itself. tower-http's `ServeDir` prefers zstd
 //! over brotli whatever the sizes; on this bundle brotli is ~8% smaller, so the choice is made
@@ -86,7 +86,7 @@ fn content_type(name: &str) -> &'static str {
     }
 }
 
-/// `GET /pkg/{file}`: the single-threaded bundle.
+/// `GET /pkg/{file}`: the single-threaded bundle with WebGPU.
 pub async fn pkg_file(
     State(app): State<Arc<App>>,
     UrlPath(name): UrlPath<String>,
@@ -103,6 +103,15 @@ pub async fn pkg_mt_file(
     headers: HeaderMap,
 ) -> Response {
     serve(&app, "pkg-mt", &name, &headers).await
+}
+
+/// `GET /pkg-cpu/{file}`: the single-threaded CPU-only bundle (a plain-http LAN tab's).
+pub async fn pkg_cpu_file(
+    State(app): State<Arc<App>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    serve(&app, "pkg-cpu", &name, &headers).await
 }
 
 /// A plain file name only (no folders, no dot files) from `dir` under the web folder.

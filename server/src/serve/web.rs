@@ -41,6 +41,10 @@ pub fn router(app: Arc<App>) -> Router {
             "/pkg-mt/{file}",
             get(crate::serve::precompressed::pkg_mt_file),
         )
+        .route(
+            "/pkg-cpu/{file}",
+            get(crate::serve::precompressed::pkg_cpu_file),
+        )
         .route_service("/dashboard", ServeFile::new(web.join("dashboard.html")))
         .fallback_service(files)
         .layer(axum::middleware::map_response(cross_origin_isolation))
@@ -121,7 +125,11 @@ async fn model(State(app): State<Arc<App>>) -> impl IntoResponse {
 async fn join(State(app): State<Arc<App>>) -> impl IntoResponse {
     // A root takes no tabs: its edges' pages are where to join.
     let edges = app.hub.lock().unwrap().edge_urls();
-    Json(json!({ "urls": if edges.is_empty() { app.join_urls.clone() } else { edges } }))
+    Json(json!({
+        "urls": if edges.is_empty() { app.join_urls.clone() } else { edges },
+        // The certificate a student is asked to accept, to compare with what the browser shows.
+        "fingerprint": app.tls_fingerprint,
+    }))
 }
 
 #[derive(Deserialize)]
