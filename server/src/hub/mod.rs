@@ -371,7 +371,13 @@ mod tests {
     use rounds::tests::info;
 
     fn hub() -> Hub {
-        Hub::new(info(3), shards(2), Vec::new(), false, Duration::from_secs(3))
+        Hub::new(
+            info(3),
+            shards(2),
+            Vec::new(),
+            false,
+            Duration::from_secs(3),
+        )
     }
 
     /// The messages queued for a connection, and whether a close followed them.

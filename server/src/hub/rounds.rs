@@ -307,7 +307,7 @@ pub(crate) mod tests {
             (6, 100),
             "a phase change within the round keeps them"
         );
-        r.begin_round(2, StrategyPhase::Own("exploring"));
+        r.begin_round(2, StrategyPhase::Own("exploring".into()));
         assert_eq!(
             (r.phase().name(), r.round(), r.bytes()),
             ("exploring", 2, (0, 0))

@@ -313,7 +313,8 @@ impl RoundLoop {
             .ok()?;
         o.metrics.extend(robust::round_metrics(&combined));
         if self.late_results == LateResults::NextRound {
-            o.metrics.insert(keys::LATE_RESULTS.into(), late_count as f64);
+            o.metrics
+                .insert(keys::LATE_RESULTS.into(), late_count as f64);
         }
         o.metrics.extend(timings(got, streamed, aggregate_time));
         Some((next, o))

@@ -114,7 +114,13 @@ async fn one_round(
         partition: "iid".into(),
         rounds: 1,
     };
-    let hub = Arc::new(Mutex::new(Hub::new(info, vec![shard], Vec::new(), false)));
+    let hub = Arc::new(Mutex::new(Hub::new(
+        info,
+        vec![shard],
+        Vec::new(),
+        false,
+        Duration::from_secs(3),
+    )));
     let (outbox, _frames) = crate::serve::outbox::channel(64 << 20);
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
