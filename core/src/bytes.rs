@@ -25,7 +25,7 @@ impl Blob {
     }
 
     pub fn to_f32(&self) -> Result<Vec<f32>, BytesError> {
-        if self.0.len() % 4 != 0 {
+        if !self.0.len().is_multiple_of(4) {
             return Err(BytesError::Tensor(self.0.len()));
         }
         Ok(self

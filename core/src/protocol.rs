@@ -293,6 +293,9 @@ pub enum ClientMsg {
     Bye,
 }
 
+// A task is most of what travels and is moved once per client; boxing it would only add an
+// allocation to every frame.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ServerMsg {
     Welcome(Welcome),

@@ -752,7 +752,7 @@ fn hidenseek_learns_signs_with_one_bit_per_surviving_weight() {
             "SynFlow keeps half the weights: {}",
             r1.extra["density"]
         );
-        let kept = (0.5 * 784.0 * 200.0 + 0.5 * 200.0 * 200.0 + 0.5 * 200.0 * 10.0) as f64 + 410.0;
+        let kept = (0.5 * 784.0 * 200.0 + 0.5 * 200.0 * 200.0 + 0.5 * 200.0 * 10.0) + 410.0;
         for r in &rounds {
             assert_eq!((r.results, r.rejected), (4, 0), "round {}", r.round);
             // At most one bit per surviving weight, plus each tensor's padding to whole bytes.

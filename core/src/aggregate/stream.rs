@@ -94,7 +94,7 @@ impl RunningSum {
         if other.count == 0 {
             return Ok(());
         }
-        if self.count == 0 && self.len() == 0 {
+        if self.count == 0 && self.is_empty() {
             // An empty default sum takes the other's shape.
             *self = other.clone();
             return Ok(());

@@ -322,7 +322,7 @@ impl BitWriter {
     /// Appends the low `bits` bits of `v`, least significant first.
     fn put(&mut self, v: u32, bits: u8) {
         for b in 0..bits {
-            if self.used % 8 == 0 {
+            if self.used.is_multiple_of(8) {
                 self.bytes.push(0);
             }
             let last = self.bytes.len() - 1;

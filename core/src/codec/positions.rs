@@ -137,7 +137,7 @@ pub fn decode(bytes: &[u8], n: usize) -> Result<Vec<u32>, PositionsError> {
                     n,
                 });
             }
-            if n % 8 != 0 && body[want - 1] >> (n % 8) != 0 {
+            if !n.is_multiple_of(8) && body[want - 1] >> (n % 8) != 0 {
                 return Err(PositionsError::BitmapTail(n));
             }
             let mut out = Vec::new();

@@ -246,7 +246,7 @@ mod tests {
             assert!((back[i] + residual[i] - d[i]).abs() < 1e-6);
         }
         // Next round the residual is added: a zero delta now sends what was held back.
-        let u2 = encode_sparse(&a, &vec![0.0; 15], None, false, 0.2, Some(&mut residual));
+        let u2 = encode_sparse(&a, &[0.0; 15], None, false, 0.2, Some(&mut residual));
         let back2 = decode_sparse(&a, &u2, None).unwrap();
         assert_eq!(
             (0..15).filter(|&i| back2[i] != 0.0).collect::<Vec<_>>(),

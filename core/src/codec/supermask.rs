@@ -236,7 +236,7 @@ mod tests {
     fn wrong_sizes_are_rejected() {
         let a = arch();
         let base = vec![false; 63];
-        let good = encode(&a, None, &base, &vec![true; 63]);
+        let good = encode(&a, None, &base, &[true; 63]);
         assert!(
             decode(&a, None, &base, &good[..1]).is_err(),
             "a tensor missing"

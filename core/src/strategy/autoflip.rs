@@ -207,7 +207,7 @@ impl AutoFlip {
         let mut outcome = RoundOutcome::default();
         let since = round - self.explored_in;
         if a.reprune_every > 0
-            && since % a.reprune_every == 0
+            && since.is_multiple_of(a.reprune_every)
             && a.target_sparsity > global.sparsity()
         {
             // Linear schedule from the post-exploration sparsity to the target at the last round.
@@ -695,7 +695,9 @@ mod tests {
             metrics: Default::default(),
             encoding: Default::default(),
         };
-        let out = s.aggregate(2, &mut global, &[c.clone()], &ctx).unwrap();
+        let out = s
+            .aggregate(2, &mut global, std::slice::from_ref(&c), &ctx)
+            .unwrap();
         assert_eq!(out.metrics["repruned"], 1.0);
         let after = global.mask.clone().unwrap();
         // A quarter of the way from 0.2 to 0.6 after one of four remaining rounds.
@@ -710,7 +712,8 @@ mod tests {
         );
         assert_eq!(global.mask_version, 2);
         for r in 3..=5 {
-            s.aggregate(r, &mut global, &[c.clone()], &ctx).unwrap();
+            s.aggregate(r, &mut global, std::slice::from_ref(&c), &ctx)
+                .unwrap();
         }
         assert!(
             (global.sparsity() - 0.6).abs() < 0.05,

@@ -203,11 +203,14 @@ pub fn aggregate_folded<S: Strategy + ?Sized>(
     strategy.aggregate_sum(round, global, &sum, results, ctx)
 }
 
+/// A strategy's constructor: the shared settings and its own section, if any.
+pub type Build = fn(StrategyConfig, Option<&Settings>) -> Result<Box<dyn Strategy>, String>;
+
 /// One entry of the registry: a strategy's name, a line about it, and its constructor.
 pub struct Method {
     pub name: &'static str,
     pub about: &'static str,
-    pub build: fn(StrategyConfig, Option<&Settings>) -> Result<Box<dyn Strategy>, String>,
+    pub build: Build,
 }
 
 /// Every strategy, in the order dashboards list them. Adding a method adds a line here.
@@ -287,57 +290,6 @@ pub fn sample_clients(
     picked.truncate(m);
     picked.sort_by_key(|c| c.id);
     picked
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::SeedableRng;
-
-    #[test]
-    fn sampling_respects_fraction_and_minimum() {
-        let clients: Vec<ClientView> = (0..20).map(|id| ClientView { id, samples: 10 }).collect();
-        let mut rng = StdRng::seed_from_u64(1);
-        assert_eq!(sample_clients(&clients, 0.25, 1, &mut rng).len(), 5);
-        assert_eq!(sample_clients(&clients, 0.01, 3, &mut rng).len(), 3);
-        assert_eq!(sample_clients(&clients[..2], 0.5, 3, &mut rng).len(), 2);
-        let a = sample_clients(&clients, 0.25, 1, &mut StdRng::seed_from_u64(9));
-        let b = sample_clients(&clients, 0.25, 1, &mut StdRng::seed_from_u64(9));
-        assert_eq!(a, b);
-    }
-
-    #[test]
-    fn unknown_strategy_is_an_error() {
-        assert!(
-            build("fedprox", &StrategyConfig::default(), None)
-                .err()
-                .unwrap()
-                .contains("fedavg, fedavgm")
-        );
-        for name in names() {
-            assert!(
-                build(name, &StrategyConfig::default(), None).is_ok(),
-                "{name} builds with its defaults"
-            );
-        }
-    }
-
-    #[test]
-    fn a_strategy_parses_its_own_section() {
-        let ok = serde_json::json!({ "q": 0.5 });
-        assert!(build("autoflip", &StrategyConfig::default(), Some(&ok)).is_ok());
-        let typo = serde_json::json!({ "qq": 0.5 });
-        let e = build("autoflip", &StrategyConfig::default(), Some(&typo))
-            .err()
-            .unwrap();
-        assert!(e.contains("[strategy.autoflip]") && e.contains("qq"), "{e}");
-        assert!(
-            build("fedavg", &StrategyConfig::default(), Some(&ok))
-                .err()
-                .unwrap()
-                .contains("[strategy.fedavg]")
-        );
-    }
 }
 
 /// Samples clients as `config` says and gives each the plain training task.
@@ -462,4 +414,55 @@ pub fn weighted_values(results: &[Contribution]) -> Result<Vec<f32>, String> {
         .map(|c| (c.values.as_slice(), c.samples))
         .collect();
     Ok(crate::aggregate::weighted_mean(&items))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn sampling_respects_fraction_and_minimum() {
+        let clients: Vec<ClientView> = (0..20).map(|id| ClientView { id, samples: 10 }).collect();
+        let mut rng = StdRng::seed_from_u64(1);
+        assert_eq!(sample_clients(&clients, 0.25, 1, &mut rng).len(), 5);
+        assert_eq!(sample_clients(&clients, 0.01, 3, &mut rng).len(), 3);
+        assert_eq!(sample_clients(&clients[..2], 0.5, 3, &mut rng).len(), 2);
+        let a = sample_clients(&clients, 0.25, 1, &mut StdRng::seed_from_u64(9));
+        let b = sample_clients(&clients, 0.25, 1, &mut StdRng::seed_from_u64(9));
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn unknown_strategy_is_an_error() {
+        assert!(
+            build("fedprox", &StrategyConfig::default(), None)
+                .err()
+                .unwrap()
+                .contains("fedavg, fedavgm")
+        );
+        for name in names() {
+            assert!(
+                build(name, &StrategyConfig::default(), None).is_ok(),
+                "{name} builds with its defaults"
+            );
+        }
+    }
+
+    #[test]
+    fn a_strategy_parses_its_own_section() {
+        let ok = serde_json::json!({ "q": 0.5 });
+        assert!(build("autoflip", &StrategyConfig::default(), Some(&ok)).is_ok());
+        let typo = serde_json::json!({ "qq": 0.5 });
+        let e = build("autoflip", &StrategyConfig::default(), Some(&typo))
+            .err()
+            .unwrap();
+        assert!(e.contains("[strategy.autoflip]") && e.contains("qq"), "{e}");
+        assert!(
+            build("fedavg", &StrategyConfig::default(), Some(&ok))
+                .err()
+                .unwrap()
+                .contains("[strategy.fedavg]")
+        );
+    }
 }

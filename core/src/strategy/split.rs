@@ -477,7 +477,7 @@ impl Strategy for Split {
         global.params = weighted_values(results)?;
         // Between front averagings each client keeps its own front (the global model, for
         // evaluation, holds their mean).
-        if round % s.front_every == 0 {
+        if round.is_multiple_of(s.front_every) {
             self.own.clear();
         } else {
             for c in results {

@@ -198,7 +198,7 @@ async fn run_round(
             round: ann.round,
             model: model.clone(),
             train: t.train.clone(),
-            upload: t.upload.clone(),
+            upload: t.upload,
             deadline_ms: t.deadline_ms,
         };
         tasks.push((super::local_id(prefix, t.client).expect("filtered"), task));

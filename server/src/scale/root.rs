@@ -169,7 +169,7 @@ impl Edges {
                     client: *client,
                     model,
                     train: task.train.clone(),
-                    upload: task.upload.clone(),
+                    upload: task.upload,
                     deadline_ms: task.deadline_ms,
                 });
             }

@@ -15,6 +15,8 @@ pub(crate) struct BatchLoss {
     pub value: LossValue,
 }
 
+// One per training step, consumed at once: a box would cost an allocation per step.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum LossValue {
     Pending(Tensor<1>),
     Known(f32),

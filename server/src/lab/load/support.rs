@@ -253,7 +253,7 @@ pub fn synthetic_result(
 ) -> ClientMsg {
     let n = task.model.arch.num_params();
     let nudge = |j: usize| {
-        if (j as u64 + client) % 3 == 0 {
+        if (j as u64 + client).is_multiple_of(3) {
             1e-3f32
         } else {
             -1e-3
