@@ -14,6 +14,9 @@ import { availableParallelism } from 'node:os';
 import { createServer } from 'node:http';
 import { readFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { chromium } from 'playwright-core';
 import { canopyBin, root, startServer, launch, openTab, waitFor } from './harness.mjs';
 
 const CASES = [['mlp', 1.0], ['mlp', 0.5], ['cnn', 1.0], ['cnn-small', 1.0], ['cnn-small', 0.5]];
@@ -119,6 +122,36 @@ for (const webgpu of [false, true]) {
   }
   await browser.close();
 }
+// Where users are: the same page opened as localhost, as an https LAN name (self-signed
+// certificate; Playwright's ignoreHTTPSErrors stands for the click through the warning, which
+// tests/browser/origins.test.mjs checks gives the same page) and as a plain-http LAN name
+// (classroom.test, resolved to 127.0.0.1 by Chromium, so nothing leaves this machine). Each tab
+// picks its bundle as a student's would; what it downloads comes from its own resource timing.
+const httpsServer = await startServer(['--rounds', '1', '--min-clients', '100', '--name', 'bench-https', '--tls', 'self-signed', '--state-dir', mkdtempSync(join(tmpdir(), 'canopy-bench-tls-'))]);
+const lanBrowser = await chromium.launch({ executablePath: '/usr/bin/chromium', args: ['--headless', '--no-sandbox', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic', '--host-resolver-rules=MAP classroom.test 127.0.0.1'] });
+const origins = [];
+for (const [kind, url] of [
+  ['localhost', `${server.url}`],
+  ['https LAN', `https://classroom.test:${new URL(httpsServer.url).port}/`],
+  ['plain-http LAN', `http://classroom.test:${new URL(server.url).port}/`],
+]) {
+  const context = await lanBrowser.newContext({ ignoreHTTPSErrors: true });
+  const page = await context.newPage();
+  const t0 = Date.now();
+  await page.goto(`${url}?name=bench-${kind.replace(/\W+/g, '-')}`);
+  await ready(page);
+  const st = await page.evaluate(() => window.canopy.state);
+  const nav = await page.evaluate(() => performance.getEntriesByType('navigation').concat(performance.getEntriesByType('resource')).reduce((n, r) => n + r.transferSize, 0));
+  const bytes = nav + st.resources.reduce((n, r) => n + r.transferSize, 0);
+  const readyS = (st.timing.backendChosen - t0) / 1000;
+  for (const model of ['mlp', 'cnn-small', 'cnn']) {
+    const r = JSON.parse(await page.evaluate(([m, s]) => window.canopy.client.bench(m, 32, s, 1.0), [model, STEPS.cpu[model]]));
+    origins.push({ kind, model, bundle: st.bundle, threads: st.threads, note: st.threadsNote, bytes, readyS, ...r });
+  }
+  await context.close();
+}
+await lanBrowser.close();
+httpsServer.proc.kill();
 server.proc.kill();
 tfjsServer.close();
 
@@ -178,3 +211,15 @@ if (picked) {
 console.log(`(CPU-only row: web/pkg-cpu, one thread, no wgpu compiled in. Threaded rows: web/pkg-mt, burn's CPU backend on a pool of wasm threads; "vs tab CPU (worker)" is against web/pkg on one thread, "vs threaded bundle, 1 thread" against web/pkg-mt with a pool of one, both in this run. This machine has ${availableParallelism()} cores.)`);
 console.log('(WebGPU here is SwiftShader, a software adapter: its figures say nothing about a real GPU.)');
 console.log('(TF.js trains on the page\'s main thread with tf.fused ops, NHWC, its wasm backend lacking Conv2DBackpropFilter: tfjs-bench.js adds one from its Conv2D.)');
+
+// By origin kind, this run: samples/s of the bundle each tab chose, and its ratio against TF.js's
+// wasm backend and native training from the same run.
+console.log('');
+console.log('| page opened as | model | bundle | threads | transferred | ready after | samples/s | / TF.js wasm | native / this |');
+console.log('|---|---|---|---|---|---|---|---|---|');
+for (const o of origins) {
+  const tf = find('tfjs-wasm', o.model, 1.0);
+  const nat = native[`${o.model}@1`];
+  console.log(`| ${o.kind} | ${o.model} | ${o.bundle} | ${o.threads} | ${(o.bytes / 1e6).toFixed(2)} MB | ${o.readyS.toFixed(1)} s | ${o.samples_per_sec.toFixed(0)} | ${ratio(o.samples_per_sec, tf?.samples_per_sec)} | ${ratio(nat, o.samples_per_sec)} |`);
+}
+console.log('("ready after": from navigation to the backend chosen, the short timed probe included; the first training step follows as soon as a task comes.)');

@@ -55,7 +55,8 @@ test('an https classroom tab, past the certificate warning, is isolated, threade
     // What a student sees first: Chromium's warning page for a certificate it does not trust.
     await page.goto(url).catch(() => {});
     const shots = artifactsDir(server.runDir);
-    await waitFor(() => page.$('#details-button'), 15_000, 'the certificate warning');
+    // The warning page replaces the aborted navigation: until it has, the page has no context.
+    await waitFor(() => page.$('#details-button').catch(() => null), 15_000, 'the certificate warning');
     await page.screenshot({ path: join(shots, 'https-warning.png') });
     await page.click('#details-button');
     await page.screenshot({ path: join(shots, 'https-warning-advanced.png') });
