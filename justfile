@@ -86,7 +86,7 @@ load *ARGS: setup
     cargo build -p canopy-server --bin canopy
     "$CARGO_TARGET_DIR/debug/canopy" load {{ARGS}}
 
-# Training speed in headless Chromium tabs (CPU in the worker and on the main thread, WebGPU),
+# Training speed in headless Chromium tabs (CPU in the worker and on the main thread, WebGPU; each bundle; a page opened as localhost, https LAN and plain-http LAN),
 # full vs pruned widths, against native `canopy bench` in the same run; prints a table.
 bench-browser: setup
     bash scripts/build-wasm.sh
