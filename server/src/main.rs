@@ -154,10 +154,20 @@ async fn serve(o: Overrides) -> Result<(), String> {
             "  Only this machine can join. To let phones and laptops on the same network join,"
         );
         println!("  start with --bind 0.0.0.0 (classroom mode).");
-    } else if let Some(qr) = canopy_server::serve::lan::qr_terminal(&join) {
-        println!("  Scan to join ({join}):");
-        for line in qr.lines() {
-            println!("    {line}");
+    } else {
+        if let Some(qr) = canopy_server::serve::lan::qr_terminal(&join) {
+            println!("  Scan to join ({join}):");
+            for line in qr.lines() {
+                println!("    {line}");
+            }
+        }
+        if app.tls_fingerprint.is_none() {
+            // A LAN page over plain http is not a secure context (README, "Classroom mode").
+            println!(
+                "  Plain http on the LAN: students' tabs get no WebGPU and no threads, and the"
+            );
+            println!("  admin token travels in clear text. --tls self-signed serves https (./dev");
+            println!("  classroom does).");
         }
     }
     if config.run.hold {
