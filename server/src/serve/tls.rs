@@ -16,6 +16,8 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -69,13 +71,15 @@ pub fn from_files(cert: &Path, key: &Path) -> Result<Tls, String> {
         std::fs::read(p).map_err(|e| format!("reading the TLS {what} {}: {e}", p.display()))
     };
     let (cert_pem, key_pem) = (read(cert, "certificate")?, read(key, "key")?);
-    let der = first_certificate(&cert_pem)
+    let der = CertificateDer::pem_slice_iter(&cert_pem)
+        .next()
+        .and_then(Result::ok)
         .ok_or_else(|| format!("{}: no PEM certificate in it", cert.display()))?;
-    if !String::from_utf8_lossy(&key_pem).contains("PRIVATE KEY-----") {
+    if PrivateKeyDer::from_pem_slice(&key_pem).is_err() {
         return Err(format!("{}: no PEM private key in it", key.display()));
     }
     Ok(Tls {
-        fingerprint: fingerprint(&der),
+        fingerprint: fingerprint(der.as_ref()),
         cert_pem,
         key_pem,
         origin: format!("{} (key {})", cert.display(), key.display()),
@@ -180,43 +184,6 @@ pub fn fingerprint(der: &[u8]) -> String {
         .join(":")
 }
 
-/// The DER bytes of the first `CERTIFICATE` block of a PEM file.
-fn first_certificate(pem: &[u8]) -> Option<Vec<u8>> {
-    let text = String::from_utf8_lossy(pem);
-    let begin = "-----BEGIN CERTIFICATE-----";
-    let start = text.find(begin)? + begin.len();
-    let end = start + text[start..].find("-----END CERTIFICATE-----")?;
-    let b64: String = text[start..end]
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .collect();
-    base64_decode(&b64)
-}
-
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let value = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let bytes: Vec<u8> = s.bytes().filter(|&c| c != b'=').collect();
-    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
-    for chunk in bytes.chunks(4) {
-        let mut acc = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            acc |= value(c)? << (18 - 6 * i);
-        }
-        let n = chunk.len().saturating_sub(1);
-        out.extend_from_slice(&acc.to_be_bytes()[1..1 + n]);
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,8 +243,8 @@ mod tests {
     fn the_fingerprint_is_the_sha256_of_the_der_certificate() {
         let dir = temp("fp");
         let t = self_signed(&dir, &[]).unwrap();
-        let der = first_certificate(&t.cert_pem).unwrap();
-        assert_eq!(t.fingerprint, fingerprint(&der));
+        let der = CertificateDer::from_pem_slice(&t.cert_pem).unwrap();
+        assert_eq!(t.fingerprint, fingerprint(der.as_ref()));
         assert_eq!(t.fingerprint.len(), 32 * 3 - 1);
         let key_mode = std::fs::metadata(dir.join("key.pem")).unwrap();
         #[cfg(unix)]
