@@ -16,8 +16,7 @@ import { readFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { chromium } from 'playwright-core';
-import { canopyBin, root, startServer, launch, openTab, waitFor } from './harness.mjs';
+import { canopyBin, root, startServer, launch, openTab, waitFor, transferred, LAN_HOST } from './harness.mjs';
 
 const CASES = [['mlp', 1.0], ['mlp', 0.5], ['cnn', 1.0], ['cnn-small', 1.0], ['cnn-small', 0.5]];
 // Steps per timed run: about 2 s of the CPU backend's full-width models on a 2-core VM, as long
@@ -128,12 +127,12 @@ for (const webgpu of [false, true]) {
 // (classroom.test, resolved to 127.0.0.1 by Chromium, so nothing leaves this machine). Each tab
 // picks its bundle as a student's would; what it downloads comes from its own resource timing.
 const httpsServer = await startServer(['--rounds', '1', '--min-clients', '100', '--name', 'bench-https', '--tls', 'self-signed', '--state-dir', mkdtempSync(join(tmpdir(), 'canopy-bench-tls-'))]);
-const lanBrowser = await chromium.launch({ executablePath: '/usr/bin/chromium', args: ['--headless', '--no-sandbox', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic', '--host-resolver-rules=MAP classroom.test 127.0.0.1'] });
+const lanBrowser = await launch({ webgpu: false, lan: true });
 const origins = [];
 for (const [kind, url] of [
   ['localhost', `${server.url}`],
-  ['https LAN', `https://classroom.test:${new URL(httpsServer.url).port}/`],
-  ['plain-http LAN', `http://classroom.test:${new URL(server.url).port}/`],
+  ['https LAN', `https://${LAN_HOST}:${new URL(httpsServer.url).port}/`],
+  ['plain-http LAN', `http://${LAN_HOST}:${new URL(server.url).port}/`],
 ]) {
   const context = await lanBrowser.newContext({ ignoreHTTPSErrors: true });
   const page = await context.newPage();
@@ -141,8 +140,7 @@ for (const [kind, url] of [
   await page.goto(`${url}?name=bench-${kind.replace(/\W+/g, '-')}`);
   await ready(page);
   const st = await page.evaluate(() => window.canopy.state);
-  const nav = await page.evaluate(() => performance.getEntriesByType('navigation').concat(performance.getEntriesByType('resource')).reduce((n, r) => n + r.transferSize, 0));
-  const bytes = nav + st.resources.reduce((n, r) => n + r.transferSize, 0);
+  const bytes = (await transferred(page, st)).total;
   const readyS = (st.timing.backendChosen - t0) / 1000;
   for (const model of ['mlp', 'cnn-small', 'cnn']) {
     const r = JSON.parse(await page.evaluate(([m, s]) => window.canopy.client.bench(m, 32, s, 1.0), [model, STEPS.cpu[model]]));

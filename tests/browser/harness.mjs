@@ -37,11 +37,22 @@ export async function startServer(args, { linger = false, port = 0, outDir = mkd
 const BASE_ARGS = ['--headless', '--no-sandbox', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic'];
 
 // WebGPU in headless Chromium without a GPU runs on SwiftShader and needs this flag.
-export async function launch({ webgpu }) {
+// `lan`: classroom.test resolves to 127.0.0.1, a LAN-like name (not localhost, so not a secure
+// context over plain http) whose traffic never leaves this machine.
+export const LAN_HOST = 'classroom.test';
+export async function launch({ webgpu, lan = false }) {
   return chromium.launch({
     executablePath: '/usr/bin/chromium',
-    args: webgpu ? [...BASE_ARGS, '--enable-unsafe-webgpu'] : BASE_ARGS,
+    args: [...BASE_ARGS, ...(webgpu ? ['--enable-unsafe-webgpu'] : []), ...(lan ? [`--host-resolver-rules=MAP ${LAN_HOST} 127.0.0.1`] : [])],
   });
+}
+
+// Bytes over the wire for a tab's page and its worker (headers included), from the browser's
+// own resource timing; `s` is the tab's state (the worker's resources). Also the wasm entry.
+export async function transferred(page, s) {
+  const own = await page.evaluate(() => performance.getEntriesByType('resource').concat(performance.getEntriesByType('navigation')).map((r) => ({ name: r.name, transferSize: r.transferSize })));
+  const all = [...own, ...s.resources];
+  return { total: all.reduce((n, r) => n + r.transferSize, 0), wasm: s.resources.find((r) => r.name.endsWith('.wasm')), all };
 }
 
 export async function openTab(browser, url, log) {

@@ -13,19 +13,7 @@ import { mkdtempSync } from 'node:fs';
 import { tmpdir, cpus } from 'node:os';
 import { join } from 'node:path';
 import { get } from 'node:http';
-import { chromium } from 'playwright-core';
-import { startServer, state, waitFor, artifactsDir } from './harness.mjs';
-
-const ARGS = ['--headless', '--no-sandbox', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic',
-  '--host-resolver-rules=MAP classroom.test 127.0.0.1', '--enable-unsafe-webgpu'];
-
-// Bytes over the wire for the page and its worker (headers included), from the browser's own
-// resource timing.
-async function transferred(page, s) {
-  const own = await page.evaluate(() => performance.getEntriesByType('resource').concat(performance.getEntriesByType('navigation')).map((r) => ({ name: r.name, transferSize: r.transferSize })));
-  const all = [...own, ...s.resources];
-  return { total: all.reduce((n, r) => n + r.transferSize, 0), wasm: s.resources.find((r) => r.name.endsWith('.wasm')) };
-}
+import { startServer, state, waitFor, artifactsDir, launch, transferred, LAN_HOST } from './harness.mjs';
 
 const plainGet = (url) => new Promise((res, rej) => {
   get(url, (r) => { r.resume(); r.on('end', () => res({ status: r.statusCode, location: r.headers.location })); }).on('error', rej);
@@ -41,7 +29,7 @@ test('an https classroom tab, past the certificate warning, is isolated, threade
   const port = new URL(server.url).port;
   const fingerprint = server.log().match(/SHA-256:\s+(\S+)/)[1];
   const httpPort = server.log().match(/Plain http on port (\d+) redirects/)[1];
-  const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', args: ARGS });
+  const browser = await launch({ webgpu: true, lan: true });
   const logs = [];
   try {
     // The plain-http port sends a student who typed http:// to the https page.
@@ -51,7 +39,7 @@ test('an https classroom tab, past the certificate warning, is isolated, threade
 
     const page = await browser.newPage();
     page.on('console', (m) => logs.push(`[${m.type()}] ${m.text()}`));
-    const url = `https://classroom.test:${port}/?name=student`;
+    const url = `https://${LAN_HOST}:${port}/?name=student`;
     // What a student sees first: Chromium's warning page for a certificate it does not trust.
     await page.goto(url).catch(() => {});
     const shots = artifactsDir(server.runDir);
@@ -94,12 +82,12 @@ test('a plain-http LAN tab loads the CPU-only bundle, says why, trains and is ag
     '--epochs', '1', '--batch-size', '32', '--lr', '0.05', '--name', 'browser-insecure',
   ], { linger: true });
   const port = new URL(server.url).port;
-  const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', args: ARGS });
+  const browser = await launch({ webgpu: true, lan: true });
   const logs = [];
   try {
     const page = await browser.newPage();
     page.on('console', (m) => logs.push(`[${m.type()}] ${m.text()}`));
-    await page.goto(`http://classroom.test:${port}/?name=student`);
+    await page.goto(`http://${LAN_HOST}:${port}/?name=student`);
     await waitFor(async () => (await state(page))?.roundsDone >= 1, 240_000, 'the round in the plain-http tab')
       .catch(async (e) => { throw new Error(`${e.message}: ${JSON.stringify(await state(page))}\n${logs.join('\n')}`); });
     const s = await state(page);
