@@ -233,7 +233,10 @@ function render(d) {
   for (const b of document.querySelectorAll('button.ban')) {
     b.onclick = () => {
       const reason = prompt(`Ban ${b.dataset.name}? Reason shown to the tab:`, 'banned by the teacher');
-      if (reason != null) admin('ban', { client: Number(b.dataset.id), reason });
+      if (reason == null) return;
+      // A reloaded tab is a new client: banning its address for an hour keeps it out.
+      const address = confirm(`Also ban the address ${b.dataset.name} connects from for an hour (every tab there, and new ones)?`);
+      admin('ban', address ? { client: Number(b.dataset.id), reason, address_minutes: 60 } : { client: Number(b.dataset.id), reason });
     };
   }
 

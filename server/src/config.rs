@@ -348,8 +348,9 @@ pub struct Overrides {
     /// Where the self-signed certificate is kept between runs.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// Robust aggregation: none, norm-bound, median, trimmed-mean or multi-krum; `+clip` adds
-    /// the median-norm bound to a rule (`median+clip`).
+    /// Robust aggregation: default (norm bound + trimmed mean, what runs without a config),
+    /// none, norm-bound, median, trimmed-mean or multi-krum; `+clip` adds the median-norm bound
+    /// to a rule (`median+clip`).
     #[arg(long)]
     pub aggregation: Option<String>,
     /// `single` (default), or `root` / `edge` of a run spread over servers through NATS.
@@ -383,6 +384,7 @@ pub fn parse_defence(s: &str, base: &RobustConfig) -> Result<RobustConfig, Strin
         ..base.clone()
     };
     c.rule = match rule {
+        "default" if !clip => return Ok(RobustConfig::default()),
         "none" | "mean" => Rule::Mean,
         "norm-bound" => {
             c.clip = Clip::Median;
@@ -393,7 +395,7 @@ pub fn parse_defence(s: &str, base: &RobustConfig) -> Result<RobustConfig, Strin
         "multi-krum" | "krum" => Rule::MultiKrum,
         _ => {
             return Err(format!(
-                "unknown defence '{s}' (none, norm-bound, median, trimmed-mean, multi-krum; +clip)"
+                "unknown defence '{s}' (none, default, norm-bound, median, trimmed-mean, multi-krum; +clip)"
             ));
         }
     };
@@ -664,6 +666,17 @@ mod tests {
             RobustConfig::norm_bound()
         );
         assert!(parse_defence("bulyan", &RobustConfig::default()).is_err());
+        assert_eq!(
+            parse_defence("default", &RobustConfig::plain()).unwrap(),
+            RobustConfig::default()
+        );
+        // No config at all: the defence is on (norm bound + trimmed mean), and it streams.
+        let bare = Config::load(&Overrides::default()).unwrap();
+        assert_eq!(
+            (bare.aggregation.rule, bare.aggregation.clip),
+            (Rule::TrimmedMean, Clip::Median)
+        );
+        assert!(canopy_core::aggregate::robust::streams(&bare.aggregation));
         std::fs::write(&path, "[aggregation]\ntrim = 0.7\n").unwrap();
         assert!(
             Config::load(&Overrides {

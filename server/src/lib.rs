@@ -99,6 +99,10 @@ pub async fn start(config: Config) -> Result<Running, String> {
         config.run.hold,
         std::time::Duration::from_millis(config.scale.edge_timeout_ms),
     )));
+    hub.lock().unwrap().limit_new_ids(
+        config.limits.max_new_ids_per_minute,
+        config.limits.loopback_exempt,
+    );
     let desk = Arc::new(Desk::default());
     let global = Arc::new(Mutex::new(global));
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -156,6 +160,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
         goodbye: std::time::Duration::from_secs_f64(config.run.goodbye_seconds.max(0.0)),
         late: Default::default(),
         carried: Vec::new(),
+        norm_prior: None,
         edges,
     };
     let rounds = spawn_rounds(round_loop, link, &config, &app, addr);

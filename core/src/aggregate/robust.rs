@@ -15,8 +15,9 @@
 //! 2. **The rule** that combines the (bounded) updates:
 //!    - `mean`: the sample-weighted mean (FedAvg's own rule).
 //!    - `median`: the coordinate-wise median, one vote per client.
-//!    - `trimmed_mean`: per coordinate, drop the `⌊trim·n⌋` largest and smallest values and take
-//!      the sample-weighted mean of the rest.
+//!    - `trimmed_mean`: per coordinate, drop the `⌊trim·n⌋` largest and smallest values (at
+//!      least one of each once n ≥ 4, unless `trim = 0`; [`trim_count`]) and take the
+//!      sample-weighted mean of the rest.
 //!    - `multi_krum`: score each update by the summed squared distances to its `n − f − 2`
 //!      nearest neighbours, keep the `n − f` best scored and take their sample-weighted mean
 //!      (`f = ⌊attackers·n⌋`).
@@ -38,10 +39,19 @@
 //! majority vote itself (a tie gives 0), and multi-Krum on votes is Krum on Hamming distances.
 //! What a vote cannot stop is a coordinated minority flipping close votes.
 //!
-//! Memory: the mean with no bound or a fixed one judges each update alone, so a round can stream
-//! (each result folded into running sums as it arrives, [`streams`]); the median norm bound, the
-//! median, the trimmed mean and multi-Krum need the round's updates together, so the server keeps
-//! them all (clients × model) until the round ends.
+//! **The default** (what `canopy serve` does with no config file): the median norm bound at 3×
+//! and the trimmed mean at 0.1, which trims at least one value from each end of every coordinate
+//! once a round has 4 results or more (`trim = 0` turns trimming off). Both stream.
+//!
+//! Memory: the mean and the trimmed mean stream (each result folded into running sums as it
+//! arrives, then dropped; [`streams`], [`crate::aggregate::stream`]). A streamed round bounds
+//! norms by the previous round's median norm (the first round, or the first after the model
+//! changed shape, holds its first few results to find one), and the trimmed mean keeps the
+//! `trim_max` largest and smallest values of every coordinate besides the sums (2·`trim_max`
+//! values per parameter), so it trims exactly what the buffered rule would as long as
+//! ⌊trim·n⌋ ≤ `trim_max`, and `trim_max` from each end in bigger rounds (the norm bound still
+//! caps what each remaining update can do). The median and multi-Krum need the round's updates
+//! together, so the server keeps them all (clients × model) until the round ends.
 //!
 //! Every update gets a [`Verdict`]: its norm and norm ÷ the round's median norm, its clipping
 //! factor, and whether it was clipped, down-weighted (coordinate-wise rules: most of its
@@ -90,14 +100,31 @@ pub struct RobustConfig {
     pub trim: f64,
     /// `multi_krum`: the fraction of attackers assumed among a round's results, in [0, 0.5).
     pub attackers: f64,
+    /// `trimmed_mean`, streamed: at most this many values are trimmed from each end of a
+    /// coordinate (memory: 2·`trim_max` values per parameter besides the sums; ≥ 1).
+    pub trim_max: usize,
     /// Fold each result into running sums as it arrives (when the strategy and the rule allow:
     /// see [`streams`]); `false` keeps every update until the round ends (for comparisons).
     pub streaming: bool,
 }
 
 impl Default for RobustConfig {
-    /// Plain FedAvg: the sample-weighted mean, nothing bounded (verdicts are still reported).
+    /// The defence that is on unless a config says otherwise: every update bounded to 3× the
+    /// median norm, then the trimmed mean at 0.1 (at least one value trimmed from each end once a
+    /// round has 4 results). It streams.
     fn default() -> Self {
+        RobustConfig {
+            rule: Rule::TrimmedMean,
+            clip: Clip::Median,
+            ..RobustConfig::plain()
+        }
+    }
+}
+
+impl RobustConfig {
+    /// No defence: FedAvg's sample-weighted mean, nothing bounded (verdicts are still reported).
+    /// The papers' setting, for method comparisons (`rule = "mean"`, `clip = "none"`).
+    pub fn plain() -> Self {
         RobustConfig {
             rule: Rule::Mean,
             clip: Clip::None,
@@ -105,17 +132,16 @@ impl Default for RobustConfig {
             max_norm: 0.0,
             trim: 0.1,
             attackers: 0.2,
+            trim_max: 3,
             streaming: true,
         }
     }
-}
 
-impl RobustConfig {
-    /// The demo's setting: bound every update to 3× the round's median norm, then the mean.
+    /// Every update bounded to 3× the median norm, then the mean.
     pub fn norm_bound() -> Self {
         RobustConfig {
             clip: Clip::Median,
-            ..RobustConfig::default()
+            ..RobustConfig::plain()
         }
     }
 
@@ -139,6 +165,9 @@ impl RobustConfig {
                 "aggregation.trim must be in [0, 0.5), got {}",
                 self.trim
             ));
+        }
+        if self.trim_max == 0 {
+            return Err("aggregation.trim_max must be at least 1".into());
         }
         if !(0.0..0.5).contains(&self.attackers) {
             return Err(format!(
@@ -372,6 +401,20 @@ pub fn median_of(values: &[f64]) -> f64 {
     }
 }
 
+/// How many values the trimmed mean drops from each end of a coordinate in a round of `n`:
+/// ⌊trim·n⌋, at least one once `n` ≥ 4 (unless `trim` is 0), and never so many that nothing is
+/// left.
+pub fn trim_count(trim: f64, n: usize) -> usize {
+    if n == 0 {
+        return 0;
+    }
+    let mut k = (trim * n as f64).floor() as usize;
+    if trim > 0.0 && n >= 4 {
+        k = k.max(1);
+    }
+    k.min((n - 1) / 2)
+}
+
 /// Σ w_i s_i x_i / Σ w_i over the selected inputs (plain mean when their weights sum to 0).
 fn weighted_mean(inputs: &[Input], scales: &[f64], weights: &[f64], selected: &[bool]) -> Vec<f32> {
     let len = inputs[0].delta.len();
@@ -452,10 +495,10 @@ fn coordinate_wise(
     let len = inputs[0].delta.len();
     // Values are dropped from each end: the median keeps the middle one or two (the band used for
     // verdicts is the middle half, ⌊n/4⌉ dropped at each end, so that colluding attackers on one
-    // side fall outside it too); the trimmed mean drops k at each end, at least one value kept.
+    // side fall outside it too); the trimmed mean drops `trim_count` at each end.
     let k = match config.rule {
         Rule::Median => ((n as f64 / 4.0).round() as usize).min((n - 1) / 2),
-        _ => ((config.trim * n as f64).floor() as usize).min((n - 1) / 2),
+        _ => trim_count(config.trim, n),
     };
     let total_w: f64 = weights.iter().sum();
     let mut out = vec![0f32; len];
@@ -469,10 +512,22 @@ fn coordinate_wise(
                 .enumerate()
                 .map(|(i, u)| ((scales[i] * u.delta[j] as f64) as f32, i)),
         );
-        col.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        let (lo, hi) = (col[k].0, col[n - 1 - k].0);
-        for &(v, i) in &col {
-            if v < lo || v > hi {
+        // Ties in value are broken by weight, then by input order: the one order the streamed
+        // trimmed mean keeps too, so both drop values of the same weights.
+        col.sort_unstable_by(|a, b| {
+            a.0.total_cmp(&b.0)
+                .then(weights[a.1].total_cmp(&weights[b.1]))
+                .then(a.1.cmp(&b.1))
+        });
+        if config.rule == Rule::Median {
+            let (lo, hi) = (col[k].0, col[n - 1 - k].0);
+            for &(v, i) in &col {
+                if v < lo || v > hi {
+                    outside[i] += 1;
+                }
+            }
+        } else {
+            for &(_, i) in col[..k].iter().chain(&col[n - k..]) {
                 outside[i] += 1;
             }
         }
@@ -589,16 +644,31 @@ pub fn apply(
     Ok((out, combined))
 }
 
-/// Whether a rule can judge and combine each update alone, as it arrives (streaming
-/// aggregation): the mean, with no bound or a fixed one. The median norm bound, the median, the
-/// trimmed mean and multi-Krum need the round's updates together, so they force buffering.
+/// Whether a rule can judge and combine each update as it arrives (streaming aggregation): the
+/// mean and the trimmed mean, with any bound (the median bound from the previous round's median
+/// norm). The median and multi-Krum need the round's updates together, so they force buffering.
 pub fn streams(config: &RobustConfig) -> bool {
-    config.streaming && config.rule == Rule::Mean && config.clip != Clip::Median
+    config.streaming && matches!(config.rule, Rule::Mean | Rule::TrimmedMean)
 }
 
-/// The layer on one update of a streamed round ([`streams`]): bounds `c` in place exactly as
-/// [`apply`] would and returns its verdict, whose norm ratio waits for [`finish_streamed`].
-pub fn bound_one(config: &RobustConfig, reference: &[f32], c: &mut Contribution) -> Verdict {
+/// The L2 norm of `c`'s update relative to `reference` (a full-weights upload minus the model).
+pub fn update_norm(reference: &[f32], c: &Contribution) -> f64 {
+    match c.kind {
+        UploadKind::Delta | UploadKind::Votes => norm(&c.values),
+        UploadKind::Weights => c
+            .values
+            .iter()
+            .zip(reference)
+            .map(|(w, g)| ((w - g) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt(),
+    }
+}
+
+/// The layer on one update of a streamed round ([`streams`]): bounds `c` in place to `bound`
+/// (∞: no bound) as [`apply`] would and returns its verdict, whose norm ratio waits for
+/// [`finish_streamed`].
+pub fn bound_one(bound: f64, reference: &[f32], c: &mut Contribution) -> Verdict {
     let delta: Cow<[f32]> = match c.kind {
         UploadKind::Delta | UploadKind::Votes => Cow::Borrowed(c.values.as_slice()),
         UploadKind::Weights => {
@@ -606,11 +676,6 @@ pub fn bound_one(config: &RobustConfig, reference: &[f32], c: &mut Contribution)
         }
     };
     let nm = norm(&delta);
-    let bound = if config.clip == Clip::Fixed {
-        config.max_norm
-    } else {
-        f64::INFINITY
-    };
     let scale = if nm > bound { bound / nm } else { 1.0 };
     if scale < 1.0 {
         let d: Vec<f32> = delta.iter().map(|x| (*x as f64 * scale) as f32).collect();
@@ -672,7 +737,7 @@ mod tests {
         RobustConfig {
             rule,
             clip,
-            ..RobustConfig::default()
+            ..RobustConfig::plain()
         }
     }
 
@@ -716,7 +781,7 @@ mod tests {
         assert!(close(&out.delta, &[0.45, 0.85], 1e-6), "{:?}", out.delta);
         assert!(out.verdicts[0].clipped && !out.verdicts[1].clipped);
         // Without a bound it is FedAvg's weighted mean.
-        let plain = combine(&RobustConfig::default(), &inputs(&vs, &[3, 1])).unwrap();
+        let plain = combine(&RobustConfig::plain(), &inputs(&vs, &[3, 1])).unwrap();
         assert!(close(&plain.delta, &[2.25, 3.25], 1e-6));
         assert!(plain.verdicts.iter().all(|v| v.action() == "kept"));
     }
@@ -769,6 +834,29 @@ mod tests {
         assert!(close(&out.delta, &[2.4], 1e-6));
         let trimmed: Vec<bool> = out.verdicts.iter().map(|v| v.down_weighted).collect();
         assert_eq!(trimmed, vec![false, false, false, true, true]);
+        // trim 0.1 of 4 would drop nothing: at least one value goes from each end once n ≥ 4
+        // (1, 2, 3, 100: the mean of 2 and 3).
+        let c1 = RobustConfig {
+            trim: 0.1,
+            ..c.clone()
+        };
+        assert_eq!(
+            combine(&c1, &inputs(&vs[..4], &[1; 4])).unwrap().delta,
+            vec![2.5]
+        );
+        let counts = [
+            (0.1, 3),
+            (0.1, 4),
+            (0.1, 19),
+            (0.1, 20),
+            (0.0, 10),
+            (0.4, 5),
+        ];
+        assert_eq!(
+            counts.map(|(t, n)| trim_count(t, n)),
+            [0, 1, 1, 2, 0, 2],
+            "trim_count"
+        );
         // trim 0 is the weighted mean.
         let c0 = RobustConfig { trim: 0.0, ..c };
         assert!(close(
@@ -830,7 +918,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(7);
         let d = 200;
         let clean = honest(&mut rng, d);
-        let honest_mean = combine(&RobustConfig::default(), &inputs(&clean[1..], &[1; 9]))
+        let honest_mean = combine(&RobustConfig::plain(), &inputs(&clean[1..], &[1; 9]))
             .unwrap()
             .delta;
         let hn = norm(&honest_mean);
@@ -853,7 +941,7 @@ mod tests {
         for (name, bad) in &attacks {
             let mut vs = clean.clone();
             vs[0] = bad.clone();
-            let undefended = combine(&RobustConfig::default(), &inputs(&vs, &[1; 10]))
+            let undefended = combine(&RobustConfig::plain(), &inputs(&vs, &[1; 10]))
                 .unwrap()
                 .delta;
             for def in &defences {
@@ -903,7 +991,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(11);
         let d = 100;
         let clean = honest(&mut rng, d);
-        let honest_mean = combine(&RobustConfig::default(), &inputs(&clean[3..], &[1; 7]))
+        let honest_mean = combine(&RobustConfig::plain(), &inputs(&clean[3..], &[1; 7]))
             .unwrap()
             .delta;
         let hn = norm(&honest_mean);
@@ -973,12 +1061,12 @@ mod tests {
         // Lengths differ between rounds, never within one.
         assert!(
             combine(
-                &RobustConfig::default(),
+                &RobustConfig::plain(),
                 &inputs(&[vec![1.0], vec![1.0, 2.0]], &[1, 1])
             )
             .is_err()
         );
-        assert!(combine(&RobustConfig::default(), &[]).is_err());
+        assert!(combine(&RobustConfig::plain(), &[]).is_err());
         let one = combine(
             &cfg(Rule::MultiKrum, Clip::Median),
             &inputs(&[vec![2.0; 7]], &[3]),
@@ -1033,7 +1121,7 @@ mod tests {
         assert!(
             RobustConfig {
                 trim: 0.5,
-                ..RobustConfig::default()
+                ..RobustConfig::plain()
             }
             .validate()
             .is_err()
@@ -1041,7 +1129,7 @@ mod tests {
         assert!(
             RobustConfig {
                 attackers: -0.1,
-                ..RobustConfig::default()
+                ..RobustConfig::plain()
             }
             .validate()
             .is_err()
@@ -1049,7 +1137,7 @@ mod tests {
         assert!(
             RobustConfig {
                 clip: Clip::Fixed,
-                ..RobustConfig::default()
+                ..RobustConfig::plain()
             }
             .validate()
             .is_err()
@@ -1090,7 +1178,7 @@ mod tests {
             contribution(3, UploadKind::Weights, vec![1e6, 1e6, 1e6]),
         ];
         // No defence: untouched results come back bit for bit.
-        let (plain, report) = apply(&RobustConfig::default(), &global, results.clone()).unwrap();
+        let (plain, report) = apply(&RobustConfig::plain(), &global, results.clone()).unwrap();
         assert_eq!(plain, results);
         assert!(report.verdicts[2].norm_ratio > 1e5);
         // The norm bound (3 × median 0.1): the attacker's weights end 0.3 from the global model.
@@ -1142,6 +1230,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(d[0].values, vec![0.0, 2.0, 0.0]);
-        assert!(apply(&RobustConfig::default(), &global[..2], results).is_err());
+        assert!(apply(&RobustConfig::plain(), &global[..2], results).is_err());
     }
 }

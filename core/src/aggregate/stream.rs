@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::Contribution;
-use crate::aggregate::robust::{self, Combined, RobustConfig, Verdict};
+use crate::aggregate::robust::{self, Clip, Combined, RobustConfig, Rule, Verdict};
 
 /// Which sums a streaming strategy needs besides the sample-weighted one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,19 +147,40 @@ impl RunningSum {
     }
 }
 
-/// One round aggregated as its results arrive: each is judged by the robust layer (its norm, and
-/// its bound when the bound is fixed), folded into the sums, and kept only as a summary (its
-/// client, samples, metrics and encoding; no vector) for the round's record.
+/// One round aggregated as its results arrive: each is judged by the robust layer (its norm
+/// against the round's bound), folded into the sums (and, for the trimmed mean, into each
+/// coordinate's extremes), and kept only as a summary (its client, samples, metrics and
+/// encoding; no vector) for the round's record.
 pub struct StreamRound {
     robust: RobustConfig,
     reference: std::sync::Arc<Vec<f32>>,
+    /// This server's own results.
     sum: RunningSum,
+    /// Partials absorbed from other aggregators (edges), each already combined by its own layer.
+    absorbed: Vec<RunningSum>,
+    bound: Bound,
+    trim: Option<Extremes>,
+    /// Folded results' sample counts, in arrival order (the extremes point into it).
+    samples: Vec<u64>,
     summaries: Vec<Contribution>,
     judged: Vec<Verdict>,
 }
 
+/// A median norm bound needs a median before the first result is folded.
+enum Bound {
+    Known(f64),
+    /// No earlier median (the run's first round, or the model changed shape): the first
+    /// [`WARM_UP`] results wait here, and their median norm sets the bound.
+    Pending(Vec<Contribution>),
+}
+
+/// Results a streamed round holds back to find a median norm when it has no earlier one.
+pub const WARM_UP: usize = 5;
+
 /// What a streamed round hands to the strategy and the round's record.
 pub struct Streamed {
+    /// The combined sums: their mean is the round's robust mean (the trimmed mean per
+    /// coordinate, when the rule trims).
     pub sum: RunningSum,
     /// The results without their vectors, in client order.
     pub results: Vec<Contribution>,
@@ -169,28 +190,49 @@ pub struct Streamed {
 
 impl StreamRound {
     /// A streamed round, or `None` when the strategy or the robust rule needs every update.
-    /// `reference` is the (masked) model the round's tasks start from.
+    /// `reference` is the (masked) model the round's tasks start from; `expected` the results
+    /// the round waits for (it sizes the trimmed mean's extremes); `median_norm` the previous
+    /// round's median update norm on a model of this shape, if there was one (the median norm
+    /// bound uses it).
     pub fn start(
         robust: &RobustConfig,
         fold: Option<Fold>,
         reference: std::sync::Arc<Vec<f32>>,
+        expected: usize,
+        median_norm: Option<f64>,
     ) -> Option<StreamRound> {
         let fold = fold?;
         if !robust::streams(robust) {
             return None;
         }
-        let sum = RunningSum::new(reference.len(), fold);
+        let bound = match (robust.clip, median_norm) {
+            (Clip::None, _) => Bound::Known(f64::INFINITY),
+            (Clip::Fixed, _) => Bound::Known(robust.max_norm),
+            (Clip::Median, Some(m)) if m > 0.0 && m.is_finite() => {
+                Bound::Known(robust.clip_multiple * m)
+            }
+            (Clip::Median, _) => Bound::Pending(Vec::new()),
+        };
+        let trim = (robust.rule == Rule::TrimmedMean && robust.trim > 0.0).then(|| {
+            let k = robust::trim_count(robust.trim, expected).clamp(1, robust.trim_max);
+            Extremes::new(reference.len(), k)
+        });
         Some(StreamRound {
             robust: robust.clone(),
+            sum: RunningSum::new(reference.len(), fold),
+            absorbed: Vec::new(),
             reference,
-            sum,
+            bound,
+            trim,
+            samples: Vec::new(),
             summaries: Vec::new(),
             judged: Vec::new(),
         })
     }
 
-    /// Judges and folds one accepted result; its vector is dropped here.
-    pub fn add(&mut self, mut c: Contribution) -> Result<(), String> {
+    /// Judges and folds one accepted result; its vector is dropped here (or, while the round
+    /// still looks for its norm bound, once the bound is known).
+    pub fn add(&mut self, c: Contribution) -> Result<(), String> {
         if c.values.len() != self.reference.len() {
             return Err(format!(
                 "update of client {} has {} values, the model has {}",
@@ -199,8 +241,55 @@ impl StreamRound {
                 self.reference.len()
             ));
         }
-        let verdict = robust::bound_one(&self.robust, &self.reference, &mut c);
+        match &mut self.bound {
+            Bound::Known(b) => {
+                let b = *b;
+                self.fold(b, c)
+            }
+            Bound::Pending(held) => {
+                held.push(c);
+                if held.len() >= WARM_UP {
+                    self.settle_bound()?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The held results' median norm sets the bound; they are folded with it.
+    fn settle_bound(&mut self) -> Result<(), String> {
+        let Bound::Pending(held) = std::mem::replace(&mut self.bound, Bound::Known(0.0)) else {
+            return Ok(());
+        };
+        let norms: Vec<f64> = held
+            .iter()
+            .map(|c| robust::update_norm(&self.reference, c))
+            .collect();
+        let median = robust::median_of(&norms);
+        let bound = if median > 0.0 {
+            self.robust.clip_multiple * median
+        } else {
+            f64::INFINITY
+        };
+        self.bound = Bound::Known(bound);
+        for c in held {
+            self.fold(bound, c)?;
+        }
+        Ok(())
+    }
+
+    fn fold(&mut self, bound: f64, mut c: Contribution) -> Result<(), String> {
+        let verdict = robust::bound_one(bound, &self.reference, &mut c);
         self.sum.add(&c.values, c.samples)?;
+        if let Some(t) = &mut self.trim {
+            t.insert(
+                &c.values,
+                self.samples.len() as u32,
+                &self.samples,
+                c.samples,
+            );
+        }
+        self.samples.push(c.samples);
         self.judged.push(verdict);
         c.values = Vec::new();
         self.summaries.push(c);
@@ -209,7 +298,9 @@ impl StreamRound {
 
     /// Adds another aggregator's part of the same round (an edge's partial): its sums, its
     /// results' summaries (no vectors) and the robust layer's verdicts on them. The caller has
-    /// checked that it answers this round and starts from the same model.
+    /// checked that it answers this round and starts from the same model. The partial was
+    /// combined by its aggregator's own layer; how partials are combined here is
+    /// [`combine_partials`]'s to say.
     pub fn absorb(
         &mut self,
         sum: &RunningSum,
@@ -238,23 +329,188 @@ impl StreamRound {
         if summaries.iter().any(|c| !c.values.is_empty()) {
             return Err("a partial's summaries must not carry vectors".into());
         }
-        self.sum.merge(sum)?;
+        if sum.count > 0 {
+            self.absorbed.push(sum.clone());
+        }
         self.summaries.extend(summaries);
         self.judged.extend(verdicts);
         Ok(())
     }
 
+    /// Results taken so far (held ones and absorbed partials' included).
     pub fn results(&self) -> usize {
-        self.summaries.len()
+        let held = match &self.bound {
+            Bound::Pending(h) => h.len(),
+            Bound::Known(_) => 0,
+        };
+        self.summaries.len() + held
     }
 
-    pub fn finish(mut self) -> Streamed {
+    pub fn finish(mut self) -> Result<Streamed, String> {
+        self.settle_bound()?;
+        let local = self.samples.len();
+        let mut outside = vec![0u64; local];
+        if let Some(t) = &self.trim {
+            let j = robust::trim_count(self.robust.trim, local).min(t.k);
+            if j > 0 {
+                t.trim(j, &self.samples, &mut self.sum, &mut outside);
+            }
+        }
+        let len = self.reference.len().max(1) as f64;
+        for (v, o) in self.judged.iter_mut().zip(&outside) {
+            v.outside = *o as f64 / len;
+            v.down_weighted = v.outside > robust::TRIMMED_SUSPICIOUS;
+        }
+        let mut partials = self.absorbed;
+        if self.sum.count > 0 || partials.is_empty() {
+            partials.insert(0, self.sum);
+        }
+        let sum = combine_partials(&self.robust, partials)?;
         self.summaries.sort_by_key(|c| c.client);
         let combined = robust::finish_streamed(self.judged);
-        Streamed {
-            sum: self.sum,
+        Ok(Streamed {
+            sum,
             results: self.summaries,
             combined,
+        })
+    }
+}
+
+/// One round's partial sums (this server's own and its edges'), combined. With no defence
+/// (`rule = "mean"`, no bound) they are added, exactly as if one server had seen every result.
+/// With a defence and three or more partials, the result is the coordinate-wise median of the
+/// partials' means (one vote per partial, whatever weight it claims), so one compromised edge
+/// cannot move the model beyond the honest partials' range; its weight and count are the
+/// partials' totals. Fewer than three partials cannot outvote one, and are added.
+pub fn combine_partials(
+    robust: &RobustConfig,
+    partials: Vec<RunningSum>,
+) -> Result<RunningSum, String> {
+    let plain = robust.rule == Rule::Mean && robust.clip == Clip::None;
+    if partials.len() == 1 {
+        return Ok(partials.into_iter().next().expect("one"));
+    }
+    if plain || partials.len() < 3 {
+        let mut sum = RunningSum::default();
+        for p in &partials {
+            sum.merge(p)?;
+        }
+        return Ok(sum);
+    }
+    let means: Vec<Vec<f32>> = partials
+        .iter()
+        .map(|p| p.mean())
+        .collect::<Result<_, _>>()?;
+    let len = means[0].len();
+    if means.iter().any(|m| m.len() != len)
+        || partials
+            .iter()
+            .any(|p| p.squares.len() != partials[0].squares.len())
+    {
+        return Err("partial sums differ in shape".into());
+    }
+    let weight: f64 = partials.iter().map(|p| p.weight).sum();
+    let count: u64 = partials.iter().map(|p| p.count).sum();
+    let squares = !partials[0].squares.is_empty();
+    let mut out = RunningSum {
+        weight,
+        count,
+        weighted: vec![0.0; len],
+        squares: if squares { vec![0.0; len] } else { Vec::new() },
+    };
+    let mut col: Vec<f64> = Vec::with_capacity(means.len());
+    for c in 0..len {
+        col.clear();
+        col.extend(means.iter().map(|m| m[c] as f64));
+        let median = robust::median_of(&col);
+        out.weighted[c] = median * weight;
+        if squares {
+            out.squares[c] = median * median * count as f64;
+        }
+    }
+    Ok(out)
+}
+
+/// The trimmed mean's memory in a streamed round: for every coordinate the `k` largest and `k`
+/// smallest values folded so far, each with the arrival index of its result. Values are ordered
+/// by (value, weight, arrival): the order the buffered rule sorts by, so both trim values of the
+/// same weights, and the largest and smallest `j` never share a result while 2j < n.
+struct Extremes {
+    k: usize,
+    /// Per coordinate, `k` slots from the largest down; `EMPTY` index: unused.
+    high: Vec<(f32, u32)>,
+    /// Per coordinate, `k` slots from the smallest up.
+    low: Vec<(f32, u32)>,
+}
+
+const EMPTY: u32 = u32::MAX;
+
+impl Extremes {
+    fn new(len: usize, k: usize) -> Extremes {
+        Extremes {
+            k,
+            high: vec![(0.0, EMPTY); len * k],
+            low: vec![(0.0, EMPTY); len * k],
+        }
+    }
+
+    /// Offers every coordinate of result `idx` (weight `w`; earlier results' weights in
+    /// `samples`) to the extremes.
+    fn insert(&mut self, values: &[f32], idx: u32, samples: &[u64], w: u64) {
+        let k = self.k;
+        let wf = w as f64;
+        let weight = |i: u32| samples[i as usize] as f64;
+        // The newcomer has the largest arrival index: on equal (value, weight) it ranks above.
+        let above = |x: f32, (y, i): (f32, u32)| {
+            i == EMPTY || x.total_cmp(&y).then(wf.total_cmp(&weight(i))).is_ge()
+        };
+        let below = |x: f32, (y, i): (f32, u32)| {
+            i == EMPTY || x.total_cmp(&y).then(wf.total_cmp(&weight(i))).is_lt()
+        };
+        for (c, &x) in values.iter().enumerate() {
+            let hi = &mut self.high[c * k..(c + 1) * k];
+            if above(x, hi[k - 1]) {
+                let at = hi.iter().position(|&s| above(x, s)).unwrap_or(k - 1);
+                hi[at..].rotate_right(1);
+                hi[at] = (x, idx);
+            }
+            let lo = &mut self.low[c * k..(c + 1) * k];
+            if below(x, lo[k - 1]) {
+                let at = lo.iter().position(|&s| below(x, s)).unwrap_or(k - 1);
+                lo[at..].rotate_right(1);
+                lo[at] = (x, idx);
+            }
+        }
+    }
+
+    /// Drops the `j` largest and smallest values of every coordinate from `sum`, so that its
+    /// mean is the trimmed mean (and its squares that mean squared, as every buffered result
+    /// carries the combined update); counts each result's trimmed coordinates in `outside`.
+    fn trim(&self, j: usize, samples: &[u64], sum: &mut RunningSum, outside: &mut [u64]) {
+        let k = self.k;
+        let total = sum.weight;
+        let count = sum.count as f64;
+        for c in 0..sum.weighted.len() {
+            let (mut s, mut w) = (0f64, 0f64);
+            for &(x, i) in self.high[c * k..c * k + j]
+                .iter()
+                .chain(&self.low[c * k..c * k + j])
+            {
+                let wi = samples[i as usize] as f64;
+                s += wi * x as f64;
+                w += wi;
+                outside[i as usize] += 1;
+            }
+            let kept = total - w;
+            let mean = if kept > 0.0 {
+                (sum.weighted[c] - s) / kept
+            } else {
+                0.0
+            };
+            sum.weighted[c] = mean * total;
+            if let Some(q) = sum.squares.get_mut(c) {
+                *q = mean * mean * count;
+            }
         }
     }
 }
@@ -360,14 +616,14 @@ mod tests {
             let (judged, combined_b) = robust::apply(robust, &reference, results.clone()).unwrap();
             buffered.aggregate(round, &mut gb, &judged, &ctx).unwrap();
 
-            let mut stream =
-                StreamRound::start(robust, fold, reference.clone()).expect("this rule streams");
+            let mut stream = StreamRound::start(robust, fold, reference.clone(), 9, None)
+                .expect("this rule streams");
             let mut arriving = results.clone();
             arriving.shuffle(&mut rng);
             for c in arriving {
                 stream.add(c).unwrap();
             }
-            let s = stream.finish();
+            let s = stream.finish().unwrap();
             assert!(
                 s.results.iter().all(|c| c.values.is_empty()),
                 "vectors are dropped once folded"
@@ -399,22 +655,39 @@ mod tests {
                 );
             }
         }
-        assert_eq!(
-            buffered.save_state(),
-            streamed.save_state(),
-            "{name}: the same state to resume from"
-        );
+        // The plain and fixed-bound paths do the same arithmetic, so strategy state is equal bit
+        // for bit; the trimmed mean's squares are its mean squared in f64 against f32 on the
+        // buffered path, so state agrees there only to rounding (the models above, after two
+        // rounds that use it, agree to 1e-6).
+        if robust.rule == Rule::Mean {
+            assert_eq!(
+                buffered.save_state(),
+                streamed.save_state(),
+                "{name}: the same state to resume from"
+            );
+        }
     }
 
     #[test]
     fn streamed_aggregation_equals_buffered() {
-        let mean = RobustConfig::default();
+        let mean = RobustConfig::plain();
         let fixed = RobustConfig {
+            clip: Clip::Fixed,
+            max_norm: 0.5,
+            ..RobustConfig::plain()
+        };
+        // The default's trimmed mean (9 results: one value from each end), unbounded and with
+        // a fixed bound: the streamed extremes trim what the buffered rule does.
+        let trimmed = RobustConfig {
+            clip: Clip::None,
+            ..RobustConfig::default()
+        };
+        let trimmed_fixed = RobustConfig {
             clip: Clip::Fixed,
             max_norm: 0.5,
             ..RobustConfig::default()
         };
-        for robust in [&mean, &fixed] {
+        for robust in [&mean, &fixed, &trimmed, &trimmed_fixed] {
             both_paths("fedavg", UploadKind::Weights, robust, false);
             both_paths("fedavgm", UploadKind::Delta, robust, false);
             both_paths("autoflip", UploadKind::Delta, robust, false);
@@ -422,41 +695,183 @@ mod tests {
         }
     }
 
+    fn streamed(robust: &RobustConfig, results: &[Contribution], prior: Option<f64>) -> Streamed {
+        let reference = Arc::new(vec![0.0; results[0].values.len()]);
+        let mut s = StreamRound::start(
+            robust,
+            Some(Fold::default()),
+            reference,
+            results.len(),
+            prior,
+        )
+        .expect("streams");
+        for c in results {
+            s.add(c.clone()).unwrap();
+        }
+        s.finish().unwrap()
+    }
+
+    fn delta(client: u64, samples: u64, values: Vec<f32>) -> Contribution {
+        Contribution {
+            client,
+            samples,
+            kind: UploadKind::Delta,
+            values,
+            metrics: Default::default(),
+            encoding: Default::default(),
+        }
+    }
+
+    #[test]
+    fn streamed_trimmed_mean_by_hand() {
+        // Values 1, 2, 3, 100, −50 with weights 1, 1, 3, 1, 1, in that arrival order: one value
+        // dropped from each end (−50 and 100), then (1 + 2 + 9) / 5.
+        let values = [1.0, 2.0, 3.0, 100.0, -50.0];
+        let weights = [1, 1, 3, 1, 1];
+        let results: Vec<Contribution> = (0..5)
+            .map(|i| delta(i as u64 + 1, weights[i], vec![values[i], -values[i]]))
+            .collect();
+        let robust = RobustConfig {
+            clip: Clip::None,
+            ..RobustConfig::default()
+        };
+        let s = streamed(&robust, &results, None);
+        let mean = s.sum.mean().unwrap();
+        assert!(
+            (mean[0] - 2.4).abs() < 1e-6 && (mean[1] + 2.4).abs() < 1e-6,
+            "{mean:?}"
+        );
+        // Clients 4 and 5 were trimmed on both coordinates.
+        let outside: Vec<f64> = s.combined.verdicts.iter().map(|v| v.outside).collect();
+        assert_eq!(outside, vec![0.0, 0.0, 0.0, 1.0, 1.0]);
+        let flagged: Vec<bool> = s
+            .combined
+            .verdicts
+            .iter()
+            .map(|v| v.down_weighted)
+            .collect();
+        assert_eq!(flagged, vec![false, false, false, true, true]);
+        // Three results: nothing trimmed (the plain weighted mean (1 + 2 + 9) / 5).
+        let s = streamed(&robust, &results[..3], None);
+        assert!((s.sum.mean().unwrap()[0] - 2.4).abs() < 1e-6);
+        // trim_max caps the trim: 20 results at trim 0.2 would drop 4 from each end; with
+        // trim_max 1 only the largest and the smallest go.
+        let many: Vec<Contribution> = (0..20).map(|i| delta(i + 1, 1, vec![i as f32])).collect();
+        let capped = RobustConfig {
+            trim: 0.2,
+            trim_max: 1,
+            ..robust.clone()
+        };
+        let s = streamed(&capped, &many, None);
+        assert!((s.sum.mean().unwrap()[0] - 9.5).abs() < 1e-6);
+        let full = streamed(
+            &RobustConfig {
+                trim_max: 4,
+                ..capped.clone()
+            },
+            &many,
+            None,
+        );
+        // Dropping 0..=3 and 16..=19 leaves 4..=15, whose mean is 9.5 too; shift one end to
+        // see the difference.
+        let mut skewed = many.clone();
+        skewed[19].values[0] = 1000.0;
+        skewed[18].values[0] = 900.0;
+        let one = streamed(&capped, &skewed, None).sum.mean().unwrap()[0];
+        let four = streamed(
+            &RobustConfig {
+                trim_max: 4,
+                ..capped
+            },
+            &skewed,
+            None,
+        )
+        .sum
+        .mean()
+        .unwrap()[0];
+        assert!((four - 9.5).abs() < 1e-6, "{four}");
+        assert!(one > 50.0, "one value trimmed leaves 900 in: {one}");
+        assert_eq!(full.sum.count, 20);
+    }
+
+    #[test]
+    fn streamed_norm_bound_uses_the_previous_median_or_waits_for_one() {
+        // Norms 1, 2, 3, 4 and 1000.
+        let results: Vec<Contribution> = [1.0f32, 2.0, 3.0, 4.0, 1000.0]
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| delta(i as u64 + 1, 1, vec![x]))
+            .collect();
+        let bound = RobustConfig::norm_bound();
+        // With the previous round's median norm 0.5, the bound is 1.5: all but the first clipped.
+        let s = streamed(&bound, &results, Some(0.5));
+        let clipped: Vec<bool> = s.combined.verdicts.iter().map(|v| v.clipped).collect();
+        assert_eq!(clipped, vec![false, true, true, true, true]);
+        assert!((s.sum.mean().unwrap()[0] - 1.4).abs() < 1e-6);
+        // Without one, the first five results are held and their median (3) sets 9.
+        let s = streamed(&bound, &results, None);
+        let clipped: Vec<bool> = s.combined.verdicts.iter().map(|v| v.clipped).collect();
+        assert_eq!(clipped, vec![false, false, false, false, true]);
+        assert!((s.sum.mean().unwrap()[0] - 19.0 / 5.0).abs() < 1e-6);
+        assert!((s.combined.verdicts[4].scale - 0.009).abs() < 1e-9);
+        // Fewer results than the warm-up: the bound comes from those there are.
+        let s = streamed(&bound, &results[3..], None);
+        assert!(s.combined.verdicts.iter().all(|v| !v.clipped));
+        // An attacker arriving first cannot set the bound on its own.
+        let mut first: Vec<Contribution> = results.clone();
+        first.rotate_right(1);
+        let s = streamed(&bound, &first, None);
+        assert!(
+            s.combined
+                .verdicts
+                .iter()
+                .find(|v| v.client == 5)
+                .unwrap()
+                .clipped
+        );
+    }
+
     #[test]
     fn rules_that_need_every_update_buffer() {
         let reference = Arc::new(vec![0.0; 4]);
         let fold = Some(Fold::default());
-        assert!(StreamRound::start(&RobustConfig::default(), fold, reference.clone()).is_some());
+        let start =
+            |r: &RobustConfig, fold| StreamRound::start(r, fold, reference.clone(), 4, None);
+        for streaming in [
+            RobustConfig::default(),
+            RobustConfig::plain(),
+            RobustConfig::norm_bound(),
+        ] {
+            assert!(
+                start(&streaming, fold).is_some(),
+                "{}",
+                streaming.describe()
+            );
+        }
         assert!(
-            StreamRound::start(&RobustConfig::default(), None, reference.clone()).is_none(),
+            start(&RobustConfig::default(), None).is_none(),
             "a strategy that does not opt in"
         );
-        for rule in [Rule::Median, Rule::TrimmedMean, Rule::MultiKrum] {
+        for rule in [Rule::Median, Rule::MultiKrum] {
             assert!(
-                StreamRound::start(
+                start(
                     &RobustConfig {
                         rule,
                         ..RobustConfig::default()
                     },
                     fold,
-                    reference.clone()
                 )
                 .is_none(),
                 "{rule:?}"
             );
         }
         assert!(
-            StreamRound::start(&RobustConfig::norm_bound(), fold, reference.clone()).is_none(),
-            "the median norm bound"
-        );
-        assert!(
-            StreamRound::start(
+            start(
                 &RobustConfig {
                     streaming: false,
                     ..RobustConfig::default()
                 },
                 fold,
-                reference
             )
             .is_none()
         );
@@ -470,6 +885,48 @@ mod tests {
             assert_eq!(plan.tasks.len(), 1, "{name}");
             assert!(plan.fold.is_none(), "{name}");
         }
+    }
+
+    #[test]
+    fn a_poisoned_partial_is_outvoted_by_the_others() {
+        // Three edges' partials of 2-entry deltas; the third claims a huge weight and sends 1e6.
+        let partial = |values: [f32; 2], samples: u64, n: u64| {
+            let mut s = RunningSum::new(2, Fold { squares: true });
+            for _ in 0..n {
+                s.add(&values, samples).unwrap();
+            }
+            s
+        };
+        let honest = [partial([0.1, -0.2], 10, 3), partial([0.3, 0.0], 10, 2)];
+        let bad = partial([1e6, -1e6], 1_000_000, 3);
+        let defended = RobustConfig::default();
+        let all = vec![honest[0].clone(), honest[1].clone(), bad.clone()];
+        let out = combine_partials(&defended, all.clone()).unwrap();
+        // The median of 0.1, 0.3, 1e6 is 0.3; of −0.2, 0, −1e6 it is −0.2.
+        let m = out.mean().unwrap();
+        assert!(
+            (m[0] - 0.3).abs() < 1e-6 && (m[1] + 0.2).abs() < 1e-6,
+            "{m:?}"
+        );
+        assert_eq!(out.count, 8);
+        let sq = out.mean_squares().unwrap();
+        assert!(
+            (sq[0] - 0.09).abs() < 1e-6,
+            "squares follow the median: {sq:?}"
+        );
+        // No defence: partials add up exactly, as one server would have summed them.
+        let plain = combine_partials(&RobustConfig::plain(), all).unwrap();
+        assert!(
+            plain.mean().unwrap()[0] > 9e5,
+            "the plain mean follows the attacker"
+        );
+        let mut whole = honest[0].clone();
+        whole.merge(&honest[1]).unwrap();
+        whole.merge(&bad).unwrap();
+        assert_eq!(plain, whole);
+        // Two partials cannot outvote one another: added.
+        let two = combine_partials(&defended, vec![honest[0].clone(), honest[1].clone()]).unwrap();
+        assert!((two.mean().unwrap()[0] - 0.18).abs() < 1e-6);
     }
 
     #[test]

@@ -1,13 +1,20 @@
 //! Who is connected: each client's row (its shard, status, progress, bytes, suspicion), its
-//! outbox while it is connected, and the ids banned from the run.
+//! outbox while it is connected, the ids and addresses banned from the run, and how many new
+//! ids each address has taken lately.
+//!
+//! A ban by id alone does not stick: a reloaded tab (or a script) comes back as a new client.
+//! So a ban can name the client's address too, for a time, and an address may take only so
+//! many new ids a minute (`limits.max_new_ids_per_minute`; loopback exempt when
+//! `limits.loopback_exempt`, since every local client shares it).
 //!
 //! This table knows nothing of the round: it counts each client's own bytes, and the [`Hub`]
 //! adds what it sends to the round's counters.
 //!
 //! [`Hub`]: super::Hub
 
-use std::collections::BTreeMap;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use canopy_core::aggregate::robust::{Suspicion, Verdict};
 use canopy_core::data::partition::Shard;
@@ -50,6 +57,9 @@ pub struct Client {
     pub suspicion: Suspicion,
     /// Banned by an admin: disconnected, and refused when it comes back with this id.
     pub banned: bool,
+    /// Where it last connected from (not shown: the dashboard is public in a classroom).
+    #[serde(skip)]
+    addr: Option<IpAddr>,
     #[serde(skip)]
     tx: Option<Outbox>,
 }
@@ -69,6 +79,13 @@ pub struct Clients {
     next_shard: usize,
     /// Banned client ids and why.
     banned: BTreeMap<u64, String>,
+    /// Banned addresses: until when, and why.
+    banned_addrs: HashMap<IpAddr, (Instant, String)>,
+    /// New ids given to each address in the last minute (join times).
+    recent: HashMap<IpAddr, VecDeque<Instant>>,
+    /// Most new ids an address may take a minute (0: no limit), and whether loopback is exempt.
+    new_ids_per_minute: usize,
+    loopback_exempt: bool,
     /// Set on a root: tabs are told to join an edge instead.
     refuse_joins: Option<String>,
 }
@@ -82,19 +99,50 @@ impl Clients {
             next_id: 1,
             next_shard: 0,
             banned: BTreeMap::new(),
+            banned_addrs: HashMap::new(),
+            recent: HashMap::new(),
+            new_ids_per_minute: 0,
+            loopback_exempt: true,
             refuse_joins: None,
         }
+    }
+
+    /// At most `per_minute` new ids per address a minute (0: no limit); loopback exempt if asked.
+    pub fn limit_new_ids(&mut self, per_minute: usize, loopback_exempt: bool) {
+        self.new_ids_per_minute = per_minute;
+        self.loopback_exempt = loopback_exempt;
     }
 
     /// Registers a client (or re-attaches one that reconnects with its old id, if that one is
     /// not connected). Returns its id, or why it may not join (joins are refused, or it was
     /// banned). Sends nothing: the hub welcomes it.
     pub fn join(&mut self, hello: Hello, tx: Outbox) -> Result<u64, String> {
+        self.join_from(hello, tx, None, Instant::now())
+    }
+
+    /// [`Clients::join`] from `addr` (`None`: not a network client, e.g. a test) at `now`: a
+    /// banned address is refused, and so is a new id past the address's allowance.
+    pub fn join_from(
+        &mut self,
+        hello: Hello,
+        tx: Outbox,
+        addr: Option<IpAddr>,
+        now: Instant,
+    ) -> Result<u64, String> {
         if let Some(why) = &self.refuse_joins {
             return Err(why.clone());
         }
         if let Some(why) = hello.resume.and_then(|id| self.banned.get(&id)) {
             return Err(format!("banned: {why}"));
+        }
+        if let Some(a) = addr {
+            self.banned_addrs.retain(|_, (until, _)| *until > now);
+            if let Some((until, why)) = self.banned_addrs.get(&a) {
+                let minutes = (until.duration_since(now).as_secs_f64() / 60.0).ceil();
+                return Err(format!(
+                    "banned: {why} (this address, for {minutes:.0} more minutes)"
+                ));
+            }
         }
         let resumed = hello
             .resume
@@ -105,7 +153,27 @@ impl Clients {
             c.status = Status::Idle;
             c.device = hello.device;
             c.mask_version = hello.mask_version;
+            c.addr = addr.or(c.addr);
             return Ok(id);
+        }
+        if let Some(a) = addr
+            && self.new_ids_per_minute > 0
+            && !(self.loopback_exempt && a.is_loopback())
+        {
+            let joins = self.recent.entry(a).or_default();
+            while joins
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+            {
+                joins.pop_front();
+            }
+            if joins.len() >= self.new_ids_per_minute {
+                return Err(format!(
+                    "too many new clients from this address: at most {} a minute; try again later",
+                    self.new_ids_per_minute
+                ));
+            }
+            joins.push_back(now);
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -141,6 +209,7 @@ impl Clients {
                 mask_version: hello.mask_version,
                 suspicion: Default::default(),
                 banned: false,
+                addr,
                 tx: Some(tx),
             },
         );
@@ -170,6 +239,29 @@ impl Clients {
 
     pub fn is_banned(&self, id: u64) -> bool {
         self.banned.contains_key(&id)
+    }
+
+    /// Bans `id`'s address (where it last connected from) until `until`, for `reason`. Returns
+    /// the other clients connected from it (the hub bans them too), or an error when the client
+    /// is unknown or its address is not known.
+    pub fn ban_address(
+        &mut self,
+        id: u64,
+        until: Instant,
+        reason: &str,
+    ) -> Result<Vec<u64>, String> {
+        let c = self.clients.get(&id).ok_or(format!("no client {id}"))?;
+        let a = c
+            .addr
+            .ok_or(format!("client {id} has no network address to ban"))?;
+        self.banned_addrs.insert(a, (until, reason.to_string()));
+        let others: Vec<u64> = self
+            .clients
+            .values()
+            .filter(|o| o.id != id && o.addr == Some(a) && o.tx.is_some())
+            .map(|o| o.id)
+            .collect();
+        Ok(others)
     }
 
     /// Its connection is gone: it has no outbox, is dropped and shows no progress.
@@ -491,6 +583,100 @@ pub(crate) mod tests {
         t.refuse_joins("join an edge");
         let (tx, _rx) = link();
         assert_eq!(t.join(hello("b", None), tx).unwrap_err(), "join an edge");
+    }
+
+    #[test]
+    fn an_address_ban_keeps_new_ids_out_for_its_time() {
+        let mut t = Clients::new(shards(1));
+        let (home, other): (IpAddr, IpAddr) = (
+            "192.168.1.20".parse().unwrap(),
+            "192.168.1.21".parse().unwrap(),
+        );
+        let now = Instant::now();
+        let join = |t: &mut Clients, name: &str, addr: IpAddr, at: Instant| {
+            let (tx, _rx) = link();
+            t.join_from(hello(name, None), tx, Some(addr), at)
+        };
+        let mallory = join(&mut t, "mallory", home, now).unwrap();
+        let sybil = join(&mut t, "sybil", home, now).unwrap();
+        let bob = join(&mut t, "bob", other, now).unwrap();
+        let others = t
+            .ban_address(mallory, now + Duration::from_secs(600), "poisoning")
+            .unwrap();
+        assert_eq!(
+            others,
+            vec![sybil],
+            "the other tab from that address, not bob's"
+        );
+        assert!(!others.contains(&bob));
+        // A reload (new id) from the address is refused while the ban lasts, with why and how long.
+        let refused =
+            join(&mut t, "mallory again", home, now + Duration::from_secs(60)).unwrap_err();
+        assert_eq!(
+            refused,
+            "banned: poisoning (this address, for 9 more minutes)"
+        );
+        assert!(join(&mut t, "carol", other, now + Duration::from_secs(60)).is_ok());
+        // Once it has run out, the address may join again.
+        assert!(
+            join(
+                &mut t,
+                "mallory later",
+                home,
+                now + Duration::from_secs(601)
+            )
+            .is_ok()
+        );
+        // A client with no known address (not a network client) cannot be address-banned.
+        let (tx, _rx) = link();
+        let local = t.join(hello("local", None), tx).unwrap();
+        assert!(
+            t.ban_address(local, now, "x")
+                .unwrap_err()
+                .contains("no network address")
+        );
+    }
+
+    #[test]
+    fn an_address_may_take_only_so_many_new_ids_a_minute() {
+        let mut t = Clients::new(shards(1));
+        t.limit_new_ids(3, true);
+        let lan: IpAddr = "10.0.0.7".parse().unwrap();
+        let now = Instant::now();
+        let mut join = |name: &str, addr: IpAddr, resume: Option<u64>, secs: u64| {
+            let (tx, _rx) = link();
+            t.join_from(
+                hello(name, resume),
+                tx,
+                Some(addr),
+                now + Duration::from_secs(secs),
+            )
+        };
+        let first = join("a", lan, None, 0).unwrap();
+        join("b", lan, None, 10).unwrap();
+        join("c", lan, None, 20).unwrap();
+        let refused = join("d", lan, None, 30).unwrap_err();
+        assert!(refused.contains("at most 3 a minute"), "{refused}");
+        // Loopback (this machine's tests and simulations) is exempt.
+        for i in 0..5 {
+            join("local", "127.0.0.1".parse().unwrap(), None, 30 + i).unwrap();
+        }
+        // A minute after the first join, one more new id fits.
+        join("e", lan, None, 61).unwrap();
+        assert!(join("f", lan, None, 62).is_err());
+        // Resuming an id is not a new one (after its connection is gone).
+        t.disconnect(first);
+        let (tx, _rx) = link();
+        assert_eq!(
+            t.join_from(
+                hello("a", Some(first)),
+                tx,
+                Some(lan),
+                now + Duration::from_secs(63)
+            )
+            .unwrap(),
+            first
+        );
     }
 
     #[test]

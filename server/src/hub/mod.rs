@@ -71,7 +71,20 @@ impl Hub {
     /// Registers a client (or re-attaches one that reconnects with its old id) and sends it the
     /// welcome with its data shard. Returns its id, or why it may not join (it was banned).
     pub fn join(&mut self, hello: Hello, tx: Outbox) -> Result<u64, String> {
-        let id = self.clients.join(hello, tx)?;
+        self.join_from(hello, tx, None)
+    }
+
+    /// [`Hub::join`] from a network address: refused while the address is banned, or when it
+    /// has taken too many new ids this minute.
+    pub fn join_from(
+        &mut self,
+        hello: Hello,
+        tx: Outbox,
+        addr: Option<std::net::IpAddr>,
+    ) -> Result<u64, String> {
+        let id = self
+            .clients
+            .join_from(hello, tx, addr, std::time::Instant::now())?;
         let shard = self.clients.shard(id).expect("joined").clone();
         let run = self.rounds.info().clone();
         self.send(
@@ -114,6 +127,28 @@ impl Hub {
 
     pub fn is_banned(&self, id: u64) -> bool {
         self.clients.is_banned(id)
+    }
+
+    /// [`Hub::ban`], and its address for `minutes`: new ids from there are refused meanwhile,
+    /// and every client connected from it is banned too. Returns the names banned.
+    pub fn ban_with_address(
+        &mut self,
+        id: u64,
+        reason: &str,
+        minutes: u64,
+    ) -> Result<Vec<String>, String> {
+        let until = std::time::Instant::now() + Duration::from_secs(minutes.saturating_mul(60));
+        let others = self.clients.ban_address(id, until, reason)?;
+        let mut names = vec![self.ban(id, reason)?];
+        for o in others {
+            names.push(self.ban(o, reason)?);
+        }
+        Ok(names)
+    }
+
+    /// New ids per address per minute (`limits.max_new_ids_per_minute`).
+    pub fn limit_new_ids(&mut self, per_minute: usize, loopback_exempt: bool) {
+        self.clients.limit_new_ids(per_minute, loopback_exempt);
     }
 
     /// Asks the session of `id` to close its connection once the frames queued before have gone.

@@ -11,19 +11,21 @@ pub struct AttackArgs {
     /// Base TOML config (model, strategy settings...); the table's own settings override it.
     #[arg(long, short)]
     pub config: Option<PathBuf>,
-    /// Attacks, comma separated (none, scale:F, constant:V, sign-flip, noise, label-flip).
+    /// Attacks, comma separated (none, scale:F, constant:V, sign-flip, sign-flip:F, noise,
+    /// label-flip).
     #[arg(
         long,
-        default_value = "none,scale:1000,constant:1e6,sign-flip,noise,label-flip"
+        default_value = "none,scale:1000,constant:1e6,sign-flip,sign-flip:10,noise,label-flip"
     )]
     pub attacks: String,
     /// Numbers of attackers among the clients, comma separated.
     #[arg(long, default_value = "1,3")]
     pub attackers: String,
-    /// Defences, comma separated (none, norm-bound, median, trimmed-mean, multi-krum; +clip).
+    /// Defences, comma separated (none, default: the server's own, norm-bound, median,
+    /// trimmed-mean, multi-krum; +clip puts the norm bound in front).
     #[arg(
         long,
-        default_value = "none,norm-bound,median,trimmed-mean,multi-krum,trimmed-mean+clip,median+clip"
+        default_value = "none,default,norm-bound,median,trimmed-mean,multi-krum,median+clip"
     )]
     pub defences: String,
     #[arg(long, default_value_t = 10)]

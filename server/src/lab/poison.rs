@@ -18,8 +18,8 @@ pub enum Attack {
     Scale(f32),
     /// Upload this value in every entry.
     Constant(f32),
-    /// Upload the negated delta (for weights: start − delta).
-    SignFlip,
+    /// Upload the delta negated and multiplied by this factor (for weights: start − f·delta).
+    SignFlip(f32),
     /// Upload Gaussian noise with the norm of the honest delta instead of the delta.
     Noise,
     /// Train on the own shard with every label y replaced by `classes − 1 − y`.
@@ -32,12 +32,14 @@ pub const TABLE: &[&str] = &[
     "scale:1000",
     "constant:1e6",
     "sign-flip",
+    "sign-flip:10",
     "noise",
     "label-flip",
 ];
 
 impl Attack {
-    /// `none`, `scale:F`, `constant:V`, `sign-flip`, `noise` or `label-flip`.
+    /// `none`, `scale:F`, `constant:V`, `sign-flip` (×−1), `sign-flip:F` (×−F), `noise` or
+    /// `label-flip`.
     pub fn parse(s: &str) -> Result<Attack, String> {
         let s = s.trim();
         let num = |v: &str| {
@@ -54,16 +56,17 @@ impl Attack {
         Ok(match s.split_once(':') {
             Some(("scale", v)) => Attack::Scale(num(v)?),
             Some(("constant", v)) => Attack::Constant(num(v)?),
+            Some(("sign-flip", v)) => Attack::SignFlip(num(v)?),
             _ => match s {
                 "none" => Attack::None,
                 "scale" => Attack::Scale(1e3),
                 "constant" => Attack::Constant(1e6),
-                "sign-flip" => Attack::SignFlip,
+                "sign-flip" => Attack::SignFlip(1.0),
                 "noise" => Attack::Noise,
                 "label-flip" => Attack::LabelFlip,
                 _ => {
                     return Err(format!(
-                        "unknown attack '{s}' (known: none, scale:F, constant:V, sign-flip, noise, label-flip)"
+                        "unknown attack '{s}' (known: none, scale:F, constant:V, sign-flip, sign-flip:F, noise, label-flip)"
                     ));
                 }
             },
@@ -75,7 +78,8 @@ impl Attack {
             Attack::None => "none".into(),
             Attack::Scale(f) => format!("scaled ×{f}"),
             Attack::Constant(v) => format!("constant {v:e}"),
-            Attack::SignFlip => "sign flip".into(),
+            Attack::SignFlip(f) if *f == 1.0 => "sign flip".into(),
+            Attack::SignFlip(f) => format!("sign flip ×−{f}"),
             Attack::Noise => "noise".into(),
             Attack::LabelFlip => "label flip".into(),
         }
@@ -144,7 +148,7 @@ impl Attack {
                     vec![v; delta.len()]
                 }
             }
-            Attack::SignFlip => delta.iter().map(|d| -d).collect(),
+            Attack::SignFlip(f) => delta.iter().map(|d| -f * d).collect(),
             Attack::Noise => {
                 let mut rng = StdRng::seed_from_u64(
                     0x5eed_a77a ^ ((result.round as u64) << 20) ^ delta.len() as u64,
@@ -252,13 +256,19 @@ mod tests {
                 Attack::None,
                 Attack::Scale(1000.0),
                 Attack::Constant(1e6),
-                Attack::SignFlip,
+                Attack::SignFlip(1.0),
+                Attack::SignFlip(10.0),
                 Attack::Noise,
                 Attack::LabelFlip
             ]
         );
         assert_eq!(Attack::Scale(1000.0).name(), "scaled ×1000");
         assert_eq!(Attack::Constant(1e6).name(), "constant 1e6");
+        assert_eq!(
+            Attack::parse("sign-flip:10").unwrap(),
+            Attack::SignFlip(10.0)
+        );
+        assert_eq!(Attack::SignFlip(10.0).name(), "sign flip ×−10");
         assert!(Attack::parse("scale:nan").is_err() && Attack::parse("flood").is_err());
     }
 
@@ -284,7 +294,7 @@ mod tests {
         );
         assert_eq!(run(Attack::Constant(1e6), None), vec![1e6; 6]);
         assert_eq!(
-            run(Attack::SignFlip, None),
+            run(Attack::SignFlip(1.0), None),
             vec![0.5, 2.0, 0.0, -1.0, 0.5, -1.0]
         );
         let noise = run(Attack::Noise, None);
@@ -320,7 +330,7 @@ mod tests {
         let mut r = result(Update::Sparse(encode_sparse(
             &a, &delta, None, false, 1.0, None,
         )));
-        Attack::SignFlip
+        Attack::SignFlip(1.0)
             .poison_result(&mut r, &a, &start, None, spec)
             .unwrap();
         assert_eq!(values(&r), vec![-0.5, 0.0, 0.0, 0.0, 0.25, -1.0]);

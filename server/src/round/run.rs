@@ -71,6 +71,9 @@ pub struct RoundLoop {
     pub carried: Vec<(Contribution, Arc<Vec<f32>>)>,
     /// On a root: the round's results come from edges through NATS, not from tabs here.
     pub edges: Option<crate::scale::root::Edges>,
+    /// The last aggregated round's median update norm and the model length it was measured on:
+    /// a streamed round's median norm bound (`None`: the next streamed round finds its own).
+    pub norm_prior: Option<(usize, f64)>,
 }
 
 /// A task whose deadline passed before its result came.
@@ -242,7 +245,9 @@ impl RoundLoop {
         let sending = Instant::now();
         let start = Arc::new(global.masked_params());
         // Streaming: each accepted result is folded into running sums and dropped.
-        let stream = StreamRound::start(robust, plan.fold, start.clone());
+        let prior = self.prior(start.len());
+        let expected = plan.tasks.len();
+        let stream = StreamRound::start(robust, plan.fold, start.clone(), expected, prior);
         let pending = self.send_tasks(round, plan);
         let send = sending.elapsed();
         let sampled = pending.len();
@@ -262,6 +267,11 @@ impl RoundLoop {
         .await;
         self.desk.close();
         got
+    }
+
+    /// The previous round's median update norm, if it was measured on a model of `len` values.
+    fn prior(&self, len: usize) -> Option<f64> {
+        self.norm_prior.filter(|(l, _)| *l == len).map(|(_, m)| m)
     }
 
     /// Too few results to aggregate: the round is retried.
@@ -312,6 +322,9 @@ impl RoundLoop {
             .map_err(|e| tracing::error!(round, "aggregation failed, retrying the round: {e}"))
             .ok()?;
         o.metrics.extend(robust::round_metrics(&combined));
+        if combined.median_norm > 0.0 && combined.median_norm.is_finite() {
+            self.norm_prior = Some((got.start.len(), combined.median_norm));
+        }
         if self.late_results == LateResults::NextRound {
             o.metrics
                 .insert(keys::LATE_RESULTS.into(), late_count as f64);
@@ -341,7 +354,20 @@ impl RoundLoop {
                 tracing::warn!(round, client, "late result set aside: {e}");
             }
         }
-        let s = stream.finish();
+        let s = match stream.finish() {
+            Ok(s) => s,
+            Err(e) => {
+                return Aggregated {
+                    next: global.clone(),
+                    outcome: Err(e),
+                    combined: robust::Combined {
+                        delta: Vec::new(),
+                        verdicts: Vec::new(),
+                        median_norm: 0.0,
+                    },
+                };
+            }
+        };
         self.note_verdicts(round, &s.combined);
         got.results = s.results;
         let mut next = global.clone();
@@ -487,7 +513,8 @@ impl RoundLoop {
         deadline_ms: u64,
     ) -> Option<Collected> {
         let start = Arc::new(global.masked_params());
-        let stream = StreamRound::start(&self.robust, plan.fold, start.clone());
+        let prior = self.prior(start.len());
+        let stream = StreamRound::start(&self.robust, plan.fold, start.clone(), 0, prior);
         let (Some(fold), Some(stream)) = (plan.fold, stream) else {
             tracing::error!(
                 round,
@@ -752,9 +779,12 @@ impl RoundLoop {
                 }
             };
             match msg {
-                Incoming::Result { client, result, at }
-                    if pending.contains_key(&client) && result.round == round =>
-                {
+                Incoming::Result {
+                    client,
+                    result,
+                    at,
+                    slot: _slot, // freed at the end of this arm, once the result is folded
+                } if pending.contains_key(&client) && result.round == round => {
                     let folding = Instant::now();
                     let task = pending.remove(&client).expect("checked");
                     self.desk.close_client(client);

@@ -217,7 +217,14 @@ async fn run_round(
     let got = rl
         .run_plan(ann.round, plan, &global, ann.deadline_ms, &ann.robust)
         .await;
-    let s = got.stream.ok_or("the round's sums went missing")?.finish();
+    let s = got
+        .stream
+        .ok_or("the round's sums went missing")?
+        .finish()?;
+    if s.combined.median_norm > 0.0 && s.combined.median_norm.is_finite() {
+        // The next round's norm bound on this edge (the root's rule, this edge's tabs).
+        rl.norm_prior = Some((got.start.len(), s.combined.median_norm));
+    }
     let (bytes_up, bytes_down) = rl.hub.lock().unwrap().round_bytes();
     let edge = super::token(name);
     let sum = link

@@ -162,9 +162,14 @@ pub struct Ban {
     /// Shown to the banned tab.
     #[serde(default)]
     pub reason: Option<String>,
+    /// Also ban the address it connected from, for this many minutes: no new ids from there
+    /// meanwhile, and every client connected from it is banned too.
+    #[serde(default)]
+    pub address_minutes: Option<u64>,
 }
 
-/// Bans a client: the tab is told why and disconnected, and may not rejoin with its id.
+/// Bans a client: the tab is told why and disconnected, and may not rejoin with its id (nor,
+/// with `address_minutes`, from its address for that long).
 pub async fn ban(_: Admin, State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
     let b: Ban = match serde_json::from_slice(&body) {
         Ok(b) => b,
@@ -179,13 +184,36 @@ pub async fn ban(_: Admin, State(app): State<Arc<App>>, body: axum::body::Bytes)
         .chars()
         .take(200)
         .collect();
-    let banned = app.hub.lock().unwrap().ban(b.client, &reason);
+    let banned = match b.address_minutes {
+        Some(0) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "ban: address_minutes must be positive",
+            );
+        }
+        Some(m) => app
+            .hub
+            .lock()
+            .unwrap()
+            .ban_with_address(b.client, &reason, m),
+        None => app
+            .hub
+            .lock()
+            .unwrap()
+            .ban(b.client, &reason)
+            .map(|n| vec![n]),
+    };
     match banned {
-        Ok(name) => {
-            tracing::warn!(client = b.client, %name, %reason, "dashboard: client banned");
+        Ok(names) => {
+            let names = names.join(", ");
+            tracing::warn!(client = b.client, %names, %reason, minutes = ?b.address_minutes, "dashboard: banned");
+            let address = b
+                .address_minutes
+                .map(|m| format!(" and its address for {m} min"))
+                .unwrap_or_default();
             ok(
                 &app,
-                &format!("banned {name} (client {}): {reason}", b.client),
+                &format!("banned {names} (client {}{address}): {reason}", b.client),
             )
         }
         Err(e) => error(StatusCode::NOT_FOUND, &e),

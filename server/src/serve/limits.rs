@@ -29,6 +29,16 @@ pub struct LimitsConfig {
     /// Bytes of frames waiting to be written to one connection; past this a frame to a client
     /// that does not read is dropped, so a stalled client cannot grow the server's memory.
     pub max_queued_bytes: usize,
+    /// Large messages (results) read at once, over all connections: a connection without a
+    /// slot stops reading until one is free, so results waiting for the round loop take at
+    /// most this many messages' memory whatever the number of clients (`serve::gate`).
+    pub max_results_in_flight: usize,
+    /// A connection that holds a slot this long without finishing its message is closed (a
+    /// client trickling bytes cannot keep a slot).
+    pub slot_timeout_ms: u64,
+    /// New client ids one address may take a minute (0: no limit); loopback is exempt when
+    /// `loopback_exempt`. A reconnect that resumes its id is not a new one.
+    pub max_new_ids_per_minute: usize,
 }
 
 impl Default for LimitsConfig {
@@ -41,6 +51,9 @@ impl Default for LimitsConfig {
             max_frames_per_sec: 200.0,
             frame_burst: 400.0,
             max_queued_bytes: 48 << 20,
+            max_results_in_flight: 16,
+            slot_timeout_ms: 60_000,
+            max_new_ids_per_minute: 30,
         }
     }
 }
@@ -52,6 +65,12 @@ impl LimitsConfig {
         }
         if !(self.max_frames_per_sec >= 0.0 && self.max_frames_per_sec.is_finite()) {
             return Err("limits.max_frames_per_sec must be a non-negative number".into());
+        }
+        if self.max_results_in_flight == 0 {
+            return Err("limits.max_results_in_flight must be at least 1".into());
+        }
+        if self.slot_timeout_ms == 0 {
+            return Err("limits.slot_timeout_ms must be positive".into());
         }
         if self.max_frames_per_sec > 0.0 && self.frame_burst < 1.0 {
             return Err("limits.frame_burst must be at least 1".into());
@@ -71,6 +90,8 @@ struct Counts {
 pub struct Limits {
     pub config: LimitsConfig,
     counts: Mutex<Counts>,
+    /// The gate's slots for large messages (`max_results_in_flight`), shared by every connection.
+    pub results: Arc<tokio::sync::Semaphore>,
 }
 
 pub struct Slot {
@@ -94,6 +115,7 @@ impl Drop for Slot {
 impl Limits {
     pub fn new(config: LimitsConfig) -> Arc<Limits> {
         Arc::new(Limits {
+            results: Arc::new(tokio::sync::Semaphore::new(config.max_results_in_flight)),
             config,
             counts: Mutex::new(Counts::default()),
         })

@@ -1,9 +1,10 @@
 //! Serving: the HTTP routes and static files ([`web`], [`precompressed`]), WebSocket sessions
-//! ([`ws`] over [`upgrade`], frames out through each client's [`outbox`]), connection
+//! ([`ws`] over [`upgrade`], read through the [`gate`], frames out through each client's [`outbox`]), connection
 //! [`limits`], the dashboard's [`admin`] controls, the classroom's LAN join URLs ([`lan`]), and serving
 //! over http or https ([`listen`], with the certificate from [`tls`]).
 
 pub mod admin;
+pub mod gate;
 pub mod lan;
 pub mod limits;
 pub mod listen;

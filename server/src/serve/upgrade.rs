@@ -7,10 +7,10 @@
 //! each slicing the round's one shared encoding of the model, the buffer stays near 16 KiB.
 //! Browsers and tungstenite clients reassemble fragments into one message (RFC 6455, 5.4).
 //!
-//! What remains per connection: tungstenite keeps its read buffer as large as the largest frame
-//! it received. Chromium sends a 0.8 MB message as 131,000-byte frames (checked with Chromium 156
-//! on a raw socket), so a tab's upload leaves about that much; a client that sends one 0.8 MB
-//! frame (tungstenite, so `canopy sim`) leaves 0.8 MB (README, "Scale").
+//! Reading: tungstenite keeps its read buffer as large as the largest frame it received
+//! (Chromium sends a 0.8 MB message as 131,000-byte frames; `canopy sim` one 0.8 MB frame), so
+//! every connection reads through a [`Gated`] stream that hands it frames of at most 16 KiB and
+//! makes large messages wait for a slot ([`crate::serve::gate`]).
 
 use std::future::Future;
 
@@ -28,28 +28,41 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error, Message};
 
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+
+use crate::serve::gate::{self, Gated, Handle};
 use crate::serve::outbox::Frame as OutFrame;
 
-pub type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+pub type Socket = WebSocketStream<Gated<TokioIo<hyper::upgrade::Upgraded>>>;
 
 /// Largest fragment written: the most a connection's write buffer holds of one message.
 pub const FRAGMENT: usize = 16 << 10;
 
 /// Read and write buffers per connection. tungstenite's defaults (128 KiB to read, into which it
-/// reads whole; 128 KiB before a write) are 1.3 GB of buffers at 10,000 connections.
-pub fn config(max_frame: usize) -> WebSocketConfig {
+/// reads whole; 128 KiB before a write) are 1.3 GB of buffers at 10,000 connections. The gate
+/// hands tungstenite frames of at most [`gate::SUBFRAME`] bytes; `max_message` bounds a message.
+pub fn config(max_message: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(16 << 10)
         .write_buffer_size(0)
-        .max_message_size(Some(max_frame))
-        .max_frame_size(Some(max_frame))
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(gate::SUBFRAME + 16))
 }
 
 /// Answers a WebSocket handshake (101) and runs `session` on the socket once upgraded; anything
-/// else is a 400 that says what was expected.
-pub fn upgrade<F, Fut>(req: Request, config: WebSocketConfig, session: F) -> Response
+/// else is a 400 that says what was expected. The socket reads through a [`Gated`] stream
+/// whose large messages take slots from `slots`; `max_frame` bounds one client frame.
+pub fn upgrade<F, Fut>(
+    req: Request,
+    config: WebSocketConfig,
+    slots: Arc<Semaphore>,
+    max_frame: usize,
+    session: F,
+) -> Response
 where
-    F: FnOnce(Socket) -> Fut + Send + 'static,
+    F: FnOnce(Socket, Handle) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let h = req.headers();
@@ -75,15 +88,9 @@ where
     tokio::spawn(async move {
         match on.await {
             Ok(upgraded) => {
-                session(
-                    WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
-                        Role::Server,
-                        Some(config),
-                    )
-                    .await,
-                )
-                .await
+                let (io, handle) = Gated::new(TokioIo::new(upgraded), slots, max_frame);
+                let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+                session(socket, handle).await
             }
             Err(e) => tracing::warn!("WebSocket upgrade failed: {e}"),
         }

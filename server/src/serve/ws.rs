@@ -21,6 +21,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::App;
 use crate::hub::CLOSE;
 use crate::round::inbox::Incoming;
+use crate::serve::gate::Handle;
 use crate::serve::limits::{FrameRate, Slot};
 use crate::serve::upgrade::{Socket, send_frame, upgrade};
 
@@ -35,12 +36,19 @@ pub async fn handler(
 ) -> Response {
     let admitted = app.limits.admit(peer.ip());
     let config = crate::serve::upgrade::config(READ_LIMIT);
-    upgrade(req, config, move |socket| async move {
-        match admitted {
-            Ok(slot) => session(socket, app, peer, slot).await,
-            Err(why) => refuse(socket, peer, why).await,
-        }
-    })
+    let results = app.limits.results.clone();
+    upgrade(
+        req,
+        config,
+        results,
+        READ_LIMIT,
+        move |socket, gate| async move {
+            match admitted {
+                Ok(slot) => session(socket, gate, app, peer, slot).await,
+                Err(why) => refuse(socket, peer, why).await,
+            }
+        },
+    )
 }
 
 /// Says why in an error frame, then closes.
@@ -59,7 +67,7 @@ async fn refuse(socket: Socket, peer: SocketAddr, why: String) {
     let _ = sink.close().await;
 }
 
-async fn session(socket: Socket, app: Arc<App>, peer: SocketAddr, slot: Slot) {
+async fn session(socket: Socket, gate: Handle, app: Arc<App>, peer: SocketAddr, slot: Slot) {
     let _slot = slot; // the connection's place under the limits, given back when the session ends
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = crate::serve::outbox::channel(app.limits.config.max_queued_bytes);
@@ -89,10 +97,23 @@ async fn session(socket: Socket, app: Arc<App>, peer: SocketAddr, slot: Slot) {
     let mut rate = FrameRate::new(&limits, Instant::now());
     let (mut over_rate, mut last_rate_notice): (u64, Option<Instant>) = (0, None);
     let whenever = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let slot_timeout = Duration::from_millis(limits.slot_timeout_ms);
+    let mut check = tokio::time::interval(Duration::from_secs(1));
     loop {
         let next = tokio::select! {
             // The writer closed the connection (after a Bye, a ban, or a dead socket): done.
             _ = &mut writer_done => break,
+            // A client holding a slot for a large message must finish it in time (reading
+            // resumes where it was: the socket keeps a half-read frame).
+            _ = check.tick() => {
+                if gate.holding_for().is_some_and(|t| t > slot_timeout) {
+                    let why = format!("a message took over {:.0} s to arrive; closing", slot_timeout.as_secs_f64());
+                    tracing::warn!(client = ?id, %peer, "connection closed: {why}");
+                    reply_error(ErrorCode::Refused, why);
+                    break;
+                }
+                continue;
+            }
             m = tokio::time::timeout_at(if id.is_none() { hello_by } else { whenever }, stream.next()) => match m {
                 Ok(m) => m,
                 Err(_) => {
@@ -104,6 +125,9 @@ async fn session(socket: Socket, app: Arc<App>, peer: SocketAddr, slot: Slot) {
             },
         };
         let Some(msg) = next else { break };
+        // A large message's slot: kept with a result until the round loop has folded it, given
+        // back at once otherwise.
+        let ticket = gate.take();
         let now = Instant::now();
         if !rate.allow(now) {
             // Dropped. Say so (and log) at most once a second, so refusals cannot flood either side.
@@ -168,7 +192,11 @@ async fn session(socket: Socket, app: Arc<App>, peer: SocketAddr, slot: Slot) {
                     hello.device.backend,
                     hello.device.adapter.clone(),
                 );
-                let joined = app.hub.lock().unwrap().join(hello, tx.clone());
+                let joined = app
+                    .hub
+                    .lock()
+                    .unwrap()
+                    .join_from(hello, tx.clone(), Some(peer.ip()));
                 match joined {
                     Ok(c) => {
                         tracing::info!(client = c, %name, %backend, %adapter, %peer, "client joined");
@@ -195,6 +223,7 @@ async fn session(socket: Socket, app: Arc<App>, peer: SocketAddr, slot: Slot) {
                     client: c,
                     result,
                     at: Instant::now(),
+                    slot: ticket,
                 });
             }
             (ClientMsg::Error { round, message }, Some(c)) => {
@@ -215,6 +244,7 @@ async fn session(socket: Socket, app: Arc<App>, peer: SocketAddr, slot: Slot) {
                 // Answered beside the session's reading, so a slow reply never holds up frames.
                 let app = app.clone();
                 tokio::spawn(async move {
+                    let _ticket = ticket; // the request's bytes are in memory until answered
                     let reply = app.desk.answer(c, round, seq, payload).await;
                     if let ServerMsg::ExchangeFailed { message, .. } = &reply {
                         tracing::warn!(client = c, round, seq, "exchange refused: {message}");

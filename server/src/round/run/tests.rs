@@ -153,6 +153,7 @@ async fn one_round(
         goodbye: Duration::ZERO,
         late: Default::default(),
         carried: Vec::new(),
+        norm_prior: None,
         edges: None,
     };
     let tab = tokio::spawn(async move {
@@ -176,6 +177,7 @@ async fn one_round(
             client,
             result,
             at: Instant::now(),
+            slot: Default::default(),
         })
         .unwrap();
         (phase, reply)
