@@ -202,8 +202,16 @@ async fn session(socket: Socket, gate: Handle, app: Arc<App>, peer: SocketAddr, 
                         tracing::info!(client = c, %name, %backend, %adapter, %peer, "client joined");
                         id = Some(c);
                     }
+                    Err(why) if why.starts_with("too many new clients") => {
+                        // Over the address's allowance of new ids: refused for now, and free
+                        // to try again later (no Bye).
+                        tracing::warn!(%name, %peer, "join refused: {why}");
+                        reply_error(ErrorCode::Refused, why);
+                        break;
+                    }
                     Err(why) => {
-                        // A banned id: say why, and Bye so the tab does not keep reconnecting.
+                        // A banned id or address: say why, and Bye so the tab does not keep
+                        // reconnecting.
                         tracing::warn!(%name, %peer, "join refused: {why}");
                         reply_error(ErrorCode::Banned, why.clone());
                         let _ = tx.send(encode(&ServerMsg::Bye { reason: why }));
