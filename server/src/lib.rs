@@ -365,7 +365,7 @@ async fn connect(config: &Config, run_name: &str) -> Result<Option<scale::Link>,
     }
     let who = format!("canopy {role:?} {run_name}");
     let link = scale::Link::connect(
-        &config.scale.nats,
+        &config.scale,
         run_name,
         &who,
         std::time::Duration::from_secs(30),
@@ -398,6 +398,7 @@ async fn start_root(
         first_round,
         ms(config.scale.edge_timeout_ms),
         ms(config.scale.grace_ms),
+        config.scale.edge_keys.clone(),
     )
     .await
 }

@@ -214,21 +214,46 @@ fn an_address_ban_keeps_a_reloaded_tab_out_and_new_ids_are_rationed() {
         let tab = tokio::task::spawn_blocking(move || {
             let mut ws = connect(&u);
             ws.send(hello("troll", None)).unwrap();
-            let Some(ServerMsg::Welcome(w)) = read(&mut ws) else { panic!("no welcome") };
+            let Some(ServerMsg::Welcome(w)) = read(&mut ws) else {
+                panic!("no welcome")
+            };
             tx.send(w.client_id).unwrap();
             expect_error(&mut ws, ErrorCode::Banned, "banned: reloading to poison");
             // Reloaded: a new tab, no id to resume. Refused by its address, with how long.
             let mut ws = connect(&u);
             ws.send(hello("troll again", None)).unwrap();
-            expect_error(&mut ws, ErrorCode::Banned, "(this address, for 5 more minutes)");
+            expect_error(
+                &mut ws,
+                ErrorCode::Banned,
+                "(this address, for 5 more minutes)",
+            );
             assert!(matches!(read(&mut ws), Some(ServerMsg::Bye { .. })));
         });
-        let id = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(10)).unwrap()).await.unwrap();
-        let (code, body) = post(addr, "/api/admin/ban", &format!("{{\"client\": {id}, \"reason\": \"reloading to poison\", \"address_minutes\": 5}}")).await;
+        let id =
+            tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(10)).unwrap())
+                .await
+                .unwrap();
+        let (code, body) = post(
+            addr,
+            "/api/admin/ban",
+            &format!(
+                "{{\"client\": {id}, \"reason\": \"reloading to poison\", \"address_minutes\": 5}}"
+            ),
+        )
+        .await;
         assert_eq!(code, 200, "{body}");
         assert!(body.contains("and its address for 5 min"), "{body}");
         tab.await.unwrap();
-        assert_eq!(post(addr, "/api/admin/ban", &format!("{{\"client\": {id}, \"address_minutes\": 0}}")).await.0, 400);
+        assert_eq!(
+            post(
+                addr,
+                "/api/admin/ban",
+                &format!("{{\"client\": {id}, \"address_minutes\": 0}}")
+            )
+            .await
+            .0,
+            400
+        );
     });
     // New ids: loopback is exempt by default, so this run counts it.
     runtime().block_on(async {
@@ -248,7 +273,11 @@ fn an_address_ban_keeps_a_reloaded_tab_out_and_new_ids_are_rationed() {
             }
             let mut ws = connect(&url);
             ws.send(hello("c", None)).unwrap();
-            expect_error(&mut ws, ErrorCode::Refused, "too many new clients from this address: at most 2 a minute");
+            expect_error(
+                &mut ws,
+                ErrorCode::Refused,
+                "too many new clients from this address: at most 2 a minute",
+            );
         })
         .await
         .unwrap();

@@ -3,7 +3,8 @@
 //! Checks that the root's model after every round is what one server's FedAvg (and FedAvgM, whose
 //! velocity carries over) makes of exactly the updates the clients sent, that partial sums over 1 MB travel through the Object Store, that a
 //! duplicate and a stale partial are ignored, and that an edge killed mid-round does not stop
-//! the round (its clients drop out, the others count).
+//! the round (its clients drop out, the others count). Then HideNseek's votes across two edges,
+//! and edges authenticated over TLS with NKeys, signing their partials.
 
 mod common;
 
@@ -483,4 +484,268 @@ fn hidenseek_votes_across_edges() {
         );
     });
     drop(children);
+}
+
+/// A NATS server that requires TLS (its certificate signed by `ca`) and NKey users `users`.
+fn nats_secured(dir: &Path, cert: &Path, key: &Path, users: &[String]) -> (Kill, String) {
+    let Ok(path) = which("nats-server") else {
+        panic!(
+            "nats-server is not installed: `just setup` installs it (Debian package nats-server)"
+        );
+    };
+    let port = free_port();
+    let users: Vec<String> = users
+        .iter()
+        .map(|u| format!("    {{ nkey: \"{u}\" }}"))
+        .collect();
+    let conf = format!(
+        "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\" }}\ntls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\nauthorization {{\n  users = [\n{}\n  ]\n}}\n",
+        dir.join("js").display(),
+        cert.display(),
+        key.display(),
+        users.join("\n")
+    );
+    let conf_path = dir.join("nats.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let child = Command::new(path)
+        .arg("-c")
+        .arg(&conf_path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("nats.log")).unwrap())
+        .spawn()
+        .expect("starting nats-server");
+    let guard = Kill(child);
+    wait_port(port, "nats-server");
+    (guard, format!("nats://127.0.0.1:{port}"))
+}
+
+/// Edges authenticated end to end: NATS over TLS (a CA and server certificate made here) with
+/// NKey users only. Root and edge connect with their NKeys and trust the CA; the edge signs its
+/// partials with its NKey and the root checks each against `[scale] edge_keys`. A server with no
+/// credentials is refused by NATS; partials that a NATS user the root does not list (a rogue)
+/// sent, or that are unsigned, or whose contents were changed after signing, are refused and
+/// shown on the root's dashboard, while the edge's own are merged.
+#[test]
+fn edges_over_tls_with_nkeys_sign_their_partials() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn,canopy_server::scale=info")
+        .with_test_writer()
+        .try_init();
+    let dir = std::env::temp_dir().join(format!("canopy-scale-auth-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // Certificates: a CA, and the NATS server's certificate for 127.0.0.1 signed by it.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Canopy test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server_cert =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap()
+            .signed_by(&server_key, &ca)
+            .unwrap();
+    let (ca_pem, cert_pem, key_pem) = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server-key.pem"),
+    );
+    std::fs::write(&ca_pem, ca.pem()).unwrap();
+    std::fs::write(&cert_pem, server_cert.pem()).unwrap();
+    std::fs::write(&key_pem, server_key.serialize_pem()).unwrap();
+
+    // NKeys: the root's, the edge's, and a rogue that NATS lets in but the root does not list.
+    let (root_key, edge_key, rogue_key) = (
+        nkeys::KeyPair::new_user(),
+        nkeys::KeyPair::new_user(),
+        nkeys::KeyPair::new_user(),
+    );
+    let seed_file = |name: &str, k: &nkeys::KeyPair| {
+        let p = dir.join(format!("{name}.nk"));
+        std::fs::write(&p, k.seed().unwrap()).unwrap();
+        p
+    };
+    let (root_seed, edge_seed) = (seed_file("root", &root_key), seed_file("edge", &edge_key));
+    let (_nats, url) = nats_secured(
+        &dir,
+        &cert_pem,
+        &key_pem,
+        &[
+            root_key.public_key(),
+            edge_key.public_key(),
+            rogue_key.public_key(),
+        ],
+    );
+
+    let run = "scale-auth";
+    let mut config = common::config(run, 3, 2, "canopy-scale-auth");
+    config.run.out_dir = dir.join("runs");
+    config.run.min_clients = 2;
+    config.strategy.config.deadline_ms = 60_000;
+    config.scale.nats = url.clone();
+    config.scale.tls_ca = Some(ca_pem.clone());
+    config.scale.edge_timeout_ms = 4_000;
+
+    // No credentials: NATS refuses the connection, and the server says why.
+    let refused = common::runtime().block_on(canopy_server::scale::Link::connect(
+        &config.scale,
+        run,
+        "no one",
+        Duration::from_secs(5),
+    ));
+    let refused = refused
+        .err()
+        .expect("a server without credentials must be refused");
+    assert!(refused.contains("refused this server"), "{refused}");
+
+    config.scale.nkey_file = Some(edge_seed);
+    let edge_toml = dir.join("edge.toml");
+    std::fs::write(&edge_toml, toml::to_string_pretty(&config).unwrap()).unwrap();
+    config.scale.role = Role::Root;
+    config.scale.nkey_file = Some(root_seed);
+    config.scale.edge_keys = BTreeMap::from([("a1".to_string(), edge_key.public_key())]);
+
+    let port = free_port();
+    let edge = Command::new(env!("CARGO_BIN_EXE_canopy"))
+        .args(["serve", "--config"])
+        .arg(&edge_toml)
+        .args([
+            "--role",
+            "edge",
+            "--port",
+            &port.to_string(),
+            "--edge-name",
+            "a1",
+        ])
+        .env("RUST_LOG", "warn,canopy_server::scale=info")
+        .stdout(std::fs::File::create(dir.join("edge.log")).unwrap())
+        .stderr(std::fs::File::create(dir.join("edge.err")).unwrap())
+        .spawn()
+        .expect("starting the edge");
+    let _edge = Kill(edge);
+    wait_port(port, "the edge");
+    let sim = Command::new(env!("CARGO_BIN_EXE_canopy"))
+        .args([
+            "sim",
+            "--url",
+            &format!("ws://127.0.0.1:{port}/ws"),
+            "--clients",
+            "2",
+            "--name",
+            "auth",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting native clients");
+    let _sim = Kill(sim);
+
+    let rogue_seed = rogue_key.seed().unwrap();
+    let rogue_pub = rogue_key.public_key();
+    common::runtime().block_on(async move {
+        let running = canopy_server::start(config)
+            .await
+            .expect("the root starts over TLS with its NKey");
+        let app = running.app.clone();
+        // The rogue: a NATS user, so it may publish, but not an edge the root lists.
+        let nats = async_nats::ConnectOptions::with_nkey(rogue_seed)
+            .require_tls(true)
+            .add_root_certificates(ca_pem)
+            .connect(&url)
+            .await
+            .expect("the rogue is a NATS user");
+        let js = async_nats::jetstream::new(nats.clone());
+        let subject = format!("canopy.{run}.partial.1.a1");
+        let mut partials = nats.subscribe(subject.clone()).await.unwrap();
+        let forged = tokio::spawn(async move {
+            let m = partials.next().await.unwrap();
+            let wire::Envelope::Inline(bytes) = wire::decode(&m.payload, "a partial").unwrap()
+            else {
+                panic!("a small partial travels inline")
+            };
+            let real: wire::Partial = wire::decode(&bytes, "a partial").unwrap();
+            assert_eq!(
+                real.signer,
+                edge_key.public_key(),
+                "the edge signs with its NKey"
+            );
+            let send = |p: wire::Partial, tag: &str| {
+                let (js, subject) = (js.clone(), subject.clone());
+                let id = format!("{}-{tag}", p.msg_id());
+                async move {
+                    let mut h = async_nats::HeaderMap::new();
+                    h.insert("Nats-Msg-Id", id.as_str());
+                    js.publish_with_headers(
+                        subject,
+                        h,
+                        wire::encode(&wire::Envelope::Inline(wire::encode(&p))).into(),
+                    )
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+                }
+            };
+            // Unsigned; signed by the rogue's key; and the real signature on a changed weight.
+            send(
+                wire::Partial {
+                    signer: String::new(),
+                    signature: Vec::new(),
+                    ..real.clone()
+                },
+                "unsigned",
+            )
+            .await;
+            let mut rogue = real.clone();
+            rogue.sign(&rogue_key).unwrap();
+            send(rogue, "rogue").await;
+            send(
+                wire::Partial {
+                    weight: real.weight * 1e6,
+                    ..real.clone()
+                },
+                "tampered",
+            )
+            .await;
+        });
+        tokio::time::timeout(Duration::from_secs(300), running.rounds)
+            .await
+            .expect("the run ends")
+            .unwrap();
+        forged.await.unwrap();
+        let records = app.hub.lock().unwrap().rounds().to_vec();
+        assert_eq!(
+            records.iter().map(|r| r.results).collect::<Vec<_>>(),
+            vec![2, 2, 2],
+            "the edge's partials count"
+        );
+        let edges = app.hub.lock().unwrap().edges_json();
+        let outcomes: Vec<String> = edges.as_array().unwrap()[0]["partials"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["outcome"].as_str().unwrap().to_string())
+            .collect();
+        println!("{outcomes:?}");
+        assert_eq!(
+            outcomes.iter().filter(|o| *o == "merged").count(),
+            3,
+            "{outcomes:?}"
+        );
+        for needle in [
+            "refused: unsigned",
+            &format!("refused: signed by {rogue_pub}, not by edge 'a1''s key"),
+            "refused: wrongly signed",
+        ] {
+            assert!(
+                outcomes.iter().any(|o| o.starts_with(needle)),
+                "no partial '{needle}' among {outcomes:?}"
+            );
+        }
+    });
 }

@@ -268,7 +268,13 @@ async fn run_round(
         bytes_up,
         bytes_down,
         seconds: started.elapsed().as_secs_f64(),
+        signer: String::new(),
+        signature: Vec::new(),
     };
+    let mut p = p;
+    if let Some(key) = &link.key {
+        p.sign(key)?;
+    }
     let duplicate = publish(link, &p).await?;
     {
         let mut hub = rl.hub.lock().unwrap();

@@ -54,6 +54,22 @@ pub struct ScaleConfig {
     pub edge_timeout_ms: u64,
     /// How long the root waits past a round's deadline for partials still coming.
     pub grace_ms: u64,
+    /// A file holding this server's NKey seed (`SU…`, from `nsc` or `nk -gen user`): it
+    /// authenticates to NATS with it (the server's `authorization { users = [{ nkey: … }] }`)
+    /// and, on an edge, signs every partial with it.
+    pub nkey_file: Option<std::path::PathBuf>,
+    /// A NATS credentials file (user JWT and NKey seed; decentralised auth), instead of
+    /// `nkey_file` for connecting. Partials are signed only with `nkey_file`.
+    pub creds_file: Option<std::path::PathBuf>,
+    /// The CA certificate (PEM) that signed the NATS server's certificate: the connection must
+    /// then use TLS and the server must prove itself with that CA.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// A client certificate and key (PEM) for NATS servers that verify clients (`verify: true`).
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
+    /// On a root: each edge's name and the public NKey (`U…`) its partials must be signed with.
+    /// Empty: partials are not checked for who sent them (the root says so at start-up).
+    pub edge_keys: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for ScaleConfig {
@@ -65,6 +81,12 @@ impl Default for ScaleConfig {
             edge_shards: None,
             edge_timeout_ms: 3_000,
             grace_ms: 5_000,
+            nkey_file: None,
+            creds_file: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            edge_keys: Default::default(),
         }
     }
 }
@@ -92,6 +114,21 @@ impl ScaleConfig {
             && (n == 0 || i >= n)
         {
             return Err(format!("edge_shards {i}/{n}: need 0 ≤ I < N"));
+        }
+        if self.nkey_file.is_some() && self.creds_file.is_some() {
+            return Err("[scale] nkey_file and creds_file: choose one way to authenticate".into());
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err("[scale] tls_cert and tls_key go together".into());
+        }
+        for (edge, key) in &self.edge_keys {
+            let ok = nkeys::KeyPair::from_public_key(key)
+                .is_ok_and(|k| k.key_pair_type() == nkeys::KeyPairType::User);
+            if !ok {
+                return Err(format!(
+                    "[scale] edge_keys.{edge}: '{key}' is not a public user NKey (U…)"
+                ));
+            }
         }
         if self.role == Role::Root && !canopy_core::aggregate::robust::streams(aggregation) {
             return Err(format!(
@@ -175,9 +212,60 @@ pub fn local_id(prefix: u64, global: u64) -> Option<u64> {
 /// (NATS's default message limit is 1 MiB).
 pub const INLINE_MAX: usize = 256 * 1024;
 
+/// This server's NKey from `[scale] nkey_file`, if it has one.
+pub fn load_nkey(config: &ScaleConfig) -> Result<Option<std::sync::Arc<nkeys::KeyPair>>, String> {
+    let Some(path) = &config.nkey_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("[scale] nkey_file {}: {e}", path.display()))?;
+    // The seed alone, or an `nk`/`nsc` file with the seed on a line of its own.
+    let seed = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with('S') && l.len() > 50)
+        .ok_or_else(|| {
+            format!(
+                "[scale] nkey_file {}: no NKey seed (S…) in it",
+                path.display()
+            )
+        })?;
+    let key = nkeys::KeyPair::from_seed(seed)
+        .map_err(|e| format!("[scale] nkey_file {}: {e}", path.display()))?;
+    Ok(Some(std::sync::Arc::new(key)))
+}
+
+/// How to reach the run's NATS server: TLS and credentials from `[scale]`.
+async fn options(
+    config: &ScaleConfig,
+    key: Option<&nkeys::KeyPair>,
+) -> Result<async_nats::ConnectOptions, String> {
+    let mut o = async_nats::ConnectOptions::new();
+    if let Some(key) = key {
+        o = o.nkey(key.seed().map_err(|e| e.to_string())?);
+    }
+    if let Some(path) = &config.creds_file {
+        o = o
+            .credentials_file(path)
+            .await
+            .map_err(|e| format!("[scale] creds_file {}: {e}", path.display()))?;
+    }
+    if let Some(ca) = &config.tls_ca {
+        o = o.require_tls(true).add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        o = o
+            .require_tls(true)
+            .add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(o)
+}
+
 /// A connection to the run's NATS server: its JetStream stream and object bucket.
 #[derive(Clone)]
 pub struct Link {
+    /// This server's NKey (`[scale] nkey_file`): an edge signs its partials with it.
+    pub key: Option<std::sync::Arc<nkeys::KeyPair>>,
     pub client: async_nats::Client,
     pub js: jetstream::Context,
     pub stream: jetstream::stream::Stream,
@@ -190,19 +278,33 @@ impl Link {
     /// Connects (retrying for `patience`), then creates or opens the run's stream and bucket.
     /// After that the client reconnects by itself whenever NATS goes away.
     pub async fn connect(
-        url: &str,
+        config: &ScaleConfig,
         run: &str,
         who: &str,
         patience: Duration,
     ) -> Result<Link, String> {
+        let url = config.nats.as_str();
+        let key = load_nkey(config)?;
         let until = tokio::time::Instant::now() + patience;
         let client = loop {
-            let options = async_nats::ConnectOptions::new()
+            let options = options(config, key.as_deref())
+                .await?
                 .name(who)
                 .connection_timeout(Duration::from_secs(3))
                 .event_callback(|e| async move { tracing::info!("nats: {e}") });
             match options.connect(url).await {
                 Ok(c) => break c,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        async_nats::ConnectErrorKind::AuthorizationViolation
+                            | async_nats::ConnectErrorKind::Tls
+                    ) =>
+                {
+                    return Err(format!(
+                        "NATS at {url} refused this server: {e} (check [scale] nkey_file / creds_file and tls_ca)"
+                    ));
+                }
                 Err(e) if tokio::time::Instant::now() < until => {
                     tracing::warn!("cannot reach NATS at {url} yet ({e}); retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -240,6 +342,7 @@ impl Link {
                 .map_err(|e| format!("NATS at {url}: cannot create object bucket {bucket}: {e}"))?,
         };
         Ok(Link {
+            key,
             client,
             js,
             stream,

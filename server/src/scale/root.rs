@@ -36,6 +36,8 @@ pub struct Edges {
     grace: Duration,
     /// Rounds before this one are history (a resumed root reads the stream from its start).
     first_round: u32,
+    /// `[scale] edge_keys`: who may send partials (empty: anyone who can publish on NATS).
+    keys: std::collections::BTreeMap<String, String>,
 }
 
 /// What came back from the edges in one round.
@@ -58,7 +60,13 @@ impl Edges {
         first_round: u32,
         timeout: Duration,
         grace: Duration,
+        keys: std::collections::BTreeMap<String, String>,
     ) -> Result<Edges, String> {
+        if keys.is_empty() {
+            tracing::warn!(
+                "partials are not authenticated: anyone who can publish on this NATS server can send one (set [scale] edge_keys and each edge's nkey_file)"
+            );
+        }
         let mut presence = link
             .client
             .subscribe(link.subject("presence.*"))
@@ -98,6 +106,7 @@ impl Edges {
             timeout,
             grace,
             first_round,
+            keys,
         })
     }
 
@@ -258,6 +267,27 @@ impl Edges {
                     }
                 }
             };
+            let row = |p: &Partial, outcome: &str| PartialRow {
+                round: p.round,
+                results: p.clients,
+                samples: p.weight,
+                sum_bytes: p.sum.size(),
+                in_store: p.sum.in_store(),
+                edge_seconds: p.seconds,
+                outcome: outcome.to_string(),
+            };
+            // Who sent it, before anything else: a forged partial must not even count as the
+            // edge's (it would turn the real one into a "duplicate").
+            if !self.keys.is_empty()
+                && let Err(why) = p.verify(&self.keys)
+            {
+                tracing::warn!(round, edge = %p.edge, "partial refused: {why}");
+                self.hub
+                    .lock()
+                    .unwrap()
+                    .edge_partial(&p.edge, row(&p, &format!("refused: {why}")));
+                continue;
+            }
             let verdict = if p.round > round {
                 // A later round's partial can only come from before a restart; keep it.
                 self.early.push(p);
@@ -274,15 +304,6 @@ impl Edges {
                 "duplicate"
             } else {
                 "merge"
-            };
-            let row = |p: &Partial, outcome: &str| PartialRow {
-                round: p.round,
-                results: p.clients,
-                samples: p.weight,
-                sum_bytes: p.sum.size(),
-                in_store: p.sum.in_store(),
-                edge_seconds: p.seconds,
-                outcome: outcome.to_string(),
             };
             if verdict != "merge" {
                 tracing::warn!(round, edge = %p.edge, partial_round = p.round, "{verdict} partial ignored");

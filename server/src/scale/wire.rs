@@ -112,9 +112,51 @@ pub struct Partial {
     pub bytes_down: u64,
     /// The edge's own round time, from tasks out to partial ready.
     pub seconds: f64,
+    /// The public NKey (`U…`) of the edge that signed it, and its ed25519 signature over the
+    /// partial with this field empty ([`Partial::signed_bytes`]); both empty when unsigned.
+    pub signer: String,
+    pub signature: Vec<u8>,
 }
 
 impl Partial {
+    /// What an edge signs: this partial without its signature. The sums are covered too: inline
+    /// they are part of it, in the Object Store by their SHA-256, which the root checks.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let unsigned = Partial {
+            signature: Vec::new(),
+            ..self.clone()
+        };
+        encode(&unsigned)
+    }
+
+    /// Signs it with the edge's NKey.
+    pub fn sign(&mut self, key: &nkeys::KeyPair) -> Result<(), String> {
+        self.signer = key.public_key();
+        self.signature = key
+            .sign(&self.signed_bytes())
+            .map_err(|e| format!("signing the partial: {e}"))?;
+        Ok(())
+    }
+
+    /// Checks it was signed by the key `keys` lists for its edge's name; why not, otherwise.
+    pub fn verify(&self, keys: &std::collections::BTreeMap<String, String>) -> Result<(), String> {
+        let Some(expected) = keys.get(&self.edge) else {
+            return Err(format!("edge '{}' is not in [scale] edge_keys", self.edge));
+        };
+        if self.signature.is_empty() {
+            return Err("unsigned".into());
+        }
+        if &self.signer != expected {
+            return Err(format!(
+                "signed by {}, not by edge '{}''s key",
+                self.signer, self.edge
+            ));
+        }
+        let key = nkeys::KeyPair::from_public_key(expected).map_err(|e| e.to_string())?;
+        key.verify(&self.signed_bytes(), &self.signature)
+            .map_err(|_| "wrongly signed (the signature does not match its contents)".to_string())
+    }
+
     pub fn msg_id(&self) -> String {
         format!("{}-{}-{}", self.edge, self.round, self.attempt)
     }

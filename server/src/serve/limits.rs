@@ -53,7 +53,7 @@ impl Default for LimitsConfig {
             max_queued_bytes: 48 << 20,
             max_results_in_flight: 16,
             slot_timeout_ms: 60_000,
-            max_new_ids_per_minute: 30,
+            max_new_ids_per_minute: 60,
         }
     }
 }
