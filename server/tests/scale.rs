@@ -62,15 +62,29 @@ fn wait_port(port: u16, what: &str) {
 
 /// Debian's nats-server with JetStream on a free port, storing under `dir`.
 fn nats(dir: &Path) -> (Kill, String) {
+    let port = free_port();
+    let args =
+        ["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"].map(std::ffi::OsString::from);
+    start_nats(
+        dir,
+        port,
+        args.into_iter().chain([dir.as_os_str().to_owned()]),
+    )
+}
+
+/// Runs nats-server with `args` (it listens on `port`, logs into `dir`) until the guard drops.
+fn start_nats(
+    dir: &Path,
+    port: u16,
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> (Kill, String) {
     let Ok(path) = which("nats-server") else {
         panic!(
             "nats-server is not installed: `just setup` installs it (Debian package nats-server); the scale-out tests need a real one"
         );
     };
-    let port = free_port();
     let child = Command::new(path)
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(dir)
+        .args(args)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("nats.log")).unwrap())
         .spawn()
@@ -78,6 +92,30 @@ fn nats(dir: &Path) -> (Kill, String) {
     let guard = Kill(child);
     wait_port(port, "nats-server");
     (guard, format!("nats://127.0.0.1:{port}"))
+}
+
+/// An edge server (a child process of the `canopy` binary) named `name` on a free port, with
+/// data shards `k/n`; its log in `dir`. Returns it with its port.
+fn spawn_edge(edge_toml: &Path, dir: &Path, name: &str, shards: (usize, usize)) -> (Kill, u16) {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_canopy"))
+        .args(["serve", "--config"])
+        .arg(edge_toml)
+        .args([
+            "--role",
+            "edge",
+            "--port",
+            &port.to_string(),
+            "--edge-name",
+            name,
+        ])
+        .args(["--edge-shards", &format!("{}/{}", shards.0, shards.1)])
+        .env("RUST_LOG", "warn,canopy_server::scale=info")
+        .stdout(std::fs::File::create(dir.join(format!("edge-{name}.log"))).unwrap())
+        .stderr(std::fs::File::create(dir.join(format!("edge-{name}.err"))).unwrap())
+        .spawn()
+        .expect("starting an edge");
+    (Kill(child), port)
 }
 
 fn which(name: &str) -> Result<PathBuf, ()> {
@@ -199,17 +237,26 @@ fn fedavgm_across_edges_equals_one_server() {
 /// The scale tests start several servers each and depend on their reports' timing: one at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn edges_aggregate_as_one_server(strategy: &str) {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    // The root's log, shown when the test fails.
+/// A scale test's start: its turn, its log (shown when it fails, filtered by `filter`) and a
+/// fresh folder named after `name`.
+fn setup(name: &str, filter: &str) -> (std::sync::MutexGuard<'static, ()>, PathBuf) {
+    let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let _ = tracing_subscriber::fmt()
-        .with_env_filter("warn,canopy_server::scale=info,canopy_server::round::run=info")
+        .with_env_filter(filter)
         .with_test_writer()
         .try_init();
-    let run = format!("scale-{strategy}");
-    let dir = std::env::temp_dir().join(format!("canopy-{run}-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("canopy-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    (turn, dir)
+}
+
+fn edges_aggregate_as_one_server(strategy: &str) {
+    let run = format!("scale-{strategy}");
+    let (_one, dir) = setup(
+        &run,
+        "warn,canopy_server::scale=info,canopy_server::round::run=info",
+    );
     let (_nats, url) = nats(&dir);
 
     let mut config = common::config(&run, 3, EDGES * PER_EDGE, "canopy-scale-test");
@@ -234,26 +281,8 @@ fn edges_aggregate_as_one_server(strategy: &str) {
     let mut edges = Vec::new();
     let mut ports = Vec::new();
     for k in 0..EDGES {
-        let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_canopy"))
-            .args(["serve", "--config"])
-            .arg(&edge_toml)
-            .args([
-                "--role",
-                "edge",
-                "--port",
-                &port.to_string(),
-                "--edge-name",
-                &format!("e{}", k + 1),
-                "--edge-shards",
-                &format!("{k}/{EDGES}"),
-            ])
-            .env("RUST_LOG", "warn,canopy_server::scale=info")
-            .stdout(std::fs::File::create(dir.join(format!("edge-{}.log", k + 1))).unwrap())
-            .stderr(std::fs::File::create(dir.join(format!("edge-{}.err", k + 1))).unwrap())
-            .spawn()
-            .expect("starting an edge");
-        edges.push(Some(Kill(child)));
+        let (edge, port) = spawn_edge(&edge_toml, &dir, &format!("e{}", k + 1), (k, EDGES));
+        edges.push(Some(edge));
         ports.push(port);
     }
     for (k, p) in ports.iter().enumerate() {
@@ -384,14 +413,10 @@ fn edges_aggregate_as_one_server(strategy: &str) {
 /// about a bit per weight.
 #[test]
 fn hidenseek_votes_across_edges() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("warn,canopy_server::scale=info,canopy_server::round::run=info")
-        .with_test_writer()
-        .try_init();
-    let dir = std::env::temp_dir().join(format!("canopy-scale-hns-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let (_one, dir) = setup(
+        "scale-hns",
+        "warn,canopy_server::scale=info,canopy_server::round::run=info",
+    );
     let (_nats, url) = nats(&dir);
     let mut config = common::config("scale-hns", 3, 4, "canopy-scale-hns");
     config.run.out_dir = dir.join("runs");
@@ -407,25 +432,8 @@ fn hidenseek_votes_across_edges() {
     let mut children = Vec::new();
     let mut ports = Vec::new();
     for k in 0..2 {
-        let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_canopy"))
-            .args(["serve", "--config"])
-            .arg(&edge_toml)
-            .args([
-                "--role",
-                "edge",
-                "--port",
-                &port.to_string(),
-                "--edge-name",
-                &format!("h{}", k + 1),
-                "--edge-shards",
-                &format!("{k}/2"),
-            ])
-            .stdout(std::fs::File::create(dir.join(format!("edge-{}.log", k + 1))).unwrap())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting an edge");
-        children.push(Kill(child));
+        let (edge, port) = spawn_edge(&edge_toml, &dir, &format!("h{}", k + 1), (k, 2));
+        children.push(edge);
         ports.push(port);
     }
     for p in &ports {
@@ -486,13 +494,8 @@ fn hidenseek_votes_across_edges() {
     drop(children);
 }
 
-/// A NATS server that requires TLS (its certificate signed by `ca`) and NKey users `users`.
+/// A NATS server that requires TLS (with `cert` and `key`) and knows only NKey users `users`.
 fn nats_secured(dir: &Path, cert: &Path, key: &Path, users: &[String]) -> (Kill, String) {
-    let Ok(path) = which("nats-server") else {
-        panic!(
-            "nats-server is not installed: `just setup` installs it (Debian package nats-server)"
-        );
-    };
     let port = free_port();
     let users: Vec<String> = users
         .iter()
@@ -507,16 +510,7 @@ fn nats_secured(dir: &Path, cert: &Path, key: &Path, users: &[String]) -> (Kill,
     );
     let conf_path = dir.join("nats.conf");
     std::fs::write(&conf_path, conf).unwrap();
-    let child = Command::new(path)
-        .arg("-c")
-        .arg(&conf_path)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("nats.log")).unwrap())
-        .spawn()
-        .expect("starting nats-server");
-    let guard = Kill(child);
-    wait_port(port, "nats-server");
-    (guard, format!("nats://127.0.0.1:{port}"))
+    start_nats(dir, port, ["-c".into(), conf_path.into_os_string()])
 }
 
 /// Edges authenticated end to end: NATS over TLS (a CA and server certificate made here) with
@@ -527,14 +521,7 @@ fn nats_secured(dir: &Path, cert: &Path, key: &Path, users: &[String]) -> (Kill,
 /// shown on the root's dashboard, while the edge's own are merged.
 #[test]
 fn edges_over_tls_with_nkeys_sign_their_partials() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("warn,canopy_server::scale=info")
-        .with_test_writer()
-        .try_init();
-    let dir = std::env::temp_dir().join(format!("canopy-scale-auth-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let (_one, dir) = setup("scale-auth", "warn,canopy_server::scale=info");
 
     // Certificates: a CA, and the NATS server's certificate for 127.0.0.1 signed by it.
     let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -610,24 +597,7 @@ fn edges_over_tls_with_nkeys_sign_their_partials() {
     config.scale.nkey_file = Some(root_seed);
     config.scale.edge_keys = BTreeMap::from([("a1".to_string(), edge_key.public_key())]);
 
-    let port = free_port();
-    let edge = Command::new(env!("CARGO_BIN_EXE_canopy"))
-        .args(["serve", "--config"])
-        .arg(&edge_toml)
-        .args([
-            "--role",
-            "edge",
-            "--port",
-            &port.to_string(),
-            "--edge-name",
-            "a1",
-        ])
-        .env("RUST_LOG", "warn,canopy_server::scale=info")
-        .stdout(std::fs::File::create(dir.join("edge.log")).unwrap())
-        .stderr(std::fs::File::create(dir.join("edge.err")).unwrap())
-        .spawn()
-        .expect("starting the edge");
-    let _edge = Kill(edge);
+    let (_edge, port) = spawn_edge(&edge_toml, &dir, "a1", (0, 1));
     wait_port(port, "the edge");
     let sim = Command::new(env!("CARGO_BIN_EXE_canopy"))
         .args([

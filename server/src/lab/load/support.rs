@@ -22,7 +22,8 @@ pub struct LoadArgs {
     /// Client counts, one server run each (per aggregation mode).
     #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
     pub clients: Vec<usize>,
-    /// Aggregation modes to compare: streaming, buffered.
+    /// Aggregation modes to compare: streaming (the default defence, streamed), mean (the plain
+    /// mean, streamed), buffered (the default defence with `streaming = false`).
     #[arg(long, value_delimiter = ',', default_value = "streaming,buffered")]
     pub modes: Vec<String>,
     /// Rounds per run; the first is warm-up, the figures are over the rest.
@@ -77,8 +78,16 @@ pub fn load_config(
     c.strategy.config.deadline_ms = 600_000;
     c.aggregation.streaming = match mode {
         "streaming" => true,
+        "mean" => {
+            c.aggregation = canopy_core::aggregate::robust::RobustConfig::plain();
+            true
+        }
         "buffered" => false,
-        other => return Err(format!("unknown mode '{other}' (streaming, buffered)")),
+        other => {
+            return Err(format!(
+                "unknown mode '{other}' (streaming, mean, buffered)"
+            ));
+        }
     };
     c.limits.max_connections = n + 100;
     c.limits.hello_timeout_ms = 120_000;
