@@ -312,9 +312,41 @@ fn run_info(config: &Config, run_name: &str) -> RunInfo {
 /// Binds the configured address (port 0: any free port) and says which address it got.
 async fn bind(config: &Config) -> Result<(TcpListener, SocketAddr), String> {
     let (host, port) = (config.server.bind.as_str(), config.server.port);
-    let listener = TcpListener::bind((host, port))
-        .await
-        .map_err(|e| format!("binding {host}:{port}: {e}"))?;
+    let send_buffer = config.limits.socket_buffer;
+    let listener = if send_buffer == 0 {
+        TcpListener::bind((host, port))
+            .await
+            .map_err(|e| format!("binding {host}:{port}: {e}"))?
+    } else {
+        // Every accepted connection inherits the listener's socket buffers (Linux). Without a
+        // cap the kernel grows each send buffer to hold up to 4 MB of a task its client has not
+        // read yet (3.5 GB of kernel memory with 10,000 clients sampled at once, beside the
+        // process's own), and each receive buffer up to 32 MB of a result waiting for one of the
+        // gate's slots. Capped, a task waits in the client's outbox instead (every client shares
+        // the round's one encoding of the model), and a result in the client's own socket.
+        let at = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| format!("binding {host}:{port}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("binding {host}:{port}: no address"))?;
+        let socket = if at.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(|e| e.to_string())?;
+        socket.set_reuseaddr(true).map_err(|e| e.to_string())?;
+        socket
+            .set_send_buffer_size(send_buffer as u32)
+            .and_then(|()| socket.set_recv_buffer_size(send_buffer as u32))
+            .map_err(|e| format!("limits.socket_buffer: {e}"))?;
+        socket
+            .bind(at)
+            .map_err(|e| format!("binding {host}:{port}: {e}"))?;
+        socket
+            .listen(1024)
+            .map_err(|e| format!("listening on {host}:{port}: {e}"))?
+    };
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     Ok((listener, addr))
 }

@@ -433,14 +433,20 @@ pub fn combine_partials(
 
 /// The trimmed mean's memory in a streamed round: for every coordinate the `k` largest and `k`
 /// smallest values folded so far, each with the arrival index of its result. Values are ordered
-/// by (value, weight, arrival): the order the buffered rule sorts by, so both trim values of the
-/// same weights, and the largest and smallest `j` never share a result while 2j < n.
+/// by (value, weight): the order the buffered rule sorts by, so both trim values of the same
+/// weights. Only when values tie in both can the two lists hold the same result, and then the
+/// sums they take out are the same as for two different results.
 struct Extremes {
     k: usize,
     /// Per coordinate, `k` slots from the largest down; `EMPTY` index: unused.
     high: Vec<(f32, u32)>,
     /// Per coordinate, `k` slots from the smallest up.
     low: Vec<(f32, u32)>,
+    /// Per coordinate, the smallest value kept in `high` and the largest in `low` (−∞ and +∞
+    /// while slots are free): a value strictly between them changes nothing, which is what
+    /// almost every value of a large round does, so it costs two comparisons.
+    high_floor: Vec<f32>,
+    low_ceiling: Vec<f32>,
 }
 
 const EMPTY: u32 = u32::MAX;
@@ -451,6 +457,8 @@ impl Extremes {
             k,
             high: vec![(0.0, EMPTY); len * k],
             low: vec![(0.0, EMPTY); len * k],
+            high_floor: vec![f32::NEG_INFINITY; len],
+            low_ceiling: vec![f32::INFINITY; len],
         }
     }
 
@@ -460,25 +468,44 @@ impl Extremes {
         let k = self.k;
         let wf = w as f64;
         let weight = |i: u32| samples[i as usize] as f64;
-        // The newcomer has the largest arrival index: on equal (value, weight) it ranks above.
+        // A newcomer equal in value and weight to a kept one changes nothing in the sums the
+        // trim takes out, so it does not replace it (votes, ±1, tie in every coordinate): the
+        // earliest of equals are kept, in both lists. Their arithmetic is the buffered rule's,
+        // which drops the last of equals from the top instead.
         let above = |x: f32, (y, i): (f32, u32)| {
-            i == EMPTY || x.total_cmp(&y).then(wf.total_cmp(&weight(i))).is_ge()
+            i == EMPTY
+                || x.total_cmp(&y)
+                    .then_with(|| wf.total_cmp(&weight(i)))
+                    .is_gt()
         };
         let below = |x: f32, (y, i): (f32, u32)| {
-            i == EMPTY || x.total_cmp(&y).then(wf.total_cmp(&weight(i))).is_lt()
+            i == EMPTY
+                || x.total_cmp(&y)
+                    .then_with(|| wf.total_cmp(&weight(i)))
+                    .is_lt()
         };
-        for (c, &x) in values.iter().enumerate() {
+        let floors = self.high_floor.iter_mut().zip(self.low_ceiling.iter_mut());
+        for (c, (&x, (floor, ceiling))) in values.iter().zip(floors).enumerate() {
+            if x < *floor && x > *ceiling {
+                continue;
+            }
             let hi = &mut self.high[c * k..(c + 1) * k];
             if above(x, hi[k - 1]) {
                 let at = hi.iter().position(|&s| above(x, s)).unwrap_or(k - 1);
                 hi[at..].rotate_right(1);
                 hi[at] = (x, idx);
+                if hi[k - 1].1 != EMPTY {
+                    *floor = hi[k - 1].0;
+                }
             }
             let lo = &mut self.low[c * k..(c + 1) * k];
             if below(x, lo[k - 1]) {
                 let at = lo.iter().position(|&s| below(x, s)).unwrap_or(k - 1);
                 lo[at..].rotate_right(1);
                 lo[at] = (x, idx);
+                if lo[k - 1].1 != EMPTY {
+                    *ceiling = lo[k - 1].0;
+                }
             }
         }
     }

@@ -36,6 +36,11 @@ pub struct LimitsConfig {
     /// A connection that holds a slot this long without finishing its message is closed (a
     /// client trickling bytes cannot keep a slot).
     pub slot_timeout_ms: u64,
+    /// The kernel's send and receive buffers for each connection, in bytes (0: the kernel's own
+    /// autotuning, up to 4 MB to send and 32 MB to receive by default). A task that does not fit
+    /// waits in the client's outbox, which shares the round's one encoding of the model; a
+    /// result waiting for a slot waits in the client's socket.
+    pub socket_buffer: usize,
     /// New client ids one address may take a minute (0: no limit); loopback is exempt when
     /// `loopback_exempt`. A reconnect that resumes its id is not a new one.
     pub max_new_ids_per_minute: usize,
@@ -54,6 +59,7 @@ impl Default for LimitsConfig {
             max_results_in_flight: 16,
             slot_timeout_ms: 60_000,
             max_new_ids_per_minute: 60,
+            socket_buffer: 128 << 10,
         }
     }
 }

@@ -153,14 +153,8 @@ pub async fn client(
         let mut tries = 0;
         loop {
             // Small socket buffers, as the server's: the generator holds thousands of sockets too.
-            match tokio_tungstenite::connect_async_with_config(
-                url.as_str(),
-                Some(crate::serve::upgrade::config(64 << 20)),
-                false,
-            )
-            .await
-            {
-                Ok((ws, _)) => break ws,
+            match connect_small(&url).await {
+                Ok(ws) => break ws,
                 Err(e) => {
                     tries += 1;
                     if tries >= 20 {
@@ -242,6 +236,44 @@ pub async fn client(
         }
         drop(reading);
     }
+}
+
+/// Connects to `url` (`ws://host:port/...`) with a small kernel receive buffer. Every synthetic
+/// client's socket lives in the same kernel as the server, whereas a tab's lives on its own
+/// machine: 10,000 sockets each autotuned to hold a task they have not read yet (0.8 MB) put the
+/// machine's TCP memory under pressure (Linux then drops segments, and retransmissions back off
+/// for minutes), which no real population of clients does to a server.
+async fn connect_small(
+    url: &str,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    tokio_tungstenite::tungstenite::Error,
+> {
+    use tokio_tungstenite::tungstenite::Error;
+    let host = url
+        .strip_prefix("ws://")
+        .and_then(|r| r.split('/').next())
+        .ok_or_else(|| {
+            Error::Url(tokio_tungstenite::tungstenite::error::UrlError::UnsupportedUrlScheme)
+        })?;
+    let addr = tokio::net::lookup_host(host)
+        .await?
+        .next()
+        .ok_or_else(|| Error::Url(tokio_tungstenite::tungstenite::error::UrlError::NoHostName))?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_recv_buffer_size(64 << 10)?;
+    let stream = socket.connect(addr).await?;
+    let (ws, _) = tokio_tungstenite::client_async_with_config(
+        url,
+        stream,
+        Some(crate::serve::upgrade::config(64 << 20)),
+    )
+    .await?;
+    Ok(ws)
 }
 
 /// How many synthetic clients of one process read at once (see [`client`]): 10,000 clients each
