@@ -669,15 +669,16 @@ pub fn update_norm(reference: &[f32], c: &Contribution) -> f64 {
 /// (∞: no bound) as [`apply`] would and returns its verdict, whose norm ratio waits for
 /// [`finish_streamed`].
 pub fn bound_one(bound: f64, reference: &[f32], c: &mut Contribution) -> Verdict {
-    let delta: Cow<[f32]> = match c.kind {
-        UploadKind::Delta | UploadKind::Votes => Cow::Borrowed(c.values.as_slice()),
-        UploadKind::Weights => {
-            Cow::Owned(c.values.iter().zip(reference).map(|(w, g)| w - g).collect())
-        }
-    };
-    let nm = norm(&delta);
+    // The norm without building the delta: most updates are within the bound.
+    let nm = update_norm(reference, c);
     let scale = if nm > bound { bound / nm } else { 1.0 };
     if scale < 1.0 {
+        let delta: Cow<[f32]> = match c.kind {
+            UploadKind::Delta | UploadKind::Votes => Cow::Borrowed(c.values.as_slice()),
+            UploadKind::Weights => {
+                Cow::Owned(c.values.iter().zip(reference).map(|(w, g)| w - g).collect())
+            }
+        };
         let d: Vec<f32> = delta.iter().map(|x| (*x as f64 * scale) as f32).collect();
         c.values = match c.kind {
             UploadKind::Delta | UploadKind::Votes => d,
