@@ -366,6 +366,10 @@ pub struct Overrides {
     /// then hand out disjoint data). Default: every shard.
     #[arg(long)]
     pub edge_shards: Option<String>,
+    /// For `canopy attack --edges` only: this edge plays a compromised one and scales its
+    /// partial's update by this factor (−10: a ×−10 sign flip) before signing it.
+    #[arg(long, hide = true)]
+    pub lab_poison_partial: Option<f64>,
 }
 
 /// A defence by name, on top of `base` (which keeps its parameters: trim, attackers, multiple).
@@ -511,6 +515,7 @@ impl Config {
         if let Some(s) = &o.edge_shards {
             c.scale.edge_shards = Some(crate::scale::parse_slice(s)?);
         }
+        c.scale.lab_poison_partial = o.lab_poison_partial;
         c.strategy.config.seed = c.run.seed;
         c.validate()?;
         Ok(c)

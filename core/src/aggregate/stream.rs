@@ -442,11 +442,13 @@ struct Extremes {
     high: Vec<(f32, u32)>,
     /// Per coordinate, `k` slots from the smallest up.
     low: Vec<(f32, u32)>,
-    /// Per coordinate, the smallest value kept in `high` and the largest in `low` (−∞ and +∞
-    /// while slots are free): a value strictly between them changes nothing, which is what
-    /// almost every value of a large round does, so it costs two comparisons.
-    high_floor: Vec<f32>,
-    low_ceiling: Vec<f32>,
+    /// Per coordinate, the smallest (value, weight) kept in `high` and the largest in `low`
+    /// (−∞ and +∞ while slots are free): a value strictly between them, or equal to one with
+    /// no greater weight, changes nothing, which is what almost every value of a large round
+    /// does (and every vote of a supermask round, ±1), so it costs a few comparisons. Weights
+    /// are kept as u32 (saturated); a weight that does not fit takes the slow path.
+    high_floor: Vec<(f32, u32)>,
+    low_ceiling: Vec<(f32, u32)>,
 }
 
 const EMPTY: u32 = u32::MAX;
@@ -457,8 +459,8 @@ impl Extremes {
             k,
             high: vec![(0.0, EMPTY); len * k],
             low: vec![(0.0, EMPTY); len * k],
-            high_floor: vec![f32::NEG_INFINITY; len],
-            low_ceiling: vec![f32::INFINITY; len],
+            high_floor: vec![(f32::NEG_INFINITY, 0); len],
+            low_ceiling: vec![(f32::INFINITY, 0); len],
         }
     }
 
@@ -484,18 +486,36 @@ impl Extremes {
                     .then_with(|| wf.total_cmp(&weight(i)))
                     .is_lt()
         };
+        // Fast path only for a weight that fits (and is below the saturated maximum, so that
+        // "no smaller than the ceiling's" is exact).
+        let wq = u32::try_from(w).ok().filter(|w| *w < u32::MAX);
+        let saturated = |i: u32| u32::try_from(samples[i as usize]).unwrap_or(u32::MAX);
+        // The same value (bit for bit: total order, −0 < +0).
+        let same = |x: f32, y: f32| x.to_bits() == y.to_bits();
         let floors = self.high_floor.iter_mut().zip(self.low_ceiling.iter_mut());
         for (c, (&x, (floor, ceiling))) in values.iter().zip(floors).enumerate() {
-            if x < *floor && x > *ceiling {
-                continue;
+            if let Some(wq) = wq {
+                let not_high = x < floor.0 || (same(x, floor.0) && wq <= floor.1);
+                let not_low = x > ceiling.0 || (same(x, ceiling.0) && wq >= ceiling.1);
+                if not_high && not_low {
+                    continue;
+                }
             }
             let hi = &mut self.high[c * k..(c + 1) * k];
             if above(x, hi[k - 1]) {
                 let at = hi.iter().position(|&s| above(x, s)).unwrap_or(k - 1);
                 hi[at..].rotate_right(1);
                 hi[at] = (x, idx);
-                if hi[k - 1].1 != EMPTY {
-                    *floor = hi[k - 1].0;
+                let (v, i) = hi[k - 1];
+                if i != EMPTY {
+                    *floor = (
+                        v,
+                        if i == idx {
+                            w.min(u32::MAX as u64) as u32
+                        } else {
+                            saturated(i)
+                        },
+                    );
                 }
             }
             let lo = &mut self.low[c * k..(c + 1) * k];
@@ -503,8 +523,16 @@ impl Extremes {
                 let at = lo.iter().position(|&s| below(x, s)).unwrap_or(k - 1);
                 lo[at..].rotate_right(1);
                 lo[at] = (x, idx);
-                if lo[k - 1].1 != EMPTY {
-                    *ceiling = lo[k - 1].0;
+                let (v, i) = lo[k - 1];
+                if i != EMPTY {
+                    *ceiling = (
+                        v,
+                        if i == idx {
+                            w.min(u32::MAX as u64) as u32
+                        } else {
+                            saturated(i)
+                        },
+                    );
                 }
             }
         }
@@ -819,6 +847,44 @@ mod tests {
         assert!((four - 9.5).abs() < 1e-6, "{four}");
         assert!(one > 50.0, "one value trimmed leaves 900 in: {one}");
         assert_eq!(full.sum.count, 20);
+    }
+
+    #[test]
+    fn streamed_trim_with_ties_in_value_and_weight_equals_buffered() {
+        // Few distinct values (−1, −0, +0, 1, 2) and weights (1, 2, 3): almost every value ties
+        // with a kept extreme, the case the extremes' fast path decides with (value, weight)
+        // alone. 60 results trimmed 6 a side (trim_max 10), in several arrival orders.
+        let mut rng = StdRng::seed_from_u64(5);
+        let choices = [-1.0f32, -0.0, 0.0, 1.0, 2.0];
+        let results: Vec<Contribution> = (0..60u64)
+            .map(|i| {
+                let values = (0..32)
+                    .map(|_| choices[rng.random_range(0..choices.len())])
+                    .collect();
+                delta(i + 1, rng.random_range(1..4), values)
+            })
+            .collect();
+        let robust = RobustConfig {
+            clip: Clip::None,
+            trim_max: 10,
+            ..RobustConfig::default()
+        };
+        let reference = vec![0.0; 32];
+        let (judged, _) = robust::apply(&robust, &reference, results.clone()).unwrap();
+        let buffered = crate::strategy::weighted_values(&judged).unwrap();
+        for order in 0..4 {
+            let mut arriving = results.clone();
+            if order > 0 {
+                arriving.shuffle(&mut rng);
+            }
+            let mean = streamed(&robust, &arriving, None).sum.mean().unwrap();
+            for (c, (a, b)) in buffered.iter().zip(&mean).enumerate() {
+                assert!(
+                    (a - b).abs() < 1e-6,
+                    "order {order}, coordinate {c}: {a} / {b}"
+                );
+            }
+        }
     }
 
     #[test]

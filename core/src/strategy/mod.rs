@@ -372,7 +372,7 @@ pub fn accept(
         values,
         encoding,
     } = codec::decode_update(task, &result.update)?;
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+    if let Some(i) = first_not_finite(&values) {
         return Err(format!("update value {i} is {} (not finite)", values[i]));
     }
     if result.metrics.pruned_nonzero > 0 {
@@ -404,6 +404,16 @@ pub fn accept(
     })
 }
 
+/// The index of the first NaN or infinity. Checked a block at a time without an early exit
+/// inside the block, so the compiler can use vector lanes (every result is checked).
+fn first_not_finite(values: &[f32]) -> Option<usize> {
+    const BLOCK: usize = 256;
+    values.chunks(BLOCK).enumerate().find_map(|(b, block)| {
+        let bad = block.iter().fold(false, |bad, v| bad | !v.is_finite());
+        bad.then(|| b * BLOCK + block.iter().position(|v| !v.is_finite()).unwrap_or(0))
+    })
+}
+
 /// Sample-weighted mean of the contributions' vectors.
 pub fn weighted_values(results: &[Contribution]) -> Result<Vec<f32>, String> {
     if results.is_empty() {
@@ -420,6 +430,25 @@ pub fn weighted_values(results: &[Contribution]) -> Result<Vec<f32>, String> {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn the_first_value_that_is_not_finite_is_found_in_any_block() {
+        let mut v = vec![0.5f32; 1000];
+        assert_eq!(super::first_not_finite(&v), None);
+        for (at, bad) in [
+            (0, f32::NAN),
+            (255, f32::INFINITY),
+            (256, f32::NEG_INFINITY),
+            (999, f32::NAN),
+        ] {
+            v[at] = bad;
+            assert_eq!(super::first_not_finite(&v), Some(at));
+            v[at] = 0.5;
+        }
+        v[700] = f32::NAN;
+        v[300] = f32::NAN;
+        assert_eq!(super::first_not_finite(&v), Some(300));
+    }
 
     #[test]
     fn sampling_respects_fraction_and_minimum() {

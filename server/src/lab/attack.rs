@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, Overrides, parse_defence, parse_partition};
+use crate::lab::attack_edges::EdgeAttack;
 use crate::lab::poison::{Attack, attackers};
 
 #[derive(Clone, Debug, clap::Args)]
@@ -38,6 +39,11 @@ pub struct AttackArgs {
     pub partition: String,
     #[arg(long, default_value = "runs/attack")]
     pub out_dir: PathBuf,
+    /// Spread the clients over this many edge servers (and a root) through a local
+    /// nats-server; `--attackers` then counts hostile clients per edge, and the attack
+    /// `partial:F` makes edge 1 send its partial's update ×F.
+    #[arg(long, default_value_t = 0)]
+    pub edges: usize,
 }
 
 pub struct Cell {
@@ -70,11 +76,20 @@ pub async fn run(args: AttackArgs) -> Result<Vec<Cell>, String> {
         .unwrap_or(0);
     let out = args.out_dir.join(format!("attack-{stamp}"));
     base.run.out_dir = out.clone();
-    let attacks: Vec<Attack> = args
+    let attacks: Vec<EdgeAttack> = args
         .attacks
         .split(',')
-        .map(Attack::parse)
+        .map(EdgeAttack::parse)
         .collect::<Result<_, _>>()?;
+    if args.edges == 0 && attacks.iter().any(|a| matches!(a, EdgeAttack::Partial(_))) {
+        return Err("the attack partial:F needs --edges".into());
+    }
+    if args.edges > 0 && !args.clients.is_multiple_of(args.edges) {
+        return Err(format!(
+            "--clients {} does not split evenly over --edges {}",
+            args.clients, args.edges
+        ));
+    }
     let counts: Vec<usize> = args
         .attackers
         .split(',')
@@ -95,10 +110,9 @@ pub async fn run(args: AttackArgs) -> Result<Vec<Cell>, String> {
     let mut cells = Vec::new();
     for attack in &attacks {
         // Without an attack the number of attackers means nothing: one row.
-        let counts: Vec<usize> = if *attack == Attack::None {
-            vec![0]
-        } else {
-            counts.clone()
+        let counts: Vec<usize> = match attack {
+            EdgeAttack::Clients(Attack::None) | EdgeAttack::Partial(_) => vec![0],
+            EdgeAttack::Clients(_) => counts.clone(),
         };
         for &k in &counts {
             for d in &defences {
@@ -106,10 +120,38 @@ pub async fn run(args: AttackArgs) -> Result<Vec<Cell>, String> {
                 c.aggregation = parse_defence(d, &base.aggregation)?;
                 c.run.name = Some(format!(
                     "{}-{k}-{}",
-                    attack.name().replace([' ', '×'], ""),
+                    attack.name().replace([' ', '×', '\''], ""),
                     d.replace('+', "-")
                 ));
                 c.validate()?;
+                // Across edges (`--edges 0`: one server, below).
+                if let Some(per_edge) = args.clients.checked_div(args.edges) {
+                    eprintln!(
+                        "== attack {} by {k} of {per_edge} on each of {} edges, defence {d}",
+                        attack.name(),
+                        args.edges
+                    );
+                    let dir = out.join(c.run.name.clone().unwrap_or_default());
+                    let mut cell = crate::lab::attack_edges::cell(
+                        &c,
+                        args.edges,
+                        args.clients,
+                        *attack,
+                        k,
+                        &dir,
+                    )
+                    .await?;
+                    cell.defence = d.clone();
+                    eprintln!(
+                        "   final accuracy {:.4} ({:.0} s)",
+                        cell.final_acc, cell.seconds
+                    );
+                    cells.push(cell);
+                    continue;
+                }
+                let EdgeAttack::Clients(attack) = attack else {
+                    unreachable!("refused above without --edges");
+                };
                 eprintln!(
                     "== attack {} by {k} of {}, defence {d}",
                     attack.name(),

@@ -1,9 +1,10 @@
 //! The lab: tools that run around a server, never inside one. Native simulated clients
-//! ([`sim`]), poisoned clients for the attack table ([`poison`], [`attack`]), many synthetic
+//! ([`sim`]), poisoned clients for the attack table ([`poison`], [`attack`], across edges [`attack_edges`]), many synthetic
 //! clients ([`load`]), comparisons of strategies on the same splits ([`compare`]) and speed
 //! figures ([`bench`], [`bench_split`]). Each is a `canopy` subcommand.
 
 pub mod attack;
+pub mod attack_edges;
 pub mod bench;
 pub mod bench_split;
 pub mod compare;

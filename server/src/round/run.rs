@@ -788,10 +788,15 @@ impl RoundLoop {
                     let folding = Instant::now();
                     let task = pending.remove(&client).expect("checked");
                     self.desk.close_client(client);
-                    let mut hub = self.hub.lock().unwrap();
-                    hub.set_status(client, Status::Idle);
+                    let shard = {
+                        let mut hub = self.hub.lock().unwrap();
+                        hub.set_status(client, Status::Idle);
+                        hub.train_samples(client)
+                    };
                     let mask_version = result.mask_version;
-                    let accepted = accept(client, &task, result, hub.train_samples(client));
+                    // Decoded, checked and folded without the hub's lock: the sessions take it
+                    // too, and a fold is the longest step of a large round.
+                    let accepted = accept(client, &task, result, shard);
                     // Folded (its vector dropped) when the round streams, kept otherwise.
                     let accepted = match (accepted, &mut got.stream) {
                         (Ok(c), Some(stream)) => {
@@ -810,6 +815,7 @@ impl RoundLoop {
                     };
                     got.fold += folding.elapsed();
                     got.waits.push(at.elapsed());
+                    let mut hub = self.hub.lock().unwrap();
                     match accepted {
                         Ok((samples_per_sec, ())) => {
                             hub.result_accepted(client, samples_per_sec, mask_version);

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use canopy_core::aggregate::robust;
 use canopy_core::codec::model::{MaskCache, decode_model};
 use canopy_core::model::state::ModelState;
-use canopy_core::protocol::{ModelPayload, Task};
-use canopy_core::strategy::{Contribution, Phase, RoundPlan};
+use canopy_core::protocol::{ModelPayload, Task, UploadSpec};
+use canopy_core::strategy::{Contribution, Phase, RoundPlan, RunningSum};
 
 use super::wire::{self, Partial, Presence, RoundMsg};
 use super::{Link, global_id};
@@ -226,6 +226,17 @@ async fn run_round(
         rl.norm_prior = Some((got.start.len(), s.combined.median_norm));
     }
     let (bytes_up, bytes_down) = rl.hub.lock().unwrap().round_bytes();
+    let mut s = s;
+    if let Some(f) = link.poison {
+        // A compromised edge (attack experiments): its mean update, sent ×f.
+        let weights = ann.tasks.first().map(|t| t.upload) == Some(UploadSpec::Weights);
+        poison(&mut s.sum, weights.then_some(global.params.as_slice()), f);
+        tracing::warn!(
+            round = ann.round,
+            factor = f,
+            "partial poisoned (lab_poison_partial)"
+        );
+    }
     let edge = super::token(name);
     let sum = link
         .put(
@@ -291,4 +302,45 @@ async fn run_round(
         "partial published"
     );
     Ok(Some(p))
+}
+
+/// Scales a partial's mean update by `f`: Σnᵢxᵢ becomes n·(base + f·(mean − base)), `base` the
+/// round's model for weight uploads, zero for deltas.
+fn poison(sum: &mut RunningSum, base: Option<&[f32]>, f: f64) {
+    let n = sum.weight;
+    if n <= 0.0 {
+        return;
+    }
+    for (i, a) in sum.weighted.iter_mut().enumerate() {
+        let b = base.and_then(|b| b.get(i)).map_or(0.0, |b| *b as f64);
+        *a = n * (b + f * (*a / n - b));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_poisoned_partial_moves_its_mean_update_by_the_factor() {
+        // Two results of weight 1 and 3 around the model [1, 2]: mean weights [2, 4], update
+        // [1, 2]; ×−10 gives the weights [1 − 10, 2 − 20].
+        let mut sum = RunningSum {
+            weight: 4.0,
+            count: 2,
+            weighted: vec![8.0, 16.0],
+            squares: Vec::new(),
+        };
+        poison(&mut sum, Some(&[1.0, 2.0]), -10.0);
+        assert_eq!(sum.mean().unwrap(), vec![-9.0, -18.0]);
+        // Deltas scale about zero.
+        let mut deltas = RunningSum {
+            weight: 2.0,
+            count: 2,
+            weighted: vec![1.0, -2.0],
+            squares: Vec::new(),
+        };
+        poison(&mut deltas, None, 3.0);
+        assert_eq!(deltas.mean().unwrap(), vec![1.5, -3.0]);
+    }
 }

@@ -70,6 +70,10 @@ pub struct ScaleConfig {
     /// On a root: each edge's name and the public NKey (`U…`) its partials must be signed with.
     /// Empty: partials are not checked for who sent them (the root says so at start-up).
     pub edge_keys: std::collections::BTreeMap<String, String>,
+    /// Set only by the hidden `--lab-poison-partial F` of `canopy attack --edges`, never from a
+    /// file: the edge scales its partial's update by F, as a compromised edge would.
+    #[serde(skip)]
+    pub lab_poison_partial: Option<f64>,
 }
 
 impl Default for ScaleConfig {
@@ -87,6 +91,7 @@ impl Default for ScaleConfig {
             tls_cert: None,
             tls_key: None,
             edge_keys: Default::default(),
+            lab_poison_partial: None,
         }
     }
 }
@@ -272,6 +277,9 @@ pub struct Link {
     pub store: ObjectStore,
     /// The run's name as a subject token.
     pub run: String,
+    /// `[scale] lab_poison_partial` (attack experiments only): an edge scales its partials'
+    /// updates by this factor.
+    pub poison: Option<f64>,
 }
 
 impl Link {
@@ -348,6 +356,7 @@ impl Link {
             stream,
             store,
             run,
+            poison: config.lab_poison_partial,
         })
     }
 

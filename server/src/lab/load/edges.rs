@@ -36,7 +36,35 @@ pub struct EdgeRow {
     pub results: f64,
 }
 
-fn spawn(exe: &Path, args: &[String], log: PathBuf) -> Result<Child, String> {
+/// A local `nats-server -js` keeping its store in `run_dir/nats` (killed when dropped), and
+/// its URL.
+pub async fn start_nats(run_dir: &Path) -> Result<(Child, String), String> {
+    let nats_bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .ok_or("nats-server is not installed: `just setup` installs it")?;
+    let nats_port = free_port()?;
+    let mut nats = Command::new(nats_bin)
+        .args([
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &nats_port.to_string(),
+            "-sd",
+        ])
+        .arg(run_dir.join("nats"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(run_dir.join("nats.log")).map_err(|e| e.to_string())?)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("starting nats-server: {e}"))?;
+    wait_for_port(nats_port, &mut nats).await?;
+    Ok((nats, format!("nats://127.0.0.1:{nats_port}")))
+}
+
+/// A `canopy` child process with `args`, its stderr in `log`, killed when dropped.
+pub fn spawn(exe: &Path, args: &[String], log: PathBuf) -> Result<Child, String> {
     Command::new(exe)
         .args(args)
         .env("RUST_LOG", "warn")
@@ -61,28 +89,8 @@ pub async fn one(exe: &Path, args: &LoadArgs, n: usize, edges: usize) -> Result<
     config.data.max_train = 20 * config.data.shards;
     config.limits.max_connections = n / edges + 100;
     config.scale.edge_timeout_ms = 10_000;
-    let nats_bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .ok_or("nats-server is not installed: `just setup` installs it")?;
-    let nats_port = free_port()?;
-    let mut nats = Command::new(nats_bin)
-        .args([
-            "-js",
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &nats_port.to_string(),
-            "-sd",
-        ])
-        .arg(run_dir.join("nats"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(run_dir.join("nats.log")).map_err(|e| e.to_string())?)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("starting nats-server: {e}"))?;
-    wait_for_port(nats_port, &mut nats).await?;
-    config.scale.nats = format!("nats://127.0.0.1:{nats_port}");
+    let (_nats, nats_url) = start_nats(&run_dir).await?;
+    config.scale.nats = nats_url;
     let toml_path = run_dir.join("load.toml");
     std::fs::write(
         &toml_path,
@@ -224,7 +232,7 @@ pub async fn one(exe: &Path, args: &LoadArgs, n: usize, edges: usize) -> Result<
 }
 
 /// The root's finished rounds and its edges' rows (with their partials).
-fn read_root(
+pub fn read_root(
     run_dir: &Path,
 ) -> (
     Vec<crate::round::record::RoundRecord>,
