@@ -376,7 +376,7 @@ fn norm(v: &[f32]) -> f64 {
 /// ‖a − b‖ (‖a‖ without `b`) in f64, over eight running sums: one sum is a chain of dependent
 /// additions (four cycles each), eight let the compiler use vector lanes. The round loop takes
 /// every result's norm, so on a large round this is a good part of its work.
-fn l2_distance(a: &[f32], b: Option<&[f32]>) -> f64 {
+pub fn l2_distance(a: &[f32], b: Option<&[f32]>) -> f64 {
     const LANES: usize = 8;
     let mut lanes = [0f64; LANES];
     let mut rest = 0f64;

@@ -186,6 +186,8 @@ pub struct Streamed {
     pub results: Vec<Contribution>,
     /// What the robust layer did (verdicts and median norm; no combined vector).
     pub combined: Combined,
+    /// Absorbed partials (in the order absorbed) that [`combine_partials`] left out.
+    pub set_aside: Vec<usize>,
 }
 
 impl StreamRound {
@@ -362,40 +364,55 @@ impl StreamRound {
             v.down_weighted = v.outside > robust::TRIMMED_SUSPICIOUS;
         }
         let mut partials = self.absorbed;
-        if self.sum.count > 0 || partials.is_empty() {
+        let own = self.sum.count > 0 || partials.is_empty();
+        if own {
             partials.insert(0, self.sum);
         }
-        let sum = combine_partials(&self.robust, partials)?;
+        let (sum, left_out) = combine_partials(&self.robust, partials)?;
+        let set_aside = left_out
+            .into_iter()
+            .filter_map(|i| if own { i.checked_sub(1) } else { Some(i) })
+            .collect();
         self.summaries.sort_by_key(|c| c.client);
         let combined = robust::finish_streamed(self.judged);
         Ok(Streamed {
             sum,
             results: self.summaries,
             combined,
+            set_aside,
         })
     }
 }
 
-/// One round's partial sums (this server's own and its edges'), combined. With no defence
-/// (`rule = "mean"`, no bound) they are added, exactly as if one server had seen every result.
-/// With a defence and three or more partials, the result is the coordinate-wise median of the
-/// partials' means (one vote per partial, whatever weight it claims), so one compromised edge
-/// cannot move the model beyond the honest partials' range; its weight and count are the
-/// partials' totals. Fewer than three partials cannot outvote one, and are added.
+/// One round's partial sums (this server's own and its edges'), combined, and the indices of
+/// those left out. With no defence (`rule = "mean"`, no bound), or fewer than three partials
+/// (which cannot outvote one), they are added, exactly as if one server had seen every result.
+/// With a defence and three or more partials, each partial's mean is compared with its nearest
+/// other partial's: a partial farther from every other than `clip_multiple` (3) times the
+/// median of these nearest distances is left out (a compromised edge sending a poisoned or
+/// scaled partial), and the rest are added. So honest edges keep the exact mean, where a
+/// coordinate-wise median of the partials' means would cost accuracy on non-IID data (edges
+/// whose tabs hold different classes), and one compromised edge can move the model at most as
+/// far as it stays within that distance.
 pub fn combine_partials(
     robust: &RobustConfig,
     partials: Vec<RunningSum>,
-) -> Result<RunningSum, String> {
+) -> Result<(RunningSum, Vec<usize>), String> {
     let plain = robust.rule == Rule::Mean && robust.clip == Clip::None;
     if partials.len() == 1 {
-        return Ok(partials.into_iter().next().expect("one"));
+        return Ok((partials.into_iter().next().expect("one"), Vec::new()));
     }
-    if plain || partials.len() < 3 {
+    let add = |keep: &dyn Fn(usize) -> bool| -> Result<RunningSum, String> {
         let mut sum = RunningSum::default();
-        for p in &partials {
-            sum.merge(p)?;
+        for (i, p) in partials.iter().enumerate() {
+            if keep(i) {
+                sum.merge(p)?;
+            }
         }
-        return Ok(sum);
+        Ok(sum)
+    };
+    if plain || partials.len() < 3 {
+        return Ok((add(&|_| true)?, Vec::new()));
     }
     let means: Vec<Vec<f32>> = partials
         .iter()
@@ -409,26 +426,19 @@ pub fn combine_partials(
     {
         return Err("partial sums differ in shape".into());
     }
-    let weight: f64 = partials.iter().map(|p| p.weight).sum();
-    let count: u64 = partials.iter().map(|p| p.count).sum();
-    let squares = !partials[0].squares.is_empty();
-    let mut out = RunningSum {
-        weight,
-        count,
-        weighted: vec![0.0; len],
-        squares: if squares { vec![0.0; len] } else { Vec::new() },
-    };
-    let mut col: Vec<f64> = Vec::with_capacity(means.len());
-    for c in 0..len {
-        col.clear();
-        col.extend(means.iter().map(|m| m[c] as f64));
-        let median = robust::median_of(&col);
-        out.weighted[c] = median * weight;
-        if squares {
-            out.squares[c] = median * median * count as f64;
-        }
-    }
-    Ok(out)
+    let nearest: Vec<f64> = (0..means.len())
+        .map(|i| {
+            (0..means.len())
+                .filter(|j| *j != i)
+                .map(|j| robust::l2_distance(&means[i], Some(&means[j])))
+                .fold(f64::INFINITY, f64::min)
+        })
+        .collect();
+    let limit = robust.clip_multiple.max(1.0) * robust::median_of(&nearest);
+    let out: Vec<usize> = (0..means.len())
+        .filter(|i| !(nearest[*i] <= limit))
+        .collect();
+    Ok((add(&|i| !out.contains(&i))?, out))
 }
 
 /// The trimmed mean's memory in a streamed round: for every coordinate the `k` largest and `k`
@@ -981,7 +991,7 @@ mod tests {
     }
 
     #[test]
-    fn a_poisoned_partial_is_outvoted_by_the_others() {
+    fn a_poisoned_partial_is_left_out_and_honest_ones_add_up() {
         // Three edges' partials of 2-entry deltas; the third claims a huge weight and sends 1e6.
         let partial = |values: [f32; 2], samples: u64, n: u64| {
             let mut s = RunningSum::new(2, Fold { squares: true });
@@ -990,35 +1000,53 @@ mod tests {
             }
             s
         };
-        let honest = [partial([0.1, -0.2], 10, 3), partial([0.3, 0.0], 10, 2)];
+        let honest = [
+            partial([0.1, -0.2], 10, 3),
+            partial([0.3, 0.0], 10, 2),
+            partial([0.2, -0.1], 20, 1),
+        ];
         let bad = partial([1e6, -1e6], 1_000_000, 3);
         let defended = RobustConfig::default();
+        let mut whole = honest[0].clone();
+        whole.merge(&honest[1]).unwrap();
+        whole.merge(&honest[2]).unwrap();
+        // Honest edges only: nothing left out, the exact sum one server would have.
+        let (out, left) = combine_partials(&defended, honest.to_vec()).unwrap();
+        assert!(left.is_empty());
+        assert_eq!(out, whole);
+        // The poisoned partial is far from every other: left out, wherever it comes.
+        for at in 0..4 {
+            let mut all = honest.to_vec();
+            all.insert(at, bad.clone());
+            let (out, left) = combine_partials(&defended, all).unwrap();
+            assert_eq!(left, vec![at]);
+            let m = out.mean().unwrap();
+            let w = whole.mean().unwrap();
+            assert!(
+                (m[0] - w[0]).abs() < 1e-6 && (m[1] - w[1]).abs() < 1e-6,
+                "{m:?}"
+            );
+            assert_eq!(out.count, 6);
+        }
+        // A sign-flipped ×−10 copy of an honest partial is left out too.
+        let flipped = partial([-1.0, 2.0], 10, 3);
+        let (_, left) = combine_partials(
+            &defended,
+            vec![honest[0].clone(), honest[1].clone(), flipped],
+        )
+        .unwrap();
+        assert_eq!(left, vec![2]);
+        // No defence: partials add up exactly, the attacker included.
         let all = vec![honest[0].clone(), honest[1].clone(), bad.clone()];
-        let out = combine_partials(&defended, all.clone()).unwrap();
-        // The median of 0.1, 0.3, 1e6 is 0.3; of −0.2, 0, −1e6 it is −0.2.
-        let m = out.mean().unwrap();
-        assert!(
-            (m[0] - 0.3).abs() < 1e-6 && (m[1] + 0.2).abs() < 1e-6,
-            "{m:?}"
-        );
-        assert_eq!(out.count, 8);
-        let sq = out.mean_squares().unwrap();
-        assert!(
-            (sq[0] - 0.09).abs() < 1e-6,
-            "squares follow the median: {sq:?}"
-        );
-        // No defence: partials add up exactly, as one server would have summed them.
-        let plain = combine_partials(&RobustConfig::plain(), all).unwrap();
+        let (plain, left) = combine_partials(&RobustConfig::plain(), all).unwrap();
+        assert!(left.is_empty());
         assert!(
             plain.mean().unwrap()[0] > 9e5,
             "the plain mean follows the attacker"
         );
-        let mut whole = honest[0].clone();
-        whole.merge(&honest[1]).unwrap();
-        whole.merge(&bad).unwrap();
-        assert_eq!(plain, whole);
         // Two partials cannot outvote one another: added.
-        let two = combine_partials(&defended, vec![honest[0].clone(), honest[1].clone()]).unwrap();
+        let (two, _) =
+            combine_partials(&defended, vec![honest[0].clone(), honest[1].clone()]).unwrap();
         assert!((two.mean().unwrap()[0] - 0.18).abs() < 1e-6);
     }
 

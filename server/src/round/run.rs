@@ -369,6 +369,14 @@ impl RoundLoop {
             }
         };
         self.note_verdicts(round, &s.combined);
+        if !s.set_aside.is_empty() {
+            // Across edges: partials far from every other (README, "Beyond one server").
+            tracing::warn!(
+                round,
+                partials = ?s.set_aside,
+                "partials left out by the root's defence: each far from every other partial"
+            );
+        }
         got.results = s.results;
         let mut next = global.clone();
         let outcome = tokio::task::block_in_place(|| {
