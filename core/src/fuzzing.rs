@@ -250,7 +250,9 @@ pub fn seed_frames(targets: &[Target]) -> Vec<Vec<u8>> {
                     .map(|(g, d)| g + d)
                     .collect::<Vec<_>>(),
             )),
-            UploadSpec::Delta => Update::Delta(Blob::from_f32(&delta)),
+            UploadSpec::Delta | UploadSpec::ClippedDelta { .. } => {
+                Update::Delta(Blob::from_f32(&delta))
+            }
             UploadSpec::Sparse { int8, top_k, .. } => Update::Sparse(encode_sparse(
                 &t.task.model.arch,
                 &delta,

@@ -5,7 +5,7 @@
 //! architecture, the forward pass, the flat model state, surgery, SynFlow), [`data`] (datasets
 //! and partitions), [`train`] (the one training loop and its pluggable steps), [`protocol`] (the
 //! wire messages), [`codec`] (every tensor payload), [`aggregate`] (accepted results, the robust
-//! layer, running sums), [`strategy`] (the methods), and [`client`] (the runtime a tab and a
+//! layer, running sums, privacy accounting), [`strategy`] (the methods), and [`client`] (the runtime a tab and a
 //! native client share).
 
 pub mod aggregate;

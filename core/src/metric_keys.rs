@@ -51,6 +51,14 @@ pub const FLOPS_NEXT: &str = "flops_next";
 /// FedAvgM: the norm of the server's velocity after the round.
 pub const SERVER_VELOCITY_NORM: &str = "server_velocity_norm";
 
+/// DP-FedAvg: ε spent so far for δ, with the round's noise multiplier z, clip C and sampling
+/// rate q.
+pub const DP_EPSILON: &str = "dp_epsilon";
+pub const DP_DELTA: &str = "dp_delta";
+pub const DP_NOISE: &str = "dp_noise";
+pub const DP_CLIP: &str = "dp_clip";
+pub const DP_SAMPLING_RATE: &str = "dp_sampling_rate";
+
 /// Results from the previous round folded into this one (`run.late_results = "next_round"`).
 pub const LATE_RESULTS: &str = "late_results";
 
@@ -227,6 +235,16 @@ pub const FIGURES: &[Figure] = &[
         Kind::Seconds,
         Panel::Summary,
     ),
+    figure(DP_EPSILON, "privacy ε", Kind::Number, Panel::Summary),
+    figure(DP_DELTA, "δ", Kind::Number, Panel::Summary),
+    figure(DP_NOISE, "noise z", Kind::Number, Panel::Summary),
+    figure(DP_CLIP, "clip C", Kind::Number, Panel::Summary),
+    figure(
+        DP_SAMPLING_RATE,
+        "sampling q",
+        Kind::Fraction,
+        Panel::Summary,
+    ),
 ];
 
 /// Where a sentence puts figure `key` of the last round: `{key}`.
@@ -242,19 +260,29 @@ fn slot_per(key: &str, per: &str) -> String {
 /// Sentences under the chart of bytes, each shown when the last round reports one of its
 /// figures: `{key}` (or `{key/per}`) stands for a figure written as its [`Kind`] says.
 pub fn sentences() -> Vec<String> {
-    vec![format!(
-        "split at layer {} · front pruned {} ({} parameters in tabs) · κ {} · {}-bit gradients \
+    vec![
+        format!(
+            "split at layer {} · front pruned {} ({} parameters in tabs) · κ {} · {}-bit gradients \
          · per batch {} up, {} down · tab {}, server {} per batch",
-        slot(SPLIT_CUT),
-        slot(SPLIT_PRUNE),
-        slot(FRONT_PARAMS),
-        slot(SPLIT_KEEP),
-        slot(SPLIT_BITS),
-        slot_per(ACT_BYTES_UP, EXCHANGES),
-        slot_per(GRAD_BYTES_DOWN, EXCHANGES),
-        slot(TAB_MS_PER_BATCH),
-        slot_per(SERVER_SECONDS, EXCHANGES),
-    )]
+            slot(SPLIT_CUT),
+            slot(SPLIT_PRUNE),
+            slot(FRONT_PARAMS),
+            slot(SPLIT_KEEP),
+            slot(SPLIT_BITS),
+            slot_per(ACT_BYTES_UP, EXCHANGES),
+            slot_per(GRAD_BYTES_DOWN, EXCHANGES),
+            slot(TAB_MS_PER_BATCH),
+            slot_per(SERVER_SECONDS, EXCHANGES),
+        ),
+        format!(
+            "differential privacy: ε {} at δ {} so far · noise z {} · clip C {} · sampling q {}",
+            slot(DP_EPSILON),
+            slot(DP_DELTA),
+            slot(DP_NOISE),
+            slot(DP_CLIP),
+            slot(DP_SAMPLING_RATE),
+        ),
+    ]
 }
 
 #[cfg(test)]

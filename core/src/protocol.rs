@@ -14,7 +14,7 @@ use crate::model::arch::Arch;
 pub use crate::train::step::SupermaskKind;
 use crate::train::{Eval, Progress, TrainSpec};
 
-pub const PROTOCOL_VERSION: u8 = 4;
+pub const PROTOCOL_VERSION: u8 = 5;
 const MAGIC: [u8; 2] = *b"CN";
 
 /// Largest frame either side accepts. The biggest built-in model (FedAvg's CNN, 1.66 M
@@ -168,6 +168,9 @@ pub enum UploadSpec {
     Weights,
     /// Trained minus starting parameters.
     Delta,
+    /// The delta scaled down to at most this L2 norm by the client (DP-FedAvg's client-side
+    /// clipping); the server refuses a larger one.
+    ClippedDelta { norm: f32 },
     /// The delta on the mask's kept entries only (all entries without a mask), optionally int8
     /// with one scale per tensor, optionally only the `top_k` fraction largest in magnitude,
     /// with the rest carried to the next round (error feedback).

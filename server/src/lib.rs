@@ -236,6 +236,7 @@ fn build_model(
         Arch::preset(&config.model, train.shape, train.classes).map_err(|e| e.to_string())?;
     let strategy = config.strategy.build()?;
     strategy.check_model(&arch)?;
+    strategy.check_robust(&config.aggregation)?;
     Ok((strategy, ModelState::init(arch, config.run.seed)))
 }
 

@@ -1,7 +1,8 @@
 //! Aggregation: the accepted results ([`Contribution`]), the math on flat parameter vectors, the
-//! robust layer ([`robust`]) and streaming running sums ([`stream`]). Strategies build on this;
-//! nothing here knows a strategy.
+//! robust layer ([`robust`]), streaming running sums ([`stream`]) and differential privacy's
+//! accountant ([`privacy`]). Strategies build on this; nothing here knows a strategy.
 
+pub mod privacy;
 pub mod robust;
 pub mod stream;
 

@@ -15,11 +15,29 @@ use serde::{Deserialize, Serialize};
 use super::Contribution;
 use crate::aggregate::robust::{self, Clip, Combined, RobustConfig, Rule, Verdict};
 
-/// Which sums a streaming strategy needs besides the sample-weighted one.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Which sums a streaming strategy needs besides the sample-weighted one, and how each result
+/// enters them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Fold {
     /// Σ xᵢ² per entry, one vote per result (AutoFLIP's guidance and moving average).
     pub squares: bool,
+    /// Each result scaled down to at most this L2 norm before it is added (DP-FedAvg's clip:
+    /// it bounds what one client can change, whatever it sends).
+    #[serde(default)]
+    pub clip: Option<f32>,
+    /// Each result weighs 1 instead of its sample count (DP-FedAvg: a client's weight must not
+    /// depend on what it claims).
+    #[serde(default)]
+    pub uniform: bool,
+}
+
+impl Fold {
+    /// Only the sample-weighted sum: what FedAvg needs.
+    pub const PLAIN: Fold = Fold {
+        squares: false,
+        clip: None,
+        uniform: false,
+    };
 }
 
 /// Running sums over a round's results. Sums are in f64, so the result depends on arrival order
@@ -34,6 +52,9 @@ pub struct RunningSum {
     pub weighted: Vec<f64>,
     /// Σ xᵢ² per entry (unweighted); empty unless [`Fold::squares`] asked for it.
     pub squares: Vec<f64>,
+    /// How results are added (their clip and weight; the squares are marked by `squares`).
+    #[serde(default)]
+    pub fold: Fold,
 }
 
 impl RunningSum {
@@ -47,6 +68,7 @@ impl RunningSum {
             } else {
                 Vec::new()
             },
+            fold,
         }
     }
 
@@ -68,7 +90,8 @@ impl RunningSum {
         self.count == 0
     }
 
-    /// Folds one result in: `values` weighted by `samples`.
+    /// Folds one result in: `values` weighted by `samples` (by 1 with [`Fold::uniform`]),
+    /// scaled down to [`Fold::clip`]'s norm if it has one.
     pub fn add(&mut self, values: &[f32], samples: u64) -> Result<(), String> {
         if values.len() != self.weighted.len() {
             return Err(format!(
@@ -77,12 +100,24 @@ impl RunningSum {
                 self.weighted.len()
             ));
         }
-        let w = samples as f64;
+        let w = if self.fold.uniform {
+            1.0
+        } else {
+            samples as f64
+        };
+        let scale = match self.fold.clip {
+            Some(c) => {
+                let n = robust::l2_distance(values, None);
+                if n > c as f64 { c as f64 / n } else { 1.0 }
+            }
+            None => 1.0,
+        };
         for (a, x) in self.weighted.iter_mut().zip(values) {
-            *a += w * *x as f64;
+            *a += w * scale * *x as f64;
         }
         for (a, x) in self.squares.iter_mut().zip(values) {
-            *a += *x as f64 * *x as f64;
+            let x = scale * *x as f64;
+            *a += x * x;
         }
         self.weight += w;
         self.count += 1;
@@ -994,7 +1029,13 @@ mod tests {
     fn a_poisoned_partial_is_left_out_and_honest_ones_add_up() {
         // Three edges' partials of 2-entry deltas; the third claims a huge weight and sends 1e6.
         let partial = |values: [f32; 2], samples: u64, n: u64| {
-            let mut s = RunningSum::new(2, Fold { squares: true });
+            let mut s = RunningSum::new(
+                2,
+                Fold {
+                    squares: true,
+                    ..Fold::PLAIN
+                },
+            );
             for _ in 0..n {
                 s.add(&values, samples).unwrap();
             }
@@ -1054,7 +1095,10 @@ mod tests {
     fn partial_sums_merge_into_the_whole() {
         let mut rng = StdRng::seed_from_u64(3);
         let results = contributions(UploadKind::Delta, &[0.0; 20], 6, &mut rng);
-        let fold = Fold { squares: true };
+        let fold = Fold {
+            squares: true,
+            ..Fold::PLAIN
+        };
         let whole = RunningSum::of(&results, fold).unwrap();
         // Two edges, each with half the clients; the root starts from an empty sum.
         let (a, b) = (

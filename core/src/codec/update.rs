@@ -31,6 +31,16 @@ pub fn encode_update(
     match spec {
         UploadSpec::Weights => Update::Weights(Blob::from_f32(trained)),
         UploadSpec::Delta => Update::Delta(Blob::from_f32(&delta())),
+        UploadSpec::ClippedDelta { norm } => {
+            let mut d = delta();
+            let n = crate::aggregate::robust::l2_distance(&d, None);
+            if n > norm as f64 {
+                // A hair under the norm, so f32 rounding cannot put it over on the server.
+                let scale = (norm as f64 * (1.0 - 1e-6) / n) as f32;
+                d.iter_mut().for_each(|v| *v *= scale);
+            }
+            Update::Delta(Blob::from_f32(&d))
+        }
         UploadSpec::Sparse {
             int8,
             top_k,
@@ -99,6 +109,17 @@ pub fn decode_update(task: &Task, update: &Update) -> Result<Decoded, String> {
         (Update::Delta(b), UploadSpec::Delta) => {
             (UploadKind::Delta, b.to_f32().map_err(|e| e.to_string())?)
         }
+        (Update::Delta(b), UploadSpec::ClippedDelta { norm }) => {
+            let values = b.to_f32().map_err(|e| e.to_string())?;
+            let n = crate::aggregate::robust::l2_distance(&values, None);
+            // NaN fails this test too; `accept` names it.
+            if n > norm as f64 * (1.0 + 1e-5) {
+                return Err(format!(
+                    "update norm {n:.4} exceeds the task's clip {norm} (clip before uploading)"
+                ));
+            }
+            (UploadKind::Delta, values)
+        }
         (Update::Sparse(u), UploadSpec::Sparse { .. }) => {
             (UploadKind::Delta, decode_sparse(arch, u, mask.as_deref())?)
         }
@@ -121,4 +142,49 @@ pub fn decode_update(task: &Task, update: &Update) -> Result<Decoded, String> {
         values,
         encoding,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::state::ModelState;
+    use crate::strategy::{StrategyConfig, train_task};
+
+    #[test]
+    fn a_clipped_delta_is_clipped_by_the_client_and_a_larger_one_refused() {
+        let global = ModelState::init(Arch::preset("mlp", [1, 2, 2], 2).unwrap(), 1);
+        let spec = UploadSpec::ClippedDelta { norm: 0.5 };
+        let task = train_task(1, &global, &StrategyConfig::default(), 3, spec);
+        let trained: Vec<f32> = global.params.iter().map(|v| v + 0.1).collect();
+        let up = encode_update(
+            spec,
+            &global.arch,
+            &global.params,
+            &trained,
+            None,
+            &mut None,
+        );
+        let d = decode_update(&task, &up).unwrap();
+        assert_eq!(d.kind, UploadKind::Delta);
+        let norm = crate::aggregate::robust::l2_distance(&d.values, None);
+        assert!(norm <= 0.5 && norm > 0.499, "{norm}");
+        // Its direction is the delta's.
+        assert!(
+            d.values
+                .iter()
+                .all(|v| (v - d.values[0]).abs() < 1e-6 && *v > 0.0)
+        );
+        // A client that ignores the clip.
+        let raw: Vec<f32> = trained
+            .iter()
+            .zip(&global.params)
+            .map(|(a, b)| a - b)
+            .collect();
+        let e = decode_update(&task, &Update::Delta(Blob::from_f32(&raw))).unwrap_err();
+        assert!(e.contains("exceeds the task's clip 0.5"), "{e}");
+        // A small delta passes as it is.
+        let small = vec![1e-4f32; raw.len()];
+        let d = decode_update(&task, &Update::Delta(Blob::from_f32(&small))).unwrap();
+        assert_eq!(d.values, small);
+    }
 }

@@ -245,7 +245,10 @@ pub fn build(
 }
 
 /// AutoFLIP needs the deltas' weighted mean and their mean squares: both are running sums.
-const FOLD: Fold = Fold { squares: true };
+const FOLD: Fold = Fold {
+    squares: true,
+    ..Fold::PLAIN
+};
 
 impl Strategy for AutoFlip {
     fn needs_validation(&self) -> bool {

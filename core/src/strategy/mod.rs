@@ -4,18 +4,24 @@
 //! with a `build` function; [`METHODS`] is the one table of names and constructors.
 
 mod autoflip;
+mod dpfedavg;
 mod echo;
 mod fedavg;
 mod fedavgm;
+mod fedopt;
+mod fedprox;
 mod hidenseek;
 mod plan;
 mod split;
 mod structured;
 
 pub use autoflip::{AutoFlip, AutoflipConfig};
+pub use dpfedavg::{Clipping, DpConfig, DpFedAvg};
 pub use echo::{Echo, LossServer};
 pub use fedavg::FedAvg;
 pub use fedavgm::{FedAvgM, FedavgmConfig};
+pub use fedopt::{Adaptive, FedOpt, FedoptConfig};
+pub use fedprox::{FedProx, FedproxConfig};
 pub use hidenseek::{Supermask, SupermaskConfig};
 pub use plan::{Exchange, Phase, RoundPlan};
 pub use split::{BackServer, PruneKind, Split, SplitConfig};
@@ -171,6 +177,12 @@ pub trait Strategy: Send {
         Ok(())
     }
 
+    /// Checks the strategy against the robust layer it will run under, at start-up (a method
+    /// whose guarantee holds only for the plain mean, say).
+    fn check_robust(&self, _robust: &crate::aggregate::robust::RobustConfig) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Whether this strategy decides on the server's validation split ([`RoundContext::validate`]):
     /// the server then refuses to start with an empty one.
     fn needs_validation(&self) -> bool {
@@ -224,6 +236,31 @@ pub const METHODS: &[Method] = &[
         name: "fedavgm",
         about: "FedAvgM: FedAvg with server momentum",
         build: fedavgm::build,
+    },
+    Method {
+        name: "fedprox",
+        about: "FedProx: FedAvg whose clients add the proximal term μ/2·‖w − w_global‖²",
+        build: fedprox::build,
+    },
+    Method {
+        name: "fedadagrad",
+        about: "FedAdagrad: an Adagrad step on the mean client update (Reddi et al.)",
+        build: fedopt::build_adagrad,
+    },
+    Method {
+        name: "fedadam",
+        about: "FedAdam: an Adam step on the mean client update (Reddi et al.)",
+        build: fedopt::build_adam,
+    },
+    Method {
+        name: "fedyogi",
+        about: "FedYogi: a Yogi step on the mean client update (Reddi et al.)",
+        build: fedopt::build_yogi,
+    },
+    Method {
+        name: "dpfedavg",
+        about: "DP-FedAvg: updates clipped to C, Gaussian noise on the sum, ε reported per round",
+        build: dpfedavg::build,
     },
     Method {
         name: "autoflip",
@@ -465,7 +502,7 @@ mod tests {
     #[test]
     fn unknown_strategy_is_an_error() {
         assert!(
-            build("fedprox", &StrategyConfig::default(), None)
+            build("fedsgd", &StrategyConfig::default(), None)
                 .err()
                 .unwrap()
                 .contains("fedavg, fedavgm")

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::Dataset;
 use crate::model::arch::Arch;
 use crate::model::{Act, Net, forward, read_f32};
-use crate::train::step::{BatchLoss, Frozen, LossValue, Step, batch_loss, reparam};
+use crate::train::step::{Anchor, BatchLoss, Frozen, LossValue, Step, batch_loss, reparam};
 pub use host::{Host, Progress};
 
 /// Externally tagged (postcard cannot decode internally tagged enums): in TOML,
@@ -109,6 +109,7 @@ pub async fn train<H: Host>(
         ));
     }
     let layers = spec.step.layers(arch)?;
+    spec.step.penalty.check()?;
     let ad = device.clone().autodiff();
     let step_kind = reparam(spec.step.learn, arch, mask, frozen, &ad)?;
     let net = step_kind.after_step(Net::from_flat(arch, start, &ad));
@@ -121,6 +122,8 @@ pub async fn train<H: Host>(
         (Net { params: all }, back)
     };
     let mut net = front;
+    // FedProx's anchor: the learned tensors as the task gave them.
+    let anchor = Anchor::new(spec.step.penalty, &net);
     let mut optim = match spec.optimizer {
         Optimizer::Sgd { momentum } if momentum > 0.0 => SgdConfig::new()
             .with_momentum(Some(MomentumConfig {
@@ -159,6 +162,11 @@ pub async fn train<H: Host>(
             );
             let BatchLoss { backward, value } =
                 batch_loss(spec.step.loss, out, y, &labels, step, spec.seed, host).await?;
+            // The reported loss stays the batch's own; only the gradient sees the penalty.
+            let backward = match &anchor {
+                Some(a) => backward + a.term(&net),
+                None => backward,
+            };
             let grads = GradientsParams::from_grads(backward.backward(), &net);
             net = step_kind.after_step(optim.step(spec.lr, net, grads));
             match value {

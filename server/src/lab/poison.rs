@@ -174,7 +174,10 @@ impl Attack {
                     .map(|(d, s)| s + d)
                     .collect::<Vec<_>>(),
             )),
-            UploadSpec::Delta => Update::Delta(Blob::from_f32(&bad)),
+            // A hostile client ignores a clip it was asked for; the server refuses the result.
+            UploadSpec::Delta | UploadSpec::ClippedDelta { .. } => {
+                Update::Delta(Blob::from_f32(&bad))
+            }
             UploadSpec::Sparse { int8, top_k, .. } => {
                 Update::Sparse(encode_sparse(arch, &bad, mask, int8, top_k, None))
             }

@@ -330,6 +330,7 @@ mod tests {
             count: 2,
             weighted: vec![8.0, 16.0],
             squares: Vec::new(),
+            fold: Default::default(),
         };
         poison(&mut sum, Some(&[1.0, 2.0]), -10.0);
         assert_eq!(sum.mean().unwrap(), vec![-9.0, -18.0]);
@@ -339,6 +340,7 @@ mod tests {
             count: 2,
             weighted: vec![1.0, -2.0],
             squares: Vec::new(),
+            fold: Default::default(),
         };
         poison(&mut deltas, None, 3.0);
         assert_eq!(deltas.mean().unwrap(), vec![1.5, -3.0]);

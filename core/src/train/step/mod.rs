@@ -1,7 +1,7 @@
 //! The pluggable part of local training, as a typed part of every task ([`Step`]).
 //!
 //! The loop in [`crate::train`] is the same for every method: batches, forward, loss, backward,
-//! optimizer step, progress. Two things vary and are chosen here:
+//! optimizer step, progress. Three things vary and are chosen here:
 //! - **what is learned** ([`Learn`]) and how the forward pass gets its weights from it (a
 //!   [`Reparam`], in the spirit of burn's `Reparameterization`): the weights themselves; the
 //!   weights under a mask (pruned entries held at exactly zero after every step); or real-valued
@@ -10,13 +10,16 @@
 //!   `Reparam` and its [`Learner`];
 //! - **where the loss comes from** ([`LossSource`]): the client's own labels, or the server, which
 //!   receives the output of the layers the client runs and answers with the gradient (the echo
-//!   strategy with the whole model; split learning with a front).
+//!   strategy with the whole model; split learning with a front);
+//! - **what the loss gains besides** ([`Penalty`], `penalty.rs`): nothing, or FedProx's proximal
+//!   term μ/2·‖w − w₀‖² towards where the task started.
 //!
 //! What a client keeps between tasks for what it learns (a supermask's own scores, say) is a
 //! [`Learner`], one per kind of [`Learn`], held in the client's [`Learners`]: the client runtime
 //! asks it where training starts and hands it the result, knowing no method.
 
 mod loss;
+mod penalty;
 mod scores;
 mod weights;
 
@@ -27,6 +30,8 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub(crate) use loss::{BatchLoss, LossValue, batch_loss, cross_entropy};
+pub(crate) use penalty::Anchor;
+pub use penalty::Penalty;
 
 use crate::model::Net;
 use crate::model::arch::Arch;
@@ -35,6 +40,8 @@ use crate::model::arch::Arch;
 pub struct Step {
     pub learn: Learn,
     pub loss: LossSource,
+    #[serde(default)]
+    pub penalty: Penalty,
 }
 
 impl Step {

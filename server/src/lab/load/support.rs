@@ -315,7 +315,7 @@ pub fn synthetic_result(
                 };
             }
         },
-        (UploadSpec::Delta, _, None) => {
+        (UploadSpec::Delta | UploadSpec::ClippedDelta { .. }, _, None) => {
             Update::Delta(Blob::from_f32(&(0..n).map(nudge).collect::<Vec<_>>()))
         }
         _ => {
