@@ -120,6 +120,12 @@ pub fn targets() -> Vec<Target> {
             global: global.clone(),
             shard_samples: 50,
         },
+        // DP-FedAvg's client-side clip: wide enough for the seed frame; mutated ones may not be.
+        Target {
+            task: task(&global, UploadSpec::ClippedDelta { norm: 1e3 }),
+            global: global.clone(),
+            shard_samples: 50,
+        },
         Target {
             task: task(
                 &global,

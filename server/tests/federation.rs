@@ -159,7 +159,8 @@ fn dp_fedavg_clips_in_tabs_reports_epsilon_and_needs_the_plain_mean() {
         let mut eps = Vec::new();
         for (i, r) in rounds.iter().enumerate() {
             let mut a = canopy_core::aggregate::privacy::Accountant::default();
-            a.add(1.0, 0.01, i as u32 + 1);
+            // z travels as the f32 of the settings.
+            a.add(1.0, 0.01f32 as f64, i as u32 + 1);
             let got = r.extra["dp_epsilon"];
             assert!(
                 (got - a.epsilon(1e-5)).abs() < 1e-9 * got,

@@ -283,8 +283,8 @@ mod tests {
         };
         let out = s.aggregate(1, &mut global, &results, &ctx).unwrap();
         let want = [0.3 / 4.0, 0.4 / 4.0, 0.1 / 4.0];
-        for i in 0..n {
-            let d = global.params[i] - start[i];
+        for (i, (x, x0)) in global.params.iter().zip(&start).enumerate() {
+            let d = x - x0;
             let w = want.get(i).copied().unwrap_or(0.0);
             assert!((d - w).abs() < 1e-6, "coordinate {i}: {d} vs {w}");
         }

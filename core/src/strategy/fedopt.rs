@@ -135,7 +135,8 @@ fn build(
 ) -> Result<Box<dyn Strategy>, String> {
     let own: FedoptConfig = parse_settings(rule.name(), settings)?;
     let unit = |x: f32| (0.0..1.0).contains(&x);
-    if !(own.eta > 0.0 && own.eta.is_finite()) || !(own.tau > 0.0 && own.tau.is_finite()) {
+    let positive = |x: f32| x > 0.0 && x.is_finite();
+    if !(positive(own.eta) && positive(own.tau)) {
         return Err(format!(
             "[strategy.{}]: eta and tau must be > 0",
             rule.name()
