@@ -110,6 +110,13 @@ pub fn tensor_density(param: &str) -> String {
     format!("{DENSITY}.{param}")
 }
 
+/// Supermasks: fraction of one tensor's kept entries whose effective weight is positive, e.g.
+/// `positive.layers.1.weight`. The inputs are pixels (never negative), so a first layer far
+/// below one half has units that no input switches on (a dead network learns nothing).
+pub fn tensor_positive(param: &str) -> String {
+    format!("positive.{param}")
+}
+
 /// Fraction of one tensor a mask prunes, e.g. `sparsity.layers.1.weight`.
 pub fn tensor_sparsity(param: &str) -> String {
     format!("{SPARSITY}.{param}")

@@ -333,13 +333,15 @@ fn a_remote_loss_without_a_server_fails_clearly() {
 #[test]
 fn sign_scores_learn_through_the_straight_through_estimator() {
     use canopy_core::protocol::SupermaskKind;
-    use canopy_core::train::step::{Frozen, Learn};
+    use canopy_core::train::step::{Frozen, Learn, Personal};
     let arch = Arch::preset("mlp", [1, 8, 8], 10).unwrap();
     let theta0 = ModelState::init(arch.clone(), 4).params;
     let scores: Vec<f32> = theta0.clone();
     let mut s = spec(Optimizer::Adam);
     s.lr = 0.02;
-    s.step.learn = Learn::Scores { personal: true };
+    s.step.learn = Learn::Scores {
+        personal: Personal::Own,
+    };
     let (train, test) = (blocks(400, 1), blocks(200, 2));
     let mut host = TestHost {
         t0: Instant::now(),

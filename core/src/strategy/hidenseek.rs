@@ -25,7 +25,7 @@ use crate::model::state::ModelState;
 use crate::model::synflow::{layer_density, synflow_mask};
 use crate::protocol::{SupermaskKind, UploadSpec};
 use crate::train::Optimizer;
-use crate::train::step::Learn;
+use crate::train::step::{Learn, Personal};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -37,9 +37,11 @@ pub struct SupermaskConfig {
     /// Learning rate and optimizer of the clients' scores (they replace `[strategy]`'s).
     pub score_lr: f64,
     pub score_optimizer: Optimizer,
-    /// Clients keep their scores' magnitudes between rounds (personalisation); otherwise every
-    /// round's scores start from |θ₀| with the global bits.
-    pub personal_scores: bool,
+    /// What clients' scores keep between rounds (personalisation): `"own_plus_global"` (their
+    /// own scores plus the global sign at |θ₀|), `"own"` (their own, signs included),
+    /// `"magnitudes"` (their magnitudes with the global signs: the model stays the global one)
+    /// or `"none"` (|θ₀| with the global signs every round). See [`Personal`].
+    pub personal_scores: Personal,
     /// Memory of the vote across rounds: the server keeps t ← β·t + (1−β)·(weighted mean vote)
     /// per entry and sets each bit by the sign of t. 0 is the plain majority vote (the paper);
     /// with non-IID clients chance majorities then flip many bits every round.
@@ -53,7 +55,7 @@ impl SupermaskConfig {
             synflow_iters: 100,
             score_lr: 0.01,
             score_optimizer: Optimizer::Adam,
-            personal_scores: true,
+            personal_scores: Personal::OwnPlusGlobal,
             vote_momentum: 0.0,
         }
     }
@@ -320,6 +322,17 @@ impl Strategy for Supermask {
                     .count()
             })
             .sum();
+        for p in global.arch.params() {
+            let kept: Vec<f32> = (p.offset..p.offset + p.len)
+                .filter(|&i| mask[i])
+                .map(|i| global.params[i])
+                .collect();
+            let positive = kept.iter().filter(|w| **w > 0.0).count();
+            outcome.metrics.insert(
+                keys::tensor_positive(&p.name),
+                positive as f64 / kept.len().max(1) as f64,
+            );
+        }
         let payload: u64 = results.iter().map(|c| c.encoding.payload_bytes).sum();
         let (flips, tensors): (u32, u32) = results.iter().fold((0, 0), |(f, t), c| {
             (f + c.encoding.flip_tensors, t + c.encoding.tensors)
@@ -389,7 +402,9 @@ mod tests {
         assert_eq!(tasks.len(), 3);
         assert_eq!(
             tasks[0].1.train.step.learn,
-            Learn::Scores { personal: true }
+            Learn::Scores {
+                personal: Personal::OwnPlusGlobal
+            }
         );
         assert!(matches!(
             tasks[0].1.upload,

@@ -71,10 +71,29 @@ pub enum Learn {
     Weights,
     /// Real-valued scores over the frozen weights of a supermask model: the forward pass uses
     /// |θ₀| ⊙ M ⊙ sign(s) (sign supermask) or θ₀ ⊙ M ⊙ [s > 0] (binary supermask), and the
-    /// backward pass goes straight through the sign or threshold to the scores. With
-    /// `personal`, a client's scores keep their magnitudes from task to task (their signs
-    /// restart from the task's bits); without, every task starts from |θ₀|.
-    Scores { personal: bool },
+    /// backward pass goes straight through the sign or threshold to the scores. What a
+    /// client's scores keep from one task to the next is `personal` ([`Personal`]).
+    Scores { personal: Personal },
+}
+
+/// What a client's supermask scores keep from one task to the next (its first task always
+/// starts from |θ₀| signed by the task's bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Personal {
+    /// Nothing: every task starts from |θ₀| with the task's bits (the global model).
+    None,
+    /// The magnitudes, with the task's bits as signs. Where the client disagreed with the
+    /// vote its largest scores start against it, so its model stays the global one; when the
+    /// vote has made a dead network (non-IID), nothing can move. Kept to compare.
+    Magnitudes,
+    /// The client's own scores, signs included: its model is its own, and the task's bits
+    /// matter only for its first task (no federation for a returning client).
+    Own,
+    /// The client's own scores plus the task's sign at |θ₀| (s + b·|θ₀|, b = ±1): the global
+    /// sign wins where the client's own score is weaker than its weight's initial one, the
+    /// client's own sign where it learned more than that.
+    OwnPlusGlobal,
 }
 
 /// What a supermask's bit means for its weight.

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::{Frozen, Given, Learn, Learner, Reparam, Start, SupermaskKind};
+use super::{Frozen, Given, Learn, Learner, Personal, Reparam, Start, SupermaskKind};
 use crate::model::Net;
 use crate::model::arch::Arch;
 
@@ -65,39 +65,45 @@ impl Reparam for Scores {
     }
 }
 
-/// This client's own supermask scores (personalisation): their magnitudes carry over from task
-/// to task when the task says `personal`, their signs restart from the task's bits each time.
+/// This client's own supermask scores (personalisation), kept from task to task; how a task's
+/// scores start from them and the task's bits is the task's [`Personal`].
 #[derive(Default)]
 pub struct OwnScores {
     scores: Option<Vec<f32>>,
 }
 
 impl OwnScores {
-    /// Where a task's scores start: this client's own magnitudes (or |θ₀| the first time, or
-    /// when not personal), signed by the task's bits, so the model starts as the global one.
+    /// Where a task's scores start. The first time (or with `Personal::None`): |θ₀| signed by
+    /// the task's bits, so the model starts as the global one. After that, see [`Personal`].
     fn start_scores(
         &self,
         theta0: &[f32],
         mask: Option<&[bool]>,
         bits: &[bool],
-        personal: bool,
+        personal: Personal,
     ) -> Vec<f32> {
         let own = self
             .scores
             .as_ref()
-            .filter(|s| personal && s.len() == theta0.len());
+            .filter(|s| personal != Personal::None && s.len() == theta0.len());
         let mut b = bits.iter();
         (0..theta0.len())
             .map(|i| {
                 if mask.is_some_and(|m| !m[i]) {
                     return 0.0;
                 }
-                // A zero score would have no sign: keep a floor.
-                let mag = own.map_or(theta0[i].abs(), |s| s[i].abs()).max(1e-6);
-                if *b.next().expect("one bit per kept entry") {
-                    mag
+                let sign = if *b.next().expect("one bit per kept entry") {
+                    1.0
                 } else {
-                    -mag
+                    -1.0
+                };
+                // A zero score would have no sign: keep a floor.
+                let init = theta0[i].abs().max(1e-6);
+                match (own.map(|s| s[i]), personal) {
+                    (None, _) | (_, Personal::None) => sign * init,
+                    (Some(s), Personal::Magnitudes) => sign * s.abs().max(1e-6),
+                    (Some(s), Personal::Own) => s,
+                    (Some(s), Personal::OwnPlusGlobal) => s + sign * init,
                 }
             })
             .collect()
@@ -106,7 +112,9 @@ impl OwnScores {
 
 impl Learner for OwnScores {
     fn start<'a>(&mut self, learn: Learn, given: Given<'a>) -> Result<Start<'a>, String> {
-        let personal = matches!(learn, Learn::Scores { personal: true });
+        let Learn::Scores { personal } = learn else {
+            return Err("the scores' learner got a task that learns no scores".into());
+        };
         let (frozen, bits) = given
             .supermask
             .ok_or("the task learns scores but its model is no supermask")?;
@@ -171,7 +179,7 @@ mod tests {
         }
     }
 
-    fn start(learners: &mut Learners, personal: bool, bits: &[bool]) -> Vec<f32> {
+    fn start(learners: &mut Learners, personal: Personal, bits: &[bool]) -> Vec<f32> {
         let learn = Learn::Scores { personal };
         let s = learners
             .get(learn)
@@ -184,10 +192,12 @@ mod tests {
     #[test]
     fn personal_scores_keep_their_magnitudes_and_take_the_tasks_signs() {
         let mut learners = Learners::default();
-        let learn = Learn::Scores { personal: true };
+        let learn = Learn::Scores {
+            personal: Personal::Magnitudes,
+        };
         // The first time: |θ₀|, signed by the task's bits; pruned entries zero.
         assert_eq!(
-            start(&mut learners, true, &[true, false, true]),
+            start(&mut learners, Personal::Magnitudes, &[true, false, true]),
             [0.5, -0.25, 0.0, 2.0]
         );
         // Training ends with these scores; the model computes with their effective weights.
@@ -196,21 +206,46 @@ mod tests {
         assert_eq!(weights, [-0.5, 0.25, 0.0, -2.0]);
         // The next task: the kept magnitudes (a zero one floored), the new task's signs.
         assert_eq!(
-            start(&mut learners, true, &[false, true, true]),
+            start(&mut learners, Personal::Magnitudes, &[false, true, true]),
             [-3.0, 0.75, 0.0, 1e-6]
         );
     }
 
     #[test]
+    fn own_scores_carry_their_signs_and_the_global_sign_only_tips_weak_ones() {
+        let bits = [true, false, true];
+        for (personal, next) in [
+            // Its own scores as they were, whatever the task's bits say.
+            (Personal::Own, [-3.0, 0.75, 0.0, 0.01]),
+            // Plus the task's sign at |θ₀| (+0.5, +0.25, −2.0 for the bits below): the strong
+            // own scores keep their signs, the weak last one takes the global sign.
+            (Personal::OwnPlusGlobal, [-2.5, 1.0, 0.0, -1.99]),
+        ] {
+            let mut learners = Learners::default();
+            let learn = Learn::Scores { personal };
+            start(&mut learners, personal, &bits);
+            let g = given(SupermaskKind::Sign, &bits);
+            learners.get(learn).finish(g, vec![-3.0, 0.75, 0.0, 0.01]);
+            assert_eq!(
+                start(&mut learners, personal, &[true, true, false]),
+                next,
+                "{personal:?}"
+            );
+        }
+    }
+
+    #[test]
     fn non_personal_scores_start_from_theta0_every_task() {
         let mut learners = Learners::default();
-        let learn = Learn::Scores { personal: false };
-        start(&mut learners, false, &[true, true, true]);
+        let learn = Learn::Scores {
+            personal: Personal::None,
+        };
+        start(&mut learners, Personal::None, &[true, true, true]);
         let g = given(SupermaskKind::Sign, &[true, true, true]);
         learners.get(learn).finish(g, vec![9.0, 9.0, 0.0, 9.0]);
         // |θ₀| again, whatever was learned before.
         assert_eq!(
-            start(&mut learners, false, &[false, true, true]),
+            start(&mut learners, Personal::None, &[false, true, true]),
             [-0.5, 0.25, 0.0, 2.0]
         );
     }
@@ -218,7 +253,9 @@ mod tests {
     #[test]
     fn keep_scores_switch_weights_on_and_off() {
         let mut learners = Learners::default();
-        let learn = Learn::Scores { personal: true };
+        let learn = Learn::Scores {
+            personal: Personal::Own,
+        };
         let g = given(SupermaskKind::Keep, &[true, true, true]);
         learners.get(learn).start(learn, g).unwrap();
         let weights = learners.get(learn).finish(g, vec![1.0, 0.5, 7.0, -1.0]);
@@ -233,7 +270,9 @@ mod tests {
             mask: None,
             supermask: None,
         };
-        let learn = Learn::Scores { personal: true };
+        let learn = Learn::Scores {
+            personal: Personal::Own,
+        };
         let err = learners.get(learn).start(learn, plain).err().unwrap();
         assert!(err.contains("no supermask"), "{err}");
         let w = learners.get(Learn::Weights);
