@@ -109,7 +109,8 @@ function fmtFigure(kind, v) {
     case 'milliseconds': return `${v.toFixed(1)} ms`;
     case 'seconds': return v < 1 ? `${(1e3 * v).toFixed(1)} ms` : `${v.toFixed(2)} s`;
     case 'bits': return v.toFixed(2);
-    default: return String(v);
+    // Four significant digits (a privacy ε of 7.984, a δ of 0.00001), not every digit a float has.
+    default: return String(Number(v.toPrecision(4)));
   }
 }
 
