@@ -19,7 +19,7 @@ test('FedProx trains in a WebGPU tab and a CPU tab', { timeout: 600_000 }, async
       assert.equal(s.roundsDone, 3);
     }
     const acc = m.rounds.map((r) => r.test_accuracy);
-    assert.ok(acc[2] > 0.6, `accuracy ${acc}`);
+    assert.ok(acc[2] > 0.5, `accuracy ${acc}`);
     assert.ok(m.rounds[2].test_loss < m.rounds[0].test_loss, 'loss fell');
     console.log(`fedprox μ = 0.5: accuracy ${acc.map((a) => a.toFixed(3)).join(' → ')}; median update norm ${m.rounds.map((r) => (r.extra['robust.median_norm'] ?? 0).toFixed(3)).join(', ')}`);
   } finally {
