@@ -92,15 +92,16 @@ impl DpFedAvg {
         }
     }
 
-    /// Gaussian noise of standard deviation z·C for each of `len` coordinates of a sum.
-    fn noise(&self, round: u32, len: usize) -> Vec<f64> {
+    /// Gaussian noise of standard deviation z·C, one draw per coordinate of a sum, in order
+    /// (drawn as the step uses it: no model-sized buffer).
+    fn noise(&self, round: u32) -> impl Iterator<Item = f64> {
         let sd = (self.own.noise * self.own.clip) as f64;
         let normal = Normal::new(0.0, sd).expect("a finite standard deviation");
-        let mut rng = match self.own.noise_seed {
+        let rng: StdRng = match self.own.noise_seed {
             Some(seed) => StdRng::seed_from_u64(seed ^ ((round as u64) << 32)),
             None => rand::make_rng(),
         };
-        (0..len).map(|_| normal.sample(&mut rng)).collect()
+        normal.sample_iter(rng)
     }
 }
 
@@ -176,9 +177,9 @@ impl Strategy for DpFedAvg {
         }
         // A resumed round may not have been configured by this process.
         let m = self.sampled.max(sum.count as usize).max(1) as f64;
-        let noise = self.noise(round, sum.len());
         let lr = self.config.server_lr as f64;
-        for ((x, s), n) in global.params.iter_mut().zip(&sum.weighted).zip(&noise) {
+        let noise = self.noise(round);
+        for ((x, s), n) in global.params.iter_mut().zip(&sum.weighted).zip(noise) {
             *x += (lr * (s + n) / m) as f32;
         }
         self.accountant.add(self.rate, self.own.noise as f64, 1);

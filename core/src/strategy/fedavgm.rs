@@ -109,12 +109,7 @@ impl Strategy for FedAvgM {
             self.config.server_momentum,
             self.config.server_lr,
         );
-        let speed = (self
-            .velocity
-            .iter()
-            .map(|v| (*v as f64).powi(2))
-            .sum::<f64>())
-        .sqrt();
+        let speed = crate::aggregate::robust::l2_distance(&self.velocity, None);
         let mut outcome = RoundOutcome::default();
         outcome
             .metrics

@@ -205,11 +205,10 @@ impl Strategy for FedOpt {
             ));
         }
         self.step(&mut global.params, &delta);
-        let norm = |x: &[f32]| x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
         let mut outcome = RoundOutcome::default();
         outcome.metrics.insert(
             crate::metric_keys::SERVER_VELOCITY_NORM.into(),
-            norm(&self.moments.m),
+            crate::aggregate::robust::l2_distance(&self.moments.m, None),
         );
         Ok(outcome)
     }
