@@ -129,8 +129,11 @@ function sentence(text, figures, extra) {
 function render(d) {
   const r = d.run;
   $('runline').textContent = `${r.strategy} · model ${r.model} · ${r.dataset} · ${r.partition} · run ${r.run_id}`;
-  $('phase').textContent = phaseText(d);
+  // A buffered run (FedBuff) has model versions instead of rounds, and a buffer filling up.
+  const b = d.buffer;
+  $('phase').textContent = b && d.phase === 'buffering' ? `buffering ${b.filled}/${b.size} · ${b.in_flight} training` : phaseText(d);
   $('phase').className = `badge ${d.phase}`;
+  $('round').previousElementSibling.textContent = b ? 'Version' : 'Round';
   $('round').textContent = `${d.round} / ${r.rounds}`;
   const rounds = d.rounds, last = rounds[rounds.length - 1];
   $('acc').textContent = last ? `${(100 * last.test_accuracy).toFixed(1)} %` : '–';

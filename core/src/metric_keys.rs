@@ -59,6 +59,16 @@ pub const DP_NOISE: &str = "dp_noise";
 pub const DP_CLIP: &str = "dp_clip";
 pub const DP_SAMPLING_RATE: &str = "dp_sampling_rate";
 
+/// A buffered run (`[buffered]`, FedBuff), per step (one model version): K, the results each
+/// step takes; the mean and largest staleness (versions between a result's task and its step)
+/// of the step's results; results dropped since the last step for being staler than
+/// `max_staleness`; clients training when the step was taken.
+pub const BUFFER_SIZE: &str = "buffer.size";
+pub const BUFFER_STALENESS_MEAN: &str = "buffer.staleness_mean";
+pub const BUFFER_STALENESS_MAX: &str = "buffer.staleness_max";
+pub const BUFFER_STALE_DROPPED: &str = "buffer.stale_dropped";
+pub const BUFFER_IN_FLIGHT: &str = "buffer.in_flight";
+
 /// Results from the previous round folded into this one (`run.late_results = "next_round"`).
 pub const LATE_RESULTS: &str = "late_results";
 
@@ -242,6 +252,26 @@ pub const FIGURES: &[Figure] = &[
         Kind::Seconds,
         Panel::Summary,
     ),
+    figure(BUFFER_SIZE, "buffer K", Kind::Count, Panel::Summary),
+    figure(
+        BUFFER_STALENESS_MEAN,
+        "mean staleness",
+        Kind::Number,
+        Panel::Summary,
+    ),
+    figure(
+        BUFFER_STALENESS_MAX,
+        "largest staleness",
+        Kind::Count,
+        Panel::Summary,
+    ),
+    figure(
+        BUFFER_STALE_DROPPED,
+        "dropped as stale",
+        Kind::Count,
+        Panel::Summary,
+    ),
+    figure(BUFFER_IN_FLIGHT, "training", Kind::Count, Panel::Summary),
     figure(DP_EPSILON, "privacy ε", Kind::Number, Panel::Summary),
     figure(DP_DELTA, "δ", Kind::Number, Panel::Summary),
     figure(DP_NOISE, "noise z", Kind::Number, Panel::Summary),
@@ -280,6 +310,14 @@ pub fn sentences() -> Vec<String> {
             slot_per(GRAD_BYTES_DOWN, EXCHANGES),
             slot(TAB_MS_PER_BATCH),
             slot_per(SERVER_SECONDS, EXCHANGES),
+        ),
+        format!(
+            "buffered: each version from {} results · staleness mean {}, largest {} versions · {} dropped as too stale · {} clients training",
+            slot(BUFFER_SIZE),
+            slot(BUFFER_STALENESS_MEAN),
+            slot(BUFFER_STALENESS_MAX),
+            slot(BUFFER_STALE_DROPPED),
+            slot(BUFFER_IN_FLIGHT),
         ),
         format!(
             "differential privacy: ε {} at δ {} so far · noise z {} · clip C {} · sampling q {}",

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use canopy_core::aggregate::robust::{Clip, RobustConfig, Rule};
+use canopy_core::aggregate::staleness::BufferedConfig;
 use canopy_core::data::partition::Partition;
 use canopy_core::strategy::{self, Settings, Strategy, StrategyConfig};
 
@@ -26,6 +27,11 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// One server, or a root and edges federated through NATS JetStream (`[scale]`).
     pub scale: crate::scale::ScaleConfig,
+    /// Asynchronous buffered aggregation (`[buffered]`, FedBuff): present, the server hands out
+    /// tasks as clients come free and steps the model every K results instead of running rounds
+    /// (`run.rounds` then counts steps; see README, "Asynchronous buffered aggregation").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub buffered: Option<BufferedConfig>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -205,6 +211,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             limits: LimitsConfig::default(),
             scale: Default::default(),
+            buffered: None,
         }
     }
 }
@@ -557,6 +564,12 @@ impl Config {
         self.limits.validate()?;
         self.scale
             .validate(self.run.name.as_deref(), &self.aggregation)?;
+        if let Some(b) = &self.buffered {
+            b.validate()?;
+            if self.scale.role != crate::scale::Role::Single {
+                return Err("[buffered] runs on one server: edges take the root's rounds in lock-step (drop [buffered] or [scale])".into());
+            }
+        }
         self.strategy.check()
     }
 }

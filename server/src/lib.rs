@@ -237,6 +237,14 @@ fn build_model(
     let strategy = config.strategy.build()?;
     strategy.check_model(&arch)?;
     strategy.check_robust(&config.aggregation)?;
+    if config.buffered.is_some() {
+        strategy.check_buffered().map_err(|e| {
+            format!(
+                "[buffered] cannot run strategy {}: {e}. FedAvg, FedAvgM, FedProx, FedAdagrad, FedAdam and FedYogi can",
+                config.strategy.name
+            )
+        })?;
+    }
     Ok((strategy, ModelState::init(arch, config.run.seed)))
 }
 
@@ -437,7 +445,7 @@ async fn start_root(
 }
 
 /// Runs the rounds in the background: on an edge under its root (named by `scale.edge`, or by
-/// its port), elsewhere on their own.
+/// its port), elsewhere on their own, in lock-step or (with `[buffered]`) asynchronously.
 fn spawn_rounds(
     round_loop: RoundLoop,
     link: Option<scale::Link>,
@@ -459,7 +467,10 @@ fn spawn_rounds(
                 .unwrap_or_else(|| format!("http://{addr}/"));
             tokio::spawn(scale::edge::run(round_loop, link, name, url))
         }
-        _ => tokio::spawn(round_loop.run()),
+        _ => match config.buffered.clone() {
+            Some(buffered) => tokio::spawn(round::buffered::run(round_loop, buffered)),
+            None => tokio::spawn(round_loop.run()),
+        },
     }
 }
 

@@ -178,6 +178,116 @@ fn dp_fedavg_clips_in_tabs_reports_epsilon_and_needs_the_plain_mean() {
     });
 }
 
+#[test]
+fn buffered_fedavg_with_slow_clients_beats_rounds_in_lock_step_to_their_accuracy() {
+    let rt = runtime();
+    rt.block_on(async {
+        // Six clients, two of them five times slower (clients 2 and 5).
+        let paces = canopy_server::lab::compare::paces(6, Some("0.34:5")).unwrap();
+        assert_eq!(paces.iter().filter(|&&p| p == 5.0).count(), 2);
+        // In lock-step: half the clients each round, so most rounds wait for a slow one.
+        let mut sync = config("lockstep", 6, 6);
+        sync.strategy.config.fraction = 0.5;
+        let app = run_paced(sync, &paces).await;
+        let sync = records(&app);
+        assert_eq!(sync.len(), 6);
+        let target = sync.last().unwrap().test_accuracy;
+        let sync_seconds: f64 = sync.iter().map(|r| r.seconds).sum();
+        // Buffered: every idle client trains, a step every 3 results.
+        let mut buffered = config("buffered", 20, 6);
+        buffered.buffered = Some(canopy_core::aggregate::staleness::BufferedConfig {
+            buffer: 3,
+            ..Default::default()
+        });
+        let app = run_paced(buffered, &paces).await;
+        let steps = records(&app);
+        assert_eq!(steps.len(), 20);
+        assert!(steps.iter().all(|r| r.results == 3 && r.rejected == 0));
+        // Slow clients' results arrive versions later and are weighed as such.
+        let stale = |r: &RoundRecord| r.extra["buffer.staleness_max"];
+        assert!(steps.iter().any(|r| stale(r) >= 1.0), "some results were stale");
+        let mut spent = 0.0;
+        let reached = steps.iter().find_map(|r| {
+            spent += r.seconds;
+            (r.test_accuracy >= target).then_some(spent)
+        });
+        let accs: Vec<f32> = steps.iter().map(|r| r.test_accuracy).collect();
+        let reached = reached.unwrap_or_else(|| panic!("buffered never reached {target}: {accs:?}"));
+        assert!(
+            reached < sync_seconds,
+            "buffered reached {target} in {reached:.2} s, lock-step rounds took {sync_seconds:.2} s"
+        );
+        eprintln!(
+            "lock-step: {target:.4} in {sync_seconds:.2} s; buffered: reached it in {reached:.2} s ({accs:?})"
+        );
+    });
+}
+
+#[test]
+fn a_buffered_run_drops_results_past_max_staleness_and_refuses_lock_step_methods() {
+    let rt = runtime();
+    rt.block_on(async {
+        let paces = canopy_server::lab::compare::paces(4, Some("0.5:6")).unwrap();
+        let mut cfg = config("stale", 8, 4);
+        cfg.buffered = Some(canopy_core::aggregate::staleness::BufferedConfig {
+            buffer: 1,
+            max_staleness: 0,
+            ..Default::default()
+        });
+        // Every result that is not fresh is dropped (and the client told), so each step is
+        // made of fresh results only.
+        let running = canopy_server::start(cfg).await.unwrap();
+        let url = format!("ws://{}/ws", running.addr);
+        let sims = tokio::task::spawn_blocking(move || {
+            canopy_server::lab::sim::run_many_paced(&url, &paces, "sim", Duration::from_secs(10))
+        });
+        let app = running.app.clone();
+        tokio::time::timeout(Duration::from_secs(300), running.rounds)
+            .await
+            .expect("run finished in time")
+            .unwrap();
+        let reports = sims.await.unwrap();
+        let steps = records(&app);
+        assert_eq!(steps.len(), 8);
+        assert!(steps.iter().all(|r| r.extra["buffer.staleness_max"] == 0.0));
+        let dropped: f64 = steps.iter().map(|r| r.extra["buffer.stale_dropped"]).sum();
+        assert!(dropped >= 1.0, "slow clients' results were stale");
+        let told = reports
+            .iter()
+            .flat_map(|r| &r.errors)
+            .filter(|e| e.contains("past max_staleness = 0"))
+            .count();
+        assert_eq!(told as f64, dropped, "{reports:?}");
+        // A method whose rounds depend on one another is refused at start, saying why.
+        let mut auto = config("refused", 2, 2);
+        auto.strategy.name = "autoflip".into();
+        auto.buffered = Some(Default::default());
+        let e = canopy_server::start(auto).await.err().unwrap();
+        assert!(e.contains("[buffered] cannot run strategy autoflip"), "{e}");
+    });
+}
+
+/// Runs `cfg` with one native client per pace (see `lab::sim::run_many_paced`) to the end.
+async fn run_paced(cfg: Config, paces: &[f64]) -> std::sync::Arc<canopy_server::App> {
+    let running = canopy_server::start(cfg).await.unwrap();
+    let url = format!("ws://{}/ws", running.addr);
+    let paces = paces.to_vec();
+    let sims = tokio::task::spawn_blocking(move || {
+        canopy_server::lab::sim::run_many_paced(&url, &paces, "sim", Duration::from_secs(10))
+    });
+    let app = running.app.clone();
+    tokio::time::timeout(Duration::from_secs(300), running.rounds)
+        .await
+        .expect("run finished in time")
+        .unwrap();
+    let reports = sims.await.unwrap();
+    assert!(
+        reports.iter().all(|r| r.finished && r.errors.is_empty()),
+        "{reports:?}"
+    );
+    app
+}
+
 /// Runs `cfg` with `n` native clients to the end and returns the app for inspection.
 async fn run_with_sims(cfg: Config, n: usize) -> std::sync::Arc<canopy_server::App> {
     let running = canopy_server::start(cfg).await.unwrap();

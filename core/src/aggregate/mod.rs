@@ -1,9 +1,11 @@
 //! Aggregation: the accepted results ([`Contribution`]), the math on flat parameter vectors, the
-//! robust layer ([`robust`]), streaming running sums ([`stream`]) and differential privacy's
-//! accountant ([`privacy`]). Strategies build on this; nothing here knows a strategy.
+//! robust layer ([`robust`]), streaming running sums ([`stream`]), differential privacy's
+//! accountant ([`privacy`]) and the staleness weights of asynchronous buffered aggregation
+//! ([`staleness`]). Strategies build on this; nothing here knows a strategy.
 
 pub mod privacy;
 pub mod robust;
+pub mod staleness;
 pub mod stream;
 
 use serde::{Deserialize, Serialize};

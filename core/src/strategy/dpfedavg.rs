@@ -123,6 +123,11 @@ pub fn build(
 }
 
 impl Strategy for DpFedAvg {
+    /// The accountant counts rounds of clients sampled at rate q; a buffered run has neither.
+    fn check_buffered(&self) -> Result<(), String> {
+        Err("its privacy accountant counts rounds of clients sampled at a known rate, which a buffered run does not have (asynchronous DP is not built)".into())
+    }
+
     fn configure_round(
         &mut self,
         round: u32,

@@ -55,6 +55,12 @@ pub fn build(
 }
 
 impl Strategy for FedAvgM {
+    /// Each task trains the model it was sent and each result is a plain update, so a buffered
+    /// step is one of its rounds (momentum carries from step to step).
+    fn check_buffered(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     fn configure_round(
         &mut self,
         round: u32,

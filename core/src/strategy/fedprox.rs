@@ -47,6 +47,11 @@ pub fn build(
 }
 
 impl Strategy for FedProx {
+    /// The proximal term pulls towards the model each task was sent, whatever its version.
+    fn check_buffered(&self) -> Result<(), String> {
+        self.fedavg.check_buffered()
+    }
+
     fn configure_round(
         &mut self,
         round: u32,

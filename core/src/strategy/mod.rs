@@ -183,6 +183,16 @@ pub trait Strategy: Send {
         Ok(())
     }
 
+    /// Checks that this strategy can run under the buffered driver (`[buffered]`, FedBuff: no
+    /// rounds in lock-step; a result trained on an older model joins the newest, its update
+    /// scaled by its staleness, and every K results are one step through
+    /// [`Strategy::aggregate_sum`] or [`Strategy::aggregate`]). A method whose rounds differ from
+    /// one another (phases, in-round exchanges, a model that changes shape, supermask votes), or
+    /// whose guarantee counts rounds, says why not; the server then refuses to start.
+    fn check_buffered(&self) -> Result<(), String> {
+        Err("its rounds depend on one another (phases, exchanges, a changing model or votes), so they must run in lock-step".into())
+    }
+
     /// Whether this strategy decides on the server's validation split ([`RoundContext::validate`]):
     /// the server then refuses to start with an empty one.
     fn needs_validation(&self) -> bool {

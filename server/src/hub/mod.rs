@@ -32,7 +32,7 @@ use rounds::Rounds;
 
 pub use clients::{CLOSE, Client, Status};
 pub use edges::{EdgeRow, PartialRow};
-pub use rounds::{Control, Phase};
+pub use rounds::{BufferFill, Control, Phase};
 
 pub struct Hub {
     clients: Clients,
@@ -347,6 +347,15 @@ impl Hub {
 
     pub fn record(&mut self, record: RoundRecord) {
         self.rounds.record(record);
+    }
+
+    /// A buffered run's buffer changed (results in, a step taken, a client busy or free).
+    pub fn set_buffer(&mut self, fill: BufferFill) {
+        self.rounds.set_buffer(fill);
+    }
+
+    pub fn buffer(&self) -> Option<&BufferFill> {
+        self.rounds.buffer()
     }
 
     /// Finished rounds, in order.

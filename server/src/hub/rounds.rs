@@ -66,6 +66,21 @@ pub struct Control {
     pub next_strategy: Option<String>,
 }
 
+/// A buffered run's buffer between two steps, as the dashboard shows it (`[buffered]`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct BufferFill {
+    /// The model version the buffer will make (the "round" of a buffered run).
+    pub version: u32,
+    /// Results in the buffer, of `size` (K) per step.
+    pub filled: usize,
+    pub size: usize,
+    /// Clients training now, each on the version it was sent.
+    pub in_flight: usize,
+    /// Results dropped since the run began for being staler than `max_staleness` versions.
+    pub stale_dropped: u64,
+    pub max_staleness: u32,
+}
+
 /// The rounds of a run as the public sees them. Its rules: bytes count per round, rounds done
 /// or under way cannot be taken back, an ended run cannot be started again.
 pub struct Rounds {
@@ -78,6 +93,8 @@ pub struct Rounds {
     bytes_up: u64,
     bytes_down: u64,
     control: Control,
+    /// A buffered run's buffer (`None` in a run of rounds).
+    buffer: Option<BufferFill>,
 }
 
 impl Rounds {
@@ -96,6 +113,7 @@ impl Rounds {
                 held: hold,
                 ..Control::default()
             },
+            buffer: None,
         }
     }
 
@@ -137,6 +155,14 @@ impl Rounds {
 
     pub fn record(&mut self, record: RoundRecord) {
         self.records.push(record);
+    }
+
+    pub fn set_buffer(&mut self, fill: BufferFill) {
+        self.buffer = Some(fill);
+    }
+
+    pub fn buffer(&self) -> Option<&BufferFill> {
+        self.buffer.as_ref()
     }
 
     /// Finished rounds, in order.

@@ -14,6 +14,8 @@ pub fn snapshot(hub: &Hub, config: &serde_json::Value, arch: &Arch) -> serde_jso
         "config": config,
         "phase": hub.phase(),
         "round": hub.round(),
+        // A buffered run (`[buffered]`): its version, buffer fill, clients training, stale drops.
+        "buffer": hub.buffer(),
         "elapsed_seconds": hub.elapsed_seconds(),
         // On a root: the tabs connected to its live edges (heard from within the edge timeout,
         // which the dashboard also marks late edges by).

@@ -89,17 +89,21 @@ pub struct SimReport {
 /// Runs one client until the server says the run is finished. Reconnects (keeping its id, so
 /// its data shard) with backoff when the connection drops, for up to `patience`.
 pub fn run_client(url: &str, name: &str, patience: Duration) -> SimReport {
-    run_client_signalling(url, name, patience, None, Attack::None)
+    run_client_signalling(url, name, patience, None, Attack::None, 1.0)
 }
 
 /// Like [`run_client`], and says on `joined` when the server has welcomed it.
 /// An attacking client runs the same runtime and alters its shard and results ([`Attack`]).
+/// A client of `pace` p > 1 stands for a device p times slower: it waits (p − 1) times as long
+/// as each task took before sending its result (waiting, not computing, so slow clients do not
+/// slow the machine's other clients down).
 fn run_client_signalling(
     url: &str,
     name: &str,
     patience: Duration,
     joined: Option<std::sync::mpsc::Sender<()>>,
     attack: Attack,
+    pace: f64,
 ) -> SimReport {
     let mut joined = joined;
     let info = DeviceInfo::new(
@@ -129,7 +133,7 @@ fn run_client_signalling(
                     .unwrap()
                     .send(Message::binary(hello))
                     .ok();
-                if serve(&mut rt, &mut report, &mut joined, attack) {
+                if serve(&mut rt, &mut report, &mut joined, attack, pace) {
                     report.finished = true;
                     return report;
                 }
@@ -153,6 +157,7 @@ fn serve(
     report: &mut SimReport,
     joined: &mut Option<std::sync::mpsc::Sender<()>>,
     attack: Attack,
+    pace: f64,
 ) -> bool {
     let mut upload = UploadSpec::Weights;
     loop {
@@ -195,7 +200,12 @@ fn serve(
             _ => {}
         }
         let welcome = matches!(msg, ServerMsg::Welcome(_));
+        let task = matches!(msg, ServerMsg::Task(_));
+        let working = Instant::now();
         let mut reply = pollster::block_on(rt.handle(msg));
+        if task && pace > 1.0 {
+            std::thread::sleep(working.elapsed().mul_f64(pace - 1.0));
+        }
         if attack != Attack::None {
             if welcome && let Some(shard) = rt.shard.as_mut() {
                 attack.poison_shard(shard);
@@ -231,14 +241,37 @@ pub fn run_many_attacking(
     prefix: &str,
     patience: Duration,
 ) -> Vec<SimReport> {
-    let handles: Vec<_> = attacks
+    let clients: Vec<(Attack, f64)> = attacks.iter().map(|&a| (a, 1.0)).collect();
+    run_many_as(url, &clients, prefix, patience)
+}
+
+/// Like [`run_many`], one honest client per entry of `paces`: client i is `paces[i]` times
+/// slower than this machine runs it (see [`run_client_signalling`]).
+pub fn run_many_paced(
+    url: &str,
+    paces: &[f64],
+    prefix: &str,
+    patience: Duration,
+) -> Vec<SimReport> {
+    let clients: Vec<(Attack, f64)> = paces.iter().map(|&p| (Attack::None, p)).collect();
+    run_many_as(url, &clients, prefix, patience)
+}
+
+/// One client per entry: its attack and its pace.
+fn run_many_as(
+    url: &str,
+    clients: &[(Attack, f64)],
+    prefix: &str,
+    patience: Duration,
+) -> Vec<SimReport> {
+    let handles: Vec<_> = clients
         .iter()
         .enumerate()
-        .map(|(i, &attack)| {
+        .map(|(i, &(attack, pace))| {
             let (url, name) = (url.to_string(), format!("{prefix}-{i}"));
             let (tx, rx) = std::sync::mpsc::channel();
             let h = std::thread::spawn(move || {
-                run_client_signalling(&url, &name, patience, Some(tx), attack)
+                run_client_signalling(&url, &name, patience, Some(tx), attack, pace)
             });
             // Wait for the welcome (or for the client to give up) before starting the next.
             let _ = rx.recv_timeout(patience + Duration::from_secs(5));

@@ -112,7 +112,7 @@ impl Collected {
     }
 
     /// Nothing came back (the round could not be run; the loop retries it).
-    fn none(start: Arc<Vec<f32>>) -> Collected {
+    pub(crate) fn none(start: Arc<Vec<f32>>) -> Collected {
         Collected {
             results: Vec::new(),
             stream: None,
@@ -204,13 +204,36 @@ impl RoundLoop {
         if self.too_few(round, &got) {
             return Attempt::Retry;
         }
+        match self
+            .conclude(round, retries, started, &global, &mut got, Vec::new())
+            .await
+        {
+            true => Attempt::Done,
+            false => Attempt::Retry,
+        }
+    }
+
+    /// What came back becomes the next global model: aggregated (with `extra` added to the
+    /// outcome's figures), evaluated on the test set, recorded and saved. A round of this loop
+    /// ends here, and so does a step of the buffered driver (`round/buffered.rs`). `started`:
+    /// when the round (or the step's buffer) began. `false` (said why): nothing was aggregated.
+    pub(crate) async fn conclude(
+        &mut self,
+        round: u32,
+        retries: u32,
+        started: Instant,
+        global: &ModelState,
+        got: &mut Collected,
+        extra: Vec<(String, f64)>,
+    ) -> bool {
         self.hub
             .lock()
             .unwrap()
             .set_phase(Phase::Aggregating, round);
-        let Some((next, outcome)) = self.aggregate(round, &global, &mut got) else {
-            return Attempt::Retry;
+        let Some((next, mut outcome)) = self.aggregate(round, global, got) else {
+            return false;
         };
+        outcome.metrics.extend(extra);
         let eval = evaluate::on(&next, &self.test).await.unwrap_or_else(|e| {
             tracing::error!(round, "evaluating the global model failed: {e}");
             Default::default()
@@ -223,8 +246,8 @@ impl RoundLoop {
             rejected: got.rejected,
             retries,
         };
-        self.record_and_save(tally, &got.results, eval, &global, next, outcome);
-        Attempt::Done
+        self.record_and_save(tally, &got.results, eval, global, next, outcome);
+        true
     }
 
     /// Runs one round on this server's own clients, as `plan` says: sends its tasks (the
@@ -270,7 +293,7 @@ impl RoundLoop {
     }
 
     /// The previous round's median update norm, if it was measured on a model of `len` values.
-    fn prior(&self, len: usize) -> Option<f64> {
+    pub(crate) fn prior(&self, len: usize) -> Option<f64> {
         self.norm_prior.filter(|(l, _)| *l == len).map(|(_, m)| m)
     }
 
@@ -495,7 +518,7 @@ impl RoundLoop {
 
     /// The run is over (finished, or stopped from the dashboard): the edges and every client
     /// are told, the run folder saved, and clients given time to take their Bye.
-    async fn end(&mut self, round: u32) {
+    pub(crate) async fn end(&mut self, round: u32) {
         let stopped = self.hub.lock().unwrap().control().stop;
         let (phase, reason) = if stopped {
             (Phase::Stopped, "run stopped from the dashboard")
@@ -619,7 +642,7 @@ impl RoundLoop {
 
     /// At a round boundary: holds while the dashboard paused the run, then says whether round
     /// `round` should run (not stopped, and within the round count, which the dashboard can change).
-    async fn proceed(&mut self, round: u32) -> bool {
+    pub(crate) async fn proceed(&mut self, round: u32) -> bool {
         loop {
             {
                 let mut hub = self.hub.lock().unwrap();
@@ -653,7 +676,7 @@ impl RoundLoop {
 
     /// Waits until `min_clients` are connected and idle; meanwhile handles stray messages.
     /// Returns no clients when the dashboard paused or stopped the run meanwhile.
-    async fn wait_for_clients(&mut self, round: u32) -> Vec<ClientView> {
+    pub(crate) async fn wait_for_clients(&mut self, round: u32) -> Vec<ClientView> {
         self.hub
             .lock()
             .unwrap()
@@ -708,10 +731,31 @@ impl RoundLoop {
         } = plan;
         let mut hub = self.hub.lock().unwrap();
         hub.begin_round(round, phase);
-        let mut pending = BTreeMap::new();
         // Requests within the round may come as soon as the first task is out.
         self.desk
             .open(round, exchange, tasks.iter().map(|(id, _)| *id));
+        let pending = self.send_frames(&mut hub, round, tasks);
+        for c in hub.idle_clients() {
+            hub.send(
+                c.id,
+                &ServerMsg::Wait {
+                    round,
+                    reason: "not sampled this round".into(),
+                },
+            );
+        }
+        pending
+    }
+
+    /// Writes each task's frame into its client's outbox and marks the client busy with it;
+    /// the tasks that went out, by client.
+    pub(crate) fn send_frames(
+        &self,
+        hub: &mut Hub,
+        round: u32,
+        tasks: Vec<(u64, Task)>,
+    ) -> BTreeMap<u64, Task> {
+        let mut pending = BTreeMap::new();
         // Each distinct model is encoded once (twice with a mask: in full, and with only its
         // version for clients that hold it) and shared by every frame that carries it.
         let mut encoded: BTreeMap<(usize, bool), Bytes> = BTreeMap::new();
@@ -745,15 +789,6 @@ impl RoundLoop {
             } else {
                 self.desk.close_client(id);
             }
-        }
-        for c in hub.idle_clients() {
-            hub.send(
-                c.id,
-                &ServerMsg::Wait {
-                    round,
-                    reason: "not sampled this round".into(),
-                },
-            );
         }
         pending
     }

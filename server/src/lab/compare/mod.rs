@@ -10,6 +10,7 @@ use crate::config::{Config, parse_partition};
 
 pub mod row;
 pub mod split_table;
+pub mod time_table;
 
 pub use row::Row;
 
@@ -47,13 +48,44 @@ pub struct CompareArgs {
     /// Use at most this many training samples of each dataset (overrides the config).
     #[arg(long)]
     pub max_train: Option<usize>,
-    /// Which table: `pruning` (accuracy, bytes, model size) or `split` (bytes each way,
-    /// clients' and server's computing, simulated wall time on `--link`).
+    /// Which table: `pruning` (accuracy, bytes, model size), `split` (bytes each way,
+    /// clients' and server's computing, simulated wall time on `--link`) or `time` (accuracy
+    /// against server seconds, for `--slow` clients and buffered runs).
     #[arg(long, default_value = "pruning")]
     pub table: String,
     /// Simulated client link for the split table: Mbit/s each way, one-way latency in ms.
     #[arg(long, default_value = "10,20")]
     pub link: crate::lab::compare::split_table::Link,
+    /// Slow clients, `FRACTION:FACTOR`: that fraction of the clients (every third for 0.33,
+    /// spread over the shards) take FACTOR times as long per task, as slower devices would.
+    #[arg(long)]
+    pub slow: Option<String>,
+}
+
+/// Each client's pace for `--slow FRACTION:FACTOR` (1 for the others): client i is slow when
+/// ⌊(i + 1)·f⌋ > ⌊i·f⌋, so slow clients are spread evenly over the shards.
+pub fn paces(n: usize, slow: Option<&str>) -> Result<Vec<f64>, String> {
+    let Some(slow) = slow else {
+        return Ok(vec![1.0; n]);
+    };
+    let bad = || format!("--slow '{slow}': FRACTION:FACTOR, e.g. 0.33:5");
+    let (f, k) = slow.split_once(':').ok_or_else(bad)?;
+    let (f, k): (f64, f64) = (
+        f.trim().parse().map_err(|_| bad())?,
+        k.trim().parse().map_err(|_| bad())?,
+    );
+    if !(0.0..=1.0).contains(&f) || !(k >= 1.0) || !k.is_finite() {
+        return Err(bad());
+    }
+    Ok((0..n)
+        .map(|i| {
+            if ((i + 1) as f64 * f).floor() > (i as f64 * f).floor() {
+                k
+            } else {
+                1.0
+            }
+        })
+        .collect())
 }
 
 /// The comma-separated strategy list, with commas inside braces left alone.
@@ -198,9 +230,9 @@ pub async fn run(args: CompareArgs) -> Result<Vec<Row>, String> {
                 let t0 = Instant::now();
                 let running = crate::start(c).await?;
                 let url = format!("ws://{}/ws", running.addr);
-                let n = args.clients;
+                let paces = paces(args.clients, args.slow.as_deref())?;
                 let sims = tokio::task::spawn_blocking(move || {
-                    crate::lab::sim::run_many(&url, n, "sim", Duration::from_secs(30))
+                    crate::lab::sim::run_many_paced(&url, &paces, "sim", Duration::from_secs(30))
                 });
                 let app = running.app.clone();
                 running.rounds.await.map_err(|e| e.to_string())?;
@@ -229,7 +261,8 @@ pub async fn run(args: CompareArgs) -> Result<Vec<Row>, String> {
     let md = match args.table.as_str() {
         "pruning" => markdown(&rows, args.target),
         "split" => crate::lab::compare::split_table::markdown(&rows, args.link),
-        other => return Err(format!("unknown table '{other}': pruning or split")),
+        "time" => crate::lab::compare::time_table::markdown(&rows, args.target),
+        other => return Err(format!("unknown table '{other}': pruning, split or time")),
     };
     let csv = csv(&rows, args.target);
     std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
@@ -292,6 +325,16 @@ mod tests {
         let mut c = Config::default();
         c.strategy.name = name.into();
         c
+    }
+
+    #[test]
+    fn a_third_of_the_clients_are_slow_and_spread_out() {
+        let p = paces(9, Some("0.34:5")).unwrap();
+        assert_eq!(p, vec![1.0, 1.0, 5.0, 1.0, 1.0, 5.0, 1.0, 1.0, 5.0]);
+        assert_eq!(paces(3, None).unwrap(), vec![1.0; 3]);
+        assert!(paces(3, Some("0.5")).is_err());
+        assert!(paces(3, Some("2:5")).is_err());
+        assert!(paces(3, Some("0.5:0.5")).is_err());
     }
 
     #[test]

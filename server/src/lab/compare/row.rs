@@ -37,6 +37,22 @@ impl Row {
             .find(|r| r.test_accuracy >= t)
             .map_or("–".into(), |r| r.round.to_string())
     }
+    /// Server seconds (the rounds', or a buffered run's steps', summed) until the first round
+    /// at accuracy `t` or above.
+    pub fn seconds_to(&self, t: f32) -> Option<f64> {
+        let mut sum = 0.0;
+        for r in &self.rounds {
+            sum += r.seconds;
+            if r.test_accuracy >= t {
+                return Some(sum);
+            }
+        }
+        None
+    }
+    /// Server seconds over the whole run (its rounds', or steps', summed).
+    pub fn server_seconds(&self) -> f64 {
+        self.rounds.iter().map(|r| r.seconds).sum()
+    }
     /// Mean of the clients' accuracy on their own held-out splits in the last round (for
     /// personalising methods, their own models).
     pub fn local_acc(&self) -> f32 {
