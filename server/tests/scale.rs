@@ -201,7 +201,7 @@ async fn client(
                 panic!("a synthetic result")
             };
             let (Update::Weights(w) | Update::Delta(w)) = &r.update else {
-                panic!("FedAvg uploads weights, FedAvgM deltas")
+                panic!("FedAvg and FedProx upload weights, FedAvgM and FedAdam deltas")
             };
             let mut b = book.lock().unwrap();
             let known = b
@@ -232,6 +232,14 @@ fn fedavg_across_edges_equals_one_server() {
 #[test]
 fn fedavgm_across_edges_equals_one_server() {
     edges_aggregate_as_one_server("fedavgm");
+}
+
+/// FedProx aggregates as FedAvg does (its term is in the clients' training), FedAdam steps its
+/// moments on the mean delta: both stream, so the root's model must be one server's.
+#[test]
+fn fedprox_and_fedadam_across_edges_equal_one_server() {
+    edges_aggregate_as_one_server("fedprox");
+    edges_aggregate_as_one_server("fedadam");
 }
 
 /// The scale tests start several servers each and depend on their reports' timing: one at a time.
