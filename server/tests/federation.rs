@@ -236,17 +236,7 @@ fn a_buffered_run_drops_results_past_max_staleness_and_refuses_lock_step_methods
         });
         // Every result that is not fresh is dropped (and the client told), so each step is
         // made of fresh results only.
-        let running = canopy_server::start(cfg).await.unwrap();
-        let url = format!("ws://{}/ws", running.addr);
-        let sims = tokio::task::spawn_blocking(move || {
-            canopy_server::lab::sim::run_many_paced(&url, &paces, "sim", Duration::from_secs(10))
-        });
-        let app = running.app.clone();
-        tokio::time::timeout(Duration::from_secs(300), running.rounds)
-            .await
-            .expect("run finished in time")
-            .unwrap();
-        let reports = sims.await.unwrap();
+        let (app, reports) = run_paced_reporting(cfg, &paces).await;
         let steps = records(&app);
         assert_eq!(steps.len(), 8);
         assert!(steps.iter().all(|r| r.extra["buffer.staleness_max"] == 0.0));
@@ -267,8 +257,15 @@ fn a_buffered_run_drops_results_past_max_staleness_and_refuses_lock_step_methods
     });
 }
 
-/// Runs `cfg` with one native client per pace (see `lab::sim::run_many_paced`) to the end.
-async fn run_paced(cfg: Config, paces: &[f64]) -> std::sync::Arc<canopy_server::App> {
+/// Runs `cfg` with one native client per pace (see `lab::sim::run_many_paced`) to the end:
+/// the app for inspection and what each client reported.
+async fn run_paced_reporting(
+    cfg: Config,
+    paces: &[f64],
+) -> (
+    std::sync::Arc<canopy_server::App>,
+    Vec<canopy_server::lab::sim::SimReport>,
+) {
     let running = canopy_server::start(cfg).await.unwrap();
     let url = format!("ws://{}/ws", running.addr);
     let paces = paces.to_vec();
@@ -280,7 +277,12 @@ async fn run_paced(cfg: Config, paces: &[f64]) -> std::sync::Arc<canopy_server::
         .await
         .expect("run finished in time")
         .unwrap();
-    let reports = sims.await.unwrap();
+    (app, sims.await.unwrap())
+}
+
+/// [`run_paced_reporting`], where every client must finish without an error.
+async fn run_paced(cfg: Config, paces: &[f64]) -> std::sync::Arc<canopy_server::App> {
+    let (app, reports) = run_paced_reporting(cfg, paces).await;
     assert!(
         reports.iter().all(|r| r.finished && r.errors.is_empty()),
         "{reports:?}"
@@ -288,24 +290,9 @@ async fn run_paced(cfg: Config, paces: &[f64]) -> std::sync::Arc<canopy_server::
     app
 }
 
-/// Runs `cfg` with `n` native clients to the end and returns the app for inspection.
+/// Runs `cfg` with `n` native clients of this machine's speed to the end.
 async fn run_with_sims(cfg: Config, n: usize) -> std::sync::Arc<canopy_server::App> {
-    let running = canopy_server::start(cfg).await.unwrap();
-    let url = format!("ws://{}/ws", running.addr);
-    let sims = tokio::task::spawn_blocking(move || {
-        canopy_server::lab::sim::run_many(&url, n, "sim", Duration::from_secs(10))
-    });
-    let app = running.app.clone();
-    tokio::time::timeout(Duration::from_secs(300), running.rounds)
-        .await
-        .expect("run finished in time")
-        .unwrap();
-    let reports = sims.await.unwrap();
-    assert!(
-        reports.iter().all(|r| r.finished && r.errors.is_empty()),
-        "{reports:?}"
-    );
-    app
+    run_paced(cfg, &vec![1.0; n]).await
 }
 
 fn autoflip(name: &str, q: f64, rounds: u32) -> Config {
