@@ -218,9 +218,11 @@ impl Hub {
         self.clients.task_failed(id);
     }
 
-    /// Training progress from `id`, shown while it belongs to the current round.
+    /// Training progress from `id`, shown while it belongs to the client's latest task (in a
+    /// buffered run a task trains an older version than the one being made, and a straggler's
+    /// an older round).
     pub fn progress(&mut self, id: u64, round: u32, progress: Progress) {
-        if self.rounds.round() == round {
+        if self.clients.get(id).and_then(|c| c.last_round) == Some(round) {
             self.clients.progress(id, progress);
         }
     }
@@ -500,7 +502,7 @@ mod tests {
     }
 
     #[test]
-    fn progress_shows_only_for_the_current_round() {
+    fn progress_shows_only_for_the_clients_latest_task() {
         let mut h = hub();
         let (tx, _rx) = channel(1 << 20);
         let id = h.join(hello("a", None), tx).unwrap();
@@ -510,5 +512,12 @@ mod tests {
         assert!(h.client(id).unwrap().progress.is_none());
         h.progress(id, 2, Progress::default());
         assert!(h.client(id).unwrap().progress.is_some());
+        // A buffered run has gone on to version 5 while this client trains version 2's task.
+        let (tx, _rx2) = channel(1 << 20);
+        let b = h.join(hello("b", None), tx).unwrap();
+        h.task_sent(b, 2);
+        h.begin_round(5, StrategyPhase::Training);
+        h.progress(b, 2, Progress::default());
+        assert!(h.client(b).unwrap().progress.is_some());
     }
 }
