@@ -456,5 +456,7 @@ impl Driver {
             .lock()
             .unwrap()
             .begin_round(self.version, strategy::Phase::named(PHASE));
+        // The dashboard (and, after the last step, metrics.json) shows the emptied buffer.
+        self.show(false);
     }
 }
