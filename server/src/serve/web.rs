@@ -1,5 +1,6 @@
 //! HTTP routes: the client page, the dashboard, the metrics API (polled or live over
-//! Server-Sent Events), the model's downloads, the admin controls and the WebSocket.
+//! Server-Sent Events), Prometheus' `/metrics` (`prometheus.rs`), the model's downloads, the
+//! admin controls and the WebSocket.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/model.bin", get(model))
         .route("/api/model.safetensors", get(model_safetensors))
         .route("/api/join", get(join))
+        .route("/metrics", get(crate::serve::prometheus::handler))
         .route("/api/qr.svg", get(qr))
         .route("/api/admin/check", post(crate::serve::admin::check))
         .route("/api/admin/start", post(crate::serve::admin::start))
