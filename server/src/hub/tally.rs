@@ -5,15 +5,23 @@
 use std::collections::BTreeMap;
 
 /// The reasons a result is refused, as `/metrics` labels them.
-pub const REJECTION_REASONS: [&str; 4] = ["invalid", "late", "no_task", "other"];
+pub const REJECTION_REASONS: [&str; 5] = ["invalid", "late", "stale", "no_task", "other"];
 
 /// What a refusal's message says of its reason: `invalid` (it failed validation: shape, values,
 /// mask, samples), `late` (a valid result after its round's deadline, with late results
-/// dropped), `no_task` (it answers no task pending), else `other`. The messages are the round
-/// loop's (`round/run.rs`); this reads them so that counting needs nothing from the loop.
+/// dropped), `stale` (the buffered driver's: trained on a version past `max_staleness`),
+/// `no_task` (it answers no task pending), else `other`. The messages are the round loop's
+/// (`round/run.rs`) and the buffered driver's (`round/buffered.rs`); this reads them so that
+/// counting needs nothing from either.
 pub fn rejection_reason(message: &str) -> &'static str {
     if message.starts_with("result rejected: ") {
         "invalid"
+    } else if let Some(why) = message.strip_prefix("result not taken: ") {
+        if why.contains("max_staleness") {
+            "stale"
+        } else {
+            "invalid"
+        }
     } else if message.contains("after its deadline") {
         "late"
     } else if message.contains("answers no task") || message.contains("no task pending") {
@@ -62,6 +70,8 @@ mod tests {
             "result rejected: update value 7 is NaN (not finite)",
             "result rejected: claims 0 samples, the client's shard has 40",
             "result for round 3 came after its deadline; late results are dropped",
+            "result not taken: result trained on version 2 came 9 versions later, past max_staleness = 4; dropped",
+            "result not taken: update value 1 is NaN (not finite)",
             "result for round 77 arrived during round 1; it answers no task",
             "this client has no task pending in round 2",
             "something new",
@@ -71,7 +81,13 @@ mod tests {
         let got: Vec<(&str, u64)> = t.rejections().iter().map(|(k, v)| (*k, *v)).collect();
         assert_eq!(
             got,
-            [("invalid", 2), ("late", 1), ("no_task", 2), ("other", 1)]
+            [
+                ("invalid", 3),
+                ("late", 1),
+                ("no_task", 2),
+                ("other", 1),
+                ("stale", 1)
+            ]
         );
         t.partial("merged");
         t.partial("merged");

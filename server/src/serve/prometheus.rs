@@ -145,7 +145,7 @@ pub fn collect(hub: &Hub) -> Registry {
     labelled(
         &mut r,
         "results_rejected",
-        "Results refused: invalid (failed validation), late (after the deadline, late results dropped), no_task (answers no task pending)",
+        "Results refused: invalid (failed validation), late (after the deadline, late results dropped), stale (buffered: past max_staleness), no_task (answers no task pending)",
         "reason",
         &rejections,
     );
