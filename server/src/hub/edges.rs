@@ -127,6 +127,11 @@ impl EdgeTable {
         self.live(timeout).map(|e| e.connected).sum()
     }
 
+    /// How many edges were heard from within `timeout`.
+    pub fn live_count(&self, timeout: Duration) -> usize {
+        self.live(timeout).count()
+    }
+
     /// Where the edges' tabs join, in edge order.
     pub fn urls(&self) -> Vec<String> {
         self.edges

@@ -6,13 +6,14 @@
 //! records and bytes, the dashboard's controls) and, on a root, [`edges::EdgeTable`] (its edges
 //! and their partials). The hub itself holds only what spans parts: a frame sent to a client
 //! counts in the round's bytes, a welcome carries the run's description, progress shows only for
-//! the current round. Its fields are private: every change goes through a method named for what
+//! the current round, refusals and partials are counted for `/metrics` ([`tally::Tally`]). Its fields are private: every change goes through a method named for what
 //! happened. Critical sections are short: no awaiting while the lock is held.
 
 pub mod clients;
 pub mod edges;
 pub mod rounds;
 pub mod snapshot;
+pub mod tally;
 
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,7 @@ use crate::scale::wire::Presence;
 use clients::Clients;
 use edges::EdgeTable;
 use rounds::Rounds;
+use tally::Tally;
 
 pub use clients::{CLOSE, Client, Status};
 pub use edges::{EdgeRow, PartialRow};
@@ -41,6 +43,8 @@ pub struct Hub {
     edges: EdgeTable,
     /// On a root: how long an edge stays live without reporting (`[scale] edge_timeout_ms`).
     edge_timeout: std::time::Duration,
+    /// Refused results and edges' partials, counted for `/metrics`.
+    tally: Tally,
 }
 
 impl Hub {
@@ -58,6 +62,7 @@ impl Hub {
             rounds: Rounds::new(info, done, hold),
             edges: EdgeTable::default(),
             edge_timeout,
+            tally: Tally::default(),
         }
     }
 
@@ -241,7 +246,13 @@ impl Hub {
 
     /// What the root did with an edge's partial.
     pub fn edge_partial(&mut self, edge: &str, row: PartialRow) {
+        self.tally.partial(&row.outcome);
         self.edges.partial(edge, row);
+    }
+
+    /// Edges heard from within the edge timeout.
+    pub fn edges_live(&self) -> usize {
+        self.edges.live_count(self.edge_timeout)
     }
 
     /// Edges heard from within `timeout`.
@@ -294,7 +305,21 @@ impl Hub {
 
     /// Sends a message to a connected client, counting its bytes. Returns the frame size.
     pub fn send(&mut self, id: u64, msg: &ServerMsg) -> usize {
+        // Every refused result is told to its client through here, whichever path refused it,
+        // so it is counted here and the round loop needs no counting of its own.
+        if let ServerMsg::Error {
+            code: ErrorCode::Rejected,
+            message,
+        } = msg
+        {
+            self.tally.rejected(message);
+        }
         self.send_frame(id, encode(msg))
+    }
+
+    /// Refused results and edges' partials so far.
+    pub fn tally(&self) -> &Tally {
+        &self.tally
     }
 
     /// Queues a frame for a connected client, counting it in the client's and the round's bytes

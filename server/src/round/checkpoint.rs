@@ -36,6 +36,35 @@ pub fn save(dir: &Path, ckpt: &Checkpoint) -> Result<(), String> {
     )
 }
 
+/// The global model a run folder holds (`model.bin`), checked against its architecture;
+/// `path` is the run folder or the file itself. What `canopy export` reads.
+pub fn read_model(path: &Path) -> Result<ModelState, String> {
+    let file = if path.is_file() {
+        path.to_path_buf()
+    } else {
+        path.join("model.bin")
+    };
+    let bytes = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let model: ModelState =
+        postcard::from_bytes(&bytes).map_err(|e| format!("{}: {e}", file.display()))?;
+    model
+        .arch
+        .validate()
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    if model.params.len() != model.arch.num_params()
+        || model
+            .mask
+            .as_ref()
+            .is_some_and(|m| m.len() != model.params.len())
+    {
+        return Err(format!(
+            "{}: parameters do not match the architecture",
+            file.display()
+        ));
+    }
+    Ok(model)
+}
+
 /// The checkpoint and finished rounds of a run folder, if it has them. A checkpoint that cannot
 /// be read is an error rather than a silent fresh start: starting over would overwrite the run.
 pub fn resume(dir: &Path) -> Result<Option<(Checkpoint, Vec<RoundRecord>)>, String> {

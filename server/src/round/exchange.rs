@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use canopy_core::protocol::{Blob, ErrorCode, ServerMsg};
 use canopy_core::strategy::Exchange;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::Semaphore;
 
 /// The round whose clients may exchange now, and who answers them.
@@ -24,6 +25,9 @@ struct Open {
 pub struct Desk {
     open: Mutex<Open>,
     workers: Semaphore,
+    /// Seconds from a request's arrival to its reply (waiting for a worker, then the
+    /// strategy's handler), for `/metrics`; refusals are not timed.
+    latency: Histogram,
 }
 
 impl Default for Desk {
@@ -32,6 +36,8 @@ impl Default for Desk {
         Desk {
             open: Mutex::new(Open::default()),
             workers: Semaphore::new(cores),
+            // 0.5 ms to about 16 s.
+            latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
         }
     }
 }
@@ -61,8 +67,14 @@ impl Desk {
         *self.open.lock().unwrap() = Open::default();
     }
 
+    /// How long answered requests took (a handle on the same histogram).
+    pub fn latency(&self) -> Histogram {
+        self.latency.clone()
+    }
+
     /// Answers one request: the strategy's reply, or a refusal saying why.
     pub async fn answer(&self, client: u64, round: u32, seq: u32, payload: Blob) -> ServerMsg {
+        let arrived = std::time::Instant::now();
         let refuse = |code, message: String| ServerMsg::ExchangeFailed {
             round,
             seq,
@@ -102,13 +114,48 @@ impl Desk {
         match tokio::task::spawn_blocking(move || handler.handle(round, client, seq, &payload.0))
             .await
         {
-            Ok(Ok(reply)) => ServerMsg::Exchange {
-                round,
-                seq,
-                payload: Blob(reply),
-            },
+            Ok(Ok(reply)) => {
+                self.latency.observe(arrived.elapsed().as_secs_f64());
+                ServerMsg::Exchange {
+                    round,
+                    seq,
+                    payload: Blob(reply),
+                }
+            }
             Ok(Err(why)) => refuse(ErrorCode::Rejected, why),
             Err(e) => refuse(ErrorCode::Internal, format!("exchange failed: {e}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::encoding::text::encode;
+    use prometheus_client::registry::Registry;
+
+    struct Echo;
+
+    impl Exchange for Echo {
+        fn handle(&self, _: u32, _: u64, _: u32, request: &[u8]) -> Result<Vec<u8>, String> {
+            Ok(request.to_vec())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn answered_requests_are_timed_and_refusals_are_not() {
+        let desk = Desk::default();
+        desk.open(1, Some(Arc::new(Echo)), [5]);
+        for seq in 0..3 {
+            let reply = desk.answer(5, 1, seq, Blob(vec![1, 2])).await;
+            assert!(matches!(reply, ServerMsg::Exchange { payload, .. } if payload.0 == [1, 2]));
+        }
+        let refused = desk.answer(6, 1, 0, Blob(vec![])).await;
+        assert!(matches!(refused, ServerMsg::ExchangeFailed { .. }));
+        let mut r = Registry::default();
+        r.register("exchange_seconds", "", desk.latency());
+        let mut text = String::new();
+        encode(&mut text, &r).unwrap();
+        assert!(text.contains("exchange_seconds_count 3\n"), "{text}");
     }
 }

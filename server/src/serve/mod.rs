@@ -1,6 +1,6 @@
 //! Serving: the HTTP routes and static files ([`web`], [`precompressed`]), WebSocket sessions
 //! ([`ws`] over [`upgrade`], read through the [`gate`], frames out through each client's [`outbox`]), connection
-//! [`limits`], the dashboard's [`admin`] controls, the classroom's LAN join URLs ([`lan`]), and serving
+//! [`limits`], Prometheus' `/metrics` ([`prometheus`]), the dashboard's [`admin`] controls, the classroom's LAN join URLs ([`lan`]), and serving
 //! over http or https ([`listen`], with the certificate from [`tls`]).
 
 pub mod admin;
@@ -10,6 +10,7 @@ pub mod limits;
 pub mod listen;
 pub mod outbox;
 pub mod precompressed;
+pub mod prometheus;
 pub mod tls;
 pub mod upgrade;
 pub mod web;

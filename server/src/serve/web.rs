@@ -1,5 +1,6 @@
 //! HTTP routes: the client page, the dashboard, the metrics API (polled or live over
-//! Server-Sent Events), the admin controls and the WebSocket.
+//! Server-Sent Events), Prometheus' `/metrics` (`prometheus.rs`), the model's downloads, the
+//! admin controls and the WebSocket.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -27,7 +28,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/events", get(events))
         .route("/api/metrics.csv", get(metrics_csv))
         .route("/api/model.bin", get(model))
+        .route("/api/model.safetensors", get(model_safetensors))
         .route("/api/join", get(join))
+        .route("/metrics", get(crate::serve::prometheus::handler))
         .route("/api/qr.svg", get(qr))
         .route("/api/admin/check", post(crate::serve::admin::check))
         .route("/api/admin/start", post(crate::serve::admin::start))
@@ -119,6 +122,38 @@ async fn model(State(app): State<Arc<App>>) -> impl IntoResponse {
         ],
         bytes,
     )
+}
+
+#[derive(Deserialize)]
+struct ExportQuery {
+    /// `?mask=1`: add each tensor's pruning mask as `<name>_mask`.
+    #[serde(default)]
+    mask: u8,
+}
+
+/// The current global model as safetensors (PyTorch layout, the architecture in its metadata;
+/// see `canopy_core::model::export`).
+async fn model_safetensors(
+    State(app): State<Arc<App>>,
+    Query(q): Query<ExportQuery>,
+) -> impl IntoResponse {
+    // Copied under the lock and encoded after it, so the round loop never waits on an export.
+    let model = app.global.lock().unwrap().clone();
+    match canopy_core::model::export::to_safetensors(&model, q.mask != 0) {
+        Ok(bytes) => (
+            [
+                (header::CONTENT_TYPE, "application/octet-stream"),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"model.safetensors\"",
+                ),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            bytes,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+    }
 }
 
 /// Where students can join: every usable address of this server.
