@@ -9,6 +9,8 @@
 
 pub mod arch;
 pub mod conv;
+// Native only (the server exports the model; tabs never do): see core/Cargo.toml.
+#[cfg(not(target_arch = "wasm32"))]
 pub mod export;
 pub mod state;
 pub mod surgery;
