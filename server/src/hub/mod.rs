@@ -6,7 +6,8 @@
 //! records and bytes, the dashboard's controls) and, on a root, [`edges::EdgeTable`] (its edges
 //! and their partials). The hub itself holds only what spans parts: a frame sent to a client
 //! counts in the round's bytes, a welcome carries the run's description, progress shows only for
-//! the current round, refusals and partials are counted for `/metrics` ([`tally::Tally`]). Its fields are private: every change goes through a method named for what
+//! a client's latest task, refused results and partials are counted for `/metrics`
+//! ([`tally::Tally`]). Its fields are private: every change goes through a method named for what
 //! happened. Critical sections are short: no awaiting while the lock is held.
 
 pub mod clients;
@@ -35,6 +36,7 @@ use tally::Tally;
 pub use clients::{CLOSE, Client, Status};
 pub use edges::{EdgeRow, PartialRow};
 pub use rounds::{BufferFill, Control, Phase};
+pub use tally::Refusal;
 
 pub struct Hub {
     clients: Clients,
@@ -305,16 +307,21 @@ impl Hub {
 
     /// Sends a message to a connected client, counting its bytes. Returns the frame size.
     pub fn send(&mut self, id: u64, msg: &ServerMsg) -> usize {
-        // Every refused result is told to its client through here, whichever path refused it,
-        // so it is counted here and the round loop needs no counting of its own.
-        if let ServerMsg::Error {
-            code: ErrorCode::Rejected,
-            message,
-        } = msg
-        {
-            self.tally.rejected(message);
-        }
         self.send_frame(id, encode(msg))
+    }
+
+    /// A result from `id` was refused for `why`: the client is told `message` (a `Rejected`
+    /// error) and the refusal is counted for `/metrics`. Every path that refuses a result (the
+    /// round loop's, the buffered driver's) refuses it here.
+    pub fn reject(&mut self, id: u64, why: Refusal, message: String) {
+        self.tally.rejected(why);
+        self.send(
+            id,
+            &ServerMsg::Error {
+                code: ErrorCode::Rejected,
+                message,
+            },
+        );
     }
 
     /// Refused results and edges' partials so far.

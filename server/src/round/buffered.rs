@@ -22,12 +22,12 @@ use canopy_core::aggregate::staleness::{BufferedConfig, rebase};
 use canopy_core::aggregate::stream::{Fold, StreamRound};
 use canopy_core::metric_keys as keys;
 use canopy_core::model::state::ModelState;
-use canopy_core::protocol::{ErrorCode, ServerMsg, Task};
+use canopy_core::protocol::Task;
 use canopy_core::strategy::{self, ClientView, Contribution, accept};
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 use tokio::time::timeout;
 
-use crate::hub::{BufferFill, Phase, Status};
+use crate::hub::{BufferFill, Phase, Refusal, Status};
 use crate::round::inbox::Incoming;
 use crate::round::run::{Collected, RoundLoop};
 
@@ -329,7 +329,7 @@ impl Driver {
                 self.tally.fold += folding.elapsed();
                 self.tally.waits.push(at.elapsed());
                 let mut hub = self.rl.hub.lock().unwrap();
-                let why = match taken {
+                let (refusal, why) = match taken {
                     Ok(samples_per_sec) => {
                         hub.result_accepted(client, samples_per_sec, mask_version);
                         return;
@@ -337,21 +337,15 @@ impl Driver {
                     Err(NotTaken::Stale(why)) => {
                         self.tally.stale += 1;
                         self.stale_dropped += 1;
-                        why
+                        (Refusal::Stale, why)
                     }
                     Err(NotTaken::Rejected(why)) => {
                         self.tally.rejected += 1;
-                        why
+                        (Refusal::Invalid, why)
                     }
                 };
                 tracing::warn!(version = self.version, client, "result not taken: {why}");
-                hub.send(
-                    client,
-                    &ServerMsg::Error {
-                        code: ErrorCode::Rejected,
-                        message: format!("result not taken: {why}"),
-                    },
-                );
+                hub.reject(client, refusal, format!("result not taken: {why}"));
             }
             Incoming::Failed {
                 client,

@@ -18,8 +18,7 @@ use canopy_core::data::Dataset;
 use canopy_core::metric_keys as keys;
 use canopy_core::model::state::ModelState;
 use canopy_core::protocol::{
-    ErrorCode, MaskSpec, ModelPayload, ServerMsg, Task, encode_model_part, encode_task_head,
-    encode_task_tail,
+    MaskSpec, ModelPayload, ServerMsg, Task, encode_model_part, encode_task_head, encode_task_tail,
 };
 use canopy_core::strategy::{
     ClientView, Contribution, RoundContext, RoundOutcome, RoundPlan, Strategy, accept,
@@ -30,7 +29,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::{sleep_until, timeout};
 
 use crate::config::LateResults;
-use crate::hub::{Hub, Phase, Status};
+use crate::hub::{Hub, Phase, Refusal, Status};
 use crate::round::checkpoint::{self, Checkpoint};
 use crate::round::evaluate;
 use crate::round::exchange::Desk;
@@ -866,13 +865,7 @@ impl RoundLoop {
                         Err(why) => {
                             got.rejected += 1;
                             tracing::warn!(round, client, "rejected result: {why}");
-                            hub.send(
-                                client,
-                                &ServerMsg::Error {
-                                    code: ErrorCode::Rejected,
-                                    message: format!("result rejected: {why}"),
-                                },
-                            );
+                            hub.reject(client, Refusal::Invalid, format!("result rejected: {why}"));
                         }
                     }
                 }
@@ -978,23 +971,11 @@ impl RoundLoop {
                                 l.task.round
                             );
                             tracing::warn!(client, "{why}");
-                            hub.send(
-                                client,
-                                &ServerMsg::Error {
-                                    code: ErrorCode::Rejected,
-                                    message: why,
-                                },
-                            );
+                            hub.reject(client, Refusal::Late, why);
                         }
                         Err(why) => {
                             tracing::warn!(client, "rejected late result: {why}");
-                            hub.send(
-                                client,
-                                &ServerMsg::Error {
-                                    code: ErrorCode::Rejected,
-                                    message: format!("result rejected: {why}"),
-                                },
-                            );
+                            hub.reject(client, Refusal::Invalid, format!("result rejected: {why}"));
                         }
                     }
                     return;
@@ -1018,13 +999,7 @@ impl RoundLoop {
                 if !busy && !self.late.contains_key(&client) {
                     hub.set_status(client, Status::Idle);
                 }
-                hub.send(
-                    client,
-                    &ServerMsg::Error {
-                        code: ErrorCode::Rejected,
-                        message: why,
-                    },
-                );
+                hub.reject(client, Refusal::NoTask, why);
             }
             Incoming::Failed {
                 client,

@@ -23,7 +23,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::App;
-use crate::hub::tally::REJECTION_REASONS;
+use crate::hub::Refusal;
 use crate::hub::{Hub, Status};
 
 /// What Prometheus is told it gets.
@@ -138,9 +138,9 @@ pub fn collect(hub: &Hub) -> Registry {
         accepted,
     );
     let tally = hub.tally();
-    let rejections: Vec<(&str, u64)> = REJECTION_REASONS
+    let rejections: Vec<(&str, u64)> = Refusal::ALL
         .iter()
-        .map(|k| (*k, tally.rejections().get(k).copied().unwrap_or(0)))
+        .map(|&r| (r.label(), tally.rejections(r)))
         .collect();
     labelled(
         &mut r,
@@ -293,12 +293,10 @@ mod tests {
         h.set_status(ids[1], Status::Idle);
         h.disconnect(ids[2]);
         h.count_up(ids[0], 1000);
-        h.send(
+        h.reject(
             ids[0],
-            &ServerMsg::Error {
-                code: ErrorCode::Rejected,
-                message: "result rejected: update value 3 is NaN (not finite)".into(),
-            },
+            Refusal::Invalid,
+            "result rejected: update value 3 is NaN (not finite)".into(),
         );
         // Other errors are not refusals.
         h.send(
