@@ -73,7 +73,7 @@ compare-split *ARGS: setup
     "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/split.toml --table split --datasets mnist-digits --partitions dirichlet:0.1 --max-train 3000 --rounds 12 --model cnn-small --strategies 'fedavg{strategy.lr=0.1},split{cut=2;bits=8;strategy.lr=0.1},split{cut=2;bits=8;keep=0.5;strategy.lr=0.1}'
 
 # A run spread over servers on this machine: nats-server (JetStream), a root with the dashboard
-# and two edges with their own client pages (README, "Beyond one server"). SIM=N just scale-demo
+# and two edges with their own client pages (docs/src/operating/scale-out.md). SIM=N just scale-demo
 # adds N native clients per edge.
 scale-demo *ARGS: setup
     bash scripts/build-wasm.sh

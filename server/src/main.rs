@@ -190,7 +190,7 @@ async fn serve(o: Overrides) -> Result<(), String> {
             }
         }
         if app.tls_fingerprint.is_none() {
-            // A LAN page over plain http is not a secure context (README, "Classroom mode").
+            // A LAN page over plain http is not a secure context (book: docs/src/classroom.md).
             println!(
                 "  Plain http on the LAN: students' tabs get no WebGPU and no threads, and the"
             );

@@ -6,7 +6,7 @@
 //! pass and both gradients are one well-shaped GEMM each (`[F, C·K²] × [C·K², B·H·W]` for the
 //! whole batch), and the input gradient ends in one scatter-add (the `select`'s backward),
 //! where burn's CPU conv2d computes the weight gradient as a second convolution with the batch
-//! as channels. Measured (README, "Convolutions"), it is no faster than burn's conv2d on the
+//! as channels. Measured (docs/src/benchmarks/convolutions.md), it is no faster than burn's conv2d on the
 //! CPU backend: burn-flex already runs convolutions as tiled im2col + GEMM, and the tab's real
 //! cost was a GEMM without SIMD. So burn's conv2d stays the default ([`ConvPath::Burn`]) and
 //! this path is kept, tested against it, for `canopy bench` and `just bench-browser` to compare

@@ -392,7 +392,7 @@ impl RoundLoop {
         };
         self.note_verdicts(round, &s.combined);
         if !s.set_aside.is_empty() {
-            // Across edges: partials far from every other (README, "Beyond one server").
+            // Across edges: partials far from every other (book: docs/src/operating/scale-out.md).
             tracing::warn!(
                 round,
                 partials = ?s.set_aside,
@@ -548,7 +548,7 @@ impl RoundLoop {
         let (Some(fold), Some(stream)) = (plan.fold, stream) else {
             tracing::error!(
                 round,
-                "this strategy needs every update in one place this round; it cannot run across edges (see the README, \"Beyond one server\"): stopping"
+                "this strategy needs every update in one place this round; it cannot run across edges (see the book, docs/src/operating/scale-out.md): stopping"
             );
             self.hub.lock().unwrap().stop();
             return None;

@@ -1,7 +1,7 @@
 //! The read side of every WebSocket connection, below tungstenite: large messages take a slot,
 //! and every frame reaches tungstenite cut into pieces of at most [`SUBFRAME`] bytes.
 //!
-//! Why, in numbers (README, "Scale"): with 10,000 clients sampled in one round, each session
+//! Why, in numbers (book: docs/src/operating/scale.md): with 10,000 clients sampled in one round, each session
 //! read its 0.8 MB result as soon as it came and queued it for the round loop, which folds one at
 //! a time, so the queue reached 4 GB; and tungstenite keeps each connection's read buffer as
 //! large as the largest frame it ever received (a tab sends 131,000-byte frames; tungstenite
