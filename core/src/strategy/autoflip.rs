@@ -22,7 +22,7 @@ use crate::model::arch::Arch;
 use crate::model::state::ModelState;
 use crate::protocol::UploadSpec;
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct AutoflipConfig {
     /// Fraction of connected clients that explore.

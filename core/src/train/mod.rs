@@ -22,7 +22,7 @@ pub use host::{Host, Progress};
 
 /// Externally tagged (postcard cannot decode internally tagged enums): in TOML,
 /// `optimizer = "adam"` or `optimizer = { sgd = { momentum = 0.9 } }`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Optimizer {
     Sgd { momentum: f64 },
