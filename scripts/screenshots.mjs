@@ -2,7 +2,8 @@
 // the server started as `just classroom` starts it (every interface, held, https with a
 // self-signed certificate), the dashboard with its QR code while the class joins, a student's
 // join page at phone size, then the same student's tab training once the teacher pressed Start.
-// Run after `just setup` and a build: node scripts/screenshots.mjs [OUT_DIR]
+// Run after `just setup` and a build: node scripts/screenshots.mjs [OUT_DIR]. The title's emoji
+// needs a colour emoji font (Debian's fonts-noto-color-emoji), which the tests do not.
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';

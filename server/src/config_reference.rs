@@ -64,9 +64,9 @@ pub fn render() -> String {
     );
 
     for name in SECTIONS {
-        let schema = props
-            .get(*name)
-            .unwrap_or_else(|| panic!("config_reference::SECTIONS names [{name}], which Config lacks"));
+        let schema = props.get(*name).unwrap_or_else(|| {
+            panic!("config_reference::SECTIONS names [{name}], which Config lacks")
+        });
         let section = page.table_of(schema).expect("a section is a table");
         let default = defaults.get(*name).unwrap_or(&Value::Null);
         out.push_str(&format!("## `[{name}]`\n\n"));
@@ -163,18 +163,18 @@ impl Page<'_> {
     ) {
         // The shared settings are flattened into the section: `name` first, then the rest.
         let props = properties(section);
-        let mut keys: Vec<(&str, &Value)> = props
-            .get("name")
-            .map(|s| ("name", s))
-            .into_iter()
-            .collect();
+        let mut keys: Vec<(&str, &Value)> =
+            props.get("name").map(|s| ("name", s)).into_iter().collect();
         keys.extend(
             props
                 .iter()
                 .filter(|(k, _)| *k != "name")
                 .map(|(k, s)| (k.as_str(), s)),
         );
-        let names: Vec<String> = methods.iter().map(|(m, _)| format!("`{}`", m.name)).collect();
+        let names: Vec<String> = methods
+            .iter()
+            .map(|(m, _)| format!("`{}`", m.name))
+            .collect();
         out.push_str(&format!(
             "`name` picks the method: {}. The other keys here are shared by every method; a \
              method's own settings go in its sub-section, `[strategy.<name>]`, which only that \
@@ -183,7 +183,10 @@ impl Page<'_> {
         ));
         self.table(out, keys.into_iter(), default);
         for (method, (schema, defaults)) in methods {
-            out.push_str(&format!("### `[strategy.{}]`\n\n{}.\n\n", method.name, method.about));
+            out.push_str(&format!(
+                "### `[strategy.{}]`\n\n{}.\n\n",
+                method.name, method.about
+            ));
             let own = self.table_of(schema.as_value());
             match own {
                 Some(own) => self.section(out, &format!("strategy.{}", method.name), own, defaults),
@@ -305,7 +308,7 @@ impl Page<'_> {
             .filter_map(|v| {
                 let v = self.resolve(v);
                 let about = describe(v)?;
-                Some(format!("{}: {about}", self.type_of(v)))
+                Some(format!("`{}`: {about}", self.type_of(v)))
             })
             .collect()
     }
@@ -345,7 +348,12 @@ fn toml_value(value: &Value) -> String {
     match value {
         Value::Null => "unset".into(),
         Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.to_string(),
+        Value::Number(n) => match n.as_f64() {
+            // An f32 setting serialises as its exact f64 (0.8999999761581421): shown as the
+            // f32 it is (0.9).
+            Some(x) if n.is_f64() && (x as f32) as f64 == x => format!("{:?}", x as f32),
+            _ => n.to_string(),
+        },
         Value::String(s) => format!("{s:?}"),
         Value::Array(items) => {
             let items: Vec<String> = items.iter().map(toml_value).collect();
@@ -372,7 +380,10 @@ fn cell(code: &str) -> String {
 
 /// Prose in a table cell: one line, pipes escaped.
 fn cell_text(text: &str) -> String {
-    text.replace("\n\n", "<br>")
+    // Rustdoc's intra-doc links (`[`Personal`]`) mean nothing on the page: plain code.
+    text.replace("[`", "`")
+        .replace("`]", "`")
+        .replace("\n\n", "<br>")
         .replace('\n', " ")
         .replace('|', "\\|")
 }
@@ -407,8 +418,14 @@ mod tests {
         }
         // Defaults come from the code: the default method and the default rule.
         let default = Config::default();
-        assert!(page.contains(&format!("| `name` | `string` | `\"{}\"`", default.strategy.name)));
-        assert!(page.contains(&format!("| `rounds` | `integer` | `{}`", default.run.rounds)));
+        assert!(page.contains(&format!(
+            "| `name` | `string` | `\"{}\"`",
+            default.strategy.name
+        )));
+        assert!(page.contains(&format!(
+            "| `rounds` | `integer` | `{}`",
+            default.run.rounds
+        )));
     }
 
     #[test]

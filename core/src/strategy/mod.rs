@@ -60,9 +60,13 @@ pub struct StrategyConfig {
     pub fraction: f64,
     /// Never sample fewer than this many clients.
     pub min_fit: usize,
+    /// Local epochs over the client's shard per task.
     pub epochs: u32,
+    /// Samples per local training step.
     pub batch_size: usize,
+    /// The clients' learning rate.
     pub lr: f64,
+    /// The clients' optimizer.
     pub optimizer: Optimizer,
     /// Round deadline in milliseconds.
     pub deadline_ms: u64,
@@ -71,6 +75,7 @@ pub struct StrategyConfig {
     pub server_momentum: f32,
     /// Server learning rate of those strategies.
     pub server_lr: f32,
+    /// Seeds the clients' batch order and the strategy's own randomness (sampling, ties).
     pub seed: u64,
 }
 

@@ -31,7 +31,9 @@ use crate::train::Optimizer;
 use crate::train::split::{Back, Front, back_offset, back_step};
 use crate::train::step::LossSource;
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum PruneKind {
     /// Whole units of the front with the smallest L1 norm go: a narrower front.

@@ -22,7 +22,9 @@ use crate::model::surgery::{keep_within_bounds, shrink, unit_norms};
 use crate::protocol::UploadSpec;
 
 /// What a unit's score measures.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum UnitScore {
     /// L1 norm of the unit's incoming weights (the paper).

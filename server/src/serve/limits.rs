@@ -25,6 +25,7 @@ pub struct LimitsConfig {
     /// Frames per second one connection may send on average (0: no limit); bursts of
     /// `frame_burst` are allowed. A tab reports progress at most every 8 steps.
     pub max_frames_per_sec: f64,
+    /// Frames one connection may send at once above `max_frames_per_sec` (a token bucket's size).
     pub frame_burst: f64,
     /// Bytes of frames waiting to be written to one connection; past this a frame to a client
     /// that does not read is dropped, so a stalled client cannot grow the server's memory.
