@@ -1,7 +1,8 @@
 // The classroom guide's screenshots (docs/src/images/classroom-*.png), taken from a real run:
 // the server started as `just classroom` starts it (every interface, held, https with a
 // self-signed certificate), the dashboard with its QR code while the class joins, a student's
-// join page at phone size, then the same student's tab training once the teacher pressed Start.
+// join page at phone size, then the same student's tab training once the teacher pressed Start,
+// and the dashboard a few rounds in (dashboard.png, the README's picture).
 // Run after `just setup` and a build: node scripts/screenshots.mjs [OUT_DIR]. The title's emoji
 // needs a colour emoji font (Debian's fonts-noto-color-emoji), which the tests do not.
 import { mkdtempSync } from 'node:fs';
@@ -45,6 +46,11 @@ try {
   await dashboard.click('#btnStart');
   await waitFor(() => student.evaluate(() => Number(document.getElementById('done').textContent) >= 2), 240_000, 'two rounds in the student tab');
   await student.screenshot({ path: join(out, 'classroom-tab.png') });
+  // The README's picture: the dashboard a few rounds in, charts and all.
+  await waitFor(() => dashboard.evaluate(() => parseInt(document.getElementById('round').textContent, 10) >= 6), 300_000, 'six rounds on the dashboard');
+  await dashboard.bringToFront();
+  await dashboard.evaluate(() => window.scrollTo(0, 0));
+  await dashboard.screenshot({ path: join(out, 'dashboard.png') });
   console.log(`screenshots in ${out}`);
 } finally {
   await browser.close();
