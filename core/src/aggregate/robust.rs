@@ -65,7 +65,9 @@ use crate::aggregate::Contribution;
 use crate::codec::update::UploadKind;
 use crate::metric_keys as keys;
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Rule {
     #[default]
@@ -75,7 +77,9 @@ pub enum Rule {
     MultiKrum,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Clip {
     #[default]
@@ -87,9 +91,12 @@ pub enum Clip {
 }
 
 /// The `[aggregation]` section.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct RobustConfig {
+    /// How the round's updates are combined, coordinate by coordinate: the plain (weighted)
+    /// `mean`, the `median`, the `trimmed_mean` (`trim`, `trim_max`) or `multi_krum`
+    /// (`attackers`). The default is a defence: see docs/src/robust.md.
     pub rule: Rule,
     pub clip: Clip,
     /// `clip = "median"`: the bound as a multiple of the round's median norm (> 0).

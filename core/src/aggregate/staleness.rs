@@ -15,7 +15,7 @@ use super::Contribution;
 use crate::codec::update::UploadKind;
 
 /// `[buffered]` in a run's config: present, the server runs the buffered driver instead of rounds.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct BufferedConfig {
     /// K: results per server step (each step is one model version).

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Dataset;
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Partition {
     Iid,

@@ -22,7 +22,7 @@ use crate::model::arch::Arch;
 use crate::model::state::ModelState;
 use crate::protocol::UploadSpec;
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct AutoflipConfig {
     /// Fraction of connected clients that explore.
@@ -36,6 +36,7 @@ pub struct AutoflipConfig {
     /// Choose q automatically: the largest q on a grid whose pruned model keeps the validation
     /// loss within `q_tolerance` (relative) of the unpruned one.
     pub auto_q: bool,
+    /// With `auto_q`: how much worse (relative) the pruned model's validation loss may be.
     pub q_tolerance: f64,
     /// Start federated training from the exploration-trained weights (the paper) rather than θ₀.
     pub start_from_explored: bool,
@@ -50,6 +51,7 @@ pub struct AutoflipConfig {
     pub error_feedback: bool,
     /// Re-prune every this many rounds (0: never) towards `target_sparsity` by the last round.
     pub reprune_every: u32,
+    /// With `reprune_every`: the fraction of parameters pruned by the last round.
     pub target_sparsity: f64,
     /// Decay of the moving average of squared deltas that guides re-pruning.
     pub ema: f64,

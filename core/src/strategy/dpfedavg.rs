@@ -29,7 +29,7 @@ use crate::model::state::ModelState;
 use crate::protocol::UploadSpec;
 
 /// Where updates are clipped to C.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Clipping {
     Server,
@@ -37,7 +37,7 @@ pub enum Clipping {
 }
 
 /// `[strategy.dpfedavg]`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct DpConfig {
     /// C: the L2 norm every update is clipped to.

@@ -28,7 +28,7 @@ pub fn build(
     Ok(Box::new(FedAvg::new(config)))
 }
 
-#[derive(Default, serde::Deserialize)]
+#[derive(Default, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct NoSettings {}
 

@@ -12,7 +12,7 @@ use crate::aggregate::momentum_step;
 use crate::model::state::ModelState;
 use crate::protocol::UploadSpec;
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct FedavgmConfig {
     /// Client learning rate multiplier per round: round r trains with lr · lr_decay^(r−1)

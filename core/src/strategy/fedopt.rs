@@ -44,7 +44,7 @@ impl Adaptive {
 
 /// `[strategy.fedadam]` (or `fedadagrad`, `fedyogi`): the paper's η, β₁, β₂ and τ. η_l is the
 /// shared `[strategy] lr`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct FedoptConfig {
     /// Server learning rate η: about how far each coordinate moves per round early on.

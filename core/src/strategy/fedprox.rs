@@ -13,7 +13,7 @@ use super::{
 use crate::model::state::ModelState;
 use crate::train::step::Penalty;
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct FedproxConfig {
     /// μ, the proximal term's weight (the paper tries 0.001 to 1; 0 is FedAvg exactly).

@@ -27,7 +27,7 @@ use crate::protocol::{SupermaskKind, UploadSpec};
 use crate::train::Optimizer;
 use crate::train::step::{Learn, Personal};
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct SupermaskConfig {
     /// Fraction of the weights SynFlow keeps (biases are always kept); 1 prunes nothing.
@@ -68,8 +68,15 @@ impl Default for SupermaskConfig {
     }
 }
 
+/// The binary supermask's section: HideNseek's settings with its own defaults.
+pub(super) fn describe_binary(
+    generator: &mut schemars::SchemaGenerator,
+) -> (schemars::Schema, super::Settings) {
+    super::describe::<BinaryConfig>(generator)
+}
+
 /// The binary supermask's defaults: the whole network (no pruning at init).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(transparent)]
 struct BinaryConfig(SupermaskConfig);
 

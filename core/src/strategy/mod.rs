@@ -53,16 +53,20 @@ pub struct ClientView {
 
 /// Settings every strategy reads (`[strategy]` in the TOML). A method's own settings sit in
 /// its own section, `[strategy.<name>]`, and only that strategy parses them (see [`Settings`]).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default)]
 pub struct StrategyConfig {
     /// Fraction C of connected clients sampled per round.
     pub fraction: f64,
     /// Never sample fewer than this many clients.
     pub min_fit: usize,
+    /// Local epochs over the client's shard per task.
     pub epochs: u32,
+    /// Samples per local training step.
     pub batch_size: usize,
+    /// The clients' learning rate.
     pub lr: f64,
+    /// The clients' optimizer.
     pub optimizer: Optimizer,
     /// Round deadline in milliseconds.
     pub deadline_ms: u64,
@@ -71,6 +75,7 @@ pub struct StrategyConfig {
     pub server_momentum: f32,
     /// Server learning rate of those strategies.
     pub server_lr: f32,
+    /// Seeds the clients' batch order and the strategy's own randomness (sampling, ties).
     pub seed: u64,
 }
 
@@ -228,11 +233,25 @@ pub fn aggregate_folded<S: Strategy + ?Sized>(
 /// A strategy's constructor: the shared settings and its own section, if any.
 pub type Build = fn(StrategyConfig, Option<&Settings>) -> Result<Box<dyn Strategy>, String>;
 
-/// One entry of the registry: a strategy's name, a line about it, and its constructor.
+/// How a settings type describes itself to the generated configuration reference
+/// (`canopy config-reference`): its schema (types, doc comments) and its defaults, serialised.
+pub type Describe = fn(&mut schemars::SchemaGenerator) -> (schemars::Schema, Settings);
+
+/// [`Describe`] for a settings type.
+pub fn describe<T: schemars::JsonSchema + Serialize + Default>(
+    generator: &mut schemars::SchemaGenerator,
+) -> (schemars::Schema, Settings) {
+    let defaults = serde_json::to_value(T::default()).expect("settings serialise");
+    (generator.subschema_for::<T>(), defaults)
+}
+
+/// One entry of the registry: a strategy's name, a line about it, its constructor and what its
+/// own section (`[strategy.<name>]`) holds.
 pub struct Method {
     pub name: &'static str,
     pub about: &'static str,
     pub build: Build,
+    pub settings: Describe,
 }
 
 /// Every strategy, in the order dashboards list them. Adding a method adds a line here.
@@ -241,66 +260,79 @@ pub const METHODS: &[Method] = &[
         name: "fedavg",
         about: "FedAvg: sample-weighted mean of the clients' weights",
         build: fedavg::build,
+        settings: describe::<fedavg::NoSettings>,
     },
     Method {
         name: "fedavgm",
         about: "FedAvgM: FedAvg with server momentum",
         build: fedavgm::build,
+        settings: describe::<FedavgmConfig>,
     },
     Method {
         name: "fedprox",
         about: "FedProx: FedAvg whose clients add the proximal term μ/2·‖w − w_global‖²",
         build: fedprox::build,
+        settings: describe::<FedproxConfig>,
     },
     Method {
         name: "fedadagrad",
         about: "FedAdagrad: an Adagrad step on the mean client update (Reddi et al.)",
         build: fedopt::build_adagrad,
+        settings: describe::<FedoptConfig>,
     },
     Method {
         name: "fedadam",
         about: "FedAdam: an Adam step on the mean client update (Reddi et al.)",
         build: fedopt::build_adam,
+        settings: describe::<FedoptConfig>,
     },
     Method {
         name: "fedyogi",
         about: "FedYogi: a Yogi step on the mean client update (Reddi et al.)",
         build: fedopt::build_yogi,
+        settings: describe::<FedoptConfig>,
     },
     Method {
         name: "dpfedavg",
         about: "DP-FedAvg: updates clipped to C, Gaussian noise on the sum, ε reported per round",
         build: dpfedavg::build,
+        settings: describe::<DpConfig>,
     },
     Method {
         name: "autoflip",
         about: "AutoFLIP: loss exploration, then global informed pruning",
         build: autoflip::build,
+        settings: describe::<AutoflipConfig>,
     },
     Method {
         name: "structured",
         about: "Automatic structured pruning: the model physically shrinks",
         build: structured::build,
+        settings: describe::<StructuredConfig>,
     },
     Method {
         name: "hidenseek",
         about: "HideNseek: SynFlow pruning at init, clients learn weight signs (1 bit per weight up)",
         build: hidenseek::build_hidenseek,
+        settings: describe::<SupermaskConfig>,
     },
     Method {
         name: "supermask",
         about: "Binary supermask over frozen random weights (FedPM's family), 1 bit per weight up",
         build: hidenseek::build_binary,
+        settings: hidenseek::describe_binary,
     },
     Method {
         name: "split",
         about: "Split learning: clients train a pruned front, the server the back, per batch",
         build: split::build,
+        settings: describe::<SplitConfig>,
     },
     Method {
         name: "echo",
         about: "FedAvg with each batch's loss computed on the server (the in-round exchange)",
         build: echo::build,
+        settings: describe::<fedavg::NoSettings>,
     },
 ];
 

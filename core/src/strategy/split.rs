@@ -31,7 +31,9 @@ use crate::train::Optimizer;
 use crate::train::split::{Back, Front, back_offset, back_step};
 use crate::train::step::LossSource;
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum PruneKind {
     /// Whole units of the front with the smallest L1 norm go: a narrower front.
@@ -42,7 +44,7 @@ pub enum PruneKind {
     Magnitude,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct SplitConfig {
     /// Dense or conv layers in the front; the cut follows their activation and pooling. The

@@ -22,7 +22,9 @@ use crate::model::surgery::{keep_within_bounds, shrink, unit_norms};
 use crate::protocol::UploadSpec;
 
 /// What a unit's score measures.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum UnitScore {
     /// L1 norm of the unit's incoming weights (the paper).
@@ -36,7 +38,7 @@ pub enum UnitScore {
     InitRelative,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct StructuredConfig {
     /// Width of the keep band in standard deviations (the paper: 2.2 for FEMNIST, 2.0 for CelebA).
@@ -65,7 +67,7 @@ pub struct StructuredConfig {
 
 impl Default for StructuredConfig {
     fn default() -> Self {
-        // Canopy's mode (measured in docs/compare-structured-*.md): weights kept, units scored by
+        // Canopy's mode (measured in docs/src/benchmarks/tables/compare-structured-*.md): weights kept, units scored by
         // their movement since the last surgery, low tail only, in log space. The paper's mode:
         // `score = "l1"`, `upper_tail = true`, `log_scores = false`, `reinit = true`,
         // `min_units = 1` (and `conv_only = true` on its CNN).

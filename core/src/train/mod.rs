@@ -20,9 +20,9 @@ use crate::model::{Act, Net, forward, read_f32};
 use crate::train::step::{Anchor, BatchLoss, Frozen, LossValue, Step, batch_loss, reparam};
 pub use host::{Host, Progress};
 
-/// Externally tagged (postcard cannot decode internally tagged enums): in TOML,
-/// `optimizer = "adam"` or `optimizer = { sgd = { momentum = 0.9 } }`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// In TOML `optimizer = "adam"` or `optimizer = { sgd = { momentum = 0.9 } }` (externally
+/// tagged: postcard cannot decode internally tagged enums).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Optimizer {
     Sgd { momentum: f64 },

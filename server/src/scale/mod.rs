@@ -26,7 +26,18 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use wire::BlobRef;
 
 /// What this server is in a run.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// One server does everything (the demo).
@@ -39,7 +50,7 @@ pub enum Role {
 }
 
 /// `[scale]`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ScaleConfig {
     pub role: Role,
@@ -66,6 +77,7 @@ pub struct ScaleConfig {
     pub tls_ca: Option<std::path::PathBuf>,
     /// A client certificate and key (PEM) for NATS servers that verify clients (`verify: true`).
     pub tls_cert: Option<std::path::PathBuf>,
+    /// The key of `tls_cert` (PEM).
     pub tls_key: Option<std::path::PathBuf>,
     /// On a root: each edge's name and the public NKey (`U…`) its partials must be signed with.
     /// Empty: partials are not checked for who sent them (the root says so at start-up).

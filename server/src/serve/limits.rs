@@ -10,7 +10,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 /// The `[limits]` section.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Close a connection that has not said Hello within this many milliseconds.
@@ -25,6 +25,7 @@ pub struct LimitsConfig {
     /// Frames per second one connection may send on average (0: no limit); bursts of
     /// `frame_burst` are allowed. A tab reports progress at most every 8 steps.
     pub max_frames_per_sec: f64,
+    /// Frames one connection may send at once above `max_frames_per_sec` (a token bucket's size).
     pub frame_burst: f64,
     /// Bytes of frames waiting to be written to one connection; past this a frame to a client
     /// that does not read is dropped, so a stalled client cannot grow the server's memory.

@@ -22,7 +22,18 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// `[server] tls`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum TlsMode {
     /// Plain http (or the files of `tls_cert` and `tls_key`, when both are set).

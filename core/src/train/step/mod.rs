@@ -78,7 +78,7 @@ pub enum Learn {
 
 /// What a client's supermask scores keep from one task to the next (its first task always
 /// starts from |θ₀| signed by the task's bits).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Personal {
     /// Nothing: every task starts from |θ₀| with the task's bits (the global model).
