@@ -60,7 +60,9 @@ function scaleOpts(scales) {
 // number format when not the scale's).
 export function timeChart(el, spec) {
   const uPlot = window.uPlot;
-  let plot = null, sig = '', last = '', width = 0;
+  // zoomed: the user dragged to fewer rounds than there are; the x scale then keeps its range
+  // when rounds arrive (uPlot asks its `auto`), and setData still redraws and moves the legend.
+  let plot = null, sig = '', last = '', width = 0, zoomed = false;
   const widthNow = () => Math.max(200, Math.floor(el.clientWidth || 600));
 
   function make(xs, series) {
@@ -70,7 +72,7 @@ export function timeChart(el, spec) {
       width, height: HEIGHT,
       legend: { live: true },
       cursor: { drag: { x: true, y: false, setScale: true }, points: { size: 7 } },
-      scales: scaleOpts(spec.scales),
+      scales: { ...scaleOpts(spec.scales), x: { time: false, auto: () => !zoomed } },
       axes: axesFor(spec.scales, new Set(series.map((s) => s.scale))),
       series: [
         { label: 'round', value: (u, v, si, di) => (di == null ? (u.data[0].length ? `${lastValue(u.data[0])} (latest)` : '–') : v) },
@@ -85,6 +87,7 @@ export function timeChart(el, spec) {
         }),
       ],
     };
+    zoomed = false;
     plot = new uPlot(opts, dataOf(xs, series), el);
     sig = signature(series);
   }
@@ -100,7 +103,8 @@ export function timeChart(el, spec) {
     if (plot && signature(series) === sig) {
       if (key === last) return;
       // Keep the user's zoom while new rounds arrive; otherwise fit every round.
-      plot.setData(data, !zoomedIn(plot.scales.x, plot.data[0]));
+      zoomed = zoomedIn(plot.scales.x, plot.data[0]);
+      plot.setData(data);
     } else {
       make(xs, series);
     }
