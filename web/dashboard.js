@@ -3,6 +3,7 @@
 // without EventSource poll /api/metrics instead.
 import { drawPad, toMnist, showInput, showProbs } from './draw.js';
 import { fmtBytes } from './format.js';
+import { timeChart, missingLibrary } from './charts.js';
 
 const $ = (id) => document.getElementById(id);
 const view = { data: null, updates: 0, source: null, charts: {}, lastPrediction: null, loadedAt: Date.now() };
@@ -14,6 +15,7 @@ function fmtTime(s) {
   return h ? `${h}:${String(m).padStart(2, '0')}:${r}` : `${m}:${r}`;
 }
 function fmtAxis(v) {
+  if (v === 0) return '0';
   if (v >= 1e9) return `${(v / 1e9).toFixed(1)}G`;
   if (v >= 1e6) return `${(v / 1e6).toFixed(1)}M`;
   if (v >= 1e3) return `${(v / 1e3).toFixed(0)}K`;
@@ -28,8 +30,10 @@ function phaseText(d) {
     || String(d.phase).replaceAll('_', ' ');
 }
 
-// Canvas set up for the device's pixel ratio; returns the context and CSS size.
-function surface(canvas) {
+// Horizontal bars, one per layer: width (units or filters), with sparsity when reported. Drawn
+// by hand: uPlot's x axis is a number line, not a list of named layers.
+function layerChart(canvas, layers) {
+  view.charts[canvas.id] = { layers };
   const dpr = window.devicePixelRatio || 1;
   const w = canvas.clientWidth || 600, h = canvas.clientHeight || 220;
   canvas.width = w * dpr; canvas.height = h * dpr;
@@ -37,49 +41,6 @@ function surface(canvas) {
   g.scale(dpr, dpr);
   g.clearRect(0, 0, w, h);
   g.font = '11px system-ui';
-  return { g, w, h };
-}
-
-// A line chart: series = [{label, color, values, axis: 'left'|'right', dash}]. Axis maxima can
-// be fixed (accuracy is 0–1). What was drawn is kept in view.charts for tests and debugging.
-function lineChart(canvas, xs, series, { leftMax, rightMax } = {}) {
-  view.charts[canvas.id] = { xs, series: series.map((s) => ({ label: s.label, values: s.values })) };
-  const { g, w, h } = surface(canvas);
-  if (!xs.length) { g.fillStyle = '#6b7a6d'; g.fillText('no rounds yet', w / 2 - 30, h / 2); return; }
-  const pad = { l: 44, r: 48, t: 20, b: 24 };
-  const pw = w - pad.l - pad.r, ph = h - pad.t - pad.b;
-  const maxOf = (axis, fixed) => fixed ?? Math.max(1e-9, ...series.filter((s) => s.axis === axis).flatMap((s) => s.values).filter(Number.isFinite)) * 1.1;
-  const lmax = maxOf('left', leftMax), rmax = maxOf('right', rightMax);
-  const hasRight = series.some((s) => s.axis === 'right');
-  g.strokeStyle = '#dfe6de'; g.fillStyle = '#6b7a6d'; g.lineWidth = 1;
-  for (let i = 0; i <= 4; i++) {
-    const y = pad.t + ph - (ph * i) / 4;
-    g.beginPath(); g.moveTo(pad.l, y); g.lineTo(pad.l + pw, y); g.stroke();
-    g.fillText(fmtAxis(lmax * i / 4), 4, y + 4);
-    if (hasRight) g.fillText(fmtAxis(rmax * i / 4), pad.l + pw + 4, y + 4);
-  }
-  const n = xs.length;
-  const xAt = (i) => pad.l + (n <= 1 ? pw / 2 : (pw * i) / (n - 1));
-  g.fillText(`round ${xs[0]}`, pad.l, h - 6);
-  if (n > 1) g.fillText(`${xs[n - 1]}`, pad.l + pw - 16, h - 6);
-  let lx = pad.l;
-  for (const s of series) {
-    const max = s.axis === 'right' ? rmax : lmax;
-    const yAt = (v) => pad.t + ph - (ph * v) / max;
-    g.strokeStyle = s.color; g.fillStyle = s.color; g.lineWidth = 2; g.setLineDash(s.dash || []);
-    g.beginPath();
-    s.values.forEach((v, i) => (i ? g.lineTo(xAt(i), yAt(v)) : g.moveTo(xAt(i), yAt(v))));
-    g.stroke(); g.setLineDash([]);
-    if (n <= 60) s.values.forEach((v, i) => { g.beginPath(); g.arc(xAt(i), yAt(v), 2.5, 0, 7); g.fill(); });
-    const label = `${s.label}${s.axis === 'right' ? ' (right)' : ''}`;
-    g.fillText(label, lx, 12); lx += g.measureText(label).width + 16;
-  }
-}
-
-// Horizontal bars, one per layer: width (units or filters), with sparsity when reported.
-function layerChart(canvas, layers) {
-  view.charts[canvas.id] = { layers };
-  const { g, w, h } = surface(canvas);
   if (!layers.length) return;
   const rowH = Math.min(28, (h - 10) / layers.length), max = Math.max(...layers.map((l) => l.width));
   const x0 = 90, bw = w - x0 - 120;
@@ -91,6 +52,46 @@ function layerChart(canvas, layers) {
     g.fillStyle = '#1d2a1f';
     g.fillText(`${l.width}${l.sparsity != null ? ` · ${(100 * l.sparsity).toFixed(0)} % sparse` : ''}`, x0 + (bw * l.width) / max + 6, y + bh * 0.75);
   });
+}
+
+// A power of two of bytes, short: 512 KiB, 1 MiB, 64 MiB.
+function fmtBytesTick(v) {
+  const [d, unit] = v >= 1 << 30 ? [1 << 30, 'GiB'] : v >= 1 << 20 ? [1 << 20, 'MiB'] : v >= 1024 ? [1024, 'KiB'] : [1, 'B'];
+  return `${Number((v / d).toPrecision(3))} ${unit}`;
+}
+// From 0 to a tenth above the largest value (0 to 1 before the first round).
+const from0 = (u, min, max) => [0, max > 0 ? max * 1.1 : 1];
+// The time series, one point per finished round (web/charts.js): each chart's scales, a left
+// one (y) and a right one (r). Bytes are on log scales: a round's traffic and the running total
+// are orders of magnitude apart, and compression shows as a step down.
+const CHARTS = {
+  accChart: {
+    y: { range: [0, 1], axis: (v) => `${(100 * v).toFixed(0)} %`, fmt: (v) => `${(100 * v).toFixed(1)} %` },
+    r: { range: from0, axis: (v) => v.toFixed(2), fmt: (v) => v.toFixed(4) },
+  },
+  bytesChart: {
+    y: { log: true, axis: fmtBytesTick, fmt: fmtBytes },
+    r: { log: true, axis: fmtBytesTick, fmt: fmtBytes },
+  },
+  sizeChart: {
+    y: { range: from0, axis: fmtAxis, fmt: (v) => Math.round(v).toLocaleString('en') },
+    // Fractions (sparsity, density) and bits per weight: 0 to 1, or more for bits.
+    r: { range: (u, min, max) => [0, Math.max(1.05, (max ?? 0) * 1.05)], axis: (v) => v.toFixed(2), fmt: (v) => v.toFixed(2) },
+  },
+};
+// The uPlot instances by element id (for tests and the console): window.canopyCharts.accChart.
+const charts = {};
+window.canopyCharts = charts;
+const drawers = {};
+function drawChart(id, xs, series) {
+  // No web/vendor/uPlot.iife.min.js: the chart's place says to run setup.
+  if (!window.uPlot) {
+    if (!drawers[id]) { drawers[id] = true; missingLibrary($(id)); }
+    return;
+  }
+  drawers[id] ??= timeChart($(id), { id, scales: CHARTS[id] });
+  drawers[id].update(xs, series);
+  charts[id] = drawers[id].plot;
 }
 
 // Colours of the strategies' figures, by their place in /api/metrics' list; lines of figures
@@ -143,12 +144,12 @@ function render(d) {
   $('live').className = 'live small ok';
 
   const xs = rounds.map((x) => x.round);
-  lineChart($('accChart'), xs, [
-    { label: 'accuracy', color: '#2f7d32', values: rounds.map((x) => x.test_accuracy), axis: 'left' },
+  drawChart('accChart', xs, [
+    { label: 'accuracy', color: '#2f7d32', values: rounds.map((x) => x.test_accuracy), scale: 'y' },
     // Each client's own model on its own held-out split (personalised methods keep theirs).
-    { label: 'clients\' own', color: '#2f7d32', values: rounds.map((x) => x.local_accuracy), axis: 'left', dash: [5, 4] },
-    { label: 'loss', color: '#b26a00', values: rounds.map((x) => x.test_loss), axis: 'right' },
-  ], { leftMax: 1 });
+    { label: 'clients\' own', color: '#2f7d32', values: rounds.map((x) => x.local_accuracy), scale: 'y', dash: [5, 4] },
+    { label: 'loss', color: '#b26a00', values: rounds.map((x) => x.test_loss), scale: 'r' },
+  ]);
   let up = 0, down = 0;
   const cum = rounds.map((x) => (up += x.bytes_up, down += x.bytes_down, up + down));
   const keys = d.metric_keys, extraOf = (key) => rounds.map((x) => x.extra?.[key] ?? NaN);
@@ -156,21 +157,22 @@ function render(d) {
   const reported = (f) => rounds.some((x) => x.extra && f.key in x.extra);
   const figureLines = (panel, axis) => keys.figures
     .map((f, i) => ({ f, i })).filter(({ f }) => f.panel === panel && reported(f))
-    .map(({ f, i }) => ({ label: f.label, color: PALETTE[i % PALETTE.length], values: extraOf(f.key), axis, dash: DASH[f.kind] }));
+    .map(({ f, i }) => ({ label: f.label, color: PALETTE[i % PALETTE.length], values: extraOf(f.key), scale: axis, dash: DASH[f.kind], fmt: (v) => fmtFigure(f.kind, v) }));
   const traffic = [
-    { label: 'up', color: '#1565c0', values: rounds.map((x) => x.bytes_up), axis: 'left' },
+    { label: 'up', color: '#1565c0', values: rounds.map((x) => x.bytes_up), scale: 'y' },
     // Dashed: with full weights both ways, up and down are often equal and would hide each other.
-    { label: 'down', color: '#8e24aa', values: rounds.map((x) => x.bytes_down), axis: 'left', dash: [6, 4] },
-    { label: 'in all', color: '#555', values: cum, axis: 'right', dash: [4, 3] },
-    ...figureLines('traffic', 'left'),
+    { label: 'down', color: '#8e24aa', values: rounds.map((x) => x.bytes_down), scale: 'y', dash: [6, 4] },
+    { label: 'in all', color: '#555', values: cum, scale: 'r', dash: [4, 3] },
+    // Every figure on this panel is bytes (metric_keys.rs).
+    ...figureLines('traffic', 'y'),
   ];
-  lineChart($('bytesChart'), xs, traffic);
+  drawChart('bytesChart', xs, traffic);
   $('figureLine').textContent = last ? keys.sentences.map((s) => sentence(s, keys.figures, last.extra || {})).filter(Boolean).join(' · ') : '';
   const size = [
-    { label: 'parameters', color: '#2f7d32', values: rounds.map((x) => x.params), axis: 'left' },
-    ...figureLines('size', 'right'),
+    { label: 'parameters', color: '#2f7d32', values: rounds.map((x) => x.params), scale: 'y' },
+    ...figureLines('size', 'r'),
   ];
-  lineChart($('sizeChart'), xs, size, { rightMax: 1.05 });
+  drawChart('sizeChart', xs, size);
   // A fraction of the model's size reported (sparsity, density) means it is pruned.
   const pruned = keys.figures.some((f) => f.panel === 'size' && f.kind === 'fraction' && reported(f)) || new Set(rounds.map((x) => x.params)).size > 1;
   $('sizeNote').textContent = pruned ? '' : `No pruning in this run: ${d.model.params.toLocaleString()} parameters, ${fmtAxis(d.model.flops_per_sample)} FLOPs per sample.`;

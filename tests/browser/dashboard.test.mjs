@@ -1,6 +1,8 @@
 // The dashboard in headless Chromium next to two client tabs: it updates live (no reload) while
-// 3 rounds run, its controls refuse a wrong admin token and obey the right one, and "try the
-// model" predicts a drawn digit on the dashboard and in a tab. Screenshots go to the run folder.
+// 3 rounds run, its uPlot charts plot one point per round (bytes on log scales, values in the
+// legend) and say so when the library is missing, its controls refuse a wrong admin token and
+// obey the right one, and "try the model" predicts a drawn digit on the dashboard and in a tab.
+// Screenshots go to the run folder.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
@@ -42,7 +44,10 @@ test('live dashboard, admin controls and draw-a-digit', { timeout: 240_000 }, as
     await dash.evaluate(() => { window.sameDocument = true; });
     const dv = () => dash.evaluate(() => {
       const v = window.canopyDashboard;
-      return { updates: v.updates, source: v.source, data: v.data, charts: v.charts, lastAdmin: v.lastAdmin, lastPrediction: v.lastPrediction, same: window.sameDocument };
+      // The uPlot charts as what they plot: x (rounds), and each line's label, scale and values.
+      const plotted = (u) => u && { xs: u.data[0], series: u.series.slice(1).map((s, i) => ({ label: s.label, scale: s.scale, values: u.data[i + 1] })), distr: u.scales.y.distr, plots: u.root.parentElement.querySelectorAll('.uplot').length };
+      const charts = Object.fromEntries(Object.entries(window.canopyCharts || {}).map(([id, u]) => [id, plotted(u)]));
+      return { updates: v.updates, source: v.source, data: v.data, charts: { ...v.charts, ...charts }, lastAdmin: v.lastAdmin, lastPrediction: v.lastPrediction, same: window.sameDocument };
     });
     await waitFor(async () => (await dv()).updates > 0, 30_000, 'the first live update');
 
@@ -111,12 +116,42 @@ test('live dashboard, admin controls and draw-a-digit', { timeout: 240_000 }, as
     assert.equal(acc.series[0].label, 'accuracy');
     assert.equal(acc.series[0].values.length, 3);
     assert.ok(acc.series[0].values[2] > 0.3, `accuracy after 3 rounds: ${acc.series[0].values}`);
-    assert.equal(v.charts.bytesChart.series[2].values.length, 3, 'cumulative bytes');
+    assert.equal(acc.plots, 1, 'one uPlot per chart, fed with setData, not one per update');
+    const bytes = v.charts.bytesChart;
+    assert.deepEqual(bytes.xs, [1, 2, 3]);
+    assert.deepEqual(bytes.series.map((s) => s.label), ['up', 'down', 'in all']);
+    assert.equal(bytes.series[2].values.length, 3, 'cumulative bytes');
+    assert.ok(bytes.series[2].values[2] > bytes.series[2].values[0], `cumulative bytes grow: ${bytes.series[2].values}`);
+    assert.equal(bytes.distr, 3, 'bytes on a log scale');
+    assert.equal(await dash.evaluate(() => window.canopyCharts.bytesChart.scales.r.distr), 3, 'the running total too');
     // FedAvg reports none of the described method figures: no extra lines, no sentence.
     assert.ok(v.data.metric_keys.figures.length > 0, 'the server describes its figures');
-    assert.equal(v.charts.bytesChart.series.length, 3);
     assert.deepEqual(v.charts.sizeChart.series.map((s) => s.label), ['parameters']);
+    assert.deepEqual(v.charts.sizeChart.xs, [1, 2, 3]);
+    // The legend shows the values under the cursor: round 1's traffic with the pointer on the
+    // left edge of the plot, then the latest round's once it leaves.
+    const legend = () => dash.$$eval('#bytesChart .u-legend .u-series', (rows) => rows.map((r) => r.textContent.trim()));
+    const over = dash.locator('#bytesChart .u-over');
+    await over.scrollIntoViewIfNeeded();
+    const box = await over.boundingBox();
+    await dash.mouse.move(box.x + 2, box.y + box.height / 2);
+    await waitFor(async () => (await legend())[0].includes('1'), 5000, 'the legend to follow the cursor');
+    const atCursor = await legend();
+    assert.match(atCursor[0], /round\s*1$/, atCursor.join(' | '));
+    assert.match(atCursor[1], /up\s*[0-9.]+ (KiB|MiB)/, atCursor.join(' | '));
+    await dash.mouse.move(1, 1);
+    await waitFor(async () => /3 \(latest\)/.test((await legend())[0]), 5000, 'the legend to show the latest round');
     assert.equal(await dash.textContent('#figureLine'), '');
+    // Without uPlot in web/vendor (setup not run), each chart's place says what to do.
+    const noLib = await browser.newPage();
+    const noLibErrors = [];
+    noLib.on('pageerror', (e) => noLibErrors.push(e.message));
+    await noLib.route('**/vendor/uPlot.iife.min.js', (r) => r.fulfill({ status: 404, body: 'not found' }));
+    await noLib.goto(`${server.url}dashboard`);
+    await waitFor(() => noLib.evaluate(() => window.canopyDashboard.updates > 0), 30_000, 'an update without uPlot');
+    for (const id of ['accChart', 'bytesChart', 'sizeChart']) assert.match(await noLib.textContent(`#${id}`), /run just setup/, id);
+    assert.deepEqual(noLibErrors, []);
+    await noLib.close();
     assert.deepEqual(v.charts.layerChart.layers.map((l) => l.width), [200, 200, 10]);
     const rows = await dash.$$eval('#clients tr', (trs) => trs.map((tr) => Array.from(tr.cells, (c) => c.textContent)));
     assert.deepEqual(rows.map((r) => r[0]).sort(), ['alice', 'bob']);
