@@ -135,6 +135,8 @@ function exampleTotals(d) {
 function renderExamples(d) {
   const { classes, rows, totals } = exampleTotals(d);
   $('examplesCard').hidden = classes.length === 0;
+  // Drawing a digit means nothing to a model of the tabs' own classes (each tab tries it on its camera).
+  $('tryCard').hidden = classes.length > 0;
   if (!classes.length) return;
   $('examplesHead').innerHTML = `<tr><th>Tab</th>${classes.map((c) => `<th>${esc(c)}</th>`).join('')}</tr>`;
   $('examples').innerHTML = rows.map((r) => `<tr><td><b>${esc(r.name)}</b></td>${r.per.map((n) => `<td>${n}</td>`).join('')}</tr>`).join('') +

@@ -157,7 +157,9 @@ test('two tabs train on their own camera and file examples, which never leave th
     const shown = await Promise.all(CLASSES.map((_, k) => dash.textContent(`#examplesTotal-${k}`)));
     assert.deepEqual(shown.map(Number), totals, 'dashboard totals per class');
     assert.match(await dash.textContent('#acc'), /—/, 'the dashboard shows no global accuracy');
-    await dash.screenshot({ path: join(artifactsDir(server.runDir), 'byo-dashboard.png') });
+    const shots = artifactsDir(server.runDir);
+    await dash.screenshot({ path: join(shots, 'byo-dashboard.png'), fullPage: true });
+    await tabs[0].screenshot({ path: join(shots, 'byo-tab-0.png'), fullPage: true });
 
     // 1. Nothing carried pixels. Every frame sent is a Canopy message of an allowed kind and
     //    size: a Result is the update (4 bytes a parameter, as the task's upload asks) plus a
@@ -189,12 +191,23 @@ test('two tabs train on their own camera and file examples, which never leave th
     }
     assert.deepEqual(bodies, [], 'no HTTP request carried a body');
 
+    // "Try it": the global model on the live camera (the stripes of class 0), per class.
+    await tabs[0].click('#byoTry');
+    const tried = await waitFor(async () => (await byo(tabs[0])).lastTry, 20_000, 'a prediction on the camera');
+    assert.equal(tried.probs.length, CLASSES.length);
+    assert.ok(Math.abs(tried.probs.reduce((a, b) => a + b) - 1) < 1e-3, `probabilities: ${tried.probs}`);
+    assert.equal(tried.best, 0, `the camera shows stripes: ${tried.probs}`);
+    assert.equal(tried.round, ROUNDS);
+    assert.match(await tabs[0].textContent('#byoProbs'), /stripes/);
+
     // 4. A reload keeps the examples: the panel comes back with the same counts.
     await tabs[0].reload();
     await waitFor(async () => { const b = await byo(tabs[0]); return b && b.lastSync && b; }, 90_000, 'the reloaded tab\'s panel');
     const after = await byo(tabs[0]);
     assert.deepEqual([after.stored, after.counts, after.heldOut], [before[0].stored, before[0].counts, before[0].heldOut]);
 
+    console.log(`screenshots in ${shots}`);
+    console.log(`try it on the camera: ${tried.probs.map((p) => p.toFixed(3)).join('/')}`);
     console.log(`byo: ${m.rounds.length} rounds, tabs' own held-out accuracy ${acc.map((a) => a.toFixed(3)).join(' → ')}; examples per class ${totals.join('/')}; ` +
       `${sent.length} frames sent checked (${JSON.stringify(kinds)}), ${params} parameters; losses ${states.map((s) => s.results.map((x) => x.train_loss.toFixed(3)).join('→')).join(' | ')}`);
   } catch (e) {
