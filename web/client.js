@@ -2,6 +2,7 @@
 // the WebSocket and trains; this page asks for a nickname, renders what the worker posts, and
 // runs the drawing pad. Nothing heavy runs here, so training never freezes the page.
 import { drawPad, toMnist, showInput, showProbs } from './draw.js';
+import { startByo } from './byo.js';
 
 const params = new URLSearchParams(location.search);
 const $ = (id) => document.getElementById(id);
@@ -59,7 +60,7 @@ const call = (method) => (...args) => new Promise((resolve, reject) => {
   calls.set(id, { resolve, reject });
   worker.postMessage({ call: method, id, args });
 });
-const client = Object.fromEntries(['predict', 'try_model', 'model_round', 'add_sample', 'train_samples', 'bench'].map((m) => [m, call(m)]));
+const client = Object.fromEntries(['predict', 'try_model', 'model_round', 'add_sample', 'train_samples', 'bench', 'set_examples'].map((m) => [m, call(m)]));
 
 worker.onmessage = (ev) => {
   const m = ev.data;
@@ -79,7 +80,14 @@ worker.onmessage = (ev) => {
   if (state.roundsDone > 0) marks.firstResult ??= performance.now();
   if (m.log) log(m.log);
   if (m.ready) window.canopy.client = client;
+  // A run on the tabs' own data: the examples panel replaces the digit pad.
+  if (state.classes?.length && !byoStarted) {
+    byoStarted = true;
+    $('tryCard').hidden = true;
+    startByo({ client, classes: state.classes, log, mount: $('byoCard') }).catch((e) => log(`examples panel failed: ${e.message}`));
+  }
 };
+let byoStarted = false;
 worker.onerror = (e) => {
   state.status = `failed to start: ${e.message}`;
   $('status').textContent = state.status;

@@ -127,6 +127,23 @@ function sentence(text, figures, extra) {
   return any ? out : '';
 }
 
+// Per class: each tab's training + held-out examples, and the totals (what the tabs reported).
+function exampleTotals(d) {
+  const classes = d.run.classes || [];
+  const rows = d.clients.filter((c) => c.examples).map((c) => ({ name: c.name, per: classes.map((_, k) => c.examples.train[k] + c.examples.test[k]) }));
+  return { classes, rows, totals: classes.map((_, k) => rows.reduce((a, r) => a + r.per[k], 0)) };
+}
+function renderExamples(d) {
+  const { classes, rows, totals } = exampleTotals(d);
+  $('examplesCard').hidden = classes.length === 0;
+  // Drawing a digit means nothing to a model of the tabs' own classes (each tab tries it on its camera).
+  $('tryCard').hidden = classes.length > 0;
+  if (!classes.length) return;
+  $('examplesHead').innerHTML = `<tr><th>Tab</th>${classes.map((c) => `<th>${esc(c)}</th>`).join('')}</tr>`;
+  $('examples').innerHTML = rows.map((r) => `<tr><td><b>${esc(r.name)}</b></td>${r.per.map((n) => `<td>${n}</td>`).join('')}</tr>`).join('') +
+    `<tr class="total"><td><b>all tabs</b></td>${totals.map((n, k) => `<td id="examplesTotal-${k}"><b>${n}</b></td>`).join('')}</tr>`;
+}
+
 function render(d) {
   const r = d.run;
   $('runline').textContent = `${r.strategy} · model ${r.model} · ${r.dataset} · ${r.partition} · run ${r.run_id}`;
@@ -137,7 +154,10 @@ function render(d) {
   $('round').previousElementSibling.textContent = b ? 'Version' : 'Round';
   $('round').textContent = `${d.round} / ${r.rounds}`;
   const rounds = d.rounds, last = rounds[rounds.length - 1];
-  $('acc').textContent = last ? `${(100 * last.test_accuracy).toFixed(1)} %` : '–';
+  // A run on the tabs' own data has no global test set: no global accuracy, the tabs' own instead.
+  $('acc').textContent = !last ? '–' : last.test_accuracy == null
+    ? `— (no test set; tabs' own held-out ${(100 * last.local_accuracy).toFixed(1)} %)`
+    : `${(100 * last.test_accuracy).toFixed(1)} %`;
   $('connected').textContent = d.connected;
   $('elapsed').textContent = fmtTime(d.elapsed_seconds);
   $('live').textContent = `live (${view.source}) · updated ${new Date().toLocaleTimeString()}`;
@@ -216,6 +236,9 @@ function render(d) {
     const heard = e.seen_ms_ago < d.edge_timeout_ms ? `${(e.seen_ms_ago / 1000).toFixed(1)} s ago` : `<span class="bad">${(e.seen_ms_ago / 1000).toFixed(0)} s ago</span>`;
     return `<tr><td><b>${esc(e.name)}</b></td><td><a href="${esc(e.url)}">${esc(e.url)}</a></td><td>${e.connected}</td><td>${e.idle}</td><td>${heard}</td><td>${partials || '<span class="sub">none yet</span>'}</td></tr>`;
   }).join('');
+
+  // A run on the tabs' own data: how many examples each tab says it holds, per class.
+  renderExamples(d);
 
   // Contribution: samples trained on for the global model (shard size × rounds done).
   const contrib = (c) => c.train_samples * c.rounds_done;

@@ -61,9 +61,11 @@ function onSummary(json) {
   switch (s.kind) {
     case 'welcome':
       state.clientId = s.client_id;
+      // A run on the tabs' own data names its classes: the page labels and keeps the examples.
+      state.classes = s.run.classes;
       post({
         run: `${s.run.strategy} · ${s.run.model} · ${s.run.dataset} · ${s.run.partition} · ${s.run.rounds} rounds`,
-        shard: `#${s.shard}: ${s.train} training + ${s.test} test samples`,
+        shard: s.run.classes.length ? `this tab's own examples (${s.run.classes.join(', ')})` : `#${s.shard}: ${s.train} training + ${s.test} test samples`,
       });
       setStatus('waiting for a round');
       log(`joined as client ${s.client_id}, data shard ${s.shard} (${s.train} samples)`);
@@ -197,6 +199,9 @@ const methods = {
   model_round: () => client.model_round(),
   add_sample: (px, label) => client.add_sample(px, label),
   train_samples: () => client.train_samples(),
+  // The tab's own examples (bytes, labels; training then held out): the runtime keeps them,
+  // and the server gets the counts per class, nothing more.
+  set_examples: (px, labels, testPx, testLabels) => { sendFrame(client.set_examples(px, labels, testPx, testLabels)); },
   bench: (model, batch, steps, keep) => client.bench(model, batch, steps, keep),
 };
 async function answer({ call, id, args }) {

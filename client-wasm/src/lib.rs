@@ -10,6 +10,7 @@ use std::rc::Rc;
 use burn::tensor::Device;
 use canopy_core::client::{ClientHost, ClientRuntime};
 use canopy_core::codec::{self, MaskCache};
+use canopy_core::data::Dataset;
 use canopy_core::model::arch::Arch;
 use canopy_core::model::state::ModelState;
 use canopy_core::protocol::{
@@ -140,10 +141,49 @@ struct OwnDigits {
     /// runtime (it is borrowed while training).
     sample_len: usize,
     classes: usize,
+    shape: [usize; 3],
+    /// In a run on the tabs' own data (the welcome named classes): the examples the page
+    /// labelled and stored, which replace the (empty) shard's training and held-out splits.
+    tab: Option<TabExamples>,
+    /// The run's data comes from the tab (the welcome named its classes).
+    on_tabs: bool,
+}
+
+/// The tab's own examples, as the page hands them over (bytes 0–255, as every dataset).
+struct TabExamples {
+    train: Dataset,
+    test: Dataset,
+    /// Not yet written into the runtime's shard.
+    dirty: bool,
+}
+
+impl TabExamples {
+    /// The `ClientMsg::Examples` frame: how many examples per class, numbers only.
+    fn counts_frame(&self) -> Vec<u8> {
+        encode(&ClientMsg::Examples {
+            train: self
+                .train
+                .class_counts()
+                .iter()
+                .map(|&n| n as u32)
+                .collect(),
+            test: self.test.class_counts().iter().map(|&n| n as u32).collect(),
+        })
+    }
 }
 
 impl OwnDigits {
     fn apply(&mut self, rt: &mut ClientRuntime<WebHost>) {
+        if let Some(tab) = self.tab.as_mut() {
+            if let Some(shard) = rt.shard.as_mut()
+                && tab.dirty
+            {
+                shard.train = tab.train.clone();
+                shard.test = tab.test.clone();
+                tab.dirty = false;
+            }
+            return;
+        }
         if let Some(shard) = rt.shard.as_mut() {
             for (px, label) in &self.samples[self.applied..] {
                 shard.train.images.extend_from_slice(px);
@@ -319,7 +359,8 @@ impl CanopyClient {
                 ServerMsg::Welcome(w) => json!({
                     "kind": "welcome", "client_id": w.client_id, "run": {
                         "run_id": w.run.run_id, "strategy": w.run.strategy, "model": w.run.model,
-                        "dataset": w.run.dataset, "partition": w.run.partition, "rounds": w.run.rounds },
+                        "dataset": w.run.dataset, "partition": w.run.partition, "rounds": w.run.rounds,
+                        "classes": w.run.classes },
                     "shard": w.shard.index, "train": w.shard.train.len(), "test": w.shard.test.len(),
                     "classes": w.shard.train.class_counts(),
                 }),
@@ -365,14 +406,29 @@ impl CanopyClient {
                 // A (re)joined tab gets its shard afresh: put the student's digits back in.
                 let mut own = own.borrow_mut();
                 if let Some(s) = rt.shard.as_ref() {
-                    (own.server_train, own.sample_len, own.classes) =
-                        (s.train.len() as u64, s.train.sample_len(), s.train.classes);
+                    (own.server_train, own.sample_len, own.classes, own.shape) = (
+                        s.train.len() as u64,
+                        s.train.sample_len(),
+                        s.train.classes,
+                        s.train.shape,
+                    );
                 }
+                own.on_tabs = rt.run.as_ref().is_some_and(|r| !r.classes.is_empty());
                 own.applied = 0;
+                if let Some(tab) = own.tab.as_mut() {
+                    // The server forgets a tab's counts when it leaves: say them again.
+                    tab.dirty = true;
+                    let _ = rt.host.send.call1(
+                        &JsValue::NULL,
+                        &Uint8Array::from(tab.counts_frame().as_slice()),
+                    );
+                }
                 own.apply(&mut rt);
             }
             let mut summary = summary;
-            if let Some(ClientMsg::Result(r)) = reply.as_mut() {
+            if let Some(ClientMsg::Result(r)) = reply.as_mut()
+                && !own.borrow().on_tabs
+            {
                 r.samples = r.samples.min(own.borrow().server_train.max(1));
             }
             if let Some(reply) = reply {
@@ -453,6 +509,58 @@ impl CanopyClient {
             own.apply(&mut rt);
         }
         Ok(own.samples.len() as u32)
+    }
+
+    /// In a run on the tabs' own data: replaces the tab's examples with these (28×28 bytes per
+    /// example, 0–255, row-major, and one label each; the held-out ones measure the tab's own
+    /// accuracy). They stay in the tab. Returns the `ClientMsg::Examples` frame to send: the
+    /// counts per class, nothing else.
+    pub fn set_examples(
+        &self,
+        train_images: Vec<u8>,
+        train_labels: Vec<u8>,
+        test_images: Vec<u8>,
+        test_labels: Vec<u8>,
+    ) -> Result<Vec<u8>, JsValue> {
+        let mut own = self.own.borrow_mut();
+        if !own.on_tabs {
+            return Err(JsValue::from_str(
+                "this run's data is dealt by the server: it takes no examples of the tab's own",
+            ));
+        }
+        let (len, classes, shape) = (own.sample_len, own.classes, own.shape);
+        let data = |images: Vec<u8>, labels: Vec<u8>| -> Result<Dataset, JsValue> {
+            if images.len() != labels.len() * len {
+                return Err(JsValue::from_str(&format!(
+                    "{} bytes for {} examples of {len}",
+                    images.len(),
+                    labels.len()
+                )));
+            }
+            if let Some(l) = labels.iter().find(|&&l| l as usize >= classes) {
+                return Err(JsValue::from_str(&format!(
+                    "label {l} is not below {classes}"
+                )));
+            }
+            Ok(Dataset {
+                shape,
+                classes,
+                images,
+                labels,
+            })
+        };
+        let tab = TabExamples {
+            train: data(train_images, train_labels)?,
+            test: data(test_images, test_labels)?,
+            dirty: true,
+        };
+        let frame = tab.counts_frame();
+        own.tab = Some(tab);
+        // Straight into the shard when no task is running; otherwise before the next task.
+        if let Ok(mut rt) = self.rt.try_borrow_mut() {
+            own.apply(&mut rt);
+        }
+        Ok(frame)
     }
 
     /// Training samples in this tab's shard now (the dealt ones plus the student's own digits);

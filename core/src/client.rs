@@ -146,6 +146,11 @@ impl<H: ClientHost> ClientRuntime<H> {
             .shard
             .as_ref()
             .ok_or("task before welcome: no data shard yet")?;
+        if shard.train.is_empty() {
+            // A tab on its own data before it labelled any: nothing to train on, say so
+            // rather than send an update computed from nothing.
+            return Err("no training examples in this client yet".into());
+        }
         let mut host = RoundHost {
             inner: &mut self.host,
             round: task.round,

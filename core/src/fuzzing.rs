@@ -218,6 +218,10 @@ pub fn seed_frames(targets: &[Target]) -> Vec<Vec<u8>> {
             payload: Blob(vec![1, 2, 3, 4]),
         }),
         encode(&ClientMsg::Bye),
+        encode(&ClientMsg::Examples {
+            train: vec![12, 0, 7],
+            test: vec![3, 0, 1],
+        }),
     ];
     // Exchange payloads as they really travel: a request with and without dropout, and replies
     // (exact and quantized). Replies come from the server, but their bytes are fuzzed the same way.
@@ -310,6 +314,11 @@ pub fn feed(frame: &[u8], targets: &[Target]) -> Tally {
         ClientMsg::Result(result) => result,
         ClientMsg::Exchange { payload, .. } => {
             feed_exchange(&payload.0, &mut tally);
+            return tally;
+        }
+        // A tab's example counts: checked against a run of three classes, never trusted.
+        ClientMsg::Examples { train, test } => {
+            let _ = crate::protocol::check_example_counts(3, &train, &test);
             return tally;
         }
         _ => return tally,

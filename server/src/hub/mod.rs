@@ -114,6 +114,21 @@ impl Hub {
         Ok(id)
     }
 
+    /// The tabs bring their own data, labelled with `classes` classes.
+    pub fn on_tabs(&mut self, classes: usize) {
+        self.clients.on_tabs(classes);
+    }
+
+    /// A tab reports how many examples it holds per class (see [`Clients::set_examples`]).
+    pub fn examples_reported(
+        &mut self,
+        id: u64,
+        train: Vec<u32>,
+        test: Vec<u32>,
+    ) -> Result<(), String> {
+        self.clients.set_examples(id, train, test)
+    }
+
     /// Bans a client: it is told why (an error frame, then Bye so it does not reconnect), its
     /// connection is closed, and it cannot join again with its id. Returns its name.
     pub fn ban(&mut self, id: u64, reason: &str) -> Result<String, String> {

@@ -241,6 +241,7 @@ pub(crate) mod tests {
             dataset: "synthetic".into(),
             partition: "iid".into(),
             rounds,
+            classes: Vec::new(),
         }
     }
 

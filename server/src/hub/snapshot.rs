@@ -76,6 +76,7 @@ mod tests {
             dataset: "digits".into(),
             partition: "iid".into(),
             rounds: 1,
+            classes: Vec::new(),
         };
         for (timeout_ms, connected) in [(60_000u64, 4), (1, 0)] {
             let timeout = Duration::from_millis(timeout_ms);

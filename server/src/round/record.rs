@@ -23,7 +23,10 @@ pub struct RoundRecord {
     pub rejected: usize,
     /// Attempts of this round that ended below `min_results` and were retried.
     pub retries: u32,
+    /// NaN without a test set (a run on the tabs' own data): null in the JSON, read back as NaN.
+    #[serde(deserialize_with = "nan_if_null")]
     pub test_accuracy: f32,
+    #[serde(deserialize_with = "nan_if_null")]
     pub test_loss: f32,
     /// Sample-weighted mean of the clients' training loss.
     pub train_loss: f32,
@@ -45,6 +48,11 @@ pub struct RoundRecord {
     pub participants: Vec<u64>,
     /// Strategy-specific figures.
     pub extra: BTreeMap<String, f64>,
+}
+
+/// A figure JSON wrote as null (serde_json writes NaN so) is NaN again.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
 }
 
 /// The round loop's own counts for one round.
@@ -175,6 +183,31 @@ pub fn write(dir: &Path, json: &serde_json::Value, rows: &[RoundRecord]) -> std:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_round_without_a_test_set_reads_back_from_its_json() {
+        let r = RoundRecord {
+            round: 3,
+            test_accuracy: f32::NAN,
+            test_loss: f32::NAN,
+            local_accuracy: 0.9,
+            ..Default::default()
+        };
+        let json = serde_json::to_value(&r).unwrap();
+        assert!(json["test_accuracy"].is_null() && json["test_loss"].is_null());
+        let back: RoundRecord = serde_json::from_value(json).unwrap();
+        assert!(back.test_accuracy.is_nan() && back.test_loss.is_nan());
+        assert_eq!((back.round, back.local_accuracy), (3, 0.9));
+        let again: RoundRecord = serde_json::from_value(
+            serde_json::to_value(RoundRecord {
+                test_accuracy: 0.5,
+                ..Default::default()
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(again.test_accuracy, 0.5);
+    }
 
     #[test]
     fn csv_has_a_column_per_extra() {

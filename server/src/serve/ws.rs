@@ -260,6 +260,15 @@ async fn session(socket: Socket, gate: Handle, app: Arc<App>, peer: SocketAddr, 
                     app.hub.lock().unwrap().send(c, &reply);
                 });
             }
+            (ClientMsg::Examples { train, test }, Some(c)) => {
+                if let Err(why) = app.hub.lock().unwrap().examples_reported(c, train, test) {
+                    tracing::warn!(client = c, "example counts refused: {why}");
+                    reply_error(
+                        ErrorCode::Rejected,
+                        format!("example counts refused: {why}"),
+                    );
+                }
+            }
             (ClientMsg::Bye, Some(_)) => break,
         }
     }

@@ -113,6 +113,7 @@ async fn one_round(
         dataset: "none".into(),
         partition: "iid".into(),
         rounds: 1,
+        classes: Vec::new(),
     };
     let hub = Arc::new(Mutex::new(Hub::new(
         info,
