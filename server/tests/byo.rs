@@ -7,24 +7,12 @@ use std::time::Duration;
 
 use canopy_core::protocol::{
     Backend, Blob, ClientMetrics, ClientMsg, DeviceInfo, ErrorCode, Hello, PROTOCOL_VERSION,
-    Params, ServerMsg, Task, TaskResult, Update, decode, encode,
+    Params, ServerMsg, Task, TaskResult, Update, encode,
 };
 use tungstenite::Message;
 
 mod common;
-use common::runtime;
-
-type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>;
-
-fn read(ws: &mut Ws) -> Option<ServerMsg> {
-    loop {
-        match ws.read() {
-            Ok(Message::Binary(b)) => return Some(decode(&b).unwrap()),
-            Ok(Message::Close(_)) | Err(_) => return None,
-            Ok(_) => continue,
-        }
-    }
-}
+use common::{Ws, read, runtime};
 
 /// The next message that is not a Wait.
 fn next(ws: &mut Ws) -> Option<ServerMsg> {

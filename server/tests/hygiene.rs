@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use canopy_core::aggregate::robust::RobustConfig;
 use canopy_core::protocol::{
     Backend, Blob, ClientMetrics, ClientMsg, DeviceInfo, ErrorCode, Hello, PROTOCOL_VERSION,
-    Params, ServerMsg, Task, TaskResult, Update, decode, encode,
+    Params, ServerMsg, Task, TaskResult, Update, encode,
 };
 use canopy_server::config::{Config, LateResults};
 use canopy_server::lab::poison::Attack;
@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tungstenite::Message;
 
 mod common;
-use common::runtime;
+use common::{Ws, read, runtime};
 
 const TOKEN: &str = "hygiene-test-token";
 
@@ -26,8 +26,6 @@ fn config(name: &str, rounds: u32, shards: usize) -> Config {
     c.server.admin_token = Some(TOKEN.into());
     c
 }
-
-type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>;
 
 fn connect(url: &str) -> Ws {
     tungstenite::connect(url).unwrap().0
@@ -41,17 +39,6 @@ fn hello(name: &str, resume: Option<u64>) -> Message {
         resume,
         mask_version: None,
     })))
-}
-
-/// The next Canopy message, or None once the connection is closed.
-fn read(ws: &mut Ws) -> Option<ServerMsg> {
-    loop {
-        match ws.read() {
-            Ok(Message::Binary(b)) => return Some(decode(&b).unwrap()),
-            Ok(Message::Close(_)) | Err(_) => return None,
-            Ok(_) => continue,
-        }
-    }
 }
 
 fn expect_error(ws: &mut Ws, code: ErrorCode, needle: &str) {

@@ -72,3 +72,18 @@ pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.as_str())
 }
+
+/// A test's own WebSocket to the server, speaking the protocol by hand.
+pub type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>;
+
+/// The next Canopy message, or None once the connection is closed.
+pub fn read(ws: &mut Ws) -> Option<canopy_core::protocol::ServerMsg> {
+    use tungstenite::Message;
+    loop {
+        match ws.read() {
+            Ok(Message::Binary(b)) => return Some(canopy_core::protocol::decode(&b).unwrap()),
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
