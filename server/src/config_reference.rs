@@ -50,9 +50,9 @@ pub fn render() -> String {
         .iter()
         .filter(|(_, s)| page.table_of(s).is_none())
         .collect();
-    for (key, _) in props.iter() {
+    for (key, schema) in &props {
         assert!(
-            page.table_of(&props[key]).is_none() || SECTIONS.contains(&key.as_str()),
+            page.table_of(schema).is_none() || SECTIONS.contains(&key.as_str()),
             "config section [{key}] is missing from config_reference::SECTIONS"
         );
     }
@@ -124,7 +124,6 @@ impl Page<'_> {
     /// The struct a key holds, if it holds one (possibly optional): it becomes a section.
     fn table_of<'s>(&'s self, schema: &'s Value) -> Option<&'s Value> {
         let s = self.resolve(unwrap_option(schema).unwrap_or(schema));
-        let s = self.resolve(unwrap_option(s).unwrap_or(s));
         (s.get("properties").is_some() && s.get("oneOf").is_none()).then_some(s)
     }
 

@@ -68,17 +68,10 @@ impl Default for SupermaskConfig {
     }
 }
 
-/// The binary supermask's section: HideNseek's settings with its own defaults.
-pub(super) fn describe_binary(
-    generator: &mut schemars::SchemaGenerator,
-) -> (schemars::Schema, super::Settings) {
-    super::describe::<BinaryConfig>(generator)
-}
-
 /// The binary supermask's defaults: the whole network (no pruning at init).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(transparent)]
-struct BinaryConfig(SupermaskConfig);
+pub(super) struct BinaryConfig(SupermaskConfig);
 
 impl Default for BinaryConfig {
     fn default() -> Self {

@@ -320,7 +320,7 @@ pub const METHODS: &[Method] = &[
         name: "supermask",
         about: "Binary supermask over frozen random weights (FedPM's family), 1 bit per weight up",
         build: hidenseek::build_binary,
-        settings: hidenseek::describe_binary,
+        settings: describe::<hidenseek::BinaryConfig>,
     },
     Method {
         name: "split",
