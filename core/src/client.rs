@@ -156,7 +156,7 @@ impl<H: ClientHost> ClientRuntime<H> {
             round: task.round,
             waited_ms: 0.0,
         };
-        let t = learn(
+        let (t, moved) = learn(
             &model,
             &mut self.state.learners,
             &shard.train,
@@ -189,6 +189,8 @@ impl<H: ClientHost> ClientRuntime<H> {
             &t.params,
             mask,
             &mut self.state.residual,
+            moved.as_deref(),
+            task.train.seed,
         );
         // The local test split measures the model this client ends the task with (a split
         // learning front alone outputs activations, not classes: nothing to measure).
@@ -208,7 +210,8 @@ impl<H: ClientHost> ClientRuntime<H> {
 
 /// Trains as the task's step says, starting from what the task's learner makes of the model and
 /// this client's kept state; returns the trained weights the model computes with (for a
-/// supermask, the effective weights of the learned scores, which stay with the learner).
+/// supermask, the effective weights of the learned scores, which stay with the learner) and,
+/// when what was learned is not the weights, how far training moved it.
 async fn learn<H: crate::train::Host>(
     model: &Model,
     learners: &mut Learners,
@@ -216,7 +219,7 @@ async fn learn<H: crate::train::Host>(
     task: &Task,
     device: &Device,
     host: &mut H,
-) -> Result<Trained, String> {
+) -> Result<(Trained, Option<Vec<f32>>), String> {
     let given = Given {
         params: &model.params,
         mask: model.mask.as_deref(),
@@ -242,6 +245,13 @@ async fn learn<H: crate::train::Host>(
         host,
     )
     .await?;
+    let moved = start.frozen.is_some().then(|| {
+        t.params
+            .iter()
+            .zip(start.learned.iter())
+            .map(|(a, b)| a - b)
+            .collect()
+    });
     t.params = learner.finish(given, std::mem::take(&mut t.params));
-    Ok(t)
+    Ok((t, moved))
 }

@@ -271,7 +271,7 @@ pub fn seed_frames(targets: &[Target]) -> Vec<Vec<u8>> {
                 top_k,
                 None,
             )),
-            UploadSpec::Supermask { .. } => {
+            UploadSpec::Supermask { .. } | UploadSpec::ScoreSteps { .. } => {
                 let Params::Supermask { bits, .. } = &t.task.model.params else {
                     unreachable!("a supermask target carries its bits")
                 };

@@ -14,7 +14,7 @@ use crate::model::arch::Arch;
 pub use crate::train::step::SupermaskKind;
 use crate::train::{Eval, Progress, TrainSpec};
 
-pub const PROTOCOL_VERSION: u8 = 6;
+pub const PROTOCOL_VERSION: u8 = 7;
 const MAGIC: [u8; 2] = *b"CN";
 
 /// Largest frame either side accepts. The biggest built-in model (FedAvg's CNN, 1.66 M
@@ -243,6 +243,15 @@ pub enum UploadSpec {
     /// The client's supermask bits on the kept entries, per tensor either bit-packed or as the
     /// positions that differ from the task's bits, whichever is smaller.
     Supermask { kind: SupermaskKind },
+    /// One bit per kept entry for the direction this task moved the client's supermask score,
+    /// stochastically rounded (an entry the client barely moved is a coin toss): see
+    /// [`crate::codec::supermask::step_bits`] for `center` and `sure_at`. Travels as
+    /// `Supermask` does, against the task's bits.
+    ScoreSteps {
+        kind: SupermaskKind,
+        center: bool,
+        sure_at: f32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -168,7 +168,7 @@ test('two tabs train on their own camera and file examples, which never leave th
     const params = states[0].results[0].params;
     const kinds = {};
     for (const { tab, bytes } of sent) {
-      assert.ok(bytes.length >= 4 && bytes[0] === 0x43 && bytes[1] === 0x4e && bytes[2] === 6, `tab ${tab} sent a non-Canopy frame of ${bytes.length} bytes`);
+      assert.ok(bytes.length >= 4 && bytes[0] === 0x43 && bytes[1] === 0x4e && bytes[2] === 7, `tab ${tab} sent a non-Canopy frame of ${bytes.length} bytes`);
       const kind = KIND[bytes[3]];
       kinds[kind] = (kinds[kind] || 0) + 1;
       const limit = { hello: 4096, progress: 256, error: 1024, examples: 64, bye: 16 }[kind];

@@ -67,6 +67,71 @@ pub fn bits_of_scores(scores: &[f32], mask: Option<&[bool]>) -> Vec<bool> {
         .collect()
 }
 
+/// A score-steps upload's bits (kept order), from `moved`, how far the task moved each score.
+/// Per tensor, with `center`, each output unit's moves (a dense column, a conv filter) first
+/// lose their mean over the unit's kept entries: a client that lowers every weight into a unit
+/// (a class it never sees, a unit it wants off) says nothing about which of them matter. Then
+/// entry i is set with probability ½ + ½·clamp(mᵢ / s, −1, 1), s being `sure_at` times the
+/// tensor's root-mean-square move (`sure_at` = 0: its largest move, so the rounding is
+/// unbiased), so that a set bit counted +1 and a clear one −1 average to mᵢ / s: an entry the
+/// client barely moved is a coin toss and cancels out in the server's sum, one it moved by s or
+/// more is sure. A tensor nobody moved is all coin tosses.
+pub fn step_bits(
+    arch: &Arch,
+    mask: Option<&[bool]>,
+    moved: &[f32],
+    center: bool,
+    sure_at: f32,
+    seed: u64,
+) -> Vec<bool> {
+    use rand::{RngExt, SeedableRng, rngs::StdRng};
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5c0e_57e9_b175_0001);
+    let mut out = Vec::with_capacity(moved.len());
+    for p in arch.params() {
+        let on = |i: usize| mask.is_none_or(|m| m[p.offset + i]);
+        let mut m: Vec<f32> = moved[p.offset..p.offset + p.len].to_vec();
+        if center && p.shape.len() >= 2 {
+            for unit in units(&p.shape) {
+                let kept: Vec<usize> = unit.into_iter().filter(|&i| on(i)).collect();
+                let mean = kept.iter().map(|&i| m[i]).sum::<f32>() / kept.len().max(1) as f32;
+                kept.iter().for_each(|&i| m[i] -= mean);
+            }
+        }
+        let kept: Vec<f32> = (0..p.len).filter(|&i| on(i)).map(|i| m[i]).collect();
+        let scale = if sure_at > 0.0 {
+            let ms = kept.iter().map(|v| v * v).sum::<f32>() / kept.len().max(1) as f32;
+            sure_at * ms.sqrt()
+        } else {
+            kept.iter().fold(0f32, |a, v| a.max(v.abs()))
+        };
+        out.extend(kept.iter().map(|v| {
+            let p = if scale > 0.0 && scale.is_finite() {
+                (0.5 + 0.5 * v / scale).clamp(0.0, 1.0)
+            } else {
+                0.5
+            };
+            rng.random_range(0.0..1.0f32) < p
+        }));
+    }
+    out
+}
+
+/// The entries of each output unit of a weight tensor: a dense layer's `[inputs, units]`
+/// column, a conv layer's `[filters, …]` filter.
+fn units(shape: &[usize]) -> Vec<Vec<usize>> {
+    if shape.len() == 2 {
+        let (rows, cols) = (shape[0], shape[1]);
+        (0..cols)
+            .map(|c| (0..rows).map(|r| r * cols + c).collect())
+            .collect()
+    } else {
+        let per: usize = shape[1..].iter().product();
+        (0..shape[0])
+            .map(|f| (f * per..(f + 1) * per).collect())
+            .collect()
+    }
+}
+
 /// Kept entries per parameter tensor.
 fn kept_per_tensor(arch: &Arch, mask: Option<&[bool]>) -> Vec<usize> {
     arch.params()
@@ -265,6 +330,99 @@ mod tests {
             decode(&a, None, &base, &truncated)
                 .unwrap_err()
                 .contains("truncated")
+        );
+    }
+
+    #[test]
+    fn step_bits_average_to_the_scaled_move() {
+        let a = arch();
+        // Weights: entry i moved by (i − 30)/30 (the largest move, −1, at entry 0); the bias
+        // did not move.
+        let moved: Vec<f32> = (0..63)
+            .map(|i| {
+                if i < 60 {
+                    (i as f32 - 30.0) / 30.0
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let draws = 4000;
+        let mut mean = vec![0f64; 63];
+        for seed in 0..draws {
+            for (m, b) in mean
+                .iter_mut()
+                .zip(step_bits(&a, None, &moved, false, 0.0, seed))
+            {
+                *m += if b { 1.0 } else { -1.0 } / draws as f64;
+            }
+        }
+        for i in 0..63 {
+            // 4,000 ±1 draws: a standard error of at most 1/√4000 ≈ 0.016.
+            assert!(
+                (mean[i] - moved[i] as f64).abs() < 0.06,
+                "entry {i}: mean vote {} for a move of {}",
+                mean[i],
+                moved[i]
+            );
+        }
+        // The sure ends are sure; the same seed draws the same bits.
+        let bits = step_bits(&a, None, &moved, false, 0.0, 1);
+        assert!(!bits[0]);
+        assert_eq!(bits, step_bits(&a, None, &moved, false, 0.0, 1));
+        // A mask leaves its pruned entries out.
+        let mask: Vec<bool> = (0..63).map(|i| i % 2 == 0).collect();
+        assert_eq!(step_bits(&a, Some(&mask), &moved, false, 0.0, 1).len(), 32);
+    }
+
+    #[test]
+    fn centred_steps_leave_out_a_units_level_and_sure_at_scales_by_the_rms() {
+        let a = arch();
+        // Weights [20 inputs, 3 units]: unit 0 lowered everywhere by 1 (its level) plus a
+        // pattern ±0.1; units 1 and 2 unmoved but for one entry each.
+        let mut moved = vec![0f32; 63];
+        for r in 0..20 {
+            moved[r * 3] = -1.0 + if r % 2 == 0 { 0.1 } else { -0.1 };
+        }
+        moved[3 + 1] = 0.5;
+        moved[6 + 2] = -0.5;
+        let draws = 3000;
+        let mean = |center: bool, sure_at: f32| -> Vec<f64> {
+            let mut mean = vec![0f64; 63];
+            for seed in 0..draws {
+                for (m, b) in mean
+                    .iter_mut()
+                    .zip(step_bits(&a, None, &moved, center, sure_at, seed))
+                {
+                    *m += if b { 1.0 } else { -1.0 } / draws as f64;
+                }
+            }
+            mean
+        };
+        // Uncentred, unit 0 is voted down on every input.
+        let plain = mean(false, 0.0);
+        assert!((0..20).all(|r| plain[r * 3] < -0.7), "{:?}", &plain[..6]);
+        // Centred, only its pattern is left: up on even inputs, down on odd ones.
+        let centred = mean(true, 0.0);
+        for r in 0..20 {
+            let v = centred[r * 3];
+            assert!(
+                if r % 2 == 0 { v > 0.05 } else { v < -0.05 },
+                "input {r}: {v}"
+            );
+        }
+        // The lone moves of units 1 and 2 keep their directions; the largest centred move
+        // (0.475) is sure.
+        assert!(centred[3 + 1] > 0.9 && centred[6 + 2] < -0.9);
+        // sure_at = 2: a move of two root-mean-square moves or more is sure, smaller ones
+        // proportionally: the ±0.1 pattern (about one RMS move here) votes harder than
+        // against the largest move (0.47 against 0.21).
+        let rms = mean(true, 2.0);
+        assert!(
+            rms[0] > centred[0] + 0.1,
+            "{} against {}",
+            rms[0],
+            centred[0]
         );
     }
 

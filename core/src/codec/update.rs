@@ -18,7 +18,10 @@ pub enum UploadKind {
 }
 
 /// The client's update from its starting and trained parameters. `residual` carries what top-k
-/// and int8 left out to the next round (error feedback), when the spec asks for it.
+/// and int8 left out to the next round (error feedback), when the spec asks for it. `moved` is
+/// how far training moved what it learned when that is not the weights (a supermask's scores),
+/// for `ScoreSteps`; `seed` draws its bits.
+#[allow(clippy::too_many_arguments)]
 pub fn encode_update(
     spec: UploadSpec,
     arch: &Arch,
@@ -26,6 +29,8 @@ pub fn encode_update(
     trained: &[f32],
     mask: Option<&[bool]>,
     residual: &mut Option<Vec<f32>>,
+    moved: Option<&[f32]>,
+    seed: u64,
 ) -> Update {
     let delta = || -> Vec<f32> { trained.iter().zip(start).map(|(a, b)| a - b).collect() };
     match spec {
@@ -61,6 +66,17 @@ pub fn encode_update(
             );
             Update::Supermask(supermask::encode(arch, mask, &base, &mine))
         }
+        UploadSpec::ScoreSteps {
+            kind,
+            center,
+            sure_at,
+        } => {
+            let base = supermask::bits_of_weights(kind, start, mask);
+            // Without learned scores, the move of the weights themselves.
+            let moved = moved.map_or_else(delta, <[f32]>::to_vec);
+            let mine = supermask::step_bits(arch, mask, &moved, center, sure_at, seed);
+            Update::Supermask(supermask::encode(arch, mask, &base, &mine))
+        }
     }
 }
 
@@ -87,7 +103,7 @@ pub fn decode_update(task: &Task, update: &Update) -> Result<Decoded, String> {
     };
     let mut encoding = Encoding::default();
     let (kind, values) = match (update, task.upload) {
-        (Update::Supermask(u), UploadSpec::Supermask { .. }) => {
+        (Update::Supermask(u), UploadSpec::Supermask { .. } | UploadSpec::ScoreSteps { .. }) => {
             let Params::Supermask { bits, .. } = &task.model.params else {
                 return Err("internal: a supermask upload for a task without a supermask".into());
             };
@@ -163,6 +179,8 @@ mod tests {
             &trained,
             None,
             &mut None,
+            None,
+            0,
         );
         let d = decode_update(&task, &up).unwrap();
         assert_eq!(d.kind, UploadKind::Delta);

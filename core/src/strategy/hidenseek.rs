@@ -46,6 +46,45 @@ pub struct SupermaskConfig {
     /// per entry and sets each bit by the sign of t. 0 is the plain majority vote (the paper);
     /// with non-IID clients chance majorities then flip many bits every round.
     pub vote_momentum: f32,
+    /// What a client's bits say and how the server reads them: `"signs"` (each client's signs,
+    /// a majority vote: the paper) or `"steps"` (each client's score moves, stochastically
+    /// rounded to a bit, summed into the server's own scores: see [`Vote`]).
+    pub vote: Vote,
+    /// `"steps"`: how far one round's mean step (in [−1, 1]) moves the server's score of an
+    /// entry, which starts at ±1 (so 1 lets a unanimous round flip a bit).
+    pub step_size: f32,
+    /// `"steps"`: the server's scores stay in [−limit, limit], so no bit is held by more than
+    /// limit / step_size rounds of unanimous votes against it.
+    pub step_limit: f32,
+    /// `"steps"`: clients leave out each output unit's mean move before rounding (see
+    /// `codec::supermask::step_bits`).
+    pub step_center: bool,
+    /// `"steps"`: a move of this many times the tensor's root-mean-square move gives a sure
+    /// bit, smaller ones a proportionally weighted coin; 0 rounds against the largest move
+    /// (unbiased, but most bits are then near coin tosses).
+    pub step_sure_at: f32,
+}
+
+/// How the server turns the round's bits into the global ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Vote {
+    /// Each client sends its model's bits; the sample-weighted majority wins (ties keep the
+    /// previous bit). Every client votes on every bit with the same weight, however little it
+    /// cared: under non-IID data the many clients without a class vote its output weights
+    /// down.
+    Signs,
+    /// Each client sends which way this task moved each score (less each output unit's mean
+    /// move, with `step_center`), as a bit drawn with probability ½ + ½·move / s, s being
+    /// `step_sure_at` root-mean-square moves of its tensor (clamped to a sure bit beyond): an
+    /// expectation proportional to the move, so an entry the client barely moved is a coin
+    /// toss that cancels out, and the clients that learned most about an entry decide it
+    /// (FedAvg's weighting by how far each client moved, in one bit). The server adds
+    /// step_size × the round's mean to its own score of each entry (kept in [−step_limit,
+    /// step_limit]) and takes its sign: a memory, so a bit flips only when the moves against
+    /// it add up. Learns a global mask under non-IID data where signs do not (book page
+    /// "HideNseek"); starts slower on IID data.
+    Steps,
 }
 
 impl SupermaskConfig {
@@ -57,6 +96,11 @@ impl SupermaskConfig {
             score_optimizer: Optimizer::Adam,
             personal_scores: Personal::OwnPlusGlobal,
             vote_momentum: 0.0,
+            vote: Vote::Signs,
+            step_size: 0.5,
+            step_limit: 2.0,
+            step_center: true,
+            step_sure_at: 2.0,
         }
     }
 }
@@ -106,6 +150,17 @@ impl Supermask {
         }
         if !(0.0..1.0).contains(&settings.vote_momentum) {
             return Err("vote_momentum must lie in [0, 1)".into());
+        }
+        if settings.vote == Vote::Steps {
+            if settings.vote_momentum > 0.0 {
+                return Err("vote_momentum is for vote = \"signs\"; \"steps\" keeps its own memory (step_size, step_limit)".into());
+            }
+            if !(settings.step_size > 0.0 && settings.step_limit >= 1.0) {
+                return Err("step_size must be positive and step_limit at least 1".into());
+            }
+            if !(settings.step_sure_at >= 0.0 && settings.step_sure_at.is_finite()) {
+                return Err("step_sure_at must be 0 or positive".into());
+            }
         }
         Ok(Supermask {
             config,
@@ -184,14 +239,15 @@ impl Strategy for Supermask {
             global.clone()
         };
         let payload = std::sync::Arc::new(encode_supermask(&model, self.config.seed, self.kind));
-        let mut tasks = plain_round(
-            round,
-            &model,
-            &self.config,
-            clients,
-            rng,
-            UploadSpec::Supermask { kind: self.kind },
-        );
+        let upload = match self.settings.vote {
+            Vote::Signs => UploadSpec::Supermask { kind: self.kind },
+            Vote::Steps => UploadSpec::ScoreSteps {
+                kind: self.kind,
+                center: self.settings.step_center,
+                sure_at: self.settings.step_sure_at,
+            },
+        };
+        let mut tasks = plain_round(round, &model, &self.config, clients, rng, upload);
         for (_, t) in &mut tasks {
             t.model = payload.clone();
             t.train.step.learn = Learn::Scores {
@@ -249,7 +305,25 @@ impl Strategy for Supermask {
                 previous.len()
             ));
         }
-        let next: Vec<bool> = if self.settings.vote_momentum > 0.0 {
+        let next: Vec<bool> = if self.settings.vote == Vote::Steps {
+            let (eta, limit) = (self.settings.step_size, self.settings.step_limit);
+            if self.tally.len() != previous.len() {
+                self.tally = previous
+                    .iter()
+                    .map(|b| if *b { 1.0 } else { -1.0 })
+                    .collect();
+            }
+            let total = sum.weight.max(1.0);
+            for (i, t) in self.tally.iter_mut().enumerate() {
+                let mean = (sum.weighted[i] / total) as f32;
+                *t = (*t + eta * mean).clamp(-limit, limit);
+            }
+            self.tally
+                .iter()
+                .zip(&previous)
+                .map(|(t, p)| if *t == 0.0 { *p } else { *t > 0.0 })
+                .collect()
+        } else if self.settings.vote_momentum > 0.0 {
             let beta = self.settings.vote_momentum;
             if self.tally.len() != previous.len() {
                 self.tally = previous
@@ -449,5 +523,102 @@ mod tests {
                 "entry {i}: magnitudes are θ₀'s, signs the vote's"
             );
         }
+    }
+
+    #[test]
+    fn steps_move_the_servers_scores_within_their_limit() {
+        let arch = Arch::preset("mlp", [1, 2, 2], 2).unwrap();
+        let config = StrategyConfig {
+            seed: 3,
+            ..Default::default()
+        };
+        let settings = SupermaskConfig {
+            density: 1.0,
+            synflow_iters: 1,
+            vote: Vote::Steps,
+            step_size: 0.5,
+            step_limit: 2.0,
+            ..Default::default()
+        };
+        let mut s = Supermask::new(config, settings.clone(), SupermaskKind::Sign).unwrap();
+        let mut global = ModelState::init(arch, 3);
+        let clients: Vec<ClientView> = (0..3).map(|id| ClientView { id, samples: 10 }).collect();
+        let tasks = s
+            .configure_round(
+                1,
+                &global,
+                &clients,
+                &mut rand::SeedableRng::seed_from_u64(1),
+            )
+            .tasks;
+        assert_eq!(
+            tasks[0].1.upload,
+            UploadSpec::ScoreSteps {
+                kind: SupermaskKind::Sign,
+                center: true,
+                sure_at: 2.0
+            }
+        );
+        let theta0 = ModelState::init(global.arch.clone(), 3).params;
+        let n = theta0.len();
+        let validate = |_: &ModelState| Ok(crate::train::Eval::default());
+        let ctx = RoundContext {
+            rounds: 30,
+            validate: &validate,
+        };
+        let c = |client, samples, v: f32| Contribution {
+            client,
+            samples,
+            kind: UploadKind::Votes,
+            values: vec![v; n],
+            metrics: Default::default(),
+            encoding: Encoding::default(),
+        };
+        // Every entry's bit, as the sign of the model's weight.
+        let bits = |g: &ModelState| -> Vec<bool> { g.params.iter().map(|w| *w > 0.0).collect() };
+        let mut round = 0;
+        let mut step = |s: &mut Supermask, g: &mut ModelState, votes: [(u64, f32); 3]| {
+            round += 1;
+            let r: Vec<Contribution> = votes
+                .iter()
+                .enumerate()
+                .map(|(i, (n, v))| c(i as u64, *n, *v))
+                .collect();
+            s.aggregate(round, g, &r, &ctx).unwrap();
+            bits(g)
+        };
+        let start: Vec<bool> = theta0.iter().map(|w| *w > 0.0).collect();
+        let against = [(10, -1.0), (10, -1.0), (10, -1.0)];
+        let up = [(10, 1.0), (10, 1.0), (10, 1.0)];
+        // Each server score starts at ±1: unanimous steps down take a positive one to 0.5,
+        // then 0 (a tie keeps the bit), then −0.5: three rounds to flip.
+        assert_eq!(step(&mut s, &mut global, against), start);
+        assert_eq!(step(&mut s, &mut global, against), start);
+        assert!(step(&mut s, &mut global, against).iter().all(|b| !b));
+        // A sample-weighted mean of zero moves nothing.
+        let even = [(10, 1.0), (10, 1.0), (20, -1.0)];
+        assert!(step(&mut s, &mut global, even).iter().all(|b| !b));
+        // Ten rounds up, held at the limit 2: five rounds down flip it back, not twenty.
+        for _ in 0..9 {
+            step(&mut s, &mut global, up);
+        }
+        assert!(step(&mut s, &mut global, up).iter().all(|b| *b));
+        for _ in 0..4 {
+            assert!(step(&mut s, &mut global, against).iter().all(|b| *b));
+        }
+        assert!(step(&mut s, &mut global, against).iter().all(|b| !b));
+        // The scores are the strategy's state: a restarted server carries on from them.
+        let mut restarted = Supermask::new(
+            StrategyConfig {
+                seed: 3,
+                ..Default::default()
+            },
+            settings,
+            SupermaskKind::Sign,
+        )
+        .unwrap();
+        restarted.load_state(&s.save_state()).unwrap();
+        assert_eq!(restarted.tally, s.tally);
+        assert!(s.tally.iter().all(|t| (*t + 0.5).abs() < 1e-6));
     }
 }

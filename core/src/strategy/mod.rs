@@ -22,7 +22,7 @@ pub use fedavg::FedAvg;
 pub use fedavgm::{FedAvgM, FedavgmConfig};
 pub use fedopt::{Adaptive, FedOpt, FedoptConfig};
 pub use fedprox::{FedProx, FedproxConfig};
-pub use hidenseek::{Supermask, SupermaskConfig};
+pub use hidenseek::{Supermask, SupermaskConfig, Vote};
 pub use plan::{Exchange, Phase, RoundPlan};
 pub use split::{BackServer, PruneKind, Split, SplitConfig};
 pub use structured::{Structured, StructuredConfig, UnitScore};

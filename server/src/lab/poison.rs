@@ -181,7 +181,9 @@ impl Attack {
             UploadSpec::Sparse { int8, top_k, .. } => {
                 Update::Sparse(encode_sparse(arch, &bad, mask, int8, top_k, None))
             }
-            UploadSpec::Supermask { .. } => unreachable!("a supermask task is answered with votes"),
+            UploadSpec::Supermask { .. } | UploadSpec::ScoreSteps { .. } => {
+                unreachable!("a supermask task is answered with votes")
+            }
         };
         Ok(())
     }
