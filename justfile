@@ -74,6 +74,17 @@ compare-supermask *ARGS: setup
     cargo build -p canopy-server --bin canopy
     "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/hidenseek.toml --strategies fedavg,autoflip,hidenseek,supermask --datasets mnist-digits,fashion-mnist --partitions dirichlet:0.1,shards:2 --max-train 20000 {{ARGS}}
 
+# The FL methods users expect on the same splits: FedAvg, FedAvgM, FedProx, FedAdagrad, FedAdam,
+# FedYogi and DP-FedAvg at ε ≈ 1, 4, 8 (δ = 1e-5 after 30 rounds), on the MLP (configs/compare.toml)
+# and on the paper's small CNN (configs/compare-cnn.toml, about 45 minutes on two cores), then
+# lock-step FedAvg against FedBuff with a third of the clients 5× slower on the CNN
+# (docs/src/methods/fedprox-fedopt-dp.md, fedbuff.md).
+compare-fl *ARGS: setup
+    cargo build -p canopy-server --bin canopy
+    "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/compare.toml --datasets mnist-digits,fashion-mnist --partitions iid,dirichlet:0.1 --rounds 30 --strategies 'fedavg,fedavgm,fedprox{mu=0.01},fedadagrad,fedadam,fedyogi,dpfedavg{clip=0.5;noise=5.84;noise_seed=1},dpfedavg{clip=0.5;noise=1.93;noise_seed=1},dpfedavg{clip=0.5;noise=1.22;noise_seed=1}' {{ARGS}}
+    "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/compare-cnn.toml --datasets mnist-digits,fashion-mnist --partitions iid,dirichlet:0.1 --strategies 'fedavg,fedavgm,fedprox{mu=0.01},fedadagrad,fedadam,fedyogi,dpfedavg{clip=0.5;noise=5.84;noise_seed=1},dpfedavg{clip=0.5;noise=1.93;noise_seed=1},dpfedavg{clip=0.5;noise=1.22;noise_seed=1}' {{ARGS}}
+    "$CARGO_TARGET_DIR/debug/canopy" compare --config configs/compare-cnn.toml --datasets mnist-digits,fashion-mnist --partitions iid,dirichlet:0.1 --slow 0.33:5 --table time --strategies 'fedavg{run.rounds=30},fedavg{buffered.buffer=5;buffered.concurrency=5;run.rounds=30}' {{ARGS}}
+
 # FedAvg against split learning (cuts, gradient bits b, activation keep κ, a pruned front) on
 # the MLP (digits and Fashion-MNIST) and on the small CNN (digits; CNN training is slow on two
 # cores), Dirichlet(0.1); prints and saves two tables with the simulated time per round on a

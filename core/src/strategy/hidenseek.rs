@@ -197,6 +197,40 @@ impl Supermask {
     }
 }
 
+/// The bit a tally stands for: its sign, a tie keeping the previous bit.
+fn sign_or(tally: impl Into<f64>, previous: bool) -> bool {
+    let t = tally.into();
+    if t == 0.0 { previous } else { t > 0.0 }
+}
+
+impl Supermask {
+    /// The vote's memory (`vote_momentum`, or the server's scores of `"steps"`): each entry's
+    /// tally starts at ±1 from its bit, takes `update(tally, the round's sample-weighted mean
+    /// vote)`, and its sign is the new bit.
+    fn remember(
+        &mut self,
+        previous: &[bool],
+        sum: &RunningSum,
+        update: impl Fn(f32, f32) -> f32,
+    ) -> Vec<bool> {
+        if self.tally.len() != previous.len() {
+            self.tally = previous
+                .iter()
+                .map(|b| if *b { 1.0 } else { -1.0 })
+                .collect();
+        }
+        let total = sum.weight.max(1.0);
+        for (i, t) in self.tally.iter_mut().enumerate() {
+            *t = update(*t, (sum.weighted[i] / total) as f32);
+        }
+        self.tally
+            .iter()
+            .zip(previous)
+            .map(|(t, p)| sign_or(*t, *p))
+            .collect()
+    }
+}
+
 pub fn build_hidenseek(
     config: StrategyConfig,
     settings: Option<&Settings>,
@@ -307,62 +341,18 @@ impl Strategy for Supermask {
         }
         let next: Vec<bool> = if self.settings.vote == Vote::Steps {
             let (eta, limit) = (self.settings.step_size, self.settings.step_limit);
-            if self.tally.len() != previous.len() {
-                self.tally = previous
-                    .iter()
-                    .map(|b| if *b { 1.0 } else { -1.0 })
-                    .collect();
-            }
-            let total = sum.weight.max(1.0);
-            for (i, t) in self.tally.iter_mut().enumerate() {
-                let mean = (sum.weighted[i] / total) as f32;
-                *t = (*t + eta * mean).clamp(-limit, limit);
-            }
-            self.tally
-                .iter()
-                .zip(&previous)
-                .map(|(t, p)| if *t == 0.0 { *p } else { *t > 0.0 })
-                .collect()
+            self.remember(&previous, sum, |t, mean| {
+                (t + eta * mean).clamp(-limit, limit)
+            })
         } else if self.settings.vote_momentum > 0.0 {
             let beta = self.settings.vote_momentum;
-            if self.tally.len() != previous.len() {
-                self.tally = previous
-                    .iter()
-                    .map(|b| if *b { 1.0 } else { -1.0 })
-                    .collect();
-            }
-            let total = sum.weight.max(1.0);
-            for (i, t) in self.tally.iter_mut().enumerate() {
-                let mean = sum.weighted[i] / total;
-                *t = beta * *t + (1.0 - beta) * mean as f32;
-            }
-            self.tally
-                .iter()
-                .zip(&previous)
-                .map(|(t, p)| {
-                    if *t > 0.0 {
-                        true
-                    } else if *t < 0.0 {
-                        false
-                    } else {
-                        *p
-                    }
-                })
-                .collect()
+            self.remember(&previous, sum, |t, mean| beta * t + (1.0 - beta) * mean)
         } else {
-            // Sample-weighted majority per entry; a tie keeps the previous bit.
+            // Sample-weighted majority per entry.
             sum.weighted
                 .iter()
                 .zip(&previous)
-                .map(|(s, p)| {
-                    if *s > 0.0 {
-                        true
-                    } else if *s < 0.0 {
-                        false
-                    } else {
-                        *p
-                    }
-                })
+                .map(|(s, p)| sign_or(*s, *p))
                 .collect()
         };
         let kept = mask.iter().filter(|k| **k).count();
@@ -446,6 +436,18 @@ mod tests {
     use crate::codec::supermask::Encoding;
     use crate::model::arch::Arch;
 
+    /// The tasks of round 1 for three clients of 10 samples each.
+    fn first_round(s: &mut Supermask, global: &ModelState) -> Vec<(u64, crate::protocol::Task)> {
+        let clients: Vec<ClientView> = (0..3).map(|id| ClientView { id, samples: 10 }).collect();
+        s.configure_round(
+            1,
+            global,
+            &clients,
+            &mut rand::SeedableRng::seed_from_u64(1),
+        )
+        .tasks
+    }
+
     #[test]
     fn first_round_prunes_by_synflow_and_votes_set_the_signs() {
         let arch = Arch::preset("mlp", [1, 4, 4], 3).unwrap();
@@ -464,15 +466,7 @@ mod tests {
         )
         .unwrap();
         let mut global = ModelState::init(arch, 7);
-        let clients: Vec<ClientView> = (0..3).map(|id| ClientView { id, samples: 10 }).collect();
-        let tasks = s
-            .configure_round(
-                1,
-                &global,
-                &clients,
-                &mut rand::SeedableRng::seed_from_u64(1),
-            )
-            .tasks;
+        let tasks = first_round(&mut s, &global);
         assert_eq!(tasks.len(), 3);
         assert_eq!(
             tasks[0].1.train.step.learn,
@@ -542,15 +536,7 @@ mod tests {
         };
         let mut s = Supermask::new(config, settings.clone(), SupermaskKind::Sign).unwrap();
         let mut global = ModelState::init(arch, 3);
-        let clients: Vec<ClientView> = (0..3).map(|id| ClientView { id, samples: 10 }).collect();
-        let tasks = s
-            .configure_round(
-                1,
-                &global,
-                &clients,
-                &mut rand::SeedableRng::seed_from_u64(1),
-            )
-            .tasks;
+        let tasks = first_round(&mut s, &global);
         assert_eq!(
             tasks[0].1.upload,
             UploadSpec::ScoreSteps {
