@@ -6,22 +6,29 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { root, runWithTabs } from './harness.mjs';
 
+// The run's shape, the same for both votes: a WebGPU and a CPU tab, both tabs' bits accepted in
+// every round, at most one bit per surviving weight. Surviving entries: half the weights plus
+// every bias; per tensor at most ⌈kept/8⌉ bytes, so an upload frame is at most kept/8 + 6
+// tensors' padding + the envelope.
+function bothTabsEveryRound(states, m, rounds) {
+  assert.deepEqual(states.map((s) => s.backend), ['webgpu', 'cpu']);
+  assert.equal(m.rounds.length, rounds);
+  const params = m.rounds[0].params;
+  const biases = 200 + 200 + 10;
+  const kept = Math.round(0.5 * (params - biases)) + biases;
+  for (const r of m.rounds) {
+    assert.equal(r.results, 2, `round ${r.round}: both tabs' bits accepted`);
+    assert.equal(r.rejected, 0);
+    assert.ok(r.extra.upload_bits_per_weight <= 1 + 42 / kept, `round ${r.round}: ${r.extra.upload_bits_per_weight} bits per weight`);
+  }
+  return { params, kept };
+}
+
 test('tabs learn weight signs and send bits, not weights', { timeout: 600_000 }, async () => {
   const { states, metrics: m, close } = await runWithTabs(['--config', join(root, 'tests/browser/hidenseek.toml'), '--name', 'browser-hidenseek'], [{ name: 'gpu-tab', webgpu: true }, { name: 'cpu-tab', webgpu: false }], 'hidenseek');
   try {
-    assert.deepEqual(states.map((s) => s.backend), ['webgpu', 'cpu']);
-    assert.equal(m.rounds.length, 3);
-    const params = m.rounds[0].params;
+    const { params, kept } = bothTabsEveryRound(states, m, 3);
     assert.ok(Math.abs(m.rounds[0].extra.density - 0.5) < 1e-3, `density ${m.rounds[0].extra.density}`);
-    // Surviving entries: half the weights plus every bias. Per tensor at most ⌈kept/8⌉ bytes,
-    // so an upload frame is at most kept/8 + 6 tensors' padding + the envelope.
-    const biases = 200 + 200 + 10;
-    const kept = Math.round(0.5 * (params - biases)) + biases;
-    for (const r of m.rounds) {
-      assert.equal(r.results, 2, `round ${r.round}: both tabs' bits accepted`);
-      assert.equal(r.rejected, 0);
-      assert.ok(r.extra.upload_bits_per_weight <= 1 + 42 / kept, `round ${r.round}: ${r.extra.upload_bits_per_weight} bits per weight`);
-    }
     for (const s of states) {
       assert.deepEqual(s.errors, []);
       for (const res of s.results) {
@@ -42,16 +49,7 @@ test('tabs learn weight signs and send bits, not weights', { timeout: 600_000 },
 test('tabs send score steps: one stochastically rounded bit per surviving weight, and the vote moves', { timeout: 600_000 }, async () => {
   const { states, metrics: m, close } = await runWithTabs(['--config', join(root, 'tests/browser/hidenseek-steps.toml'), '--name', 'browser-hidenseek-steps'], [{ name: 'gpu-tab', webgpu: true }, { name: 'cpu-tab', webgpu: false }], 'hidenseek-steps');
   try {
-    assert.deepEqual(states.map((s) => s.backend), ['webgpu', 'cpu']);
-    assert.equal(m.rounds.length, 4);
-    const params = m.rounds[0].params;
-    const biases = 200 + 200 + 10;
-    const kept = Math.round(0.5 * (params - biases)) + biases;
-    for (const r of m.rounds) {
-      assert.equal(r.results, 2, `round ${r.round}: both tabs' steps accepted`);
-      assert.equal(r.rejected, 0);
-      assert.ok(r.extra.upload_bits_per_weight <= 1 + 42 / kept, `round ${r.round}: ${r.extra.upload_bits_per_weight} bits per weight`);
-    }
+    const { kept } = bothTabsEveryRound(states, m, 4);
     for (const s of states) {
       assert.deepEqual(s.errors, []);
       // Coin tosses where a tab barely moved a score do not compress into flips, as a tab's
