@@ -47,6 +47,10 @@ pub struct StructuredConfig {
     pub min_units: usize,
     /// Stop pruning after this many consecutive rounds in which the model did not shrink.
     pub patience: u32,
+    /// No pruning before this round: a warm-up in which the full model learns first (the
+    /// paper: 1, pruning from the first round). With movement scores the first cut then sees
+    /// how far each unit moved over the whole warm-up.
+    pub prune_from: u32,
     /// No pruning after this round (the paper: 50).
     pub prune_until: u32,
     /// Re-initialise the smaller model instead of copying the surviving weights (the paper's code).
@@ -75,6 +79,7 @@ impl Default for StructuredConfig {
             lambda: 2.2,
             min_units: 4,
             patience: 3,
+            prune_from: 1,
             prune_until: 50,
             reinit: false,
             upper_tail: false,
@@ -111,9 +116,10 @@ impl Structured {
         })
     }
 
-    /// Whether round `round` may prune: before patience ran out and up to `prune_until` inclusive.
+    /// Whether round `round` may prune: before patience ran out, from `prune_from` to
+    /// `prune_until` inclusive.
     pub fn pruning_active(&self, round: u32) -> bool {
-        !self.stopped && round <= self.settings.prune_until
+        !self.stopped && (self.settings.prune_from..=self.settings.prune_until).contains(&round)
     }
 
     /// Per prunable layer, the score of each unit (its logarithm with `log_scores`).
@@ -414,6 +420,36 @@ mod tests {
         assert_eq!(out.metrics["pruning_active"], 0.0);
         assert_eq!(global.arch.num_params(), before);
         assert!(!s.pruning_active(3) && s.pruning_active(2));
+    }
+
+    #[test]
+    fn nothing_is_pruned_before_prune_from() {
+        let mut cfg = StructuredConfig::default();
+        cfg.score = UnitScore::L1;
+        cfg.upper_tail = true;
+        cfg.log_scores = false;
+        cfg.lambda = 1.0;
+        cfg.prune_from = 3;
+        cfg.patience = 10;
+        let mut s = Structured::new(StrategyConfig::default(), cfg).unwrap();
+        let mut global = ModelState::init(Arch::preset("mlp", [1, 4, 4], 3).unwrap(), 1);
+        let validate = |_: &ModelState| Ok(crate::train::Eval::default());
+        let ctx = RoundContext {
+            rounds: 10,
+            validate: &validate,
+        };
+        let full = global.arch.num_params();
+        for round in 1..=2 {
+            let r = [weights(&global)];
+            let out = s.aggregate(round, &mut global, &r, &ctx).unwrap();
+            assert_eq!(out.metrics["pruning_active"], 0.0, "round {round}: warm-up");
+            assert_eq!(global.arch.num_params(), full, "round {round}: warm-up");
+        }
+        // Round 3: λ = 1 cuts both tails, as it would have in round 1.
+        let r = [weights(&global)];
+        let out = s.aggregate(3, &mut global, &r, &ctx).unwrap();
+        assert_eq!(out.metrics["pruning_active"], 1.0);
+        assert!(global.arch.num_params() < full);
     }
 
     #[test]
