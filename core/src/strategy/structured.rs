@@ -386,17 +386,27 @@ mod tests {
         }
     }
 
+    /// L1 scores, both tails, λ = 1 (every round cuts something), patience 10, on a small MLP;
+    /// `edit` sets the rest.
+    fn cutting_every_round(edit: impl FnOnce(&mut StructuredConfig)) -> (Structured, ModelState) {
+        let mut cfg = StructuredConfig {
+            score: UnitScore::L1,
+            upper_tail: true,
+            log_scores: false,
+            lambda: 1.0,
+            patience: 10,
+            ..Default::default()
+        };
+        edit(&mut cfg);
+        (
+            Structured::new(StrategyConfig::default(), cfg).unwrap(),
+            ModelState::init(Arch::preset("mlp", [1, 4, 4], 3).unwrap(), 1),
+        )
+    }
+
     #[test]
     fn pruning_and_its_metric_agree_on_the_last_round() {
-        let mut cfg = StructuredConfig::default();
-        cfg.score = UnitScore::L1;
-        cfg.upper_tail = true;
-        cfg.log_scores = false;
-        cfg.lambda = 1.0;
-        cfg.prune_until = 2;
-        cfg.patience = 10;
-        let mut s = Structured::new(StrategyConfig::default(), cfg).unwrap();
-        let mut global = ModelState::init(Arch::preset("mlp", [1, 4, 4], 3).unwrap(), 1);
+        let (mut s, mut global) = cutting_every_round(|c| c.prune_until = 2);
         let validate = |_: &ModelState| Ok(crate::train::Eval::default());
         let ctx = RoundContext {
             rounds: 10,
@@ -424,15 +434,7 @@ mod tests {
 
     #[test]
     fn nothing_is_pruned_before_prune_from() {
-        let mut cfg = StructuredConfig::default();
-        cfg.score = UnitScore::L1;
-        cfg.upper_tail = true;
-        cfg.log_scores = false;
-        cfg.lambda = 1.0;
-        cfg.prune_from = 3;
-        cfg.patience = 10;
-        let mut s = Structured::new(StrategyConfig::default(), cfg).unwrap();
-        let mut global = ModelState::init(Arch::preset("mlp", [1, 4, 4], 3).unwrap(), 1);
+        let (mut s, mut global) = cutting_every_round(|c| c.prune_from = 3);
         let validate = |_: &ModelState| Ok(crate::train::Eval::default());
         let ctx = RoundContext {
             rounds: 10,
