@@ -195,15 +195,7 @@ impl Supermask {
         m.set_mask(mask);
         m
     }
-}
 
-/// The bit a tally stands for: its sign, a tie keeping the previous bit.
-fn sign_or(tally: impl Into<f64>, previous: bool) -> bool {
-    let t = tally.into();
-    if t == 0.0 { previous } else { t > 0.0 }
-}
-
-impl Supermask {
     /// The vote's memory (`vote_momentum`, or the server's scores of `"steps"`): each entry's
     /// tally starts at ±1 from its bit, takes `update(tally, the round's sample-weighted mean
     /// vote)`, and its sign is the new bit.
@@ -229,6 +221,12 @@ impl Supermask {
             .map(|(t, p)| sign_or(*t, *p))
             .collect()
     }
+}
+
+/// The bit a tally stands for: its sign, a tie keeping the previous bit.
+fn sign_or(tally: impl Into<f64>, previous: bool) -> bool {
+    let t = tally.into();
+    if t == 0.0 { previous } else { t > 0.0 }
 }
 
 pub fn build_hidenseek(
@@ -433,7 +431,7 @@ impl Strategy for Supermask {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::supermask::Encoding;
+    use crate::codec::supermask::{Encoding, bits_of_weights};
     use crate::model::arch::Arch;
 
     /// The tasks of round 1 for three clients of 10 samples each.
@@ -560,8 +558,8 @@ mod tests {
             metrics: Default::default(),
             encoding: Encoding::default(),
         };
-        // Every entry's bit, as the sign of the model's weight.
-        let bits = |g: &ModelState| -> Vec<bool> { g.params.iter().map(|w| *w > 0.0).collect() };
+        // Every entry's bit, as the sign of the model's weight (density 1: nothing pruned).
+        let bits = |g: &ModelState| bits_of_weights(SupermaskKind::Sign, &g.params, None);
         let mut round = 0;
         let mut step = |s: &mut Supermask, g: &mut ModelState, votes: [(u64, f32); 3]| {
             round += 1;
