@@ -108,6 +108,13 @@ load *ARGS: setup
     cargo build -p canopy-server --bin canopy
     "$CARGO_TARGET_DIR/debug/canopy" load {{ARGS}}
 
+# 20 minutes of 2,000 synthetic clients coming and going over 3 edges and a root, 6 of them
+# hostile, one edge and then NATS killed and restarted; ends with a report (runs/soak/soak-report.md)
+# and fails if an honest result was lost with no killed process to blame. Not part of `just test`.
+soak *ARGS: setup
+    cargo build -p canopy-server --bin canopy
+    "$CARGO_TARGET_DIR/debug/canopy" soak {{ARGS}}
+
 # Training speed in headless Chromium tabs (CPU in the worker and on the main thread, WebGPU; each bundle; a page opened as localhost, https LAN and plain-http LAN),
 # full vs pruned widths, against native `canopy bench` in the same run; prints a table.
 bench-browser: setup

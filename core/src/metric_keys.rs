@@ -72,6 +72,10 @@ pub const BUFFER_IN_FLIGHT: &str = "buffer.in_flight";
 /// Results from the previous round folded into this one (`run.late_results = "next_round"`).
 pub const LATE_RESULTS: &str = "late_results";
 
+/// On a root: edges' partials its defence left out of the round (far from every other
+/// partial); their results are not in the round's results. Absent: none.
+pub const PARTIALS_LEFT_OUT: &str = "partials_left_out";
+
 /// The robust layer per round (written by the round loop for every strategy): the median update
 /// norm, how many updates were clipped, down-weighted and rejected, and the largest norm ratio.
 pub const ROBUST_MEDIAN_NORM: &str = "robust.median_norm";

@@ -38,6 +38,9 @@ enum Command {
     /// The server alone under many synthetic clients (tokio tasks answering tasks at once):
     /// round time, server CPU, peak server RSS, frames/s, result waits; streaming vs buffered.
     Load(canopy_server::lab::load::support::LoadArgs),
+    /// A run over edges left going under churn, hostile clients and killed processes (an edge,
+    /// then NATS): a report of rounds, results lost, peak memory per process, round times.
+    Soak(canopy_server::lab::soak::SoakArgs),
     /// Print speed figures for native training, the wire format and aggregation.
     Bench(Overrides),
     /// Write a run's global model (`model.bin`) as safetensors for PyTorch or burn: tensors
@@ -104,6 +107,7 @@ async fn main() {
             }
         }
         Command::Load(args) => canopy_server::lab::load::run(args).await.map(|_| ()),
+        Command::Soak(args) => canopy_server::lab::soak::run(args).await,
         Command::Compare(args) => canopy_server::lab::compare::run(args).await.map(|_| ()),
         Command::Attack(args) => canopy_server::lab::attack::run(args).await.map(|_| ()),
         Command::Bench(o) => Config::load(&o)

@@ -666,6 +666,52 @@ fn vanishing_and_silent_clients_do_not_stall_a_round() {
 }
 
 #[test]
+fn a_frame_that_does_not_decode_ends_its_clients_part_of_the_round() {
+    // Found by `canopy soak`: a client that answered its task with garbage stayed in the round
+    // until the deadline, so every round it was sampled in took the whole deadline.
+    let rt = runtime();
+    rt.block_on(async {
+        let mut cfg = config("garbage", 1, 2);
+        cfg.run.min_clients = 2;
+        cfg.strategy.config.deadline_ms = 60_000;
+        let running = canopy_server::start(cfg).await.unwrap();
+        let url = format!("ws://{}/ws", running.addr);
+        let u = url.clone();
+        let broken = tokio::task::spawn_blocking(move || {
+            let mut ws = connect(&u);
+            ws.send(Message::binary(hello("broken"))).unwrap();
+            while !matches!(read(&mut ws), ServerMsg::Task(_)) {}
+            ws.send(Message::binary(vec![0xC4; 4096])).unwrap();
+            expect_error(&mut ws, ErrorCode::Malformed, "not a Canopy frame");
+            // Stays connected: only the frame tells the server this client is broken.
+            ws
+        });
+        let good = tokio::task::spawn_blocking(move || {
+            canopy_server::lab::sim::run_client(&url, "good", Duration::from_secs(10))
+        });
+        let app = running.app.clone();
+        tokio::time::timeout(Duration::from_secs(120), running.rounds)
+            .await
+            .expect("run finished")
+            .unwrap();
+        assert!(good.await.unwrap().finished);
+        let rounds = records(&app);
+        assert_eq!(
+            (rounds[0].results, rounds[0].dropped),
+            (1, 1),
+            "{:?}",
+            rounds[0]
+        );
+        assert!(
+            rounds[0].seconds < 30.0,
+            "the round did not wait for the 60 s deadline: {} s",
+            rounds[0].seconds
+        );
+        drop(broken.await.unwrap());
+    });
+}
+
+#[test]
 fn echo_clients_await_the_server_for_every_batch_loss() {
     let rt = runtime();
     rt.block_on(async {

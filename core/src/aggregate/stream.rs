@@ -199,6 +199,9 @@ pub struct StreamRound {
     samples: Vec<u64>,
     summaries: Vec<Contribution>,
     judged: Vec<Verdict>,
+    /// Where each of `summaries` (and `judged`) came from: None for this server's own
+    /// results, Some(k) for the k-th absorbed partial's.
+    origin: Vec<Option<usize>>,
 }
 
 /// A median norm bound needs a median before the first result is folded.
@@ -264,6 +267,7 @@ impl StreamRound {
             samples: Vec::new(),
             summaries: Vec::new(),
             judged: Vec::new(),
+            origin: Vec::new(),
         })
     }
 
@@ -330,6 +334,7 @@ impl StreamRound {
         self.judged.push(verdict);
         c.values = Vec::new();
         self.summaries.push(c);
+        self.origin.push(None);
         Ok(())
     }
 
@@ -369,6 +374,8 @@ impl StreamRound {
         if sum.count > 0 {
             self.absorbed.push(sum.clone());
         }
+        let k = self.absorbed.len().wrapping_sub(1);
+        self.origin.extend(summaries.iter().map(|_| Some(k)));
         self.summaries.extend(summaries);
         self.judged.extend(verdicts);
         Ok(())
@@ -394,16 +401,46 @@ impl StreamRound {
             }
         }
         let len = self.reference.len().max(1) as f64;
-        for (v, o) in self.judged.iter_mut().zip(&outside) {
+        let own_verdicts = self
+            .judged
+            .iter_mut()
+            .zip(&self.origin)
+            .filter_map(|(v, o)| o.is_none().then_some(v));
+        for (v, o) in own_verdicts.zip(&outside) {
             v.outside = *o as f64 / len;
             v.down_weighted = v.outside > robust::TRIMMED_SUSPICIOUS;
         }
+        let spread = robust::median_of(
+            &self
+                .judged
+                .iter()
+                .map(|v| v.norm)
+                .filter(|n| n.is_finite())
+                .collect::<Vec<_>>(),
+        );
         let mut partials = self.absorbed;
         let own = self.sum.count > 0 || partials.is_empty();
         if own {
             partials.insert(0, self.sum);
         }
-        let (sum, left_out) = combine_partials(&self.robust, partials)?;
+        let (sum, left_out) = combine_partials(
+            &self.robust,
+            (spread.is_finite() && spread > 0.0).then_some(spread),
+            partials,
+        )?;
+        // Each left-out partial's results leave with it: the round's results and verdicts are
+        // those its model is made of.
+        let gone = |o: &Option<usize>| match o {
+            None => own && left_out.contains(&0),
+            Some(k) => left_out.contains(&(k + usize::from(own))),
+        };
+        let keep: Vec<bool> = self.origin.iter().map(|o| !gone(o)).collect();
+        let mut flags = keep.iter();
+        self.summaries
+            .retain(|_| *flags.next().expect("one per summary"));
+        let mut flags = keep.iter();
+        self.judged
+            .retain(|_| *flags.next().expect("one per verdict"));
         let set_aside = left_out
             .into_iter()
             .filter_map(|i| if own { i.checked_sub(1) } else { Some(i) })
@@ -424,13 +461,22 @@ impl StreamRound {
 /// (which cannot outvote one), they are added, exactly as if one server had seen every result.
 /// With a defence and three or more partials, each partial's mean is compared with its nearest
 /// other partial's: a partial farther from every other than `clip_multiple` (3) times the
-/// median of these nearest distances is left out (a compromised edge sending a poisoned or
-/// scaled partial), and the rest are added. So honest edges keep the exact mean, where a
-/// coordinate-wise median of the partials' means would cost accuracy on non-IID data (edges
-/// whose tabs hold different classes), and one compromised edge can move the model at most as
-/// far as it stays within that distance.
+/// larger of the median of these nearest distances and its sampling allowance is left out (a
+/// compromised edge sending a poisoned or scaled partial), and the rest are added. So honest
+/// edges keep the exact mean, where a coordinate-wise median of the partials' means would cost
+/// accuracy on non-IID data (edges whose tabs hold different classes), and one compromised edge
+/// can move the model at most as far as it stays within that distance.
+///
+/// The sampling allowance: two honest edges' means of nᵢ and nⱼ updates, each within `spread`
+/// (the round's median update norm) of the others, differ by about spread·√(1/nᵢ + 1/nⱼ). With
+/// three edges the median nearest distance is the closest pair's, so without it an edge that
+/// had few results in a round (its mean the noisiest) was left out whenever the other two
+/// happened to be close: `canopy soak` found honest partials left out in one round of ten. A
+/// partial's count is taken as at least a quarter of the median count, so a compromised edge
+/// that claims few results widens its allowance by √(5/2) at most.
 pub fn combine_partials(
     robust: &RobustConfig,
+    spread: Option<f64>,
     partials: Vec<RunningSum>,
 ) -> Result<(RunningSum, Vec<usize>), String> {
     let plain = robust.rule == Rule::Mean && robust.clip == Clip::None;
@@ -469,9 +515,16 @@ pub fn combine_partials(
                 .fold(f64::INFINITY, f64::min)
         })
         .collect();
-    let limit = robust.clip_multiple.max(1.0) * robust::median_of(&nearest);
+    let scale = robust::median_of(&nearest);
+    let counts: Vec<f64> = partials.iter().map(|p| p.count as f64).collect();
+    let typical = robust::median_of(&counts).max(1.0);
+    let allowance = |i: usize| match spread {
+        Some(s) => s * (1.0 / counts[i].max(typical / 4.0).max(1.0) + 1.0 / typical).sqrt(),
+        None => 0.0,
+    };
+    let multiple = robust.clip_multiple.max(1.0);
     let out: Vec<usize> = (0..means.len())
-        .filter(|i| !(nearest[*i] <= limit))
+        .filter(|i| !(nearest[*i] <= multiple * scale.max(allowance(*i))))
         .collect();
     Ok((add(&|i| !out.contains(&i))?, out))
 }
@@ -1052,14 +1105,14 @@ mod tests {
         whole.merge(&honest[1]).unwrap();
         whole.merge(&honest[2]).unwrap();
         // Honest edges only: nothing left out, the exact sum one server would have.
-        let (out, left) = combine_partials(&defended, honest.to_vec()).unwrap();
+        let (out, left) = combine_partials(&defended, None, honest.to_vec()).unwrap();
         assert!(left.is_empty());
         assert_eq!(out, whole);
         // The poisoned partial is far from every other: left out, wherever it comes.
         for at in 0..4 {
             let mut all = honest.to_vec();
             all.insert(at, bad.clone());
-            let (out, left) = combine_partials(&defended, all).unwrap();
+            let (out, left) = combine_partials(&defended, None, all).unwrap();
             assert_eq!(left, vec![at]);
             let m = out.mean().unwrap();
             let w = whole.mean().unwrap();
@@ -1073,13 +1126,14 @@ mod tests {
         let flipped = partial([-1.0, 2.0], 10, 3);
         let (_, left) = combine_partials(
             &defended,
+            None,
             vec![honest[0].clone(), honest[1].clone(), flipped],
         )
         .unwrap();
         assert_eq!(left, vec![2]);
         // No defence: partials add up exactly, the attacker included.
         let all = vec![honest[0].clone(), honest[1].clone(), bad.clone()];
-        let (plain, left) = combine_partials(&RobustConfig::plain(), all).unwrap();
+        let (plain, left) = combine_partials(&RobustConfig::plain(), None, all).unwrap();
         assert!(left.is_empty());
         assert!(
             plain.mean().unwrap()[0] > 9e5,
@@ -1087,8 +1141,105 @@ mod tests {
         );
         // Two partials cannot outvote one another: added.
         let (two, _) =
-            combine_partials(&defended, vec![honest[0].clone(), honest[1].clone()]).unwrap();
+            combine_partials(&defended, None, vec![honest[0].clone(), honest[1].clone()]).unwrap();
         assert!((two.mean().unwrap()[0] - 0.18).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_small_honest_partial_is_kept_and_a_left_out_partials_results_leave_with_it() {
+        // Clients' deltas are (±1, ±1) (norm √2). Two edges of 40 results have means 0.05 apart;
+        // a third with 4 results, (0.5, 0.5), is 0.67 away: 9.5× the closest pair's distance,
+        // and about what 4 updates of norm √2 leave to chance (√2·√(1/10 + 1/40) = 0.5).
+        let edge = |first: u64, xs: &[(f32, f32, u64)]| {
+            let results: Vec<Contribution> = xs
+                .iter()
+                .flat_map(|&(x, y, n)| std::iter::repeat_n((x, y), n as usize))
+                .enumerate()
+                .map(|(i, (x, y))| Contribution {
+                    client: first + i as u64,
+                    samples: 10,
+                    kind: UploadKind::Delta,
+                    values: vec![x, y],
+                    metrics: Default::default(),
+                    encoding: Default::default(),
+                })
+                .collect();
+            results
+        };
+        let a = edge(0, &[(1.0, 1.0, 20), (-1.0, 1.0, 1), (-1.0, -1.0, 19)]);
+        let b = edge(100, &[(1.0, 1.0, 20), (1.0, -1.0, 1), (-1.0, -1.0, 19)]);
+        let c = edge(200, &[(1.0, 1.0, 2), (1.0, -1.0, 1), (-1.0, 1.0, 1)]);
+        let sums: Vec<RunningSum> = [&a, &b, &c]
+            .iter()
+            .map(|r| RunningSum::of(r, Fold::PLAIN).unwrap())
+            .collect();
+        let defended = RobustConfig::default();
+        // Distances alone leave the small edge out...
+        let (_, left) = combine_partials(&defended, None, sums.clone()).unwrap();
+        assert_eq!(left, vec![2]);
+        // ...its sampling allowance keeps it.
+        let spread = 2f64.sqrt();
+        let (out, left) = combine_partials(&defended, Some(spread), sums.clone()).unwrap();
+        assert!(left.is_empty(), "{left:?}");
+        assert_eq!(out.count, 84);
+        // A poisoned copy of it (×−10) is still far outside.
+        let mut bad = sums[2].clone();
+        bad.weighted.iter_mut().for_each(|v| *v *= -10.0);
+        let (_, left) = combine_partials(
+            &defended,
+            Some(spread),
+            vec![sums[0].clone(), sums[1].clone(), bad],
+        )
+        .unwrap();
+        assert_eq!(left, vec![2]);
+
+        // Through a round at the root: the left-out edge's results are not the round's.
+        let verdicts = |r: &[Contribution]| -> Vec<Verdict> {
+            r.iter()
+                .map(|c| Verdict {
+                    client: c.client,
+                    norm: spread,
+                    norm_ratio: 1.0,
+                    scale: 1.0,
+                    outside: 0.0,
+                    clipped: false,
+                    down_weighted: false,
+                    rejected: false,
+                })
+                .collect()
+        };
+        let summaries = |r: &[Contribution]| -> Vec<Contribution> {
+            r.iter()
+                .map(|c| Contribution {
+                    values: Vec::new(),
+                    ..c.clone()
+                })
+                .collect()
+        };
+        let run = |third: &RunningSum| {
+            let mut round = StreamRound::start(
+                &defended,
+                Some(Fold::PLAIN),
+                std::sync::Arc::new(vec![0.0; 2]),
+                84,
+                Some(spread),
+            )
+            .unwrap();
+            for (sum, r) in [(&sums[0], &a), (&sums[1], &b), (third, &c)] {
+                round.absorb(sum, summaries(r), verdicts(r)).unwrap();
+            }
+            round.finish().unwrap()
+        };
+        let kept = run(&sums[2]);
+        assert!(kept.set_aside.is_empty());
+        assert_eq!((kept.results.len(), kept.combined.verdicts.len()), (84, 84));
+        let mut bad = sums[2].clone();
+        bad.weighted.iter_mut().for_each(|v| *v *= -10.0);
+        let out = run(&bad);
+        assert_eq!(out.set_aside, vec![2]);
+        assert_eq!(out.sum.count, 80);
+        assert_eq!((out.results.len(), out.combined.verdicts.len()), (80, 80));
+        assert!(out.results.iter().all(|r| r.client < 200));
     }
 
     #[test]

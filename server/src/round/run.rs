@@ -405,6 +405,14 @@ impl RoundLoop {
             self.strategy
                 .aggregate_sum(round, &mut next, &s.sum, &got.results, ctx)
         });
+        let left_out = s.set_aside.len();
+        let outcome = outcome.map(|mut o| {
+            if left_out > 0 {
+                o.metrics
+                    .insert(keys::PARTIALS_LEFT_OUT.into(), left_out as f64);
+            }
+            o
+        });
         Aggregated {
             next,
             outcome,

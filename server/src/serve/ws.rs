@@ -172,6 +172,22 @@ async fn session(socket: Socket, gate: Handle, app: Arc<App>, peer: SocketAddr, 
             Err(e) => {
                 tracing::warn!(client = ?id, bytes = bytes.len(), "bad frame: {e}");
                 reply_error(e.code(), e.to_string());
+                // From a client at work on a task it is most likely its result, broken: the
+                // round stops waiting for it rather than holding everyone to the deadline.
+                if let Some(c) = id {
+                    let training = app.hub.lock().unwrap().client(c).and_then(|cl| {
+                        (cl.status == crate::hub::Status::Training)
+                            .then_some(cl.last_round)
+                            .flatten()
+                    });
+                    if let Some(round) = training {
+                        let _ = app.incoming.send(Incoming::Failed {
+                            client: c,
+                            round: Some(round),
+                            message: format!("sent a frame that does not decode: {e}"),
+                        });
+                    }
+                }
                 continue;
             }
         };

@@ -39,11 +39,15 @@ pub struct EdgeRow {
 /// A local `nats-server -js` keeping its store in `run_dir/nats` (killed when dropped), and
 /// its URL.
 pub async fn start_nats(run_dir: &Path) -> Result<(Child, String), String> {
+    start_nats_at(run_dir, free_port()?).await
+}
+
+/// [`start_nats`] on a given port (a restart keeps its clients' URL and its store).
+pub async fn start_nats_at(run_dir: &Path, nats_port: u16) -> Result<(Child, String), String> {
     let nats_bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
         .into_iter()
         .find(|p| Path::new(p).exists())
         .ok_or("nats-server is not installed: `just setup` installs it")?;
-    let nats_port = free_port()?;
     let mut nats = Command::new(nats_bin)
         .args([
             "-js",
@@ -55,7 +59,7 @@ pub async fn start_nats(run_dir: &Path) -> Result<(Child, String), String> {
         ])
         .arg(run_dir.join("nats"))
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(run_dir.join("nats.log")).map_err(|e| e.to_string())?)
+        .stderr(append(&run_dir.join("nats.log"))?)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("starting nats-server: {e}"))?;
@@ -63,13 +67,35 @@ pub async fn start_nats(run_dir: &Path) -> Result<(Child, String), String> {
     Ok((nats, format!("nats://127.0.0.1:{nats_port}")))
 }
 
-/// A `canopy` child process with `args`, its stderr in `log`, killed when dropped.
+/// `path` opened for appending (created if need be): a restarted process's log follows its
+/// first life's.
+fn append(path: &Path) -> Result<std::fs::File, String> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))
+}
+
+/// A `canopy` child process with `args`, its stderr appended to `log`, killed when dropped;
+/// it logs warnings and errors only.
 pub fn spawn(exe: &Path, args: &[String], log: PathBuf) -> Result<Child, String> {
+    spawn_logging(exe, args, log, "warn")
+}
+
+/// [`spawn`] with the log filter `level` (`RUST_LOG`).
+pub fn spawn_logging(
+    exe: &Path,
+    args: &[String],
+    log: PathBuf,
+    level: &str,
+) -> Result<Child, String> {
     Command::new(exe)
         .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?)
+        .env("RUST_LOG", level)
+        // The server logs to stdout; panics go to stderr: both into the log.
+        .stdout(append(&log)?)
+        .stderr(append(&log)?)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("starting {}: {e}", exe.display()))

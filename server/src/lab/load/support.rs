@@ -243,7 +243,7 @@ pub async fn client(
 /// machine: 10,000 sockets each autotuned to hold a task they have not read yet (0.8 MB) put the
 /// machine's TCP memory under pressure (Linux then drops segments, and retransmissions back off
 /// for minutes), which no real population of clients does to a server.
-async fn connect_small(
+pub(crate) async fn connect_small(
     url: &str,
 ) -> Result<
     tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
