@@ -233,7 +233,9 @@ function render(d) {
       `<div class="small ${p.outcome === 'merged' ? '' : 'bad'}">round ${p.round}: ${p.results} results, ${p.samples.toFixed(0)} samples, ` +
       `${fmtBytes(p.sum_bytes)}${p.in_store ? ' (OS)' : ''}, ${p.edge_seconds.toFixed(2)} s, ${esc(p.outcome)}</div>`).join('');
     // Late past the root's edge timeout ([scale] edge_timeout_ms), when it stops counting the edge.
-    const heard = e.seen_ms_ago < d.edge_timeout_ms ? `${(e.seen_ms_ago / 1000).toFixed(1)} s ago` : `<span class="bad">${(e.seen_ms_ago / 1000).toFixed(0)} s ago</span>`;
+    let heard = e.seen_ms_ago < d.edge_timeout_ms ? `${(e.seen_ms_ago / 1000).toFixed(1)} s ago` : `<span class="bad">${(e.seen_ms_ago / 1000).toFixed(0)} s ago</span>`;
+    // Reports under its name the root refused (forged, unsigned, replayed): someone else speaks for it.
+    if (e.reports_refused) heard += `<div class="bad">${e.reports_refused} report${e.reports_refused === 1 ? '' : 's'} refused: ${esc(e.last_refusal)}</div>`;
     return `<tr><td><b>${esc(e.name)}</b></td><td><a href="${esc(e.url)}">${esc(e.url)}</a></td><td>${e.connected}</td><td>${e.idle}</td><td>${heard}</td><td>${partials || '<span class="sub">none yet</span>'}</td></tr>`;
   }).join('');
 

@@ -57,8 +57,9 @@ pub struct RunConfig {
     /// Wait for Start on the dashboard before the first round (a class joins first).
     pub hold: bool,
     /// A result that arrives after its round's deadline: `drop` it, or count it in the
-    /// `next_round` aggregated (rebased onto that round's model when it carries weights).
-    /// Either way the client stays busy, and is not sampled, until it arrives.
+    /// `next_round` aggregated (rebased onto that round's model when it carries weights; on an
+    /// edge, in its next partial). Either way the client stays busy, and is not sampled, until
+    /// it arrives.
     pub late_results: LateResults,
     /// Seconds to wait at the end of the run for every client to receive Bye and close.
     pub goodbye_seconds: f64,

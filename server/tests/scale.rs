@@ -22,7 +22,8 @@ use canopy_core::protocol::{
 };
 use canopy_core::strategy::{RoundContext, RunningSum, StrategyConfig, build};
 use canopy_core::train::Eval;
-use canopy_server::scale::{Role, wire};
+use canopy_server::scale::Role;
+use canopy_server::scale::wire::{self, Signed};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -526,7 +527,10 @@ fn nats_secured(dir: &Path, cert: &Path, key: &Path, users: &[String]) -> (Kill,
 /// partials with its NKey and the root checks each against `[scale] edge_keys`. A server with no
 /// credentials is refused by NATS; partials that a NATS user the root does not list (a rogue)
 /// sent, or that are unsigned, or whose contents were changed after signing, are refused and
-/// shown on the root's dashboard, while the edge's own are merged.
+/// shown on the root's dashboard, while the edge's own are merged. The edge's reports of its
+/// clients are signed too: forged ones (unsigned, signed by the rogue, changed, replayed, or
+/// from an edge that is not listed) are refused and counted, and the root never samples the
+/// client they make up.
 #[test]
 fn edges_over_tls_with_nkeys_sign_their_partials() {
     let (_one, dir) = setup("scale-auth", "warn,canopy_server::scale=info");
@@ -640,6 +644,9 @@ fn edges_over_tls_with_nkeys_sign_their_partials() {
         let js = async_nats::jetstream::new(nats.clone());
         let subject = format!("canopy.{run}.partial.1.a1");
         let mut partials = nats.subscribe(subject.clone()).await.unwrap();
+        let report_subject = format!("canopy.{run}.presence.a1");
+        let mut reports = nats.subscribe(report_subject.clone()).await.unwrap();
+        let edge_pub = edge_key.public_key();
         let forged = tokio::spawn(async move {
             let m = partials.next().await.unwrap();
             let wire::Envelope::Inline(bytes) = wire::decode(&m.payload, "a partial").unwrap()
@@ -690,12 +697,57 @@ fn edges_over_tls_with_nkeys_sign_their_partials() {
                 "tampered",
             )
             .await;
+
+            // The edge's reports: a real one, as signed; then forged ones listing a client that
+            // does not exist (the root would send it a task and wait for it until the deadline).
+            let real: wire::Presence =
+                wire::decode(&reports.next().await.unwrap().payload, "a report").unwrap();
+            let listed = BTreeMap::from([("a1".to_string(), edge_pub)]);
+            real.verify(&listed).expect("the edge signs its reports");
+            let ghost = wire::Presence {
+                idle: vec![(424_242, 1_000)],
+                seq: real.seq + 1_000_000,
+                signer: String::new(),
+                signature: Vec::new(),
+                ..real.clone()
+            };
+            let mut rogue = ghost.clone();
+            rogue.sign(&rogue_key).unwrap();
+            let tampered = wire::Presence {
+                idle: ghost.idle.clone(),
+                ..real.clone()
+            };
+            for (subject, p) in [
+                (report_subject.clone(), ghost.clone()),
+                (report_subject.clone(), rogue),
+                (report_subject.clone(), tampered),
+                (report_subject.clone(), real),
+                (
+                    format!("canopy.{run}.presence.ghost"),
+                    wire::Presence {
+                        edge: "ghost".into(),
+                        ..ghost
+                    },
+                ),
+            ] {
+                nats.publish(subject, wire::encode(&p).into())
+                    .await
+                    .unwrap();
+            }
+            nats.flush().await.unwrap();
         });
         tokio::time::timeout(Duration::from_secs(300), running.rounds)
             .await
             .expect("the run ends")
             .unwrap();
         forged.await.unwrap();
+        // The forged reports were sent before the run ended; the root may still be reading them.
+        let waited = Instant::now();
+        while app.hub.lock().unwrap().tally().reports_refused() < 5
+            && waited.elapsed() < Duration::from_secs(10)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let records = app.hub.lock().unwrap().rounds().to_vec();
         assert_eq!(
             records.iter().map(|r| r.results).collect::<Vec<_>>(),
@@ -715,6 +767,21 @@ fn edges_over_tls_with_nkeys_sign_their_partials() {
             3,
             "{outcomes:?}"
         );
+        let a1 = &edges.as_array().unwrap()[0];
+        assert_eq!(
+            edges.as_array().unwrap().len(),
+            1,
+            "a forged report makes no edge: {edges}"
+        );
+        assert_eq!(
+            a1["reports_refused"], 4,
+            "unsigned, the rogue's, changed, replayed: {a1}"
+        );
+        assert_eq!(app.hub.lock().unwrap().tally().reports_refused(), 5);
+        assert!(
+            records.iter().all(|r| r.dropped == 0 && r.sampled == 2),
+            "the made-up client was never sampled"
+        );
         for needle in [
             "refused: unsigned",
             &format!("refused: signed by {rogue_pub}, not by edge 'a1''s key"),
@@ -724,6 +791,168 @@ fn edges_over_tls_with_nkeys_sign_their_partials() {
                 outcomes.iter().any(|o| o.starts_with(needle)),
                 "no partial '{needle}' among {outcomes:?}"
             );
+        }
+    });
+}
+
+/// A synthetic client that answers every task at once, except round `late_round`'s: that one
+/// after `delay` (past the deadline). Sends its edge-local id once welcomed.
+async fn late_client(
+    url: String,
+    name: String,
+    late_round: Option<u32>,
+    delay: Duration,
+    id_out: tokio::sync::mpsc::UnboundedSender<u64>,
+) {
+    let (ws, _) = loop {
+        match tokio_tungstenite::connect_async(url.as_str()).await {
+            Ok(ws) => break ws,
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    let (mut sink, mut stream) = ws.split();
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        name,
+        device: DeviceInfo::new(canopy_core::protocol::Backend::Native, "test", "test"),
+        resume: None,
+        mask_version: None,
+    };
+    sink.send(Message::binary(encode(&ClientMsg::Hello(hello))))
+        .await
+        .unwrap();
+    let (mut samples, mut id) = (1, 0);
+    while let Some(Ok(msg)) = stream.next().await {
+        let Message::Binary(frame) = msg else {
+            continue;
+        };
+        match decode::<ServerMsg>(&frame) {
+            Ok(ServerMsg::Welcome(w)) => {
+                samples = (w.shard.train.len() as u64).max(1);
+                id = w.client_id;
+                let _ = id_out.send(id);
+            }
+            Ok(ServerMsg::Task(t)) => {
+                if Some(t.round) == late_round {
+                    tokio::time::sleep(delay).await;
+                }
+                let reply = canopy_server::lab::load::support::synthetic_result(&t, samples, id);
+                if sink.send(Message::binary(encode(&reply))).await.is_err() {
+                    break;
+                }
+            }
+            Ok(ServerMsg::Bye { .. }) => break,
+            _ => {}
+        }
+    }
+}
+
+/// `late_results = "next_round"` on an edge: a result that comes after round 1's deadline goes
+/// into the edge's next partial, the root counts it as late (not as one of that round's
+/// answers), and it is among the participants of the round it went into, as on one server.
+#[test]
+fn an_edge_carries_a_late_result_into_its_next_partial() {
+    let run = "scale-late";
+    let (_one, dir) = setup(run, "warn,canopy_server::scale=info");
+    let (_nats, url) = nats(&dir);
+    let mut config = common::config(run, 3, 3, "canopy-scale-late");
+    config.run.out_dir = dir.join("runs");
+    config.run.hold = true;
+    config.run.min_clients = 2;
+    config.run.late_results = canopy_server::config::LateResults::NextRound;
+    config.strategy.config.deadline_ms = 1_500;
+    config.aggregation.rule = Rule::Mean;
+    config.aggregation.clip = Clip::None;
+    config.scale.nats = url;
+    config.scale.edge_timeout_ms = 4_000;
+    let edge_toml = dir.join("edge.toml");
+    std::fs::write(&edge_toml, toml::to_string_pretty(&config).unwrap()).unwrap();
+    config.scale.role = Role::Root;
+    let (_edge, port) = spawn_edge(&edge_toml, &dir, "e1", (0, 1));
+    wait_port(port, "the edge");
+
+    common::runtime().block_on(async move {
+        let running = canopy_server::start(config).await.expect("the root starts");
+        let app = running.app.clone();
+        let (tx, mut ids) = tokio::sync::mpsc::unbounded_channel();
+        let ws = format!("ws://127.0.0.1:{port}/ws");
+        let mut clients = Vec::new();
+        for i in 0..3 {
+            // The first to join is the slow one.
+            let late = (i == 0).then_some(1);
+            clients.push(tokio::spawn(late_client(
+                ws.clone(),
+                format!("late-{i}"),
+                late,
+                Duration::from_millis(2_500),
+                tx.clone(),
+            )));
+            if i == 0 {
+                ids.recv().await.unwrap();
+            }
+        }
+        let slow = {
+            // The slow one joined first: ids are given in order, so it has the smallest.
+            let until = Instant::now() + Duration::from_secs(60);
+            loop {
+                let idle = app
+                    .hub
+                    .lock()
+                    .unwrap()
+                    .edge_idle_clients(Duration::from_secs(4));
+                if idle.len() == 3 {
+                    break idle.iter().map(|c| c.id).min().unwrap();
+                }
+                assert!(
+                    Instant::now() < until,
+                    "{} clients idle on the root's view",
+                    idle.len()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        app.hub.lock().unwrap().start().unwrap();
+        tokio::time::timeout(Duration::from_secs(120), running.rounds)
+            .await
+            .expect("the run ends")
+            .unwrap();
+        let records = app.hub.lock().unwrap().rounds().to_vec();
+        let late = |r: &canopy_server::round::record::RoundRecord| {
+            r.extra.get("late_results").copied().unwrap_or(0.0)
+        };
+        for r in &records {
+            println!(
+                "round {}: sampled {} results {} dropped {} late {} participants {:?}",
+                r.round,
+                r.sampled,
+                r.results,
+                r.dropped,
+                late(r),
+                r.participants
+            );
+        }
+        assert_eq!(records.len(), 3);
+        assert_eq!(
+            (records[0].sampled, records[0].results, records[0].dropped),
+            (3, 2, 1),
+            "round 1: the slow client misses the deadline"
+        );
+        assert!(!records[0].participants.contains(&slow));
+        let carried: Vec<_> = records[1..].iter().filter(|r| late(r) == 1.0).collect();
+        assert_eq!(
+            carried.len(),
+            1,
+            "the late result goes into exactly one later round"
+        );
+        let r = carried[0];
+        assert!(r.participants.contains(&slow), "{:?}", r.participants);
+        assert_eq!(
+            (r.results, r.dropped),
+            (r.sampled + 1, 0),
+            "a late result is no answer of its round's tasks"
+        );
+        for c in clients {
+            c.abort();
         }
     });
 }

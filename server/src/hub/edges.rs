@@ -24,6 +24,13 @@ pub struct EdgeRow {
     idle_clients: Vec<ClientView>,
     #[serde(skip)]
     seen: Instant,
+    /// The last report's [`Presence::seq`]: a report must be newer.
+    #[serde(skip)]
+    seq: u64,
+    /// Reports claiming to be this edge's that the root refused (forged, unsigned, replayed),
+    /// and why the last one was.
+    pub reports_refused: u64,
+    pub last_refusal: String,
     /// Its partials, newest last (the last 20).
     pub partials: Vec<PartialRow>,
 }
@@ -52,8 +59,17 @@ pub struct EdgeTable {
 }
 
 impl EdgeTable {
-    /// An edge reported its clients: its row is replaced and it is heard from now.
-    pub fn seen(&mut self, p: Presence) {
+    /// An edge reported its clients: its row is replaced and it is heard from now. A report not
+    /// newer than the last one taken from the edge (a replay) is refused with the reason.
+    pub fn seen(&mut self, p: Presence) -> Result<(), String> {
+        if let Some(row) = self.edges.get(&p.edge)
+            && p.seq <= row.seq
+        {
+            return Err(format!(
+                "replayed or out of order (report {} after {})",
+                p.seq, row.seq
+            ));
+        }
         for (id, _) in &p.idle {
             self.edge_of.insert(*id, p.edge.clone());
         }
@@ -64,6 +80,9 @@ impl EdgeTable {
             idle: 0,
             idle_clients: Vec::new(),
             seen: Instant::now(),
+            seq: 0,
+            reports_refused: 0,
+            last_refusal: String::new(),
             partials: Vec::new(),
         });
         row.url = p.url;
@@ -75,6 +94,22 @@ impl EdgeTable {
             .map(|(id, samples)| ClientView { id, samples })
             .collect();
         row.seen = Instant::now();
+        row.seq = p.seq;
+        Ok(())
+    }
+
+    /// A report claiming to come from `edge` was refused for `why`: counted on the edge's row
+    /// when it has one (a name no edge reported under gets no row: a forger could make any
+    /// number). Returns the edge's count of refused reports, 0 without a row.
+    pub fn refused(&mut self, edge: &str, why: &str) -> u64 {
+        match self.edges.get_mut(edge) {
+            Some(row) => {
+                row.reports_refused += 1;
+                row.last_refusal = why.to_string();
+                row.reports_refused
+            }
+            None => 0,
+        }
     }
 
     /// What the root did with an edge's partial (kept only for an edge it has heard from).
@@ -168,8 +203,14 @@ mod tests {
             url: url.into(),
             connected,
             idle: idle.to_vec(),
+            seq: SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            signer: String::new(),
+            signature: Vec::new(),
         }
     }
+
+    /// Each report made here newer than the last.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
     fn partial(round: u32) -> PartialRow {
         PartialRow {
@@ -198,13 +239,14 @@ mod tests {
     #[test]
     fn an_edge_is_live_while_heard_from_within_the_timeout() {
         let mut t = EdgeTable::default();
-        t.seen(presence("a", "http://a/", 3, &[(5, 10), (1, 20)]));
+        t.seen(presence("a", "http://a/", 3, &[(5, 10), (1, 20)]))
+            .unwrap();
         assert!(t.alive("a", LONG) && !t.alive("b", LONG));
         assert_eq!(t.connected(LONG), 3);
         assert_eq!(t.edge_of(5), Some("a"));
         assert_eq!(t.edge_of(2), None);
         wait();
-        t.seen(presence("b", "", 2, &[(2, 30)]));
+        t.seen(presence("b", "", 2, &[(2, 30)])).unwrap();
         // `a` has gone quiet for longer than SHORT; `b` has just reported.
         assert!(!t.alive("a", SHORT) && t.alive("b", SHORT));
         assert_eq!(t.connected(SHORT), 2);
@@ -221,18 +263,18 @@ mod tests {
     #[test]
     fn clients_are_idle_again_only_once_their_edge_reported_after_the_round() {
         let mut t = EdgeTable::default();
-        t.seen(presence("a", "", 1, &[(1, 10)]));
-        t.seen(presence("b", "", 1, &[(2, 10)]));
+        t.seen(presence("a", "", 1, &[(1, 10)])).unwrap();
+        t.seen(presence("b", "", 1, &[(2, 10)])).unwrap();
         let round_began = Instant::now();
         wait();
-        t.seen(presence("b", "", 1, &[(2, 10), (3, 10)]));
+        t.seen(presence("b", "", 1, &[(2, 10), (3, 10)])).unwrap();
         assert_eq!(t.edge_of(3), Some("b"));
         let (idle, all_fresh) = t.idle_since(LONG, Some(round_began));
         assert_eq!(ids(&idle), vec![2, 3]);
         assert!(!all_fresh, "a has not reported since");
         // An edge gone quiet is not waited for.
         assert!(t.idle_since(SHORT, Some(round_began)).1);
-        t.seen(presence("a", "", 1, &[]));
+        t.seen(presence("a", "", 1, &[])).unwrap();
         let (idle, all_fresh) = t.idle_since(LONG, Some(round_began));
         assert_eq!(ids(&idle), vec![2, 3]);
         assert!(all_fresh);
@@ -242,7 +284,7 @@ mod tests {
     fn partials_keep_the_last_twenty_of_known_edges() {
         let mut t = EdgeTable::default();
         t.partial("a", partial(1));
-        t.seen(presence("a", "", 1, &[]));
+        t.seen(presence("a", "", 1, &[])).unwrap();
         for round in 1..=25 {
             t.partial("a", partial(round));
         }
@@ -259,9 +301,10 @@ mod tests {
     fn the_json_has_each_edge_in_name_order_with_how_long_ago_it_was_heard_from() {
         let mut t = EdgeTable::default();
         assert_eq!(t.json(), serde_json::json!([]));
-        t.seen(presence("b", "http://b/", 4, &[(7, 10), (8, 10)]));
+        t.seen(presence("b", "http://b/", 4, &[(7, 10), (8, 10)]))
+            .unwrap();
         wait();
-        t.seen(presence("a", "http://a/", 1, &[]));
+        t.seen(presence("a", "http://a/", 1, &[])).unwrap();
         t.partial("a", partial(3));
         let json = t.json();
         let edges = json.as_array().unwrap();
@@ -285,5 +328,44 @@ mod tests {
         assert!(a["seen_ms_ago"].as_u64().unwrap() < b["seen_ms_ago"].as_u64().unwrap());
         // The clients and the clock stay out of it.
         assert!(b.get("idle_clients").is_none() && b.get("seen").is_none());
+    }
+
+    #[test]
+    fn a_report_not_newer_than_the_last_is_refused_and_refusals_count_on_the_edge() {
+        let mut t = EdgeTable::default();
+        let first = presence("a", "", 1, &[(1, 10)]);
+        t.seen(first.clone()).unwrap();
+        // Replayed, and older: refused, and the clients stay as the first report left them.
+        let older = Presence {
+            seq: first.seq - 1,
+            idle: vec![(9, 10)],
+            ..first.clone()
+        };
+        for p in [first.clone(), older] {
+            let why = t.seen(p).unwrap_err();
+            assert!(why.starts_with("replayed or out of order"), "{why}");
+        }
+        assert_eq!(ids(&t.idle_since(LONG, None).0), [1]);
+        assert_eq!(t.refused("a", "unsigned"), 1);
+        assert_eq!(t.refused("a", "wrongly signed"), 2);
+        // A name no edge reported under gets no row.
+        assert_eq!(t.refused("ghost", "unsigned"), 0);
+        let json = t.json();
+        assert_eq!(json.as_array().unwrap().len(), 1);
+        assert_eq!(
+            (
+                json[0]["reports_refused"].as_u64(),
+                json[0]["last_refusal"].as_str()
+            ),
+            (Some(2), Some("wrongly signed"))
+        );
+        // A newer report is taken.
+        t.seen(Presence {
+            seq: first.seq + 1,
+            idle: vec![(2, 10)],
+            ..first
+        })
+        .unwrap();
+        assert_eq!(ids(&t.idle_since(LONG, None).0), [2]);
     }
 }

@@ -256,9 +256,16 @@ impl Hub {
         self.clients.refuse_joins(why);
     }
 
-    /// An edge reported its clients.
-    pub fn edge_seen(&mut self, p: Presence) {
-        self.edges.seen(p);
+    /// An edge reported its clients; a report not newer than its last is refused, with why.
+    pub fn edge_seen(&mut self, p: Presence) -> Result<(), String> {
+        self.edges.seen(p)
+    }
+
+    /// A report claiming to come from `edge` was refused for `why`: counted for `/metrics`, and
+    /// on the edge's row when it has one. Returns the row's count (0 without a row).
+    pub fn edge_report_refused(&mut self, edge: &str, why: &str) -> u64 {
+        self.tally.report_refused();
+        self.edges.refused(edge, why)
     }
 
     /// What the root did with an edge's partial.

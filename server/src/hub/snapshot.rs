@@ -86,7 +86,11 @@ mod tests {
                 url: "http://e1/".into(),
                 connected: 4,
                 idle: Vec::new(),
-            });
+                seq: 1,
+                signer: String::new(),
+                signature: Vec::new(),
+            })
+            .unwrap();
             std::thread::sleep(Duration::from_millis(20));
             let s = snapshot(&hub, &json!({}), &arch);
             assert_eq!(s["connected"], connected, "timeout {timeout_ms} ms");

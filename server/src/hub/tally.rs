@@ -1,5 +1,5 @@
-//! Counts of what the hub's tables do not keep: results refused, by reason, and edges' partials,
-//! by what became of them. They are only ever added to, so the `/metrics` counters made from
+//! Counts of what the hub's tables do not keep: results refused, by reason, edges' partials,
+//! by what became of them, and edges' reports refused. They are only ever added to, so the `/metrics` counters made from
 //! them never go down (`serve/prometheus.rs`).
 
 use std::collections::BTreeMap;
@@ -41,6 +41,7 @@ impl Refusal {
 pub struct Tally {
     rejected: BTreeMap<Refusal, u64>,
     partials: BTreeMap<String, u64>,
+    reports_refused: u64,
 }
 
 impl Tally {
@@ -52,6 +53,16 @@ impl Tally {
     /// A partial came from an edge and ended as `outcome` (`merged`, `late`, `stale`...).
     pub fn partial(&mut self, outcome: &str) {
         *self.partials.entry(outcome.to_string()).or_default() += 1;
+    }
+
+    /// An edge's report (presence) was refused: forged, unsigned or replayed.
+    pub fn report_refused(&mut self) {
+        self.reports_refused += 1;
+    }
+
+    /// Edges' reports refused so far.
+    pub fn reports_refused(&self) -> u64 {
+        self.reports_refused
     }
 
     /// Results refused for `why` so far.

@@ -94,6 +94,9 @@ pub struct Collected {
     pub sampled: usize,
     pub dropped: usize,
     pub rejected: usize,
+    /// On a root: results the edges carried into their partials from the round before (their
+    /// `late_results = "next_round"`), already in the sums.
+    pub late: usize,
     /// Time spent queueing the task frames (or announcing the round to the edges).
     pub send: Duration,
     /// Time spent validating and folding results, and how long each waited between its
@@ -119,6 +122,7 @@ impl Collected {
             sampled: 0,
             dropped: 0,
             rejected: 0,
+            late: 0,
             send: Duration::ZERO,
             fold: Duration::ZERO,
             waits: Vec::new(),
@@ -321,7 +325,7 @@ impl RoundLoop {
     ) -> Option<(ModelState, RoundOutcome)> {
         let aggregating = Instant::now();
         let late = self.take_carried(round, &got.start);
-        let late_count = late.len();
+        let late_count = late.len() + got.late;
         let streamed = got.stream.is_some();
         let Aggregated {
             next,
@@ -347,7 +351,7 @@ impl RoundLoop {
         if combined.median_norm > 0.0 && combined.median_norm.is_finite() {
             self.norm_prior = Some((got.start.len(), combined.median_norm));
         }
-        if self.late_results == LateResults::NextRound {
+        if self.late_results == LateResults::NextRound || late_count > 0 {
             o.metrics
                 .insert(keys::LATE_RESULTS.into(), late_count as f64);
         }
@@ -366,16 +370,7 @@ impl RoundLoop {
         got: &mut Collected,
         ctx: &RoundContext,
     ) -> Aggregated {
-        for c in late {
-            let client = c.client;
-            if let Err(e) = self
-                .strategy
-                .complete(c, global)
-                .and_then(|c| stream.add(c))
-            {
-                tracing::warn!(round, client, "late result set aside: {e}");
-            }
-        }
+        self.fold_late(round, global, &mut stream, late);
         let s = match stream.finish() {
             Ok(s) => s,
             Err(e) => {
@@ -418,6 +413,31 @@ impl RoundLoop {
             outcome,
             combined: s.combined,
         }
+    }
+
+    /// Late results (from [`RoundLoop::take_carried`]) completed and folded into a streamed
+    /// round's sums, as a single server does before it aggregates and an edge before it
+    /// publishes its partial. Returns how many went in; one that does not is set aside, said why.
+    pub(crate) fn fold_late(
+        &mut self,
+        round: u32,
+        global: &ModelState,
+        stream: &mut StreamRound,
+        late: Vec<Contribution>,
+    ) -> usize {
+        let mut folded = 0;
+        for c in late {
+            let client = c.client;
+            match self
+                .strategy
+                .complete(c, global)
+                .and_then(|c| stream.add(c))
+            {
+                Ok(_) => folded += 1,
+                Err(e) => tracing::warn!(round, client, "late result set aside: {e}"),
+            }
+        }
+        folded
     }
 
     /// A buffered round: every result (late ones too) completed into the global model's
@@ -580,6 +600,7 @@ impl RoundLoop {
                 sampled: g.sampled,
                 dropped: g.dropped,
                 rejected: g.rejected,
+                late: g.late,
                 send: g.send,
                 fold: g.merge,
                 ..Collected::none(start)
@@ -624,7 +645,7 @@ impl RoundLoop {
 
     /// Late results accepted since the last aggregation, rebased onto this round's model; those
     /// that no longer fit it (a pruned model changed shape) are dropped.
-    fn take_carried(&mut self, round: u32, start: &[f32]) -> Vec<Contribution> {
+    pub(crate) fn take_carried(&mut self, round: u32, start: &[f32]) -> Vec<Contribution> {
         let mut out = Vec::new();
         for (mut c, old) in std::mem::take(&mut self.carried) {
             if c.values.len() != start.len() || old.len() != start.len() {

@@ -19,7 +19,7 @@ use canopy_core::model::state::ModelState;
 use canopy_core::protocol::{ModelPayload, Task, UploadSpec};
 use canopy_core::strategy::{Contribution, Phase, RoundPlan, RunningSum};
 
-use super::wire::{self, Partial, Presence, RoundMsg};
+use super::wire::{self, Partial, Presence, RoundMsg, Signed};
 use super::{Link, global_id};
 use crate::round::run::RoundLoop;
 
@@ -38,13 +38,19 @@ pub async fn run(mut rl: RoundLoop, link: Link, name: String, url: String) {
     let report_now = Arc::new(tokio::sync::Notify::new());
     let now = report_now.clone();
     tokio::spawn(async move {
+        let mut seq = 0;
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = now.notified() => {}
             }
-            let p = {
+            // Milliseconds since the epoch, so a restarted edge goes on above its last report.
+            let ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            seq = ms.max(seq + 1);
+            let mut p = {
                 let hub = hub.lock().unwrap();
                 let idle = hub
                     .idle_clients()
@@ -56,8 +62,16 @@ pub async fn run(mut rl: RoundLoop, link: Link, name: String, url: String) {
                     url: url.clone(),
                     connected: hub.connected(),
                     idle,
+                    seq,
+                    signer: String::new(),
+                    signature: Vec::new(),
                 }
             };
+            if let Some(key) = &reporter.key
+                && let Err(e) = p.sign(key)
+            {
+                tracing::warn!("signing the report: {e}");
+            }
             if let Err(e) = reporter
                 .client
                 .publish(subject.clone(), wire::encode(&p).into())
@@ -214,13 +228,16 @@ async fn run_round(
         phase: Phase::named(ann.phase.chars().take(PHASE_NAME_MAX).collect::<String>()),
         exchange: None,
     };
-    let got = rl
+    let mut got = rl
         .run_plan(ann.round, plan, &global, ann.deadline_ms, &ann.robust)
         .await;
-    let s = got
-        .stream
-        .ok_or("the round's sums went missing")?
-        .finish()?;
+    let mut stream = got.stream.take().ok_or("the round's sums went missing")?;
+    // Results that came after an earlier round's deadline (`late_results = "next_round"`),
+    // rebased onto this round's model, go into this partial, as one server folds them into its
+    // next round.
+    let carried = rl.take_carried(ann.round, &got.start);
+    let late = rl.fold_late(ann.round, &global, &mut stream, carried) as u64;
+    let s = stream.finish()?;
     if s.combined.median_norm > 0.0 && s.combined.median_norm.is_finite() {
         // The next round's norm bound on this edge (the root's rule, this edge's tabs).
         rl.norm_prior = Some((got.start.len(), s.combined.median_norm));
@@ -270,6 +287,7 @@ async fn run_round(
         edge: name.to_string(),
         weight: s.sum.weight,
         clients: s.sum.count,
+        late,
         sum,
         summaries,
         verdicts,
@@ -284,7 +302,7 @@ async fn run_round(
     };
     let mut p = p;
     if let Some(key) = &link.key {
-        p.sign(key)?;
+        p.sign(key).map_err(|e| format!("the partial: {e}"))?;
     }
     let duplicate = publish(link, &p).await?;
     {

@@ -18,7 +18,7 @@ use canopy_core::strategy::{Fold, Phase, RunningSum};
 use futures_util::StreamExt;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-use super::wire::{self, EdgeTask, Partial, Presence, RoundMsg};
+use super::wire::{self, EdgeTask, Partial, Presence, RoundMsg, Signed};
 use super::{Link, model_version, shape_hash};
 use crate::hub::{Hub, PartialRow};
 
@@ -45,6 +45,8 @@ pub struct Gathered {
     pub sampled: usize,
     pub dropped: usize,
     pub rejected: usize,
+    /// Results the edges carried into their partials from the round before.
+    pub late: usize,
     pub stream: StreamRound,
     /// Time spent fetching and merging partials.
     pub merge: Duration,
@@ -64,7 +66,7 @@ impl Edges {
     ) -> Result<Edges, String> {
         if keys.is_empty() {
             tracing::warn!(
-                "partials are not authenticated: anyone who can publish on this NATS server can send one (set [scale] edge_keys and each edge's nkey_file)"
+                "partials and edge reports are not authenticated: anyone who can publish on this NATS server can send them (set [scale] edge_keys and each edge's nkey_file)"
             );
         }
         let mut presence = link
@@ -72,11 +74,11 @@ impl Edges {
             .subscribe(link.subject("presence.*"))
             .await
             .map_err(|e| format!("subscribing to edge reports: {e}"))?;
-        let h = hub.clone();
+        let (h, listed) = (hub.clone(), keys.clone());
         tokio::spawn(async move {
             while let Some(m) = presence.next().await {
                 match wire::decode::<Presence>(&m.payload, "an edge report") {
-                    Ok(p) => h.lock().unwrap().edge_seen(p),
+                    Ok(p) => report(&mut h.lock().unwrap(), &listed, p),
                     Err(e) => tracing::warn!(subject = %m.subject, "{e}"),
                 }
             }
@@ -225,7 +227,7 @@ impl Edges {
             "round announced to the edges"
         );
 
-        let (mut rejected, mut merge) = (0, Duration::ZERO);
+        let (mut rejected, mut late, mut merge) = (0, 0, Duration::ZERO);
         // Partials of this round merged before (a retry of the same round on the same model).
         self.kept
             .retain(|(p, _)| p.round == round && p.base == base && p.shape == shape);
@@ -234,6 +236,7 @@ impl Edges {
             if merged.insert(p.edge.clone()) {
                 stream.absorb(sum, p.summaries.clone(), p.verdicts.clone())?;
                 waiting.remove(&p.edge);
+                late += p.late as usize;
             }
         }
         let mut early = std::mem::take(&mut self.early);
@@ -326,8 +329,11 @@ impl Edges {
                     tracing::info!(round, edge = %p.edge, results = p.clients, bytes = p.sum.size(), object_store = p.sum.in_store(), "partial merged");
                     merged.insert(p.edge.clone());
                     let sent = waiting.remove(&p.edge).unwrap_or(0);
-                    dropped += sent.saturating_sub(p.clients as usize);
+                    // Its late results answer the round before's tasks, not this round's.
+                    let answered = p.clients.saturating_sub(p.late) as usize;
+                    dropped += sent.saturating_sub(answered);
                     rejected += p.rejected;
+                    late += p.late as usize;
                     let mut hub = self.hub.lock().unwrap();
                     hub.add_round_bytes(p.bytes_up, p.bytes_down);
                     hub.edge_partial(&p.edge, row(&p, "merged"));
@@ -347,6 +353,7 @@ impl Edges {
             sampled: tasks.len(),
             dropped,
             rejected,
+            late,
             stream,
             merge,
             send,
@@ -374,5 +381,23 @@ impl Edges {
             return Err("its sums are not finite".into());
         }
         Ok(sum)
+    }
+}
+
+/// Takes an edge's report of its clients, if it is signed by the key `keys` lists for its edge
+/// (when any are listed) and newer than the edge's last. A refused one is counted and logged
+/// (the first and then every power of two, as a forger may send many).
+fn report(hub: &mut Hub, keys: &BTreeMap<String, String>, p: Presence) {
+    let edge = p.edge.clone();
+    let checked = if keys.is_empty() {
+        Ok(())
+    } else {
+        p.verify(keys)
+    };
+    if let Err(why) = checked.and_then(|()| hub.edge_seen(p)) {
+        let n = hub.edge_report_refused(&edge, &why);
+        if n <= 1 || n.is_power_of_two() {
+            tracing::warn!(edge = %edge, refused = n, "edge report refused: {why}");
+        }
     }
 }

@@ -36,6 +36,9 @@ impl BlobRef {
 }
 
 /// An edge's report, every half second on `canopy.<run>.presence.<edge>` (core NATS, not kept).
+/// The root samples from the idle clients it lists, so it is signed like a partial: a forged
+/// report would have the root announce tasks for clients that do not exist, or keep a dead edge
+/// alive.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Presence {
     pub edge: String,
@@ -44,6 +47,13 @@ pub struct Presence {
     pub connected: usize,
     /// Idle clients: (run-wide id, training samples).
     pub idle: Vec<(u64, u64)>,
+    /// Grows with every report of this edge, across its restarts (milliseconds since the Unix
+    /// epoch, or one more than the last): the root refuses one not newer than the last it took,
+    /// so a recorded report replayed later changes nothing.
+    pub seq: u64,
+    /// As in [`Partial`]: the signing edge's public NKey and its signature, empty when unsigned.
+    pub signer: String,
+    pub signature: Vec<u8>,
 }
 
 /// One client's task in a round, without its model (the round's `models[model]`).
@@ -100,6 +110,9 @@ pub struct Partial {
     /// Σ nᵢ and the number of results (also inside the sums; here for logs and checks).
     pub weight: f64,
     pub clients: u64,
+    /// Of `clients`, results that came after the previous round's deadline on this edge, folded
+    /// in here (the edge's `late_results = "next_round"`); they answer no task of this round.
+    pub late: u64,
     /// The encoded `RunningSum`: Σ nᵢ·xᵢ in f64 (and Σ xᵢ² when the round folds squares).
     pub sum: BlobRef,
     /// The results without vectors, and the robust layer's verdict on each.
@@ -113,50 +126,88 @@ pub struct Partial {
     /// The edge's own round time, from tasks out to partial ready.
     pub seconds: f64,
     /// The public NKey (`U…`) of the edge that signed it, and its ed25519 signature over the
-    /// partial with this field empty ([`Partial::signed_bytes`]); both empty when unsigned.
+    /// partial with this field empty ([`Signed::signed_bytes`]); both empty when unsigned.
     pub signer: String,
     pub signature: Vec<u8>,
 }
 
-impl Partial {
-    /// What an edge signs: this partial without its signature. The sums are covered too: inline
-    /// they are part of it, in the Object Store by their SHA-256, which the root checks.
-    pub fn signed_bytes(&self) -> Vec<u8> {
-        let unsigned = Partial {
-            signature: Vec::new(),
-            ..self.clone()
-        };
+/// A message an edge signs with its NKey (ed25519): its partials and its reports. What is signed
+/// is the message with its signature field empty, so every other field is covered (a partial's
+/// sums too: inline they are part of it, in the Object Store by their SHA-256, which the root
+/// checks).
+pub trait Signed: Serialize + Clone {
+    /// The edge it claims to come from.
+    fn edge(&self) -> &str;
+    fn signer(&self) -> &str;
+    fn signature(&self) -> &[u8];
+    fn set_signature(&mut self, signer: String, signature: Vec<u8>);
+
+    /// What the edge signs: the message without its signature.
+    fn signed_bytes(&self) -> Vec<u8> {
+        let mut unsigned = self.clone();
+        let signer = self.signer().to_string();
+        unsigned.set_signature(signer, Vec::new());
         encode(&unsigned)
     }
 
     /// Signs it with the edge's NKey.
-    pub fn sign(&mut self, key: &nkeys::KeyPair) -> Result<(), String> {
-        self.signer = key.public_key();
-        self.signature = key
+    fn sign(&mut self, key: &nkeys::KeyPair) -> Result<(), String> {
+        self.set_signature(key.public_key(), Vec::new());
+        let signature = key
             .sign(&self.signed_bytes())
-            .map_err(|e| format!("signing the partial: {e}"))?;
+            .map_err(|e| format!("signing: {e}"))?;
+        self.set_signature(key.public_key(), signature);
         Ok(())
     }
 
     /// Checks it was signed by the key `keys` lists for its edge's name; why not, otherwise.
-    pub fn verify(&self, keys: &std::collections::BTreeMap<String, String>) -> Result<(), String> {
-        let Some(expected) = keys.get(&self.edge) else {
-            return Err(format!("edge '{}' is not in [scale] edge_keys", self.edge));
+    fn verify(&self, keys: &std::collections::BTreeMap<String, String>) -> Result<(), String> {
+        let Some(expected) = keys.get(self.edge()) else {
+            return Err(format!(
+                "edge '{}' is not in [scale] edge_keys",
+                self.edge()
+            ));
         };
-        if self.signature.is_empty() {
+        if self.signature().is_empty() {
             return Err("unsigned".into());
         }
-        if &self.signer != expected {
+        if self.signer() != expected {
             return Err(format!(
                 "signed by {}, not by edge '{}''s key",
-                self.signer, self.edge
+                self.signer(),
+                self.edge()
             ));
         }
         let key = nkeys::KeyPair::from_public_key(expected).map_err(|e| e.to_string())?;
-        key.verify(&self.signed_bytes(), &self.signature)
+        key.verify(&self.signed_bytes(), self.signature())
             .map_err(|_| "wrongly signed (the signature does not match its contents)".to_string())
     }
+}
 
+/// Implements [`Signed`] for a message with `edge`, `signer` and `signature` fields.
+macro_rules! signed_by_edge {
+    ($t:ty) => {
+        impl Signed for $t {
+            fn edge(&self) -> &str {
+                &self.edge
+            }
+            fn signer(&self) -> &str {
+                &self.signer
+            }
+            fn signature(&self) -> &[u8] {
+                &self.signature
+            }
+            fn set_signature(&mut self, signer: String, signature: Vec<u8>) {
+                self.signer = signer;
+                self.signature = signature;
+            }
+        }
+    };
+}
+signed_by_edge!(Partial);
+signed_by_edge!(Presence);
+
+impl Partial {
     pub fn msg_id(&self) -> String {
         format!("{}-{}-{}", self.edge, self.round, self.attempt)
     }

@@ -231,6 +231,13 @@ pub fn collect(hub: &Hub) -> Registry {
         "outcome",
         &partials,
     );
+    counter(
+        &mut r,
+        "edge_reports_refused",
+        "Edges' reports of their clients refused (unsigned, wrongly signed, not a listed edge, replayed)",
+        None,
+        tally.reports_refused(),
+    );
     r
 }
 
@@ -318,7 +325,12 @@ mod tests {
             url: "http://e1/".into(),
             connected: 4,
             idle: vec![(7, 100)],
-        });
+            seq: 1,
+            signer: String::new(),
+            signature: Vec::new(),
+        })
+        .unwrap();
+        h.edge_report_refused("e1", "unsigned");
         for outcome in ["merged", "merged", "late"] {
             h.edge_partial(
                 "e1",
@@ -353,6 +365,7 @@ mod tests {
         assert_eq!(value(&s, "canopy_edge_clients_connected", None), 4.0);
         let outcome = |o| value(&s, "canopy_edge_partials", Some(("outcome", o)));
         assert_eq!((outcome("merged"), outcome("late")), (2.0, 1.0));
+        assert_eq!(value(&s, "canopy_edge_reports_refused", None), 1.0);
         let OpenMetricsValue::Histogram(rounds) = &s.families["canopy_round_seconds"]
             .iter_samples()
             .next()
