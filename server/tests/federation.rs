@@ -479,6 +479,14 @@ fn connect(url: &str) -> Ws {
     ws
 }
 
+/// A client named `name` that joined and holds its first task.
+fn joined_with_task(url: &str, name: &str) -> Ws {
+    let mut ws = connect(url);
+    ws.send(Message::binary(hello(name))).unwrap();
+    while !matches!(read(&mut ws), ServerMsg::Task(_)) {}
+    ws
+}
+
 fn hello(name: &str) -> Vec<u8> {
     encode(&ClientMsg::Hello(Hello {
         protocol: PROTOCOL_VERSION,
@@ -629,16 +637,12 @@ fn vanishing_and_silent_clients_do_not_stall_a_round() {
         let (u1, u2) = (url.clone(), url.clone());
         // Takes its task, then closes the connection mid-round.
         let vanish = tokio::task::spawn_blocking(move || {
-            let mut ws = connect(&u1);
-            ws.send(Message::binary(hello("vanisher"))).unwrap();
-            while !matches!(read(&mut ws), ServerMsg::Task(_)) {}
+            let mut ws = joined_with_task(&u1, "vanisher");
             ws.close(None).ok();
         });
         // Takes its task and never answers: the deadline ends its part of the round.
         let silent = tokio::task::spawn_blocking(move || {
-            let mut ws = connect(&u2);
-            ws.send(Message::binary(hello("silent"))).unwrap();
-            while !matches!(read(&mut ws), ServerMsg::Task(_)) {}
+            let _ws = joined_with_task(&u2, "silent");
             std::thread::sleep(Duration::from_secs(8));
         });
         let good = tokio::task::spawn_blocking(move || {
@@ -678,9 +682,7 @@ fn a_frame_that_does_not_decode_ends_its_clients_part_of_the_round() {
         let url = format!("ws://{}/ws", running.addr);
         let u = url.clone();
         let broken = tokio::task::spawn_blocking(move || {
-            let mut ws = connect(&u);
-            ws.send(Message::binary(hello("broken"))).unwrap();
-            while !matches!(read(&mut ws), ServerMsg::Task(_)) {}
+            let mut ws = joined_with_task(&u, "broken");
             ws.send(Message::binary(vec![0xC4; 4096])).unwrap();
             expect_error(&mut ws, ErrorCode::Malformed, "not a Canopy frame");
             // Stays connected: only the frame tells the server this client is broken.

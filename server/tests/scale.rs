@@ -144,22 +144,23 @@ struct Book {
     mixed: Vec<u32>,
 }
 
-/// A synthetic client that records what it sends. `stall` (edge 3's clients): in that round it
-/// reports the task and never answers.
-async fn client(
-    url: String,
-    name: String,
-    book: Arc<Mutex<Book>>,
-    stall: Option<Arc<AtomicUsize>>,
-    welcomed: Arc<AtomicUsize>,
-) {
+type Sink = futures_util::stream::SplitSink<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    Message,
+>;
+type Stream = futures_util::stream::SplitStream<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+>;
+
+/// Connects to `url` (retrying until the edge listens) and says Hello as `name`.
+async fn joined(url: &str, name: String) -> (Sink, Stream) {
     let ws = loop {
-        match tokio_tungstenite::connect_async(url.as_str()).await {
+        match tokio_tungstenite::connect_async(url).await {
             Ok((ws, _)) => break ws,
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     };
-    let (mut sink, mut stream) = ws.split();
+    let (mut sink, stream) = ws.split();
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
         name,
@@ -170,6 +171,19 @@ async fn client(
     sink.send(Message::binary(encode(&ClientMsg::Hello(hello))))
         .await
         .unwrap();
+    (sink, stream)
+}
+
+/// A synthetic client that records what it sends. `stall` (edge 3's clients): in that round it
+/// reports the task and never answers.
+async fn client(
+    url: String,
+    name: String,
+    book: Arc<Mutex<Book>>,
+    stall: Option<Arc<AtomicUsize>>,
+    welcomed: Arc<AtomicUsize>,
+) {
+    let (mut sink, mut stream) = joined(&url, name).await;
     let (mut samples, mut id) = (1, 0);
     while let Some(Ok(msg)) = stream.next().await {
         let Message::Binary(frame) = msg else {
@@ -804,23 +818,7 @@ async fn late_client(
     delay: Duration,
     id_out: tokio::sync::mpsc::UnboundedSender<u64>,
 ) {
-    let (ws, _) = loop {
-        match tokio_tungstenite::connect_async(url.as_str()).await {
-            Ok(ws) => break ws,
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    };
-    let (mut sink, mut stream) = ws.split();
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        name,
-        device: DeviceInfo::new(canopy_core::protocol::Backend::Native, "test", "test"),
-        resume: None,
-        mask_version: None,
-    };
-    sink.send(Message::binary(encode(&ClientMsg::Hello(hello))))
-        .await
-        .unwrap();
+    let (mut sink, mut stream) = joined(&url, name).await;
     let (mut samples, mut id) = (1, 0);
     while let Some(Ok(msg)) = stream.next().await {
         let Message::Binary(frame) = msg else {
