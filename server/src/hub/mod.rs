@@ -270,7 +270,10 @@ impl Hub {
 
     /// What the root did with an edge's partial.
     pub fn edge_partial(&mut self, edge: &str, row: PartialRow) {
-        self.tally.partial(&row.outcome);
+        // Counted by kind ("refused", not "refused: signed by U…"): whoever may publish on NATS
+        // chooses the text, and must not choose how many counters `/metrics` keeps.
+        let kind = row.outcome.split(':').next().unwrap_or_default();
+        self.tally.partial(kind);
         self.edges.partial(edge, row);
     }
 

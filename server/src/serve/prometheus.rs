@@ -5,9 +5,9 @@
 //! table's rows are never removed, so sums over them only grow): one pass under the hub's lock
 //! fills a registry made for this scrape, and the text is written after the lock is released.
 //! The round-time histogram is rebuilt from the round records, so it is exact and survives
-//! `--resume`. Only two things are counted as they happen: refused results and edges' partials
-//! (the hub's [`Tally`](crate::hub::tally::Tally)), and the in-round exchange's latency (the
-//! desk's histogram).
+//! `--resume`. Only a few things are counted as they happen: refused results, edges' partials
+//! and refused reports (the hub's [`Tally`](crate::hub::tally::Tally)), and the in-round
+//! exchange's latency (the desk's histogram).
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -227,7 +227,7 @@ pub fn collect(hub: &Hub) -> Registry {
     labelled(
         &mut r,
         "edge_partials",
-        "Partial sums received from edges, by what became of them (merged, late, stale, duplicate, bad)",
+        "Partial sums received from edges, by what became of them (merged, late, stale, duplicate, bad, refused)",
         "outcome",
         &partials,
     );
@@ -331,7 +331,12 @@ mod tests {
         })
         .unwrap();
         h.edge_report_refused("e1", "unsigned");
-        for outcome in ["merged", "merged", "late"] {
+        for outcome in [
+            "merged",
+            "merged",
+            "late",
+            "refused: signed by U1, not by edge 'e1''s key",
+        ] {
             h.edge_partial(
                 "e1",
                 PartialRow {
@@ -365,6 +370,8 @@ mod tests {
         assert_eq!(value(&s, "canopy_edge_clients_connected", None), 4.0);
         let outcome = |o| value(&s, "canopy_edge_partials", Some(("outcome", o)));
         assert_eq!((outcome("merged"), outcome("late")), (2.0, 1.0));
+        // By kind: the text after it is the sender's to choose.
+        assert_eq!(outcome("refused"), 1.0);
         assert_eq!(value(&s, "canopy_edge_reports_refused", None), 1.0);
         let OpenMetricsValue::Histogram(rounds) = &s.families["canopy_round_seconds"]
             .iter_samples()
