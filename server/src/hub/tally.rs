@@ -1,6 +1,6 @@
 //! Counts of what the hub's tables do not keep: results refused, by reason, edges' partials,
-//! by what became of them, and edges' reports refused. They are only ever added to, so the `/metrics` counters made from
-//! them never go down (`serve/prometheus.rs`).
+//! by what became of them, and edges' reports refused. They are only ever added to, so the
+//! `/metrics` counters made from them never go down (`serve/prometheus.rs`).
 
 use std::collections::BTreeMap;
 

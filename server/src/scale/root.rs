@@ -281,9 +281,7 @@ impl Edges {
             };
             // Who sent it, before anything else: a forged partial must not even count as the
             // edge's (it would turn the real one into a "duplicate").
-            if !self.keys.is_empty()
-                && let Err(why) = p.verify(&self.keys)
-            {
+            if let Err(why) = p.admitted(&self.keys) {
                 tracing::warn!(round, edge = %p.edge, "partial refused: {why}");
                 self.hub
                     .lock()
@@ -389,12 +387,7 @@ impl Edges {
 /// (the first and then every power of two, as a forger may send many).
 fn report(hub: &mut Hub, keys: &BTreeMap<String, String>, p: Presence) {
     let edge = p.edge.clone();
-    let checked = if keys.is_empty() {
-        Ok(())
-    } else {
-        p.verify(keys)
-    };
-    if let Err(why) = checked.and_then(|()| hub.edge_seen(p)) {
+    if let Err(why) = p.admitted(keys).and_then(|()| hub.edge_seen(p)) {
         let n = hub.edge_report_refused(&edge, &why);
         if n <= 1 || n.is_power_of_two() {
             tracing::warn!(edge = %edge, refused = n, "edge report refused: {why}");

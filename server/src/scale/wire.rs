@@ -152,12 +152,23 @@ pub trait Signed: Serialize + Clone {
 
     /// Signs it with the edge's NKey.
     fn sign(&mut self, key: &nkeys::KeyPair) -> Result<(), String> {
-        self.set_signature(key.public_key(), Vec::new());
+        let signer = key.public_key();
+        self.set_signature(signer.clone(), Vec::new());
         let signature = key
             .sign(&self.signed_bytes())
             .map_err(|e| format!("signing: {e}"))?;
-        self.set_signature(key.public_key(), signature);
+        self.set_signature(signer, signature);
         Ok(())
+    }
+
+    /// Whether a root with `keys` (`[scale] edge_keys`) takes it: anything when none are listed
+    /// (authentication off, which the root says at start-up), else only what [`Signed::verify`]
+    /// passes.
+    fn admitted(&self, keys: &std::collections::BTreeMap<String, String>) -> Result<(), String> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.verify(keys)
     }
 
     /// Checks it was signed by the key `keys` lists for its edge's name; why not, otherwise.
