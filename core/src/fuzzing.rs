@@ -358,6 +358,7 @@ pub fn feed(frame: &[u8], targets: &[Target]) -> Tally {
             if let Ok((out, _)) = apply(
                 &config,
                 &reference,
+                None,
                 vec![honest.clone(), c.clone(), honest.clone()],
             ) {
                 assert!(

@@ -438,6 +438,8 @@ pub fn parse_defence(s: &str, base: &RobustConfig) -> Result<RobustConfig, Strin
     };
     c.rule = match rule {
         "default" if !clip => return Ok(RobustConfig::default()),
+        // The base config's own `[aggregation]`, as it stands.
+        "config" if !clip => return Ok(base.clone()),
         "none" | "mean" => Rule::Mean,
         "norm-bound" => {
             c.clip = Clip::Median;
@@ -446,9 +448,10 @@ pub fn parse_defence(s: &str, base: &RobustConfig) -> Result<RobustConfig, Strin
         "median" => Rule::Median,
         "trimmed-mean" => Rule::TrimmedMean,
         "multi-krum" | "krum" => Rule::MultiKrum,
+        "drop-farthest" => Rule::DropFarthest,
         _ => {
             return Err(format!(
-                "unknown defence '{s}' (none, default, norm-bound, median, trimmed-mean, multi-krum; +clip)"
+                "unknown defence '{s}' (none, default, config, norm-bound, median, trimmed-mean, multi-krum, drop-farthest; +clip)"
             ));
         }
     };
@@ -758,11 +761,12 @@ mod tests {
             parse_defence("default", &RobustConfig::plain()).unwrap(),
             RobustConfig::default()
         );
-        // No config at all: the defence is on (norm bound + trimmed mean), and it streams.
+        // No config at all: the defence is on (norm bound + dropping far updates), and it
+        // streams.
         let bare = Config::load(&Overrides::default()).unwrap();
         assert_eq!(
             (bare.aggregation.rule, bare.aggregation.clip),
-            (Rule::TrimmedMean, Clip::Median)
+            (Rule::DropFarthest, Clip::Median)
         );
         assert!(canopy_core::aggregate::robust::streams(&bare.aggregation));
         std::fs::write(&path, "[aggregation]\ntrim = 0.7\n").unwrap();

@@ -13,7 +13,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::Contribution;
-use crate::aggregate::robust::{self, Clip, Combined, RobustConfig, Rule, Verdict};
+use crate::aggregate::robust::{self, Clip, Combined, RobustConfig, Rule, TrimEnds, Verdict};
+use crate::codec::update::UploadKind;
 
 /// Which sums a streaming strategy needs besides the sample-weighted one, and how each result
 /// enters them.
@@ -194,14 +195,27 @@ pub struct StreamRound {
     /// Partials absorbed from other aggregators (edges), each already combined by its own layer.
     absorbed: Vec<RunningSum>,
     bound: Bound,
+    /// `clip = "centred"`: the previous round's combined update, distances are measured from.
+    centre: Option<std::sync::Arc<Vec<f32>>>,
+    /// `rule = "drop_farthest"`: how many of the farthest updates are held back (0: none).
+    hold: usize,
+    /// The farthest updates so far (bounded, with their distance from the centre and their
+    /// verdicts), not yet in the sums: at the end the round's `⌊trim·n⌋` farthest are dropped
+    /// and the rest folded.
+    farthest: Vec<(f64, Contribution, Verdict)>,
+    /// `drop_farthest`: every local update's distance from the centre (for the round's median).
+    distances: Vec<f64>,
     trim: Option<Extremes>,
     /// Folded results' sample counts, in arrival order (the extremes point into it).
     samples: Vec<u64>,
     summaries: Vec<Contribution>,
     judged: Vec<Verdict>,
-    /// Where each of `summaries` (and `judged`) came from: None for this server's own
-    /// results, Some(k) for the k-th absorbed partial's.
+    /// Where each of `summaries` came from: None for this server's own results, Some(k) for
+    /// the k-th absorbed partial's.
     origin: Vec<Option<usize>>,
+    /// The same for each of `judged` (a partial's verdicts include results its edge's
+    /// `drop_farthest` rejected, which are not among its summaries).
+    verdict_origin: Vec<Option<usize>>,
 }
 
 /// A median norm bound needs a median before the first result is folded.
@@ -214,6 +228,15 @@ enum Bound {
 
 /// Results a streamed round holds back to find a median norm when it has no earlier one.
 pub const WARM_UP: usize = 5;
+
+/// What a round leaves the next one (on a model of the same shape) for its norm bound.
+#[derive(Clone, Debug, Default)]
+pub struct Prior {
+    /// The round's median update norm (`clip = "centred"`: the median distance from its centre).
+    pub median_norm: Option<f64>,
+    /// The round's combined update, the next round's centre under `clip = "centred"`.
+    pub centre: Option<std::sync::Arc<Vec<f32>>>,
+}
 
 /// What a streamed round hands to the strategy and the round's record.
 pub struct Streamed {
@@ -231,27 +254,36 @@ pub struct Streamed {
 impl StreamRound {
     /// A streamed round, or `None` when the strategy or the robust rule needs every update.
     /// `reference` is the (masked) model the round's tasks start from; `expected` the results
-    /// the round waits for (it sizes the trimmed mean's extremes); `median_norm` the previous
-    /// round's median update norm on a model of this shape, if there was one (the median norm
-    /// bound uses it).
+    /// the round waits for (it sizes the trimmed mean's extremes); `prior` what the previous
+    /// round on a model of this shape left, if there was one (the median norm bound and the
+    /// centred one use it).
     pub fn start(
         robust: &RobustConfig,
         fold: Option<Fold>,
         reference: std::sync::Arc<Vec<f32>>,
         expected: usize,
-        median_norm: Option<f64>,
+        prior: &Prior,
     ) -> Option<StreamRound> {
         let fold = fold?;
         if !robust::streams(robust) {
             return None;
         }
-        let bound = match (robust.clip, median_norm) {
+        let bound = match (robust.clip, prior.median_norm) {
             (Clip::None, _) => Bound::Known(f64::INFINITY),
             (Clip::Fixed, _) => Bound::Known(robust.max_norm),
-            (Clip::Median, Some(m)) if m > 0.0 && m.is_finite() => {
+            (Clip::Median | Clip::Centred, Some(m)) if m > 0.0 && m.is_finite() => {
                 Bound::Known(robust.clip_multiple * m)
             }
-            (Clip::Median, _) => Bound::Pending(Vec::new()),
+            (Clip::Median | Clip::Centred, _) => Bound::Pending(Vec::new()),
+        };
+        let centre = prior.centre.clone().filter(|v| {
+            (robust.clip == Clip::Centred || robust.rule == Rule::DropFarthest)
+                && v.len() == reference.len()
+        });
+        let hold = if robust.rule == Rule::DropFarthest {
+            robust::trim_count(robust.trim, expected.max(4)).clamp(1, robust.trim_max)
+        } else {
+            0
         };
         let trim = (robust.rule == Rule::TrimmedMean && robust.trim > 0.0).then(|| {
             let k = robust::trim_count(robust.trim, expected).clamp(1, robust.trim_max);
@@ -263,11 +295,16 @@ impl StreamRound {
             absorbed: Vec::new(),
             reference,
             bound,
+            centre,
+            hold,
+            farthest: Vec::new(),
+            distances: Vec::new(),
             trim,
             samples: Vec::new(),
             summaries: Vec::new(),
             judged: Vec::new(),
             origin: Vec::new(),
+            verdict_origin: Vec::new(),
         })
     }
 
@@ -304,7 +341,7 @@ impl StreamRound {
         };
         let norms: Vec<f64> = held
             .iter()
-            .map(|c| robust::update_norm(&self.reference, c))
+            .map(|c| robust::update_norm(&self.reference, self.clip_centre(c), c))
             .collect();
         let median = robust::median_of(&norms);
         let bound = if median > 0.0 {
@@ -319,8 +356,52 @@ impl StreamRound {
         Ok(())
     }
 
+    /// The centre `c` is measured from: none for votes (see [`robust::centre_for`]).
+    fn centre_of(&self, c: &Contribution) -> Option<&[f32]> {
+        (c.kind != UploadKind::Votes)
+            .then_some(self.centre.as_deref().map(Vec::as_slice))
+            .flatten()
+    }
+
+    /// The centre the norm bound measures from (`clip = "centred"` only).
+    fn clip_centre(&self, c: &Contribution) -> Option<&[f32]> {
+        self.centre_of(c)
+            .filter(|_| self.robust.clip == Clip::Centred)
+    }
+
     fn fold(&mut self, bound: f64, mut c: Contribution) -> Result<(), String> {
-        let verdict = robust::bound_one(bound, &self.reference, &mut c);
+        let centre = self.centre.clone();
+        let centre = centre
+            .as_deref()
+            .map(Vec::as_slice)
+            .filter(|_| c.kind != UploadKind::Votes);
+        let clip_centre = centre.filter(|_| self.robust.clip == Clip::Centred);
+        let verdict = robust::bound_one(bound, &self.reference, clip_centre, &mut c);
+        if self.hold == 0 || c.kind == UploadKind::Votes {
+            return self.fold_in(c, verdict);
+        }
+        // drop_farthest: the bounded update's distance from the centre; the farthest few wait.
+        let far = robust::update_norm(&self.reference, centre, &c);
+        self.distances.push(far);
+        if self.farthest.len() < self.hold {
+            self.farthest.push((far, c, verdict));
+            return Ok(());
+        }
+        let (nearest, _) = self
+            .farthest
+            .iter()
+            .enumerate()
+            .min_by(|a, b| a.1.0.total_cmp(&b.1.0).then(b.0.cmp(&a.0)))
+            .expect("holds at least one");
+        if far > self.farthest[nearest].0 {
+            let (_, c0, v0) = std::mem::replace(&mut self.farthest[nearest], (far, c, verdict));
+            self.fold_in(c0, v0)
+        } else {
+            self.fold_in(c, verdict)
+        }
+    }
+
+    fn fold_in(&mut self, mut c: Contribution, verdict: Verdict) -> Result<(), String> {
         self.sum.add(&c.values, c.samples)?;
         if let Some(t) = &mut self.trim {
             t.insert(
@@ -332,10 +413,40 @@ impl StreamRound {
         }
         self.samples.push(c.samples);
         self.judged.push(verdict);
+        self.verdict_origin.push(None);
         c.values = Vec::new();
         self.summaries.push(c);
         self.origin.push(None);
         Ok(())
+    }
+
+    /// drop_farthest at the round's end: of the held updates, the round's `⌊trim·n⌋` farthest
+    /// that lie beyond `drop_multiple` × the median distance are dropped (their verdicts say
+    /// rejected; they are not among the round's results) and the others folded. Returns the
+    /// dropped clients.
+    fn drop_farthest(&mut self) -> Result<Vec<u64>, String> {
+        let mut held = std::mem::take(&mut self.farthest);
+        let n = self.samples.len() + held.len();
+        let k = robust::trim_count(self.robust.trim, n).min(self.robust.trim_max);
+        let beyond = self.robust.drop_multiple * robust::median_of(&self.distances);
+        // Farthest first; among equals the earliest held (arrival order), as the buffered rule.
+        held.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let far = held.iter().take(k).filter(|h| h.0 > beyond).count();
+        let back = held.split_off(far);
+        for (_, c, v) in back {
+            self.fold_in(c, v)?;
+        }
+        let mut gone = Vec::new();
+        for (_, mut c, mut v) in held {
+            v.rejected = true;
+            gone.push(c.client);
+            c.values = Vec::new();
+            self.judged.push(v);
+            self.verdict_origin.push(None);
+            self.summaries.push(c);
+            self.origin.push(None);
+        }
+        Ok(gone)
     }
 
     /// Adds another aggregator's part of the same round (an edge's partial): its sums, its
@@ -349,12 +460,13 @@ impl StreamRound {
         summaries: Vec<Contribution>,
         verdicts: Vec<Verdict>,
     ) -> Result<(), String> {
-        if sum.count as usize != summaries.len() || verdicts.len() != summaries.len() {
+        let kept = verdicts.iter().filter(|v| !v.rejected).count();
+        if sum.count as usize != summaries.len() || kept != summaries.len() {
             return Err(format!(
-                "a partial of {} results carries {} summaries and {} verdicts",
+                "a partial of {} results carries {} summaries and {} verdicts of kept results",
                 sum.count,
                 summaries.len(),
-                verdicts.len()
+                kept
             ));
         }
         if sum.count > 0
@@ -376,6 +488,7 @@ impl StreamRound {
         }
         let k = self.absorbed.len().wrapping_sub(1);
         self.origin.extend(summaries.iter().map(|_| Some(k)));
+        self.verdict_origin.extend(verdicts.iter().map(|_| Some(k)));
         self.summaries.extend(summaries);
         self.judged.extend(verdicts);
         Ok(())
@@ -387,24 +500,31 @@ impl StreamRound {
             Bound::Pending(h) => h.len(),
             Bound::Known(_) => 0,
         };
-        self.summaries.len() + held
+        self.summaries.len() + held + self.farthest.len()
     }
 
     pub fn finish(mut self) -> Result<Streamed, String> {
         self.settle_bound()?;
+        let dropped = self.drop_farthest()?;
         let local = self.samples.len();
         let mut outside = vec![0u64; local];
         if let Some(t) = &self.trim {
             let j = robust::trim_count(self.robust.trim, local).min(t.k);
             if j > 0 {
-                t.trim(j, &self.samples, &mut self.sum, &mut outside);
+                t.trim(
+                    j,
+                    self.robust.trim_ends,
+                    &self.samples,
+                    &mut self.sum,
+                    &mut outside,
+                );
             }
         }
         let len = self.reference.len().max(1) as f64;
         let own_verdicts = self
             .judged
             .iter_mut()
-            .zip(&self.origin)
+            .zip(&self.verdict_origin)
             .filter_map(|(v, o)| o.is_none().then_some(v));
         for (v, o) in own_verdicts.zip(&outside) {
             v.outside = *o as f64 / len;
@@ -438,6 +558,7 @@ impl StreamRound {
         let mut flags = keep.iter();
         self.summaries
             .retain(|_| *flags.next().expect("one per summary"));
+        let keep: Vec<bool> = self.verdict_origin.iter().map(|o| !gone(o)).collect();
         let mut flags = keep.iter();
         self.judged
             .retain(|_| *flags.next().expect("one per verdict"));
@@ -445,8 +566,23 @@ impl StreamRound {
             .into_iter()
             .filter_map(|i| if own { i.checked_sub(1) } else { Some(i) })
             .collect();
+        // Dropped results are not the round's (as multi-Krum's rejected ones); their verdicts stay.
+        self.summaries.retain(|c| !dropped.contains(&c.client));
         self.summaries.sort_by_key(|c| c.client);
-        let combined = robust::finish_streamed(self.judged);
+        let mut combined = robust::finish_streamed(self.judged);
+        if self.robust.clip == Clip::Centred || self.robust.rule == Rule::DropFarthest {
+            // The next round's centre: the combined update (relative to the model).
+            let kind = self.summaries.first().map(|c| c.kind);
+            combined.delta = match (kind, sum.mean()) {
+                (Some(UploadKind::Delta), Ok(m)) => m,
+                (Some(UploadKind::Weights), Ok(m)) => m
+                    .iter()
+                    .zip(self.reference.iter())
+                    .map(|(w, g)| w - g)
+                    .collect(),
+                _ => Vec::new(),
+            };
+        }
         Ok(Streamed {
             sum,
             results: self.summaries,
@@ -636,30 +772,59 @@ impl Extremes {
         }
     }
 
-    /// Drops the `j` largest and smallest values of every coordinate from `sum`, so that its
-    /// mean is the trimmed mean (and its squares that mean squared, as every buffered result
-    /// carries the combined update); counts each result's trimmed coordinates in `outside`.
-    fn trim(&self, j: usize, samples: &[u64], sum: &mut RunningSum, outside: &mut [u64]) {
+    /// Drops the `j` largest and smallest values of every coordinate from `sum` (`ends =
+    /// "farthest"`: the `j` farthest from that two-sided trimmed mean), so that its mean is the
+    /// trimmed mean (and its squares that mean squared, as every buffered result carries the
+    /// combined update); counts each result's trimmed coordinates in `outside`.
+    fn trim(
+        &self,
+        j: usize,
+        ends: TrimEnds,
+        samples: &[u64],
+        sum: &mut RunningSum,
+        outside: &mut [u64],
+    ) {
         let k = self.k;
         let total = sum.weight;
         let count = sum.count as f64;
-        for c in 0..sum.weighted.len() {
-            let (mut s, mut w) = (0f64, 0f64);
-            for &(x, i) in self.high[c * k..c * k + j]
-                .iter()
-                .chain(&self.low[c * k..c * k + j])
-            {
+        let dropped = |slots: &[(f32, u32)]| {
+            slots.iter().fold((0f64, 0f64), |(s, w), &(x, i)| {
                 let wi = samples[i as usize] as f64;
-                s += wi * x as f64;
-                w += wi;
-                outside[i as usize] += 1;
-            }
+                (s + wi * x as f64, w + wi)
+            })
+        };
+        let mean_without = |c: usize, (s, w): (f64, f64), sum: &RunningSum| {
             let kept = total - w;
-            let mean = if kept > 0.0 {
+            if kept > 0.0 {
                 (sum.weighted[c] - s) / kept
             } else {
                 0.0
+            }
+        };
+        for c in 0..sum.weighted.len() {
+            let high = &self.high[c * k..c * k + j];
+            let low = &self.low[c * k..c * k + j];
+            let (sh, wh) = dropped(high);
+            let (sl, wl) = dropped(low);
+            let centre = mean_without(c, (sh + sl, wh + wl), sum);
+            let (high, low) = match ends {
+                TrimEnds::Both => (high, low),
+                TrimEnds::Farthest => {
+                    let from_low =
+                        robust::farthest(centre, |i| low[i].0 as f64, |i| high[i].0 as f64, j);
+                    (&high[..j - from_low], &low[..from_low])
+                }
             };
+            let mean = match ends {
+                TrimEnds::Both => centre,
+                TrimEnds::Farthest => {
+                    let (a, b) = (dropped(high), dropped(low));
+                    mean_without(c, (a.0 + b.0, a.1 + b.1), sum)
+                }
+            };
+            for &(_, i) in high.iter().chain(low) {
+                outside[i as usize] += 1;
+            }
             sum.weighted[c] = mean * total;
             if let Some(q) = sum.squares.get_mut(c) {
                 *q = mean * mean * count;
@@ -766,11 +931,13 @@ mod tests {
             assert!(fold.is_some(), "{name} streams");
             let reference = Arc::new(gb.masked_params());
             let results = contributions(kind, &reference, 9, &mut rng);
-            let (judged, combined_b) = robust::apply(robust, &reference, results.clone()).unwrap();
+            let (judged, combined_b) =
+                robust::apply(robust, &reference, None, results.clone()).unwrap();
             buffered.aggregate(round, &mut gb, &judged, &ctx).unwrap();
 
-            let mut stream = StreamRound::start(robust, fold, reference.clone(), 9, None)
-                .expect("this rule streams");
+            let mut stream =
+                StreamRound::start(robust, fold, reference.clone(), 9, &Prior::default())
+                    .expect("this rule streams");
             let mut arriving = results.clone();
             arriving.shuffle(&mut rng);
             for c in arriving {
@@ -794,7 +961,8 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(
                 worst <= 1e-6,
-                "{name} round {round}: streamed differs from buffered by {worst}"
+                "{name} round {round}: streamed differs from buffered by {worst} ({})",
+                robust.describe()
             );
             assert_eq!(gb.mask, gs.mask, "{name} round {round}: masks");
             let (vb, vs) = (&combined_b.verdicts, &s.combined.verdicts);
@@ -840,7 +1008,25 @@ mod tests {
             max_norm: 0.5,
             ..RobustConfig::default()
         };
-        for robust in [&mean, &fixed, &trimmed, &trimmed_fixed] {
+        // Dropping the farthest value instead, from either end.
+        let farthest = RobustConfig {
+            trim_ends: TrimEnds::Farthest,
+            ..trimmed_fixed.clone()
+        };
+        // Whole updates dropped: the farthest from zero (no earlier round here). Unbounded: a
+        // bound makes the clipped updates tie in distance, and ties may go either way.
+        let dropping = RobustConfig {
+            rule: Rule::DropFarthest,
+            ..mean.clone()
+        };
+        for robust in [
+            &mean,
+            &fixed,
+            &trimmed,
+            &trimmed_fixed,
+            &farthest,
+            &dropping,
+        ] {
             both_paths("fedavg", UploadKind::Weights, robust, false);
             both_paths("fedavgm", UploadKind::Delta, robust, false);
             both_paths("autoflip", UploadKind::Delta, robust, false);
@@ -849,6 +1035,14 @@ mod tests {
     }
 
     fn streamed(robust: &RobustConfig, results: &[Contribution], prior: Option<f64>) -> Streamed {
+        let prior = Prior {
+            median_norm: prior,
+            centre: None,
+        };
+        streamed_after(robust, results, &prior)
+    }
+
+    fn streamed_after(robust: &RobustConfig, results: &[Contribution], prior: &Prior) -> Streamed {
         let reference = Arc::new(vec![0.0; results[0].values.len()]);
         let mut s = StreamRound::start(
             robust,
@@ -948,6 +1142,192 @@ mod tests {
     }
 
     #[test]
+    fn the_farthest_trim_drops_a_one_sided_attacker_and_one_value_of_an_honest_round() {
+        // Four results: an attacker far below (−10) is the farthest from the two-sided trimmed
+        // mean (1.5), so the honest three are kept whole (mean 2), where the classic trim would
+        // drop the largest honest value as well (mean 1.5). An honest round with a long tail
+        // (0, 1, 2, 10) loses its farthest value only: (0 + 1 + 2) / 3.
+        let farthest = RobustConfig {
+            clip: Clip::None,
+            trim_ends: TrimEnds::Farthest,
+            ..RobustConfig::default()
+        };
+        let both = RobustConfig {
+            trim_ends: TrimEnds::Both,
+            ..farthest.clone()
+        };
+        let attacked: Vec<Contribution> = [-10.0, 1.0, 2.0, 3.0]
+            .iter()
+            .enumerate()
+            .map(|(i, v)| delta(i as u64 + 1, 1, vec![*v, -*v]))
+            .collect();
+        let tail: Vec<Contribution> = [0.0, 1.0, 2.0, 10.0]
+            .iter()
+            .enumerate()
+            .map(|(i, v)| delta(i as u64 + 1, 1, vec![*v]))
+            .collect();
+        for (results, f, b) in [(&attacked, 2.0, 1.5), (&tail, 1.0, 1.5)] {
+            let s = streamed(&farthest, results, None).sum.mean().unwrap()[0];
+            let c = streamed(&both, results, None).sum.mean().unwrap()[0];
+            assert!((s - f).abs() < 1e-6, "farthest: {s}");
+            assert!((c - b).abs() < 1e-6, "both ends: {c}");
+            let inputs: Vec<robust::Input> = results
+                .iter()
+                .map(|c| robust::Input {
+                    client: c.client,
+                    samples: c.samples,
+                    delta: &c.values,
+                })
+                .collect();
+            let buffered = robust::combine(&farthest, &inputs).unwrap().delta[0];
+            assert!((buffered - f).abs() < 1e-6, "buffered farthest: {buffered}");
+        }
+        // Only the attacker's values were dropped (far below on one coordinate, far above on
+        // the other).
+        let s = streamed(&farthest, &attacked, None);
+        let outside: Vec<f64> = s.combined.verdicts.iter().map(|v| v.outside).collect();
+        assert_eq!(outside, vec![1.0, 0.0, 0.0, 0.0]);
+        assert!((s.sum.mean().unwrap()[1] + 2.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn drop_farthest_leaves_out_the_update_farthest_from_the_last_round() {
+        // The last round moved by (1, 1). Of five updates the one farthest from there (a sign
+        // flip, (−3, −3)) is dropped whole and the others averaged as they are; an honest
+        // update with a large norm but close to (1, 1) stays. Measured from zero (no earlier
+        // round) the large honest one would be the farthest instead.
+        let rule = RobustConfig {
+            rule: Rule::DropFarthest,
+            ..RobustConfig::plain()
+        };
+        let results = vec![
+            delta(1, 1, vec![1.0, 1.0]),
+            delta(2, 1, vec![-3.0, -3.0]),
+            delta(3, 1, vec![0.5, 1.5]),
+            delta(4, 1, vec![3.5, 3.5]),
+            delta(5, 1, vec![1.5, 0.5]),
+        ];
+        let prior = Prior {
+            median_norm: None,
+            centre: Some(Arc::new(vec![1.0, 1.0])),
+        };
+        for order in [[0, 1, 2, 3, 4], [3, 4, 1, 0, 2]] {
+            let arriving: Vec<Contribution> = order.iter().map(|&i| results[i].clone()).collect();
+            let s = streamed_after(&rule, &arriving, &prior);
+            let mean = s.sum.mean().unwrap();
+            assert!((mean[0] - 1.625).abs() < 1e-6, "{mean:?}");
+            let rejected: Vec<u64> = s
+                .combined
+                .verdicts
+                .iter()
+                .filter(|v| v.rejected)
+                .map(|v| v.client)
+                .collect();
+            assert_eq!(rejected, vec![2]);
+            let ids: Vec<u64> = s.results.iter().map(|c| c.client).collect();
+            assert_eq!(
+                ids,
+                vec![1, 3, 4, 5],
+                "the dropped result is not the round's"
+            );
+            assert_eq!(s.combined.delta, mean, "the next round's centre");
+        }
+        let (out, combined) =
+            robust::apply(&rule, &[0.0, 0.0], Some(&[1.0, 1.0]), results.clone()).unwrap();
+        assert_eq!(out.len(), 4);
+        assert!((combined.delta[0] - 1.625).abs() < 1e-6);
+        // From zero, (3.5, 3.5) is the farthest.
+        let s = streamed_after(&rule, &results, &Prior::default());
+        let far: Vec<u64> = s
+            .combined
+            .verdicts
+            .iter()
+            .filter(|v| v.rejected)
+            .map(|v| v.client)
+            .collect();
+        assert_eq!(far, vec![4]);
+        // Three results: nothing dropped.
+        let s = streamed_after(&rule, &results[..3], &prior);
+        assert_eq!(s.sum.count, 3);
+        // Four honest updates, none beyond 2× the median distance: none dropped, although one
+        // of them is the farthest (a non-IID client is not left out round after round).
+        let honest = vec![
+            results[0].clone(),
+            results[2].clone(),
+            results[4].clone(),
+            delta(6, 1, vec![1.2, 1.2]),
+        ];
+        let s = streamed_after(&rule, &honest, &prior);
+        assert_eq!(s.sum.count, 4);
+        assert!(s.combined.verdicts.iter().all(|v| !v.rejected));
+    }
+
+    #[test]
+    fn centred_clipping_bounds_the_distance_from_the_previous_update() {
+        // The previous round moved by (1, 1); honest updates near it pass untouched, and an
+        // attacker at (−10, −10) is pulled back to within 2 (the bound: 2 × the prior median
+        // distance 1) of (1, 1), not of zero. Without a centre the same bound would be on norms
+        // and clip the honest updates too.
+        let centred = RobustConfig {
+            clip: Clip::Centred,
+            clip_multiple: 2.0,
+            ..RobustConfig::plain()
+        };
+        let results = vec![
+            delta(1, 1, vec![1.5, 1.0]),
+            delta(2, 1, vec![1.0, 0.5]),
+            delta(3, 1, vec![0.5, 1.5]),
+            delta(4, 1, vec![-10.0, -10.0]),
+        ];
+        let prior = Prior {
+            median_norm: Some(1.0),
+            centre: Some(Arc::new(vec![1.0, 1.0])),
+        };
+        let s = streamed_after(&centred, &results, &prior);
+        let clipped: Vec<bool> = s.combined.verdicts.iter().map(|v| v.clipped).collect();
+        assert_eq!(clipped, vec![false, false, false, true]);
+        let pulled = 1.0 - 2.0 / 2f32.sqrt(); // (1, 1) + 2 · (−1, −1)/√2
+        let want = (1.5 + 1.0 + 0.5 + pulled) / 4.0;
+        let mean = s.sum.mean().unwrap();
+        assert!((mean[0] - want).abs() < 1e-5, "{mean:?} against {want}");
+        // The round's combined update is the next round's centre.
+        assert_eq!(s.combined.delta, mean);
+        // The buffered layer, given the same centre, measures the same distances.
+        let (out, combined) =
+            robust::apply(&centred, &[0.0, 0.0], Some(&[1.0, 1.0]), results.clone()).unwrap();
+        let norms: Vec<f64> = combined.verdicts.iter().map(|v| v.norm).collect();
+        let streamed_norms: Vec<f64> = s.combined.verdicts.iter().map(|v| v.norm).collect();
+        assert_eq!(norms, streamed_norms);
+        assert_eq!(out[..3], results[..3], "honest updates untouched");
+        assert!(combined.verdicts[3].clipped);
+        // A centre of another length (the model changed shape) or none: norms from zero.
+        let other = Prior {
+            median_norm: Some(1.0),
+            centre: Some(Arc::new(vec![1.0; 3])),
+        };
+        let s = streamed_after(&centred, &results, &other);
+        assert!(s.combined.verdicts.iter().filter(|v| v.clipped).count() == 1);
+        assert!((s.combined.verdicts[0].norm - (1.5f64.powi(2) + 1.0).sqrt()).abs() < 1e-6);
+        // Votes are never measured from a centre.
+        let votes: Vec<Contribution> = results
+            .iter()
+            .map(|c| Contribution {
+                kind: UploadKind::Votes,
+                values: vec![1.0, -1.0],
+                ..c.clone()
+            })
+            .collect();
+        let s = streamed_after(&centred, &votes, &prior);
+        assert!(
+            s.combined
+                .verdicts
+                .iter()
+                .all(|v| (v.norm - 2f64.sqrt()).abs() < 1e-9)
+        );
+        assert!(s.combined.delta.is_empty());
+    }
+
+    #[test]
     fn streamed_trim_with_ties_in_value_and_weight_equals_buffered() {
         // Few distinct values (−1, −0, +0, 1, 2) and weights (1, 2, 3): almost every value ties
         // with a kept extreme, the case the extremes' fast path decides with (value, weight)
@@ -968,7 +1348,7 @@ mod tests {
             ..RobustConfig::default()
         };
         let reference = vec![0.0; 32];
-        let (judged, _) = robust::apply(&robust, &reference, results.clone()).unwrap();
+        let (judged, _) = robust::apply(&robust, &reference, None, results.clone()).unwrap();
         let buffered = crate::strategy::weighted_values(&judged).unwrap();
         for order in 0..4 {
             let mut arriving = results.clone();
@@ -1026,8 +1406,9 @@ mod tests {
     fn rules_that_need_every_update_buffer() {
         let reference = Arc::new(vec![0.0; 4]);
         let fold = Some(Fold::default());
-        let start =
-            |r: &RobustConfig, fold| StreamRound::start(r, fold, reference.clone(), 4, None);
+        let start = |r: &RobustConfig, fold| {
+            StreamRound::start(r, fold, reference.clone(), 4, &Prior::default())
+        };
         for streaming in [
             RobustConfig::default(),
             RobustConfig::plain(),
@@ -1222,7 +1603,10 @@ mod tests {
                 Some(Fold::PLAIN),
                 std::sync::Arc::new(vec![0.0; 2]),
                 84,
-                Some(spread),
+                &Prior {
+                    median_norm: Some(spread),
+                    centre: None,
+                },
             )
             .unwrap();
             for (sum, r) in [(&sums[0], &a), (&sums[1], &b), (third, &c)] {

@@ -22,11 +22,12 @@ pub struct AttackArgs {
     /// Numbers of attackers among the clients, comma separated.
     #[arg(long, default_value = "1,3")]
     pub attackers: String,
-    /// Defences, comma separated (none, default: the server's own, norm-bound, median,
-    /// trimmed-mean, multi-krum; +clip puts the norm bound in front).
+    /// Defences, comma separated (none, default: the server's own, config: `--config`'s
+    /// `[aggregation]` as written, norm-bound, median, trimmed-mean, multi-krum; +clip puts the
+    /// norm bound in front).
     #[arg(
         long,
-        default_value = "none,default,norm-bound,median,trimmed-mean,multi-krum,median+clip"
+        default_value = "none,default,norm-bound,median,trimmed-mean,multi-krum,trimmed-mean+clip,median+clip"
     )]
     pub defences: String,
     #[arg(long, default_value_t = 10)]

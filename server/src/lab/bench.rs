@@ -193,7 +193,7 @@ pub fn run(train: &Dataset) -> Vec<(String, String)> {
 /// 1,000 clients would bring; the default defence sized for 10,000 (its trim keeps 3 a side).
 fn fold_rows(global: &ModelState, task: &ServerMsg) -> Vec<(String, String)> {
     use canopy_core::aggregate::robust::RobustConfig;
-    use canopy_core::aggregate::stream::StreamRound;
+    use canopy_core::aggregate::stream::{Prior, StreamRound};
     use canopy_core::bytes::Blob;
     use canopy_core::protocol::{ClientMetrics, TaskResult, Update};
     use std::sync::Arc;
@@ -244,7 +244,10 @@ fn fold_rows(global: &ModelState, task: &ServerMsg) -> Vec<(String, String)> {
                 Some(Fold::default()),
                 reference.clone(),
                 10_000,
-                Some(1.0),
+                &Prior {
+                    median_norm: Some(1.0),
+                    centre: None,
+                },
             )
             .expect("streams");
             for i in 0..results {

@@ -379,7 +379,7 @@ impl Driver {
                 self.fold,
                 self.start.clone(),
                 self.config.buffer,
-                prior,
+                &prior,
             );
             self.buffer = Some(match stream {
                 Some(s) => Buffer::Streamed(Box::new(s)),

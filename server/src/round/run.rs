@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use canopy_core::aggregate::robust::{self, RobustConfig};
-use canopy_core::aggregate::stream::StreamRound;
+use canopy_core::aggregate::stream::{Prior, StreamRound};
 use canopy_core::data::Dataset;
 use canopy_core::metric_keys as keys;
 use canopy_core::model::state::ModelState;
@@ -70,9 +70,10 @@ pub struct RoundLoop {
     pub carried: Vec<(Contribution, Arc<Vec<f32>>)>,
     /// On a root: the round's results come from edges through NATS, not from tabs here.
     pub edges: Option<crate::scale::root::Edges>,
-    /// The last aggregated round's median update norm and the model length it was measured on:
-    /// a streamed round's median norm bound (`None`: the next streamed round finds its own).
-    pub norm_prior: Option<(usize, f64)>,
+    /// What the last aggregated round left for the next one's norm bound (its median update
+    /// norm; under `clip = "centred"` its combined update too) and the model length it was
+    /// measured on (`None`: the next streamed round finds its own bound).
+    pub norm_prior: Option<(usize, Prior)>,
 }
 
 /// A task whose deadline passed before its result came.
@@ -273,7 +274,7 @@ impl RoundLoop {
         // Streaming: each accepted result is folded into running sums and dropped.
         let prior = self.prior(start.len());
         let expected = plan.tasks.len();
-        let stream = StreamRound::start(robust, plan.fold, start.clone(), expected, prior);
+        let stream = StreamRound::start(robust, plan.fold, start.clone(), expected, &prior);
         let pending = self.send_tasks(round, plan);
         let send = sending.elapsed();
         let sampled = pending.len();
@@ -295,9 +296,33 @@ impl RoundLoop {
         got
     }
 
-    /// The previous round's median update norm, if it was measured on a model of `len` values.
-    pub(crate) fn prior(&self, len: usize) -> Option<f64> {
-        self.norm_prior.filter(|(l, _)| *l == len).map(|(_, m)| m)
+    /// What the previous round left for the norm bound, if it was measured on a model of `len`
+    /// values.
+    pub(crate) fn prior(&self, len: usize) -> Prior {
+        match &self.norm_prior {
+            Some((l, p)) if *l == len => p.clone(),
+            _ => Prior::default(),
+        }
+    }
+
+    /// Keeps what a round's robust layer found (on a model of `len` values) for the next
+    /// round's bound: its median norm and, under `clip = "centred"`, its combined update.
+    pub(crate) fn remember(&mut self, len: usize, combined: &robust::Combined) {
+        if !(combined.median_norm > 0.0 && combined.median_norm.is_finite()) {
+            return;
+        }
+        let uses = self.robust.clip == robust::Clip::Centred
+            || self.robust.rule == robust::Rule::DropFarthest;
+        let centre =
+            (uses && combined.delta.len() == len && combined.delta.iter().all(|x| x.is_finite()))
+                .then(|| Arc::new(combined.delta.clone()));
+        self.norm_prior = Some((
+            len,
+            Prior {
+                median_norm: Some(combined.median_norm),
+                centre,
+            },
+        ));
     }
 
     /// Too few results to aggregate: the round is retried.
@@ -348,9 +373,7 @@ impl RoundLoop {
             .map_err(|e| tracing::error!(round, "aggregation failed, retrying the round: {e}"))
             .ok()?;
         o.metrics.extend(robust::round_metrics(&combined));
-        if combined.median_norm > 0.0 && combined.median_norm.is_finite() {
-            self.norm_prior = Some((got.start.len(), combined.median_norm));
-        }
+        self.remember(got.start.len(), &combined);
         if self.late_results == LateResults::NextRound || late_count > 0 {
             o.metrics
                 .insert(keys::LATE_RESULTS.into(), late_count as f64);
@@ -572,7 +595,7 @@ impl RoundLoop {
     ) -> Option<Collected> {
         let start = Arc::new(global.masked_params());
         let prior = self.prior(start.len());
-        let stream = StreamRound::start(&self.robust, plan.fold, start.clone(), 0, prior);
+        let stream = StreamRound::start(&self.robust, plan.fold, start.clone(), 0, &prior);
         let (Some(fold), Some(stream)) = (plan.fold, stream) else {
             tracing::error!(
                 round,
@@ -933,8 +956,15 @@ impl RoundLoop {
         reference: &[f32],
         results: Vec<Contribution>,
     ) -> Result<(Vec<Contribution>, robust::Combined), String> {
-        let (out, combined) =
-            tokio::task::block_in_place(|| robust::apply(&self.robust, reference, results))?;
+        let centre = self.prior(reference.len()).centre;
+        let (out, combined) = tokio::task::block_in_place(|| {
+            robust::apply(
+                &self.robust,
+                reference,
+                centre.as_deref().map(Vec::as_slice),
+                results,
+            )
+        })?;
         self.note_verdicts(round, &combined);
         Ok((out, combined))
     }

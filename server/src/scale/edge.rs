@@ -238,10 +238,8 @@ async fn run_round(
     let carried = rl.take_carried(ann.round, &got.start);
     let late = rl.fold_late(ann.round, &global, &mut stream, carried) as u64;
     let s = stream.finish()?;
-    if s.combined.median_norm > 0.0 && s.combined.median_norm.is_finite() {
-        // The next round's norm bound on this edge (the root's rule, this edge's tabs).
-        rl.norm_prior = Some((got.start.len(), s.combined.median_norm));
-    }
+    // The next round's norm bound on this edge (the root's rule, this edge's tabs).
+    rl.remember(got.start.len(), &s.combined);
     let (bytes_up, bytes_down) = rl.hub.lock().unwrap().round_bytes();
     let mut s = s;
     if let Some(f) = link.poison {

@@ -149,7 +149,7 @@ impl ScaleConfig {
         }
         if self.role == Role::Root && !canopy_core::aggregate::robust::streams(aggregation) {
             return Err(format!(
-                "[aggregation] rule {:?} with clip {:?} needs every update in one place; across edges only rules that stream work (rule = \"mean\" or \"trimmed_mean\", streaming = true)",
+                "[aggregation] rule {:?} with clip {:?} needs every update in one place; across edges only rules that stream work (rule = \"mean\", \"trimmed_mean\" or \"drop_farthest\", streaming = true)",
                 aggregation.rule, aggregation.clip
             ));
         }
