@@ -147,7 +147,7 @@ fn dp_fedavg_clips_in_tabs_reports_epsilon_and_needs_the_plain_mean() {
         cfg.strategy.set("dpfedavg", "clip", 2.0);
         cfg.strategy.set("dpfedavg", "noise", 0.01);
         cfg.strategy.set("dpfedavg", "noise_seed", 3);
-        // The default defence (trimmed mean) is refused at start, with what to set.
+        // The default defence (not the plain mean) is refused at start, with what to set.
         let e = canopy_server::start(cfg.clone()).await.err().unwrap();
         assert!(e.contains("rule = \"mean\""), "{e}");
         cfg.aggregation = canopy_core::aggregate::robust::RobustConfig::plain();

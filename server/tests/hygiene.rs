@@ -87,13 +87,28 @@ async fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, Strin
     )
 }
 
+/// Runs `cfg` to its end with native clients attacking by `plan` (one client per entry, named
+/// sim-0, sim-1, ...); every client must finish.
+async fn run_attacked(cfg: Config, plan: Vec<Attack>) -> std::sync::Arc<canopy_server::App> {
+    let running = canopy_server::start(cfg).await.unwrap();
+    let url = format!("ws://{}/ws", running.addr);
+    let sims = tokio::task::spawn_blocking(move || {
+        canopy_server::lab::sim::run_many_attacking(&url, &plan, "sim", Duration::from_secs(10))
+    });
+    let app = running.app.clone();
+    tokio::time::timeout(Duration::from_secs(120), running.rounds)
+        .await
+        .expect("run finished")
+        .unwrap();
+    assert!(sims.await.unwrap().iter().all(|r| r.finished));
+    app
+}
+
 #[test]
 fn a_poisoned_update_is_bounded_and_its_client_shows_as_suspicious() {
     runtime().block_on(async {
         let mut cfg = config("poison", 2, 5);
         cfg.aggregation = RobustConfig::norm_bound();
-        let running = canopy_server::start(cfg).await.unwrap();
-        let url = format!("ws://{}/ws", running.addr);
         let plan = vec![
             Attack::Constant(1e6),
             Attack::None,
@@ -101,15 +116,7 @@ fn a_poisoned_update_is_bounded_and_its_client_shows_as_suspicious() {
             Attack::None,
             Attack::None,
         ];
-        let sims = tokio::task::spawn_blocking(move || {
-            canopy_server::lab::sim::run_many_attacking(&url, &plan, "sim", Duration::from_secs(10))
-        });
-        let app = running.app.clone();
-        tokio::time::timeout(Duration::from_secs(120), running.rounds)
-            .await
-            .expect("run finished")
-            .unwrap();
-        assert!(sims.await.unwrap().iter().all(|r| r.finished));
+        let app = run_attacked(cfg, plan).await;
         let hub = app.hub.lock().unwrap();
         let rounds = hub.rounds();
         assert!(
@@ -162,23 +169,13 @@ fn with_no_config_a_sign_flipped_update_is_dropped_whole_and_honest_ones_are_kep
         let mut cfg = config("drop-farthest", 3, 4);
         cfg.data.partition = canopy_core::data::partition::Partition::Dirichlet { alpha: 0.5 };
         assert_eq!(cfg.aggregation, RobustConfig::default());
-        let running = canopy_server::start(cfg).await.unwrap();
-        let url = format!("ws://{}/ws", running.addr);
         let plan = vec![
             Attack::SignFlip(10.0),
             Attack::None,
             Attack::None,
             Attack::None,
         ];
-        let sims = tokio::task::spawn_blocking(move || {
-            canopy_server::lab::sim::run_many_attacking(&url, &plan, "sim", Duration::from_secs(10))
-        });
-        let app = running.app.clone();
-        tokio::time::timeout(Duration::from_secs(120), running.rounds)
-            .await
-            .expect("run finished")
-            .unwrap();
-        assert!(sims.await.unwrap().iter().all(|r| r.finished));
+        let app = run_attacked(cfg, plan).await;
         let hub = app.hub.lock().unwrap();
         let rounds = hub.rounds();
         assert!(

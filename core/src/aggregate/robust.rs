@@ -202,6 +202,16 @@ impl RobustConfig {
         }
     }
 
+    /// Every update bounded to 3× the median norm, then the trimmed mean at 0.1: the default
+    /// until 2026-12-08 (`--defences trimmed-mean+clip` in `canopy attack`).
+    pub fn trimmed_mean() -> Self {
+        RobustConfig {
+            rule: Rule::TrimmedMean,
+            clip: Clip::Median,
+            ..RobustConfig::plain()
+        }
+    }
+
     /// Every update bounded to 3× the median norm, then the mean.
     pub fn norm_bound() -> Self {
         RobustConfig {

@@ -997,16 +997,16 @@ mod tests {
             max_norm: 0.5,
             ..RobustConfig::plain()
         };
-        // The default's trimmed mean (9 results: one value from each end), unbounded and with
-        // a fixed bound: the streamed extremes trim what the buffered rule does.
+        // The trimmed mean (9 results: one value from each end), unbounded and with a fixed
+        // bound: the streamed extremes trim what the buffered rule does.
         let trimmed = RobustConfig {
             clip: Clip::None,
-            ..RobustConfig::default()
+            ..RobustConfig::trimmed_mean()
         };
         let trimmed_fixed = RobustConfig {
             clip: Clip::Fixed,
             max_norm: 0.5,
-            ..RobustConfig::default()
+            ..RobustConfig::trimmed_mean()
         };
         // Dropping the farthest value instead, from either end.
         let farthest = RobustConfig {
@@ -1080,7 +1080,7 @@ mod tests {
             .collect();
         let robust = RobustConfig {
             clip: Clip::None,
-            ..RobustConfig::default()
+            ..RobustConfig::trimmed_mean()
         };
         let s = streamed(&robust, &results, None);
         let mean = s.sum.mean().unwrap();
@@ -1150,7 +1150,7 @@ mod tests {
         let farthest = RobustConfig {
             clip: Clip::None,
             trim_ends: TrimEnds::Farthest,
-            ..RobustConfig::default()
+            ..RobustConfig::trimmed_mean()
         };
         let both = RobustConfig {
             trim_ends: TrimEnds::Both,
@@ -1190,6 +1190,12 @@ mod tests {
         assert!((s.sum.mean().unwrap()[1] + 2.0).abs() < 1e-6);
     }
 
+    /// The clients whose updates a streamed round rejected.
+    fn rejected(s: &Streamed) -> Vec<u64> {
+        let v = &s.combined.verdicts;
+        v.iter().filter(|v| v.rejected).map(|v| v.client).collect()
+    }
+
     #[test]
     fn drop_farthest_leaves_out_the_update_farthest_from_the_last_round() {
         // The last round moved by (1, 1). Of five updates the one farthest from there (a sign
@@ -1216,14 +1222,7 @@ mod tests {
             let s = streamed_after(&rule, &arriving, &prior);
             let mean = s.sum.mean().unwrap();
             assert!((mean[0] - 1.625).abs() < 1e-6, "{mean:?}");
-            let rejected: Vec<u64> = s
-                .combined
-                .verdicts
-                .iter()
-                .filter(|v| v.rejected)
-                .map(|v| v.client)
-                .collect();
-            assert_eq!(rejected, vec![2]);
+            assert_eq!(rejected(&s), vec![2]);
             let ids: Vec<u64> = s.results.iter().map(|c| c.client).collect();
             assert_eq!(
                 ids,
@@ -1238,14 +1237,7 @@ mod tests {
         assert!((combined.delta[0] - 1.625).abs() < 1e-6);
         // From zero, (3.5, 3.5) is the farthest.
         let s = streamed_after(&rule, &results, &Prior::default());
-        let far: Vec<u64> = s
-            .combined
-            .verdicts
-            .iter()
-            .filter(|v| v.rejected)
-            .map(|v| v.client)
-            .collect();
-        assert_eq!(far, vec![4]);
+        assert_eq!(rejected(&s), vec![4]);
         // Three results: nothing dropped.
         let s = streamed_after(&rule, &results[..3], &prior);
         assert_eq!(s.sum.count, 3);
@@ -1345,7 +1337,7 @@ mod tests {
         let robust = RobustConfig {
             clip: Clip::None,
             trim_max: 10,
-            ..RobustConfig::default()
+            ..RobustConfig::trimmed_mean()
         };
         let reference = vec![0.0; 32];
         let (judged, _) = robust::apply(&robust, &reference, None, results.clone()).unwrap();

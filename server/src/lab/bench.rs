@@ -276,7 +276,7 @@ fn fold_rows(global: &ModelState, task: &ServerMsg) -> Vec<(String, String)> {
             ),
         ),
         (
-            "  the same, default defence (bound + trimmed mean)".into(),
+            "  the same, default defence (bound + drop-farthest)".into(),
             format!(
                 "{:.0} µs ({:.2}× the copy, {:.2}× plain; {:.1} s for 10,000 results)",
                 us(default),
