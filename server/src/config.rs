@@ -397,9 +397,9 @@ pub struct Overrides {
     /// Where the self-signed certificate is kept between runs.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// Robust aggregation: default (norm bound + trimmed mean, what runs without a config),
-    /// none, norm-bound, median, trimmed-mean or multi-krum; `+clip` adds the median-norm bound
-    /// to a rule (`median+clip`).
+    /// Robust aggregation: default (norm bound + drop-farthest, what runs without a config),
+    /// none, norm-bound, drop-farthest, median, trimmed-mean or multi-krum; `+clip` adds the
+    /// median-norm bound to a rule (`median+clip`).
     #[arg(long)]
     pub aggregation: Option<String>,
     /// `single` (default), or `root` / `edge` of a run spread over servers through NATS.

@@ -811,6 +811,10 @@ fn edges_over_tls_with_nkeys_sign_their_partials() {
 
 /// A synthetic client that answers every task at once, except round `late_round`'s: that one
 /// after `delay` (past the deadline). Sends its edge-local id once welcomed.
+/// How long every client of the late-result test takes with a task after round 1 (the late
+/// one).
+const LATER_ROUNDS_PACE: Duration = Duration::from_millis(800);
+
 async fn late_client(
     url: String,
     name: String,
@@ -833,6 +837,10 @@ async fn late_client(
             Ok(ServerMsg::Task(t)) => {
                 if Some(t.round) == late_round {
                     tokio::time::sleep(delay).await;
+                } else if t.round > 1 {
+                    // Later rounds take a while, so that the run is still going when the late
+                    // result comes (synthetic answers are instant: three rounds could end first).
+                    tokio::time::sleep(LATER_ROUNDS_PACE).await;
                 }
                 let reply = canopy_server::lab::load::support::synthetic_result(&t, samples, id);
                 if sink.send(Message::binary(encode(&reply))).await.is_err() {
