@@ -789,7 +789,8 @@ pub fn apply(
             reference.len()
         ));
     }
-    let centre = centre_for(config, reference.len(), centre, &results);
+    let votes = results.iter().any(|c| c.kind == UploadKind::Votes);
+    let centre = centre_for(config, reference.len(), centre, votes);
     // Every rule is shift-equivariant (means, coordinate-wise order statistics, distances), so
     // centred clipping is the median bound on updates minus the centre, the centre added back;
     // `drop_farthest` alone measures from the centre as it is.
@@ -823,17 +824,15 @@ pub fn apply(
         })
         .collect();
     // Votes all lie at one distance from any centre: drop_farthest drops none of them.
-    let votes = results.iter().any(|c| c.kind == UploadKind::Votes);
-    let mean = RobustConfig {
-        rule: Rule::Mean,
-        ..config.clone()
-    };
-    let config = if votes && config.rule == Rule::DropFarthest {
-        &mean
+    let config: Cow<RobustConfig> = if votes && config.rule == Rule::DropFarthest {
+        Cow::Owned(RobustConfig {
+            rule: Rule::Mean,
+            ..config.clone()
+        })
     } else {
-        config
+        Cow::Borrowed(config)
     };
-    let mut combined = combine_around(config, &inputs, around)?;
+    let mut combined = combine_around(&config, &inputs, around)?;
     if let Some(v) = centre {
         for (x, v) in combined.delta.iter_mut().zip(v) {
             *x += v;
@@ -895,16 +894,15 @@ pub fn centre_for<'a>(
     config: &RobustConfig,
     len: usize,
     centre: Option<&'a [f32]>,
-    results: &[Contribution],
+    votes: bool,
 ) -> Option<&'a [f32]> {
-    let votes = results.iter().any(|c| c.kind == UploadKind::Votes);
     let uses = config.clip == Clip::Centred || config.rule == Rule::DropFarthest;
     centre.filter(|v| uses && v.len() == len && !votes)
 }
 
 /// Whether a rule can judge and combine each update as it arrives (streaming aggregation): the
-/// mean and the trimmed mean, with any bound (the median bound from the previous round's median
-/// norm). The median and multi-Krum need the round's updates together, so they force buffering.
+/// mean, `drop_farthest` and the trimmed mean, with any bound (the median bound from the
+/// previous round's median norm). The median and multi-Krum need the round's updates together, so they force buffering.
 pub fn streams(config: &RobustConfig) -> bool {
     config.streaming
         && matches!(

@@ -197,6 +197,9 @@ pub struct StreamRound {
     bound: Bound,
     /// `clip = "centred"`: the previous round's combined update, distances are measured from.
     centre: Option<std::sync::Arc<Vec<f32>>>,
+    /// The model plus the centre (empty without one): where a full-weights upload lies when
+    /// its update is the centre, so that its distance from the centre is one pass.
+    centre_weights: Vec<f32>,
     /// `rule = "drop_farthest"`: how many of the farthest updates are held back (0: none).
     hold: usize,
     /// The farthest updates so far (bounded, with their distance from the centre and their
@@ -280,6 +283,12 @@ impl StreamRound {
             (robust.clip == Clip::Centred || robust.rule == Rule::DropFarthest)
                 && v.len() == reference.len()
         });
+        let centre_weights = match &centre {
+            Some(v) if robust.rule == Rule::DropFarthest && robust.clip != Clip::Centred => {
+                reference.iter().zip(v.iter()).map(|(g, v)| g + v).collect()
+            }
+            _ => Vec::new(),
+        };
         let hold = if robust.rule == Rule::DropFarthest {
             robust::trim_count(robust.trim, expected.max(4)).clamp(1, robust.trim_max)
         } else {
@@ -296,6 +305,7 @@ impl StreamRound {
             reference,
             bound,
             centre,
+            centre_weights,
             hold,
             farthest: Vec::new(),
             distances: Vec::new(),
@@ -356,32 +366,29 @@ impl StreamRound {
         Ok(())
     }
 
-    /// The centre `c` is measured from: none for votes (see [`robust::centre_for`]).
-    fn centre_of(&self, c: &Contribution) -> Option<&[f32]> {
-        (c.kind != UploadKind::Votes)
-            .then_some(self.centre.as_deref().map(Vec::as_slice))
-            .flatten()
-    }
-
-    /// The centre the norm bound measures from (`clip = "centred"` only).
+    /// The centre the norm bound measures `c` from: `clip = "centred"` only, and never for votes
+    /// (see [`robust::centre_for`]).
     fn clip_centre(&self, c: &Contribution) -> Option<&[f32]> {
-        self.centre_of(c)
-            .filter(|_| self.robust.clip == Clip::Centred)
+        let used = self.robust.clip == Clip::Centred && c.kind != UploadKind::Votes;
+        self.centre.as_deref().map(Vec::as_slice).filter(|_| used)
     }
 
     fn fold(&mut self, bound: f64, mut c: Contribution) -> Result<(), String> {
-        let centre = self.centre.clone();
-        let centre = centre
-            .as_deref()
-            .map(Vec::as_slice)
-            .filter(|_| c.kind != UploadKind::Votes);
-        let clip_centre = centre.filter(|_| self.robust.clip == Clip::Centred);
-        let verdict = robust::bound_one(bound, &self.reference, clip_centre, &mut c);
+        let verdict = robust::bound_one(bound, &self.reference, self.clip_centre(&c), &mut c);
         if self.hold == 0 || c.kind == UploadKind::Votes {
             return self.fold_in(c, verdict);
         }
-        // drop_farthest: the bounded update's distance from the centre; the farthest few wait.
-        let far = robust::update_norm(&self.reference, centre, &c);
+        // drop_farthest: the bounded update's distance from the centre, the farthest few wait.
+        // Without a centre, or under the centred bound, that is what the bound measured times
+        // what it kept (as the buffered rule computes it); otherwise one pass over the values,
+        // a full-weights upload against the model plus the centre.
+        let far = match &self.centre {
+            Some(v) if self.robust.clip != Clip::Centred => match c.kind {
+                UploadKind::Weights => robust::l2_distance(&c.values, Some(&self.centre_weights)),
+                _ => robust::l2_distance(&c.values, Some(v)),
+            },
+            _ => verdict.norm * verdict.scale,
+        };
         self.distances.push(far);
         if self.farthest.len() < self.hold {
             self.farthest.push((far, c, verdict));
@@ -1231,6 +1238,31 @@ mod tests {
             );
             assert_eq!(s.combined.delta, mean, "the next round's centre");
         }
+        // The same as full-weights uploads on a model at (5, 5): measured against model + centre.
+        let mut round = StreamRound::start(
+            &rule,
+            Some(Fold::default()),
+            Arc::new(vec![5.0, 5.0]),
+            5,
+            &prior,
+        )
+        .unwrap();
+        for c in &results {
+            round
+                .add(Contribution {
+                    kind: UploadKind::Weights,
+                    values: c.values.iter().map(|x| x + 5.0).collect(),
+                    ..c.clone()
+                })
+                .unwrap();
+        }
+        let s = round.finish().unwrap();
+        assert_eq!(rejected(&s), vec![2]);
+        assert!((s.sum.mean().unwrap()[0] - 6.625).abs() < 1e-6);
+        assert!(
+            (s.combined.delta[0] - 1.625).abs() < 1e-6,
+            "the centre is an update"
+        );
         let (out, combined) =
             robust::apply(&rule, &[0.0, 0.0], Some(&[1.0, 1.0]), results.clone()).unwrap();
         assert_eq!(out.len(), 4);
